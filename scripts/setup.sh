@@ -1,0 +1,28 @@
+#!/bin/bash
+# Install what husk needs on Debian 12, only what is missing. Idempotent and
+# quiet when there is nothing to do. Run as root (or with sudo available).
+set -euo pipefail
+
+packages=(
+    # guest kernel build (Debian's linux-source-6.12)
+    linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev cpio lz4 kmod
+    # guest root image and sample images
+    erofs-utils e2fsprogs busybox-static jq
+    # reference VMM and peers used by the tests
+    qemu-system-x86 containerd runc skopeo umoci
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    echo "setup: installing ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
+rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-gnu || true
