@@ -1,0 +1,418 @@
+//! Builds a microVM from a [`VmConfig`] and runs it: memory, kernel, command
+//! line, devices, boot structures, vCPUs (Firecracker's builder is the model).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{
+    load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::*;
+use crate::arch::mptable;
+use crate::arch::regs::BootProtocol;
+use crate::config::{SerialOutput, VmConfig, DEFAULT_BOOT_ARGS};
+use crate::cpu_template::{CpuTemplate, HostProfile};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
+use crate::vstate::memory;
+use crate::vstate::vcpu::{StopReason, Stopper, Vcpu};
+use crate::vstate::vm::Vm;
+
+const E820_RAM: u32 = 1;
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+
+/// The host profile the config asks for, with the reason it applies.
+pub fn resolve_host_profile(name: &str) -> Result<Option<(HostProfile, String)>> {
+    match name {
+        "none" => Ok(None),
+        "auto" => Ok(HostProfile::detect(Path::new("/sys/module"))?),
+        n => Ok(Some((
+            HostProfile::built_in(n)?,
+            "chosen in the config".into(),
+        ))),
+    }
+}
+
+struct LoadedKernel {
+    protocol: BootProtocol,
+    entry: u64,
+    result: KernelLoaderResult,
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+    let mut f = File::open(path).with_context(|| format!("opening kernel {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic)
+        .with_context(|| format!("reading kernel {}", path.display()))?;
+    f.seek(SeekFrom::Start(0))?;
+    if &magic == b"\x7fELF" {
+        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
+            .with_context(|| format!("loading ELF kernel {}", path.display()))?;
+        match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
+                protocol: BootProtocol::Pvh,
+                entry: entry.0,
+                result: r,
+            }),
+            _ => Ok(LoadedKernel {
+                protocol: BootProtocol::Linux64,
+                entry: r.kernel_load.0,
+                result: r,
+            }),
+        }
+    } else {
+        let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
+            .with_context(|| format!("loading bzImage {} (not ELF either)", path.display()))?;
+        // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
+        Ok(LoadedKernel {
+            protocol: BootProtocol::Linux64,
+            entry: r.kernel_load.0 + 0x200,
+            result: r,
+        })
+    }
+}
+
+/// Loads the initrd page-aligned at the top of low memory; returns (addr, size).
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64)> {
+    let data = std::fs::read(path).with_context(|| format!("reading initrd {}", path.display()))?;
+    let size = data.len() as u64;
+    let low_end = mem
+        .iter()
+        .next()
+        .map(|r| r.start_addr().0 + r.len())
+        .unwrap_or(0);
+    let addr = low_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= kernel_end)
+        .with_context(|| format!("initrd of {size} bytes does not fit in guest memory"))?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .context("writing initrd")?;
+    Ok((addr, size))
+}
+
+fn memory_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    let mut map = vec![(0, EBDA_START)];
+    for r in mem.iter() {
+        let start = r.start_addr().0.max(HIMEM_START);
+        let end = r.start_addr().0 + r.len();
+        if end > start {
+            map.push((start, end - start));
+        }
+    }
+    map
+}
+
+fn write_pvh(mem: &GuestMemoryMmap, initrd: Option<(u64, u64)>) -> Result<()> {
+    let map: Vec<hvm_memmap_table_entry> = memory_map(mem)
+        .into_iter()
+        .map(|(addr, size)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: E820_RAM,
+            reserved: 0,
+        })
+        .collect();
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    let modules: Vec<hvm_modlist_entry> = initrd
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    if !modules.is_empty() {
+        info.nr_modules = modules.len() as u32;
+        info.modlist_paddr = MODLIST_START;
+    }
+    let mut bp = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
+    bp.set_sections::<hvm_memmap_table_entry>(&map, GuestAddress(MEMMAP_START));
+    if !modules.is_empty() {
+        bp.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
+        .context("writing PVH start info")?;
+    Ok(())
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    kernel: &KernelLoaderResult,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+) -> Result<()> {
+    let mut params = boot_params::default();
+    if let Some(h) = kernel.setup_header {
+        params.hdr = h;
+    }
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.kernel_alignment = 0x0100_0000;
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let map = memory_map(mem);
+    if map.len() > params.e820_table.len() {
+        bail!(
+            "memory map has {} entries, the zero page holds {}",
+            map.len(),
+            params.e820_table.len()
+        );
+    }
+    for (i, (addr, size)) in map.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: E820_RAM,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    let bp = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
+        .context("writing the zero page")?;
+    Ok(())
+}
+
+/// A built microVM, ready to run.
+pub struct Vmm {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stopper: Arc<Stopper>,
+    // Devices and memory live as long as the VM.
+    _mem: GuestMemoryMmap,
+    _mem_file: File,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+pub fn build(config: &VmConfig) -> Result<Vmm> {
+    config.validate()?;
+    let m = &config.machine_config;
+
+    let mut template = CpuTemplate::default();
+    let mut kernel_args: Vec<String> = Vec::new();
+    match resolve_host_profile(&m.host_profile)? {
+        Some((p, why)) => {
+            tracing::info!(
+                "host profile {} ({why}): kernel args [{}], {} CPUID modifiers",
+                p.name,
+                p.kernel_args.join(" "),
+                p.cpu_template.cpuid_modifiers.len()
+            );
+            kernel_args = p.kernel_args.clone();
+            template = p.cpu_template.clone();
+        }
+        None => tracing::info!("host profile: none"),
+    }
+    if let Some(path) = &m.cpu_template {
+        let custom = CpuTemplate::from_file(path)?;
+        template.cpuid_modifiers.extend(custom.cpuid_modifiers);
+        template.msr_modifiers.extend(custom.msr_modifiers);
+    }
+
+    let (mem, mem_file) = memory::create(m.mem_size_mib << 20)?;
+    let vm = Vm::new()?;
+    vm.register_memory(&mem)?;
+
+    let kernel = load_kernel(&mem, &config.boot_source.kernel_image_path)?;
+    let initrd = match &config.boot_source.initrd_path {
+        Some(p) => Some(load_initrd(&mem, p, kernel.result.kernel_end)?),
+        None => None,
+    };
+
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).context("command line")?;
+    cmdline
+        .insert_str(
+            config
+                .boot_source
+                .boot_args
+                .as_deref()
+                .unwrap_or(DEFAULT_BOOT_ARGS),
+        )
+        .context("boot_args")?;
+    for a in &kernel_args {
+        cmdline.insert_str(a).context("host profile kernel args")?;
+    }
+
+    // Legacy devices.
+    let stopper = Arc::new(Stopper::new()?);
+    let mut pio = Bus::new();
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.fd
+        .register_irqfd(&serial_evt, SERIAL_IRQ)
+        .context("serial irqfd")?;
+    let out = match &config.serial.output {
+        SerialOutput::Stdout => ConsoleOut::Stdout,
+        SerialOutput::None => ConsoleOut::Sink,
+        SerialOutput::File(p) => ConsoleOut::File(
+            File::create(p).with_context(|| format!("console file {}", p.display()))?,
+        ),
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFdTrigger(serial_evt),
+        out,
+    )));
+    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
+    let i8042 = I8042::new(EventFdTrigger(stopper.evt.try_clone()?));
+    pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
+
+    // virtio-mmio devices.
+    let mut mmio = Bus::new();
+    let mut next_irq = IRQ_BASE;
+    let mut next_addr = MMIO_DEVICES_START;
+    let mut root_args = None;
+    for drive in config.ordered_drives() {
+        let block = Block::open(&drive.path_on_host, drive.is_read_only, &drive.drive_id)?;
+        if drive.is_root_device {
+            root_args = Some(if drive.is_read_only {
+                "root=/dev/vda ro"
+            } else {
+                "root=/dev/vda rw"
+            });
+        }
+        if next_irq > IRQ_MAX {
+            bail!("out of interrupt lines for virtio devices");
+        }
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.fd
+            .register_irqfd(&evt, next_irq)
+            .context("virtio irqfd")?;
+        let t = MmioTransport::new(Box::new(block), mem.clone(), Arc::new(Interrupt::new(evt)))
+            .map_err(|e| anyhow::anyhow!("virtio queue: {e:?}"))?;
+        mmio.insert(Arc::new(Mutex::new(t)), next_addr, MMIO_DEVICE_SIZE)?;
+        cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(next_addr), next_irq, None)
+            .context("command line")?;
+        tracing::info!(
+            "drive {}: {} ({}) at {next_addr:#x} irq {next_irq}",
+            drive.drive_id,
+            drive.path_on_host.display(),
+            if drive.is_read_only { "ro" } else { "rw" }
+        );
+        next_irq += 1;
+        next_addr += MMIO_DEVICE_SIZE;
+    }
+    if let Some(r) = root_args {
+        cmdline.insert_str(r).context("command line")?;
+    }
+
+    load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).context("writing command line")?;
+    let cmdline_str = cmdline
+        .as_cstring()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tracing::info!("kernel command line: {cmdline_str}");
+
+    match kernel.protocol {
+        BootProtocol::Pvh => write_pvh(&mem, initrd)?,
+        BootProtocol::Linux64 => {
+            write_zero_page(&mem, &kernel.result, cmdline_str.len() + 1, initrd)?
+        }
+    }
+    mptable::setup(&mem, m.vcpu_count)?;
+
+    let mut vcpus = Vec::new();
+    for i in 0..m.vcpu_count {
+        let v = Vcpu::new(&vm.fd, i)?;
+        let refused = v.configure_cpuid(&vm.kvm, m.vcpu_count, &template)?;
+        if i == 0 {
+            for r in &refused {
+                tracing::warn!("host refused: {r}");
+            }
+        }
+        v.configure_boot(&mem, &template, kernel.protocol, kernel.entry)?;
+        vcpus.push(v);
+    }
+    tracing::info!(
+        "boot: {:?} entry {:#x}, {} vCPU(s), {} MiB",
+        kernel.protocol,
+        kernel.entry,
+        m.vcpu_count,
+        m.mem_size_mib
+    );
+
+    Ok(Vmm {
+        vm,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        stopper,
+        _mem: mem,
+        _mem_file: mem_file,
+        serial,
+    })
+}
+
+impl Vmm {
+    /// Runs the guest until it stops; returns why.
+    pub fn run(self) -> Result<StopReason> {
+        let Vmm {
+            vm,
+            vcpus,
+            pio,
+            mmio,
+            stopper,
+            serial,
+            ..
+        } = self;
+        let mut handles = Vec::new();
+        for v in vcpus {
+            let (pio, mmio, stopper) = (pio.clone(), mmio.clone(), stopper.clone());
+            let name = format!("vcpu{}", v.index);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || v.run(pio, mmio, stopper))?,
+            );
+        }
+        // Wait for the first stop: a vCPU exit or the i8042 reset line.
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&stopper.evt),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if r > 0 {
+                break;
+            }
+        }
+        let reason = stopper.reason().unwrap_or(StopReason::GuestStop);
+        if let Ok(mut s) = serial.lock() {
+            let _ = std::io::Write::flush(s.serial.writer_mut());
+        }
+        drop(vm);
+        Ok(reason)
+    }
+}

@@ -1,0 +1,213 @@
+//! The VM configuration: a JSON file whose sections and field names follow
+//! Firecracker's (`boot-source`, `machine-config`, `drives`, ...), so a
+//! Firecracker user can read it, plus husk's `host_profile` and `serial`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::arch::mptable::MAX_VCPUS;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: PathBuf,
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    #[serde(default)]
+    pub initrd_path: Option<PathBuf>,
+}
+
+/// Kernel arguments every husk guest needs: serial console, i8042 reboot so
+/// the VMM exits, no PCI probing.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+    /// Path of a custom CPU template (Firecracker's format).
+    #[serde(default)]
+    pub cpu_template: Option<PathBuf>,
+    /// "auto" (detect), "none", or a built-in profile name.
+    #[serde(default = "auto")]
+    pub host_profile: String,
+}
+
+fn auto() -> String {
+    "auto".to_string()
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            cpu_template: None,
+            host_profile: auto(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+    #[serde(default)]
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOutput {
+    #[default]
+    Stdout,
+    None,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    #[serde(default)]
+    pub output: SerialOutput,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSource,
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+impl VmConfig {
+    pub fn from_json(json: &str) -> Result<VmConfig, ConfigError> {
+        let c: VmConfig = serde_json::from_str(json)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<VmConfig, ConfigError> {
+        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json(&json)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.machine_config;
+        if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "vcpu_count {} out of range 1..={MAX_VCPUS}",
+                m.vcpu_count
+            )));
+        }
+        // Below 16 MiB a kernel cannot boot; the top is what 64-bit mmap and
+        // KVM slots can hold comfortably.
+        if m.mem_size_mib < 16 || m.mem_size_mib > 1 << 20 {
+            return Err(ConfigError::Invalid(format!(
+                "mem_size_mib {} out of range 16..={}",
+                m.mem_size_mib,
+                1 << 20
+            )));
+        }
+        if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
+            return Err(ConfigError::Invalid("more than one root drive".into()));
+        }
+        let mut ids: Vec<&str> = self.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid(format!(
+                "duplicate drive_id {:?}",
+                w[0]
+            )));
+        }
+        if self.drives.len() > crate::arch::layout::IRQ_MAX as usize {
+            return Err(ConfigError::Invalid("too many drives".into()));
+        }
+        Ok(())
+    }
+
+    /// Drives in the order the guest sees them: the root drive is /dev/vda.
+    pub fn ordered_drives(&self) -> Vec<&Drive> {
+        let mut d: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        d.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_style_config_parses() {
+        let c = VmConfig::from_json(
+            r#"{
+              "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+              "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+              "drives": [
+                {"drive_id": "data", "path_on_host": "/d", "is_root_device": false, "is_read_only": false},
+                {"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": true}
+              ]
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine_config.host_profile, "auto");
+        assert_eq!(c.ordered_drives()[0].drive_id, "rootfs");
+        assert_eq!(c.serial.output, SerialOutput::Stdout);
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let cases = [
+            (r#"{"boot-source": {}}"#, "kernel_image_path"),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0, "mem_size_mib": 128}}"#,
+                "vcpu_count 0",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 1}}"#,
+                "mem_size_mib 1",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "bogus": 1}"#,
+                "bogus",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [
+                    {"drive_id": "a", "path_on_host": "/a"}, {"drive_id": "a", "path_on_host": "/b"}]}"#,
+                "duplicate drive_id",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = VmConfig::from_json(json).unwrap_err().to_string();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+    }
+}

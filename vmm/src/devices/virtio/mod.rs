@@ -1,0 +1,89 @@
+//! virtio devices behind a virtio-mmio (version 2) transport.
+//!
+//! Everything a device reads from a virtqueue is guest-controlled: descriptor
+//! chains are walked through virtio-queue (which bounds chain length and
+//! checks addresses), and a malformed request is answered with an error status
+//! or dropped, never a panic.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Device feature: modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device ids (virtio spec 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bit: a used ring changed.
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one device: status register plus an irqfd.
+pub struct Interrupt {
+    pub status: AtomicU32,
+    pub evt: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(evt: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+        }
+    }
+
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!("virtio interrupt: {e}");
+        }
+    }
+}
+
+/// A virtio device model. The transport owns the queues and calls in.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver.
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device configuration space; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; most devices ignore it.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK with valid queues.
+    fn activate(&mut self, _mem: &GuestMemoryMmap) -> Result<(), String> {
+        Ok(())
+    }
+    /// The driver notified queue `index`. Returns true if the used ring of
+    /// any queue changed and the driver should be interrupted.
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+}
+
+/// Copies `src` into the start of a config space read, zero-filling the rest.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if off >= src.len() {
+        return;
+    }
+    let n = data.len().min(src.len() - off);
+    data[..n].copy_from_slice(&src[off..off + n]);
+}

@@ -1,0 +1,211 @@
+//! A vCPU: configured for boot, then run on its own thread, dispatching port
+//! I/O and MMIO exits to the buses until the guest stops or fails.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::regs::{self, BootProtocol, RegsError};
+use crate::arch::{cpuid, cpuid::Refused};
+use crate::cpu_template::CpuTemplate;
+use crate::devices::bus::Bus;
+use crate::devices::virtio::GuestMemoryMmap;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("KVM {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("vCPU registers: {0}")]
+    Regs(#[from] RegsError),
+    #[error("CPUID: {0}")]
+    Cpuid(String),
+}
+
+/// Why the VM stopped; the VMM's exit code follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reset (i8042, triple fault) or shut down.
+    GuestStop = 0,
+    /// KVM could not run the guest (emulation failure, entry failure).
+    KvmFailure = 3,
+    /// A VMM-side error.
+    VmmError = 1,
+}
+
+/// Shared by everything that can stop the VM: the first reason wins.
+pub struct Stopper {
+    pub evt: EventFd,
+    reason: AtomicI32,
+}
+
+impl Stopper {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Stopper {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            reason: AtomicI32::new(-1),
+        })
+    }
+
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self
+            .reason
+            .compare_exchange(-1, reason as i32, Ordering::SeqCst, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("signalling VM stop: {e}");
+        }
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.reason.load(Ordering::SeqCst) {
+            0 => Some(StopReason::GuestStop),
+            1 => Some(StopReason::VmmError),
+            3 => Some(StopReason::KvmFailure),
+            _ => None,
+        }
+    }
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Kvm("create_vcpu", e))?;
+        Ok(Vcpu { index, fd })
+    }
+
+    /// CPUID (normalised + template), then what the host refused, logged.
+    pub fn configure_cpuid(
+        &self,
+        kvm: &Kvm,
+        count: u8,
+        template: &CpuTemplate,
+    ) -> Result<Vec<Refused>, VcpuError> {
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VcpuError::Kvm("get_supported_cpuid", e))?;
+        cpuid::normalize(&mut cpuid, self.index, count);
+        let missing = cpuid::apply_template(&mut cpuid, template);
+        if self.index == 0 {
+            for (leaf, sub) in missing {
+                tracing::warn!(
+                    "CPU template names CPUID leaf {leaf:#x}.{sub}, which this host does not report"
+                );
+            }
+        }
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VcpuError::Kvm("set_cpuid2", e))?;
+        let got = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VcpuError::Kvm("get_cpuid2", e))?;
+        Ok(cpuid::refused(&cpuid, &got))
+    }
+
+    pub fn configure_boot(
+        &self,
+        mem: &GuestMemoryMmap,
+        template: &CpuTemplate,
+        protocol: BootProtocol,
+        entry: u64,
+    ) -> Result<(), VcpuError> {
+        regs::setup_msrs(&self.fd, template)?;
+        if self.index == 0 {
+            // Application processors start from INIT/SIPI sent by the guest.
+            regs::setup_regs(&self.fd, protocol, entry)?;
+            regs::setup_sregs(mem, &self.fd, protocol)?;
+        }
+        regs::setup_fpu(&self.fd)?;
+        regs::setup_lapic(&self.fd)?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the VM stops. Only returns on a stop.
+    pub fn run(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, stopper: Arc<Stopper>) {
+        loop {
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    tracing::error!("vCPU {}: KVM_RUN failed: {e}", self.index);
+                    stopper.stop(StopReason::KvmFailure);
+                    return;
+                }
+            };
+            match exit {
+                VcpuExit::IoIn(port, data) => {
+                    pio.read(u64::from(port), data);
+                }
+                VcpuExit::IoOut(port, data) => {
+                    pio.write(u64::from(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    mmio.read(addr, data);
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    mmio.write(addr, data);
+                }
+                VcpuExit::Hlt => {
+                    // With the in-kernel irqchip HLT is handled by KVM; if one
+                    // reaches us the guest has nothing left to do.
+                    tracing::info!("vCPU {}: guest halted", self.index);
+                    stopper.stop(StopReason::GuestStop);
+                    return;
+                }
+                VcpuExit::Shutdown => {
+                    tracing::info!(
+                        "vCPU {}: guest shutdown (triple fault or reset)",
+                        self.index
+                    );
+                    stopper.stop(StopReason::GuestStop);
+                    return;
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    tracing::info!("vCPU {}: guest system event {kind}", self.index);
+                    stopper.stop(StopReason::GuestStop);
+                    return;
+                }
+                VcpuExit::InternalError => {
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let kvm_run = self.fd.get_kvm_run();
+                    // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the kernel
+                    // filled the `internal` member of the exit union.
+                    let suberror = unsafe { kvm_run.__bindgen_anon_1.internal.suberror };
+                    tracing::error!(
+                        "vCPU {}: KVM internal error, suberror {suberror}{} at rip {rip:#x}; \
+                         on a nested/emulating KVM this usually means an instruction the \
+                         emulator cannot run: check the host profile",
+                        self.index,
+                        if suberror == 1 {
+                            " (emulation failure)"
+                        } else {
+                            ""
+                        },
+                    );
+                    stopper.stop(StopReason::KvmFailure);
+                    return;
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    tracing::error!(
+                        "vCPU {}: KVM entry failed, hardware reason {reason:#x} on cpu {cpu}",
+                        self.index
+                    );
+                    stopper.stop(StopReason::KvmFailure);
+                    return;
+                }
+                other => {
+                    tracing::debug!("vCPU {}: unhandled exit {other:?}", self.index);
+                }
+            }
+        }
+    }
+}
