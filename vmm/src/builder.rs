@@ -30,6 +30,8 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
 use crate::vstate::memory;
 use crate::vstate::vcpu::{StopReason, Stopper, Vcpu};
@@ -202,6 +204,43 @@ fn write_zero_page(
     Ok(())
 }
 
+/// Hands out virtio-mmio windows and interrupt lines.
+struct MmioSlots {
+    bus: Bus,
+    next_irq: u32,
+    next_addr: u64,
+}
+
+impl MmioSlots {
+    /// Puts `device` behind a transport on the next window and IRQ, and tells
+    /// the guest about it on the command line. Returns the transport and a
+    /// description of where it is.
+    fn attach(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        cmdline: &mut Cmdline,
+        device: Box<dyn crate::devices::virtio::VirtioDevice>,
+    ) -> Result<(Arc<Mutex<MmioTransport>>, String)> {
+        let (irq, addr) = (self.next_irq, self.next_addr);
+        if irq > IRQ_MAX {
+            bail!("out of interrupt lines for virtio devices");
+        }
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.fd.register_irqfd(&evt, irq).context("virtio irqfd")?;
+        let t = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(evt)))
+            .map_err(|e| anyhow::anyhow!("virtio queue: {e:?}"))?;
+        let t = Arc::new(Mutex::new(t));
+        self.bus.insert(t.clone(), addr, MMIO_DEVICE_SIZE)?;
+        cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(addr), irq, None)
+            .context("command line")?;
+        self.next_irq += 1;
+        self.next_addr += MMIO_DEVICE_SIZE;
+        Ok((t, format!("{addr:#x} irq {irq}")))
+    }
+}
+
 /// A built microVM, ready to run.
 pub struct Vmm {
     vm: Vm,
@@ -213,6 +252,8 @@ pub struct Vmm {
     _mem: GuestMemoryMmap,
     _mem_file: File,
     serial: Arc<Mutex<SerialDevice>>,
+    /// Devices with host-side event sources: (fd to wait on, transport).
+    event_loops: Vec<(std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
 }
 
 pub fn build(config: &VmConfig) -> Result<Vmm> {
@@ -286,10 +327,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
     let i8042 = I8042::new(EventFdTrigger(stopper.evt.try_clone()?));
     pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
 
-    // virtio-mmio devices.
-    let mut mmio = Bus::new();
-    let mut next_irq = IRQ_BASE;
-    let mut next_addr = MMIO_DEVICES_START;
+    // virtio-mmio devices, one 4 KiB window and one IRQ each, in the order
+    // the guest enumerates them (the root drive first: /dev/vda).
+    let mut slots = MmioSlots {
+        bus: Bus::new(),
+        next_irq: IRQ_BASE,
+        next_addr: MMIO_DEVICES_START,
+    };
     let mut root_args = None;
     for drive in config.ordered_drives() {
         let block = Block::open(&drive.path_on_host, drive.is_read_only, &drive.drive_id)?;
@@ -300,28 +344,31 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
                 "root=/dev/vda rw"
             });
         }
-        if next_irq > IRQ_MAX {
-            bail!("out of interrupt lines for virtio devices");
-        }
-        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm.fd
-            .register_irqfd(&evt, next_irq)
-            .context("virtio irqfd")?;
-        let t = MmioTransport::new(Box::new(block), mem.clone(), Arc::new(Interrupt::new(evt)))
-            .map_err(|e| anyhow::anyhow!("virtio queue: {e:?}"))?;
-        mmio.insert(Arc::new(Mutex::new(t)), next_addr, MMIO_DEVICE_SIZE)?;
-        cmdline
-            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(next_addr), next_irq, None)
-            .context("command line")?;
+        let (_, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(block))?;
         tracing::info!(
-            "drive {}: {} ({}) at {next_addr:#x} irq {next_irq}",
+            "drive {}: {} ({}) at {at}",
             drive.drive_id,
             drive.path_on_host.display(),
             if drive.is_read_only { "ro" } else { "rw" }
         );
-        next_irq += 1;
-        next_addr += MMIO_DEVICE_SIZE;
     }
+    let mut event_loops = Vec::new();
+    if let Some(vc) = &config.vsock {
+        let vsock = Vsock::new(vc.guest_cid, &vc.uds_path)?;
+        let epfd = vsock.epoll_fd();
+        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(vsock))?;
+        tracing::info!(
+            "vsock: guest cid {}, host socket {} at {at}",
+            vc.guest_cid,
+            vc.uds_path.display()
+        );
+        event_loops.push((epfd, t));
+    }
+    if config.entropy.is_some() {
+        let (_, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(Rng::new()))?;
+        tracing::info!("entropy: virtio-rng at {at}");
+    }
+    let mmio = slots.bus;
     if let Some(r) = root_args {
         cmdline.insert_str(r).context("command line")?;
     }
@@ -370,6 +417,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         _mem: mem,
         _mem_file: mem_file,
         serial,
+        event_loops,
     })
 }
 
@@ -383,8 +431,14 @@ impl Vmm {
             mmio,
             stopper,
             serial,
+            event_loops,
             ..
         } = self;
+        for (fd, transport) in event_loops {
+            std::thread::Builder::new()
+                .name("vsock".into())
+                .spawn(move || device_event_loop(fd, transport))?;
+        }
         let mut handles = Vec::new();
         for v in vcpus {
             let (pio, mmio, stopper) = (pio.clone(), mmio.clone(), stopper.clone());
@@ -414,5 +468,31 @@ impl Vmm {
         }
         drop(vm);
         Ok(reason)
+    }
+}
+
+/// Waits for host-side events of a device and lets it run its RX queue.
+fn device_event_loop(fd: std::os::fd::RawFd, transport: Arc<Mutex<MmioTransport>>) {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call; the fd
+        // belongs to the device, which lives as long as the VM.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!("device event loop: poll: {e}");
+            return;
+        }
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .process(RX_QUEUE);
     }
 }

@@ -75,6 +75,20 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
+/// virtio-vsock with Firecracker's hybrid vsock on `uds_path`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    #[serde(default)]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialOutput {
@@ -100,6 +114,11 @@ pub struct VmConfig {
     pub machine_config: MachineConfig,
     #[serde(default)]
     pub drives: Vec<Drive>,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng (Firecracker calls it `entropy`); `{}` enables it.
+    #[serde(default)]
+    pub entropy: Option<EntropyConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
 }
@@ -146,6 +165,15 @@ impl VmConfig {
                 "duplicate drive_id {:?}",
                 w[0]
             )));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(ConfigError::Invalid(format!(
+                    "vsock guest_cid {} out of range 3..={}",
+                    v.guest_cid,
+                    u32::MAX
+                )));
+            }
         }
         if self.drives.len() > crate::arch::layout::IRQ_MAX as usize {
             return Err(ConfigError::Invalid("too many drives".into()));

@@ -1,7 +1,9 @@
 //! husk-vmm: runs one microVM from a config file until the guest stops.
 //!
-//! Exit status: 0 when the guest reset or shut down (a `reboot=k` guest's
-//! reboot), 3 when KVM could not run the guest, 1 on a VMM error.
+//! Exit status: 0 when the guest reset (a `reboot=k` guest's reboot or
+//! poweroff), 2 when it triple-faulted, 3 when KVM could not run it (both with
+//! the vCPU registers in the log), 1 on a VMM error such as a bad config,
+//! which is reported before any KVM call.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -48,7 +48,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn segment(index: u8, entry: u64) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24);
     let g = ((entry >> 55) & 1) as u8;
     let raw_limit = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
     let limit = if g == 1 {

@@ -30,6 +30,8 @@ pub enum VcpuError {
 pub enum StopReason {
     /// The guest reset (i8042, triple fault) or shut down.
     GuestStop = 0,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN): a crashed guest kernel.
+    TripleFault = 2,
     /// KVM could not run the guest (emulation failure, entry failure).
     KvmFailure = 3,
     /// A VMM-side error.
@@ -63,6 +65,7 @@ impl Stopper {
         match self.reason.load(Ordering::SeqCst) {
             0 => Some(StopReason::GuestStop),
             1 => Some(StopReason::VmmError),
+            2 => Some(StopReason::TripleFault),
             3 => Some(StopReason::KvmFailure),
             _ => None,
         }
@@ -129,6 +132,26 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The registers that say where a guest died, for the log.
+    pub fn dump_regs(&self) -> String {
+        let r = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => return format!("registers unavailable: {e}"),
+        };
+        let mut s = format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+             rsi={:#x} rdi={:#x} rbp={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        );
+        if let Ok(sr) = self.fd.get_sregs() {
+            s.push_str(&format!(
+                " cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                sr.cs.selector, sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer
+            ));
+        }
+        s
+    }
+
     /// Runs the vCPU until the VM stops. Only returns on a stop.
     pub fn run(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, stopper: Arc<Stopper>) {
         loop {
@@ -162,11 +185,14 @@ impl Vcpu {
                     return;
                 }
                 VcpuExit::Shutdown => {
-                    tracing::info!(
-                        "vCPU {}: guest shutdown (triple fault or reset)",
-                        self.index
+                    // A reboot=k guest resets through the i8042, so a
+                    // shutdown exit is a triple fault: the guest crashed.
+                    tracing::error!(
+                        "vCPU {}: guest triple fault (KVM_EXIT_SHUTDOWN); {}",
+                        self.index,
+                        self.dump_regs()
                     );
-                    stopper.stop(StopReason::GuestStop);
+                    stopper.stop(StopReason::TripleFault);
                     return;
                 }
                 VcpuExit::SystemEvent(kind, _) => {
@@ -175,15 +201,15 @@ impl Vcpu {
                     return;
                 }
                 VcpuExit::InternalError => {
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let regs = self.dump_regs();
                     let kvm_run = self.fd.get_kvm_run();
                     // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the kernel
                     // filled the `internal` member of the exit union.
                     let suberror = unsafe { kvm_run.__bindgen_anon_1.internal.suberror };
                     tracing::error!(
-                        "vCPU {}: KVM internal error, suberror {suberror}{} at rip {rip:#x}; \
-                         on a nested/emulating KVM this usually means an instruction the \
-                         emulator cannot run: check the host profile",
+                        "vCPU {}: KVM internal error, suberror {suberror}{}; on a nested/emulating \
+                         KVM this usually means an instruction the emulator cannot run: check \
+                         the host profile; {regs}",
                         self.index,
                         if suberror == 1 {
                             " (emulation failure)"
@@ -196,8 +222,9 @@ impl Vcpu {
                 }
                 VcpuExit::FailEntry(reason, cpu) => {
                     tracing::error!(
-                        "vCPU {}: KVM entry failed, hardware reason {reason:#x} on cpu {cpu}",
-                        self.index
+                        "vCPU {}: KVM entry failed, hardware reason {reason:#x} on cpu {cpu}; {}",
+                        self.index,
+                        self.dump_regs()
                     );
                     stopper.stop(StopReason::KvmFailure);
                     return;

@@ -143,13 +143,15 @@ impl MmioTransport {
 
     /// Lets a device's own event source (a host socket, a tap) run a queue.
     pub fn process(&mut self, index: usize) {
-        if self.activated && index < self.queues.len() && self.queues[index].ready() {
-            if self
-                .device
-                .process_queue(index, &mut self.queues, &self.mem)
-            {
-                self.interrupt.signal(INT_VRING);
-            }
+        if !self.activated || index >= self.queues.len() || !self.queues[index].ready() {
+            self.device.poll_host_events();
+            return;
+        }
+        if self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem)
+        {
+            self.interrupt.signal(INT_VRING);
         }
     }
 
@@ -240,7 +242,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -254,7 +256,7 @@ impl BusDevice for MmioTransport {
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);

@@ -7,6 +7,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -73,6 +75,9 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Drains host-side events while the driver has not activated the device,
+    /// so an event loop waiting on them does not spin.
+    fn poll_host_events(&mut self) {}
 }
 
 /// Copies `src` into the start of a config space read, zero-filling the rest.
