@@ -34,7 +34,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
 use crate::vstate::memory;
-use crate::vstate::vcpu::{StopReason, Stopper, Vcpu};
+use crate::vstate::vcpu::{kick_signal, StopReason, Stopper, Vcpu, VcpuControl};
 use crate::vstate::vm::Vm;
 
 const E820_RAM: u32 = 1;
@@ -258,6 +258,7 @@ pub struct Vmm {
 
 pub fn build(config: &VmConfig) -> Result<Vmm> {
     config.validate()?;
+    config.check_files()?;
     let m = &config.machine_config;
 
     let mut template = CpuTemplate::default();
@@ -422,8 +423,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
 }
 
 impl Vmm {
-    /// Runs the guest until it stops; returns why.
-    pub fn run(self) -> Result<StopReason> {
+    /// Starts the vCPUs and device event loops.
+    pub fn start(self) -> Result<RunningVm> {
         let Vmm {
             vm,
             vcpus,
@@ -432,58 +433,123 @@ impl Vmm {
             stopper,
             serial,
             event_loops,
-            ..
+            _mem,
+            _mem_file,
         } = self;
         for (fd, transport) in event_loops {
             std::thread::Builder::new()
                 .name("vsock".into())
                 .spawn(move || device_event_loop(fd, transport))?;
         }
+        let control = Arc::new(VcpuControl::default());
         let mut handles = Vec::new();
         for v in vcpus {
-            let (pio, mmio, stopper) = (pio.clone(), mmio.clone(), stopper.clone());
+            let (pio, mmio, stopper, control) =
+                (pio.clone(), mmio.clone(), stopper.clone(), control.clone());
             let name = format!("vcpu{}", v.index);
             handles.push(
                 std::thread::Builder::new()
                     .name(name)
-                    .spawn(move || v.run(pio, mmio, stopper))?,
+                    .spawn(move || v.run(pio, mmio, stopper, control))?,
             );
         }
-        // Wait for the first stop: a vCPU exit or the i8042 reset line.
-        loop {
-            let mut pfd = libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&stopper.evt),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-            if r > 0 {
-                break;
+        Ok(RunningVm {
+            _vm: vm,
+            _mem,
+            _mem_file,
+            stopper,
+            serial,
+            control,
+            handles,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Runs the guest until it stops; returns why.
+    pub fn run(self) -> Result<StopReason> {
+        Ok(self.start()?.wait())
+    }
+}
+
+/// A VM whose vCPUs are running (or paused).
+pub struct RunningVm {
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
+    _mem_file: File,
+    stopper: Arc<Stopper>,
+    serial: Arc<Mutex<SerialDevice>>,
+    control: Arc<VcpuControl>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    started: std::time::Instant,
+}
+
+impl RunningVm {
+    pub fn pause(&self) -> Result<()> {
+        let kick = || {
+            for h in &self.handles {
+                // A vCPU that already exited cannot be signalled; that is fine.
+                let _ = vmm_sys_util::signal::Killable::kill(h, kick_signal());
+            }
+        };
+        self.control
+            .pause(self.handles.len(), kick, std::time::Duration::from_secs(5))
+            .map_err(|e| anyhow::anyhow!("pause: {e}"))
+    }
+
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    pub fn paused(&self) -> bool {
+        self.control.paused()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Blocks until the VM stops (a vCPU exit or the i8042 reset line).
+    pub fn wait(&self) -> StopReason {
+        while wait_readable(std::os::fd::AsRawFd::as_raw_fd(&self.stopper.evt)).is_err() {}
+        self.stopped().unwrap_or(StopReason::GuestStop)
+    }
+
+    /// Why the VM stopped, if it has.
+    pub fn stopped(&self) -> Option<StopReason> {
+        let r = self.stopper.reason();
+        if r.is_some() {
+            if let Ok(mut s) = self.serial.lock() {
+                let _ = std::io::Write::flush(s.serial.writer_mut());
             }
         }
-        let reason = stopper.reason().unwrap_or(StopReason::GuestStop);
-        if let Ok(mut s) = serial.lock() {
-            let _ = std::io::Write::flush(s.serial.writer_mut());
-        }
-        drop(vm);
-        Ok(reason)
+        r
     }
+
+    pub fn stopper(&self) -> Arc<Stopper> {
+        self.stopper.clone()
+    }
+}
+
+/// Blocks until `fd` is readable. EINTR is an error the caller may retry.
+fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Waits for host-side events of a device and lets it run its RX queue.
 fn device_event_loop(fd: std::os::fd::RawFd, transport: Arc<Mutex<MmioTransport>>) {
     loop {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call; the fd
-        // belongs to the device, which lives as long as the VM.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
+        // The fd belongs to the device, which lives as long as the VM.
+        if let Err(e) = wait_readable(fd) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }

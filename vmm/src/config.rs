@@ -181,6 +181,27 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Checks that every file the VM needs can be opened, so a bad path fails
+    /// before any KVM call.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let readable = |what: &str, p: &std::path::Path| -> Result<(), ConfigError> {
+            std::fs::File::open(p)
+                .map(|_| ())
+                .map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", p.display())))
+        };
+        readable("kernel_image_path", &self.boot_source.kernel_image_path)?;
+        if let Some(i) = &self.boot_source.initrd_path {
+            readable("initrd_path", i)?;
+        }
+        for d in &self.drives {
+            readable(
+                &format!("drive {:?} path_on_host", d.drive_id),
+                &d.path_on_host,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Drives in the order the guest sees them: the root drive is /dev/vda.
     pub fn ordered_drives(&self) -> Vec<&Drive> {
         let mut d: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();

@@ -4,9 +4,11 @@
 //! [`config::VmConfig`], `vstate` holds KVM state, `devices` the emulated
 //! hardware, `arch` the x86_64 boot details.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod cpu_template;
 pub mod devices;
+pub mod metrics;
 pub mod vstate;

@@ -1,4 +1,4 @@
-//! husk-vmm: runs one microVM from a config file until the guest stops.
+//! husk-vmm: runs one microVM, from a config file, the API socket, or both.
 //!
 //! Exit status: 0 when the guest reset (a `reboot=k` guest's reboot or
 //! poweroff), 2 when it triple-faulted, 3 when KVM could not run it (both with
@@ -7,17 +7,23 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::{bail, Context};
 use clap::Parser;
-use husk_vmm::builder;
+use husk_vmm::api::{self, Controller};
 use husk_vmm::config::VmConfig;
+use husk_vmm::vstate::vcpu::install_kick_handler;
 
 #[derive(Parser)]
 #[command(version, about = "husk's KVM microVM monitor")]
 struct Args {
-    /// VM configuration (JSON, Firecracker-style sections).
+    /// VM configuration (JSON, Firecracker-style sections); boots at once.
     #[arg(long)]
-    config_file: PathBuf,
+    config_file: Option<PathBuf>,
+    /// Serve the HTTP API on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -30,9 +36,29 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let run = || -> anyhow::Result<u8> {
-        let config = VmConfig::from_file(&args.config_file)?;
-        let vmm = builder::build(&config)?;
-        Ok(vmm.run()? as u8)
+        if args.config_file.is_none() && args.api_sock.is_none() {
+            bail!("nothing to run: give --config-file, --api-sock, or both");
+        }
+        install_kick_handler().context("installing the vCPU kick handler")?;
+        let ctl = Arc::new(Controller::default());
+        if let Some(p) = &args.config_file {
+            let config = VmConfig::from_file(p)?;
+            ctl.set_config(config);
+        }
+        if let Some(sock) = &args.api_sock {
+            api::serve(sock, ctl.clone())
+                .with_context(|| format!("API socket {}", sock.display()))?;
+            tracing::info!("API on {}", sock.display());
+        }
+        if args.config_file.is_some() {
+            ctl.start().map_err(anyhow::Error::msg)?;
+        }
+        let vm = ctl.wait_started();
+        let reason = vm.wait();
+        if let Some(sock) = &args.api_sock {
+            let _ = std::fs::remove_file(sock);
+        }
+        Ok(reason as u8)
     };
     match run() {
         Ok(code) => ExitCode::from(code),

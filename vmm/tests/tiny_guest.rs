@@ -238,3 +238,122 @@ fn crashing_guests_exit_non_zero_with_registers_logged() {
         println!("{name}: exit {code:?}");
     }
 }
+
+/// One HTTP/1.1 request on the API socket; returns (status, body).
+fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn api_configures_starts_pauses_and_resumes_a_vm() {
+    if let Some(why) = kvm_unavailable() {
+        println!("SKIP api_configures_starts_pauses_and_resumes_a_vm: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A guest that prints a dot, spins a little, forever.
+    let mut code = Vec::new();
+    code.extend_from_slice(&[0xba, 0xf8, 0x03, 0x00, 0x00]); // mov edx, 0x3f8
+    code.extend_from_slice(&[0xb0, b'.', 0xee]); // loop: mov al,'.'; out dx,al
+    code.extend_from_slice(&[0xb9, 0x00, 0x10, 0x00, 0x00]); // mov ecx, 0x1000
+    code.extend_from_slice(&[0x49, 0x75, 0xfd]); // dec ecx; jnz -3
+    code.extend_from_slice(&[0xeb, 0xf3]); // jmp loop
+    let kernel = dir.path().join("dots.elf");
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let console = dir.path().join("console");
+    let sock = dir.path().join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let size = || std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+
+    assert!(http(&sock, "GET", "/", "").1.contains("Not started"));
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(http(&sock, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(
+        http(
+            &sock,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 32}"#
+        )
+        .0,
+        204
+    );
+    let serial = format!(r#"{{"output": {{"file": "{}"}}}}"#, console.display());
+    assert_eq!(http(&sock, "PUT", "/serial", &serial).0, 204);
+    // A bad body is refused with Firecracker's error shape.
+    let (st, body) = http(&sock, "PUT", "/machine-config", r#"{"vcpu_count": "x"}"#);
+    assert_eq!(st, 400);
+    assert!(body.contains("fault_message"), "{body}");
+
+    assert_eq!(
+        http(
+            &sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#
+        )
+        .0,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while size() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(size() >= 3, "guest printed nothing");
+    assert!(http(&sock, "GET", "/", "").1.contains("Running"));
+    // No configuration after start.
+    assert_eq!(http(&sock, "PUT", "/boot-source", &boot).0, 400);
+
+    assert_eq!(
+        http(&sock, "PUT", "/actions", r#"{"action_type": "Pause"}"#).0,
+        204
+    );
+    assert!(http(&sock, "GET", "/", "").1.contains("Paused"));
+    let at_pause = size();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(size(), at_pause, "guest ran while paused");
+
+    assert_eq!(
+        http(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while size() == at_pause && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(size() > at_pause, "guest did not run after resume");
+
+    let (st, m) = http(&sock, "GET", "/metrics", "");
+    assert_eq!(st, 200);
+    let m: serde_json::Value = serde_json::from_str(&m).unwrap();
+    assert!(m["vcpu"]["exits_io"].as_u64().unwrap() >= 3, "{m}");
+    assert!(m["uptime_ms"].as_u64().is_some(), "{m}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -14,6 +14,7 @@ use crate::arch::{cpuid, cpuid::Refused};
 use crate::cpu_template::CpuTemplate;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemoryMmap;
+use crate::metrics::{inc, METRICS};
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -69,6 +70,100 @@ impl Stopper {
             3 => Some(StopReason::KvmFailure),
             _ => None,
         }
+    }
+}
+
+/// Pause/resume for all vCPUs: a pause request is seen at the top of each
+/// vCPU's run loop; a signal (SIGRTMIN, no-op handler) kicks a vCPU out of
+/// KVM_RUN so it gets there.
+pub struct VcpuControl {
+    /// (pause requested, vCPUs parked)
+    state: std::sync::Mutex<(bool, usize)>,
+    cv: std::sync::Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            state: std::sync::Mutex::new((false, 0)),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal; without one the signal
+/// would kill the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused.
+    fn park_if_paused(&self) {
+        let mut st = self.lock();
+        if !st.0 {
+            return;
+        }
+        st.1 += 1;
+        self.cv.notify_all();
+        while st.0 {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.1 -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Pauses `threads` vCPUs; `kick` signals them all. Fails if they do not
+    /// all park within `timeout`.
+    pub fn pause(
+        &self,
+        count: usize,
+        kick: impl Fn(),
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.lock();
+        st.0 = true;
+        while st.1 < count {
+            drop(st);
+            kick();
+            st = self.lock();
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                st.0 = false;
+                self.cv.notify_all();
+                return Err(format!("only {} of {count} vCPUs paused", st.1));
+            }
+            let wait = (deadline - now).min(std::time::Duration::from_millis(10));
+            st = self
+                .cv
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.lock();
+        st.0 = false;
+        self.cv.notify_all();
+    }
+
+    pub fn paused(&self) -> bool {
+        self.lock().0
     }
 }
 
@@ -153,8 +248,15 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until the VM stops. Only returns on a stop.
-    pub fn run(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, stopper: Arc<Stopper>) {
+    pub fn run(
+        mut self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        stopper: Arc<Stopper>,
+        control: Arc<VcpuControl>,
+    ) {
         loop {
+            control.park_if_paused();
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
@@ -166,15 +268,19 @@ impl Vcpu {
             };
             match exit {
                 VcpuExit::IoIn(port, data) => {
+                    inc(&METRICS.vcpu.exits_io);
                     pio.read(u64::from(port), data);
                 }
                 VcpuExit::IoOut(port, data) => {
+                    inc(&METRICS.vcpu.exits_io);
                     pio.write(u64::from(port), data);
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    inc(&METRICS.vcpu.exits_mmio);
                     mmio.read(addr, data);
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    inc(&METRICS.vcpu.exits_mmio);
                     mmio.write(addr, data);
                 }
                 VcpuExit::Hlt => {
@@ -230,6 +336,7 @@ impl Vcpu {
                     return;
                 }
                 other => {
+                    inc(&METRICS.vcpu.exits_other);
                     tracing::debug!("vCPU {}: unhandled exit {other:?}", self.index);
                 }
             }

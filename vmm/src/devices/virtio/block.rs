@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::metrics::{add, inc, METRICS};
+
 use super::{read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -169,6 +171,7 @@ impl Block {
                 if self.acked & F_FLUSH == 0 {
                     Err(ReqError::Unsupported(req_type))
                 } else {
+                    inc(&METRICS.block.flushes);
                     self.file.sync_data().map(|_| 0).map_err(ReqError::Io)
                 }
             }
@@ -211,6 +214,7 @@ impl Block {
                 mem.read_slice(&mut buf, addr)
                     .map_err(|_| ReqError::Malformed("buffer outside guest memory"))?;
                 self.file.write_all_at(&buf, offset).map_err(ReqError::Io)?;
+                add(&METRICS.block.write_bytes, u64::from(len));
             } else {
                 self.file
                     .read_exact_at(&mut buf, offset)
@@ -218,6 +222,7 @@ impl Block {
                 mem.write_slice(&buf, addr)
                     .map_err(|_| ReqError::Malformed("buffer outside guest memory"))?;
                 done = done.saturating_add(len);
+                add(&METRICS.block.read_bytes, u64::from(len));
             }
             offset = end;
         }
@@ -266,6 +271,7 @@ impl VirtioDevice for Block {
             for chain in chains {
                 let head = chain.head_index();
                 let (result, status_addr) = self.execute(chain, mem);
+                inc(&METRICS.block.requests);
                 let (status, written) = match result {
                     Ok(n) => (S_OK, n),
                     Err(ReqError::Unsupported(t)) => {
@@ -273,6 +279,7 @@ impl VirtioDevice for Block {
                         (S_UNSUPP, 0)
                     }
                     Err(e) => {
+                        inc(&METRICS.block.errors);
                         tracing::debug!("virtio-blk: request failed: {e}");
                         (S_IOERR, 0)
                     }

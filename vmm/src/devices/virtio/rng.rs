@@ -4,6 +4,8 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
+use crate::metrics::{add, METRICS};
+
 use super::{GuestMemoryMmap, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 64;
@@ -77,6 +79,7 @@ impl VirtioDevice for Rng {
                     break;
                 }
                 written += n as u32;
+                add(&METRICS.rng.bytes, n as u64);
                 budget -= n;
             }
             if let Err(e) = queue.add_used(mem, head, written) {

@@ -24,6 +24,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use packet::*;
 
+use crate::metrics::{add, inc, METRICS};
+
 use super::{read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 pub const RX_QUEUE: usize = 0;
@@ -387,6 +389,7 @@ impl Vsock {
             guest_send_done: false,
             closing: false,
         };
+        inc(&METRICS.vsock.host_connections);
         let h = hdr(self.cid, &c, OP_REQUEST, 0, 0);
         self.conns.insert((local_port, peer_port), c);
         self.register((local_port, peer_port));
@@ -413,6 +416,7 @@ impl Vsock {
             match c.stream.write(a) {
                 Ok(0) => break,
                 Ok(n) => {
+                    add(&METRICS.vsock.tx_bytes, n as u64);
                     c.to_host.drain(..n);
                     c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
                 }
@@ -528,7 +532,10 @@ impl Vsock {
                     self.flush_to_host(key);
                 }
             }
-            OP_RST => self.remove(key),
+            OP_RST => {
+                inc(&METRICS.vsock.resets);
+                self.remove(key)
+            }
             _ => self.rx_control.push_back(self.rst_for(&h)),
         }
     }
@@ -563,6 +570,7 @@ impl Vsock {
             guest_send_done: false,
             closing: false,
         };
+        inc(&METRICS.vsock.guest_connections);
         let resp = hdr(self.cid, &c, OP_RESPONSE, 0, 0);
         self.conns.insert(key, c);
         self.register(key);
@@ -637,6 +645,7 @@ impl Vsock {
                 let h = hdr(self.cid, c, OP_RW, n as u32, 0);
                 match write_rx(chain, &h, &buf[..n]) {
                     Ok(w) => {
+                        add(&METRICS.vsock.rx_bytes, n as u64);
                         c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                         c.last_fwd_cnt_sent = c.fwd_cnt;
                         w
@@ -720,7 +729,10 @@ impl VirtioDevice for Vsock {
                     used = true;
                     match p {
                         Ok((h, payload)) => self.handle_tx(h, payload),
-                        Err(e) => tracing::debug!("vsock: bad TX packet: {e}"),
+                        Err(e) => {
+                            inc(&METRICS.vsock.bad_packets);
+                            tracing::debug!("vsock: bad TX packet: {e}")
+                        }
                     }
                 }
             }
