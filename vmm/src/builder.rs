@@ -447,11 +447,15 @@ impl Vmm {
             let (pio, mmio, stopper, control) =
                 (pio.clone(), mmio.clone(), stopper.clone(), control.clone());
             let name = format!("vcpu{}", v.index);
-            handles.push(
-                std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || v.run(pio, mmio, stopper, control))?,
-            );
+            handles.push(std::thread::Builder::new().name(name).spawn(move || {
+                // Confined before the first guest instruction.
+                if let Err(e) = crate::seccomp::confine(crate::seccomp::ThreadKind::Vcpu) {
+                    tracing::error!("{e}");
+                    stopper.stop(StopReason::VmmError);
+                    return;
+                }
+                v.run(pio, mmio, stopper, control)
+            })?);
         }
         Ok(RunningVm {
             _vm: vm,
@@ -547,6 +551,10 @@ fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
 
 /// Waits for host-side events of a device and lets it run its RX queue.
 fn device_event_loop(fd: std::os::fd::RawFd, transport: Arc<Mutex<MmioTransport>>) {
+    if let Err(e) = crate::seccomp::confine(crate::seccomp::ThreadKind::Device) {
+        tracing::error!("{e}; vsock host events will not be served");
+        return;
+    }
     loop {
         // The fd belongs to the device, which lives as long as the VM.
         if let Err(e) = wait_readable(fd) {

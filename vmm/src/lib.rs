@@ -11,4 +11,6 @@ pub mod config;
 pub mod cpu_template;
 pub mod devices;
 pub mod metrics;
+pub mod seccomp;
+mod seccomp_table;
 pub mod vstate;

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use husk_vmm::api::{self, Controller};
 use husk_vmm::config::VmConfig;
+use husk_vmm::seccomp;
 use husk_vmm::vstate::vcpu::install_kick_handler;
 
 #[derive(Parser)]
@@ -24,6 +25,9 @@ struct Args {
     /// Serve the HTTP API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,13 @@ fn main() -> ExitCode {
             bail!("nothing to run: give --config-file, --api-sock, or both");
         }
         install_kick_handler().context("installing the vCPU kick handler")?;
+        if args.no_seccomp {
+            tracing::warn!("seccomp filtering is off (--no-seccomp)");
+        } else {
+            seccomp::install_sigsys_handler().context("installing the SIGSYS handler")?;
+            seccomp::ENABLED.store(true, std::sync::atomic::Ordering::SeqCst);
+            seccomp::confine(seccomp::ThreadKind::Vmm).map_err(anyhow::Error::msg)?;
+        }
         let ctl = Arc::new(Controller::default());
         if let Some(p) = &args.config_file {
             let config = VmConfig::from_file(p)?;

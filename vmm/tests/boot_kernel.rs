@@ -56,7 +56,8 @@ fn husk_vmm_boots_the_guest_to_init_and_exits_on_reboot() {
         "drives": [{"drive_id": "rootfs", "path_on_host": guest_rootfs().unwrap(),
                     "is_root_device": true, "is_read_only": true},
                    {"drive_id": "data", "path_on_host": data_disk, "is_read_only": true}],
-        "vsock": {"guest_cid": 3, "uds_path": vsock_path}
+        "vsock": {"guest_cid": 3, "uds_path": vsock_path},
+        "entropy": {}
     });
     let cfg = dir.path().join("vm.json");
     std::fs::write(&cfg, serde_json::to_vec(&config).unwrap()).unwrap();
@@ -102,6 +103,7 @@ fn husk_vmm_boots_the_guest_to_init_and_exits_on_reboot() {
         );
     }
     for bad in [
+        "seccomp denied",
         "Kernel panic",
         "Oops",
         "KVM internal error",
