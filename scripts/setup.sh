@@ -10,6 +10,10 @@ packages=(
     erofs-utils e2fsprogs busybox-static jq
     # reference VMM and peers used by the tests
     qemu-system-x86 containerd runc skopeo umoci
+    # test networks: taps in namespaces, ping
+    iproute2 iputils-ping
+    # benchmarks
+    python3 strace
 )
 
 missing=()

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 mod containerd;
+mod netns;
 pub use containerd::Containerd;
+pub use netns::NetNs;
 
 /// The workspace root (tests/ is one level down).
 pub fn repo_root() -> PathBuf {

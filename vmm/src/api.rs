@@ -7,6 +7,7 @@
 //! | `GET|PUT /machine-config` | vCPUs, memory, CPU template, host profile |
 //! | `PUT /boot-source` | kernel, boot args, initrd |
 //! | `PUT /drives/{drive_id}` | a virtio-blk drive |
+//! | `PUT /network-interfaces/{iface_id}` | virtio-net on a tap |
 //! | `PUT /vsock` | hybrid vsock (guest CID, Unix socket path) |
 //! | `PUT /entropy` | virtio-rng |
 //! | `PUT /serial` | console output |
@@ -28,7 +29,7 @@ use tiny_http::{Method, Request, Response, Server};
 
 use crate::builder::{self, RunningVm};
 use crate::config::{
-    BootSource, Drive, EntropyConfig, MachineConfig, SerialConfig, VmConfig, VsockConfig,
+    BootSource, Drive, EntropyConfig, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::metrics::{inc, METRICS};
 
@@ -40,6 +41,7 @@ pub struct Inner {
     boot_source: Option<BootSource>,
     machine: MachineConfig,
     drives: Vec<Drive>,
+    network_interfaces: Vec<NetConfig>,
     vsock: Option<VsockConfig>,
     entropy: Option<EntropyConfig>,
     serial: SerialConfig,
@@ -96,6 +98,7 @@ impl Controller {
             boot_source,
             machine_config: i.machine.clone(),
             drives: i.drives.clone(),
+            network_interfaces: i.network_interfaces.clone(),
             vsock: i.vsock.clone(),
             entropy: i.entropy.clone(),
             serial: i.serial.clone(),
@@ -108,6 +111,7 @@ impl Controller {
         i.boot_source = Some(c.boot_source);
         i.machine = c.machine_config;
         i.drives = c.drives;
+        i.network_interfaces = c.network_interfaces;
         i.vsock = c.vsock;
         i.entropy = c.entropy;
         i.serial = c.serial;
@@ -217,6 +221,19 @@ impl Controller {
                 let mut i = self.configuring()?;
                 i.drives.retain(|x| x.drive_id != d.drive_id);
                 i.drives.push(d);
+                Ok(None)
+            }
+            (Method::Put, ["network-interfaces", id]) => {
+                let n: NetConfig = parse(body)?;
+                if n.iface_id != *id {
+                    return Err(bad(format!(
+                        "iface_id {:?} in the body does not match {id:?} in the path",
+                        n.iface_id
+                    )));
+                }
+                let mut i = self.configuring()?;
+                i.network_interfaces.retain(|x| x.iface_id != n.iface_id);
+                i.network_interfaces.push(n);
                 Ok(None)
             }
             (Method::Put, ["vsock"]) => {

@@ -30,6 +30,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{open_tap, parse_mac, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
@@ -253,7 +254,7 @@ pub struct Vmm {
     _mem_file: File,
     serial: Arc<Mutex<SerialDevice>>,
     /// Devices with host-side event sources: (fd to wait on, transport).
-    event_loops: Vec<(std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
+    event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
 }
 
 pub fn build(config: &VmConfig) -> Result<Vmm> {
@@ -354,6 +355,18 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         );
     }
     let mut event_loops = Vec::new();
+    for (i, n) in config.network_interfaces.iter().enumerate() {
+        // Without a MAC the guest picks a random one; a stable default is kinder.
+        let mac = match &n.guest_mac {
+            Some(m) => parse_mac(m)?,
+            None => [0x06, 0x00, 0x00, 0x00, 0x00, i as u8 + 1],
+        };
+        let net = Net::new(open_tap(&n.host_dev_name)?, mac)?;
+        let epfd = net.epoll_fd();
+        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(net))?;
+        tracing::info!("interface {}: tap {} at {at}", n.iface_id, n.host_dev_name);
+        event_loops.push(("net", epfd, t));
+    }
     if let Some(vc) = &config.vsock {
         let vsock = Vsock::new(vc.guest_cid, &vc.uds_path)?;
         let epfd = vsock.epoll_fd();
@@ -363,7 +376,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
             vc.guest_cid,
             vc.uds_path.display()
         );
-        event_loops.push((epfd, t));
+        event_loops.push(("vsock", epfd, t));
     }
     if config.entropy.is_some() {
         let (_, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(Rng::new()))?;
@@ -436,9 +449,9 @@ impl Vmm {
             _mem,
             _mem_file,
         } = self;
-        for (fd, transport) in event_loops {
+        for (name, fd, transport) in event_loops {
             std::thread::Builder::new()
-                .name("vsock".into())
+                .name(name.into())
                 .spawn(move || device_event_loop(fd, transport))?;
         }
         let control = Arc::new(VcpuControl::default());

@@ -75,6 +75,16 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
+/// virtio-net on an existing (or creatable) tap device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default)]
+    pub guest_mac: Option<String>,
+}
+
 /// virtio-vsock with Firecracker's hybrid vsock on `uds_path`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +124,8 @@ pub struct VmConfig {
     pub machine_config: MachineConfig,
     #[serde(default)]
     pub drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
     /// virtio-rng (Firecracker calls it `entropy`); `{}` enables it.
@@ -163,6 +175,25 @@ impl VmConfig {
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid(format!(
                 "duplicate drive_id {:?}",
+                w[0]
+            )));
+        }
+        for n in &self.network_interfaces {
+            if let Some(m) = &n.guest_mac {
+                crate::devices::virtio::net::parse_mac(m).map_err(|e| {
+                    ConfigError::Invalid(format!("interface {:?}: {e}", n.iface_id))
+                })?;
+            }
+        }
+        let mut ifs: Vec<&str> = self
+            .network_interfaces
+            .iter()
+            .map(|n| n.iface_id.as_str())
+            .collect();
+        ifs.sort_unstable();
+        if let Some(w) = ifs.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid(format!(
+                "duplicate iface_id {:?}",
                 w[0]
             )));
         }

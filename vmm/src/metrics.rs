@@ -54,6 +54,7 @@ metrics! {
     block { requests, read_bytes, write_bytes, flushes, errors }
     vsock { host_connections, guest_connections, rx_bytes, tx_bytes, resets, bad_packets }
     rng { bytes }
+    net { rx_bytes, tx_bytes, rx_dropped, tx_dropped }
     api { requests, errors }
 }
 

@@ -7,6 +7,8 @@
 //!
 //! Test hooks, from the kernel command line (the boot-group tests use them):
 //! - `husk_test.sum=/dev/vdX`: print the SHA-256 of that block device;
+//! - `husk_test.ip=A.B.C.D/N`: give eth0 that address and bring it up (the
+//!   guest kernel then answers ARP and ping by itself);
 //! - `husk_test.echo_port=N`: accept one AF_VSOCK connection on port N and
 //!   echo everything back until the host closes its side.
 //!
@@ -49,6 +51,58 @@ fn checksum(dev: &str) -> std::io::Result<(String, u64)> {
     }
     let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok((hex, total))
+}
+
+/// ifreq for `name` with a sockaddr_in or flags in its union.
+fn ifreq(name: &str) -> [u8; 40] {
+    let mut r = [0u8; 40];
+    let n = name.len().min(15);
+    r[..n].copy_from_slice(&name.as_bytes()[..n]);
+    r
+}
+
+fn set_sockaddr(r: &mut [u8; 40], ip: [u8; 4]) {
+    r[16..18].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    r[20..24].copy_from_slice(&ip);
+}
+
+fn ioctl(fd: i32, req: libc::c_ulong, r: &mut [u8; 40]) -> std::io::Result<()> {
+    // SAFETY: the SIOC* requests used here read/write a struct ifreq, which
+    // `r` is (40 bytes) for the duration of the call.
+    if unsafe { libc::ioctl(fd, req, r.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn configure_eth0(spec: &str) -> Result<(), String> {
+    let (ip, prefix) = spec.split_once('/').ok_or("want ADDR/PREFIX")?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|e| format!("{e}"))?;
+    let prefix: u32 = prefix.parse().map_err(|e| format!("{e}"))?;
+    if prefix > 32 {
+        return Err("prefix over 32".into());
+    }
+    let mask = (u32::MAX.checked_shl(32 - prefix).unwrap_or(0)).to_be_bytes();
+    let s: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let fd = s.as_raw_fd();
+    let mut r = ifreq("eth0");
+    set_sockaddr(&mut r, ip.octets());
+    ioctl(fd, libc::SIOCSIFADDR, &mut r).map_err(|e| format!("SIOCSIFADDR: {e}"))?;
+    let mut r = ifreq("eth0");
+    set_sockaddr(&mut r, mask);
+    ioctl(fd, libc::SIOCSIFNETMASK, &mut r).map_err(|e| format!("SIOCSIFNETMASK: {e}"))?;
+    let mut r = ifreq("eth0");
+    ioctl(fd, libc::SIOCGIFFLAGS, &mut r).map_err(|e| format!("SIOCGIFFLAGS: {e}"))?;
+    let flags = i16::from_ne_bytes([r[16], r[17]]) | libc::IFF_UP as i16;
+    r[16..18].copy_from_slice(&flags.to_ne_bytes());
+    ioctl(fd, libc::SIOCSIFFLAGS, &mut r).map_err(|e| format!("SIOCSIFFLAGS: {e}"))?;
+    Ok(())
 }
 
 fn echo(port: u32) -> nix::Result<u64> {
@@ -105,6 +159,14 @@ fn main() {
             match checksum(dev) {
                 Ok((hex, n)) => say(&format!("sha256 {dev} {hex} {n}")),
                 Err(e) => say(&format!("sha256 {dev} failed: {e}")),
+            }
+        }
+    }
+    for arg in cmdline.split_whitespace() {
+        if let Some(spec) = arg.strip_prefix("husk_test.ip=") {
+            match configure_eth0(spec) {
+                Ok(()) => say(&format!("eth0 up {spec}")),
+                Err(e) => say(&format!("eth0 config failed: {e}")),
             }
         }
     }
