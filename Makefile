@@ -9,13 +9,31 @@ IMAGES := target/images
 # Guest binaries are static: the guest root image has no libc.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static
 
-.PHONY: run test setup kernel guest images lint unit clean
+.PHONY: run test setup kernel guest images lint fuzz bench clean
 
 run: setup kernel guest
 	guest-kernel/boot-qemu.sh $(GUEST)/vmlinux $(GUEST)/rootfs.erofs
 
 test: setup kernel guest images lint
 	$(CARGO) test --workspace --locked
+	$(MAKE) fuzz
+
+# Each guest-facing parser, fuzzed briefly (FUZZ_SECONDS each); a crash fails.
+FUZZ_SECONDS ?= 15
+FUZZ_TARGETS := virtio_blk vsock_tx mmio_transport
+fuzz: setup
+	cd vmm/fuzz && for t in $(FUZZ_TARGETS); do \
+	  log=../../target/fuzz-$$t.log; \
+	  if ! cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) > $$log 2>&1; then \
+	    tail -n 80 $$log; echo "fuzz target $$t failed (log: target/fuzz-$$t.log)"; exit 1; \
+	  fi; \
+	  echo "fuzz $$t: $$(grep -E '^Done' $$log)"; \
+	done
+
+# Benchmarks print figures next to a peer's; not part of `make test`.
+bench: setup kernel guest
+	$(CARGO) build --locked --release -p husk-vmm
+	bench/boot
 
 setup:
 	@scripts/setup.sh

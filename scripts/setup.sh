@@ -29,4 +29,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
-rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-gnu || true
+# The fuzz targets need a nightly toolchain (for sanitizers) and cargo-fuzz.
+cargo +nightly --version >/dev/null 2>&1 || { echo "setup: no nightly Rust toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz" >&2
+    cargo install --quiet --locked cargo-fuzz
+fi

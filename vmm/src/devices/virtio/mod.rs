@@ -14,7 +14,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
+pub use vmm_sys_util::eventfd::EventFd;
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
