@@ -407,8 +407,22 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         let v = Vcpu::new(&vm.fd, i)?;
         let refused = v.configure_cpuid(&vm.kvm, m.vcpu_count, &template)?;
         if i == 0 {
+            // What the template asked for and did not get matters (warn);
+            // KVM recomputing other registers (XSAVE sizes, ...) is detail.
             for r in &refused {
-                tracing::warn!("host refused: {r}");
+                let masked = template.cpuid_modifiers.iter().any(|m| {
+                    m.leaf == r.leaf
+                        && m.modifiers.iter().any(|x| {
+                            let bits = x.bitmap.mask as u32;
+                            format!("{:?}", x.register).eq_ignore_ascii_case(r.register)
+                                && (r.got ^ r.wanted) & bits != 0
+                        })
+                });
+                if masked {
+                    tracing::warn!("host refused template bits: {r}");
+                } else {
+                    tracing::debug!("host changed: {r}");
+                }
             }
         }
         v.configure_boot(&mem, &template, kernel.protocol, kernel.entry)?;

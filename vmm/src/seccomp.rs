@@ -128,6 +128,22 @@ const VMM: &[&str] = &[
     "epoll_pwait",
 ];
 
+/// Host sockets: vsock connections (both thread kinds touch them) and taps.
+const SOCKETS: &[&str] = &[
+    "socket",
+    "connect",
+    "accept4",
+    "shutdown",
+    "recvfrom",
+    "sendto",
+    "recvmsg",
+    "sendmsg",
+    "fcntl",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+];
+
 const VCPU: &[&str] = &[
     // KVM_RUN, register reads for crash reports, irqfd signalling
     "ioctl",
@@ -136,38 +152,12 @@ const VCPU: &[&str] = &[
     "pwrite64",
     "fdatasync",
     "fsync",
-    // vsock TX path: guest-initiated connects, host sockets
-    "socket",
-    "connect",
-    "accept4",
-    "shutdown",
-    "recvfrom",
-    "sendto",
-    "recvmsg",
-    "sendmsg",
-    "fcntl",
-    "epoll_ctl",
-    "epoll_wait",
-    "epoll_pwait",
     // pause: the kick signal
     "tgkill",
 ];
 
-const DEVICE: &[&str] = &[
-    "ioctl",
-    "socket",
-    "connect",
-    "accept4",
-    "shutdown",
-    "recvfrom",
-    "sendto",
-    "recvmsg",
-    "sendmsg",
-    "fcntl",
-    "epoll_ctl",
-    "epoll_wait",
-    "epoll_pwait",
-];
+/// Device event loops: host sockets (SOCKETS) and FIONBIO.
+const DEVICE: &[&str] = &["ioctl"];
 
 fn number(name: &str) -> Option<i64> {
     SYSCALLS.iter().find(|(_, n)| *n == name).map(|(nr, _)| *nr)
@@ -186,9 +176,15 @@ pub fn name(nr: i64) -> &'static str {
 /// the inherited `Vmm` filter and its own), so `Vmm` is the union of all.
 pub fn allowed(kind: ThreadKind) -> Vec<&'static str> {
     let extra: Vec<&str> = match kind {
-        ThreadKind::Vmm => VMM.iter().chain(VCPU).chain(DEVICE).copied().collect(),
-        ThreadKind::Vcpu => VCPU.to_vec(),
-        ThreadKind::Device => DEVICE.to_vec(),
+        ThreadKind::Vmm => VMM
+            .iter()
+            .chain(VCPU)
+            .chain(DEVICE)
+            .chain(SOCKETS)
+            .copied()
+            .collect(),
+        ThreadKind::Vcpu => VCPU.iter().chain(SOCKETS).copied().collect(),
+        ThreadKind::Device => DEVICE.iter().chain(SOCKETS).copied().collect(),
     };
     let mut v: Vec<&str> = COMMON.iter().chain(extra.iter()).copied().collect();
     v.sort_unstable();

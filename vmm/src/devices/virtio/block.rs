@@ -4,12 +4,14 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::metrics::{add, inc, METRICS};
 
-use super::{read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use super::{
+    drain_queue, read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -255,48 +257,29 @@ impl VirtioDevice for Block {
         let Some(queue) = queues.get_mut(index) else {
             return false;
         };
-        let mut used = false;
-        loop {
-            let mut chains = Vec::new();
-            match queue.iter(mem) {
-                Ok(iter) => chains.extend(iter),
+        drain_queue(queue, mem, "virtio-blk", |chain| {
+            let (result, status_addr) = self.execute(chain, mem);
+            inc(&METRICS.block.requests);
+            let (status, written) = match result {
+                Ok(n) => (S_OK, n),
+                Err(ReqError::Unsupported(t)) => {
+                    tracing::debug!("virtio-blk: unsupported request type {t}");
+                    (S_UNSUPP, 0)
+                }
                 Err(e) => {
-                    tracing::warn!("virtio-blk: bad avail ring: {e}");
-                    return used;
+                    inc(&METRICS.block.errors);
+                    tracing::debug!("virtio-blk: request failed: {e}");
+                    (S_IOERR, 0)
+                }
+            };
+            let mut len = written;
+            if let Some(a) = status_addr {
+                if mem.write_obj(status, a).is_ok() {
+                    len = len.saturating_add(1);
                 }
             }
-            if chains.is_empty() {
-                break;
-            }
-            for chain in chains {
-                let head = chain.head_index();
-                let (result, status_addr) = self.execute(chain, mem);
-                inc(&METRICS.block.requests);
-                let (status, written) = match result {
-                    Ok(n) => (S_OK, n),
-                    Err(ReqError::Unsupported(t)) => {
-                        tracing::debug!("virtio-blk: unsupported request type {t}");
-                        (S_UNSUPP, 0)
-                    }
-                    Err(e) => {
-                        inc(&METRICS.block.errors);
-                        tracing::debug!("virtio-blk: request failed: {e}");
-                        (S_IOERR, 0)
-                    }
-                };
-                let mut len = written;
-                if let Some(a) = status_addr {
-                    if mem.write_obj(status, a).is_ok() {
-                        len = len.saturating_add(1);
-                    }
-                }
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    tracing::warn!("virtio-blk: add_used: {e}");
-                }
-                used = true;
-            }
-        }
-        used
+            len
+        })
     }
 }
 
@@ -346,6 +329,29 @@ mod tests {
     const N: u32 = VRING_DESC_F_NEXT;
     const W: u32 = VRING_DESC_F_WRITE;
 
+    /// A request of type `t` at `sector` with one data buffer at `addr`:
+    /// header at 0x1000, status byte at 0x3000.
+    fn io(
+        b: &mut Block,
+        m: &GuestMemoryMmap,
+        t: u32,
+        sector: u64,
+        addr: u64,
+        len: u32,
+        flags: u32,
+    ) -> (u8, u32) {
+        header(m, 0x1000, t, sector);
+        run(
+            b,
+            m,
+            &[
+                desc(0x1000, 16, N, 1),
+                desc(addr, len, N | flags, 2),
+                desc(0x3000, 1, W, 0),
+            ],
+        )
+    }
+
     #[test]
     fn reads_and_writes_sectors() {
         let mut content = vec![0u8; 4096];
@@ -353,32 +359,14 @@ mod tests {
         let (f, mut b) = disk(&content, false);
         b.ack_features(b.features());
         let m = mem();
-        header(&m, 0x1000, T_IN, 1);
-        let (st, len) = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x1000, 16, N, 1),
-                desc(0x2000, 512, N | W, 2),
-                desc(0x3000, 1, W, 0),
-            ],
-        );
+        let (st, len) = io(&mut b, &m, T_IN, 1, 0x2000, 512, W);
         assert_eq!((st, len), (S_OK, 513));
         let mut got = [0u8; 4];
         m.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
         assert_eq!(&got, b"husk");
 
         m.write_slice(&[7u8; 512], GuestAddress(0x4000)).unwrap();
-        header(&m, 0x1000, T_OUT, 7);
-        let (st, _) = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x1000, 16, N, 1),
-                desc(0x4000, 512, N, 2),
-                desc(0x3000, 1, W, 0),
-            ],
-        );
+        let (st, _) = io(&mut b, &m, T_OUT, 7, 0x4000, 512, 0);
         assert_eq!(st, S_OK);
         assert_eq!(
             std::fs::read(f.path()).unwrap()[7 * 512..8 * 512],
@@ -389,16 +377,7 @@ mod tests {
         let (st, _) = run(&mut b, &m, &[desc(0x1000, 16, N, 1), desc(0x3000, 1, W, 0)]);
         assert_eq!(st, S_OK);
 
-        header(&m, 0x1000, T_GET_ID, 0);
-        let (st, len) = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x1000, 16, N, 1),
-                desc(0x2000, 20, N | W, 2),
-                desc(0x3000, 1, W, 0),
-            ],
-        );
+        let (st, len) = io(&mut b, &m, T_GET_ID, 0, 0x2000, 20, W);
         assert_eq!((st, len), (S_OK, 21));
         let mut id = [0u8; 14];
         m.read_slice(&mut id, GuestAddress(0x2000)).unwrap();
@@ -411,29 +390,11 @@ mod tests {
         b.ack_features(b.features());
         let m = mem();
         // Write to a read-only disk.
-        header(&m, 0x1000, T_OUT, 0);
-        let (st, _) = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x1000, 16, N, 1),
-                desc(0x4000, 512, N, 2),
-                desc(0x3000, 1, W, 0),
-            ],
-        );
+        let (st, _) = io(&mut b, &m, T_OUT, 0, 0x4000, 512, 0);
         assert_eq!(st, S_IOERR);
         // Past the end of the disk, and a sector number that overflows.
         for sector in [8, u64::MAX / 4] {
-            header(&m, 0x1000, T_IN, sector);
-            let (st, _) = run(
-                &mut b,
-                &m,
-                &[
-                    desc(0x1000, 16, N, 1),
-                    desc(0x2000, 512, N | W, 2),
-                    desc(0x3000, 1, W, 0),
-                ],
-            );
+            let (st, _) = io(&mut b, &m, T_IN, sector, 0x2000, 512, W);
             assert_eq!(st, S_IOERR, "sector {sector}");
         }
         // Unknown request type.
@@ -441,31 +402,13 @@ mod tests {
         let (st, _) = run(&mut b, &m, &[desc(0x1000, 16, N, 1), desc(0x3000, 1, W, 0)]);
         assert_eq!(st, S_UNSUPP);
         // Read into a read-only buffer (wrong direction).
-        header(&m, 0x1000, T_IN, 0);
-        let (st, _) = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x1000, 16, N, 1),
-                desc(0x2000, 512, N, 2),
-                desc(0x3000, 1, W, 0),
-            ],
-        );
+        let (st, _) = io(&mut b, &m, T_IN, 0, 0x2000, 512, 0);
         assert_eq!(st, S_IOERR);
         // Header too short.
         let (st, _) = run(&mut b, &m, &[desc(0x1000, 8, N, 1), desc(0x3000, 1, W, 0)]);
         assert_eq!(st, S_IOERR);
         // Buffer outside guest memory.
-        header(&m, 0x1000, T_IN, 0);
-        let (st, _) = run(
-            &mut b,
-            &m,
-            &[
-                desc(0x1000, 16, N, 1),
-                desc(0xff_ff00, 512, N | W, 2),
-                desc(0x3000, 1, W, 0),
-            ],
-        );
+        let (st, _) = io(&mut b, &m, T_IN, 0, 0xff_ff00, 512, W);
         assert_eq!(st, S_IOERR);
     }
 

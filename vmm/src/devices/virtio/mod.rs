@@ -81,6 +81,40 @@ pub trait VirtioDevice: Send {
     fn poll_host_events(&mut self) {}
 }
 
+/// Pops every chain the driver made available on `queue`, hands each to `f`,
+/// and returns it used with the length `f` reports (bytes written into it).
+/// True if any chain was used.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    what: &str,
+    mut f: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> bool {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let mut used = false;
+    loop {
+        let chains: Vec<_> = match queue.iter(mem) {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                tracing::warn!("{what}: bad avail ring: {e}");
+                break;
+            }
+        };
+        if chains.is_empty() {
+            break;
+        }
+        for chain in chains {
+            let head = chain.head_index();
+            let len = f(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("{what}: add_used: {e}");
+            }
+            used = true;
+        }
+    }
+    used
+}
+
 /// Copies `src` into the start of a config space read, zero-filling the rest.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);

@@ -10,11 +10,13 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{
+    drain_queue, read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+};
 use crate::metrics::{add, inc, METRICS};
 
 pub const RX_QUEUE: usize = 0;
@@ -283,26 +285,10 @@ impl VirtioDevice for Net {
         }
         let mut used = false;
         if index == TX_QUEUE {
-            loop {
-                let chains: Vec<_> = match queues[TX_QUEUE].iter(mem) {
-                    Ok(it) => it.collect(),
-                    Err(e) => {
-                        tracing::warn!("virtio-net: bad TX avail ring: {e}");
-                        break;
-                    }
-                };
-                if chains.is_empty() {
-                    break;
-                }
-                for chain in chains {
-                    let head = chain.head_index();
-                    self.transmit(chain);
-                    if let Err(e) = queues[TX_QUEUE].add_used(mem, head, 0) {
-                        tracing::warn!("virtio-net: add_used: {e}");
-                    }
-                    used = true;
-                }
-            }
+            used |= drain_queue(&mut queues[TX_QUEUE], mem, "virtio-net TX", |chain| {
+                self.transmit(chain);
+                0
+            });
         }
         self.poll_tap();
         used |= self.fill_rx(&mut queues[RX_QUEUE], mem);

@@ -19,14 +19,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use packet::*;
 
 use crate::metrics::{add, inc, METRICS};
 
-use super::{read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    drain_queue, read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -704,38 +706,16 @@ impl VirtioDevice for Vsock {
         }
         let mut used = false;
         if index == TX_QUEUE {
-            loop {
-                let mut packets = Vec::new();
-                let q = &mut queues[TX_QUEUE];
-                match q.iter(mem) {
-                    Ok(iter) => {
-                        for chain in iter {
-                            let head = chain.head_index();
-                            packets.push((head, read_tx(chain)));
-                        }
-                    }
+            used |= drain_queue(&mut queues[TX_QUEUE], mem, "vsock TX", |chain| {
+                match read_tx(chain) {
+                    Ok((h, payload)) => self.handle_tx(h, payload),
                     Err(e) => {
-                        tracing::warn!("vsock: bad TX avail ring: {e}");
-                        break;
+                        inc(&METRICS.vsock.bad_packets);
+                        tracing::debug!("vsock: bad TX packet: {e}")
                     }
                 }
-                if packets.is_empty() {
-                    break;
-                }
-                for (head, p) in packets {
-                    if let Err(e) = queues[TX_QUEUE].add_used(mem, head, 0) {
-                        tracing::warn!("vsock: add_used: {e}");
-                    }
-                    used = true;
-                    match p {
-                        Ok((h, payload)) => self.handle_tx(h, payload),
-                        Err(e) => {
-                            inc(&METRICS.vsock.bad_packets);
-                            tracing::debug!("vsock: bad TX packet: {e}")
-                        }
-                    }
-                }
-            }
+                0
+            });
         }
         self.poll_host();
         used |= self.fill_rx(&mut queues[RX_QUEUE], mem);
