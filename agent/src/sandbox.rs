@@ -1,0 +1,209 @@
+//! The Sandbox service: health, identity (hostname, DNS, hosts), clock and
+//! entropy after a restore, and shutting the guest down.
+//!
+//! Every request is validated first; bad input gets INVALID_ARGUMENT naming
+//! the field, never a panic (this runs in PID 1).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use husk_protocol::agent::{
+    CreateSandboxRequest, Empty, HealthResponse, ReseedRandomRequest, SetTimeRequest,
+};
+use husk_protocol::agent_ttrpc::Sandbox;
+use ttrpc::TtrpcContext;
+
+use crate::rpc::{check_version, internal, invalid};
+
+/// Largest ReseedRandom payload accepted.
+pub const MAX_SEED: usize = 4096;
+
+/// What the sandbox service needs to know about where it runs.
+pub struct SandboxService {
+    /// Where per-sandbox files (hostname, resolv.conf, hosts) are written;
+    /// containers get them bind-mounted. /run/husk/sandbox in the guest.
+    pub state_dir: PathBuf,
+    /// PID 1 in a guest: may set the hostname and clock and reboot. On a host
+    /// (tests) these are refused instead of touching the host.
+    pub is_guest: bool,
+    /// Called after DestroySandbox has been answered.
+    pub on_destroy: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// RFC 1123 host name: 1-63 letters, digits, hyphens per label, 253 in all.
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The files the sandbox request describes, validated.
+pub fn sandbox_files(req: &CreateSandboxRequest) -> Result<Vec<(&'static str, String)>, String> {
+    if !valid_hostname(&req.hostname) {
+        return Err(format!(
+            "hostname {:?} is not a valid host name",
+            req.hostname
+        ));
+    }
+    let mut resolv = String::new();
+    for s in &req.dns_servers {
+        s.parse::<IpAddr>()
+            .map_err(|_| format!("dns_servers: {s:?} is not an IP address"))?;
+        resolv.push_str(&format!("nameserver {s}\n"));
+    }
+    if !req.dns_search.is_empty() {
+        for d in &req.dns_search {
+            if !valid_hostname(d) {
+                return Err(format!("dns_search: {d:?} is not a valid domain"));
+            }
+        }
+        resolv.push_str(&format!("search {}\n", req.dns_search.join(" ")));
+    }
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for line in &req.hosts {
+        if line.contains(['\n', '\r', '\0']) || line.len() > 1024 {
+            return Err(format!(
+                "hosts: line {line:?} is not a single hosts(5) line"
+            ));
+        }
+        hosts.push_str(line);
+        hosts.push('\n');
+    }
+    Ok(vec![
+        ("hostname", format!("{}\n", req.hostname)),
+        ("resolv.conf", resolv),
+        ("hosts", hosts),
+    ])
+}
+
+impl Sandbox for SandboxService {
+    fn create_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let files = sandbox_files(&req).map_err(invalid)?;
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| internal(format!("creating {}: {e}", self.state_dir.display())))?;
+        for (name, content) in files {
+            let path = self.state_dir.join(name);
+            let tmp = self.state_dir.join(format!(".{name}.tmp"));
+            std::fs::File::create(&tmp)
+                .and_then(|mut f| f.write_all(content.as_bytes()))
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
+        }
+        if self.is_guest {
+            nix::unistd::sethostname(&req.hostname)
+                .map_err(|e| internal(format!("sethostname: {e}")))?;
+        }
+        Ok(Empty::new())
+    }
+
+    fn destroy_sandbox(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        // Answer first, then go: the caller learns the request was taken.
+        let f = self.on_destroy.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            f();
+        });
+        Ok(Empty::new())
+    }
+
+    fn health(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<HealthResponse> {
+        check_version(ctx)?;
+        let mut r = HealthResponse::new();
+        r.status = "SERVING".into();
+        r.api_version = husk_protocol::API_VERSION;
+        r.agent_version = env!("CARGO_PKG_VERSION").into();
+        Ok(r)
+    }
+
+    fn set_time(&self, ctx: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        if req.sec < 0 || req.nsec >= 1_000_000_000 {
+            return Err(invalid(format!(
+                "time {}.{:09} is out of range",
+                req.sec, req.nsec
+            )));
+        }
+        if !self.is_guest {
+            return Err(invalid(
+                "SetTime is refused outside a guest: it would set the host clock",
+            ));
+        }
+        let ts = nix::sys::time::TimeSpec::new(req.sec, i64::from(req.nsec));
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+            .map_err(|e| internal(format!("clock_settime: {e}")))?;
+        Ok(Empty::new())
+    }
+
+    fn reseed_random(&self, ctx: &TtrpcContext, req: ReseedRandomRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        if req.data.is_empty() || req.data.len() > MAX_SEED {
+            return Err(invalid(format!(
+                "seed of {} bytes; send 1 to {MAX_SEED}",
+                req.data.len()
+            )));
+        }
+        // Writing mixes the bytes into the pool (without crediting entropy);
+        // on a host it is harmless too.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .and_then(|mut f| f.write_all(&req.data))
+            .map_err(|e| internal(format!("/dev/urandom: {e}")))?;
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames() {
+        for ok in ["a", "web-1", "pod.example.com", &"a".repeat(63)] {
+            assert!(valid_hostname(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a..b", "a b", "a_b", &"a".repeat(64), "ü"] {
+            assert!(!valid_hostname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sandbox_files_validate_every_field() {
+        let mut r = CreateSandboxRequest::new();
+        r.hostname = "web".into();
+        r.dns_servers = vec!["10.0.0.2".into(), "fd00::1".into()];
+        r.dns_search = vec!["svc.local".into()];
+        r.hosts = vec!["10.0.0.5\tdb".into()];
+        let files = sandbox_files(&r).unwrap();
+        assert_eq!(
+            files[1].1,
+            "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.local\n"
+        );
+        assert!(files[2].1.ends_with("10.0.0.5\tdb\n"));
+
+        let mut bad = r.clone();
+        bad.dns_servers = vec!["8.8.8".into()];
+        assert!(sandbox_files(&bad).unwrap_err().contains("dns_servers"));
+        let mut bad = r.clone();
+        bad.hosts = vec!["1.2.3.4 a\n5.6.7.8 b".into()];
+        assert!(sandbox_files(&bad).unwrap_err().contains("hosts"));
+        let mut bad = r;
+        bad.hostname = "no spaces".into();
+        assert!(sandbox_files(&bad).unwrap_err().contains("hostname"));
+    }
+}
