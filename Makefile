@@ -51,8 +51,8 @@ kernel: setup
 	  ln -sfn "$$dir/build-info" $(GUEST)/kernel-build-info
 
 guest: setup
-	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --locked --release --target $(TRIPLE) -p husk-test-init
-	images/build-rootfs.sh $(GUEST)/rootfs.erofs target/$(TRIPLE)/release/husk-test-init
+	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --locked --release --target $(TRIPLE) -p husk-test-init -p husk-agent
+	images/build-rootfs.sh $(GUEST)/rootfs.erofs target/$(TRIPLE)/release/husk-test-init target/$(TRIPLE)/release/husk-agent
 
 images: setup
 	$(CARGO) build --locked --release -p husk-mkimage

@@ -39,7 +39,14 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--listen" => listen = args.next().unwrap_or_else(|| usage()),
+            "--listen" => match args.next() {
+                Some(l) => listen = l,
+                None if is_guest => say("--listen without an address; ignored"),
+                None => usage(),
+            },
+            // The kernel hands init the command-line words it does not know;
+            // PID 1 must not die of them.
+            other if is_guest => say(&format!("ignoring argument {other:?}")),
             _ => usage(),
         }
     }
