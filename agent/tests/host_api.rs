@@ -27,7 +27,8 @@ impl Agent {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        // Listening, not just bound: the file appears a moment before listen().
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(Instant::now() < deadline, "agent did not start listening");
             std::thread::sleep(Duration::from_millis(10));
         }

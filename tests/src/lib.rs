@@ -17,8 +17,10 @@ use anyhow::{anyhow, bail, Context, Result};
 
 mod containerd;
 mod netns;
+mod vm;
 pub use containerd::Containerd;
 pub use netns::NetNs;
+pub use vm::{husk_vmm_binary, vsock_connect};
 
 /// The workspace root (tests/ is one level down).
 pub fn repo_root() -> PathBuf {
@@ -322,61 +324,5 @@ mod tests {
             76.54
         );
         assert!(parse_uptime("husk-test-init: uptime").is_err());
-    }
-}
-
-/// The husk-vmm binary: `HUSK_VMM`, or the one cargo built for this workspace
-/// (`cargo test --workspace` builds it for husk-vmm's own tests).
-pub fn husk_vmm_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("HUSK_VMM") {
-        return Ok(PathBuf::from(p));
-    }
-    for profile in ["debug", "release"] {
-        let p = repo_root().join("target").join(profile).join("husk-vmm");
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!("husk-vmm not built (cargo build -p husk-vmm, or set HUSK_VMM)")
-}
-
-/// Connects to guest vsock `port` through husk-vmm's hybrid vsock socket:
-/// `CONNECT <port>\n`, `OK <host port>\n`, then the stream is the connection.
-pub fn vsock_connect(
-    uds: &Path,
-    port: u32,
-    timeout: Duration,
-) -> Result<std::os::unix::net::UnixStream> {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + timeout;
-    loop {
-        let attempt = (|| -> Result<std::os::unix::net::UnixStream> {
-            let mut s = std::os::unix::net::UnixStream::connect(uds)?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-            // Byte by byte: what follows the line belongs to the connection.
-            let mut line = Vec::new();
-            let mut b = [0u8; 1];
-            while line.len() < 64 {
-                if s.read(&mut b)? == 0 {
-                    bail!("vsock port {port}: closed before OK (nothing listening?)");
-                }
-                if b[0] == b'\n' {
-                    break;
-                }
-                line.push(b[0]);
-            }
-            let line = String::from_utf8_lossy(&line).into_owned();
-            if !line.starts_with("OK ") {
-                bail!("vsock port {port}: answer {line:?}");
-            }
-            s.set_read_timeout(None)?;
-            Ok(s)
-        })();
-        match attempt {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
     }
 }

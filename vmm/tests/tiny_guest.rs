@@ -242,7 +242,19 @@ fn crashing_guests_exit_non_zero_with_registers_logged() {
 /// One HTTP/1.1 request on the API socket; returns (status, body).
 fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    // The socket file appears at bind(), a moment before listen(): retry a
+    // refused connection briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connecting to the API socket {}: {e}", sock.display()),
+        }
+    };
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
