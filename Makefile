@@ -24,11 +24,14 @@ test: setup kernel guest images lint
 
 # Each guest-facing parser, fuzzed briefly (FUZZ_SECONDS each); a crash fails.
 FUZZ_SECONDS ?= 15
-FUZZ_TARGETS := virtio_blk vsock_tx mmio_transport
+FUZZ_TARGETS := vmm/fuzz:virtio_blk vmm/fuzz:vsock_tx vmm/fuzz:mmio_transport \
+	agent/fuzz:sandbox_request
 fuzz: setup
-	cd vmm/fuzz && for t in $(FUZZ_TARGETS); do \
-	  log=../../target/fuzz-$$t.log; \
-	  if ! cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) > $$log 2>&1; then \
+	mkdir -p target
+	for spec in $(FUZZ_TARGETS); do \
+	  dir=$${spec%%:*}; t=$${spec#*:}; \
+	  log=$(CURDIR)/target/fuzz-$$t.log; \
+	  if ! (cd $$dir && cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS)) > $$log 2>&1; then \
 	    tail -n 80 $$log; echo "fuzz target $$t failed (log: target/fuzz-$$t.log)"; exit 1; \
 	  fi; \
 	  echo "fuzz $$t: $$(grep -E '^Done' $$log)"; \

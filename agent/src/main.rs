@@ -7,13 +7,10 @@
 //! PID 1 must never exit or panic: errors are reported and the agent serves
 //! on; a failed server start reboots the guest so the host sees it die.
 
-mod init;
-mod rpc;
-mod sandbox;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use husk_agent::{init, sandbox};
 use husk_protocol::agent_ttrpc::create_sandbox;
 use husk_protocol::AGENT_VSOCK_PORT;
 
