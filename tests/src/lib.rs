@@ -204,6 +204,27 @@ impl Guest {
         s
     }
 
+    /// Panics (with the console tail) if any line so far shows a guest or
+    /// VMM failure: a kernel panic, oops, BUG or WARNING, an emulation
+    /// failure, a denied system call, a Rust panic; or one of `extra`.
+    pub fn assert_no_errors(&self, extra: &[&str]) {
+        const ERRORS: &[&str] = &[
+            "Kernel panic",
+            "Oops",
+            "BUG:",
+            "WARNING:",
+            "KVM internal error",
+            "seccomp denied",
+            "panicked",
+        ];
+        let lines = self.lines();
+        for bad in ERRORS.iter().chain(extra) {
+            if let Some(l) = lines.iter().find(|l| l.contains(bad)) {
+                panic!("console shows {bad:?}: {l}\n{}", self.tail());
+            }
+        }
+    }
+
     /// All console lines so far.
     pub fn lines(&self) -> Vec<String> {
         self.console.0.lock().unwrap().lines.clone()
