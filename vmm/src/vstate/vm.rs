@@ -16,6 +16,8 @@ pub enum VmError {
     ApiVersion(i32),
     #[error("KVM {0}: {1}")]
     Ioctl(&'static str, kvm_ioctls::Error),
+    #[error("the memory registration thread died")]
+    Thread,
 }
 
 pub struct Vm {
