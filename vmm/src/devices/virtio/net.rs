@@ -11,11 +11,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    drain_queue, read_config_bytes, GuestMemoryMmap, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    drain_queue, read_config_bytes, write_chain, GuestMemoryMmap, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 use crate::metrics::{add, inc, METRICS};
 
@@ -233,33 +234,9 @@ impl Net {
 /// Writes a zeroed header (num_buffers = 1) and `frame` into a device-writable
 /// chain; None if the chain is not writable or too small.
 fn write_frame(chain: &DescriptorChain<&GuestMemoryMmap>, frame: &[u8]) -> Option<u32> {
-    let mem = chain.memory();
     let mut hdr = [0u8; HDR_LEN];
     hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
-    let mut srcs: [&[u8]; 2] = [&hdr, frame];
-    let mut total = 0u32;
-    for d in chain.clone() {
-        if !d.is_write_only() {
-            return None;
-        }
-        let mut addr = d.addr();
-        let mut room = d.len() as usize;
-        for s in srcs.iter_mut() {
-            let n = room.min(s.len());
-            if n == 0 {
-                continue;
-            }
-            mem.write_slice(&s[..n], addr).ok()?;
-            *s = &s[n..];
-            room -= n;
-            total += n as u32;
-            addr = addr.checked_add(n as u64)?;
-        }
-        if srcs.iter().all(|s| s.is_empty()) {
-            return Some(total);
-        }
-    }
-    None
+    write_chain(chain, &[&hdr, frame])
 }
 
 impl VirtioDevice for Net {

@@ -86,6 +86,8 @@ pub enum PacketError {
     Memory,
     #[error("a TX chain must not have device-writable descriptors")]
     WritableTx,
+    #[error("RX chain not device-writable, outside guest memory, or too small")]
+    RxBuffer,
 }
 
 /// Reads one TX packet (header and payload) from a driver-readable chain.
@@ -172,39 +174,8 @@ where
     M: std::ops::Deref<Target = T> + Clone,
     T: GuestMemory + ?Sized,
 {
-    let mem = chain.memory();
-    let h = hdr.to_bytes();
-    let mut src: [&[u8]; 2] = [&h, payload];
-    let mut written = 0usize;
-    for d in chain.clone() {
-        if !d.is_write_only() {
-            return Err(PacketError::Memory);
-        }
-        let mut addr = d.addr();
-        let mut room = d.len() as usize;
-        for s in src.iter_mut() {
-            if room == 0 {
-                break;
-            }
-            let n = room.min(s.len());
-            if n == 0 {
-                continue;
-            }
-            mem.write_slice(&s[..n], addr)
-                .map_err(|_| PacketError::Memory)?;
-            *s = &s[n..];
-            room -= n;
-            written += n;
-            addr = addr.checked_add(n as u64).ok_or(PacketError::Memory)?;
-        }
-        if src.iter().all(|s| s.is_empty()) {
-            break;
-        }
-    }
-    if src.iter().any(|s| !s.is_empty()) {
-        return Err(PacketError::ShortPayload(payload.len() as u32));
-    }
-    Ok(written as u32)
+    crate::devices::virtio::write_chain(chain, &[&hdr.to_bytes(), payload])
+        .ok_or(PacketError::RxBuffer)
 }
 
 #[cfg(test)]
