@@ -94,6 +94,27 @@ struct Conn {
 }
 
 impl Conn {
+    /// A connection with nothing sent or received yet; the guest's buffer is
+    /// unknown (0) until its first packet says.
+    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Conn {
+        Conn {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            to_host: VecDeque::new(),
+            readable: false,
+            host_eof: false,
+            guest_send_done: false,
+            closing: false,
+        }
+    }
+
     fn peer_free(&self) -> u32 {
         self.peer_buf_alloc
             .wrapping_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
@@ -375,22 +396,7 @@ impl Vsock {
             return;
         };
         let local_port = self.free_local_port();
-        let c = Conn {
-            stream: p.stream,
-            state: State::HostConnecting,
-            local_port,
-            peer_port,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            to_host: VecDeque::new(),
-            readable: false,
-            host_eof: false,
-            guest_send_done: false,
-            closing: false,
-        };
+        let c = Conn::new(p.stream, State::HostConnecting, local_port, peer_port);
         inc(&METRICS.vsock.host_connections);
         let h = hdr(self.cid, &c, OP_REQUEST, 0, 0);
         self.conns.insert((local_port, peer_port), c);
@@ -556,22 +562,11 @@ impl Vsock {
                 return;
             }
         };
-        let c = Conn {
-            stream,
-            state: State::Established,
-            local_port: h.dst_port,
-            peer_port: h.src_port,
-            peer_buf_alloc: h.buf_alloc,
-            peer_fwd_cnt: h.fwd_cnt,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            to_host: VecDeque::new(),
-            readable: true,
-            host_eof: false,
-            guest_send_done: false,
-            closing: false,
-        };
+        let mut c = Conn::new(stream, State::Established, h.dst_port, h.src_port);
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
+        // The host end may have written before we registered it (edge-triggered).
+        c.readable = true;
         inc(&METRICS.vsock.guest_connections);
         let resp = hdr(self.cid, &c, OP_RESPONSE, 0, 0);
         self.conns.insert(key, c);
@@ -701,7 +696,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        if queues.len() < 3 {
+        if queues.len() <= EVT_QUEUE {
             return false;
         }
         let mut used = false;
