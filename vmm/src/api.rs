@@ -212,29 +212,15 @@ impl Controller {
             }
             (Method::Put, ["drives", id]) => {
                 let d: Drive = parse(body)?;
-                if d.drive_id != *id {
-                    return Err(bad(format!(
-                        "drive_id {:?} in the body does not match {id:?} in the path",
-                        d.drive_id
-                    )));
-                }
-                let mut i = self.configuring()?;
-                i.drives.retain(|x| x.drive_id != d.drive_id);
-                i.drives.push(d);
-                Ok(None)
+                check_id("drive_id", id, &d.drive_id)?;
+                upsert(&mut self.configuring()?.drives, d, |d| &d.drive_id)
             }
             (Method::Put, ["network-interfaces", id]) => {
                 let n: NetConfig = parse(body)?;
-                if n.iface_id != *id {
-                    return Err(bad(format!(
-                        "iface_id {:?} in the body does not match {id:?} in the path",
-                        n.iface_id
-                    )));
-                }
-                let mut i = self.configuring()?;
-                i.network_interfaces.retain(|x| x.iface_id != n.iface_id);
-                i.network_interfaces.push(n);
-                Ok(None)
+                check_id("iface_id", id, &n.iface_id)?;
+                upsert(&mut self.configuring()?.network_interfaces, n, |n| {
+                    &n.iface_id
+                })
             }
             (Method::Put, ["vsock"]) => {
                 let v: VsockConfig = parse(body)?;
@@ -282,6 +268,23 @@ impl Controller {
             }),
         }
     }
+}
+
+/// `PUT /<collection>/{id}`: the body's id must be the path's.
+fn check_id(field: &str, path_id: &str, body_id: &str) -> Result<(), ApiError> {
+    if body_id != path_id {
+        return Err(bad(format!(
+            "{field} {body_id:?} in the body does not match {path_id:?} in the path"
+        )));
+    }
+    Ok(())
+}
+
+/// Replaces the entry with `item`'s id, or adds it.
+fn upsert<T>(list: &mut Vec<T>, item: T, id: impl Fn(&T) -> &String) -> Reply {
+    list.retain(|x| id(x) != id(&item));
+    list.push(item);
+    Ok(None)
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::arch::layout::{IRQ_BASE, IRQ_MAX};
 use crate::arch::mptable::MAX_VCPUS;
 
 #[derive(Debug, Error)]
@@ -135,6 +136,17 @@ pub struct VmConfig {
     pub serial: SerialConfig,
 }
 
+/// Fails on the first id that appears twice.
+fn unique<'a>(what: &str, ids: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(ConfigError::Invalid(format!("duplicate {what} {id:?}")));
+        }
+    }
+    Ok(())
+}
+
 impl VmConfig {
     pub fn from_json(json: &str) -> Result<VmConfig, ConfigError> {
         let c: VmConfig = serde_json::from_str(json)?;
@@ -170,14 +182,7 @@ impl VmConfig {
         if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
             return Err(ConfigError::Invalid("more than one root drive".into()));
         }
-        let mut ids: Vec<&str> = self.drives.iter().map(|d| d.drive_id.as_str()).collect();
-        ids.sort_unstable();
-        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
-            return Err(ConfigError::Invalid(format!(
-                "duplicate drive_id {:?}",
-                w[0]
-            )));
-        }
+        unique("drive_id", self.drives.iter().map(|d| d.drive_id.as_str()))?;
         for n in &self.network_interfaces {
             if let Some(m) = &n.guest_mac {
                 crate::devices::virtio::net::parse_mac(m).map_err(|e| {
@@ -185,18 +190,10 @@ impl VmConfig {
                 })?;
             }
         }
-        let mut ifs: Vec<&str> = self
-            .network_interfaces
-            .iter()
-            .map(|n| n.iface_id.as_str())
-            .collect();
-        ifs.sort_unstable();
-        if let Some(w) = ifs.windows(2).find(|w| w[0] == w[1]) {
-            return Err(ConfigError::Invalid(format!(
-                "duplicate iface_id {:?}",
-                w[0]
-            )));
-        }
+        unique(
+            "iface_id",
+            self.network_interfaces.iter().map(|n| n.iface_id.as_str()),
+        )?;
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
                 return Err(ConfigError::Invalid(format!(
@@ -206,8 +203,17 @@ impl VmConfig {
                 )));
             }
         }
-        if self.drives.len() > crate::arch::layout::IRQ_MAX as usize {
-            return Err(ConfigError::Invalid("too many drives".into()));
+        // Every virtio device takes one interrupt line; say so before any KVM
+        // call rather than when the builder runs out.
+        let lines = (IRQ_MAX - IRQ_BASE + 1) as usize;
+        let devices = self.drives.len()
+            + self.network_interfaces.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.entropy.is_some());
+        if devices > lines {
+            return Err(ConfigError::Invalid(format!(
+                "{devices} virtio devices (drives, interfaces, vsock, entropy); at most {lines}"
+            )));
         }
         Ok(())
     }
@@ -261,6 +267,23 @@ mod tests {
         assert_eq!(c.machine_config.host_profile, "auto");
         assert_eq!(c.ordered_drives()[0].drive_id, "rootfs");
         assert_eq!(c.serial.output, SerialOutput::Stdout);
+    }
+
+    #[test]
+    fn more_devices_than_interrupt_lines_is_refused() {
+        let drives: Vec<String> = (0..19)
+            .map(|i| format!(r#"{{"drive_id": "d{i}", "path_on_host": "/d"}}"#))
+            .collect();
+        let json = |extra: &str| {
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}}, "drives": [{}]{extra}}}"#,
+                drives.join(",")
+            )
+        };
+        // 19 lines (IRQ 5 to 23): 19 drives fit, one more device does not.
+        VmConfig::from_json(&json("")).unwrap();
+        let e = VmConfig::from_json(&json(r#", "entropy": {}"#)).unwrap_err();
+        assert!(e.to_string().contains("20 virtio devices"), "{e}");
     }
 
     #[test]
