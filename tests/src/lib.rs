@@ -182,10 +182,6 @@ impl Guest {
         Guest::spawn("qemu", cmd)
     }
 
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     /// The last console lines, for error messages.
     pub fn tail(&self) -> String {
         let st = self.console.0.lock().unwrap();

@@ -565,10 +565,6 @@ impl RunningVm {
         }
         r
     }
-
-    pub fn stopper(&self) -> Arc<Stopper> {
-        self.stopper.clone()
-    }
 }
 
 /// Blocks until `fd` is readable. EINTR is an error the caller may retry.

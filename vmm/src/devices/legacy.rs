@@ -18,12 +18,6 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-impl EventFdTrigger {
-    pub fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(EventFdTrigger(self.0.try_clone()?))
-    }
-}
-
 /// Where the console goes.
 pub enum ConsoleOut {
     Stdout,
@@ -59,11 +53,6 @@ impl SerialDevice {
         SerialDevice {
             serial: Serial::new(irq, out),
         }
-    }
-
-    /// Queues console input for the guest.
-    pub fn input(&mut self, bytes: &[u8]) -> usize {
-        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
 

@@ -54,6 +54,9 @@ impl Stopper {
     }
 
     pub fn stop(&self, reason: StopReason) {
+        if matches!(reason, StopReason::TripleFault | StopReason::KvmFailure) {
+            inc(&METRICS.vcpu.failures);
+        }
         let _ = self
             .reason
             .compare_exchange(-1, reason as i32, Ordering::SeqCst, Ordering::SeqCst);

@@ -112,10 +112,6 @@ impl Block {
         })
     }
 
-    pub fn capacity_sectors(&self) -> u64 {
-        self.capacity_sectors
-    }
-
     /// Executes one request; returns (status, bytes written into guest memory
     /// excluding the status byte, status byte address if one was found).
     fn execute(

@@ -13,8 +13,6 @@ const VERSION: u32 = 2;
 /// "HUSK", little-endian.
 const VENDOR_ID: u32 = 0x4b53_5548;
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
@@ -57,10 +55,6 @@ impl MmioTransport {
             activated: false,
             config_generation: 0,
         })
-    }
-
-    pub fn device_type(&self) -> u32 {
-        self.device.device_type()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -263,11 +257,3 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, v);
     }
 }
-
-/// Driver status bits a well-behaved driver sets before DRIVER_OK.
-pub const STATUS_READY_SEQUENCE: [u32; 4] = [
-    STATUS_ACKNOWLEDGE,
-    STATUS_ACKNOWLEDGE | STATUS_DRIVER,
-    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-];

@@ -666,10 +666,6 @@ impl Vsock {
             }
         }
     }
-
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
 }
 
 impl Drop for Vsock {
