@@ -221,6 +221,17 @@ impl Guest {
         }
     }
 
+    /// Panics with `why` and the console tail unless some line so far
+    /// contains `needle`.
+    pub fn assert_line(&self, needle: &str, why: &str) {
+        if !self.lines().iter().any(|l| l.contains(needle)) {
+            panic!(
+                "{why}: no console line contains {needle:?}\n{}",
+                self.tail()
+            );
+        }
+    }
+
     /// All console lines so far.
     pub fn lines(&self) -> Vec<String> {
         self.console.0.lock().unwrap().lines.clone()

@@ -34,13 +34,9 @@ fn guest_boots_to_init_and_reboots_cleanly() {
     assert!(uptime > 0.0, "guest uptime {uptime} is not positive");
 
     // The root image must be the read-only erofs we built, mounted as root.
-    let lines = guest.lines();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("VFS: Mounted root (erofs filesystem) readonly")),
-        "root was not mounted read-only from erofs\n{}",
-        guest.tail()
+    guest.assert_line(
+        "VFS: Mounted root (erofs filesystem) readonly",
+        "root was not mounted read-only from erofs",
     );
     // No emulation failure, oops or panic on the way.
     guest.assert_no_errors(&[]);

@@ -110,30 +110,19 @@ fn husk_vmm_boots_the_guest_to_init_and_exits_on_reboot() {
         "husk-vmm: init marker after {:.1} s wall, guest uptime {uptime:.2} s",
         at.as_secs_f64()
     );
-    let lines = guest.lines();
     // Both vCPUs came up from the MP table.
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("smp: Brought up 1 node, 2 CPUs")),
-        "second vCPU did not come up\n{}",
-        guest.tail()
+    guest.assert_line(
+        "smp: Brought up 1 node, 2 CPUs",
+        "second vCPU did not come up",
     );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("VFS: Mounted root (erofs filesystem) readonly")),
-        "{}",
-        guest.tail()
+    guest.assert_line(
+        "VFS: Mounted root (erofs filesystem) readonly",
+        "root not mounted read-only from erofs",
     );
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        // The host profile was detected and said so.
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("host profile kvm-pvm (module kvm_pvm is loaded)")),
-            "{}",
-            guest.tail()
+        guest.assert_line(
+            "host profile kvm-pvm (module kvm_pvm is loaded)",
+            "host profile not detected",
         );
     }
     guest.assert_no_errors(&[]);
