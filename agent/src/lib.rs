@@ -1,6 +1,9 @@
 //! husk-agent as a library: the services and PID 1 duties, so the binary,
 //! tests and fuzz targets share them.
 
+pub mod containers;
 pub mod init;
+pub mod reaper;
 pub mod rpc;
 pub mod sandbox;
+pub mod stream;

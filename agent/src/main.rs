@@ -10,9 +10,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use husk_agent::containers::{ContainersService, Dirs};
+use husk_agent::reaper::Reaper;
+use husk_agent::stream::Streams;
 use husk_agent::{init, sandbox};
-use husk_protocol::agent_ttrpc::create_sandbox;
-use husk_protocol::AGENT_VSOCK_PORT;
+use husk_protocol::agent_ttrpc::{create_containers, create_sandbox};
+use husk_protocol::{AGENT_VSOCK_PORT, STREAM_VSOCK_PORT};
 
 fn say(msg: &str) {
     eprintln!("husk-agent: {msg}");
@@ -52,26 +55,55 @@ fn main() {
             say(&e);
         }
     }
-    let state_dir = if is_guest {
-        PathBuf::from("/run/husk/sandbox")
+    let root = if is_guest {
+        PathBuf::from("/run/husk")
     } else {
         std::env::var_os("HUSK_AGENT_STATE")
             .map(PathBuf::from)
             .unwrap_or_else(|| std::env::temp_dir().join("husk-agent"))
     };
+    let dirs = Dirs {
+        root,
+        cgroup: PathBuf::from("/sys/fs/cgroup"),
+    };
+    if !is_guest {
+        // Orphans of a container's pid namespace come to us to be reaped,
+        // as they come to PID 1 in the guest.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            say(&format!("PR_SET_CHILD_SUBREAPER: {e}"));
+        }
+    }
+    let reaper = Arc::new(Reaper::new());
+    let streams = Streams::new();
+    let streams_up = match listen.strip_prefix("unix://") {
+        Some(path) => streams.serve_unix(std::path::Path::new(&format!("{path}.stdio"))),
+        None => streams.serve_vsock(STREAM_VSOCK_PORT),
+    };
+    if let Err(e) = streams_up {
+        say(&format!("cannot serve stdio streams: {e}"));
+    }
+    let containers = ContainersService::new(dirs.clone(), reaper.clone(), streams);
     let on_destroy: Arc<dyn Fn() + Send + Sync> = if is_guest {
         Arc::new(|| reboot_guest())
     } else {
         Arc::new(|| std::process::exit(0))
     };
     let sandbox = Arc::new(sandbox::SandboxService {
-        state_dir,
+        state_dir: dirs.sandbox(),
         is_guest,
         on_destroy,
     });
+    // WaitProcess and GetOOMEvent block a handler thread each until their
+    // event: allow many per connection (threads start as needed).
     let server = ttrpc::Server::new()
+        .set_thread_count_min(2)
+        .set_thread_count_default(4)
+        .set_thread_count_max(256)
         .bind(&listen)
-        .map(|s| s.register_service(create_sandbox(sandbox)));
+        .map(|s| {
+            s.register_service(create_sandbox(sandbox))
+                .register_service(create_containers(containers))
+        });
     let mut server = match server {
         Ok(s) => s,
         Err(e) => {
@@ -93,11 +125,7 @@ fn main() {
         "serving agent API v{} on {listen}",
         husk_protocol::API_VERSION
     ));
-    if is_guest {
-        init::reap_forever();
-    }
-    // On a host the server threads do the work; wait to be stopped.
-    loop {
-        std::thread::park();
-    }
+    // Reaping is the main thread's work, as PID 1 in the guest and as a
+    // subreaper on a host.
+    reaper.run()
 }

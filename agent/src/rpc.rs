@@ -19,3 +19,7 @@ pub fn invalid(msg: impl Into<String>) -> ttrpc::Error {
 pub fn internal(msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INTERNAL, msg.into()))
 }
+
+pub fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}

@@ -94,11 +94,11 @@ fn sandbox_identity_is_validated_and_written() {
     r.dns_servers = vec!["10.0.0.2".into()];
     c.create_sandbox(ctx(API_VERSION), &r).unwrap();
     assert_eq!(
-        std::fs::read_to_string(a.state.join("hostname")).unwrap(),
+        std::fs::read_to_string(a.state.join("sandbox/hostname")).unwrap(),
         "web-1\n"
     );
     assert_eq!(
-        std::fs::read_to_string(a.state.join("resolv.conf")).unwrap(),
+        std::fs::read_to_string(a.state.join("sandbox/resolv.conf")).unwrap(),
         "nameserver 10.0.0.2\n"
     );
 

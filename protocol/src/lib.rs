@@ -23,6 +23,21 @@ pub const VERSION_KEY: &str = "husk-api-version";
 /// The vsock port the agent serves on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The vsock port processes' stdio streams connect to (see `Stdio`).
+pub const STREAM_VSOCK_PORT: u32 = 1025;
+
+/// Longest stream name a stream's first line may carry.
+pub const MAX_STREAM_NAME: usize = 64;
+
+/// Whether `name` may name a stdio stream.
+pub fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_STREAM_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Checks the version a request carries; the error names both versions.
 pub fn check_version(metadata_values: Option<&[String]>) -> Result<(), String> {
     let Some(values) = metadata_values else {

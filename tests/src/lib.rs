@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod agent;
 mod containerd;
 mod netns;
 mod vm;
 pub use containerd::Containerd;
 pub use netns::NetNs;
-pub use vm::{husk_vmm_binary, vsock_connect};
+pub use vm::{husk_agent_binary, husk_vmm_binary, vsock_connect};
 
 /// The workspace root (tests/ is one level down).
 pub fn repo_root() -> PathBuf {

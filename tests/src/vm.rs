@@ -22,6 +22,21 @@ pub fn husk_vmm_binary() -> Result<PathBuf> {
     bail!("husk-vmm not built (cargo build -p husk-vmm, or set HUSK_VMM)")
 }
 
+/// The husk-agent binary cargo built for this workspace (`HUSK_AGENT`
+/// overrides), for running the agent on the host.
+pub fn husk_agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("HUSK_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    for profile in ["debug", "release"] {
+        let p = repo_root().join("target").join(profile).join("husk-agent");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("husk-agent not built (cargo build -p husk-agent, or set HUSK_AGENT)")
+}
+
 /// Connects to guest vsock `port` through husk-vmm's hybrid vsock socket:
 /// `CONNECT <port>\n`, `OK <host port>\n`, then the stream is the connection.
 pub fn vsock_connect(

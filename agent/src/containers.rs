@@ -1,0 +1,1318 @@
+//! The Containers service: OCI containers in the sandbox through youki's
+//! libcontainer, with stdio on host-opened streams, exit statuses from the
+//! reaper, stats and OOM events from cgroup v2 files.
+//!
+//! Layout under the agent's state root (/run/husk in the guest):
+//! `storage/` (filesystems the host asks for; rootfs paths are relative to
+//! it), `containers/<id>/` (config.json, overlay upper/work/rootfs, exec
+//! process files), `libcontainer/` (libcontainer's own state).
+//!
+//! Every request is validated before anything is changed; a failed create
+//! undoes what it did. Nothing here may panic: it runs in PID 1.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, UNIX_EPOCH};
+
+use husk_protocol::agent::{
+    ContainerInfo, ContainerRequest, CpuStats, CreateContainerRequest, CreateContainerResponse,
+    Empty, ExecProcessRequest, ExecProcessResponse, ListContainersResponse, MemoryStats, OOMEvent,
+    ProcessRequest, SignalProcessRequest, StatsContainerResponse, Stdio, Storage,
+    TtyWinResizeRequest, UpdateContainerRequest, WaitProcessResponse,
+};
+use husk_protocol::agent_ttrpc::Containers;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::signal::Signal;
+use oci_spec::runtime::{LinuxResources, MountBuilder, Process, Spec};
+use ttrpc::{Code, TtrpcContext};
+
+use crate::reaper::Reaper;
+use crate::rpc::{check_version, internal, invalid, status};
+use crate::stream::Streams;
+
+/// How long a create or exec waits for its stdio streams to connect.
+const STREAM_WAIT: Duration = Duration::from_secs(10);
+/// How long RemoveContainer waits for a killed container to exit.
+const REMOVE_WAIT: Duration = Duration::from_secs(10);
+/// Filesystem types a Storage may name.
+const FSTYPES: &[&str] = &["erofs", "ext4", "virtiofs", "tmpfs"];
+
+/// Where the agent keeps things.
+#[derive(Clone, Debug)]
+pub struct Dirs {
+    pub root: PathBuf,
+    /// The cgroup v2 mount (/sys/fs/cgroup).
+    pub cgroup: PathBuf,
+}
+
+impl Dirs {
+    pub fn storage(&self) -> PathBuf {
+        self.root.join("storage")
+    }
+    pub fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+    pub fn libcontainer(&self) -> PathBuf {
+        self.root.join("libcontainer")
+    }
+    pub fn sandbox(&self) -> PathBuf {
+        self.root.join("sandbox")
+    }
+}
+
+struct Proc {
+    pid: i32,
+    /// A handle on the stdin stream, for CloseStdin.
+    stdin: Option<OwnedFd>,
+    /// The terminal's master side, for TtyWinResize.
+    tty: Option<Arc<OwnedFd>>,
+}
+
+struct Ctr {
+    lc: Container,
+    bundle: PathBuf,
+    /// The overlay mounted at bundle/rootfs, if any.
+    overlay: bool,
+    storages: Vec<String>,
+    cgroup: PathBuf,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    started: bool,
+    paused: bool,
+}
+
+#[derive(Default)]
+struct Oom {
+    events: VecDeque<String>,
+    /// memory.events watch → (container id, cgroup, oom_kill count seen).
+    watched: HashMap<WatchDescriptor, (String, PathBuf, u64)>,
+}
+
+pub struct ContainersService {
+    dirs: Dirs,
+    reaper: Arc<Reaper>,
+    streams: Arc<Streams>,
+    containers: Mutex<HashMap<String, Arc<Mutex<Ctr>>>>,
+    /// Serializes creates, so ids and storages are checked and taken at once.
+    creating: Mutex<()>,
+    /// mount point (relative to storage/) → containers using it.
+    storages: Mutex<HashMap<String, usize>>,
+    oom: Mutex<Oom>,
+    oom_changed: Condvar,
+    /// Watches memory.events files: the kernel notifies on every change, so
+    /// no thread polls (polling is emulated kernel work on this host).
+    inotify: Option<Inotify>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Handlers never leave these maps half-updated across a panic point.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// libcontainer's id rules: letters, digits, `_+-.`, not `.`/`..`, ≤ 128.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-' | b'.'))
+}
+
+/// A relative path of plain components: it cannot leave the directory it is
+/// joined to, and it is safe in an overlay option string.
+pub fn relative_path(field: &str, p: &str) -> Result<PathBuf, String> {
+    let path = Path::new(p);
+    if p.is_empty()
+        || p.len() > 1024
+        || p.contains([',', ':', '\0'])
+        || !path.components().all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(format!(
+            "{field}: {p:?} must be a relative path of plain names (no '..', ',' or ':')"
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Checks a Storage and returns its mount flags and data.
+pub fn check_storage(s: &Storage) -> Result<(MsFlags, String), String> {
+    if !FSTYPES.contains(&s.fstype.as_str()) {
+        return Err(format!(
+            "storage fstype {:?} is not one of {FSTYPES:?}",
+            s.fstype
+        ));
+    }
+    relative_path("storage mount_point", &s.mount_point)?;
+    let ok_source = match s.fstype.as_str() {
+        "erofs" | "ext4" => {
+            s.source.starts_with("/dev/")
+                && relative_path("source", &s.source["/dev/".len()..]).is_ok()
+        }
+        "virtiofs" => {
+            !s.source.is_empty()
+                && s.source.len() <= 36
+                && s.source
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        }
+        _ => s.source == "tmpfs",
+    };
+    if !ok_source {
+        return Err(format!(
+            "storage source {:?} does not fit fstype {}",
+            s.source, s.fstype
+        ));
+    }
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &s.options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            o if !o.is_empty()
+                && o.len() <= 256
+                && o.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"=_-.".contains(&b)) =>
+            {
+                data.push(o.to_string())
+            }
+            o => return Err(format!("storage option {o:?} is not allowed")),
+        }
+    }
+    Ok((flags, data.join(",")))
+}
+
+fn stdio_names(s: &Stdio, terminal: bool) -> Result<(), String> {
+    for (field, n) in [
+        ("stdin", &s.stdin),
+        ("stdout", &s.stdout),
+        ("stderr", &s.stderr),
+    ] {
+        if !n.is_empty() && !husk_protocol::valid_stream_name(n) {
+            return Err(format!("stdio.{field}: {n:?} is not a valid stream name"));
+        }
+    }
+    if terminal && !s.stderr.is_empty() {
+        return Err("stdio.stderr must be empty with a terminal: its output is on stdout".into());
+    }
+    Ok(())
+}
+
+/// A cgroups path: absolute, plain names.
+fn cgroups_path(p: &Path) -> Result<PathBuf, String> {
+    let s = p.to_string_lossy();
+    match s.strip_prefix('/') {
+        Some(rel) => relative_path("linux.cgroupsPath", rel).map(|_| p.to_path_buf()),
+        None => Err(format!("linux.cgroupsPath {s:?} must be an absolute path")),
+    }
+}
+
+/// Parses and checks what a CreateContainer request carries, before any
+/// side effect: the spec, the storages, the rootfs path, the stdio names.
+pub fn check_create(req: &CreateContainerRequest) -> Result<Spec, String> {
+    if !valid_id(&req.container_id) {
+        return Err(format!(
+            "container_id {:?}: 1-128 of [A-Za-z0-9_+-.], not '.' or '..'",
+            req.container_id
+        ));
+    }
+    let spec: Spec = serde_json::from_slice(&req.oci_spec).map_err(|e| format!("oci_spec: {e}"))?;
+    let process = spec.process().as_ref().ok_or("oci_spec: no process")?;
+    if !matches!(process.args(), Some(a) if !a.is_empty()) {
+        return Err("oci_spec: process.args is empty".into());
+    }
+    let root = spec.root().as_ref().ok_or("oci_spec: no root")?;
+    relative_path("oci_spec root.path", &root.path().to_string_lossy())?;
+    if let Some(p) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+        cgroups_path(&p)?;
+    }
+    let mut points = Vec::new();
+    for s in &req.storages {
+        check_storage(s)?;
+        if points.contains(&&s.mount_point) {
+            return Err(format!(
+                "storage mount_point {:?} given twice",
+                s.mount_point
+            ));
+        }
+        points.push(&s.mount_point);
+    }
+    let stdio = req.stdio.as_ref().cloned().unwrap_or_default();
+    stdio_names(&stdio, process.terminal().unwrap_or(false))?;
+    Ok(spec)
+}
+
+/// Parses and checks an exec request's process.
+pub fn check_exec(req: &ExecProcessRequest) -> Result<Process, String> {
+    if !valid_id(&req.container_id) {
+        return Err(format!("container_id {:?} is not valid", req.container_id));
+    }
+    if !valid_id(&req.exec_id) {
+        return Err(format!(
+            "exec_id {:?}: 1-128 of [A-Za-z0-9_+-.]",
+            req.exec_id
+        ));
+    }
+    let p: Process = serde_json::from_slice(&req.process).map_err(|e| format!("process: {e}"))?;
+    if !matches!(p.args(), Some(a) if !a.is_empty()) {
+        return Err("process.args is empty".into());
+    }
+    if !p.cwd().is_absolute() {
+        return Err(format!("process.cwd {:?} must be absolute", p.cwd()));
+    }
+    let stdio = req.stdio.as_ref().cloned().unwrap_or_default();
+    stdio_names(&stdio, p.terminal().unwrap_or(false))?;
+    Ok(p)
+}
+
+fn not_found(what: &str, id: &str) -> ttrpc::Error {
+    status(Code::NOT_FOUND, format!("no {what} {id:?}"))
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A cgroup "key value" file as a map (missing file: empty).
+fn read_keyed(path: &Path) -> HashMap<String, u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn oom_kills(cgroup: &Path) -> u64 {
+    read_keyed(&cgroup.join("memory.events"))
+        .get("oom_kill")
+        .copied()
+        .unwrap_or(0)
+}
+
+fn unix_nanos(t: std::time::SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn dev_null(write: bool) -> Result<OwnedFd, String> {
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("/dev/null: {e}"))
+}
+
+/// The streams a process gets, claimed by name; /dev/null for "".
+struct ProcStdio {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    has_stdin: bool,
+}
+
+impl ProcStdio {
+    fn claim(streams: &Streams, s: &Stdio) -> Result<Self, String> {
+        let get = |name: &str, write: bool| {
+            if name.is_empty() {
+                dev_null(write)
+            } else {
+                streams.claim(name, STREAM_WAIT)
+            }
+        };
+        Ok(Self {
+            stdin: get(&s.stdin, false)?,
+            stdout: get(&s.stdout, true)?,
+            stderr: get(&s.stderr, true)?,
+            has_stdin: !s.stdin.is_empty(),
+        })
+    }
+}
+
+/// Receives a terminal's master side from libcontainer on a console socket.
+struct ConsoleSocket {
+    path: PathBuf,
+    accept: std::thread::JoinHandle<Result<OwnedFd, String>>,
+}
+
+impl ConsoleSocket {
+    fn listen(path: PathBuf) -> Result<Self, String> {
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("console socket {}: {e}", path.display()))?;
+        let accept = std::thread::spawn(move || {
+            let (c, _) = l.accept().map_err(|e| format!("console socket: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(60)))
+                .map_err(|e| e.to_string())?;
+            recv_fd(&c)
+        });
+        Ok(Self { path, accept })
+    }
+
+    fn master(self) -> Result<OwnedFd, String> {
+        let r = self
+            .accept
+            .join()
+            .unwrap_or_else(|_| Err("console socket thread failed".into()));
+        let _ = std::fs::remove_file(&self.path);
+        r
+    }
+
+    /// Unblocks the accept when the build failed before connecting.
+    fn abandon(self) {
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        let _ = self.master();
+    }
+}
+
+fn recv_fd(c: &std::os::unix::net::UnixStream) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        c.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("console socket: {e}"))?;
+    for m in msg.cmsgs().map_err(|e| format!("console socket: {e}"))? {
+        if let ControlMessageOwned::ScmRights(fds) = m {
+            let mut owned = fds.into_iter().map(|fd| {
+                // SAFETY: SCM_RIGHTS delivered this descriptor to us; nothing
+                // else owns it.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            });
+            if let Some(fd) = owned.next() {
+                return Ok(fd);
+            }
+        }
+    }
+    Err("console socket: no terminal descriptor received".into())
+}
+
+/// Copies the terminal's output to `out` and `input` into the terminal.
+fn relay_tty(master: Arc<OwnedFd>, out: OwnedFd, input: Option<OwnedFd>) {
+    let m = master.clone();
+    std::thread::spawn(move || {
+        let mut r = std::fs::File::from(match m.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(_) => return,
+        });
+        let mut w = std::fs::File::from(out);
+        let mut buf = [0u8; 16 * 1024];
+        // EIO once the last process holding the terminal exits.
+        while let Ok(n @ 1..) = r.read(&mut buf) {
+            if w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    if let Some(input) = input {
+        std::thread::spawn(move || {
+            let Ok(fd) = master.as_fd().try_clone_to_owned() else {
+                return;
+            };
+            let mut w = std::fs::File::from(fd);
+            let mut r = std::fs::File::from(input);
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                if w.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            // The host closed stdin: end of input for a canonical-mode reader.
+            let _ = w.write_all(&[4]);
+        });
+    }
+}
+
+fn set_winsize(fd: &OwnedFd, rows: u16, cols: u16) -> Result<(), String> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which is valid
+    // for the call; the fd is an open terminal we own.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        return Err(format!("TIOCSWINSZ: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl ContainersService {
+    pub fn new(dirs: Dirs, reaper: Arc<Reaper>, streams: Arc<Streams>) -> Arc<Self> {
+        let me = Arc::new(Self {
+            dirs,
+            reaper,
+            streams,
+            containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
+            storages: Mutex::new(HashMap::new()),
+            oom: Mutex::new(Oom::default()),
+            oom_changed: Condvar::new(),
+            inotify: Inotify::init(InitFlags::IN_CLOEXEC)
+                .map_err(|e| eprintln!("husk-agent: inotify: {e}; no OOM events"))
+                .ok(),
+        });
+        if me.inotify.is_some() {
+            let bg = me.clone();
+            std::thread::spawn(move || bg.watch_oom());
+        }
+        me
+    }
+
+    fn get(&self, id: &str) -> ttrpc::Result<Arc<Mutex<Ctr>>> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found("container", id))
+    }
+
+    /// Mounts a storage, or counts one more user of it.
+    fn take_storage(&self, s: &Storage) -> Result<(), String> {
+        let (flags, data) = check_storage(s)?;
+        let mut st = lock(&self.storages);
+        if let Some(n) = st.get_mut(&s.mount_point) {
+            *n += 1;
+            return Ok(());
+        }
+        let target = self.dirs.storage().join(&s.mount_point);
+        std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        mount(
+            Some(s.source.as_str()),
+            &target,
+            Some(s.fstype.as_str()),
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|e| {
+            format!(
+                "mount {} ({}) on {}: {e}",
+                s.source,
+                s.fstype,
+                target.display()
+            )
+        })?;
+        st.insert(s.mount_point.clone(), 1);
+        Ok(())
+    }
+
+    /// One user fewer; unmounts with the last.
+    fn release_storage(&self, point: &str) {
+        let mut st = lock(&self.storages);
+        let Some(n) = st.get_mut(point) else { return };
+        *n -= 1;
+        if *n == 0 {
+            st.remove(point);
+            let target = self.dirs.storage().join(point);
+            if let Err(e) = umount2(&target, MntFlags::MNT_DETACH) {
+                eprintln!("husk-agent: unmount {}: {e}", target.display());
+            }
+        }
+    }
+
+    fn create(&self, req: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
+        let mut spec = check_create(req).map_err(invalid)?;
+        let _one = lock(&self.creating);
+        let id = &req.container_id;
+        if lock(&self.containers).contains_key(id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {id:?} exists"),
+            ));
+        }
+        let bundle = self.dirs.containers().join(id);
+        let mut undo = Undo {
+            svc: self,
+            bundle: bundle.clone(),
+            overlay: false,
+            storages: Vec::new(),
+        };
+        if bundle.exists() {
+            // Left over by a failed remove: it belongs to nobody now.
+            let _ = umount2(&bundle.join("rootfs"), MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir_all(&bundle);
+        }
+        std::fs::create_dir_all(&bundle).map_err(|e| internal(format!("bundle: {e}")))?;
+        for s in &req.storages {
+            self.take_storage(s).map_err(internal)?;
+            undo.storages.push(s.mount_point.clone());
+        }
+        let rootfs = self.prepare_rootfs(&mut spec, req.overlay_rootfs, &mut undo)?;
+        let cgroup_rel = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .unwrap_or_else(|| PathBuf::from(format!("/husk/{id}")));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_cgroups_path(Some(cgroup_rel.clone()));
+        spec.set_linux(Some(linux));
+        self.add_sandbox_mounts(&mut spec, &rootfs, req.overlay_rootfs);
+        let config = serde_json::to_vec_pretty(&spec).map_err(|e| internal(e.to_string()))?;
+        std::fs::write(bundle.join("config.json"), config)
+            .map_err(|e| internal(format!("config.json: {e}")))?;
+
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        let stdio_req = req.stdio.clone().unwrap_or_default();
+        let stdio = ProcStdio::claim(&self.streams, &stdio_req).map_err(invalid)?;
+        let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal)?;
+        let cgroup = self
+            .dirs
+            .cgroup
+            .join(cgroup_rel.strip_prefix("/").unwrap_or(&cgroup_rel));
+        self.watch_oom_of(id, &cgroup);
+        let pid = init.pid;
+        let ctr = Ctr {
+            lc,
+            bundle,
+            overlay: undo.overlay,
+            storages: std::mem::take(&mut undo.storages),
+            cgroup,
+            init,
+            execs: HashMap::new(),
+            started: false,
+            paused: false,
+        };
+        undo.disarm();
+        lock(&self.containers).insert(id.clone(), Arc::new(Mutex::new(ctr)));
+        Ok(CreateContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    /// Resolves root.path under storage/, overlays it if asked, and points
+    /// the spec at the result.
+    fn prepare_rootfs(
+        &self,
+        spec: &mut Spec,
+        overlay: bool,
+        undo: &mut Undo,
+    ) -> ttrpc::Result<PathBuf> {
+        let storage = self.dirs.storage();
+        let mut root = spec.root().clone().unwrap_or_default();
+        let lower = storage.join(root.path());
+        let real = lower
+            .canonicalize()
+            .map_err(|e| invalid(format!("root.path {}: {e}", root.path().display())))?;
+        let storage_real = storage.canonicalize().unwrap_or(storage);
+        if !real.starts_with(&storage_real) || !real.is_dir() {
+            return Err(invalid(format!(
+                "root.path {} is not a directory inside the storage directory",
+                root.path().display()
+            )));
+        }
+        let rootfs = if overlay {
+            let b = &undo.bundle;
+            for d in ["upper", "work", "rootfs"] {
+                std::fs::create_dir_all(b.join(d)).map_err(|e| internal(e.to_string()))?;
+            }
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                real.display(),
+                b.join("upper").display(),
+                b.join("work").display()
+            );
+            if data.contains(',') && data.matches(',').count() != 2 {
+                return Err(invalid("paths must not contain ','"));
+            }
+            mount(
+                Some("overlay"),
+                &b.join("rootfs"),
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(data.as_str()),
+            )
+            .map_err(|e| internal(format!("overlay rootfs: {e}")))?;
+            undo.overlay = true;
+            b.join("rootfs")
+        } else {
+            real
+        };
+        root.set_path(rootfs.clone());
+        spec.set_root(Some(root));
+        Ok(rootfs)
+    }
+
+    /// The sandbox's hostname, resolv.conf and hosts, bind-mounted unless the
+    /// spec mounts something there itself (Docker and Kata do the same).
+    fn add_sandbox_mounts(&self, spec: &mut Spec, rootfs: &Path, writable: bool) {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for name in ["hostname", "resolv.conf", "hosts"] {
+            let src = self.dirs.sandbox().join(name);
+            let dest = PathBuf::from("/etc").join(name);
+            let taken = mounts.iter().any(|m| m.destination() == &dest);
+            // A read-only rootfs cannot grow the mount point.
+            let target_ok = writable || rootfs.join("etc").join(name).exists();
+            if taken || !src.is_file() || !target_ok {
+                continue;
+            }
+            if let Ok(m) = MountBuilder::default()
+                .destination(dest)
+                .typ("bind")
+                .source(src)
+                .options(vec!["rbind".to_string(), "rprivate".to_string()])
+                .build()
+            {
+                mounts.push(m);
+            }
+        }
+        spec.set_mounts(Some(mounts));
+    }
+
+    /// Creates the init process (`exec` None) or an exec'd one, with the
+    /// spawn lock held so the reaper cannot take libcontainer's children.
+    fn spawn(
+        &self,
+        bundle: &Path,
+        id: &str,
+        exec: Option<&Path>,
+        stdio: ProcStdio,
+        terminal: bool,
+    ) -> ttrpc::Result<(Container, Proc)> {
+        let stdin_handle = if stdio.has_stdin && !terminal {
+            stdio.stdin.try_clone().ok()
+        } else {
+            None
+        };
+        let console = if terminal {
+            let name = match exec {
+                None => "console.sock".to_string(),
+                Some(p) => format!(
+                    "{}.console.sock",
+                    p.file_stem().unwrap_or_default().to_string_lossy()
+                ),
+            };
+            Some(ConsoleSocket::listen(bundle.join(name)).map_err(internal)?)
+        } else {
+            None
+        };
+        // With a terminal, the streams are relayed to and from it instead.
+        let (tty_out, tty_in, base) = if terminal {
+            let base = ContainerBuilder::new(id.to_string(), SyscallType::Linux);
+            let input = stdio.has_stdin.then_some(stdio.stdin);
+            (Some(stdio.stdout), input, base)
+        } else {
+            let base = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+                .with_stdin(stdio.stdin)
+                .with_stdout(stdio.stdout)
+                .with_stderr(stdio.stderr);
+            (None, None, base)
+        };
+        let base = base
+            .with_root_path(self.dirs.libcontainer())
+            .map_err(|e| internal(format!("libcontainer root: {e}")))?
+            .with_console_socket(console.as_ref().map(|c| c.path.clone()));
+
+        let spawn = self.reaper.spawn_lock();
+        let built = match exec {
+            None => base
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map(|c| {
+                    let pid = c.pid().map(|p| p.as_raw()).unwrap_or(0);
+                    (c, pid)
+                }),
+            Some(process) => base
+                .as_tenant()
+                .with_detach(true)
+                .with_process(Some(process))
+                .build()
+                .and_then(|pid| {
+                    Container::load(self.dirs.libcontainer().join(id)).map(|c| (c, pid.as_raw()))
+                }),
+        };
+        let (lc, pid) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                drop(spawn);
+                if let Some(c) = console {
+                    c.abandon();
+                }
+                return Err(internal(format!("creating the process: {e}")));
+            }
+        };
+        self.reaper.watch(pid);
+        drop(spawn);
+        let tty = match console {
+            None => None,
+            Some(c) => {
+                let master = Arc::new(c.master().map_err(internal)?);
+                if let Some(out) = tty_out {
+                    relay_tty(master.clone(), out, tty_in);
+                }
+                Some(master)
+            }
+        };
+        Ok((
+            lc,
+            Proc {
+                pid,
+                stdin: stdin_handle,
+                tty,
+            },
+        ))
+    }
+
+    fn watch_oom_of(&self, id: &str, cgroup: &Path) {
+        let (Some(ino), events) = (&self.inotify, cgroup.join("memory.events")) else {
+            return;
+        };
+        // No memory controller (an agent on a host): no OOM events.
+        let Ok(wd) = ino.add_watch(&events, AddWatchFlags::IN_MODIFY) else {
+            return;
+        };
+        lock(&self.oom).watched.insert(
+            wd,
+            (id.to_string(), cgroup.to_path_buf(), oom_kills(cgroup)),
+        );
+    }
+
+    fn unwatch_oom_of(&self, id: &str) {
+        let mut oom = lock(&self.oom);
+        let gone: Vec<_> = oom
+            .watched
+            .iter()
+            .filter(|(_, (cid, ..))| cid == id)
+            .map(|(wd, _)| *wd)
+            .collect();
+        for wd in gone {
+            oom.watched.remove(&wd);
+            if let Some(ino) = &self.inotify {
+                let _ = ino.rm_watch(wd);
+            }
+        }
+    }
+
+    /// Turns memory.events changes into OOM events.
+    fn watch_oom(&self) {
+        let Some(ino) = &self.inotify else { return };
+        loop {
+            let events = match ino.read_events() {
+                Ok(ev) => ev,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("husk-agent: inotify: {e}; no more OOM events");
+                    return;
+                }
+            };
+            let mut oom = lock(&self.oom);
+            let mut fired = Vec::new();
+            for ev in events {
+                if let Some((id, cgroup, seen)) = oom.watched.get_mut(&ev.wd) {
+                    let n = oom_kills(cgroup);
+                    if n > *seen {
+                        *seen = n;
+                        fired.push(id.clone());
+                    }
+                }
+            }
+            if !fired.is_empty() {
+                oom.events.extend(fired);
+                self.oom_changed.notify_all();
+            }
+        }
+    }
+
+    /// The pid of a container's init ("") or exec process.
+    fn proc_pid(&self, c: &Ctr, exec_id: &str) -> ttrpc::Result<i32> {
+        if exec_id.is_empty() {
+            return Ok(c.init.pid);
+        }
+        c.execs
+            .get(exec_id)
+            .map(|p| p.pid)
+            .ok_or_else(|| not_found("exec", exec_id))
+    }
+
+    fn state(&self, c: &Ctr) -> &'static str {
+        if !self.reaper.running(c.init.pid) {
+            "stopped"
+        } else if c.paused {
+            "paused"
+        } else if c.started {
+            "running"
+        } else {
+            "created"
+        }
+    }
+
+    fn remove(&self, id: &str) -> ttrpc::Result<()> {
+        let arc = self.get(id)?;
+        let mut c = lock(&arc);
+        // Kill whatever is left, frozen or not (SIGKILL ends frozen tasks).
+        self.signal_cgroup(&c, Signal::SIGKILL);
+        if self.reaper.wait(c.init.pid, Some(REMOVE_WAIT)).is_none() {
+            return Err(internal(format!(
+                "container {id:?} did not exit within {REMOVE_WAIT:?} of SIGKILL"
+            )));
+        }
+        // The init is reaped: libcontainer must not signal its (reusable)
+        // pid, and its kill-all only walks the cgroup.
+        if let Err(e) = c.lc.delete(true) {
+            eprintln!("husk-agent: libcontainer delete {id}: {e}");
+            let _ = std::fs::remove_dir_all(self.dirs.libcontainer().join(id));
+            let _ = std::fs::remove_dir(&c.cgroup);
+        }
+        if c.overlay {
+            if let Err(e) = umount2(&c.bundle.join("rootfs"), MntFlags::MNT_DETACH) {
+                return Err(internal(format!("unmount rootfs of {id:?}: {e}")));
+            }
+            c.overlay = false;
+        }
+        let _ = std::fs::remove_dir_all(&c.bundle);
+        for s in std::mem::take(&mut c.storages) {
+            self.release_storage(&s);
+        }
+        self.reaper.forget(c.init.pid);
+        for p in c.execs.values() {
+            self.reaper.forget(p.pid);
+        }
+        self.unwatch_oom_of(id);
+        drop(c);
+        lock(&self.containers).remove(id);
+        Ok(())
+    }
+
+    /// Signals every process in the container's cgroup.
+    fn signal_cgroup(&self, c: &Ctr, sig: Signal) {
+        let _spawn = self.reaper.spawn_lock();
+        let procs = std::fs::read_to_string(c.cgroup.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+        // The init may not be in the cgroup yet (created, not started).
+        if self.reaper.running(c.init.pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.init.pid), sig);
+        }
+    }
+
+    fn stats(&self, c: &Ctr) -> StatsContainerResponse {
+        let cpu = read_keyed(&c.cgroup.join("cpu.stat"));
+        let mem = read_keyed(&c.cgroup.join("memory.stat"));
+        let g = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        StatsContainerResponse {
+            cpu: Some(CpuStats {
+                usage_usec: g(&cpu, "usage_usec"),
+                user_usec: g(&cpu, "user_usec"),
+                system_usec: g(&cpu, "system_usec"),
+                nr_throttled: g(&cpu, "nr_throttled"),
+                throttled_usec: g(&cpu, "throttled_usec"),
+                ..Default::default()
+            })
+            .into(),
+            memory: Some(MemoryStats {
+                usage: read_u64(&c.cgroup.join("memory.current")).unwrap_or(0),
+                // "max" (no limit) reads as 0.
+                limit: read_u64(&c.cgroup.join("memory.max")).unwrap_or(0),
+                anon: g(&mem, "anon"),
+                file: g(&mem, "file"),
+                oom_kill: oom_kills(&c.cgroup),
+                ..Default::default()
+            })
+            .into(),
+            pids_current: read_u64(&c.cgroup.join("pids.current")).unwrap_or(0),
+            pids_limit: read_u64(&c.cgroup.join("pids.max")).unwrap_or(0),
+            ..Default::default()
+        }
+    }
+}
+
+/// Undoes a half-done create when dropped armed.
+struct Undo<'a> {
+    svc: &'a ContainersService,
+    bundle: PathBuf,
+    overlay: bool,
+    storages: Vec<String>,
+}
+
+impl Undo<'_> {
+    fn disarm(&mut self) {
+        self.overlay = false;
+        self.storages.clear();
+        self.bundle = PathBuf::new();
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if self.bundle.as_os_str().is_empty() {
+            return;
+        }
+        if self.overlay {
+            let _ = umount2(&self.bundle.join("rootfs"), MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.bundle);
+        for s in std::mem::take(&mut self.storages) {
+            self.svc.release_storage(&s);
+        }
+    }
+}
+
+impl Containers for ContainersService {
+    fn create_container(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        check_version(ctx)?;
+        self.create(&req)
+    }
+
+    fn start_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let arc = self.get(&req.container_id)?;
+        let mut c = lock(&arc);
+        if c.started {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {:?} was started already", req.container_id),
+            ));
+        }
+        c.lc.start()
+            .map_err(|e| internal(format!("start {:?}: {e}", req.container_id)))?;
+        c.started = true;
+        Ok(Empty::new())
+    }
+
+    fn remove_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        self.remove(&req.container_id)?;
+        Ok(Empty::new())
+    }
+
+    fn exec_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        check_version(ctx)?;
+        let process = check_exec(&req).map_err(invalid)?;
+        let arc = self.get(&req.container_id)?;
+        let mut c = lock(&arc);
+        if !c.started || !self.reaper.running(c.init.pid) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {:?} is not running", req.container_id),
+            ));
+        }
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("exec {:?} exists", req.exec_id),
+            ));
+        }
+        let path = c.bundle.join(format!("exec-{}.json", req.exec_id));
+        let json = serde_json::to_vec(&process).map_err(|e| internal(e.to_string()))?;
+        std::fs::write(&path, json).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+        let terminal = process.terminal().unwrap_or(false);
+        let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())
+            .map_err(invalid)?;
+        let bundle = c.bundle.clone();
+        let r = self.spawn(&bundle, &req.container_id, Some(&path), stdio, terminal);
+        let _ = std::fs::remove_file(&path);
+        let (_, proc_) = r?;
+        let pid = proc_.pid;
+        c.execs.insert(req.exec_id.clone(), proc_);
+        Ok(ExecProcessResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn signal_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let sig = i32::try_from(req.signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| invalid(format!("signal {} is not a signal", req.signal)))?;
+        let arc = self.get(&req.container_id)?;
+        let c = lock(&arc);
+        if req.all {
+            self.signal_cgroup(&c, sig);
+            return Ok(Empty::new());
+        }
+        let pid = self.proc_pid(&c, &req.exec_id)?;
+        let _spawn = self.reaper.spawn_lock();
+        if !self.reaper.running(pid) {
+            return Err(status(Code::NOT_FOUND, format!("process {pid} has exited")));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+            .map_err(|e| internal(format!("kill {pid}: {e}")))?;
+        Ok(Empty::new())
+    }
+
+    fn wait_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        check_version(ctx)?;
+        let arc = self.get(&req.container_id)?;
+        let (pid, cgroup) = {
+            let c = lock(&arc);
+            (self.proc_pid(&c, &req.exec_id)?, c.cgroup.clone())
+        };
+        let exit = self
+            .reaper
+            .wait(pid, None)
+            .ok_or_else(|| not_found("process of", &req.container_id))?;
+        Ok(WaitProcessResponse {
+            status: exit.status,
+            oom_killed: exit.status == 128 + libc::SIGKILL && oom_kills(&cgroup) > 0,
+            exited_at_unix_nano: unix_nanos(exit.at),
+            ..Default::default()
+        })
+    }
+
+    fn stats_container(
+        &self,
+        ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        check_version(ctx)?;
+        let arc = self.get(&req.container_id)?;
+        let c = lock(&arc);
+        Ok(self.stats(&c))
+    }
+
+    fn update_container(
+        &self,
+        ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let resources: LinuxResources = serde_json::from_slice(&req.resources)
+            .map_err(|e| invalid(format!("resources: {e}")))?;
+        let arc = self.get(&req.container_id)?;
+        let c = lock(&arc);
+        let cgroup_path =
+            c.lc.spec()
+                .map_err(|e| internal(e.to_string()))?
+                .cgroup_path;
+        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path,
+            systemd_cgroup: false,
+            container_name: req.container_id.clone(),
+        })
+        .map_err(|e| internal(format!("cgroup: {e}")))?;
+        use libcgroups::common::CgroupManager;
+        manager
+            .apply(&libcgroups::common::ControllerOpt {
+                resources: &resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(|e| internal(format!("update {:?}: {e}", req.container_id)))?;
+        Ok(Empty::new())
+    }
+
+    fn pause_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let arc = self.get(&req.container_id)?;
+        let mut c = lock(&arc);
+        c.lc.pause()
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("pause: {e}")))?;
+        c.paused = true;
+        Ok(Empty::new())
+    }
+
+    fn resume_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let arc = self.get(&req.container_id)?;
+        let mut c = lock(&arc);
+        c.lc.resume()
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("resume: {e}")))?;
+        c.paused = false;
+        Ok(Empty::new())
+    }
+
+    fn tty_win_resize(&self, ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let (rows, cols) = match (u16::try_from(req.rows), u16::try_from(req.cols)) {
+            (Ok(r), Ok(c)) => (r, c),
+            _ => return Err(invalid("rows and cols must fit in 16 bits")),
+        };
+        let arc = self.get(&req.container_id)?;
+        let c = lock(&arc);
+        let p = if req.exec_id.is_empty() {
+            &c.init
+        } else {
+            c.execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found("exec", &req.exec_id))?
+        };
+        let tty = p
+            .tty
+            .as_ref()
+            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the process has no terminal"))?;
+        set_winsize(tty, rows, cols).map_err(internal)?;
+        Ok(Empty::new())
+    }
+
+    fn close_stdin(&self, ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        check_version(ctx)?;
+        let arc = self.get(&req.container_id)?;
+        let mut c = lock(&arc);
+        let p = if req.exec_id.is_empty() {
+            &mut c.init
+        } else {
+            c.execs
+                .get_mut(&req.exec_id)
+                .ok_or_else(|| not_found("exec", &req.exec_id))?
+        };
+        if let Some(fd) = p.stdin.take() {
+            // Reads of the process now see end of file.
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+        }
+        Ok(Empty::new())
+    }
+
+    fn get_oom_event(&self, ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OOMEvent> {
+        check_version(ctx)?;
+        let mut oom = lock(&self.oom);
+        loop {
+            if let Some(id) = oom.events.pop_front() {
+                return Ok(OOMEvent {
+                    container_id: id,
+                    ..Default::default()
+                });
+            }
+            oom = self
+                .oom_changed
+                .wait(oom)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn list_containers(
+        &self,
+        ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<ListContainersResponse> {
+        check_version(ctx)?;
+        let all: Vec<_> = lock(&self.containers)
+            .iter()
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        let mut containers: Vec<ContainerInfo> = all
+            .into_iter()
+            .map(|(id, arc)| {
+                let c = lock(&arc);
+                ContainerInfo {
+                    container_id: id,
+                    status: self.state(&c).to_string(),
+                    pid: c.init.pid as u32,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        containers.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        Ok(ListContainersResponse {
+            containers,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(source: &str, fstype: &str, point: &str) -> Storage {
+        Storage {
+            source: source.into(),
+            fstype: fstype.into(),
+            mount_point: point.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn paths_cannot_escape() {
+        assert!(relative_path("f", "images/busybox").is_ok());
+        for bad in ["", "/abs", "../x", "a/../../b", "a,b", "a:b", "./a"] {
+            assert!(relative_path("f", bad).is_err(), "{bad}");
+        }
+        assert!(cgroups_path(Path::new("/husk/c1")).is_ok());
+        assert!(cgroups_path(Path::new("husk/c1")).is_err());
+        assert!(cgroups_path(Path::new("/husk/../..")).is_err());
+    }
+
+    #[test]
+    fn storages_are_checked() {
+        assert!(check_storage(&storage("/dev/vdb", "erofs", "img")).is_ok());
+        assert!(check_storage(&storage("/dev/../etc", "erofs", "img")).is_err());
+        assert!(check_storage(&storage("/dev/vdb", "nfs", "img")).is_err());
+        assert!(check_storage(&storage("/dev/vdb", "ext4", "/img")).is_err());
+        assert!(check_storage(&storage("tag1", "virtiofs", "img")).is_ok());
+        let mut s = storage("tmpfs", "tmpfs", "t");
+        s.options = vec!["ro".into(), "size=64m".into()];
+        let (flags, data) = check_storage(&s).unwrap();
+        assert!(flags.contains(MsFlags::MS_RDONLY));
+        assert_eq!(data, "size=64m");
+        s.options = vec!["lowerdir=/,x".into()];
+        assert!(check_storage(&s).is_err());
+    }
+
+    #[test]
+    fn create_requests_are_checked() {
+        let spec = br#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"img/rootfs"}}"#;
+        let mut req = CreateContainerRequest {
+            container_id: "c1".into(),
+            oci_spec: spec.to_vec(),
+            ..Default::default()
+        };
+        check_create(&req).unwrap();
+        req.container_id = "../c1".into();
+        assert!(check_create(&req).unwrap_err().contains("container_id"));
+        req.container_id = "c1".into();
+        req.oci_spec = b"{not json".to_vec();
+        assert!(check_create(&req).unwrap_err().starts_with("oci_spec"));
+        req.oci_spec = spec.to_vec();
+        req.stdio = Some(Stdio {
+            stdout: "a/b".into(),
+            ..Default::default()
+        })
+        .into();
+        assert!(check_create(&req).unwrap_err().contains("stdio.stdout"));
+        req.stdio = None.into();
+        req.oci_spec =
+            br#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"/"}}"#
+                .to_vec();
+        assert!(check_create(&req).unwrap_err().contains("root.path"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Stdio streams: connections the host opens to the stream port, each
+//! announced by a first line naming it, claimed by name when a process is
+//! created. The process gets the connection itself as stdin/stdout/stderr,
+//! so nothing is copied or buffered in the agent.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use husk_protocol::{valid_stream_name, MAX_STREAM_NAME};
+use nix::sys::socket::{
+    accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+};
+
+/// Streams nobody claimed are dropped after this long.
+const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
+/// At most this many unclaimed streams are held.
+const MAX_PENDING: usize = 256;
+/// A connection must name itself within this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub struct Streams {
+    pending: Mutex<HashMap<String, (OwnedFd, Instant)>>,
+    arrived: Condvar,
+}
+
+impl Streams {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Serves the stream port on vsock (in the guest).
+    pub fn serve_vsock(self: &Arc<Self>, port: u32) -> std::io::Result<()> {
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(libc::VMADDR_CID_ANY, port),
+        )?;
+        listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
+        let me = self.clone();
+        std::thread::spawn(move || loop {
+            match accept4(std::os::fd::AsRawFd::as_raw_fd(&fd), SockFlag::SOCK_CLOEXEC) {
+                // SAFETY: accept4 returned a new descriptor nothing else owns.
+                Ok(c) => me.arrive(UnixOrVsock(unsafe {
+                    <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c)
+                })),
+                Err(e) => {
+                    eprintln!("husk-agent: stream accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Serves the stream port on a Unix socket (an agent on a host).
+    pub fn serve_unix(self: &Arc<Self>, path: &Path) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path)?;
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                match c {
+                    Ok(c) => me.arrive(UnixOrVsock(c.into())),
+                    Err(e) => {
+                        eprintln!("husk-agent: stream accept: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Reads the name line on its own thread: a slow client must not hold
+    /// up others.
+    fn arrive(self: &Arc<Self>, conn: UnixOrVsock) {
+        let me = self.clone();
+        std::thread::spawn(move || match read_name(&conn.0) {
+            Ok(name) => me.add(name, conn.0),
+            Err(e) => eprintln!("husk-agent: stream dropped: {e}"),
+        });
+    }
+
+    fn add(&self, name: String, fd: OwnedFd) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, (_, at)| at.elapsed() < UNCLAIMED_TTL);
+        if p.len() >= MAX_PENDING {
+            eprintln!("husk-agent: stream {name:?} dropped: {MAX_PENDING} streams unclaimed");
+            return;
+        }
+        if p.contains_key(&name) {
+            eprintln!("husk-agent: stream {name:?} dropped: the name is taken");
+            return;
+        }
+        p.insert(name, (fd, Instant::now()));
+        self.arrived.notify_all();
+    }
+
+    /// Takes the stream called `name`, waiting up to `timeout` for it.
+    pub fn claim(&self, name: &str, timeout: Duration) -> Result<OwnedFd, String> {
+        if !valid_stream_name(name) {
+            return Err(format!("{name:?} is not a valid stream name"));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((fd, _)) = p.remove(name) {
+                return Ok(fd);
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(format!(
+                    "no stream named {name:?} connected within {timeout:?}"
+                ));
+            };
+            p = self
+                .arrived
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+struct UnixOrVsock(OwnedFd);
+
+/// Reads "<name>\n" a byte at a time, so no data after it is consumed.
+fn read_name(fd: &OwnedFd) -> Result<String, String> {
+    let timeout = nix::sys::time::TimeVal::new(HEADER_TIMEOUT.as_secs() as i64, 0);
+    let set = |t| {
+        nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &t)
+            .map_err(|e| format!("setsockopt: {e}"))
+    };
+    set(timeout)?;
+    let mut f = UnixStream::from(fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?);
+    let mut name = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match f.read(&mut b) {
+            Ok(0) => return Err("closed before naming itself".into()),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if name.len() < MAX_STREAM_NAME => name.push(b[0]),
+            Ok(_) => return Err(format!("name longer than {MAX_STREAM_NAME} bytes")),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading its name: {e}")),
+        }
+    }
+    set(nix::sys::time::TimeVal::new(0, 0))?;
+    let name = String::from_utf8(name).map_err(|_| "name is not UTF-8".to_string())?;
+    if !valid_stream_name(&name) {
+        return Err(format!("{name:?} is not a valid stream name"));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn named_streams_are_claimed_with_their_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let s = Streams::new();
+        s.serve_unix(&path).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"out-1\nhello").unwrap();
+        let fd = s.claim("out-1", Duration::from_secs(5)).unwrap();
+        let mut got = [0u8; 5];
+        UnixStream::from(fd).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        // Claimed once only; bad names are refused up front.
+        assert!(s.claim("out-1", Duration::from_millis(50)).is_err());
+        assert!(s.claim("../x", Duration::from_millis(50)).is_err());
+        // A bad header is dropped, not kept under some name.
+        let mut bad = UnixStream::connect(&path).unwrap();
+        bad.write_all(b"a b\n").unwrap();
+        assert!(s.claim("a b", Duration::from_millis(100)).is_err());
+    }
+}

@@ -1,0 +1,426 @@
+//! husk-agent's Containers service on the host, over its Unix socket: the
+//! same code paths as in the guest but vsock. The agent runs as root in its
+//! own mount namespace, with a tmpfs state root, the busybox rootfs
+//! bind-mounted read-only as its storage, and cgroup2 mounted at
+//! /sys/fs/cgroup. (This host's cgroup v2 hierarchy has no memory, cpu or
+//! pids controller — they are bound to v1 — so limits, OOM and memory stats
+//! are tested in the guest, agent_guest.rs.)
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use husk_protocol::agent::{
+    CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest, SignalProcessRequest, Stdio,
+    TtyWinResizeRequest,
+};
+use husk_tests::agent::{
+    busybox_spec, container, ctx, read_all, rpc_message, unpack_busybox, AgentConn, Endpoint, Io,
+};
+use husk_tests::{husk_agent_binary, root_unavailable, skip};
+
+const T: Duration = Duration::from_secs(30);
+
+struct HostAgent {
+    child: Child,
+    conn: AgentConn,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HostAgent {
+    /// Starts an agent, or says why it cannot here.
+    fn start(test: &str) -> Option<HostAgent> {
+        if let Some(why) = root_unavailable() {
+            skip(test, &why);
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("busybox");
+        unpack_busybox(&rootfs).unwrap_or_else(|e| panic!("{e:#}"));
+        let state = dir.path().join("state");
+        let sock = dir.path().join("agent.sock");
+        std::fs::create_dir_all(&state).unwrap();
+        let script = r#"set -e
+            mount -t tmpfs tmpfs "$STATE"
+            mkdir -p "$STATE/storage/busybox"
+            mount --bind "$ROOTFS" "$STATE/storage/busybox"
+            mount -o remount,bind,ro "$STATE/storage/busybox"
+            mount -t cgroup2 cgroup2 /sys/fs/cgroup
+            exec "$AGENT" --listen "unix://$SOCK""#;
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .env("STATE", &state)
+            .env("ROOTFS", &rootfs)
+            .env("SOCK", &sock)
+            .env("AGENT", husk_agent_binary().unwrap())
+            .env("HUSK_AGENT_STATE", &state)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Listening, not just bound: the file appears a moment before listen().
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "agent did not start listening");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let conn = AgentConn::connect(Endpoint::Unix(sock)).unwrap();
+        Some(HostAgent {
+            child,
+            conn,
+            state,
+            _dir: dir,
+        })
+    }
+
+    /// The agent's mounts, as it sees them.
+    fn mounts(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", self.child.id())).unwrap()
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The container's cgroup, seen from this (the host's) mount namespace.
+fn host_cgroup(id: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup/unified/husk").join(id)
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", std::process::id())
+}
+
+#[test]
+fn output_streams_and_exit_code() {
+    let Some(a) = HostAgent::start("output_streams_and_exit_code") else {
+        return;
+    };
+    let id = unique("out");
+    let spec = busybox_spec(
+        "busybox",
+        &["sh", "-c", "echo to-out; echo to-err >&2; hostname; exit 3"],
+        false,
+    );
+    let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
+    assert_eq!(read_all(&mut s.stdout, T).unwrap(), "to-out\nc\n");
+    assert_eq!(read_all(&mut s.stderr, T).unwrap(), "to-err\n");
+    let w = a.conn.wait(&id, "").unwrap();
+    assert_eq!(w.status, 3);
+    assert!(!w.oom_killed);
+    assert!(w.exited_at_unix_nano > 0);
+    // A process without a terminal cannot be resized.
+    let resize = TtyWinResizeRequest {
+        container_id: id.clone(),
+        rows: 1,
+        cols: 1,
+        ..Default::default()
+    };
+    let e = a
+        .conn
+        .containers
+        .tty_win_resize(ctx(T), &resize)
+        .unwrap_err();
+    assert!(rpc_message(&e).contains("FAILED_PRECONDITION"), "{e:?}");
+    a.conn.remove(&id).unwrap();
+
+    // Large output streams through (no buffering limit in the agent).
+    let id = unique("big");
+    let spec = busybox_spec(
+        "busybox",
+        &["sh", "-c", "dd if=/dev/zero bs=64k count=64 2>/dev/null"],
+        false,
+    );
+    let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
+    assert_eq!(read_all(&mut s.stdout, T).unwrap().len(), 4 << 20);
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
+    a.conn.remove(&id).unwrap();
+}
+
+#[test]
+fn stdin_round_trip_and_close() {
+    let Some(a) = HostAgent::start("stdin_round_trip_and_close") else {
+        return;
+    };
+    let id = unique("in");
+    let spec = busybox_spec("busybox", &["sh", "-c", "read l; echo got:$l; cat"], false);
+    let mut s = a.conn.run(&id, &spec, Io::ALL, true).unwrap();
+    let stdin = s.stdin.as_mut().unwrap();
+    stdin.write_all(b"hello\nrest of it").unwrap();
+    // CloseStdin ends `cat`'s input without the host closing its side.
+    std::thread::sleep(Duration::from_millis(200));
+    let req = ProcessRequest {
+        container_id: id.clone(),
+        ..Default::default()
+    };
+    a.conn.containers.close_stdin(ctx(T), &req).unwrap();
+    assert_eq!(read_all(&mut s.stdout, T).unwrap(), "got:hello\nrest of it");
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
+    a.conn.remove(&id).unwrap();
+}
+
+#[test]
+fn terminal_with_resize() {
+    let Some(a) = HostAgent::start("terminal_with_resize") else {
+        return;
+    };
+    let id = unique("tty");
+    let spec = busybox_spec(
+        "busybox",
+        &["sh", "-c", "read l; tty; stty size; echo line:$l"],
+        true,
+    );
+    let mut s = a.conn.run(&id, &spec, Io::TTY, false).unwrap();
+    let resize = TtyWinResizeRequest {
+        container_id: id.clone(),
+        rows: 33,
+        cols: 101,
+        ..Default::default()
+    };
+    a.conn.containers.tty_win_resize(ctx(T), &resize).unwrap();
+    a.conn
+        .containers
+        .start_container(ctx(T), &container(&id))
+        .unwrap();
+    s.stdin.as_mut().unwrap().write_all(b"typed\n").unwrap();
+    let out = read_all(&mut s.stdout, T).unwrap();
+    // The terminal echoes input and ends lines with \r\n.
+    assert!(out.contains("typed\r\n"), "{out:?}");
+    assert!(out.contains("/dev/pts/0\r\n"), "{out:?}");
+    assert!(out.contains("33 101\r\n"), "{out:?}");
+    assert!(out.contains("line:typed\r\n"), "{out:?}");
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
+    a.conn.remove(&id).unwrap();
+}
+
+#[test]
+fn exec_signals_and_remove_leave_nothing_behind() {
+    let Some(a) = HostAgent::start("exec_signals_and_remove_leave_nothing_behind") else {
+        return;
+    };
+    let id = unique("exec");
+    let spec = busybox_spec(
+        "busybox",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+        false,
+    );
+    let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(s.stdout.as_mut().unwrap(), &mut ready).unwrap();
+    assert_eq!(&ready, b"ready\n");
+
+    // exec sees the container's pid namespace and rootfs, and has its own
+    // streams and exit status.
+    let (stdio, mut es) = a.conn.open_streams(&id, "e1", Io::OUT_ERR).unwrap();
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "echo pid1=$(cat /proc/1/comm); ls /bin/busybox; exit 5"],
+        "cwd": "/", "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/bin:/sbin:/usr/bin"]
+    });
+    let req = ExecProcessRequest {
+        container_id: id.clone(),
+        exec_id: "e1".into(),
+        process: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    };
+    a.conn.containers.exec_process(ctx(T), &req).unwrap();
+    assert_eq!(
+        read_all(&mut es.stdout, T).unwrap(),
+        "pid1=sh\n/bin/busybox\n"
+    );
+    assert_eq!(a.conn.wait(&id, "e1").unwrap().status, 5);
+    // The same exec id twice is refused.
+    let e = a.conn.containers.exec_process(ctx(T), &req).unwrap_err();
+    assert!(rpc_message(&e).contains("ALREADY_EXISTS"), "{e:?}");
+
+    // Stats: this host's cgroup v2 has cpu.stat (core) but no memory
+    // controller.
+    let st = a
+        .conn
+        .containers
+        .stats_container(ctx(T), &container(&id))
+        .unwrap();
+    assert!(st.cpu.usage_usec > 0, "{st:?}");
+
+    // Pause freezes (cgroup.freeze), resume thaws.
+    a.conn
+        .containers
+        .pause_container(ctx(T), &container(&id))
+        .unwrap();
+    let list = a
+        .conn
+        .containers
+        .list_containers(ctx(T), &Empty::new())
+        .unwrap();
+    assert_eq!(list.containers[0].status, "paused");
+    assert_eq!(
+        std::fs::read_to_string(host_cgroup(&id).join("cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    a.conn
+        .containers
+        .resume_container(ctx(T), &container(&id))
+        .unwrap();
+
+    // SIGTERM runs the container's trap: 7, not a signal death.
+    let sig = SignalProcessRequest {
+        container_id: id.clone(),
+        signal: 15,
+        ..Default::default()
+    };
+    a.conn.containers.signal_process(ctx(T), &sig).unwrap();
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 7);
+    assert_eq!(read_all(&mut s.stdout, T).unwrap(), "got-term\n");
+    // Signalling an exited process is refused, not sent to a reused pid.
+    let e = a.conn.containers.signal_process(ctx(T), &sig).unwrap_err();
+    assert!(rpc_message(&e).contains("NOT_FOUND"), "{e:?}");
+
+    // SIGKILL: 128 + 9, like runc.
+    let id2 = unique("kill");
+    let spec = busybox_spec("busybox", &["sleep", "1000"], false);
+    a.conn.run(&id2, &spec, Io::default(), true).unwrap();
+    let sig = SignalProcessRequest {
+        container_id: id2.clone(),
+        signal: 9,
+        ..Default::default()
+    };
+    a.conn.containers.signal_process(ctx(T), &sig).unwrap();
+    assert_eq!(a.conn.wait(&id2, "").unwrap().status, 137);
+
+    // Remove leaves no mounts, cgroups or state behind; a running container
+    // is killed first.
+    let id3 = unique("running");
+    a.conn.run(&id3, &spec, Io::default(), true).unwrap();
+    for c in [&id, &id2, &id3] {
+        assert!(a.mounts().contains(&format!("/containers/{c}/rootfs")));
+        assert!(host_cgroup(c).exists(), "{c}");
+        a.conn.remove(c).unwrap();
+        assert!(!host_cgroup(c).exists(), "{c}: cgroup left behind");
+        assert!(
+            !a.mounts().contains(&format!("/containers/{c}/")),
+            "{c}: mount left behind"
+        );
+    }
+    let leftovers: Vec<_> = ["containers", "libcontainer"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(a.state.join(d)).into_iter().flatten())
+        .collect();
+    // The state root is the agent's private tmpfs: from here it is empty.
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let list = a
+        .conn
+        .containers
+        .list_containers(ctx(T), &Empty::new())
+        .unwrap();
+    assert!(list.containers.is_empty());
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_agent_stays_up() {
+    let Some(a) = HostAgent::start("bad_requests_get_clear_errors_and_the_agent_stays_up") else {
+        return;
+    };
+    let c = &a.conn.containers;
+    let good = serde_json::to_vec(&busybox_spec("busybox", &["true"], false)).unwrap();
+    let create = |id: &str, spec: &[u8]| {
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: spec.to_vec(),
+            overlay_rootfs: true,
+            ..Default::default()
+        };
+        rpc_message(&c.create_container(ctx(T), &req).unwrap_err())
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (create("x", b"{\"ociVersion\": 1"), "oci_spec"),
+        (create("../x", &good), "container_id"),
+        (
+            create(
+                "x",
+                &serde_json::to_vec(&busybox_spec("../../etc", &["true"], false)).unwrap(),
+            ),
+            "root.path",
+        ),
+        (
+            create(
+                "x",
+                &serde_json::to_vec(&busybox_spec("nonexistent", &["true"], false)).unwrap(),
+            ),
+            "root.path",
+        ),
+        (
+            create(
+                "x",
+                &serde_json::to_vec(&busybox_spec("busybox", &[], false)).unwrap(),
+            ),
+            "process.args",
+        ),
+        (
+            rpc_message(&c.start_container(ctx(T), &container("nosuch")).unwrap_err()),
+            "NOT_FOUND",
+        ),
+        (
+            rpc_message(
+                &c.wait_process(
+                    ctx(T),
+                    &ProcessRequest {
+                        container_id: "nosuch".into(),
+                        ..Default::default()
+                    },
+                )
+                .unwrap_err(),
+            ),
+            "NOT_FOUND",
+        ),
+    ];
+    for (got, want) in &cases {
+        assert!(got.contains(want), "{got:?} should name {want:?}");
+    }
+    // A stream that never connects: a clear error, and nothing left behind.
+    let req = CreateContainerRequest {
+        container_id: "nostream".into(),
+        oci_spec: good.clone(),
+        overlay_rootfs: true,
+        stdio: Some(Stdio {
+            stdout: "never-opened".into(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let e = rpc_message(&c.create_container(ctx(T), &req).unwrap_err());
+    assert!(e.contains("never-opened"), "{e}");
+    assert!(!a.mounts().contains("/containers/nostream"));
+
+    // Unknown ids, twice-started and twice-created containers.
+    let id = unique("twice");
+    a.conn
+        .run(
+            &id,
+            &busybox_spec("busybox", &["sleep", "100"], false),
+            Io::default(),
+            true,
+        )
+        .unwrap();
+    let e = rpc_message(&c.start_container(ctx(T), &container(&id)).unwrap_err());
+    assert!(e.contains("FAILED_PRECONDITION"), "{e}");
+    let e = create(&id, &good);
+    assert!(e.contains("ALREADY_EXISTS"), "{e}");
+    a.conn.remove(&id).unwrap();
+
+    // Garbage on the stream port is dropped; the agent serves on.
+    let mut g = a.conn.stream("ok-name").unwrap();
+    g.write_all(&[0xff; 4096]).unwrap();
+    a.conn.health().unwrap();
+}
