@@ -1,13 +1,23 @@
 //! Tier 3: husk-agent as PID 1 in a husk-vmm guest, reached over hybrid vsock
-//! with ttrpc: one boot for the group.
+//! with ttrpc: one boot for the group. The sandbox calls first, then
+//! containers from the busybox image on a second (erofs) drive: output and
+//! exit codes, exec, limits with an OOM kill reported as OOM, stats, pause,
+//! update, remove — what the host cannot test (its cgroup v2 has no memory,
+//! cpu or pids controllers).
 
 use std::os::fd::IntoRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use husk_protocol::agent::{CreateSandboxRequest, Empty, ReseedRandomRequest, SetTimeRequest};
+use husk_protocol::agent::{
+    CreateSandboxRequest, Empty, ExecProcessRequest, ReseedRandomRequest, SetTimeRequest, Storage,
+    UpdateContainerRequest,
+};
 use husk_protocol::agent_ttrpc::SandboxClient;
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, VERSION_KEY};
+use husk_tests::agent::{
+    busybox_erofs, busybox_spec, container, ctx as actx, read_all, AgentConn, Endpoint, Io,
+};
 use husk_tests::{
     guest_kernel, guest_rootfs, husk_vmm_binary, kvm_unavailable, skip, vsock_connect, Guest,
 };
@@ -26,6 +36,8 @@ fn agent_serves_in_the_guest_over_vsock() {
     }
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
+    let busybox = dir.path().join("busybox.erofs");
+    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
     let config = serde_json::json!({
         "boot-source": {
             "kernel_image_path": guest_kernel().unwrap(),
@@ -33,7 +45,9 @@ fn agent_serves_in_the_guest_over_vsock() {
         },
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
         "drives": [{"drive_id": "rootfs", "path_on_host": guest_rootfs().unwrap(),
-                    "is_root_device": true, "is_read_only": true}],
+                    "is_root_device": true, "is_read_only": true},
+                   {"drive_id": "busybox", "path_on_host": busybox,
+                    "is_root_device": false, "is_read_only": true}],
         "vsock": {"guest_cid": 3, "uds_path": uds},
         "entropy": {}
     });
@@ -74,10 +88,160 @@ fn agent_serves_in_the_guest_over_vsock() {
     assert!(client.create_sandbox(ctx(), &r).is_err());
     assert!(client.health(ctx(), &Empty::new()).is_ok());
 
+    containers_in_the_guest(&uds, &guest);
+
     client.destroy_sandbox(ctx(), &Empty::new()).unwrap();
     let status = guest
         .wait_exit(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(status.success(), "{status}\n{}", guest.tail());
     guest.assert_no_errors(&["husk-agent: mount"]);
+}
+
+/// The container group, against the agent booted above.
+fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
+    let t = Duration::from_secs(120);
+    let a = AgentConn::connect(Endpoint::Vsock(uds.to_path_buf()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
+    let storage = || {
+        vec![Storage {
+            source: "/dev/vdb".into(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "busybox".into(),
+            ..Default::default()
+        }]
+    };
+    let fail = |e: anyhow::Error| -> ! { panic!("{e:#}\n{}", guest.tail()) };
+
+    // Output, exit code, and the sandbox's resolv.conf in the container.
+    let spec = busybox_spec(
+        "busybox",
+        &[
+            "sh",
+            "-c",
+            "echo hi; cat /etc/resolv.conf; echo oops >&2; exit 3",
+        ],
+        false,
+    );
+    let start = Instant::now();
+    let mut s = a
+        .create("c1", &spec, Io::OUT_ERR, storage(), false)
+        .unwrap_or_else(|e| fail(e));
+    let created = start.elapsed();
+    a.containers
+        .start_container(actx(t), &container("c1"))
+        .unwrap();
+    let mut first = [0u8; 3];
+    std::io::Read::read_exact(s.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let started = start.elapsed();
+    println!(
+        "guest container: CreateContainer {:.2} s, StartContainer to first output {:.2} s",
+        created.as_secs_f64(),
+        (started - created).as_secs_f64()
+    );
+    assert_eq!(&first, b"hi\n");
+    let out = read_all(&mut s.stdout, t).unwrap();
+    assert!(out.contains("nameserver 10.0.2.3"), "{out:?}");
+    assert_eq!(read_all(&mut s.stderr, t).unwrap(), "oops\n");
+    assert_eq!(a.wait("c1", "").unwrap().status, 3);
+    a.remove("c1").unwrap();
+
+    // A memory limit that the container exceeds: OOM-killed, reported as
+    // OOM both by WaitProcess and GetOOMEvent. (The string doubles in user
+    // space, so only page faults are emulated kernel work here.)
+    let mut spec = busybox_spec(
+        "busybox",
+        &["sh", "-c", "x=a; while :; do x=$x$x; done"],
+        false,
+    );
+    let mut linux = spec.linux().clone().unwrap();
+    let resources: oci_spec::runtime::LinuxResources = serde_json::from_value(
+        serde_json::json!({"memory": {"limit": 8 << 20}, "pids": {"limit": 32}}),
+    )
+    .unwrap();
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    let oom_waiter = {
+        let a = AgentConn::connect(Endpoint::Vsock(uds.to_path_buf())).unwrap();
+        std::thread::spawn(move || a.containers.get_oom_event(actx(t), &Empty::new()))
+    };
+    a.create("oom", &spec, Io::default(), storage(), true)
+        .unwrap_or_else(|e| fail(e));
+    let w = a.wait("oom", "").unwrap();
+    assert_eq!((w.status, w.oom_killed), (137, true), "{w:?}");
+    let ev = oom_waiter.join().unwrap().unwrap();
+    assert_eq!(ev.container_id, "oom");
+    let st = a
+        .containers
+        .stats_container(actx(t), &container("oom"))
+        .unwrap();
+    assert_eq!(st.memory.limit, 8 << 20, "{st:?}");
+    assert!(st.memory.oom_kill >= 1, "{st:?}");
+    assert_eq!(st.pids_limit, 32, "{st:?}");
+    a.remove("oom").unwrap();
+
+    // A long-running container: exec, stats, update, pause/resume, and the
+    // agent's own memory (no pid namespace: /proc/1 is the agent).
+    let mut spec = busybox_spec("busybox", &["sh", "-c", "while :; do sleep 1; done"], false);
+    let mut linux = spec.linux().clone().unwrap();
+    let ns: Vec<_> = linux
+        .namespaces()
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Pid)
+        .collect();
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    a.create("long", &spec, Io::default(), storage(), true)
+        .unwrap_or_else(|e| fail(e));
+    let (stdio, mut es) = a.open_streams("long", "e1", Io::OUT_ERR).unwrap();
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; exit 4"],
+        "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin:/usr/bin"]
+    });
+    let req = ExecProcessRequest {
+        container_id: "long".into(),
+        exec_id: "e1".into(),
+        process: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    };
+    a.containers.exec_process(actx(t), &req).unwrap();
+    let status = read_all(&mut es.stdout, t).unwrap();
+    println!("agent (PID 1) after four containers:\n{status}");
+    assert!(status.contains("husk-agent"), "{status:?}");
+    assert_eq!(a.wait("long", "e1").unwrap().status, 4);
+    let update = UpdateContainerRequest {
+        container_id: "long".into(),
+        resources: br#"{"pids": {"limit": 20}, "memory": {"limit": 33554432}}"#.to_vec(),
+        ..Default::default()
+    };
+    a.containers.update_container(actx(t), &update).unwrap();
+    let st = a
+        .containers
+        .stats_container(actx(t), &container("long"))
+        .unwrap();
+    assert!(st.cpu.usage_usec > 0 && st.memory.usage > 0, "{st:?}");
+    assert_eq!((st.pids_limit, st.memory.limit), (20, 32 << 20), "{st:?}");
+    assert!(st.pids_current >= 1, "{st:?}");
+    a.containers
+        .pause_container(actx(t), &container("long"))
+        .unwrap();
+    let list = a
+        .containers
+        .list_containers(actx(t), &Empty::new())
+        .unwrap();
+    assert_eq!(list.containers[0].status, "paused");
+    a.containers
+        .resume_container(actx(t), &container("long"))
+        .unwrap();
+    a.remove("long").unwrap();
+    let list = a
+        .containers
+        .list_containers(actx(t), &Empty::new())
+        .unwrap();
+    assert!(list.containers.is_empty());
+    a.health().unwrap();
 }
