@@ -25,7 +25,7 @@ test: setup kernel guest images lint
 # Each guest-facing parser, fuzzed briefly (FUZZ_SECONDS each); a crash fails.
 FUZZ_SECONDS ?= 15
 FUZZ_TARGETS := vmm/fuzz:virtio_blk vmm/fuzz:vsock_tx vmm/fuzz:mmio_transport \
-	agent/fuzz:sandbox_request
+	agent/fuzz:sandbox_request agent/fuzz:container_request
 fuzz: setup
 	mkdir -p target
 	for spec in $(FUZZ_TARGETS); do \
@@ -54,7 +54,8 @@ kernel: setup
 	  ln -sfn "$$dir/build-info" $(GUEST)/kernel-build-info
 
 guest: setup
-	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --locked --release --target $(TRIPLE) -p husk-test-init -p husk-agent
+	RUSTFLAGS="$(STATIC_RUSTFLAGS)" LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	    $(CARGO) build --locked --release --target $(TRIPLE) -p husk-test-init -p husk-agent
 	images/build-rootfs.sh $(GUEST)/rootfs.erofs target/$(TRIPLE)/release/husk-test-init target/$(TRIPLE)/release/husk-agent
 
 images: setup

@@ -6,6 +6,9 @@ set -euo pipefail
 packages=(
     # guest kernel build (Debian's linux-source-6.12)
     linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev cpio lz4 kmod
+    # seccomp profiles from OCI specs: libcontainer's libseccomp, linked
+    # statically into the guest agent (libseccomp.a)
+    libseccomp-dev
     # guest root image and sample images
     erofs-utils e2fsprogs busybox-static jq
     # reference VMM and peers used by the tests

@@ -273,7 +273,10 @@ pub fn busybox_erofs(dest: &Path) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("rootfs");
     unpack_busybox(&root)?;
-    run(Command::new("mkfs.erofs").arg("--quiet").arg(dest).arg(&root))
+    run(Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(dest)
+        .arg(&root))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -424,3 +424,32 @@ fn bad_requests_get_clear_errors_and_the_agent_stays_up() {
     g.write_all(&[0xff; 4096]).unwrap();
     a.conn.health().unwrap();
 }
+
+#[test]
+fn seccomp_profile_from_the_spec_is_enforced() {
+    let Some(a) = HostAgent::start("seccomp_profile_from_the_spec_is_enforced") else {
+        return;
+    };
+    // Everything allowed but mkdir/mkdirat, which fail with EPERM.
+    let mut spec = busybox_spec(
+        "busybox",
+        &["sh", "-c", "mkdir /x 2>&1; echo rc=$?; ls -d /bin"],
+        false,
+    );
+    let mut linux = spec.linux().clone().unwrap();
+    let seccomp = serde_json::from_value(serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    }))
+    .unwrap();
+    linux.set_seccomp(Some(seccomp));
+    spec.set_linux(Some(linux));
+    let id = unique("seccomp");
+    let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
+    let out = read_all(&mut s.stdout, T).unwrap();
+    assert!(out.contains("Operation not permitted"), "{out:?}");
+    assert!(out.contains("rc=1\n/bin\n"), "{out:?}");
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
+    a.conn.remove(&id).unwrap();
+}

@@ -114,16 +114,25 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     };
     let fail = |e: anyhow::Error| -> ! { panic!("{e:#}\n{}", guest.tail()) };
 
-    // Output, exit code, and the sandbox's resolv.conf in the container.
-    let spec = busybox_spec(
+    // Output, exit code, the sandbox's resolv.conf in the container, and
+    // the spec's seccomp profile enforced (libseccomp is linked statically).
+    let mut spec = busybox_spec(
         "busybox",
         &[
             "sh",
             "-c",
-            "echo hi; cat /etc/resolv.conf; echo oops >&2; exit 3",
+            "echo hi; cat /etc/resolv.conf; mkdir /x 2>/dev/null; echo mkdir=$?; echo oops >&2; exit 3",
         ],
         false,
     );
+    let mut linux = spec.linux().clone().unwrap();
+    let seccomp = serde_json::from_value(serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    }))
+    .unwrap();
+    linux.set_seccomp(Some(seccomp));
+    spec.set_linux(Some(linux));
     let start = Instant::now();
     let mut s = a
         .create("c1", &spec, Io::OUT_ERR, storage(), false)
@@ -143,6 +152,7 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     assert_eq!(&first, b"hi\n");
     let out = read_all(&mut s.stdout, t).unwrap();
     assert!(out.contains("nameserver 10.0.2.3"), "{out:?}");
+    assert!(out.contains("mkdir=1\n"), "{out:?}");
     assert_eq!(read_all(&mut s.stderr, t).unwrap(), "oops\n");
     assert_eq!(a.wait("c1", "").unwrap().status, 3);
     a.remove("c1").unwrap();

@@ -1,0 +1,37 @@
+//! Container request decoding and validation as the agent (PID 1) does it:
+//! any bytes as a CreateContainerRequest / ExecProcessRequest (with the OCI
+//! spec or process JSON inside), then the checks that run before anything
+//! is mounted or spawned.
+#![no_main]
+
+use husk_agent::containers::{check_create, check_exec, check_storage, relative_path};
+use husk_protocol::agent::{CreateContainerRequest, ExecProcessRequest};
+use libfuzzer_sys::fuzz_target;
+use protobuf::Message;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(req) = CreateContainerRequest::parse_from_bytes(data) {
+        if check_create(&req).is_ok() {
+            // What passes names only paths that stay inside their directory.
+            for s in &req.storages {
+                assert!(check_storage(s).is_ok());
+                assert!(std::path::Path::new(&s.mount_point)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))));
+            }
+        }
+    }
+    if let Ok(req) = ExecProcessRequest::parse_from_bytes(data) {
+        let _ = check_exec(&req);
+    }
+    // The spec JSON straight, as most inputs fail protobuf decoding.
+    let req = CreateContainerRequest {
+        container_id: "c".into(),
+        oci_spec: data.to_vec(),
+        ..Default::default()
+    };
+    if let Ok(spec) = check_create(&req) {
+        let root = spec.root().as_ref().expect("checked");
+        assert!(relative_path("root", &root.path().to_string_lossy()).is_ok());
+    }
+});
