@@ -3,6 +3,7 @@
 
 pub mod containers;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;

@@ -14,7 +14,7 @@ use husk_agent::containers::{ContainersService, Dirs};
 use husk_agent::reaper::Reaper;
 use husk_agent::stream::Streams;
 use husk_agent::{init, sandbox};
-use husk_protocol::agent_ttrpc::{create_containers, create_sandbox};
+use husk_protocol::agent_ttrpc::{create_containers, create_network, create_sandbox};
 use husk_protocol::{AGENT_VSOCK_PORT, STREAM_VSOCK_PORT};
 
 fn say(msg: &str) {
@@ -29,16 +29,18 @@ fn reboot_guest() -> ! {
 }
 
 fn usage() -> ! {
-    say("usage: husk-agent [--listen vsock://-1:PORT | unix:///PATH]");
+    say("usage: husk-agent [--listen vsock://-1:PORT | unix:///PATH] [--own-netns]");
     std::process::exit(2)
 }
 
 fn main() {
     let is_guest = std::process::id() == 1;
     let mut listen = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+    let mut own_netns = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--own-netns" => own_netns = true,
             "--listen" => match args.next() {
                 Some(l) => listen = l,
                 None if is_guest => say("--listen without an address; ignored"),
@@ -88,7 +90,11 @@ fn main() {
     } else {
         Arc::new(|| std::process::exit(0))
     };
+    let network = Arc::new(husk_agent::network::NetworkService::new(
+        is_guest, own_netns,
+    ));
     let sandbox = Arc::new(sandbox::SandboxService {
+        network: network.clone(),
         state_dir: dirs.sandbox(),
         is_guest,
         on_destroy,
@@ -103,6 +109,7 @@ fn main() {
         .map(|s| {
             s.register_service(create_sandbox(sandbox))
                 .register_service(create_containers(containers))
+                .register_service(create_network(network))
         });
     let mut server = match server {
         Ok(s) => s,

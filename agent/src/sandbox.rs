@@ -28,6 +28,8 @@ pub struct SandboxService {
     /// PID 1 in a guest: may set the hostname and clock and reboot. On a host
     /// (tests) these are refused instead of touching the host.
     pub is_guest: bool,
+    /// Applies CreateSandbox's interfaces and routes.
+    pub network: Arc<crate::network::NetworkService>,
     /// Called after DestroySandbox has been answered.
     pub on_destroy: Arc<dyn Fn() + Send + Sync>,
 }
@@ -93,6 +95,12 @@ impl Sandbox for SandboxService {
     ) -> ttrpc::Result<Empty> {
         check_version(ctx)?;
         let files = sandbox_files(&req).map_err(invalid)?;
+        for i in &req.interfaces {
+            crate::network::check_interface(i).map_err(invalid)?;
+        }
+        for r in &req.routes {
+            crate::network::parse_route(r).map_err(invalid)?;
+        }
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| internal(format!("creating {}: {e}", self.state_dir.display())))?;
         for (name, content) in files {
@@ -106,6 +114,17 @@ impl Sandbox for SandboxService {
         if self.is_guest {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| internal(format!("sethostname: {e}")))?;
+        }
+        if !req.interfaces.is_empty() || !req.routes.is_empty() {
+            if !self.network.may_change {
+                return Err(invalid(
+                    "interfaces and routes are refused: this agent runs in the host's network namespace",
+                ));
+            }
+            for i in &req.interfaces {
+                self.network.apply_interface(i).map_err(internal)?;
+            }
+            self.network.apply_routes(&req.routes).map_err(internal)?;
         }
         Ok(Empty::new())
     }

@@ -155,3 +155,25 @@ fn destroy_sandbox_stops_the_agent() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn network_changes_are_refused_in_the_hosts_namespace() {
+    let a = Agent::start();
+    let c = ttrpc::Client::connect(&format!("unix://{}", a.sock.display())).unwrap();
+    let net = husk_protocol::agent_ttrpc::NetworkClient::new(c);
+    let mut i = husk_protocol::agent::Interface::new();
+    i.name = "lo".into();
+    i.mtu = 1500;
+    let mut req = husk_protocol::agent::UpdateInterfaceRequest::new();
+    req.interface = Some(i).into();
+    let e = message(net.update_interface(ctx(API_VERSION), &req).unwrap_err());
+    assert!(
+        e.contains("FAILED_PRECONDITION") && e.contains("host"),
+        "{e}"
+    );
+    // Reading is fine.
+    let list = net
+        .list_interfaces(ctx(API_VERSION), &Empty::new())
+        .unwrap();
+    assert!(list.interfaces.iter().any(|i| i.name == "lo"));
+}

@@ -14,7 +14,7 @@ use husk_protocol::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ProcessRequest, Stdio, Storage,
     WaitProcessResponse,
 };
-use husk_protocol::agent_ttrpc::{ContainersClient, SandboxClient};
+use husk_protocol::agent_ttrpc::{ContainersClient, NetworkClient, SandboxClient};
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, STREAM_VSOCK_PORT, VERSION_KEY};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
@@ -48,6 +48,7 @@ pub struct AgentConn {
     pub endpoint: Endpoint,
     pub sandbox: SandboxClient,
     pub containers: ContainersClient,
+    pub network: NetworkClient,
 }
 
 impl AgentConn {
@@ -63,7 +64,8 @@ impl AgentConn {
         Ok(AgentConn {
             endpoint,
             sandbox: SandboxClient::new(client.clone()),
-            containers: ContainersClient::new(client),
+            containers: ContainersClient::new(client.clone()),
+            network: NetworkClient::new(client),
         })
     }
 

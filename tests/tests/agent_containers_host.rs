@@ -12,8 +12,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest, SignalProcessRequest, Stdio,
-    TtyWinResizeRequest,
+    CreateContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, ProcessRequest, Route,
+    SignalProcessRequest, Stdio, TtyWinResizeRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use husk_tests::agent::{
     busybox_spec, container, ctx, read_all, rpc_message, unpack_busybox, AgentConn, Endpoint, Io,
@@ -48,9 +48,20 @@ impl HostAgent {
             mount --bind "$ROOTFS" "$STATE/storage/busybox"
             mount -o remount,bind,ro "$STATE/storage/busybox"
             mount -t cgroup2 cgroup2 /sys/fs/cgroup
-            exec "$AGENT" --listen "unix://$SOCK""#;
+            ip tuntap add dev eth0 mode tap
+            exec "$AGENT" --listen "unix://$SOCK" --own-netns"#;
+        // Its own network namespace too, with a tap as its eth0: the
+        // Network service may change only a namespace that is not the host's.
         let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .args([
+                "--mount",
+                "--net",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ])
             .env("STATE", &state)
             .env("ROOTFS", &rootfs)
             .env("SOCK", &sock)
@@ -452,4 +463,112 @@ fn seccomp_profile_from_the_spec_is_enforced() {
     assert!(out.contains("rc=1\n/bin\n"), "{out:?}");
     assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
     a.conn.remove(&id).unwrap();
+}
+
+#[test]
+fn network_interfaces_and_routes() {
+    let Some(a) = HostAgent::start("network_interfaces_and_routes") else {
+        return;
+    };
+    let net = &a.conn.network;
+    let addr = |ip: &str, len| IPAddress {
+        address: ip.into(),
+        prefix_len: len,
+        ..Default::default()
+    };
+    let mut eth0 = Interface {
+        name: "eth0".into(),
+        mac: "06:00:0a:58:00:02".into(),
+        mtu: 1400,
+        addresses: vec![addr("10.88.0.2", 16), addr("fd00:88::2", 64)],
+        ..Default::default()
+    };
+    let req = |i: &Interface| UpdateInterfaceRequest {
+        interface: Some(i.clone()).into(),
+        ..Default::default()
+    };
+    let got = net.update_interface(ctx(T), &req(&eth0)).unwrap();
+    assert_eq!((got.mac.as_str(), got.mtu), ("06:00:0a:58:00:02", 1400));
+    let ips: Vec<_> = got.addresses.iter().map(|x| x.address.as_str()).collect();
+    assert!(
+        ips.contains(&"10.88.0.2") && ips.contains(&"fd00:88::2"),
+        "{ips:?}"
+    );
+    // Exactly the addresses asked for: a second update replaces the first.
+    eth0.addresses = vec![addr("10.88.0.3", 16)];
+    let got = net.update_interface(ctx(T), &req(&eth0)).unwrap();
+    let v4: Vec<_> = got
+        .addresses
+        .iter()
+        .filter(|x| !x.address.contains(':'))
+        .map(|x| x.address.as_str())
+        .collect();
+    assert_eq!(v4, ["10.88.0.3"]);
+
+    let route = |d: &str, g: &str, dev: &str| Route {
+        destination: d.into(),
+        gateway: g.into(),
+        device: dev.into(),
+        ..Default::default()
+    };
+    let routes = UpdateRoutesRequest {
+        routes: vec![
+            route("default", "10.88.0.1", "eth0"),
+            route("10.99.0.0/16", "", "eth0"),
+        ],
+        ..Default::default()
+    };
+    let got = net.update_routes(ctx(T), &routes).unwrap();
+    let has = |d: &str, g: &str| {
+        got.routes
+            .iter()
+            .any(|r| r.destination == d && r.gateway == g && r.device == "eth0")
+    };
+    assert!(has("default", "10.88.0.1"), "{:?}", got.routes);
+    assert!(has("10.99.0.0/16", ""), "{:?}", got.routes);
+
+    // A container of the sandbox sees it.
+    let id = unique("net");
+    let spec = busybox_spec(
+        "busybox",
+        &["sh", "-c", "ip route; ip addr show eth0"],
+        false,
+    );
+    let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
+    let out = read_all(&mut s.stdout, T).unwrap();
+    assert!(out.contains("default via 10.88.0.1 dev eth0"), "{out}");
+    assert!(out.contains("inet 10.88.0.3/16"), "{out}");
+    assert!(out.contains("mtu 1400"), "{out}");
+    a.conn.remove(&id).unwrap();
+
+    // Bad input: a clear error, nothing changed.
+    for (bad, want) in [
+        (
+            Interface {
+                name: "eth0".into(),
+                mac: "01:00:5e:00:00:01".into(),
+                ..Default::default()
+            },
+            "unicast",
+        ),
+        (
+            Interface {
+                name: "nosuch0".into(),
+                ..Default::default()
+            },
+            "no interface",
+        ),
+    ] {
+        let e = rpc_message(&net.update_interface(ctx(T), &req(&bad)).unwrap_err());
+        assert!(e.contains(want), "{e}");
+    }
+    let bad = UpdateRoutesRequest {
+        routes: vec![route("default", "", "")],
+        ..Default::default()
+    };
+    let e = rpc_message(&net.update_routes(ctx(T), &bad).unwrap_err());
+    assert!(e.contains("gateway"), "{e}");
+    let list = net.list_interfaces(ctx(T), &Empty::new()).unwrap();
+    let eth0 = list.interfaces.iter().find(|i| i.name == "eth0").unwrap();
+    assert_eq!(eth0.mtu, 1400);
 }

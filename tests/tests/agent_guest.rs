@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    CreateSandboxRequest, Empty, ExecProcessRequest, ReseedRandomRequest, SetTimeRequest, Storage,
-    UpdateContainerRequest,
+    CreateSandboxRequest, Empty, ExecProcessRequest, IPAddress, Interface, ReseedRandomRequest,
+    SetTimeRequest, Storage, UpdateContainerRequest, UpdateInterfaceRequest,
 };
 use husk_protocol::agent_ttrpc::SandboxClient;
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, VERSION_KEY};
@@ -253,5 +253,34 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
         .list_containers(actx(t), &Empty::new())
         .unwrap();
     assert!(list.containers.is_empty());
+
+    // Network: netlink in the guest (no NIC in this VM: lo stands in; the
+    // host test configures a real eth0 and routes).
+    let lo = Interface {
+        name: "lo".into(),
+        mtu: 16384,
+        addresses: vec![IPAddress {
+            address: "127.0.0.1".into(),
+            prefix_len: 8,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let got = a
+        .network
+        .update_interface(
+            actx(t),
+            &UpdateInterfaceRequest {
+                interface: Some(lo).into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(got.mtu, 16384);
+    let list = a.network.list_interfaces(actx(t), &Empty::new()).unwrap();
+    assert!(list
+        .interfaces
+        .iter()
+        .any(|i| i.name == "lo" && i.mtu == 16384));
     a.health().unwrap();
 }

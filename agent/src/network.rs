@@ -1,0 +1,606 @@
+//! The Network service: the sandbox's interfaces and routes, over rtnetlink.
+//!
+//! Synchronous netlink (netlink-packet-route + netlink-sys, the crates and
+//! versions libcontainer already links) rather than the async `rtnetlink`
+//! crate: PID 1 has no async runtime and needs a handful of requests.
+//!
+//! An agent on a host changes nothing unless told it runs in a network
+//! namespace of its own (`--own-netns`; tests use it): it must never
+//! reconfigure the host's network. Where PID 1's namespace is readable, the
+//! claim is checked too.
+
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+
+use husk_protocol::agent::{
+    Empty, IPAddress, Interface, ListInterfacesResponse, Route, UpdateInterfaceRequest,
+    UpdateRoutesRequest,
+};
+use husk_protocol::agent_ttrpc::Network;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+use ttrpc::{Code, TtrpcContext};
+
+use crate::rpc::{check_version, internal, invalid, status};
+
+/// A netlink route socket with request/acknowledge handling.
+pub struct Netlink {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    pub fn new() -> Result<Self, String> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| format!("netlink socket: {e}"))?;
+        sock.bind_auto().map_err(|e| format!("netlink bind: {e}"))?;
+        sock.connect(&netlink_sys::SocketAddr::new(0, 0))
+            .map_err(|e| format!("netlink connect: {e}"))?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    /// Sends one request; returns the messages of a dump, or nothing once
+    /// the kernel acknowledges. A kernel error comes back as Err naming it.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, String> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        self.sock
+            .send(&buf, 0)
+            .map_err(|e| format!("netlink send: {e}"))?;
+        let mut out = Vec::new();
+        let mut rx = vec![0u8; 64 * 1024];
+        loop {
+            let n = self
+                .sock
+                .recv(&mut &mut rx[..], 0)
+                .map_err(|e| format!("netlink recv: {e}"))?;
+            let mut off = 0;
+            while off < n {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..n])
+                    .map_err(|e| format!("netlink reply: {e}"))?;
+                let len = reply.header.length as usize;
+                if reply.header.sequence_number == self.seq {
+                    match reply.payload {
+                        NetlinkPayload::Done(_) => return Ok(out),
+                        NetlinkPayload::Error(e) => {
+                            return match e.code {
+                                None => Ok(out),
+                                Some(c) => {
+                                    Err(std::io::Error::from_raw_os_error(-c.get()).to_string())
+                                }
+                            }
+                        }
+                        NetlinkPayload::InnerMessage(m) => out.push(m),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+    }
+
+    pub fn links(&mut self) -> Result<Vec<LinkMessage>, String> {
+        let r = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(r.into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, String> {
+        let r = self.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(r.into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => Some(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn routes(&mut self) -> Result<Vec<RouteMessage>, String> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = AddressFamily::Inet;
+        let r = self.request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
+        Ok(r.into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r)
+                    if r.header.table == RouteHeader::RT_TABLE_MAIN =>
+                {
+                    Some(r)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+fn link_name(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn format_mac(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// "06:00:0a:58:00:02" → bytes; a unicast MAC only.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<_> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("mac {s:?} is not six hex bytes"));
+    }
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return Err(format!("mac {s:?} is not six hex bytes"));
+        }
+        mac[i] = u8::from_str_radix(p, 16).map_err(|_| format!("mac {s:?} is not hex"))?;
+    }
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(format!("mac {s:?} is not a unicast address"));
+    }
+    Ok(mac)
+}
+
+fn valid_ifname(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() < 16
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// A checked address: the IP and a prefix that fits it.
+pub fn parse_address(a: &IPAddress) -> Result<(IpAddr, u8), String> {
+    let ip: IpAddr = a
+        .address
+        .parse()
+        .map_err(|_| format!("address {:?} is not an IP address", a.address))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if a.prefix_len > max {
+        return Err(format!("prefix_len {} is too long for {ip}", a.prefix_len));
+    }
+    Ok((ip, a.prefix_len as u8))
+}
+
+/// A destination network: address and prefix length.
+pub type Cidr = (IpAddr, u8);
+
+/// A checked route: destination (None = default) with prefix, gateway.
+pub fn parse_route(r: &Route) -> Result<(Option<Cidr>, Option<IpAddr>), String> {
+    let dest = match r.destination.as_str() {
+        "" | "default" => None,
+        d => {
+            let (ip, len) = d.split_once('/').unwrap_or((d, ""));
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("route destination {d:?} is not a CIDR"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = if len.is_empty() {
+                max
+            } else {
+                len.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or_else(|| format!("route destination {d:?}: bad prefix length"))?
+            };
+            Some((ip, len))
+        }
+    };
+    let gw = match r.gateway.as_str() {
+        "" => None,
+        g => Some(
+            g.parse::<IpAddr>()
+                .map_err(|_| format!("route gateway {g:?} is not an IP address"))?,
+        ),
+    };
+    if dest.is_none() && gw.is_none() {
+        return Err("a default route needs a gateway".into());
+    }
+    if !r.device.is_empty() && !valid_ifname(&r.device) {
+        return Err(format!(
+            "route device {:?} is not an interface name",
+            r.device
+        ));
+    }
+    if let (Some((d, _)), Some(g)) = (dest, gw) {
+        if d.is_ipv4() != g.is_ipv4() {
+            return Err("route destination and gateway are of different families".into());
+        }
+    }
+    Ok((dest, gw))
+}
+
+/// Checks a whole interface request before anything is changed.
+pub fn check_interface(i: &Interface) -> Result<(), String> {
+    if !valid_ifname(&i.name) {
+        return Err(format!("interface name {:?} is not valid", i.name));
+    }
+    if !i.mac.is_empty() {
+        parse_mac(&i.mac)?;
+    }
+    if i.mtu != 0 && !(68..=65535).contains(&i.mtu) {
+        return Err(format!("mtu {} is out of range (68-65535)", i.mtu));
+    }
+    for a in &i.addresses {
+        parse_address(a)?;
+    }
+    Ok(())
+}
+
+pub struct NetworkService {
+    /// In the guest, or on a host in a network namespace of its own.
+    pub may_change: bool,
+}
+
+impl NetworkService {
+    /// `own_netns`: the caller says this (host) agent has a network
+    /// namespace of its own.
+    pub fn new(is_guest: bool, own_netns: bool) -> Self {
+        let shares_pid1s = || -> Option<bool> {
+            let me = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
+            let init = std::fs::metadata("/proc/1/ns/net").ok()?.ino();
+            Some(me == init)
+        };
+        Self {
+            may_change: is_guest || (own_netns && shares_pid1s() != Some(true)),
+        }
+    }
+
+    fn guard(&self) -> ttrpc::Result<()> {
+        if self.may_change {
+            Ok(())
+        } else {
+            Err(status(
+                Code::FAILED_PRECONDITION,
+                "refused: this agent runs in the host's network namespace",
+            ))
+        }
+    }
+
+    /// Configures one interface: MAC, MTU, exactly these addresses, up.
+    pub fn apply_interface(&self, i: &Interface) -> Result<(), String> {
+        check_interface(i)?;
+        let mut nl = Netlink::new()?;
+        let link = nl
+            .links()?
+            .into_iter()
+            .find(|l| link_name(l) == Some(i.name.as_str()))
+            .ok_or_else(|| format!("no interface {:?}", i.name))?;
+        let index = link.header.index;
+        let mut set = LinkMessage::default();
+        set.header.index = index;
+        set.header.flags = LinkFlags::Up;
+        set.header.change_mask = LinkFlags::Up;
+        if !i.mac.is_empty() {
+            set.attributes
+                .push(LinkAttribute::Address(parse_mac(&i.mac)?.to_vec()));
+        }
+        if i.mtu != 0 {
+            set.attributes.push(LinkAttribute::Mtu(i.mtu));
+        }
+        nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
+            .map_err(|e| format!("configuring {}: {e}", i.name))?;
+        let want: Vec<(IpAddr, u8)> = i
+            .addresses
+            .iter()
+            .map(parse_address)
+            .collect::<Result<_, _>>()?;
+        let have: Vec<AddressMessage> = nl
+            .addresses()?
+            .into_iter()
+            .filter(|a| a.header.index == index)
+            .collect();
+        for a in &have {
+            let ip = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let keep = match ip {
+                Some(ip) => {
+                    want.contains(&(ip, a.header.prefix_len))
+                        // The kernel's own IPv6 link-local address stays.
+                        || matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+                }
+                None => true,
+            };
+            if !keep {
+                nl.request(RouteNetlinkMessage::DelAddress(a.clone()), NLM_F_ACK)
+                    .map_err(|e| format!("removing an address of {}: {e}", i.name))?;
+            }
+        }
+        for (ip, len) in want {
+            let mut m = AddressMessage::default();
+            m.header.family = if ip.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            m.header.prefix_len = len;
+            m.header.index = index;
+            m.attributes.push(AddressAttribute::Local(ip));
+            m.attributes.push(AddressAttribute::Address(ip));
+            match nl.request(
+                RouteNetlinkMessage::NewAddress(m),
+                NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            ) {
+                Ok(_) => {}
+                // Already there: what was asked for holds.
+                Err(e) if e.contains("exists") => {}
+                Err(e) => return Err(format!("adding {ip}/{len} to {}: {e}", i.name)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the main table's static routes with `routes` (the kernel's
+    /// own routes for connected subnets stay).
+    pub fn apply_routes(&self, routes: &[Route]) -> Result<(), String> {
+        let parsed: Vec<_> = routes.iter().map(parse_route).collect::<Result<_, _>>()?;
+        let mut nl = Netlink::new()?;
+        let links = nl.links()?;
+        let index_of = |name: &str| {
+            links
+                .iter()
+                .find(|l| link_name(l) == Some(name))
+                .map(|l| l.header.index)
+                .ok_or_else(|| format!("route device {name:?}: no such interface"))
+        };
+        let mut add = Vec::new();
+        for (r, (dest, gw)) in routes.iter().zip(parsed) {
+            let oif = if r.device.is_empty() {
+                None
+            } else {
+                Some(index_of(&r.device)?)
+            };
+            let mut m = RouteMessage::default();
+            let v4 = dest.map(|d| d.0.is_ipv4()).or(gw.map(|g| g.is_ipv4())) == Some(true);
+            m.header.address_family = if v4 {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            m.header.table = RouteHeader::RT_TABLE_MAIN;
+            m.header.protocol = RouteProtocol::Boot;
+            m.header.kind = RouteType::Unicast;
+            m.header.scope = if gw.is_some() {
+                RouteScope::Universe
+            } else {
+                RouteScope::Link
+            };
+            if let Some((d, len)) = dest {
+                m.header.destination_prefix_length = len;
+                m.attributes
+                    .push(RouteAttribute::Destination(RouteAddress::from(d)));
+            }
+            if let Some(g) = gw {
+                m.attributes
+                    .push(RouteAttribute::Gateway(RouteAddress::from(g)));
+            }
+            if let Some(i) = oif {
+                m.attributes.push(RouteAttribute::Oif(i));
+            }
+            add.push(m);
+        }
+        for r in nl.routes()? {
+            if r.header.protocol != RouteProtocol::Kernel {
+                nl.request(RouteNetlinkMessage::DelRoute(r), NLM_F_ACK)
+                    .map_err(|e| format!("removing a route: {e}"))?;
+            }
+        }
+        // Routes through a gateway need the gateway's subnet first: add
+        // link-scope ones before the rest.
+        add.sort_by_key(|m| m.header.scope != RouteScope::Link);
+        for m in add {
+            nl.request(RouteNetlinkMessage::NewRoute(m), NLM_F_ACK | NLM_F_CREATE)
+                .map_err(|e| format!("adding a route: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn list_interfaces(&self) -> Result<Vec<Interface>, String> {
+        let mut nl = Netlink::new()?;
+        let addrs = nl.addresses()?;
+        Ok(nl
+            .links()?
+            .into_iter()
+            .map(|l| {
+                let mut i = Interface::new();
+                for a in &l.attributes {
+                    match a {
+                        LinkAttribute::IfName(n) => i.name = n.clone(),
+                        LinkAttribute::Mtu(m) => i.mtu = *m,
+                        LinkAttribute::Address(b) => i.mac = format_mac(b),
+                        _ => {}
+                    }
+                }
+                i.addresses = addrs
+                    .iter()
+                    .filter(|a| a.header.index == l.header.index)
+                    .filter_map(|a| {
+                        a.attributes.iter().find_map(|x| match x {
+                            AddressAttribute::Address(ip) => Some(IPAddress {
+                                address: ip.to_string(),
+                                prefix_len: u32::from(a.header.prefix_len),
+                                ..Default::default()
+                            }),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                i
+            })
+            .collect())
+    }
+
+    pub fn list_routes(&self) -> Result<Vec<Route>, String> {
+        let mut nl = Netlink::new()?;
+        let links = nl.links()?;
+        Ok(nl
+            .routes()?
+            .into_iter()
+            .map(|r| {
+                let mut out = Route::new();
+                let addr = |a: &RouteAddress| match a {
+                    RouteAddress::Inet(v4) => v4.to_string(),
+                    RouteAddress::Inet6(v6) => v6.to_string(),
+                    _ => String::new(),
+                };
+                out.destination = "default".into();
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Destination(d) => {
+                            out.destination =
+                                format!("{}/{}", addr(d), r.header.destination_prefix_length)
+                        }
+                        RouteAttribute::Gateway(g) => out.gateway = addr(g),
+                        RouteAttribute::Oif(i) => {
+                            out.device = links
+                                .iter()
+                                .find(|l| l.header.index == *i)
+                                .and_then(link_name)
+                                .unwrap_or_default()
+                                .to_string()
+                        }
+                        _ => {}
+                    }
+                }
+                out
+            })
+            .collect())
+    }
+}
+
+impl Network for NetworkService {
+    fn update_interface(
+        &self,
+        ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        check_version(ctx)?;
+        let i = req
+            .interface
+            .into_option()
+            .ok_or_else(|| invalid("interface is missing"))?;
+        check_interface(&i).map_err(invalid)?;
+        self.guard()?;
+        self.apply_interface(&i).map_err(internal)?;
+        self.list_interfaces()
+            .map_err(internal)?
+            .into_iter()
+            .find(|x| x.name == i.name)
+            .ok_or_else(|| internal(format!("interface {:?} vanished", i.name)))
+    }
+
+    fn update_routes(
+        &self,
+        ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<UpdateRoutesRequest> {
+        check_version(ctx)?;
+        for r in &req.routes {
+            parse_route(r).map_err(invalid)?;
+        }
+        self.guard()?;
+        self.apply_routes(&req.routes).map_err(internal)?;
+        Ok(UpdateRoutesRequest {
+            routes: self.list_routes().map_err(internal)?,
+            ..Default::default()
+        })
+    }
+
+    fn list_interfaces(
+        &self,
+        ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<ListInterfacesResponse> {
+        check_version(ctx)?;
+        Ok(ListInterfacesResponse {
+            interfaces: NetworkService::list_interfaces(self).map_err(internal)?,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_checked() {
+        assert_eq!(parse_mac("06:00:0a:58:00:02").unwrap()[2], 0x0a);
+        for bad in [
+            "",
+            "06:00:0a:58:00",
+            "01:00:00:00:00:01",
+            "zz:00:00:00:00:01",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        let a = |s: &str, p| IPAddress {
+            address: s.into(),
+            prefix_len: p,
+            ..Default::default()
+        };
+        assert!(parse_address(&a("10.0.0.2", 24)).is_ok());
+        assert!(parse_address(&a("10.0.0.2", 33)).is_err());
+        assert!(parse_address(&a("fd00::2", 64)).is_ok());
+        assert!(parse_address(&a("10.0.0", 8)).is_err());
+        let r = |d: &str, g: &str| Route {
+            destination: d.into(),
+            gateway: g.into(),
+            ..Default::default()
+        };
+        assert!(parse_route(&r("default", "10.0.0.1")).is_ok());
+        assert!(parse_route(&r("default", "")).is_err());
+        assert!(parse_route(&r("10.1.0.0/16", "")).is_ok());
+        assert!(parse_route(&r("10.1.0.0/40", "")).is_err());
+        assert!(parse_route(&r("10.1.0.0/16", "fd00::1")).is_err());
+        let mut i = Interface {
+            name: "eth0".into(),
+            mtu: 1500,
+            ..Default::default()
+        };
+        assert!(check_interface(&i).is_ok());
+        i.mtu = 10;
+        assert!(check_interface(&i).unwrap_err().contains("mtu"));
+        i.mtu = 0;
+        i.name = "a/b".into();
+        assert!(check_interface(&i).is_err());
+    }
+}
