@@ -239,6 +239,18 @@ pub fn check_create(req: &CreateContainerRequest) -> Result<Spec, String> {
     if let Some(p) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
         cgroups_path(&p)?;
     }
+    for m in spec.mounts().iter().flatten() {
+        if is_bind(m) {
+            let src = m
+                .source()
+                .as_ref()
+                .map(|s| s.to_string_lossy().into_owned());
+            relative_path(
+                &format!("bind mount on {}: source", m.destination().display()),
+                src.as_deref().unwrap_or(""),
+            )?;
+        }
+    }
     let mut points = Vec::new();
     for s in &req.storages {
         check_storage(s)?;
@@ -253,6 +265,15 @@ pub fn check_create(req: &CreateContainerRequest) -> Result<Spec, String> {
     let stdio = req.stdio.as_ref().cloned().unwrap_or_default();
     stdio_names(&stdio, process.terminal().unwrap_or(false))?;
     Ok(spec)
+}
+
+/// A bind mount, by type or by option (runc accepts either).
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
 }
 
 /// Parses and checks an exec request's process.
@@ -569,6 +590,7 @@ impl ContainersService {
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(cgroup_rel.clone()));
         spec.set_linux(Some(linux));
+        self.resolve_bind_sources(&mut spec)?;
         self.add_sandbox_mounts(&mut spec, &rootfs, req.overlay_rootfs);
         let config = serde_json::to_vec_pretty(&spec).map_err(|e| internal(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), config)
@@ -658,6 +680,35 @@ impl ContainersService {
         root.set_path(rootfs.clone());
         spec.set_root(Some(root));
         Ok(rootfs)
+    }
+
+    /// Bind mount sources (volumes) are relative to the storage directory,
+    /// like root.path, and must resolve inside it: a container cannot be
+    /// given the agent's own files or another container's layers.
+    fn resolve_bind_sources(&self, spec: &mut Spec) -> ttrpc::Result<()> {
+        let storage = self.dirs.storage();
+        let storage_real = storage.canonicalize().unwrap_or_else(|_| storage.clone());
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for m in mounts.iter_mut().filter(|m| is_bind(m)) {
+            let rel = m.source().clone().unwrap_or_default();
+            let real = storage.join(&rel).canonicalize().map_err(|e| {
+                invalid(format!(
+                    "bind mount on {}: source {}: {e}",
+                    m.destination().display(),
+                    rel.display()
+                ))
+            })?;
+            if !real.starts_with(&storage_real) {
+                return Err(invalid(format!(
+                    "bind mount on {}: source {} leaves the storage directory",
+                    m.destination().display(),
+                    rel.display()
+                )));
+            }
+            m.set_source(Some(real));
+        }
+        spec.set_mounts(Some(mounts));
+        Ok(())
     }
 
     /// The sandbox's hostname, resolv.conf and hosts, bind-mounted unless the

@@ -198,7 +198,7 @@ impl Io {
     };
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Streams {
     pub stdin: Option<UnixStream>,
     pub stdout: Option<UnixStream>,

@@ -572,3 +572,68 @@ fn network_interfaces_and_routes() {
     let eth0 = list.interfaces.iter().find(|i| i.name == "eth0").unwrap();
     assert_eq!(eth0.mtu, 1400);
 }
+
+#[test]
+fn volumes_and_the_specs_security_settings() {
+    let Some(a) = HostAgent::start("volumes_and_the_specs_security_settings") else {
+        return;
+    };
+    // A volume: a bind mount whose source is relative to the storage
+    // directory (the runtime puts volumes there).
+    let mut spec = busybox_spec(
+        "busybox",
+        &[
+            "sh",
+            "-c",
+            "ls /data/passwd; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; ulimit -n; \
+             cat /proc/kcore | wc -c; echo x > /proc/sys/kernel/hostname 2>/dev/null; echo sys=$?",
+        ],
+        false,
+    );
+    let mut mounts = spec.mounts().clone().unwrap();
+    let volume = |src: &str| {
+        oci_spec::runtime::MountBuilder::default()
+            .destination("/data")
+            .typ("bind")
+            .source(src)
+            .options(vec!["rbind".to_string(), "ro".to_string()])
+            .build()
+            .unwrap()
+    };
+    mounts.push(volume("busybox/etc"));
+    spec.set_mounts(Some(mounts.clone()));
+    let id = unique("vol");
+    let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
+    let out = read_all(&mut s.stdout, T).unwrap();
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0, "{out}");
+    a.conn.remove(&id).unwrap();
+    let lines: Vec<_> = out.lines().collect();
+    assert_eq!(lines[0], "/data/passwd", "{out}");
+    // The default spec's capabilities (far from all 41), no_new_privs,
+    // RLIMIT_NOFILE, a masked /proc/kcore and a read-only /proc/sys.
+    let cap_eff = lines[1].trim_start_matches("CapEff:").trim();
+    assert_ne!(cap_eff, "000001ffffffffff", "{out}");
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>(),
+        ["NoNewPrivs:", "1"]
+    );
+    assert_eq!(lines[3], "1024", "{out}");
+    assert_eq!(lines[4].trim(), "0", "{out}");
+    assert_eq!(lines[5], "sys=1", "{out}");
+
+    // Volume sources outside the storage directory are refused.
+    for (src, want) in [
+        ("/etc", "relative path"),
+        ("busybox/../../..", "relative path"),
+    ] {
+        let mut bad = mounts.clone();
+        bad.pop();
+        bad.push(volume(src));
+        spec.set_mounts(Some(bad));
+        let e = a
+            .conn
+            .run(&unique("badvol"), &spec, Io::default(), false)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains(want), "{src}: {e:#}");
+    }
+}

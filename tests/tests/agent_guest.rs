@@ -225,7 +225,9 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     assert_eq!(a.wait("long", "e1").unwrap().status, 4);
     let update = UpdateContainerRequest {
         container_id: "long".into(),
-        resources: br#"{"pids": {"limit": 20}, "memory": {"limit": 33554432}}"#.to_vec(),
+        resources: br#"{"pids": {"limit": 20}, "memory": {"limit": 33554432},
+                        "cpu": {"quota": 50000, "period": 100000}}"#
+            .to_vec(),
         ..Default::default()
     };
     a.containers.update_container(actx(t), &update).unwrap();
@@ -236,6 +238,26 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     assert!(st.cpu.usage_usec > 0 && st.memory.usage > 0, "{st:?}");
     assert_eq!((st.pids_limit, st.memory.limit), (20, 32 << 20), "{st:?}");
     assert!(st.pids_current >= 1, "{st:?}");
+    // The container sees its own limits (cgroup namespace) after the update.
+    let (stdio, mut es) = a.open_streams("long", "e2", Io::OUT_ERR).unwrap();
+    let process = serde_json::json!({
+        "args": ["cat", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/memory.max",
+                 "/sys/fs/cgroup/pids.max"],
+        "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin:/usr/bin"]
+    });
+    let req = ExecProcessRequest {
+        container_id: "long".into(),
+        exec_id: "e2".into(),
+        process: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    };
+    a.containers.exec_process(actx(t), &req).unwrap();
+    assert_eq!(
+        read_all(&mut es.stdout, t).unwrap(),
+        "50000 100000\n33554432\n20\n"
+    );
+    assert_eq!(a.wait("long", "e2").unwrap().status, 0);
     a.containers
         .pause_container(actx(t), &container("long"))
         .unwrap();
