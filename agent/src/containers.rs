@@ -568,6 +568,7 @@ impl ContainersService {
         let mut undo = Undo {
             svc: self,
             bundle: bundle.clone(),
+            lc_state: self.dirs.libcontainer().join(id),
             overlay: false,
             storages: Vec::new(),
         };
@@ -576,6 +577,7 @@ impl ContainersService {
             let _ = umount2(&bundle.join("rootfs"), MntFlags::MNT_DETACH);
             let _ = std::fs::remove_dir_all(&bundle);
         }
+        let _ = std::fs::remove_dir_all(&undo.lc_state);
         std::fs::create_dir_all(&bundle).map_err(|e| internal(format!("bundle: {e}")))?;
         for s in &req.storages {
             self.take_storage(s).map_err(internal)?;
@@ -1001,6 +1003,9 @@ impl ContainersService {
 struct Undo<'a> {
     svc: &'a ContainersService,
     bundle: PathBuf,
+    /// libcontainer's state dir for the id (it cleans up after a failed
+    /// build itself; this covers failures before it gets that far).
+    lc_state: PathBuf,
     overlay: bool,
     storages: Vec<String>,
 }
@@ -1022,6 +1027,7 @@ impl Drop for Undo<'_> {
             let _ = umount2(&self.bundle.join("rootfs"), MntFlags::MNT_DETACH);
         }
         let _ = std::fs::remove_dir_all(&self.bundle);
+        let _ = std::fs::remove_dir_all(&self.lc_state);
         for s in std::mem::take(&mut self.storages) {
             self.svc.release_storage(&s);
         }

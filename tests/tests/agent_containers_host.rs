@@ -414,6 +414,32 @@ fn bad_requests_get_clear_errors_and_the_agent_stays_up() {
     assert!(e.contains("never-opened"), "{e}");
     assert!(!a.mounts().contains("/containers/nostream"));
 
+    // A process that cannot be executed: the error names it, and the id is
+    // free again afterwards (nothing half-created is left).
+    let id = unique("noexec");
+    let e = a
+        .conn
+        .run(
+            &id,
+            &busybox_spec("busybox", &["/no/such/binary"], false),
+            Io::default(),
+            true,
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("/no/such/binary"), "{e:#}");
+    assert!(!a.mounts().contains(&format!("/containers/{id}/")));
+    assert!(!host_cgroup(&id).exists());
+    a.conn
+        .run(
+            &id,
+            &busybox_spec("busybox", &["true"], false),
+            Io::default(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
+    a.conn.remove(&id).unwrap();
+
     // Unknown ids, twice-started and twice-created containers.
     let id = unique("twice");
     a.conn
