@@ -955,6 +955,20 @@ impl ContainersService {
         Ok(())
     }
 
+    /// Pauses (cgroup.freeze) or resumes a container.
+    fn freeze(&self, id: &str, pause: bool) -> ttrpc::Result<()> {
+        let arc = self.get(id)?;
+        let mut c = lock(&arc);
+        let (what, r) = if pause {
+            ("pause", c.lc.pause())
+        } else {
+            ("resume", c.lc.resume())
+        };
+        r.map_err(|e| status(Code::FAILED_PRECONDITION, format!("{what} {id:?}: {e}")))?;
+        c.paused = pause;
+        Ok(())
+    }
+
     /// Signals every process in the container's cgroup.
     fn signal_cgroup(&self, c: &Ctr, sig: Signal) {
         let _spawn = self.reaper.spawn_lock();
@@ -1199,21 +1213,13 @@ impl Containers for ContainersService {
 
     fn pause_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         check_version(ctx)?;
-        let arc = self.get(&req.container_id)?;
-        let mut c = lock(&arc);
-        c.lc.pause()
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("pause: {e}")))?;
-        c.paused = true;
+        self.freeze(&req.container_id, true)?;
         Ok(Empty::new())
     }
 
     fn resume_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         check_version(ctx)?;
-        let arc = self.get(&req.container_id)?;
-        let mut c = lock(&arc);
-        c.lc.resume()
-            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("resume: {e}")))?;
-        c.paused = false;
+        self.freeze(&req.container_id, false)?;
         Ok(Empty::new())
     }
 

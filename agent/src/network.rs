@@ -100,46 +100,52 @@ impl Netlink {
         }
     }
 
+    /// A dump request, keeping the replies `pick` takes.
+    fn dump<T>(
+        &mut self,
+        req: RouteNetlinkMessage,
+        pick: impl Fn(RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<Vec<T>, String> {
+        Ok(self
+            .request(req, NLM_F_DUMP)?
+            .into_iter()
+            .filter_map(pick)
+            .collect())
+    }
+
     pub fn links(&mut self) -> Result<Vec<LinkMessage>, String> {
-        let r = self.request(
+        self.dump(
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(r.into_iter()
-            .filter_map(|m| match m {
+            |m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(l),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, String> {
-        let r = self.request(
+        self.dump(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(r.into_iter()
-            .filter_map(|m| match m {
+            |m| match m {
                 RouteNetlinkMessage::NewAddress(a) => Some(a),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
+    /// The main table's routes, IPv4 and IPv6.
     pub fn routes(&mut self) -> Result<Vec<RouteMessage>, String> {
-        let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet;
-        let r = self.request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
-        Ok(r.into_iter()
-            .filter_map(|m| match m {
+        self.dump(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            |m| match m {
                 RouteNetlinkMessage::NewRoute(r)
                     if r.header.table == RouteHeader::RT_TABLE_MAIN =>
                 {
                     Some(r)
                 }
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 }
 

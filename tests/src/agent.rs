@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use husk_protocol::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, ProcessRequest, Stdio, Storage,
-    WaitProcessResponse,
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest, Stdio,
+    Storage, WaitProcessResponse,
 };
 use husk_protocol::agent_ttrpc::{ContainersClient, NetworkClient, SandboxClient};
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, STREAM_VSOCK_PORT, VERSION_KEY};
@@ -133,6 +133,28 @@ impl AgentConn {
             streams.stderr = Some(self.stream(&stdio.stderr)?);
         }
         Ok((stdio, streams))
+    }
+
+    /// Runs `process` (OCI process JSON) in container `id` as `exec_id`.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        io: Io,
+    ) -> Result<Streams> {
+        let (stdio, streams) = self.open_streams(id, exec_id, io)?;
+        let req = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process: serde_json::to_vec(process)?,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.containers
+            .exec_process(ctx(Duration::from_secs(120)), &req)
+            .map_err(|e| anyhow::anyhow!("ExecProcess {id}/{exec_id}: {}", rpc_message(&e)))?;
+        Ok(streams)
     }
 
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse> {

@@ -7,34 +7,30 @@ use anyhow::{bail, Result};
 
 use crate::repo_root;
 
-/// The husk-vmm binary: `HUSK_VMM`, or the one cargo built for this workspace
-/// (`cargo test --workspace` builds it for husk-vmm's own tests).
-pub fn husk_vmm_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("HUSK_VMM") {
+/// A binary of this workspace: `$env`, or the one cargo built
+/// (`cargo test --workspace` builds each for its crate's own tests).
+fn workspace_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     for profile in ["debug", "release"] {
-        let p = repo_root().join("target").join(profile).join("husk-vmm");
+        let p = repo_root().join("target").join(profile).join(name);
         if p.exists() {
             return Ok(p);
         }
     }
-    bail!("husk-vmm not built (cargo build -p husk-vmm, or set HUSK_VMM)")
+    bail!("{name} not built (cargo build -p {name}, or set {env})")
 }
 
-/// The husk-agent binary cargo built for this workspace (`HUSK_AGENT`
-/// overrides), for running the agent on the host.
+/// The husk-vmm binary (`HUSK_VMM` overrides).
+pub fn husk_vmm_binary() -> Result<PathBuf> {
+    workspace_binary("husk-vmm", "HUSK_VMM")
+}
+
+/// The husk-agent binary (`HUSK_AGENT` overrides), for running the agent on
+/// the host.
 pub fn husk_agent_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("HUSK_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
-    for profile in ["debug", "release"] {
-        let p = repo_root().join("target").join(profile).join("husk-agent");
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!("husk-agent not built (cargo build -p husk-agent, or set HUSK_AGENT)")
+    workspace_binary("husk-agent", "HUSK_AGENT")
 }
 
 /// Connects to guest vsock `port` through husk-vmm's hybrid vsock socket:

@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    CreateContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, ProcessRequest, Route,
+    CreateContainerRequest, Empty, IPAddress, Interface, ProcessRequest, Route,
     SignalProcessRequest, Stdio, TtyWinResizeRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use husk_tests::agent::{
@@ -230,28 +230,20 @@ fn exec_signals_and_remove_leave_nothing_behind() {
 
     // exec sees the container's pid namespace and rootfs, and has its own
     // streams and exit status.
-    let (stdio, mut es) = a.conn.open_streams(&id, "e1", Io::OUT_ERR).unwrap();
     let process = serde_json::json!({
         "args": ["sh", "-c", "echo pid1=$(cat /proc/1/comm); ls /bin/busybox; exit 5"],
         "cwd": "/", "user": {"uid": 0, "gid": 0},
         "env": ["PATH=/bin:/sbin:/usr/bin"]
     });
-    let req = ExecProcessRequest {
-        container_id: id.clone(),
-        exec_id: "e1".into(),
-        process: serde_json::to_vec(&process).unwrap(),
-        stdio: Some(stdio).into(),
-        ..Default::default()
-    };
-    a.conn.containers.exec_process(ctx(T), &req).unwrap();
+    let mut es = a.conn.exec(&id, "e1", &process, Io::OUT_ERR).unwrap();
     assert_eq!(
         read_all(&mut es.stdout, T).unwrap(),
         "pid1=sh\n/bin/busybox\n"
     );
     assert_eq!(a.conn.wait(&id, "e1").unwrap().status, 5);
     // The same exec id twice is refused.
-    let e = a.conn.containers.exec_process(ctx(T), &req).unwrap_err();
-    assert!(rpc_message(&e).contains("ALREADY_EXISTS"), "{e:?}");
+    let e = a.conn.exec(&id, "e1", &process, Io::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("ALREADY_EXISTS"), "{e:#}");
 
     // Stats: this host's cgroup v2 has cpu.stat (core) but no memory
     // controller.

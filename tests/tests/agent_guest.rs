@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    CreateSandboxRequest, Empty, ExecProcessRequest, IPAddress, Interface, ReseedRandomRequest,
-    SetTimeRequest, Storage, UpdateContainerRequest, UpdateInterfaceRequest,
+    CreateSandboxRequest, Empty, IPAddress, Interface, ReseedRandomRequest, SetTimeRequest,
+    Storage, UpdateContainerRequest, UpdateInterfaceRequest,
 };
 use husk_protocol::agent_ttrpc::SandboxClient;
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, VERSION_KEY};
@@ -206,19 +206,24 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     spec.set_linux(Some(linux));
     a.create("long", &spec, Io::default(), storage(), true)
         .unwrap_or_else(|e| fail(e));
-    let (stdio, mut es) = a.open_streams("long", "e1", Io::OUT_ERR).unwrap();
-    let process = serde_json::json!({
-        "args": ["sh", "-c", "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; exit 4"],
-        "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin:/usr/bin"]
-    });
-    let req = ExecProcessRequest {
-        container_id: "long".into(),
-        exec_id: "e1".into(),
-        process: serde_json::to_vec(&process).unwrap(),
-        stdio: Some(stdio).into(),
-        ..Default::default()
+    let process = |args: &[&str]| {
+        serde_json::json!({
+            "args": args, "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/bin:/usr/bin"]
+        })
     };
-    a.containers.exec_process(actx(t), &req).unwrap();
+    let mut es = a
+        .exec(
+            "long",
+            "e1",
+            &process(&[
+                "sh",
+                "-c",
+                "grep -E '^(Name|VmRSS|VmHWM)' /proc/1/status; exit 4",
+            ]),
+            Io::OUT_ERR,
+        )
+        .unwrap();
     let status = read_all(&mut es.stdout, t).unwrap();
     println!("agent (PID 1) after four containers:\n{status}");
     assert!(status.contains("husk-agent"), "{status:?}");
@@ -239,20 +244,13 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     assert_eq!((st.pids_limit, st.memory.limit), (20, 32 << 20), "{st:?}");
     assert!(st.pids_current >= 1, "{st:?}");
     // The container sees its own limits (cgroup namespace) after the update.
-    let (stdio, mut es) = a.open_streams("long", "e2", Io::OUT_ERR).unwrap();
-    let process = serde_json::json!({
-        "args": ["cat", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/memory.max",
-                 "/sys/fs/cgroup/pids.max"],
-        "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin:/usr/bin"]
-    });
-    let req = ExecProcessRequest {
-        container_id: "long".into(),
-        exec_id: "e2".into(),
-        process: serde_json::to_vec(&process).unwrap(),
-        stdio: Some(stdio).into(),
-        ..Default::default()
-    };
-    a.containers.exec_process(actx(t), &req).unwrap();
+    let cat = [
+        "cat",
+        "/sys/fs/cgroup/cpu.max",
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/pids.max",
+    ];
+    let mut es = a.exec("long", "e2", &process(&cat), Io::OUT_ERR).unwrap();
     assert_eq!(
         read_all(&mut es.stdout, t).unwrap(),
         "50000 100000\n33554432\n20\n"
