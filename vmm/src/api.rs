@@ -15,6 +15,8 @@
 //! | `PUT /actions` | `InstanceStart`, `Pause`, `Resume`, `SendCtrlAltDel` |
 //! | `PATCH /vm` | `{"state": "Paused"|"Resumed"}` (Firecracker's form) |
 //! | `GET /metrics` | counters as JSON |
+//! | `PUT /snapshot/create` | `{"snapshot_path", "mem_file_path"}` of a paused VM |
+//! | `PUT /snapshot/load` | `{"snapshot_path", "mem_file_path", "resume_vm", "vsock_uds_path"}`, instead of configuring and starting |
 //!
 //! Configuration requests are only accepted before `InstanceStart`. Bodies
 //! over 64 KiB are refused; every body is parsed with unknown fields denied.
@@ -32,6 +34,7 @@ use crate::config::{
     BootSource, Drive, EntropyConfig, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::metrics::{inc, METRICS};
+use crate::snapshot::{CreateRequest, LoadRequest};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -125,6 +128,20 @@ impl Controller {
         let config = self.config()?;
         let vmm = builder::build(&config).map_err(|e| format!("{e:#}"))?;
         let running = vmm.start().map_err(|e| format!("{e:#}"))?;
+        self.lock().running = Some(Arc::new(running));
+        self.started.notify_all();
+        Ok(())
+    }
+
+    /// Restores a VM from a snapshot instead of configuring and booting one.
+    pub fn load(&self, req: &LoadRequest) -> Result<(), String> {
+        if self.lock().running.is_some() {
+            return Err("the instance is already started".into());
+        }
+        let vmm = builder::restore(req).map_err(|e| format!("{e:#}"))?;
+        let running = vmm
+            .start_paused(!req.resume_vm)
+            .map_err(|e| format!("{e:#}"))?;
         self.lock().running = Some(Arc::new(running));
         self.started.notify_all();
         Ok(())
@@ -254,6 +271,17 @@ impl Controller {
                     "Resumed" => self.action("Resume"),
                     o => Err(bad(format!("unknown state {o:?} (Paused, Resumed)"))),
                 }
+            }
+            (Method::Put, ["snapshot", "create"]) => {
+                let req: CreateRequest = parse(body)?;
+                self.running()?
+                    .snapshot(&req)
+                    .map(|_| None)
+                    .map_err(|e| bad(format!("{e:#}")))
+            }
+            (Method::Put, ["snapshot", "load"]) => {
+                let req: LoadRequest = parse(body)?;
+                self.load(&req).map(|_| None).map_err(bad)
             }
             (Method::Get, ["metrics"]) => {
                 let mut m = METRICS.json();

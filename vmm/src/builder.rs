@@ -34,7 +34,9 @@ use crate::devices::virtio::net::{open_tap, parse_mac, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
+use crate::snapshot::{CreateRequest, LoadRequest, Snapshot, SnapshotRef};
 use crate::vstate::memory;
+use crate::vstate::state::{self, VmState};
 use crate::vstate::vcpu::{kick_signal, StopReason, Stopper, Vcpu, VcpuControl};
 use crate::vstate::vm::Vm;
 
@@ -250,22 +252,56 @@ pub struct Vmm {
     mmio: Arc<Bus>,
     stopper: Arc<Stopper>,
     // Devices and memory live as long as the VM.
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
     _mem_file: File,
     serial: Arc<Mutex<SerialDevice>>,
     /// Devices with host-side event sources: (fd to wait on, transport).
     event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
+    /// Every virtio transport, in bus order (snapshots).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    config: VmConfig,
+    cpu_identity: String,
 }
 
+/// Builds a VM that boots `config`'s kernel.
 pub fn build(config: &VmConfig) -> Result<Vmm> {
+    build_vm(config, None)
+}
+
+/// Builds a VM from a snapshot: the same machine, its memory mapped private
+/// from the memory file, every vCPU, interrupt controller and device back in
+/// the state it was saved in. Run it to resume the guest.
+pub fn restore(req: &LoadRequest) -> Result<Vmm> {
+    let snap = Snapshot::read(&req.snapshot_path)?;
+    let mut config = snap.config.clone();
+    if let (Some(v), Some(path)) = (config.vsock.as_mut(), &req.vsock_uds_path) {
+        v.uds_path = path.clone();
+    }
+    if let Some(s) = &req.serial {
+        config.serial = s.clone();
+    }
+    build_vm(&config, Some((&snap, &req.mem_file_path)))
+}
+
+/// Names the CPU a guest sees: the host profile and template in effect.
+fn cpu_identity(profile: &str, kernel_args: &[String], template: &CpuTemplate) -> String {
+    format!(
+        "profile={profile} args=[{}] template={template:?}",
+        kernel_args.join(" ")
+    )
+}
+
+fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> {
     config.validate()?;
     config.check_files()?;
     let m = &config.machine_config;
 
     let mut template = CpuTemplate::default();
     let mut kernel_args: Vec<String> = Vec::new();
+    let mut profile_name = String::from("none");
     match resolve_host_profile(&m.host_profile)? {
         Some((p, why)) => {
+            profile_name = p.name.clone();
             tracing::info!(
                 "host profile {} ({why}): kernel args [{}], {} CPUID modifiers",
                 p.name,
@@ -283,24 +319,42 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         template.msr_modifiers.extend(custom.msr_modifiers);
     }
 
-    let (mem, mem_file) = memory::create(m.mem_size_mib << 20)?;
+    let identity = cpu_identity(&profile_name, &kernel_args, &template);
+    if let Some((snap, _)) = from {
+        if snap.cpu_identity != identity {
+            bail!(
+                "the snapshot's vCPUs were made with another CPU template or host profile \
+                 ({}); this host resolves {}",
+                snap.cpu_identity,
+                identity
+            );
+        }
+    }
+
+    let (mem, mem_file) = match from {
+        None => memory::create(m.mem_size_mib << 20)?,
+        Some((snap, mem_path)) => memory::restore(mem_path, snap.mem_size)?,
+    };
     let vm = Vm::new()?;
     // Registering the memory slot and loading the kernel are independent and
     // each take ~10 ms here (KVM_SET_USER_MEMORY_REGION, reading vmlinux):
-    // overlap them.
+    // overlap them. A restored guest's kernel is in its memory already.
     let (registered, kernel) = std::thread::scope(|scope| {
         let reg = scope.spawn(|| vm.register_memory(&mem));
-        let kernel = load_kernel(&mem, &config.boot_source.kernel_image_path);
+        let kernel = match from {
+            None => Some(load_kernel(&mem, &config.boot_source.kernel_image_path)),
+            Some(_) => None,
+        };
         let registered = reg
             .join()
             .unwrap_or(Err(crate::vstate::vm::VmError::Thread));
         (registered, kernel)
     });
     registered?;
-    let kernel = kernel?;
-    let initrd = match &config.boot_source.initrd_path {
-        Some(p) => Some(load_initrd(&mem, p, kernel.result.kernel_end)?),
-        None => None,
+    let kernel = kernel.transpose()?;
+    let initrd = match (&config.boot_source.initrd_path, &kernel) {
+        (Some(p), Some(k)) => Some(load_initrd(&mem, p, k.result.kernel_end)?),
+        _ => None,
     };
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).context("command line")?;
@@ -331,10 +385,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
             File::create(p).with_context(|| format!("console file {}", p.display()))?,
         ),
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        EventFdTrigger(serial_evt),
-        out,
-    )));
+    let serial = Arc::new(Mutex::new(match from {
+        None => SerialDevice::new(EventFdTrigger(serial_evt), out),
+        Some((snap, _)) => SerialDevice::from_state(&snap.serial, EventFdTrigger(serial_evt), out)
+            .map_err(|e| anyhow::anyhow!(e))?,
+    }));
     pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
     let i8042 = I8042::new(EventFdTrigger(stopper.evt.try_clone()?));
     pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
@@ -347,6 +402,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         next_addr: MMIO_DEVICES_START,
     };
     let mut root_args = None;
+    let mut transports = Vec::new();
     for drive in config.ordered_drives() {
         let block = Block::open(&drive.path_on_host, drive.is_read_only, &drive.drive_id)?;
         if drive.is_root_device {
@@ -356,7 +412,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
                 "root=/dev/vda rw"
             });
         }
-        let (_, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(block))?;
+        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(block))?;
+        transports.push(t);
         tracing::info!(
             "drive {}: {} ({}) at {at}",
             drive.drive_id,
@@ -374,6 +431,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         let net = Net::new(open_tap(&n.host_dev_name)?, mac)?;
         let epfd = net.epoll_fd();
         let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(net))?;
+        transports.push(t.clone());
         tracing::info!("interface {}: tap {} at {at}", n.iface_id, n.host_dev_name);
         event_loops.push(("net", epfd, t));
     }
@@ -381,6 +439,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         let vsock = Vsock::new(vc.guest_cid, &vc.uds_path)?;
         let epfd = vsock.epoll_fd();
         let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(vsock))?;
+        transports.push(t.clone());
         tracing::info!(
             "vsock: guest cid {}, host socket {} at {at}",
             vc.guest_cid,
@@ -389,7 +448,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         event_loops.push(("vsock", epfd, t));
     }
     if config.entropy.is_some() {
-        let (_, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(Rng::new()))?;
+        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(Rng::new()))?;
+        transports.push(t);
         tracing::info!("entropy: virtio-rng at {at}");
     }
     let mmio = slots.bus;
@@ -397,6 +457,23 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         cmdline.insert_str(r).context("command line")?;
     }
 
+    if let Some((snap, _)) = from {
+        return restore_parts(
+            config,
+            snap,
+            vm,
+            mem,
+            mem_file,
+            pio,
+            mmio,
+            stopper,
+            serial,
+            event_loops,
+            transports,
+            identity,
+        );
+    }
+    let kernel = kernel.context("no kernel loaded")?;
     load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).context("writing command line")?;
     let cmdline_str = cmdline
         .as_cstring()
@@ -412,9 +489,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
     }
     mptable::setup(&mem, m.vcpu_count)?;
 
+    let msr_list = Arc::new(state::msr_indices(&vm.kvm)?);
     let mut vcpus = Vec::new();
     for i in 0..m.vcpu_count {
-        let v = Vcpu::new(&vm.fd, i)?;
+        let mut v = Vcpu::new(&vm.fd, i)?;
+        v.msr_list = msr_list.clone();
         let refused = v.configure_cpuid(&vm.kvm, m.vcpu_count, &template)?;
         if i == 0 {
             // What the template asked for and did not get matters (warn);
@@ -452,16 +531,87 @@ pub fn build(config: &VmConfig) -> Result<Vmm> {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         stopper,
-        _mem: mem,
+        mem,
         _mem_file: mem_file,
         serial,
         event_loops,
+        transports,
+        config: config.clone(),
+        cpu_identity: identity,
+    })
+}
+
+/// The rest of a restore, once memory, buses and devices exist: VM state,
+/// vCPU state, device state.
+#[allow(clippy::too_many_arguments)]
+fn restore_parts(
+    config: &VmConfig,
+    snap: &Snapshot,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    mem_file: File,
+    pio: Bus,
+    mmio: Bus,
+    stopper: Arc<Stopper>,
+    serial: Arc<Mutex<SerialDevice>>,
+    event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    identity: String,
+) -> Result<Vmm> {
+    if snap.devices.len() != transports.len() {
+        bail!(
+            "the snapshot has {} virtio devices; its config builds {}",
+            snap.devices.len(),
+            transports.len()
+        );
+    }
+    snap.vm.restore(&vm.fd).context("restoring VM state")?;
+    let msr_list = Arc::new(state::msr_indices(&vm.kvm)?);
+    let mut vcpus = Vec::new();
+    for (i, s) in snap.vcpus.iter().enumerate() {
+        let mut v = Vcpu::new(&vm.fd, i as u8)?;
+        v.msr_list = msr_list.clone();
+        s.restore(&v.fd)
+            .with_context(|| format!("restoring vCPU {i}"))?;
+        vcpus.push(v);
+    }
+    for (t, s) in transports.iter().zip(&snap.devices) {
+        t.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(s)
+            .map_err(|e| anyhow::anyhow!("restoring a device: {e}"))?;
+    }
+    tracing::info!(
+        "restored: {} vCPU(s), {} MiB, {} devices",
+        vcpus.len(),
+        snap.mem_size >> 20,
+        transports.len()
+    );
+    Ok(Vmm {
+        vm,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        stopper,
+        mem,
+        _mem_file: mem_file,
+        serial,
+        event_loops,
+        transports,
+        config: config.clone(),
+        cpu_identity: identity,
     })
 }
 
 impl Vmm {
     /// Starts the vCPUs and device event loops.
     pub fn start(self) -> Result<RunningVm> {
+        self.start_paused(false)
+    }
+
+    /// Starts the VM; with `paused` its vCPUs park before running any guest
+    /// code (a snapshot loaded without resume_vm).
+    pub fn start_paused(self, paused: bool) -> Result<RunningVm> {
         let Vmm {
             vm,
             vcpus,
@@ -470,15 +620,19 @@ impl Vmm {
             stopper,
             serial,
             event_loops,
-            _mem,
+            mem,
             _mem_file,
+            transports,
+            config,
+            cpu_identity,
         } = self;
+        let vcpu_count = vcpus.len();
         for (name, fd, transport) in event_loops {
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || device_event_loop(fd, transport))?;
         }
-        let control = Arc::new(VcpuControl::default());
+        let control = Arc::new(VcpuControl::new(paused));
         let mut handles = Vec::new();
         for v in vcpus {
             let (pio, mmio, stopper, control) =
@@ -495,9 +649,13 @@ impl Vmm {
             })?);
         }
         Ok(RunningVm {
-            _vm: vm,
-            _mem,
+            vm,
+            mem,
             _mem_file,
+            transports,
+            config,
+            cpu_identity,
+            vcpu_count,
             stopper,
             serial,
             control,
@@ -514,9 +672,13 @@ impl Vmm {
 
 /// A VM whose vCPUs are running (or paused).
 pub struct RunningVm {
-    _vm: Vm,
-    _mem: GuestMemoryMmap,
+    vm: Vm,
+    mem: GuestMemoryMmap,
     _mem_file: File,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    config: VmConfig,
+    cpu_identity: String,
+    vcpu_count: usize,
     stopper: Arc<Stopper>,
     serial: Arc<Mutex<SerialDevice>>,
     control: Arc<VcpuControl>,
@@ -543,6 +705,62 @@ impl RunningVm {
 
     pub fn paused(&self) -> bool {
         self.control.paused()
+    }
+
+    /// Writes a snapshot of a paused VM: the state file, then guest memory.
+    /// Device threads are held off (their transports locked) meanwhile, so
+    /// nothing changes guest memory or device state under the copy.
+    pub fn snapshot(&self, req: &CreateRequest) -> Result<()> {
+        if !self.paused() {
+            bail!("the VM must be paused for a snapshot");
+        }
+        // Paused was asked for; wait until every vCPU has parked (and so
+        // recorded its state).
+        self.pause()?;
+        let started = std::time::Instant::now();
+        let guards: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let devices: Vec<_> = guards.iter().map(|t| t.state()).collect();
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
+        let vm_state = VmState::save(&self.vm.fd).context("reading VM state")?;
+        let mem_size = self.config.machine_config.mem_size_mib << 20;
+        self.control
+            .with_saved_states(self.vcpu_count, |vcpus| {
+                SnapshotRef {
+                    magic: crate::snapshot::MAGIC,
+                    format_version: crate::snapshot::FORMAT_VERSION,
+                    vmm_version: env!("CARGO_PKG_VERSION"),
+                    cpu_identity: &self.cpu_identity,
+                    config: &self.config,
+                    mem_size,
+                    vm: &vm_state,
+                    vcpus: vcpus.to_vec(),
+                    devices: &devices,
+                    serial: &serial,
+                }
+                .write(&req.snapshot_path)
+            })
+            .map_err(|e| anyhow::anyhow!("snapshot: {e}"))??;
+        let mut out = File::create(&req.mem_file_path)
+            .with_context(|| format!("memory file {}", req.mem_file_path.display()))?;
+        memory::write_to(&self.mem, &mut out)
+            .with_context(|| format!("writing {}", req.mem_file_path.display()))?;
+        drop(guards);
+        tracing::info!(
+            "snapshot: {} and {} ({} MiB) in {:?}",
+            req.snapshot_path.display(),
+            req.mem_file_path.display(),
+            mem_size >> 20,
+            started.elapsed()
+        );
+        Ok(())
     }
 
     pub fn uptime(&self) -> std::time::Duration {

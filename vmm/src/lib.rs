@@ -13,4 +13,5 @@ pub mod devices;
 pub mod metrics;
 pub mod seccomp;
 mod seccomp_table;
+pub mod snapshot;
 pub mod vstate;

@@ -88,6 +88,12 @@ const VMM: &[&str] = &[
     "pwrite64",
     "memfd_create",
     "ftruncate",
+    // snapshots: the state file (written, renamed into place) and memory
+    "fsync",
+    "fdatasync",
+    "rename",
+    "renameat",
+    "renameat2",
     "fcntl",
     "ioctl",
     "eventfd2",

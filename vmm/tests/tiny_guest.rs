@@ -369,3 +369,161 @@ fn api_configures_starts_pauses_and_resumes_a_vm() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Waits for the VMM to exit (at most `secs`); kills it if it does not.
+fn wait_exit(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn api_vmm(sock: &Path) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("--api-sock")
+        .arg(sock)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+#[test]
+fn snapshot_restores_a_running_guest_where_it_was() {
+    if let Some(why) = kvm_unavailable() {
+        println!("SKIP snapshot_restores_a_running_guest_where_it_was: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A guest that counts in memory (at 0x2000), prints 'a' + (count & 15)
+    // each time, and resets at 600: where it resumes shows that memory,
+    // registers and the serial device all came back.
+    let mut code = vec![0xba, 0xf8, 0x03, 0x00, 0x00]; // mov edx, 0x3f8
+    code.extend_from_slice(&[0xff, 0x05, 0x00, 0x20, 0x00, 0x00]); // loop: inc dword [0x2000]
+    code.extend_from_slice(&[0xa1, 0x00, 0x20, 0x00, 0x00]); // mov eax, [0x2000]
+    code.extend_from_slice(&[0x3d, 0x58, 0x02, 0x00, 0x00]); // cmp eax, 600
+    code.extend_from_slice(&[0x74, 0x0f]); // je done
+    code.extend_from_slice(&[0x24, 0x0f, 0x04, b'a', 0xee]); // and al,15; add al,'a'; out dx,al
+    code.extend_from_slice(&[0xb9, 0x00, 0x04, 0x00, 0x00]); // mov ecx, 0x400
+    code.extend_from_slice(&[0x49, 0x75, 0xfd]); // dec ecx; jnz -3
+    code.extend_from_slice(&[0xeb, 0xdf]); // jmp loop
+    reset(&mut code); // done:
+    let kernel = dir.path().join("counter.elf");
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let expected: String = (1..600u32)
+        .map(|i| char::from(b'a' + (i & 15) as u8))
+        .collect();
+
+    let (console1, console2) = (dir.path().join("c1"), dir.path().join("c2"));
+    let (snap, mem) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    let sock = dir.path().join("a.sock");
+    let mut vmm = api_vmm(&sock);
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(http(&sock, "PUT", "/boot-source", &boot).0, 204);
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 32}"#;
+    assert_eq!(http(&sock, "PUT", "/machine-config", machine).0, 204);
+    // A device too, so transport state goes through the snapshot.
+    assert_eq!(http(&sock, "PUT", "/entropy", "{}").0, 204);
+    let serial = format!(r#"{{"output": {{"file": "{}"}}}}"#, console1.display());
+    assert_eq!(http(&sock, "PUT", "/serial", &serial).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(http(&sock, "PUT", "/actions", start).0, 204);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while size(&console1) < 40 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A running VM cannot be snapshotted.
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.display(),
+        mem.display()
+    );
+    let (st, body) = http(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("paused"), "{body}");
+    assert_eq!(http(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+    let (st, body) = http(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(st, 204, "{body}");
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    let before = std::fs::read_to_string(&console1).unwrap();
+    assert!(before.len() >= 40 && before.len() < 599, "{}", before.len());
+    assert_eq!(size(&mem), 32 << 20);
+
+    // Restored in a new VMM, the guest goes on from the same count.
+    let sock2 = dir.path().join("b.sock");
+    let mut vmm2 = api_vmm(&sock2);
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true,
+            "serial": {{"output": {{"file": "{}"}}}}}}"#,
+        snap.display(),
+        mem.display(),
+        console2.display()
+    );
+    let restore_started = Instant::now();
+    let (st, body) = http(&sock2, "PUT", "/snapshot/load", &load);
+    assert_eq!(st, 204, "{body}");
+    println!("snapshot load answered in {:?}", restore_started.elapsed());
+    let status = wait_exit(&mut vmm2, 60).expect("restored guest did not finish");
+    assert!(status.success(), "{status}");
+    let after = std::fs::read_to_string(&console2).unwrap();
+    assert_eq!(format!("{before}{after}"), expected);
+    // The memory file is mapped private: the restored guest's writes did
+    // not change it, so it restores again to the same point.
+    assert_eq!(size(&mem), 32 << 20);
+
+    // Bad snapshots are refused with a clear error, before any guest runs.
+    let sock3 = dir.path().join("c.sock");
+    let mut vmm3 = api_vmm(&sock3);
+    let try_load = |snap: &Path, mem: &Path| {
+        let load = format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            snap.display(),
+            mem.display()
+        );
+        http(&sock3, "PUT", "/snapshot/load", &load)
+    };
+    let short_mem = dir.path().join("short.mem");
+    std::fs::write(&short_mem, vec![0u8; 4096]).unwrap();
+    let (st, body) = try_load(&snap, &short_mem);
+    assert_eq!(st, 400);
+    assert!(body.contains("truncated"), "{body}");
+    let text = std::fs::read_to_string(&snap).unwrap();
+    let cut = dir.path().join("cut.snap");
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let (st, body) = try_load(&cut, &mem);
+    assert_eq!(st, 400);
+    assert!(body.contains("truncated or corrupt"), "{body}");
+    let other = dir.path().join("other.snap");
+    let version = format!(r#""vmm_version":"{}""#, env!("CARGO_PKG_VERSION"));
+    assert!(text.contains(&version));
+    std::fs::write(&other, text.replace(&version, r#""vmm_version":"0.0.1""#)).unwrap();
+    let (st, body) = try_load(&other, &mem);
+    assert_eq!(st, 400);
+    assert!(body.contains("0.0.1"), "{body}");
+    let template = dir.path().join("template.snap");
+    let idx = text
+        .find(r#""cpu_identity":"profile="#)
+        .expect("cpu_identity");
+    let mut t = text.clone();
+    t.insert_str(idx + r#""cpu_identity":"profile="#.len(), "other-");
+    std::fs::write(&template, t).unwrap();
+    let (st, body) = try_load(&template, &mem);
+    assert_eq!(st, 400);
+    assert!(body.contains("CPU template"), "{body}");
+    // The VMM is still there, not started.
+    assert!(http(&sock3, "GET", "/", "").1.contains("Not started"));
+    let _ = vmm3.kill();
+    let _ = vmm3.wait();
+}

@@ -48,11 +48,61 @@ pub struct SerialDevice {
     pub serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
 }
 
+/// The 8250's registers, for snapshots (vm-superio's SerialState, which has
+/// no serde).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    pub regs: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     pub fn new(irq: EventFdTrigger, out: ConsoleOut) -> Self {
         SerialDevice {
             serial: Serial::new(irq, out),
         }
+    }
+
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    pub fn from_state(
+        s: &SerialSnapshot,
+        irq: EventFdTrigger,
+        out: ConsoleOut,
+    ) -> Result<Self, String> {
+        let r = s.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: s.in_buffer.clone(),
+        };
+        Ok(SerialDevice {
+            serial: Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+                .map_err(|e| format!("serial state: {e:?}"))?,
+        })
     }
 }
 

@@ -19,6 +19,73 @@ pub enum MemoryError {
     Truncate { size: u64, source: std::io::Error },
     #[error("mapping guest memory: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    #[error("memory file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("memory file {path} holds {got} bytes; the snapshot's guest has {want} (truncated, or another snapshot's)")]
+    Size { path: String, got: u64, want: u64 },
+    #[error("mapping the memory file: {0}")]
+    MapFile(String),
+}
+
+/// Guest memory from a snapshot's memory file, mapped private: pages stay
+/// shared with every other VM restored from the same file until written
+/// (copy-on-write), and the file itself is never changed.
+pub fn restore(
+    path: &std::path::Path,
+    mem_size: u64,
+) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    let file_err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(file_err)?;
+    let got = file.metadata().map_err(file_err)?.len();
+    if got != mem_size {
+        return Err(MemoryError::Size {
+            path: path.display().to_string(),
+            got,
+            want: mem_size,
+        });
+    }
+    let mut regions = Vec::new();
+    let mut file_off = 0u64;
+    for (base, len) in ram_regions(mem_size) {
+        let f = file.try_clone().map_err(file_err)?;
+        let region = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(f, file_off))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(base))
+            .ok_or_else(|| MemoryError::MapFile("region overflows the address space".into()))?;
+        regions.push(region);
+        file_off += len;
+    }
+    let mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::MapFile(e.to_string()))?;
+    Ok((mem, file))
+}
+
+/// Writes guest memory, region after region, to `out` (the snapshot's
+/// memory file). The VM must be paused and its devices quiet.
+pub fn write_to(mem: &GuestMemoryMmap, out: &mut File) -> std::io::Result<()> {
+    use std::io::Write;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        // SAFETY: the region is a live mapping of `len` bytes owned by `mem`;
+        // nothing writes it meanwhile (vCPUs parked, device threads held off
+        // by the caller), so reading it as a byte slice is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(region.as_ptr() as *const u8, region.len() as usize)
+        };
+        out.write_all(bytes)?;
+    }
+    out.sync_all()
 }
 
 /// Creates the guest memory and returns it with its backing file.

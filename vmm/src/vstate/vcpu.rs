@@ -15,6 +15,7 @@ use crate::cpu_template::CpuTemplate;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemoryMmap;
 use crate::metrics::{inc, METRICS};
+use crate::vstate::state::VcpuState;
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -83,6 +84,9 @@ pub struct VcpuControl {
     /// (pause requested, vCPUs parked)
     state: std::sync::Mutex<(bool, usize)>,
     cv: std::sync::Condvar,
+    /// Each vCPU's state, read by its own thread as it parks (KVM needs the
+    /// vCPU out of KVM_RUN, and pending I/O completed, first).
+    saved: std::sync::Mutex<std::collections::BTreeMap<u8, Result<VcpuState, String>>>,
 }
 
 impl Default for VcpuControl {
@@ -90,6 +94,7 @@ impl Default for VcpuControl {
         VcpuControl {
             state: std::sync::Mutex::new((false, 0)),
             cv: std::sync::Condvar::new(),
+            saved: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 }
@@ -109,12 +114,28 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 }
 
 impl VcpuControl {
+    /// `paused`: the vCPUs park as soon as they start.
+    pub fn new(paused: bool) -> Self {
+        let c = Self::default();
+        c.lock().0 = paused;
+        c
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called by a vCPU thread between KVM_RUNs: parks while paused.
-    fn park_if_paused(&self) {
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused, after
+    /// recording its state with `capture`.
+    fn park_if_paused(&self, index: u8, capture: impl FnOnce() -> Result<VcpuState, String>) {
+        if !self.lock().0 {
+            return;
+        }
+        let state = capture();
+        self.saved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index, state);
         let mut st = self.lock();
         if !st.0 {
             return;
@@ -168,11 +189,31 @@ impl VcpuControl {
     pub fn paused(&self) -> bool {
         self.lock().0
     }
+
+    /// Hands `f` the vCPUs' states as they parked; only meaningful while
+    /// paused.
+    pub fn with_saved_states<R>(
+        &self,
+        count: usize,
+        f: impl FnOnce(&[&VcpuState]) -> R,
+    ) -> Result<R, String> {
+        let saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let states = (0..count)
+            .map(|i| match saved.get(&(i as u8)) {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(format!("vCPU {i}: {e}")),
+                None => Err(format!("vCPU {i} has not parked")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(f(&states))
+    }
 }
 
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
+    /// The MSRs a snapshot saves (the host's KVM_GET_MSR_INDEX_LIST).
+    pub msr_list: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -180,7 +221,11 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Kvm("create_vcpu", e))?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            fd,
+            msr_list: Arc::new(Vec::new()),
+        })
     }
 
     /// CPUID (normalised + template), then what the host refused, logged.
@@ -230,6 +275,21 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Reads this vCPU's state for a snapshot. A KVM_RUN with immediate_exit
+    /// set first completes any port or MMIO access KVM still holds (its
+    /// result would otherwise be lost), without running guest code.
+    pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(VcpuError::Kvm("KVM_RUN (immediate exit)", e)),
+        }
+        VcpuState::save(&self.msr_list, &self.fd)
+    }
+
     /// The registers that say where a guest died, for the log.
     pub fn dump_regs(&self) -> String {
         let r = match self.fd.get_regs() {
@@ -259,7 +319,7 @@ impl Vcpu {
         control: Arc<VcpuControl>,
     ) {
         loop {
-            control.park_if_paused();
+            control.park_if_paused(self.index, || self.save_state().map_err(|e| e.to_string()));
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

@@ -3,7 +3,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{GuestMemoryMmap, Interrupt, VirtioDevice, INT_VRING};
 use crate::devices::bus::BusDevice;
@@ -16,6 +17,35 @@ const VENDOR_ID: u32 = 0x4b53_5548;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
+
+/// A virtqueue's registers and ring positions, for snapshots.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub event_idx: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// What a transport and its device's negotiation hold, for snapshots.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub queues: Vec<QueueSnapshot>,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub activated: bool,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -55,6 +85,118 @@ impl MmioTransport {
             activated: false,
             config_generation: 0,
         })
+    }
+
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        event_idx: s.event_idx_enabled,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                    }
+                })
+                .collect(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            activated: self.activated,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Puts a freshly built transport (same device, same guest memory) back
+    /// in `s`'s state. The state is untrusted: it must fit this device, and
+    /// every queue is validated as a driver-configured one would be.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        let kind = self.device.device_type();
+        if s.device_type != kind {
+            return Err(format!(
+                "snapshot has a device of type {} where this VM has type {kind}",
+                s.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device type {kind}: {} queues in the snapshot, {} here",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.driver_features & !self.device.features() != 0 {
+            return Err(format!(
+                "device type {kind}: the snapshot acked features {:#x} this device does not offer",
+                s.driver_features & !self.device.features()
+            ));
+        }
+        let mut queues = Vec::new();
+        for (q, mine) in s.queues.iter().zip(&self.queues) {
+            if q.max_size != mine.max_size() {
+                return Err(format!(
+                    "device type {kind}: queue size {} in the snapshot, {} here",
+                    q.max_size,
+                    mine.max_size()
+                ));
+            }
+            let restored = Queue::try_from(QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            })
+            .map_err(|e| format!("device type {kind}: queue: {e:?}"))?;
+            if restored.ready() && !restored.is_valid(&self.mem) {
+                return Err(format!(
+                    "device type {kind}: a queue lies outside guest memory"
+                ));
+            }
+            queues.push(restored);
+        }
+        self.queues = queues;
+        self.queue_select = s.queue_select;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        if s.status & STATUS_FEATURES_OK != 0 {
+            self.device.ack_features(s.driver_features);
+        }
+        if s.activated {
+            self.device.activate(&self.mem)?;
+            self.activated = true;
+            // Host-side connections did not survive; the device tells the
+            // driver so (vsock: a transport reset event).
+            if self.device.restored(&mut self.queues, &self.mem) {
+                self.interrupt.signal(INT_VRING);
+            }
+        }
+        self.interrupt
+            .status
+            .fetch_or(s.interrupt_status, Ordering::SeqCst);
+        if s.interrupt_status != 0 {
+            self.interrupt.signal(0);
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -74,6 +74,12 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The device was restored from a snapshot and activated; host-side
+    /// state (connections) did not come along. Returns true if it used a
+    /// queue (the driver is interrupted).
+    fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
     /// Drains host-side events while the driver has not activated the device,
     /// so an event loop waiting on them does not spin.
     fn poll_host_events(&mut self) {}
