@@ -19,7 +19,8 @@ use husk_tests::agent::{
     busybox_erofs, busybox_spec, container, ctx as actx, read_all, AgentConn, Endpoint, Io,
 };
 use husk_tests::{
-    guest_kernel, guest_rootfs, husk_vmm_binary, kvm_unavailable, skip, vsock_connect, Guest,
+    api_request, guest_kernel, guest_rootfs, husk_vmm_binary, kvm_unavailable, skip, vsock_connect,
+    Guest,
 };
 
 fn ctx() -> ttrpc::context::Context {
@@ -53,8 +54,12 @@ fn agent_serves_in_the_guest_over_vsock() {
     });
     let cfg = dir.path().join("vm.json");
     std::fs::write(&cfg, serde_json::to_vec(&config).unwrap()).unwrap();
+    let api = dir.path().join("api.sock");
     let mut cmd = Command::new(husk_vmm_binary().unwrap());
-    cmd.arg("--config-file").arg(&cfg);
+    cmd.arg("--config-file")
+        .arg(&cfg)
+        .arg("--api-sock")
+        .arg(&api);
     let mut guest = Guest::spawn("husk-vmm", cmd).unwrap();
     let (_, at) = guest
         .wait_for_line("husk-agent: serving agent API", Duration::from_secs(420))
@@ -88,7 +93,40 @@ fn agent_serves_in_the_guest_over_vsock() {
     assert!(client.create_sandbox(ctx(), &r).is_err());
     assert!(client.health(ctx(), &Empty::new()).is_ok());
 
-    containers_in_the_guest(&uds, &guest);
+    // Snapshot the booted sandbox and run the containers in a VM restored
+    // from it: a restored VM must serve exactly as a booted one.
+    let (snap, mem) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    let t = Instant::now();
+    let (st, body) = api_request(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#).unwrap();
+    assert_eq!(st, 204, "{body}");
+    let create = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem}).to_string();
+    let (st, body) = api_request(&api, "PUT", "/snapshot/create", &create).unwrap();
+    assert_eq!(st, 204, "{body}");
+    println!("pause + snapshot of the booted sandbox: {:?}", t.elapsed());
+    drop(client);
+    drop(guest);
+    let (api2, uds2) = (dir.path().join("api2.sock"), dir.path().join("v2.sock"));
+    let mut cmd = Command::new(husk_vmm_binary().unwrap());
+    cmd.arg("--api-sock").arg(&api2);
+    let mut guest = Guest::spawn("husk-vmm (restored)", cmd).unwrap();
+    let t = Instant::now();
+    let load = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem,
+                                  "resume_vm": true, "vsock_uds_path": uds2})
+    .to_string();
+    let (st, body) = api_request(&api2, "PUT", "/snapshot/load", &load).unwrap();
+    assert_eq!(st, 204, "{body}\n{}", guest.tail());
+    let loaded = t.elapsed();
+    let stream = vsock_connect(&uds2, AGENT_VSOCK_PORT, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
+    let client = SandboxClient::new(ttrpc::Client::new(stream.into_raw_fd()).unwrap());
+    let h = client.health(ctx(), &Empty::new()).unwrap();
+    assert_eq!(h.status, "SERVING");
+    println!(
+        "restored: load answered in {loaded:?}, first Health answered {:?} after load began",
+        t.elapsed()
+    );
+
+    containers_in_the_guest(&uds2, &guest);
 
     client.destroy_sandbox(ctx(), &Empty::new()).unwrap();
     let status = guest

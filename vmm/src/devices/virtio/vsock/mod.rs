@@ -717,6 +717,31 @@ impl VirtioDevice for Vsock {
         self.poll_host();
     }
 
+    /// After a restore no host connection exists: a TRANSPORT_RESET event
+    /// makes the guest drop its connected sockets (listeners stay), as
+    /// Firecracker does.
+    fn restored(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(q) = queues.get_mut(EVT_QUEUE) else {
+            return false;
+        };
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset after restore");
+            return false;
+        };
+        // The guest may still hold its sockets of the saved VMM's
+        // connections until it handles the reset; new host connections
+        // must not reuse their port numbers (a REQUEST on a stale 4-tuple
+        // was ignored, costing a 30 s retry). Start at a random port.
+        let r =
+            std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
+        let offset = (std::hash::Hasher::finish(&r) % (1 << 29)) as u32;
+        self.next_local_port = FIRST_LOCAL_PORT + offset;
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id; }, id 0 = TRANSPORT_RESET.
+        let len = crate::devices::virtio::write_chain(&chain, &[&0u32.to_le_bytes()]).unwrap_or(0);
+        q.add_used(mem, head, len).is_ok()
+    }
+
     fn reset(&mut self) {
         let keys: Vec<_> = self.conns.keys().copied().collect();
         for k in keys {
