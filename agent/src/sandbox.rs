@@ -34,6 +34,19 @@ pub struct SandboxService {
     pub on_destroy: Arc<dyn Fn() + Send + Sync>,
 }
 
+/// Forces the kernel's CRNG to reseed from its input pool.
+fn reseed_crng(urandom: &std::fs::File) -> std::io::Result<()> {
+    // _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: RNDRESEEDCRNG takes no argument; the fd is an open
+    // /dev/urandom we own for the duration of the call.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(urandom), RNDRESEEDCRNG as _) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// RFC 1123 host name: 1-63 letters, digits, hyphens per label, 253 in all.
 pub fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
@@ -178,11 +191,19 @@ impl Sandbox for SandboxService {
         }
         // Writing mixes the bytes into the pool (without crediting entropy);
         // on a host it is harmless too.
-        std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/urandom")
-            .and_then(|mut f| f.write_all(&req.data))
+            .and_then(|mut f| f.write_all(&req.data).map(|_| f))
             .map_err(|e| internal(format!("/dev/urandom: {e}")))?;
+        // Mixing alone changes nothing until the kernel next reseeds its
+        // CRNG (up to a minute): a VM restored from a template would hand
+        // out the template's random numbers meanwhile. In the guest, reseed
+        // now (RNDRESEEDCRNG; the guest has no VM generation ID device to
+        // do it on restore).
+        if self.is_guest {
+            reseed_crng(&f).map_err(|e| internal(format!("RNDRESEEDCRNG: {e}")))?;
+        }
         Ok(Empty::new())
     }
 }

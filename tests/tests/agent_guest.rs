@@ -105,26 +105,48 @@ fn agent_serves_in_the_guest_over_vsock() {
     println!("pause + snapshot of the booted sandbox: {:?}", t.elapsed());
     drop(client);
     drop(guest);
-    let (api2, uds2) = (dir.path().join("api2.sock"), dir.path().join("v2.sock"));
-    let mut cmd = Command::new(husk_vmm_binary().unwrap());
-    cmd.arg("--api-sock").arg(&api2);
-    let mut guest = Guest::spawn("husk-vmm (restored)", cmd).unwrap();
-    let t = Instant::now();
-    let load = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem,
-                                  "resume_vm": true, "vsock_uds_path": uds2})
-    .to_string();
-    let (st, body) = api_request(&api2, "PUT", "/snapshot/load", &load).unwrap();
-    assert_eq!(st, 204, "{body}\n{}", guest.tail());
-    let loaded = t.elapsed();
-    let stream = vsock_connect(&uds2, AGENT_VSOCK_PORT, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
-    let client = SandboxClient::new(ttrpc::Client::new(stream.into_raw_fd()).unwrap());
-    let h = client.health(ctx(), &Empty::new()).unwrap();
-    assert_eq!(h.status, "SERVING");
-    println!(
-        "restored: load answered in {loaded:?}, first Health answered {:?} after load began",
-        t.elapsed()
-    );
+    // Two sandboxes from the one snapshot, side by side.
+    let (mut guest, client, uds2) = restore(dir.path(), "a", &snap, &mem);
+    let (guest_b, client_b, uds3) = restore(dir.path(), "b", &snap, &mem);
+    // Each takes its own identity: randomness, clock, hostname.
+    for (c, name) in [(&client, "clone-a"), (&client_b, "clone-b")] {
+        let mut seed = ReseedRandomRequest::new();
+        let mut f = std::fs::File::open("/dev/urandom").unwrap();
+        seed.data = vec![0; 64];
+        std::io::Read::read_exact(&mut f, &mut seed.data).unwrap();
+        c.reseed_random(ctx(), &seed).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let mut t = SetTimeRequest::new();
+        t.sec = now.as_secs() as i64;
+        t.nsec = now.subsec_nanos();
+        c.set_time(ctx(), &t).unwrap();
+        let mut r = CreateSandboxRequest::new();
+        r.hostname = name.into();
+        r.dns_servers = vec!["10.0.2.3".into()];
+        c.create_sandbox(ctx(), &r).unwrap();
+    }
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| identity(&uds2, &guest));
+        let b = s.spawn(|| identity(&uds3, &guest_b));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    println!("clone a: {a:?}\nclone b: {b:?}");
+    assert_eq!(a.hostname, "clone-a");
+    assert_eq!(b.hostname, "clone-b");
+    assert_ne!(a.boot_id, b.boot_id);
+    assert_ne!(a.random, b.random);
+    assert_eq!(a.random.len(), 64, "{a:?}");
+    for c in [&a, &b] {
+        assert!(
+            c.clock_skew.abs() < 1.5,
+            "guest clock {:.2} s off",
+            c.clock_skew
+        );
+    }
+    client_b.destroy_sandbox(ctx(), &Empty::new()).unwrap();
+    drop(guest_b);
 
     containers_in_the_guest(&uds2, &guest);
 
@@ -134,6 +156,91 @@ fn agent_serves_in_the_guest_over_vsock() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(status.success(), "{status}\n{}", guest.tail());
     guest.assert_no_errors(&["husk-agent: mount"]);
+}
+
+/// A VM restored from the snapshot, its agent answering Health.
+fn restore(
+    dir: &std::path::Path,
+    tag: &str,
+    snap: &std::path::Path,
+    mem: &std::path::Path,
+) -> (Guest, SandboxClient, std::path::PathBuf) {
+    let (api, uds) = (
+        dir.join(format!("api-{tag}.sock")),
+        dir.join(format!("v-{tag}.sock")),
+    );
+    let mut cmd = Command::new(husk_vmm_binary().unwrap());
+    cmd.arg("--api-sock").arg(&api);
+    let guest = Guest::spawn(&format!("husk-vmm (restored {tag})"), cmd).unwrap();
+    let t = Instant::now();
+    let load = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem,
+                                  "resume_vm": true, "vsock_uds_path": uds})
+    .to_string();
+    let (st, body) = api_request(&api, "PUT", "/snapshot/load", &load).unwrap();
+    assert_eq!(st, 204, "{body}\n{}", guest.tail());
+    let loaded = t.elapsed();
+    let stream = vsock_connect(&uds, AGENT_VSOCK_PORT, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
+    let client = SandboxClient::new(ttrpc::Client::new(stream.into_raw_fd()).unwrap());
+    let h = client.health(ctx(), &Empty::new()).unwrap();
+    assert_eq!(h.status, "SERVING");
+    println!(
+        "restored {tag}: load answered in {loaded:?}, first Health {:?} after load began",
+        t.elapsed()
+    );
+    (guest, client, uds)
+}
+
+#[derive(Debug)]
+struct Identity {
+    hostname: String,
+    boot_id: String,
+    random: String,
+    clock_skew: f64,
+}
+
+/// What a container of a restored sandbox sees of its identity.
+fn identity(uds: &std::path::Path, guest: &Guest) -> Identity {
+    let t = Duration::from_secs(120);
+    let a = AgentConn::connect(Endpoint::Vsock(uds.to_path_buf()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
+    let storage = vec![Storage {
+        source: "/dev/vdb".into(),
+        fstype: "erofs".into(),
+        options: vec!["ro".into()],
+        mount_point: "busybox".into(),
+        ..Default::default()
+    }];
+    let spec = busybox_spec(
+        "busybox",
+        &[
+            "sh",
+            "-c",
+            "cat /etc/hostname /proc/sys/kernel/random/boot_id; \
+             head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+        ],
+        false,
+    );
+    let mut s = a
+        .create("id", &spec, Io::OUT_ERR, storage, true)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
+    let out = read_all(&mut s.stdout, t).unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    a.wait("id", "").unwrap();
+    a.remove("id").unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out:?}");
+    let guest_now: f64 = lines[3].trim().parse().unwrap();
+    Identity {
+        hostname: lines[0].into(),
+        boot_id: lines[1].into(),
+        random: lines[2].into(),
+        // The guest prints whole seconds: its clock lags by < 1 s of that.
+        clock_skew: host_now - guest_now - 0.5,
+    }
 }
 
 /// The container group, against the agent booted above.
