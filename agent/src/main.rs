@@ -100,10 +100,13 @@ fn main() {
         on_destroy,
     });
     // WaitProcess and GetOOMEvent block a handler thread each until their
-    // event: allow many per connection (threads start as needed).
+    // event: allow many per connection. Threads start as needed, keeping one
+    // spare; few up front, since every thread a new connection starts is
+    // emulated guest-kernel work on hosts like this one (a restored VM's
+    // first connection waits for them).
     let server = ttrpc::Server::new()
-        .set_thread_count_min(2)
-        .set_thread_count_default(4)
+        .set_thread_count_min(1)
+        .set_thread_count_default(2)
         .set_thread_count_max(256)
         .bind(&listen)
         .map(|s| {

@@ -40,6 +40,9 @@ pub const HOST_CID: u64 = 2;
 const BUF_ALLOC: u32 = 256 * 1024;
 /// Host ports for host-initiated connections start here (as in Firecracker).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Longest a restored device holds packets for the guest while waiting for
+/// it to handle the transport reset.
+const RESET_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most simultaneous connections; further ones are refused.
 const MAX_CONNECTIONS: usize = 1024;
 /// Longest `CONNECT <port>\n` line we wait for.
@@ -141,6 +144,11 @@ pub struct Vsock {
     tokens: HashMap<u64, (u32, u32)>,
     next_token: u64,
     next_local_port: u32,
+    /// Set by a restore until the guest has handled the TRANSPORT_RESET
+    /// (it refills and kicks the event queue): packets sent before that
+    /// could be reset along with the stale sockets, leaving the host side
+    /// waiting. Bounded, in case a driver never kicks.
+    reset_pending_since: Option<std::time::Instant>,
     /// Control packets waiting for RX buffers.
     rx_control: VecDeque<Header>,
 }
@@ -202,6 +210,7 @@ impl Vsock {
             tokens: HashMap::new(),
             next_token: 0,
             next_local_port: FIRST_LOCAL_PORT,
+            reset_pending_since: None,
             rx_control: VecDeque::new(),
         })
     }
@@ -577,6 +586,12 @@ impl Vsock {
     /// Fills RX buffers: control packets first, then host data the guest has
     /// credit for. Returns true if any buffer was used.
     fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        if let Some(since) = self.reset_pending_since {
+            if since.elapsed() < RESET_HOLD {
+                return false;
+            }
+            self.reset_pending_since = None;
+        }
         let mut used = false;
         loop {
             // Is there anything to send?
@@ -696,6 +711,10 @@ impl VirtioDevice for Vsock {
             return false;
         }
         let mut used = false;
+        if index == EVT_QUEUE {
+            // The guest refilled the event queue: the reset is handled.
+            self.reset_pending_since = None;
+        }
         if index == TX_QUEUE {
             used |= drain_queue(&mut queues[TX_QUEUE], mem, "vsock TX", |chain| {
                 match read_tx(chain) {
@@ -739,7 +758,11 @@ impl VirtioDevice for Vsock {
         let head = chain.head_index();
         // struct virtio_vsock_event { le32 id; }, id 0 = TRANSPORT_RESET.
         let len = crate::devices::virtio::write_chain(&chain, &[&0u32.to_le_bytes()]).unwrap_or(0);
-        q.add_used(mem, head, len).is_ok()
+        let used = q.add_used(mem, head, len).is_ok();
+        if used {
+            self.reset_pending_since = Some(std::time::Instant::now());
+        }
+        used
     }
 
     fn reset(&mut self) {
