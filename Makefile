@@ -41,6 +41,7 @@ fuzz: setup
 bench: setup kernel guest
 	$(CARGO) build --locked --release -p husk-vmm
 	bench/boot
+	bench/snapshot
 
 setup:
 	@scripts/setup.sh
