@@ -457,24 +457,27 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         cmdline.insert_str(r).context("command line")?;
     }
 
+    let mut vmm = Vmm {
+        vm,
+        vcpus: Vec::new(),
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        stopper,
+        mem,
+        _mem_file: mem_file,
+        serial,
+        event_loops,
+        transports,
+        config: config.clone(),
+        cpu_identity: identity,
+    };
     if let Some((snap, _)) = from {
-        return restore_parts(
-            config,
-            snap,
-            vm,
-            mem,
-            mem_file,
-            pio,
-            mmio,
-            stopper,
-            serial,
-            event_loops,
-            transports,
-            identity,
-        );
+        restore_into(&mut vmm, snap)?;
+        return Ok(vmm);
     }
+    let (vm, mem) = (&vmm.vm, &vmm.mem);
     let kernel = kernel.context("no kernel loaded")?;
-    load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).context("writing command line")?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).context("writing command line")?;
     let cmdline_str = cmdline
         .as_cstring()
         .map(|c| c.to_string_lossy().into_owned())
@@ -482,12 +485,12 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
     tracing::info!("kernel command line: {cmdline_str}");
 
     match kernel.protocol {
-        BootProtocol::Pvh => write_pvh(&mem, initrd)?,
+        BootProtocol::Pvh => write_pvh(mem, initrd)?,
         BootProtocol::Linux64 => {
-            write_zero_page(&mem, &kernel.result, cmdline_str.len() + 1, initrd)?
+            write_zero_page(mem, &kernel.result, cmdline_str.len() + 1, initrd)?
         }
     }
-    mptable::setup(&mem, m.vcpu_count)?;
+    mptable::setup(mem, m.vcpu_count)?;
 
     let msr_list = Arc::new(state::msr_indices(&vm.kvm)?);
     let mut vcpus = Vec::new();
@@ -514,7 +517,7 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
                 }
             }
         }
-        v.configure_boot(&mem, &template, kernel.protocol, kernel.entry)?;
+        v.configure_boot(mem, &template, kernel.protocol, kernel.entry)?;
         vcpus.push(v);
     }
     tracing::info!(
@@ -525,57 +528,30 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         m.mem_size_mib
     );
 
-    Ok(Vmm {
-        vm,
-        vcpus,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        stopper,
-        mem,
-        _mem_file: mem_file,
-        serial,
-        event_loops,
-        transports,
-        config: config.clone(),
-        cpu_identity: identity,
-    })
+    vmm.vcpus = vcpus;
+    Ok(vmm)
 }
 
 /// The rest of a restore, once memory, buses and devices exist: VM state,
 /// vCPU state, device state.
-#[allow(clippy::too_many_arguments)]
-fn restore_parts(
-    config: &VmConfig,
-    snap: &Snapshot,
-    vm: Vm,
-    mem: GuestMemoryMmap,
-    mem_file: File,
-    pio: Bus,
-    mmio: Bus,
-    stopper: Arc<Stopper>,
-    serial: Arc<Mutex<SerialDevice>>,
-    event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    identity: String,
-) -> Result<Vmm> {
-    if snap.devices.len() != transports.len() {
+fn restore_into(vmm: &mut Vmm, snap: &Snapshot) -> Result<()> {
+    if snap.devices.len() != vmm.transports.len() {
         bail!(
             "the snapshot has {} virtio devices; its config builds {}",
             snap.devices.len(),
-            transports.len()
+            vmm.transports.len()
         );
     }
-    snap.vm.restore(&vm.fd).context("restoring VM state")?;
-    let msr_list = Arc::new(state::msr_indices(&vm.kvm)?);
-    let mut vcpus = Vec::new();
+    snap.vm.restore(&vmm.vm.fd).context("restoring VM state")?;
+    let msr_list = Arc::new(state::msr_indices(&vmm.vm.kvm)?);
     for (i, s) in snap.vcpus.iter().enumerate() {
-        let mut v = Vcpu::new(&vm.fd, i as u8)?;
+        let mut v = Vcpu::new(&vmm.vm.fd, i as u8)?;
         v.msr_list = msr_list.clone();
         s.restore(&v.fd)
             .with_context(|| format!("restoring vCPU {i}"))?;
-        vcpus.push(v);
+        vmm.vcpus.push(v);
     }
-    for (t, s) in transports.iter().zip(&snap.devices) {
+    for (t, s) in vmm.transports.iter().zip(&snap.devices) {
         t.lock()
             .unwrap_or_else(|p| p.into_inner())
             .restore(s)
@@ -583,24 +559,11 @@ fn restore_parts(
     }
     tracing::info!(
         "restored: {} vCPU(s), {} MiB, {} devices",
-        vcpus.len(),
+        vmm.vcpus.len(),
         snap.mem_size >> 20,
-        transports.len()
+        vmm.transports.len()
     );
-    Ok(Vmm {
-        vm,
-        vcpus,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        stopper,
-        mem,
-        _mem_file: mem_file,
-        serial,
-        event_loops,
-        transports,
-        config: config.clone(),
-        cpu_identity: identity,
-    })
+    Ok(())
 }
 
 impl Vmm {
