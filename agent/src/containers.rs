@@ -88,6 +88,27 @@ struct Ctr {
     paused: bool,
 }
 
+impl Ctr {
+    /// The container's init process ("") or an exec'd one.
+    fn process(&self, exec_id: &str) -> ttrpc::Result<&Proc> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| not_found("exec", exec_id))
+    }
+
+    fn process_mut(&mut self, exec_id: &str) -> ttrpc::Result<&mut Proc> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| not_found("exec", exec_id))
+    }
+}
+
 #[derive(Default)]
 struct Oom {
     events: VecDeque<String>,
@@ -767,12 +788,12 @@ impl ContainersService {
             None
         };
         // With a terminal, the streams are relayed to and from it instead.
+        let base = ContainerBuilder::new(id.to_string(), SyscallType::Linux);
         let (tty_out, tty_in, base) = if terminal {
-            let base = ContainerBuilder::new(id.to_string(), SyscallType::Linux);
             let input = stdio.has_stdin.then_some(stdio.stdin);
             (Some(stdio.stdout), input, base)
         } else {
-            let base = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+            let base = base
                 .with_stdin(stdio.stdin)
                 .with_stdout(stdio.stdout)
                 .with_stderr(stdio.stderr);
@@ -893,17 +914,6 @@ impl ContainersService {
                 self.oom_changed.notify_all();
             }
         }
-    }
-
-    /// The pid of a container's init ("") or exec process.
-    fn proc_pid(&self, c: &Ctr, exec_id: &str) -> ttrpc::Result<i32> {
-        if exec_id.is_empty() {
-            return Ok(c.init.pid);
-        }
-        c.execs
-            .get(exec_id)
-            .map(|p| p.pid)
-            .ok_or_else(|| not_found("exec", exec_id))
     }
 
     fn state(&self, c: &Ctr) -> &'static str {
@@ -1135,7 +1145,7 @@ impl Containers for ContainersService {
             self.signal_cgroup(&c, sig);
             return Ok(Empty::new());
         }
-        let pid = self.proc_pid(&c, &req.exec_id)?;
+        let pid = c.process(&req.exec_id)?.pid;
         let _spawn = self.reaper.spawn_lock();
         if !self.reaper.running(pid) {
             return Err(status(Code::NOT_FOUND, format!("process {pid} has exited")));
@@ -1154,7 +1164,7 @@ impl Containers for ContainersService {
         let arc = self.get(&req.container_id)?;
         let (pid, cgroup) = {
             let c = lock(&arc);
-            (self.proc_pid(&c, &req.exec_id)?, c.cgroup.clone())
+            (c.process(&req.exec_id)?.pid, c.cgroup.clone())
         };
         let exit = self
             .reaper
@@ -1231,13 +1241,7 @@ impl Containers for ContainersService {
         };
         let arc = self.get(&req.container_id)?;
         let c = lock(&arc);
-        let p = if req.exec_id.is_empty() {
-            &c.init
-        } else {
-            c.execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found("exec", &req.exec_id))?
-        };
+        let p = c.process(&req.exec_id)?;
         let tty = p
             .tty
             .as_ref()
@@ -1250,13 +1254,7 @@ impl Containers for ContainersService {
         check_version(ctx)?;
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
-        let p = if req.exec_id.is_empty() {
-            &mut c.init
-        } else {
-            c.execs
-                .get_mut(&req.exec_id)
-                .ok_or_else(|| not_found("exec", &req.exec_id))?
-        };
+        let p = c.process_mut(&req.exec_id)?;
         if let Some(fd) = p.stdin.take() {
             // Reads of the process now see end of file.
             let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);

@@ -78,11 +78,6 @@ impl Reaper {
         self.state().watched.remove(&pid);
     }
 
-    /// The exit of `pid` if it has ended.
-    pub fn exit_of(&self, pid: i32) -> Option<Exit> {
-        self.state().watched.get(&pid).copied().flatten()
-    }
-
     /// Whether `pid` is watched and still running. Meaningful for signalling
     /// only with the spawn lock held.
     pub fn running(&self, pid: i32) -> bool {
