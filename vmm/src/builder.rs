@@ -34,7 +34,7 @@ use crate::devices::virtio::net::{open_tap, parse_mac, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
-use crate::snapshot::{CreateRequest, LoadRequest, Snapshot, SnapshotRef};
+use crate::snapshot::{CreateRequest, LoadRequest, Snapshot};
 use crate::vstate::memory;
 use crate::vstate::state::{self, VmState};
 use crate::vstate::vcpu::{kick_signal, StopReason, Stopper, Vcpu, VcpuControl};
@@ -694,23 +694,23 @@ impl RunningVm {
             .state();
         let vm_state = VmState::save(&self.vm.fd).context("reading VM state")?;
         let mem_size = self.config.machine_config.mem_size_mib << 20;
-        self.control
-            .with_saved_states(self.vcpu_count, |vcpus| {
-                SnapshotRef {
-                    magic: crate::snapshot::MAGIC,
-                    format_version: crate::snapshot::FORMAT_VERSION,
-                    vmm_version: env!("CARGO_PKG_VERSION"),
-                    cpu_identity: &self.cpu_identity,
-                    config: &self.config,
-                    mem_size,
-                    vm: &vm_state,
-                    vcpus: vcpus.to_vec(),
-                    devices: &devices,
-                    serial: &serial,
-                }
-                .write(&req.snapshot_path)
-            })
-            .map_err(|e| anyhow::anyhow!("snapshot: {e}"))??;
+        let vcpus = self
+            .control
+            .saved_states(self.vcpu_count)
+            .map_err(|e| anyhow::anyhow!("snapshot: {e}"))?;
+        Snapshot {
+            magic: crate::snapshot::MAGIC.into(),
+            format_version: crate::snapshot::FORMAT_VERSION,
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            cpu_identity: self.cpu_identity.clone(),
+            config: self.config.clone(),
+            mem_size,
+            vm: vm_state,
+            vcpus,
+            devices,
+            serial,
+        }
+        .write(&req.snapshot_path)?;
         let mut out = File::create(&req.mem_file_path)
             .with_context(|| format!("memory file {}", req.mem_file_path.display()))?;
         memory::write_to(&self.mem, &mut out)

@@ -63,23 +63,7 @@ pub struct CreateRequest {
     pub mem_file_path: PathBuf,
 }
 
-/// The same document as [`Snapshot`], written from borrowed parts (the
-/// vCPU states stay where the parked vCPUs put them).
-#[derive(Serialize)]
-pub struct SnapshotRef<'a> {
-    pub magic: &'static str,
-    pub format_version: u32,
-    pub vmm_version: &'static str,
-    pub cpu_identity: &'a str,
-    pub config: &'a VmConfig,
-    pub mem_size: u64,
-    pub vm: &'a VmState,
-    pub vcpus: Vec<&'a VcpuState>,
-    pub devices: &'a [TransportState],
-    pub serial: &'a SerialSnapshot,
-}
-
-impl SnapshotRef<'_> {
+impl Snapshot {
     /// Writes the state file (atomically: a reader never sees half of one).
     pub fn write(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("tmp");
@@ -88,9 +72,7 @@ impl SnapshotRef<'_> {
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
-}
 
-impl Snapshot {
     /// Reads and checks a state file: magic, format and VMM version, and
     /// that its parts agree with its own config.
     pub fn read(path: &Path) -> Result<Snapshot> {

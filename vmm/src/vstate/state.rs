@@ -33,6 +33,28 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
 }
 
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        VcpuState {
+            cpuid: self.cpuid.clone(),
+            msrs: self.msrs.clone(),
+            regs: self.regs,
+            sregs: self.sregs,
+            // kvm_xsave is plain data with a zero-length tail, which keeps
+            // it from deriving Clone.
+            xsave: kvm_xsave {
+                region: self.xsave.region,
+                ..Default::default()
+            },
+            xcrs: self.xcrs,
+            debug_regs: self.debug_regs,
+            lapic: self.lapic,
+            mp_state: self.mp_state,
+            events: self.events,
+        }
+    }
+}
+
 /// The MSRs KVM can save (KVM_GET_MSR_INDEX_LIST, read once per VM).
 pub fn msr_indices(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
     Ok(kvm

@@ -190,22 +190,16 @@ impl VcpuControl {
         self.lock().0
     }
 
-    /// Hands `f` the vCPUs' states as they parked; only meaningful while
-    /// paused.
-    pub fn with_saved_states<R>(
-        &self,
-        count: usize,
-        f: impl FnOnce(&[&VcpuState]) -> R,
-    ) -> Result<R, String> {
+    /// The vCPUs' states as they parked; only meaningful while paused.
+    pub fn saved_states(&self, count: usize) -> Result<Vec<VcpuState>, String> {
         let saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
-        let states = (0..count)
+        (0..count)
             .map(|i| match saved.get(&(i as u8)) {
-                Some(Ok(s)) => Ok(s),
+                Some(Ok(s)) => Ok(s.clone()),
                 Some(Err(e)) => Err(format!("vCPU {i}: {e}")),
                 None => Err(format!("vCPU {i} has not parked")),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(f(&states))
+            .collect()
     }
 }
 
