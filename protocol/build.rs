@@ -11,7 +11,11 @@ fn main() {
         .inputs(["protos/agent.proto"])
         .include("protos")
         .rust_protobuf()
+        // Async server (the agent serves every connection from one tokio
+        // thread: a new connection must not cost guest threads), sync
+        // clients (host tools and tests block on their calls).
         .customize(Customize {
+            async_server: true,
             ..Default::default()
         })
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))

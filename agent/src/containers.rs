@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use husk_protocol::agent::{
     ContainerInfo, ContainerRequest, CpuStats, CreateContainerRequest, CreateContainerResponse,
@@ -23,7 +23,6 @@ use husk_protocol::agent::{
     ProcessRequest, SignalProcessRequest, StatsContainerResponse, Stdio, Storage,
     TtyWinResizeRequest, UpdateContainerRequest, WaitProcessResponse,
 };
-use husk_protocol::agent_ttrpc::Containers;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
@@ -31,10 +30,10 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxResources, MountBuilder, Process, Spec};
-use ttrpc::{Code, TtrpcContext};
+use ttrpc::Code;
 
 use crate::reaper::Reaper;
-use crate::rpc::{check_version, internal, invalid, status};
+use crate::rpc::{check_version, internal, invalid, status, Metadata};
 use crate::stream::Streams;
 
 /// How long a create or exec waits for its stdio streams to connect.
@@ -503,6 +502,35 @@ fn set_winsize(fd: &OwnedFd, rows: u16, cols: u16) -> Result<(), String> {
     Ok(())
 }
 
+/// How long a block device may take to show its capacity.
+const CAPACITY_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until block device `source` (`/dev/vdX`) has a non-zero size. A
+/// sandbox restored from a template gets its drives' backing files with the
+/// restore; the guest kernel learns their size from a config-change
+/// interrupt handled on a workqueue, which may still be pending when the
+/// first CreateContainer arrives. Sources without a sysfs size (not a block
+/// device) are not waited for.
+fn wait_for_capacity(source: &str) -> Result<(), String> {
+    let Some(name) = source.strip_prefix("/dev/") else {
+        return Ok(());
+    };
+    let size_file = format!("/sys/class/block/{name}/size");
+    let deadline = Instant::now() + CAPACITY_WAIT;
+    loop {
+        match std::fs::read_to_string(&size_file) {
+            Err(_) => return Ok(()),
+            Ok(s) if s.trim() != "0" => return Ok(()),
+            Ok(_) if Instant::now() >= deadline => {
+                return Err(format!(
+                    "{source} has no capacity after {CAPACITY_WAIT:?}: no drive backs it"
+                ))
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 impl ContainersService {
     pub fn new(dirs: Dirs, reaper: Arc<Reaper>, streams: Arc<Streams>) -> Arc<Self> {
         let me = Arc::new(Self {
@@ -542,6 +570,7 @@ impl ContainersService {
         }
         let target = self.dirs.storage().join(&s.mount_point);
         std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        wait_for_capacity(&s.source)?;
         mount(
             Some(s.source.as_str()),
             &target,
@@ -1058,18 +1087,19 @@ impl Drop for Undo<'_> {
     }
 }
 
-impl Containers for ContainersService {
-    fn create_container(
+/// The RPCs, synchronous; `crate::server` serves them.
+impl ContainersService {
+    pub fn create_container(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        check_version(ctx)?;
+        check_version(meta)?;
         self.create(&req)
     }
 
-    fn start_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn start_container(&self, meta: &Metadata, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
         if c.started {
@@ -1084,18 +1114,18 @@ impl Containers for ContainersService {
         Ok(Empty::new())
     }
 
-    fn remove_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn remove_container(&self, meta: &Metadata, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         self.remove(&req.container_id)?;
         Ok(Empty::new())
     }
 
-    fn exec_process(
+    pub fn exec_process(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let process = check_exec(&req).map_err(invalid)?;
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
@@ -1129,12 +1159,12 @@ impl Containers for ContainersService {
         })
     }
 
-    fn signal_process(
+    pub fn signal_process(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let sig = i32::try_from(req.signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
@@ -1155,12 +1185,12 @@ impl Containers for ContainersService {
         Ok(Empty::new())
     }
 
-    fn wait_process(
+    pub fn wait_process(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let arc = self.get(&req.container_id)?;
         let (pid, cgroup) = {
             let c = lock(&arc);
@@ -1178,23 +1208,23 @@ impl Containers for ContainersService {
         })
     }
 
-    fn stats_container(
+    pub fn stats_container(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: ContainerRequest,
     ) -> ttrpc::Result<StatsContainerResponse> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let arc = self.get(&req.container_id)?;
         let c = lock(&arc);
         Ok(self.stats(&c))
     }
 
-    fn update_container(
+    pub fn update_container(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let resources: LinuxResources = serde_json::from_slice(&req.resources)
             .map_err(|e| invalid(format!("resources: {e}")))?;
         let arc = self.get(&req.container_id)?;
@@ -1221,20 +1251,24 @@ impl Containers for ContainersService {
         Ok(Empty::new())
     }
 
-    fn pause_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn pause_container(&self, meta: &Metadata, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         self.freeze(&req.container_id, true)?;
         Ok(Empty::new())
     }
 
-    fn resume_container(&self, ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn resume_container(&self, meta: &Metadata, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         self.freeze(&req.container_id, false)?;
         Ok(Empty::new())
     }
 
-    fn tty_win_resize(&self, ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn tty_win_resize(
+        &self,
+        meta: &Metadata,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         let (rows, cols) = match (u16::try_from(req.rows), u16::try_from(req.cols)) {
             (Ok(r), Ok(c)) => (r, c),
             _ => return Err(invalid("rows and cols must fit in 16 bits")),
@@ -1250,8 +1284,8 @@ impl Containers for ContainersService {
         Ok(Empty::new())
     }
 
-    fn close_stdin(&self, ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn close_stdin(&self, meta: &Metadata, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
         let p = c.process_mut(&req.exec_id)?;
@@ -1262,8 +1296,8 @@ impl Containers for ContainersService {
         Ok(Empty::new())
     }
 
-    fn get_oom_event(&self, ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OOMEvent> {
-        check_version(ctx)?;
+    pub fn get_oom_event(&self, meta: &Metadata, _req: Empty) -> ttrpc::Result<OOMEvent> {
+        check_version(meta)?;
         let mut oom = lock(&self.oom);
         loop {
             if let Some(id) = oom.events.pop_front() {
@@ -1279,12 +1313,12 @@ impl Containers for ContainersService {
         }
     }
 
-    fn list_containers(
+    pub fn list_containers(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         _req: Empty,
     ) -> ttrpc::Result<ListContainersResponse> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let all: Vec<_> = lock(&self.containers)
             .iter()
             .map(|(id, c)| (id.clone(), c.clone()))

@@ -7,4 +7,5 @@ pub mod network;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;
+pub mod server;
 pub mod stream;

@@ -14,7 +14,6 @@ use husk_agent::containers::{ContainersService, Dirs};
 use husk_agent::reaper::Reaper;
 use husk_agent::stream::Streams;
 use husk_agent::{init, sandbox};
-use husk_protocol::agent_ttrpc::{create_containers, create_network, create_sandbox};
 use husk_protocol::{AGENT_VSOCK_PORT, STREAM_VSOCK_PORT};
 
 fn say(msg: &str) {
@@ -99,33 +98,8 @@ fn main() {
         is_guest,
         on_destroy,
     });
-    // WaitProcess and GetOOMEvent block a handler thread each until their
-    // event: allow many per connection. Threads start as needed, keeping one
-    // spare; few up front, since every thread a new connection starts is
-    // emulated guest-kernel work on hosts like this one (a restored VM's
-    // first connection waits for them).
-    let server = ttrpc::Server::new()
-        .set_thread_count_min(1)
-        .set_thread_count_default(2)
-        .set_thread_count_max(256)
-        .bind(&listen)
-        .map(|s| {
-            s.register_service(create_sandbox(sandbox))
-                .register_service(create_containers(containers))
-                .register_service(create_network(network))
-        });
-    let mut server = match server {
-        Ok(s) => s,
-        Err(e) => {
-            say(&format!("cannot listen on {listen}: {e}"));
-            if is_guest {
-                reboot_guest();
-            }
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = server.start() {
-        say(&format!("cannot serve on {listen}: {e}"));
+    if let Err(e) = husk_agent::server::start(&listen, sandbox, containers, network) {
+        say(&e);
         if is_guest {
             reboot_guest();
         }

@@ -16,7 +16,6 @@ use husk_protocol::agent::{
     Empty, IPAddress, Interface, ListInterfacesResponse, Route, UpdateInterfaceRequest,
     UpdateRoutesRequest,
 };
-use husk_protocol::agent_ttrpc::Network;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
@@ -28,9 +27,9 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
-use ttrpc::{Code, TtrpcContext};
+use ttrpc::Code;
 
-use crate::rpc::{check_version, internal, invalid, status};
+use crate::rpc::{check_version, internal, invalid, status, Metadata};
 
 /// A netlink route socket with request/acknowledge handling.
 pub struct Netlink {
@@ -439,7 +438,7 @@ impl NetworkService {
         Ok(())
     }
 
-    pub fn list_interfaces(&self) -> Result<Vec<Interface>, String> {
+    pub fn interfaces(&self) -> Result<Vec<Interface>, String> {
         let mut nl = Netlink::new()?;
         let addrs = nl.addresses()?;
         Ok(nl
@@ -512,13 +511,14 @@ impl NetworkService {
     }
 }
 
-impl Network for NetworkService {
-    fn update_interface(
+/// The RPCs, synchronous; `crate::server` serves them.
+impl NetworkService {
+    pub fn update_interface(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: UpdateInterfaceRequest,
     ) -> ttrpc::Result<Interface> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let i = req
             .interface
             .into_option()
@@ -526,19 +526,19 @@ impl Network for NetworkService {
         check_interface(&i).map_err(invalid)?;
         self.guard()?;
         self.apply_interface(&i).map_err(internal)?;
-        self.list_interfaces()
+        self.interfaces()
             .map_err(internal)?
             .into_iter()
             .find(|x| x.name == i.name)
             .ok_or_else(|| internal(format!("interface {:?} vanished", i.name)))
     }
 
-    fn update_routes(
+    pub fn update_routes(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: UpdateRoutesRequest,
     ) -> ttrpc::Result<UpdateRoutesRequest> {
-        check_version(ctx)?;
+        check_version(meta)?;
         for r in &req.routes {
             parse_route(r).map_err(invalid)?;
         }
@@ -550,14 +550,14 @@ impl Network for NetworkService {
         })
     }
 
-    fn list_interfaces(
+    pub fn list_interfaces(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         _req: Empty,
     ) -> ttrpc::Result<ListInterfacesResponse> {
-        check_version(ctx)?;
+        check_version(meta)?;
         Ok(ListInterfacesResponse {
-            interfaces: NetworkService::list_interfaces(self).map_err(internal)?,
+            interfaces: self.interfaces().map_err(internal)?,
             ..Default::default()
         })
     }

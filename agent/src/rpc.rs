@@ -1,13 +1,15 @@
 //! Helpers every service uses: the version check and error statuses.
 
-use ttrpc::{Code, TtrpcContext};
+use std::collections::HashMap;
+
+use ttrpc::Code;
+
+/// A request's ttrpc metadata.
+pub type Metadata = HashMap<String, Vec<String>>;
 
 /// Refuses a request whose client speaks another API version.
-pub fn check_version(ctx: &TtrpcContext) -> ttrpc::Result<()> {
-    let values = ctx
-        .metadata
-        .get(husk_protocol::VERSION_KEY)
-        .map(|v| v.as_slice());
+pub fn check_version(meta: &Metadata) -> ttrpc::Result<()> {
+    let values = meta.get(husk_protocol::VERSION_KEY).map(|v| v.as_slice());
     husk_protocol::check_version(values)
         .map_err(|m| ttrpc::Error::RpcStatus(ttrpc::get_status(Code::FAILED_PRECONDITION, m)))
 }

@@ -12,10 +12,8 @@ use std::sync::Arc;
 use husk_protocol::agent::{
     CreateSandboxRequest, Empty, HealthResponse, ReseedRandomRequest, SetTimeRequest,
 };
-use husk_protocol::agent_ttrpc::Sandbox;
-use ttrpc::TtrpcContext;
 
-use crate::rpc::{check_version, internal, invalid};
+use crate::rpc::{check_version, internal, invalid, Metadata};
 
 /// Largest ReseedRandom payload accepted.
 pub const MAX_SEED: usize = 4096;
@@ -100,13 +98,14 @@ pub fn sandbox_files(req: &CreateSandboxRequest) -> Result<Vec<(&'static str, St
     ])
 }
 
-impl Sandbox for SandboxService {
-    fn create_sandbox(
+/// The RPCs, synchronous; `crate::server` serves them.
+impl SandboxService {
+    pub fn create_sandbox(
         &self,
-        ctx: &TtrpcContext,
+        meta: &Metadata,
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+        check_version(meta)?;
         let files = sandbox_files(&req).map_err(invalid)?;
         for i in &req.interfaces {
             crate::network::check_interface(i).map_err(invalid)?;
@@ -142,8 +141,8 @@ impl Sandbox for SandboxService {
         Ok(Empty::new())
     }
 
-    fn destroy_sandbox(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn destroy_sandbox(&self, meta: &Metadata, _: Empty) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         // Answer first, then go: the caller learns the request was taken.
         let f = self.on_destroy.clone();
         std::thread::spawn(move || {
@@ -153,8 +152,8 @@ impl Sandbox for SandboxService {
         Ok(Empty::new())
     }
 
-    fn health(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<HealthResponse> {
-        check_version(ctx)?;
+    pub fn health(&self, meta: &Metadata, _: Empty) -> ttrpc::Result<HealthResponse> {
+        check_version(meta)?;
         let mut r = HealthResponse::new();
         r.status = "SERVING".into();
         r.api_version = husk_protocol::API_VERSION;
@@ -162,8 +161,8 @@ impl Sandbox for SandboxService {
         Ok(r)
     }
 
-    fn set_time(&self, ctx: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn set_time(&self, meta: &Metadata, req: SetTimeRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         if req.sec < 0 || req.nsec >= 1_000_000_000 {
             return Err(invalid(format!(
                 "time {}.{:09} is out of range",
@@ -181,8 +180,8 @@ impl Sandbox for SandboxService {
         Ok(Empty::new())
     }
 
-    fn reseed_random(&self, ctx: &TtrpcContext, req: ReseedRandomRequest) -> ttrpc::Result<Empty> {
-        check_version(ctx)?;
+    pub fn reseed_random(&self, meta: &Metadata, req: ReseedRandomRequest) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
         if req.data.is_empty() || req.data.len() > MAX_SEED {
             return Err(invalid(format!(
                 "seed of {} bytes; send 1 to {MAX_SEED}",
