@@ -280,7 +280,31 @@ pub fn restore(req: &LoadRequest) -> Result<Vmm> {
     if let Some(s) = &req.serial {
         config.serial = s.clone();
     }
-    build_vm(&config, Some((&snap, &req.mem_file_path)))
+    let mut changed = Vec::new();
+    for b in &req.drives {
+        let Some(d) = config.drives.iter_mut().find(|d| d.drive_id == b.drive_id) else {
+            bail!("the snapshot has no drive {:?}", b.drive_id);
+        };
+        if d.is_root_device {
+            bail!(
+                "drive {:?} is the root device: its image is part of the snapshot",
+                b.drive_id
+            );
+        }
+        d.path_on_host = b.path_on_host.clone();
+        changed.push(b.drive_id.clone());
+    }
+    let vmm = build_vm(&config, Some((&snap, &req.mem_file_path)))?;
+    // Drives are the first transports, in the order the guest found them.
+    for (i, d) in config.ordered_drives().iter().enumerate() {
+        if changed.contains(&d.drive_id) {
+            vmm.transports[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config_changed();
+        }
+    }
+    Ok(vmm)
 }
 
 /// Names the CPU a guest sees: the host profile and template in effect.

@@ -53,6 +53,19 @@ pub struct LoadRequest {
     /// Where the restored VM's console goes (default: as saved).
     #[serde(default)]
     pub serial: Option<crate::config::SerialConfig>,
+    /// New backing files for drives of the snapshot (not the root drive):
+    /// a template booted with placeholder drives gets each sandbox's images.
+    /// The guest is told their capacity changed.
+    #[serde(default)]
+    pub drives: Vec<DriveBacking>,
+}
+
+/// A drive of a snapshot and the file that backs it after the restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveBacking {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
 }
 
 /// What `/snapshot/create` asks for.

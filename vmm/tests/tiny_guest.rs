@@ -522,6 +522,16 @@ fn snapshot_restores_a_running_guest_where_it_was() {
     let (st, body) = try_load(&template, &mem);
     assert_eq!(st, 400);
     assert!(body.contains("CPU template"), "{body}");
+    // A new backing file for a drive the snapshot does not have.
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}",
+            "drives": [{{"drive_id": "data", "path_on_host": "/dev/null"}}]}}"#,
+        snap.display(),
+        mem.display()
+    );
+    let (st, body) = http(&sock3, "PUT", "/snapshot/load", &load);
+    assert_eq!(st, 400);
+    assert!(body.contains(r#"no drive \"data\""#), "{body}");
     // The VMM is still there, not started.
     assert!(http(&sock3, "GET", "/", "").1.contains("Not started"));
     let _ = vmm3.kill();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::{GuestMemoryMmap, Interrupt, VirtioDevice, INT_VRING};
+use super::{GuestMemoryMmap, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING};
 use crate::devices::bus::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -197,6 +197,15 @@ impl MmioTransport {
             self.interrupt.signal(0);
         }
         Ok(())
+    }
+
+    /// Tells an active driver that configuration space changed (a drive's
+    /// new capacity after a restore with another backing file).
+    pub fn config_changed(&mut self) {
+        if self.activated {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            self.interrupt.signal(INT_CONFIG);
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -29,6 +29,8 @@ pub const TYPE_VSOCK: u32 = 19;
 
 /// Interrupt status bit: a used ring changed.
 pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the device configuration changed.
+pub const INT_CONFIG: u32 = 2;
 
 /// The interrupt line of one device: status register plus an irqfd.
 pub struct Interrupt {
