@@ -49,6 +49,16 @@ pub fn guest_kernel() -> Result<PathBuf> {
     artifact("HUSK_KERNEL", "target/guest/vmlinux", "kernel")
 }
 
+/// The runtime tests start sandboxes with: this build's VMM, kernel and
+/// guest image. Templates go to the usual cache (`HUSK_CACHE`), so a test
+/// run boots each template once, and later runs reuse it while its inputs
+/// are unchanged; sandbox state goes to a directory of this process.
+pub fn runtime() -> Result<husk_runtime::Runtime> {
+    let mut rt = husk_runtime::Runtime::new(husk_vmm_binary()?, guest_kernel()?, guest_rootfs()?);
+    rt.run_dir = std::env::temp_dir().join(format!("husk-test-{}", std::process::id()));
+    Ok(rt)
+}
+
 /// The guest root image (read-only erofs).
 pub fn guest_rootfs() -> Result<PathBuf> {
     artifact("HUSK_ROOTFS", "target/guest/rootfs.erofs", "guest")

@@ -1,194 +1,160 @@
-//! Tier 3: husk-agent as PID 1 in a husk-vmm guest, reached over hybrid vsock
-//! with ttrpc: one boot for the group. The sandbox calls first, then
-//! containers from the busybox image on a second (erofs) drive: output and
-//! exit codes, exec, limits with an OOM kill reported as OOM, stats, pause,
-//! update, remove — what the host cannot test (its cgroup v2 has no memory,
-//! cpu or pids controllers).
+//! Tier 3: husk-agent as PID 1 in husk-vmm guests, reached over hybrid
+//! vsock with ttrpc. Every guest here is a sandbox restored from the
+//! runtime's template (booted once per test run, or reused from the cache
+//! while its inputs are unchanged): two sandboxes from one template are
+//! checked for their own memory, randomness, clock and name, then the
+//! containers group runs in one of them — busybox from an erofs image
+//! handed to the restored VM as a drive: output and exit codes, exec,
+//! limits with an OOM kill reported as OOM, stats, pause, update, remove
+//! (what the host cannot test: its cgroup v2 has no memory, cpu or pids
+//! controllers). One more sandbox boots cold: the off switch.
 
-use std::os::fd::IntoRawFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    CreateSandboxRequest, Empty, IPAddress, Interface, ReseedRandomRequest, SetTimeRequest,
-    Storage, UpdateContainerRequest, UpdateInterfaceRequest,
+    CreateSandboxRequest, Empty, IPAddress, Interface, Storage, UpdateContainerRequest,
+    UpdateInterfaceRequest,
 };
-use husk_protocol::agent_ttrpc::SandboxClient;
-use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, VERSION_KEY};
-use husk_tests::agent::{
-    busybox_erofs, busybox_spec, container, ctx as actx, read_all, AgentConn, Endpoint, Io,
-};
-use husk_tests::{
-    api_request, guest_kernel, guest_rootfs, husk_vmm_binary, kvm_unavailable, skip, vsock_connect,
-    Guest,
-};
+use husk_runtime::{Boot, DriveSpec, Sandbox, SandboxConfig};
+use husk_tests::agent::{busybox_erofs, busybox_spec, container, ctx as actx, read_all, Io};
+use husk_tests::{kvm_unavailable, runtime, skip};
 
-fn ctx() -> ttrpc::context::Context {
-    let mut c = ttrpc::context::with_timeout(60_000_000_000);
-    c.add(VERSION_KEY.to_string(), API_VERSION.to_string());
+fn config(id: &str, busybox: &std::path::Path) -> SandboxConfig {
+    let mut c = SandboxConfig::new(id);
+    c.drives = vec![DriveSpec {
+        path: busybox.to_path_buf(),
+        read_only: true,
+    }];
+    c.dns_servers = vec!["10.0.2.3".into()];
+    c.console_log = true;
     c
 }
 
-#[test]
-fn agent_serves_in_the_guest_over_vsock() {
-    if let Some(why) = kvm_unavailable() {
-        skip("agent_serves_in_the_guest_over_vsock", &why);
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let uds = dir.path().join("v.sock");
-    let busybox = dir.path().join("busybox.erofs");
-    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
-    let config = serde_json::json!({
-        "boot-source": {
-            "kernel_image_path": guest_kernel().unwrap(),
-            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off rootfstype=erofs init=/sbin/husk-agent"
-        },
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
-        "drives": [{"drive_id": "rootfs", "path_on_host": guest_rootfs().unwrap(),
-                    "is_root_device": true, "is_read_only": true},
-                   {"drive_id": "busybox", "path_on_host": busybox,
-                    "is_root_device": false, "is_read_only": true}],
-        "vsock": {"guest_cid": 3, "uds_path": uds},
-        "entropy": {}
-    });
-    let cfg = dir.path().join("vm.json");
-    std::fs::write(&cfg, serde_json::to_vec(&config).unwrap()).unwrap();
-    let api = dir.path().join("api.sock");
-    let mut cmd = Command::new(husk_vmm_binary().unwrap());
-    cmd.arg("--config-file")
-        .arg(&cfg)
-        .arg("--api-sock")
-        .arg(&api);
-    let mut guest = Guest::spawn("husk-vmm", cmd).unwrap();
-    let (_, at) = guest
-        .wait_for_line("husk-agent: serving agent API", Duration::from_secs(420))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    println!("agent serving {:.1} s after VMM start", at.as_secs_f64());
-
-    let stream = vsock_connect(&uds, AGENT_VSOCK_PORT, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
-    let client = SandboxClient::new(ttrpc::Client::new(stream.into_raw_fd()).unwrap());
-    let start = Instant::now();
-    let h = client.health(ctx(), &Empty::new()).unwrap();
-    println!("Health round trip in the guest: {:?}", start.elapsed());
-    assert_eq!(h.status, "SERVING");
-
-    let mut r = CreateSandboxRequest::new();
-    r.hostname = "husk-guest".into();
-    r.dns_servers = vec!["10.0.2.3".into()];
-    client.create_sandbox(ctx(), &r).unwrap();
-    let mut t = SetTimeRequest::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    t.sec = now.as_secs() as i64;
-    t.nsec = now.subsec_nanos();
-    client.set_time(ctx(), &t).unwrap();
-    let mut seed = ReseedRandomRequest::new();
-    seed.data = vec![42; 64];
-    client.reseed_random(ctx(), &seed).unwrap();
-    // A bad request is refused and the agent (PID 1) stays up.
-    r.hostname = String::new();
-    assert!(client.create_sandbox(ctx(), &r).is_err());
-    assert!(client.health(ctx(), &Empty::new()).is_ok());
-
-    // Snapshot the booted sandbox and run the containers in a VM restored
-    // from it: a restored VM must serve exactly as a booted one.
-    let (snap, mem) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
-    let t = Instant::now();
-    let (st, body) = api_request(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#).unwrap();
-    assert_eq!(st, 204, "{body}");
-    let create = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem}).to_string();
-    let (st, body) = api_request(&api, "PUT", "/snapshot/create", &create).unwrap();
-    assert_eq!(st, 204, "{body}");
-    println!("pause + snapshot of the booted sandbox: {:?}", t.elapsed());
-    drop(client);
-    drop(guest);
-    // Two sandboxes from the one snapshot, side by side.
-    let (mut guest, client, uds2) = restore(dir.path(), "a", &snap, &mem);
-    let (guest_b, client_b, uds3) = restore(dir.path(), "b", &snap, &mem);
-    // Each takes its own identity: randomness, clock, hostname.
-    for (c, name) in [(&client, "clone-a"), (&client_b, "clone-b")] {
-        let mut seed = ReseedRandomRequest::new();
-        let mut f = std::fs::File::open("/dev/urandom").unwrap();
-        seed.data = vec![0; 64];
-        std::io::Read::read_exact(&mut f, &mut seed.data).unwrap();
-        c.reseed_random(ctx(), &seed).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        let mut t = SetTimeRequest::new();
-        t.sec = now.as_secs() as i64;
-        t.nsec = now.subsec_nanos();
-        c.set_time(ctx(), &t).unwrap();
-        let mut r = CreateSandboxRequest::new();
-        r.hostname = name.into();
-        r.dns_servers = vec!["10.0.2.3".into()];
-        c.create_sandbox(ctx(), &r).unwrap();
-    }
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| identity(&uds2, &guest));
-        let b = s.spawn(|| identity(&uds3, &guest_b));
-        (a.join().unwrap(), b.join().unwrap())
-    });
-    println!("clone a: {a:?}\nclone b: {b:?}");
-    assert_eq!(a.hostname, "clone-a");
-    assert_eq!(b.hostname, "clone-b");
-    assert_ne!(a.boot_id, b.boot_id);
-    assert_ne!(a.random, b.random);
-    assert_eq!(a.random.len(), 64, "{a:?}");
-    for c in [&a, &b] {
-        assert!(
-            c.clock_skew.abs() < 1.5,
-            "guest clock {:.2} s off",
-            c.clock_skew
-        );
-    }
-    client_b.destroy_sandbox(ctx(), &Empty::new()).unwrap();
-    drop(guest_b);
-
-    containers_in_the_guest(&uds2, &guest);
-
-    client.destroy_sandbox(ctx(), &Empty::new()).unwrap();
-    let status = guest
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(status.success(), "{status}\n{}", guest.tail());
-    guest.assert_no_errors(&["husk-agent: mount"]);
+fn describe(sb: &Sandbox) {
+    let t = &sb.times;
+    println!(
+        "sandbox {} ({:?}): template {:.2} s, to agent-ready {:.3} s, identity {:.3} s{}",
+        sb.id,
+        sb.boot,
+        t.template.as_secs_f64(),
+        t.agent_ready.as_secs_f64(),
+        t.identity.as_secs_f64(),
+        match &sb.template {
+            Some(tp) if tp.built => format!(
+                " (template {} built: cold boot {:.1} s)",
+                tp.key,
+                tp.boot_time.unwrap_or_default().as_secs_f64()
+            ),
+            Some(tp) => format!(" (template {} from the cache)", tp.key),
+            None => String::new(),
+        }
+    );
 }
 
-/// A VM restored from the snapshot, its agent answering Health.
-fn restore(
-    dir: &std::path::Path,
-    tag: &str,
-    snap: &std::path::Path,
-    mem: &std::path::Path,
-) -> (Guest, SandboxClient, std::path::PathBuf) {
-    let (api, uds) = (
-        dir.join(format!("api-{tag}.sock")),
-        dir.join(format!("v-{tag}.sock")),
+#[test]
+fn sandboxes_restored_from_one_template() {
+    if let Some(why) = kvm_unavailable() {
+        skip("sandboxes_restored_from_one_template", &why);
+        return;
+    }
+    let rt = runtime().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = dir.path().join("busybox.erofs");
+    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
+    // Two sandboxes at once: the first to ask builds the template (if the
+    // cache has none for these inputs), the other waits for it.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| rt.start_sandbox(&config("clone-a", &busybox)));
+        let b = s.spawn(|| rt.start_sandbox(&config("clone-b", &busybox)));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (a, b) = (
+        a.unwrap_or_else(|e| panic!("{e:#}")),
+        b.unwrap_or_else(|e| panic!("{e:#}")),
     );
-    let mut cmd = Command::new(husk_vmm_binary().unwrap());
-    cmd.arg("--api-sock").arg(&api);
-    let guest = Guest::spawn(&format!("husk-vmm (restored {tag})"), cmd).unwrap();
-    let t = Instant::now();
-    let load = serde_json::json!({"snapshot_path": snap, "mem_file_path": mem,
-                                  "resume_vm": true, "vsock_uds_path": uds})
-    .to_string();
-    let (st, body) = api_request(&api, "PUT", "/snapshot/load", &load).unwrap();
-    assert_eq!(st, 204, "{body}\n{}", guest.tail());
-    let loaded = t.elapsed();
-    let stream = vsock_connect(&uds, AGENT_VSOCK_PORT, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
-    let client = SandboxClient::new(ttrpc::Client::new(stream.into_raw_fd()).unwrap());
-    let h = client.health(ctx(), &Empty::new()).unwrap();
-    assert_eq!(h.status, "SERVING");
-    println!(
-        "restored {tag}: load answered in {loaded:?}, first Health {:?} after load began",
-        t.elapsed()
+    describe(&a);
+    describe(&b);
+    assert_eq!(a.boot, Boot::Template);
+    let (ta, tb) = (a.template.as_ref().unwrap(), b.template.as_ref().unwrap());
+    assert_eq!(ta.key, tb.key, "one template for one machine");
+    assert!(!(ta.built && tb.built), "the template was built twice");
+    assert_eq!(a.devices, ["/dev/vdb"]);
+
+    // A bad request is refused and the agent (PID 1) stays up.
+    let mut r = CreateSandboxRequest::new();
+    r.hostname = "bad name".into();
+    assert!(a
+        .agent
+        .sandbox
+        .create_sandbox(actx(Duration::from_secs(30)), &r)
+        .is_err());
+    a.agent.health().unwrap();
+
+    // Each took its own identity: randomness, clock, hostname; and each has
+    // its own memory: a file one writes is not in the other (the scratch
+    // tmpfs; and /etc/hostname, which the agent wrote into a tmpfs that
+    // both clones got from the template).
+    let (ia, ib) = std::thread::scope(|s| {
+        let x = s.spawn(|| identity(&a, "echo a > /scratch/mark; ls /scratch"));
+        let y = s.spawn(|| identity(&b, "ls /scratch"));
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    println!("clone a: {ia:?}\nclone b: {ib:?}");
+    assert_eq!(ia.hostname, "clone-a");
+    assert_eq!(ib.hostname, "clone-b");
+    assert_ne!(ia.boot_id, ib.boot_id);
+    assert_ne!(ia.random, ib.random);
+    assert_eq!(ia.random.len(), 64, "{ia:?}");
+    assert_eq!(ia.scratch, "mark", "{ia:?}");
+    assert_eq!(ib.scratch, "", "{ib:?}");
+    for i in [&ia, &ib] {
+        assert!(
+            i.clock_skew.abs() < 1.0,
+            "guest clock {:.3} s off",
+            i.clock_skew
+        );
+    }
+    b.stop();
+
+    containers_in_the_guest(&a);
+
+    let status = a
+        .shutdown(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(status.success(), "{status}");
+}
+
+/// The off switch: a sandbox that boots its kernel instead.
+#[test]
+fn a_sandbox_boots_cold_when_asked() {
+    if let Some(why) = kvm_unavailable() {
+        skip("a_sandbox_boots_cold_when_asked", &why);
+        return;
+    }
+    let rt = runtime().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = dir.path().join("busybox.erofs");
+    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut cfg = config("cold", &busybox);
+    cfg.boot = Boot::Cold;
+    let sb = rt.start_sandbox(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    describe(&sb);
+    assert!(sb.template.is_none());
+    let i = identity(&sb, "ls /scratch");
+    assert_eq!(i.hostname, "cold");
+    assert!(
+        i.clock_skew.abs() < 1.0,
+        "guest clock {:.3} s off",
+        i.clock_skew
     );
-    (guest, client, uds)
+    // The same id twice is refused while the first runs.
+    let e = rt
+        .start_sandbox(&cfg)
+        .err()
+        .expect("a second sandbox \"cold\"");
+    assert!(e.to_string().contains("exists"), "{e:#}");
+    let status = sb.shutdown(Duration::from_secs(120)).unwrap();
+    assert!(status.success(), "{status}");
 }
 
 #[derive(Debug)]
@@ -197,67 +163,124 @@ struct Identity {
     boot_id: String,
     random: String,
     clock_skew: f64,
+    /// What `script` printed (its last line).
+    scratch: String,
 }
 
-/// What a container of a restored sandbox sees of its identity.
-fn identity(uds: &std::path::Path, guest: &Guest) -> Identity {
+/// What a container of a sandbox sees of its identity; `script` runs after
+/// with the sandbox's scratch tmpfs (shared by its containers) at /scratch.
+fn identity(sb: &Sandbox, script: &str) -> Identity {
     let t = Duration::from_secs(120);
-    let a = AgentConn::connect(Endpoint::Vsock(uds.to_path_buf()))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
-    let storage = vec![Storage {
-        source: "/dev/vdb".into(),
-        fstype: "erofs".into(),
-        options: vec!["ro".into()],
-        mount_point: "busybox".into(),
-        ..Default::default()
-    }];
-    let spec = busybox_spec(
+    let a = sb
+        .connect()
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
+    let storage = vec![
+        Storage {
+            source: sb.devices[0].clone(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "busybox".into(),
+            ..Default::default()
+        },
+        Storage {
+            source: "tmpfs".into(),
+            fstype: "tmpfs".into(),
+            mount_point: "scratch".into(),
+            ..Default::default()
+        },
+    ];
+    let mut spec = busybox_spec(
         "busybox",
         &[
             "sh",
             "-c",
-            "cat /etc/hostname /proc/sys/kernel/random/boot_id; \
-             head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+            &format!(
+                "cat /etc/hostname /proc/sys/kernel/random/boot_id; \
+                 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                 adjtimex; \
+                 {script} | tr '\\n' ' '; echo"
+            ),
         ],
         false,
     );
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(
+        oci_spec::runtime::MountBuilder::default()
+            .destination("/scratch")
+            .typ("bind")
+            .source("scratch")
+            .options(vec!["rbind".to_string(), "rw".to_string()])
+            .build()
+            .unwrap(),
+    );
+    spec.set_mounts(Some(mounts));
+    let id = format!(
+        "id-{}",
+        std::process::id() ^ Instant::now().elapsed().subsec_nanos()
+    );
     let mut s = a
-        .create("id", &spec, Io::OUT_ERR, storage, true)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
-    let out = read_all(&mut s.stdout, t).unwrap();
-    let host_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    a.wait("id", "").unwrap();
-    a.remove("id").unwrap();
+        .create(&id, &spec, Io::OUT_ERR, storage, true)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
+    // Line by line, each stamped with the host's clock as it arrives: the
+    // clock line's stamp is within the stream's delay of the guest's read.
+    let stdout = s.stdout.take().unwrap();
+    stdout.set_read_timeout(Some(t)).unwrap();
+    let mut stamped = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        stamped.push((line.unwrap(), now.as_secs_f64()));
+    }
+    let out: String = stamped.iter().map(|(l, _)| format!("{l}\n")).collect();
+    let err = read_all(&mut s.stderr, t).unwrap();
+    a.wait(&id, "").unwrap();
+    a.remove(&id).unwrap();
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 4, "{out:?}");
-    let guest_now: f64 = lines[3].trim().parse().unwrap();
+    assert!(lines.len() > 5, "{out:?} {err:?}");
+    // busybox's adjtimex prints "time.tv_sec: S" and "time.tv_usec: U"
+    // lines, at once as it exits.
+    let field = |name: &str| -> (f64, f64) {
+        stamped
+            .iter()
+            .find_map(|(l, at)| {
+                let mut w = l.split_whitespace();
+                if w.next() != Some(name) {
+                    return None;
+                }
+                Some((w.next()?.parse().ok()?, *at))
+            })
+            .unwrap_or_else(|| panic!("no {name} in {out:?}"))
+    };
+    let (sec, _) = field("time.tv_sec:");
+    let (usec, host_now) = field("time.tv_usec:");
+    let guest_now = sec + usec / 1e6;
     Identity {
         hostname: lines[0].into(),
         boot_id: lines[1].into(),
         random: lines[2].into(),
-        // The guest prints whole seconds: its clock lags by < 1 s of that.
-        clock_skew: host_now - guest_now - 0.5,
+        clock_skew: host_now - guest_now,
+        scratch: lines.last().unwrap().trim().into(),
     }
 }
 
-/// The container group, against the agent booted above.
-fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
+/// The container group, in a sandbox restored from the template: a
+/// restored VM must serve exactly as a booted one.
+fn containers_in_the_guest(sb: &Sandbox) {
     let t = Duration::from_secs(120);
-    let a = AgentConn::connect(Endpoint::Vsock(uds.to_path_buf()))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", guest.tail()));
+    let a = sb
+        .connect()
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
     let storage = || {
         vec![Storage {
-            source: "/dev/vdb".into(),
+            source: sb.devices[0].clone(),
             fstype: "erofs".into(),
             options: vec!["ro".into()],
             mount_point: "busybox".into(),
             ..Default::default()
         }]
     };
-    let fail = |e: anyhow::Error| -> ! { panic!("{e:#}\n{}", guest.tail()) };
+    let fail = |e: anyhow::Error| -> ! { panic!("{e:#}\n{}", sb.logs()) };
 
     // Output, exit code, the sandbox's resolv.conf in the container, and
     // the spec's seccomp profile enforced (libseccomp is linked statically).
@@ -318,7 +341,7 @@ fn containers_in_the_guest(uds: &std::path::Path, guest: &Guest) {
     linux.set_resources(Some(resources));
     spec.set_linux(Some(linux));
     let oom_waiter = {
-        let a = AgentConn::connect(Endpoint::Vsock(uds.to_path_buf())).unwrap();
+        let a = sb.connect().unwrap();
         std::thread::spawn(move || a.containers.get_oom_event(actx(t), &Empty::new()))
     };
     a.create("oom", &spec, Io::default(), storage(), true)

@@ -1,0 +1,245 @@
+//! A client of husk-agent, wherever it runs: in a guest over husk-vmm's
+//! hybrid vsock, or on a host over its Unix socket (tests run the same
+//! scenarios through either).
+
+use std::io::{Read, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use husk_protocol::agent::{
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest, Stdio,
+    Storage, WaitProcessResponse,
+};
+use husk_protocol::agent_ttrpc::{ContainersClient, NetworkClient, SandboxClient};
+use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, STREAM_VSOCK_PORT, VERSION_KEY};
+use oci_spec::runtime::Spec;
+
+use crate::vmm::vsock_connect;
+
+/// A request context with the API version and a timeout.
+pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    let mut c = ttrpc::context::with_timeout(timeout.as_nanos() as i64);
+    c.add(VERSION_KEY.to_string(), API_VERSION.to_string());
+    c
+}
+
+/// "CODE: message" of a ttrpc error, for asserting on.
+pub fn rpc_message(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Where the agent listens.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// `--listen unix://PATH`; streams on `PATH.stdio`.
+    Unix(PathBuf),
+    /// husk-vmm's hybrid vsock socket.
+    Vsock(PathBuf),
+}
+
+pub struct AgentConn {
+    pub endpoint: Endpoint,
+    pub sandbox: SandboxClient,
+    pub containers: ContainersClient,
+    pub network: NetworkClient,
+}
+
+impl AgentConn {
+    pub fn connect(endpoint: Endpoint) -> Result<AgentConn> {
+        Self::connect_within(endpoint, Duration::from_secs(60))
+    }
+
+    /// Connects, retrying a vsock connection refused (the agent not
+    /// listening yet) until `timeout`; zero tries once.
+    pub fn connect_within(endpoint: Endpoint, timeout: Duration) -> Result<AgentConn> {
+        let client = match &endpoint {
+            Endpoint::Unix(p) => ttrpc::Client::connect(&format!("unix://{}", p.display()))
+                .context("connecting to the agent")?,
+            Endpoint::Vsock(uds) => {
+                let s = vsock_connect(uds, AGENT_VSOCK_PORT, timeout)?;
+                ttrpc::Client::new(s.into_raw_fd()).context("ttrpc client")?
+            }
+        };
+        Ok(AgentConn {
+            endpoint,
+            sandbox: SandboxClient::new(client.clone()),
+            containers: ContainersClient::new(client.clone()),
+            network: NetworkClient::new(client),
+        })
+    }
+
+    /// Opens a stdio stream named `name` to the agent.
+    pub fn stream(&self, name: &str) -> Result<UnixStream> {
+        let mut s = match &self.endpoint {
+            Endpoint::Unix(p) => {
+                UnixStream::connect(format!("{}.stdio", p.display())).context("stream socket")?
+            }
+            Endpoint::Vsock(uds) => vsock_connect(uds, STREAM_VSOCK_PORT, Duration::from_secs(60))?,
+        };
+        s.write_all(format!("{name}\n").as_bytes())?;
+        Ok(s)
+    }
+
+    /// Creates `id` from `spec` with the streams asked for, and starts it
+    /// unless `start` is false. Returns the open streams.
+    pub fn run(&self, id: &str, spec: &Spec, io: Io, start: bool) -> Result<Streams> {
+        self.create(id, spec, io, Vec::new(), start)
+    }
+
+    pub fn create(
+        &self,
+        id: &str,
+        spec: &Spec,
+        io: Io,
+        storages: Vec<Storage>,
+        start: bool,
+    ) -> Result<Streams> {
+        let (stdio, streams) = self.open_streams(id, "init", io)?;
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: serde_json::to_vec(spec)?,
+            storages,
+            overlay_rootfs: true,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.containers
+            .create_container(ctx(Duration::from_secs(120)), &req)
+            .map_err(|e| anyhow::anyhow!("CreateContainer {id}: {}", rpc_message(&e)))?;
+        if start {
+            self.containers
+                .start_container(ctx(Duration::from_secs(60)), &container(id))
+                .map_err(|e| anyhow::anyhow!("StartContainer {id}: {}", rpc_message(&e)))?;
+        }
+        Ok(streams)
+    }
+
+    /// Opens the streams `io` asks for, named after the process.
+    pub fn open_streams(&self, id: &str, proc_: &str, io: Io) -> Result<(Stdio, Streams)> {
+        let mut stdio = Stdio::new();
+        let mut streams = Streams::default();
+        let name = |s: &str| format!("{id}-{proc_}-{s}");
+        if io.stdin {
+            stdio.stdin = name("in");
+            streams.stdin = Some(self.stream(&stdio.stdin)?);
+        }
+        if io.stdout {
+            stdio.stdout = name("out");
+            streams.stdout = Some(self.stream(&stdio.stdout)?);
+        }
+        if io.stderr {
+            stdio.stderr = name("err");
+            streams.stderr = Some(self.stream(&stdio.stderr)?);
+        }
+        Ok((stdio, streams))
+    }
+
+    /// Runs `process` (OCI process JSON) in container `id` as `exec_id`.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        io: Io,
+    ) -> Result<Streams> {
+        let (stdio, streams) = self.open_streams(id, exec_id, io)?;
+        let req = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process: serde_json::to_vec(process)?,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.containers
+            .exec_process(ctx(Duration::from_secs(120)), &req)
+            .map_err(|e| anyhow::anyhow!("ExecProcess {id}/{exec_id}: {}", rpc_message(&e)))?;
+        Ok(streams)
+    }
+
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse> {
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.containers
+            .wait_process(ctx(Duration::from_secs(120)), &req)
+            .map_err(|e| anyhow::anyhow!("WaitProcess {id}/{exec_id}: {}", rpc_message(&e)))
+    }
+
+    pub fn remove(&self, id: &str) -> Result<()> {
+        self.containers
+            .remove_container(ctx(Duration::from_secs(60)), &container(id))
+            .map_err(|e| anyhow::anyhow!("RemoveContainer {id}: {}", rpc_message(&e)))?;
+        Ok(())
+    }
+
+    pub fn health(&self) -> Result<()> {
+        let h = self
+            .sandbox
+            .health(ctx(Duration::from_secs(30)), &Empty::new())
+            .map_err(|e| anyhow::anyhow!("Health: {}", rpc_message(&e)))?;
+        if h.status != "SERVING" {
+            bail!("agent says {}", h.status);
+        }
+        Ok(())
+    }
+}
+
+pub fn container(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// Which streams a process gets.
+#[derive(Clone, Copy, Default)]
+pub struct Io {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+impl Io {
+    pub const OUT_ERR: Io = Io {
+        stdin: false,
+        stdout: true,
+        stderr: true,
+    };
+    pub const ALL: Io = Io {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+    };
+    pub const TTY: Io = Io {
+        stdin: true,
+        stdout: true,
+        stderr: false,
+    };
+}
+
+#[derive(Debug, Default)]
+pub struct Streams {
+    pub stdin: Option<UnixStream>,
+    pub stdout: Option<UnixStream>,
+    pub stderr: Option<UnixStream>,
+}
+
+/// Reads a stream to its end (the process closed it), with a timeout.
+pub fn read_all(s: &mut Option<UnixStream>, timeout: Duration) -> Result<String> {
+    let Some(s) = s.as_mut() else {
+        bail!("no such stream")
+    };
+    s.set_read_timeout(Some(timeout))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .context("reading a stream to its end")?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

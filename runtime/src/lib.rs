@@ -1,0 +1,72 @@
+//! husk-runtime: the host side of husk. Starts sandboxes (one microVM
+//! each, restored from a cached template snapshot by default) and talks to
+//! their agents. The CLI, the containerd shim and the orchestrator build on
+//! it; it launches husk-vmm as a separate, confined process.
+
+use std::path::PathBuf;
+
+pub mod agent;
+pub mod sandbox;
+pub mod template;
+pub mod vmm;
+
+pub use sandbox::{Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes};
+pub use template::{Machine, Template};
+
+/// Where husk's parts are and where it keeps its files.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    /// The husk-vmm binary.
+    pub vmm: PathBuf,
+    /// The guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// The guest root image (erofs, husk-agent as /sbin/husk-agent).
+    pub guest_image: PathBuf,
+    /// Templates live under `<cache_dir>/templates`.
+    pub cache_dir: PathBuf,
+    /// Each sandbox's state under `<run_dir>/<id>` (sockets, logs).
+    pub run_dir: PathBuf,
+}
+
+impl Runtime {
+    /// A runtime with the given artifacts and the default directories.
+    pub fn new(vmm: PathBuf, kernel: PathBuf, guest_image: PathBuf) -> Runtime {
+        Runtime {
+            vmm,
+            kernel,
+            guest_image,
+            cache_dir: default_cache_dir(),
+            run_dir: default_run_dir(),
+        }
+    }
+}
+
+/// `$HUSK_CACHE`, else `$XDG_CACHE_HOME/husk`, else `~/.cache/husk` (the
+/// guest kernel build caches there too).
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HUSK_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("husk");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/husk")
+}
+
+/// `$HUSK_RUN`, else /run/husk for root, else `$XDG_RUNTIME_DIR/husk`, else
+/// a directory in /tmp. Kept short: it holds Unix sockets (108-byte paths).
+pub fn default_run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HUSK_RUN") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/husk");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("husk");
+    }
+    PathBuf::from(format!("/tmp/husk-{uid}"))
+}

@@ -1,0 +1,457 @@
+//! Sandboxes: one microVM each, started by restoring the template for their
+//! machine (the default) or by a cold boot, then given their own identity:
+//! fresh randomness, the host's clock, a hostname and DNS.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use husk_protocol::agent::{CreateSandboxRequest, ReseedRandomRequest, SetTimeRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{ctx, rpc_message, AgentConn, Endpoint};
+use crate::template::{
+    console_config, slot_device, slot_id, tail, vm_config, Machine, Template, VmmProcess, RO_SLOTS,
+    RW_SLOTS,
+};
+use crate::vmm::{api_request, vsock_connect};
+use crate::Runtime;
+
+/// How a sandbox's VM starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Boot {
+    /// Restore the cached template for the machine (built on first use).
+    #[default]
+    Template,
+    /// Boot the guest kernel.
+    Cold,
+}
+
+/// A drive a sandbox gets: a container image (read-only) or a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    pub id: String,
+    pub machine: Machine,
+    pub drives: Vec<DriveSpec>,
+    pub hostname: String,
+    pub dns_servers: Vec<String>,
+    pub dns_search: Vec<String>,
+    pub boot: Boot,
+    /// Keep the guest console in `<sandbox dir>/console.log`.
+    pub console_log: bool,
+}
+
+impl SandboxConfig {
+    pub fn new(id: &str) -> SandboxConfig {
+        SandboxConfig {
+            id: id.into(),
+            machine: Machine::default(),
+            drives: Vec::new(),
+            hostname: id.into(),
+            dns_servers: Vec::new(),
+            dns_search: Vec::new(),
+            boot: Boot::default(),
+            console_log: false,
+        }
+    }
+}
+
+/// Where each phase of a start went.
+#[derive(Clone, Debug, Default)]
+pub struct StartTimes {
+    /// Template lookup (or its build, on first use).
+    pub template: Duration,
+    /// VMM spawn until the agent answered Health.
+    pub agent_ready: Duration,
+    /// ReseedRandom, SetTime and CreateSandbox.
+    pub identity: Duration,
+}
+
+/// A running sandbox. Dropping it kills its VM and removes its directory.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub agent: AgentConn,
+    /// The guest device of each of the config's drives, in order.
+    pub devices: Vec<String>,
+    pub boot: Boot,
+    pub times: StartTimes,
+    /// The template restored from, for `Boot::Template`.
+    pub template: Option<Template>,
+    vmm: VmmProcess,
+}
+
+/// Sandbox ids name directories and sockets: kept short and plain.
+pub fn check_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 64
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        bail!(
+            "sandbox id {id:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        );
+    }
+    Ok(())
+}
+
+/// Assigns drives to slots: (slot paths for all slots, guest device of each
+/// drive).
+fn assign_slots(drives: &[DriveSpec], placeholder: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let mut slots = vec![placeholder.to_path_buf(); RO_SLOTS + RW_SLOTS];
+    let (mut ro, mut rw) = (0, 0);
+    let mut devices = Vec::new();
+    for d in drives {
+        let (n, limit, base) = if d.read_only {
+            (&mut ro, RO_SLOTS, 0)
+        } else {
+            (&mut rw, RW_SLOTS, RO_SLOTS)
+        };
+        if *n == limit {
+            bail!(
+                "more than {limit} {} drives: a sandbox has {RO_SLOTS} read-only and {RW_SLOTS} read-write drive slots",
+                if d.read_only { "read-only" } else { "read-write" }
+            );
+        }
+        if !d.path.is_file() {
+            bail!("drive {}: not a file", d.path.display());
+        }
+        slots[base + *n] = d.path.clone();
+        devices.push(slot_device(d.read_only, *n));
+        *n += 1;
+    }
+    Ok((slots, devices))
+}
+
+/// Waits until the agent behind `vmm` answers Health.
+pub(crate) fn wait_for_agent(
+    vmm: &mut VmmProcess,
+    log: &Path,
+    timeout: Duration,
+) -> Result<AgentConn> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no vsock socket yet");
+    loop {
+        vmm.check_alive(log)?;
+        if vmm.vsock.exists() {
+            match AgentConn::connect_within(Endpoint::Vsock(vmm.vsock.clone()), Duration::ZERO)
+                .and_then(|a| a.health().map(|_| a))
+            {
+                Ok(a) => return Ok(a),
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the agent did not answer within {timeout:?}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Runtime {
+    /// Starts a sandbox: its VM restored from the template for its machine
+    /// (or cold-booted), its agent ready, its identity set.
+    pub fn start_sandbox(&self, cfg: &SandboxConfig) -> Result<Sandbox> {
+        check_id(&cfg.id)?;
+        let dir = self.run_dir.join(&cfg.id);
+        std::fs::create_dir_all(&self.run_dir)
+            .with_context(|| format!("{}", self.run_dir.display()))?;
+        if let Err(e) = std::fs::create_dir(&dir) {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                bail!("sandbox {} exists ({})", cfg.id, dir.display());
+            }
+            return Err(e).with_context(|| format!("{}", dir.display()));
+        }
+        let r = self.start_in(cfg, &dir);
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        r
+    }
+
+    fn start_in(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Sandbox> {
+        let mut times = StartTimes::default();
+        let console = cfg.console_log.then(|| dir.join("console.log"));
+        let log = dir.join("vmm.log");
+        let (vmm, agent, devices, template) = match cfg.boot {
+            Boot::Template => {
+                let t0 = Instant::now();
+                let mut t = Template::ensure(self, &cfg.machine)?;
+                times.template = t0.elapsed();
+                let t1 = Instant::now();
+                let (vmm, agent, devices) = match self.restore(&t, cfg, dir, console.as_deref()) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // A template this VMM or host refuses (other VMM
+                        // build, CPU template, a damaged file) is rebuilt
+                        // once.
+                        t.invalidate();
+                        t = Template::ensure(self, &cfg.machine)
+                            .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
+                        self.restore(&t, cfg, dir, console.as_deref())
+                            .with_context(|| format!("after rebuilding template {}", t.key))?
+                    }
+                };
+                times.agent_ready = t1.elapsed();
+                (vmm, agent, devices, Some(t))
+            }
+            Boot::Cold => {
+                let t1 = Instant::now();
+                let placeholder = dir.join("empty.img");
+                std::fs::File::create(&placeholder)?;
+                let (slots, devices) = assign_slots(&cfg.drives, &placeholder)?;
+                let vsock = dir.join("v.sock");
+                let config = vm_config(self, &cfg.machine, &slots, &vsock, console.as_deref());
+                let file = dir.join("vm.json");
+                std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
+                let mut vmm = VmmProcess::spawn(
+                    self,
+                    &["--config-file".as_ref(), file.as_os_str()],
+                    dir.join("api.sock"),
+                    vsock,
+                    &log,
+                )?;
+                let agent = wait_for_agent(&mut vmm, &log, Duration::from_secs(900))?;
+                times.agent_ready = t1.elapsed();
+                (vmm, agent, devices, None)
+            }
+        };
+        let t2 = Instant::now();
+        give_identity(&agent, cfg)?;
+        times.identity = t2.elapsed();
+        Ok(Sandbox {
+            id: cfg.id.clone(),
+            dir: dir.to_path_buf(),
+            agent,
+            devices,
+            boot: cfg.boot,
+            times,
+            template,
+            vmm,
+        })
+    }
+
+    /// Restores `t` for `cfg` and waits for its agent.
+    fn restore(
+        &self,
+        t: &Template,
+        cfg: &SandboxConfig,
+        dir: &Path,
+        console: Option<&Path>,
+    ) -> Result<(VmmProcess, AgentConn, Vec<String>)> {
+        let (slots, devices) = assign_slots(&cfg.drives, &t.placeholder)?;
+        let vsock = dir.join("v.sock");
+        let api = dir.join("api.sock");
+        let _ = std::fs::remove_file(&vsock);
+        let _ = std::fs::remove_file(&api);
+        let log = dir.join("vmm.log");
+        let mut vmm = VmmProcess::spawn(self, &[], api.clone(), vsock.clone(), &log)?;
+        let drives: Vec<_> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p != t.placeholder)
+            .map(|(i, p)| {
+                let ro = i < RO_SLOTS;
+                let id = slot_id(ro, if ro { i } else { i - RO_SLOTS });
+                serde_json::json!({"drive_id": id, "path_on_host": p})
+            })
+            .collect();
+        let load = serde_json::json!({
+            "snapshot_path": t.snapshot,
+            "mem_file_path": t.memory,
+            "resume_vm": true,
+            "vsock_uds_path": vsock,
+            "serial": console_config(console),
+            "drives": drives,
+        });
+        let (status, body) = match api_request(&api, "PUT", "/snapshot/load", &load.to_string()) {
+            Ok(x) => x,
+            Err(e) => {
+                // A VMM that died says why in its log.
+                vmm.check_alive(&log)?;
+                return Err(e);
+            }
+        };
+        if status >= 300 {
+            bail!("loading template {}: {status} {body}", t.key);
+        }
+        let agent = wait_for_agent(&mut vmm, &log, Duration::from_secs(30))
+            .with_context(|| format!("restored from template {}", t.key))?;
+        Ok((vmm, agent, devices))
+    }
+}
+
+/// What every started guest is told: new randomness (a restored one shares
+/// its CRNG state with every other clone of its template until now), the
+/// time, its name and DNS.
+fn give_identity(agent: &AgentConn, cfg: &SandboxConfig) -> Result<()> {
+    let timeout = Duration::from_secs(30);
+    let mut seed = ReseedRandomRequest::new();
+    seed.data = vec![0; 64];
+    getrandom(&mut seed.data)?;
+    agent
+        .sandbox
+        .reseed_random(ctx(timeout), &seed)
+        .map_err(|e| anyhow::anyhow!("ReseedRandom: {}", rpc_message(&e)))?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+    let mut t = SetTimeRequest::new();
+    t.sec = now.as_secs() as i64;
+    t.nsec = now.subsec_nanos();
+    agent
+        .sandbox
+        .set_time(ctx(timeout), &t)
+        .map_err(|e| anyhow::anyhow!("SetTime: {}", rpc_message(&e)))?;
+    let mut s = CreateSandboxRequest::new();
+    s.hostname = cfg.hostname.clone();
+    s.dns_servers = cfg.dns_servers.clone();
+    s.dns_search = cfg.dns_search.clone();
+    agent
+        .sandbox
+        .create_sandbox(ctx(timeout), &s)
+        .map_err(|e| anyhow::anyhow!("CreateSandbox: {}", rpc_message(&e)))?;
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+fn getrandom(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most buf.len() - done bytes into buf[done..],
+        // which this function borrows mutably.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("getrandom");
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// The hybrid vsock socket of the guest.
+    pub fn vsock(&self) -> &Path {
+        &self.vmm.vsock
+    }
+
+    /// The VMM's API socket.
+    pub fn api_socket(&self) -> &Path {
+        &self.vmm.api
+    }
+
+    /// The VMM's process id.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.child.id()
+    }
+
+    /// A new connection to the agent (the first one is `agent`).
+    pub fn connect(&self) -> Result<AgentConn> {
+        AgentConn::connect(Endpoint::Vsock(self.vmm.vsock.clone()))
+    }
+
+    /// Opens a connection to guest vsock `port`.
+    pub fn vsock_connect(&self, port: u32) -> Result<std::os::unix::net::UnixStream> {
+        vsock_connect(&self.vmm.vsock, port, Duration::from_secs(10))
+    }
+
+    /// What the VMM logged and, with `console_log`, the guest console.
+    pub fn logs(&self) -> String {
+        format!(
+            "vmm: {}\nconsole: {}",
+            tail(&self.dir.join("vmm.log"), 2000),
+            tail(&self.dir.join("console.log"), 4000)
+        )
+    }
+
+    /// Asks the guest to shut down (DestroySandbox) and waits up to
+    /// `timeout` for the VMM to exit; then it is killed. Returns the VMM's
+    /// exit status if it exited on its own.
+    pub fn shutdown(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.agent
+            .sandbox
+            .destroy_sandbox(
+                ctx(Duration::from_secs(30)),
+                &husk_protocol::agent::Empty::new(),
+            )
+            .map_err(|e| anyhow::anyhow!("DestroySandbox: {}", rpc_message(&e)))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.vmm.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("the VM did not stop within {timeout:?} of DestroySandbox");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the VM and removes the sandbox's files (as dropping it does).
+    pub fn stop(self) {}
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.vmm.child.kill();
+        let _ = self.vmm.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("web-1.a_b").is_ok());
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn drives_fill_slots_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, v) = (d.path().join("a"), d.path().join("b"), d.path().join("v"));
+        for p in [&a, &b, &v] {
+            std::fs::write(p, "").unwrap();
+        }
+        let ph = d.path().join("empty");
+        let ro = |p: &Path| DriveSpec {
+            path: p.into(),
+            read_only: true,
+        };
+        let drives = vec![
+            ro(&a),
+            DriveSpec {
+                path: v.clone(),
+                read_only: false,
+            },
+            ro(&b),
+        ];
+        let (slots, devices) = assign_slots(&drives, &ph).unwrap();
+        assert_eq!(devices, ["/dev/vdb", "/dev/vdf", "/dev/vdc"]);
+        assert_eq!(slots[0], a);
+        assert_eq!(slots[1], b);
+        assert_eq!(slots[2], ph);
+        assert_eq!(slots[RO_SLOTS], v);
+        let too_many = vec![ro(&a); RO_SLOTS + 1];
+        let e = assign_slots(&too_many, &ph).unwrap_err().to_string();
+        assert!(e.contains("more than 4 read-only drives"), "{e}");
+        let e = assign_slots(&[ro(&d.path().join("nope"))], &ph).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}
