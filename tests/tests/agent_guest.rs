@@ -9,13 +9,14 @@
 //! (what the host cannot test: its cgroup v2 has no memory, cpu or pids
 //! controllers). One more sandbox boots cold: the off switch.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
     CreateSandboxRequest, Empty, IPAddress, Interface, Storage, UpdateContainerRequest,
     UpdateInterfaceRequest,
 };
-use husk_runtime::{Boot, DriveSpec, Sandbox, SandboxConfig};
+use husk_runtime::{Boot, DriveSpec, Runtime, Sandbox, SandboxConfig};
 use husk_tests::agent::{busybox_erofs, busybox_spec, container, ctx as actx, read_all, Io};
 use husk_tests::{kvm_unavailable, runtime, skip};
 
@@ -51,16 +52,25 @@ fn describe(sb: &Sandbox) {
     );
 }
 
-#[test]
-fn sandboxes_restored_from_one_template() {
+/// The runtime and a busybox erofs image, or None (and a SKIP line)
+/// without /dev/kvm.
+fn setup(test: &str) -> Option<(Runtime, tempfile::TempDir, PathBuf)> {
     if let Some(why) = kvm_unavailable() {
-        skip("sandboxes_restored_from_one_template", &why);
-        return;
+        skip(test, &why);
+        return None;
     }
     let rt = runtime().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let busybox = dir.path().join("busybox.erofs");
     busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
+    Some((rt, dir, busybox))
+}
+
+#[test]
+fn sandboxes_restored_from_one_template() {
+    let Some((rt, _dir, busybox)) = setup("sandboxes_restored_from_one_template") else {
+        return;
+    };
     // Two sandboxes at once: the first to ask builds the template (if the
     // cache has none for these inputs), the other waits for it.
     let (a, b) = std::thread::scope(|s| {
@@ -127,14 +137,9 @@ fn sandboxes_restored_from_one_template() {
 /// The off switch: a sandbox that boots its kernel instead.
 #[test]
 fn a_sandbox_boots_cold_when_asked() {
-    if let Some(why) = kvm_unavailable() {
-        skip("a_sandbox_boots_cold_when_asked", &why);
+    let Some((rt, _dir, busybox)) = setup("a_sandbox_boots_cold_when_asked") else {
         return;
-    }
-    let rt = runtime().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let busybox = dir.path().join("busybox.erofs");
-    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
+    };
     let mut cfg = config("cold", &busybox);
     cfg.boot = Boot::Cold;
     let sb = rt.start_sandbox(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
