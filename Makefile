@@ -11,12 +11,14 @@ STATIC_RUSTFLAGS := -C target-feature=+crt-static
 
 .PHONY: run test setup kernel guest images lint fuzz bench clean
 
-# Until `husk run` exists: boot the guest in husk-vmm to its init, which
-# prints its uptime and reboots (the VMM exits 0).
-run: setup kernel guest
-	$(CARGO) build --locked --release -p husk-vmm
-	printf '%s' '{"boot-source": {"kernel_image_path": "$(GUEST)/vmlinux", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off rootfstype=erofs init=/init quiet"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}, "drives": [{"drive_id": "rootfs", "path_on_host": "$(GUEST)/rootfs.erofs", "is_root_device": true, "is_read_only": true}], "entropy": {}}' > target/run-vm.json
-	target/release/husk-vmm --config-file target/run-vm.json
+# The main job: busybox in a microVM, like `docker run --rm`. The first run
+# boots and snapshots the template (tens of seconds where the guest kernel
+# is emulated); later runs restore it.
+run: setup kernel guest images
+	$(CARGO) build --locked --release -p husk-vmm -p husk-cli
+	target/release/husk image import $(IMAGES)/busybox.oci.tar
+	target/release/husk run --rm husk.local/busybox:latest \
+	    sh -c 'echo "hello from $$(uname -sr) in a husk microVM, $$(grep -c ^processor /proc/cpuinfo) vCPU"'
 
 test: setup kernel guest images lint
 	$(CARGO) test --workspace --locked

@@ -34,5 +34,12 @@ ln -s ../init "$stage/sbin/init"
 mkdir -p "$(dirname "$out")"
 # A fixed UUID and timestamp make the image reproducible.
 mkfs.erofs --quiet --all-root -T0 -U 6875736b-0000-4000-8000-000000000001 "$out.tmp" "$stage"
-mv "$out.tmp" "$out"
-echo "build-rootfs: $out ($(stat -c %s "$out") bytes)" >&2
+# An unchanged image keeps its file (and mtime): husk-runtime's templates are
+# keyed by it, so a no-op rebuild must not make them stale.
+if cmp -s "$out.tmp" "$out"; then
+    rm -f "$out.tmp"
+    echo "build-rootfs: $out unchanged" >&2
+else
+    mv "$out.tmp" "$out"
+    echo "build-rootfs: $out ($(stat -c %s "$out") bytes)" >&2
+fi

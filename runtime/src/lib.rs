@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 
 pub mod agent;
+pub mod image;
 pub mod sandbox;
+pub mod spec;
 pub mod template;
 pub mod vmm;
 

@@ -1,37 +1,19 @@
 //! Test helpers around the agent client (husk_runtime::agent): the busybox
 //! sample as a rootfs or erofs image, and a spec for it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 pub use husk_runtime::agent::*;
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::Spec;
 
 /// A runc-like default spec (oci-spec's) for the busybox rootfs at
 /// `storage/<root>`, running `args`, in the sandbox's network.
 pub fn busybox_spec(root: &str, args: &[&str], terminal: bool) -> Spec {
-    let mut spec = Spec::default();
-    let mut process = spec.process().clone().unwrap_or_default();
-    process.set_args(Some(args.iter().map(|a| a.to_string()).collect()));
-    process.set_terminal(Some(terminal));
-    spec.set_process(Some(process));
-    let mut r = spec.root().clone().unwrap_or_default();
-    r.set_path(PathBuf::from(root));
-    r.set_readonly(Some(false));
-    spec.set_root(Some(r));
+    let args = args.iter().map(|a| a.to_string()).collect();
+    let mut spec = husk_runtime::spec::base_spec(root, args, terminal);
     spec.set_hostname(Some("c".into()));
-    let mut linux = spec.linux().clone().unwrap_or_default();
-    // Containers of a sandbox share its network, as in a pod.
-    let ns: Vec<_> = linux
-        .namespaces()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| n.typ() != LinuxNamespaceType::Network)
-        .collect();
-    linux.set_namespaces(Some(ns));
-    spec.set_linux(Some(linux));
     spec
 }
 

@@ -26,6 +26,11 @@ pub fn husk_vmm_binary() -> Result<PathBuf> {
     workspace_binary("husk-vmm", "HUSK_VMM")
 }
 
+/// The husk CLI (`HUSK_CLI` overrides).
+pub fn husk_cli_binary() -> Result<PathBuf> {
+    workspace_binary("husk", "HUSK_CLI")
+}
+
 /// The husk-agent binary (`HUSK_AGENT` overrides), for running the agent on
 /// the host.
 pub fn husk_agent_binary() -> Result<PathBuf> {

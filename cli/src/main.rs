@@ -1,0 +1,366 @@
+//! husk: Docker's command line for containers that each run in their own
+//! microVM. `husk run` restores a sandbox from the runtime's template (or
+//! boots one with `--boot cold`), hands it the image as a read-only erofs
+//! drive and runs the container there; its output and exit code are the
+//! container's.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use husk_protocol::agent::Storage;
+use husk_runtime::agent::Io;
+use husk_runtime::image::{default_store_dir, ImageStore};
+use husk_runtime::spec::{container_spec, ProcessOptions};
+use husk_runtime::{Boot, DriveSpec, Runtime, SandboxConfig};
+
+/// Exit code for husk's own failures, as Docker's 125.
+const HUSK_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "husk",
+    version,
+    about = "Run OCI containers, each in its own microVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command in a new container, in its own microVM.
+    Run(RunArgs),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Show husk's version and where its parts are.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import images from an OCI-layout or docker-archive tarball.
+    Import { file: PathBuf },
+    /// List images.
+    Ls,
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BootArg {
+    /// Restore the cached template snapshot (booted once, on first use).
+    Template,
+    /// Boot the guest kernel.
+    Cold,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Remove the container when it exits (the sandbox always stops with
+    /// its container for now).
+    #[arg(long)]
+    rm: bool,
+    /// Keep stdin open and pass it to the container.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Set environment variables (KEY=VALUE).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// The container's (and sandbox's) name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// uid[:gid] to run as.
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Overwrite the image's entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// The container's host name.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// How the microVM starts.
+    #[arg(long, value_enum, default_value = "template")]
+    boot: BootArg,
+    image: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// A husk binary's parts: beside it (`husk-vmm`, `../guest/{vmlinux,
+/// rootfs.erofs}` as a build tree has them), or under /usr/lib/husk;
+/// `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_GUEST_IMAGE` override.
+fn runtime() -> Result<Runtime> {
+    let exe = std::env::current_exe().context("finding the husk binary")?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let find = |env: &str, beside: PathBuf, installed: &str| -> Result<PathBuf> {
+        if let Some(p) = std::env::var_os(env) {
+            return Ok(PathBuf::from(p));
+        }
+        for p in [beside, PathBuf::from(installed)] {
+            if p.exists() {
+                return Ok(p);
+            }
+        }
+        bail!("{installed} not found (build it with `make guest kernel`, or set {env})")
+    };
+    Ok(Runtime::new(
+        find("HUSK_VMM", dir.join("husk-vmm"), "/usr/lib/husk/husk-vmm")?,
+        find(
+            "HUSK_KERNEL",
+            dir.join("../guest/vmlinux"),
+            "/usr/lib/husk/vmlinux",
+        )?,
+        find(
+            "HUSK_GUEST_IMAGE",
+            dir.join("../guest/rootfs.erofs"),
+            "/usr/lib/husk/rootfs.erofs",
+        )?,
+    ))
+}
+
+fn check_kvm() -> Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("/dev/kvm: {e}: husk runs each container in a KVM virtual machine"),
+    }
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn env_file(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            // A bare name takes its value from husk's environment, as Docker.
+            if l.contains('=') {
+                l.to_string()
+            } else {
+                format!("{l}={}", std::env::var(l).unwrap_or_default())
+            }
+        })
+        .collect())
+}
+
+/// What a failed create or start means for the exit code: Docker's 127 for
+/// a command that is not there, 126 for one that cannot run.
+fn start_failure_code(message: &str) -> u8 {
+    let m = message.to_ascii_lowercase();
+    if m.contains("not found") || m.contains("no such file") {
+        127
+    } else if m.contains("permission denied") || m.contains("not executable") {
+        126
+    } else {
+        HUSK_ERROR
+    }
+}
+
+/// An error with the exit code it should end husk with.
+struct Failure(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(HUSK_ERROR, e.into())
+    }
+}
+
+fn run(a: RunArgs) -> Result<u8, Failure> {
+    check_kvm()?;
+    let rt = runtime()?;
+    let store = ImageStore::open(&default_store_dir())?;
+    let image = store.get(&a.image)?;
+    let config = store.config(&image)?;
+    let rootfs = store.rootfs(&image)?;
+    let mut env = Vec::new();
+    for f in &a.env_file {
+        env.extend(env_file(f)?);
+    }
+    env.extend(a.env.iter().cloned());
+    let id = match &a.name {
+        Some(n) => n.clone(),
+        None => random_id(),
+    };
+    let hostname = a
+        .hostname
+        .clone()
+        .unwrap_or_else(|| id.chars().take(12).collect());
+    let opts = ProcessOptions {
+        cmd: a.command.clone(),
+        entrypoint: a.entrypoint.as_ref().map(|e| {
+            if e.is_empty() {
+                Vec::new()
+            } else {
+                vec![e.clone()]
+            }
+        }),
+        env,
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        tty: false,
+        hostname: Some(hostname.clone()),
+    };
+    let spec = container_spec(&config, &opts, "image")?;
+
+    let mut cfg = SandboxConfig::new(&id);
+    cfg.hostname = hostname;
+    cfg.drives = vec![DriveSpec {
+        path: rootfs,
+        read_only: true,
+    }];
+    cfg.boot = match a.boot {
+        BootArg::Template => Boot::Template,
+        BootArg::Cold => Boot::Cold,
+    };
+    let sandbox = rt.start_sandbox(&cfg)?;
+    let storage = vec![Storage {
+        source: sandbox.devices[0].clone(),
+        fstype: "erofs".into(),
+        options: vec!["ro".into()],
+        mount_point: "image".into(),
+        ..Default::default()
+    }];
+    let io = Io {
+        stdin: a.interactive,
+        stdout: true,
+        stderr: true,
+    };
+    let mut streams = match sandbox.agent.create(&id, &spec, io, storage, true) {
+        Ok(s) => s,
+        Err(e) => {
+            let code = start_failure_code(&format!("{e:#}"));
+            return Err(Failure(code, e));
+        }
+    };
+    let copy = |from: Option<std::os::unix::net::UnixStream>, mut to: Box<dyn Write + Send>| {
+        std::thread::spawn(move || {
+            if let Some(mut from) = from {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.flush();
+            }
+        })
+    };
+    let out = copy(streams.stdout.take(), Box::new(std::io::stdout()));
+    let err = copy(streams.stderr.take(), Box::new(std::io::stderr()));
+    if let Some(mut input) = streams.stdin.take() {
+        // Detached: the container may exit before stdin ends. End of input
+        // is a half-close, which reaches the process after the data; a
+        // CloseStdin call could overtake data still on its way.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut input);
+            let _ = input.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    let status = sandbox
+        .agent
+        .wait(&id, "")
+        .map_err(|e| anyhow::anyhow!("waiting for the container: {e:#}"))?;
+    let _ = out.join();
+    let _ = err.join();
+    if let Err(e) = sandbox.agent.remove(&id) {
+        eprintln!("husk: removing container {id}: {e:#}");
+    }
+    sandbox.stop();
+    Ok(u8::try_from(status.status).unwrap_or(HUSK_ERROR))
+}
+
+fn image(cmd: ImageCmd) -> Result<()> {
+    let store = ImageStore::open(&default_store_dir())?;
+    match cmd {
+        ImageCmd::Import { file } => {
+            for r in store.import(&file)? {
+                println!("Loaded image: {} ({})", r.name, r.short_id());
+            }
+        }
+        ImageCmd::Ls => {
+            println!(
+                "{:<40} {:<14} {:>7}",
+                "REPOSITORY:TAG", "IMAGE ID", "LAYERS"
+            );
+            for r in store.list()? {
+                println!("{:<40} {:<14} {:>7}", r.name, r.short_id(), r.layers.len());
+            }
+        }
+        ImageCmd::Rm { images } => {
+            for i in images {
+                let r = store.remove(&i)?;
+                println!("Untagged: {}", r.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Image(c) => image(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Version => runtime()
+            .map(|rt| {
+                println!("husk {}", env!("CARGO_PKG_VERSION"));
+                println!("husk-vmm: {}", rt.vmm.display());
+                println!("kernel: {}", rt.kernel.display());
+                println!("guest image: {}", rt.guest_image.display());
+                println!("templates: {}", rt.cache_dir.join("templates").display());
+                println!("images: {}", default_store_dir().display());
+                0
+            })
+            .map_err(Failure::from),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, e)) => {
+            eprintln!("husk: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_docker() {
+        assert_eq!(
+            start_failure_code("exec: \"nope\": executable file not found in $PATH"),
+            127
+        );
+        assert_eq!(start_failure_code("open /x: Permission denied"), 126);
+        assert_eq!(start_failure_code("cgroup: EBUSY"), HUSK_ERROR);
+    }
+
+    #[test]
+    fn env_files() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("env");
+        std::fs::write(&f, "# comment\nA=1\n\nB = 2\n").unwrap();
+        assert_eq!(env_file(&f).unwrap(), ["A=1", "B = 2"]);
+    }
+}

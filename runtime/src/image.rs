@@ -1,0 +1,672 @@
+//! The image store: OCI images imported from OCI-layout or docker-archive
+//! tarballs, kept as content-addressed blobs, and turned into one read-only
+//! erofs root image per image (its layers applied in order, whiteouts
+//! honoured) that a sandbox gets as a drive.
+//!
+//! Layout under the store root (`/var/lib/husk/images` by default):
+//! `blobs/sha256/<hex>` (layers, configs, manifests), `images.json` (name →
+//! record), `rootfs/<config hex>.erofs`. Every blob is checked against its
+//! digest before it enters the store, and a layer's uncompressed contents
+//! against the config's diff_id; a failed import leaves the store as it was.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// One image in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The reference it was imported as: `registry/repo:tag`.
+    pub name: String,
+    /// `sha256:<hex>` of its config: the image id, as Docker's.
+    pub config: String,
+    /// Layer blobs, lowest first, with their media types.
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub digest: String,
+    /// The uncompressed tar's digest (the config's diff_id).
+    pub diff_id: String,
+    pub gzip: bool,
+}
+
+impl ImageRecord {
+    /// The short id `docker images` shows.
+    pub fn short_id(&self) -> &str {
+        let hex = self.config.trim_start_matches("sha256:");
+        &hex[..hex.len().min(12)]
+    }
+}
+
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+/// `$HUSK_ROOT/images`, else /var/lib/husk/images for root, else
+/// `$XDG_DATA_HOME/husk/images` or `~/.local/share/husk/images`.
+pub fn default_store_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HUSK_ROOT") {
+        return PathBuf::from(d).join("images");
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/husk/images");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("husk/images");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".local/share/husk/images")
+}
+
+/// `name` with a `:latest` tag if it has neither tag nor digest.
+pub fn normalize(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// The digest of a file's contents, streamed.
+fn file_digest(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{:x}", h.finalize()))
+}
+
+/// The hex part of a sha256 digest, checked (it names files).
+fn digest_hex(digest: &str) -> Result<&str> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .with_context(|| format!("digest {digest:?}: only sha256 is supported"))?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("digest {digest:?} is not a sha256 digest");
+    }
+    Ok(hex)
+}
+
+/// A path inside an archive, made relative and checked not to climb out.
+fn archive_path(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            _ => return None,
+        }
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+impl ImageStore {
+    pub fn open(root: &Path) -> Result<ImageStore> {
+        for d in ["blobs/sha256", "rootfs", "tmp"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).with_context(|| format!("{}", p.display()))?;
+        }
+        Ok(ImageStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn blob(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.root.join("blobs/sha256").join(digest_hex(digest)?))
+    }
+
+    fn index(&self) -> Result<BTreeMap<String, ImageRecord>> {
+        let p = self.root.join("images.json");
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).with_context(|| format!("{}", p.display())),
+        }
+    }
+
+    fn write_index(&self, index: &BTreeMap<String, ImageRecord>) -> Result<()> {
+        let p = self.root.join("images.json");
+        let tmp = self.root.join("images.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(index)?)?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("{}", p.display()))
+    }
+
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        Ok(self.index()?.into_values().collect())
+    }
+
+    /// The image `reference` names: a name (`:latest` implied), or an id
+    /// (prefix of the config digest, at least 4 hex digits).
+    pub fn get(&self, reference: &str) -> Result<ImageRecord> {
+        let index = self.index()?;
+        if let Some(r) = index.get(&normalize(reference)) {
+            return Ok(r.clone());
+        }
+        let id = reference.trim_start_matches("sha256:");
+        if id.len() >= 4 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let found: Vec<_> = index
+                .values()
+                .filter(|r| r.config.trim_start_matches("sha256:").starts_with(id))
+                .collect();
+            if let Some(r) = found.first() {
+                return Ok((*r).clone());
+            }
+        }
+        bail!("image {reference:?} not found (husk image import FILE, husk image ls)")
+    }
+
+    /// Removes the name; blobs and the root image go with the last name of
+    /// an image.
+    pub fn remove(&self, reference: &str) -> Result<ImageRecord> {
+        let rec = self.get(reference)?;
+        let mut index = self.index()?;
+        index.remove(&rec.name);
+        self.write_index(&index)?;
+        if !index.values().any(|r| r.config == rec.config) {
+            let _ = std::fs::remove_file(self.rootfs_path(&rec)?);
+            let used: HashSet<&str> = index
+                .values()
+                .flat_map(|r| r.layers.iter().map(|l| l.digest.as_str()))
+                .collect();
+            for l in &rec.layers {
+                if !used.contains(l.digest.as_str()) {
+                    let _ = std::fs::remove_file(self.blob(&l.digest)?);
+                }
+            }
+            let _ = std::fs::remove_file(self.blob(&rec.config)?);
+        }
+        Ok(rec)
+    }
+
+    pub fn config(&self, rec: &ImageRecord) -> Result<ImageConfiguration> {
+        let p = self.blob(&rec.config)?;
+        ImageConfiguration::from_file(&p)
+            .with_context(|| format!("config of {} ({})", rec.name, p.display()))
+    }
+
+    fn rootfs_path(&self, rec: &ImageRecord) -> Result<PathBuf> {
+        Ok(self
+            .root
+            .join("rootfs")
+            .join(format!("{}.erofs", digest_hex(&rec.config)?)))
+    }
+
+    /// Imports every image in an OCI-layout or docker-archive tarball.
+    pub fn import(&self, archive: &Path) -> Result<Vec<ImageRecord>> {
+        let staging = tempfile::Builder::new()
+            .prefix("import-")
+            .tempdir_in(self.root.join("tmp"))?;
+        extract_plain(archive, staging.path())
+            .with_context(|| format!("reading {}", archive.display()))?;
+        let s = staging.path();
+        let found = if s.join("index.json").is_file() && s.join("oci-layout").is_file() {
+            self.stage_oci(s)
+        } else if s.join("manifest.json").is_file() {
+            self.stage_docker(s)
+        } else {
+            bail!(
+                "{}: neither an OCI layout (oci-layout, index.json) nor a docker-archive (manifest.json)",
+                archive.display()
+            )
+        }
+        .with_context(|| format!("importing {}", archive.display()))?;
+        if found.is_empty() {
+            bail!("{}: no named image in it", archive.display());
+        }
+        // Everything checked: move blobs in (content-addressed, so an
+        // existing one is the same), then name the images.
+        for (_, blobs) in &found {
+            for (digest, path) in blobs {
+                let dst = self.blob(digest)?;
+                if !dst.exists() {
+                    std::fs::rename(path, &dst)
+                        .or_else(|_| std::fs::copy(path, &dst).map(|_| ()))
+                        .with_context(|| format!("{}", dst.display()))?;
+                }
+            }
+        }
+        let mut index = self.index()?;
+        let records: Vec<ImageRecord> = found.into_iter().map(|(r, _)| r).collect();
+        for r in &records {
+            index.insert(r.name.clone(), r.clone());
+        }
+        self.write_index(&index)?;
+        Ok(records)
+    }
+
+    /// Checks an OCI layout: each manifest, config and layer blob against
+    /// its descriptor's digest and size.
+    #[allow(clippy::type_complexity)]
+    fn stage_oci(&self, s: &Path) -> Result<Vec<(ImageRecord, Vec<(String, PathBuf)>)>> {
+        let index = ImageIndex::from_file(s.join("index.json")).context("index.json")?;
+        let blob = |digest: &str, size: u64| -> Result<PathBuf> {
+            let p = s.join("blobs/sha256").join(digest_hex(digest)?);
+            let len = std::fs::metadata(&p)
+                .with_context(|| format!("blob {digest} is missing"))?
+                .len();
+            if len != size {
+                bail!("blob {digest} is {len} bytes, its descriptor says {size} (truncated?)");
+            }
+            let got = file_digest(&p)?;
+            if got != digest {
+                bail!("blob {digest} is corrupt: its contents hash to {got}");
+            }
+            Ok(p)
+        };
+        let mut out = Vec::new();
+        for m in index.manifests() {
+            let annotations = m.annotations().clone().unwrap_or_default();
+            let Some(name) = annotations
+                .get("io.containerd.image.name")
+                .or_else(|| annotations.get("org.opencontainers.image.ref.name"))
+            else {
+                continue;
+            };
+            let mpath = blob(m.digest().as_ref(), m.size())?;
+            let manifest = ImageManifest::from_file(&mpath)
+                .with_context(|| format!("manifest {}", m.digest()))?;
+            let cd = manifest.config();
+            let cpath = blob(cd.digest().as_ref(), cd.size())?;
+            let config = ImageConfiguration::from_file(&cpath)
+                .with_context(|| format!("config {}", cd.digest()))?;
+            let diff_ids = config.rootfs().diff_ids();
+            if diff_ids.len() != manifest.layers().len() {
+                bail!(
+                    "manifest {} has {} layers, its config {} diff_ids",
+                    m.digest(),
+                    manifest.layers().len(),
+                    diff_ids.len()
+                );
+            }
+            let mut blobs = vec![
+                (m.digest().to_string(), mpath),
+                (cd.digest().to_string(), cpath),
+            ];
+            let mut layers = Vec::new();
+            for (l, diff_id) in manifest.layers().iter().zip(diff_ids) {
+                let media = l.media_type().to_string();
+                let gzip = media.ends_with("gzip");
+                if !(gzip || media.ends_with(".tar") || media.ends_with("tar")) {
+                    bail!("layer {}: media type {media} is not supported", l.digest());
+                }
+                let p = blob(l.digest().as_ref(), l.size())?;
+                blobs.push((l.digest().to_string(), p));
+                layers.push(Layer {
+                    digest: l.digest().to_string(),
+                    diff_id: diff_id.clone(),
+                    gzip,
+                });
+            }
+            out.push((
+                ImageRecord {
+                    name: normalize(name),
+                    config: cd.digest().to_string(),
+                    layers,
+                },
+                blobs,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Checks a docker-archive: each layer tar against the config's
+    /// diff_ids (its digests are of the uncompressed tars).
+    #[allow(clippy::type_complexity)]
+    fn stage_docker(&self, s: &Path) -> Result<Vec<(ImageRecord, Vec<(String, PathBuf)>)>> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Entry {
+            config: String,
+            #[serde(default)]
+            repo_tags: Option<Vec<String>>,
+            layers: Vec<String>,
+        }
+        let text = std::fs::read(s.join("manifest.json"))?;
+        let entries: Vec<Entry> = serde_json::from_slice(&text).context("manifest.json")?;
+        let inside = |rel: &str| -> Result<PathBuf> {
+            let p = archive_path(Path::new(rel))
+                .with_context(|| format!("manifest.json names {rel:?} outside the archive"))?;
+            Ok(s.join(p))
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let cpath = inside(&e.config)?;
+            let config_bytes =
+                std::fs::read(&cpath).with_context(|| format!("config {} is missing", e.config))?;
+            let config_digest = format!("sha256:{}", sha256_hex(&config_bytes));
+            let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+                .with_context(|| format!("config {}", e.config))?;
+            let diff_ids = config.rootfs().diff_ids();
+            if diff_ids.len() != e.layers.len() {
+                bail!(
+                    "{} lists {} layers, its config {} diff_ids",
+                    e.config,
+                    e.layers.len(),
+                    diff_ids.len()
+                );
+            }
+            let mut blobs = vec![(config_digest.clone(), cpath)];
+            let mut layers = Vec::new();
+            for (l, diff_id) in e.layers.iter().zip(diff_ids) {
+                let p = inside(l)?;
+                let got = file_digest(&p).with_context(|| format!("layer {l} is missing"))?;
+                let gzip = is_gzip(&p)?;
+                let uncompressed = if gzip {
+                    gunzip_digest(&p)?
+                } else {
+                    got.clone()
+                };
+                if &uncompressed != diff_id {
+                    bail!("layer {l} is corrupt: it hashes to {uncompressed}, the config says {diff_id}");
+                }
+                blobs.push((got.clone(), p));
+                layers.push(Layer {
+                    digest: got,
+                    diff_id: diff_id.clone(),
+                    gzip,
+                });
+            }
+            for name in e.repo_tags.unwrap_or_default() {
+                out.push((
+                    ImageRecord {
+                        name: normalize(&name),
+                        config: config_digest.clone(),
+                        layers: layers.clone(),
+                    },
+                    blobs.clone(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The image's read-only root image (erofs), built on first use: the
+    /// layers applied in order, whiteouts honoured, each layer's contents
+    /// checked against its diff_id as it is read.
+    pub fn rootfs(&self, rec: &ImageRecord) -> Result<PathBuf> {
+        let out = self.rootfs_path(rec)?;
+        if out.exists() {
+            return Ok(out);
+        }
+        let work = tempfile::Builder::new()
+            .prefix("rootfs-")
+            .tempdir_in(self.root.join("tmp"))?;
+        let tree = work.path().join("tree");
+        std::fs::create_dir(&tree)?;
+        for l in &rec.layers {
+            apply_layer(&self.blob(&l.digest)?, l, &tree)
+                .with_context(|| format!("{}: layer {}", rec.name, l.digest))?;
+        }
+        let img = work.path().join("rootfs.erofs");
+        let o = Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&img)
+            .arg(&tree)
+            .output()
+            .context("running mkfs.erofs (apt install erofs-utils)")?;
+        if !o.status.success() {
+            bail!(
+                "mkfs.erofs for {}: {}",
+                rec.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::fs::rename(&img, &out).with_context(|| format!("{}", out.display()))?;
+        Ok(out)
+    }
+}
+
+fn is_gzip(p: &Path) -> Result<bool> {
+    let mut magic = [0u8; 2];
+    let n = File::open(p)?.read(&mut magic)?;
+    Ok(n == 2 && magic == [0x1f, 0x8b])
+}
+
+fn gunzip_digest(p: &Path) -> Result<String> {
+    let mut r = flate2::read::GzDecoder::new(BufReader::new(File::open(p)?));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = r.read(&mut buf).context("gunzip")?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{:x}", h.finalize()))
+}
+
+/// Extracts an archive's regular files and directories (an image tarball
+/// has nothing else) under `dst`, refusing paths that climb out.
+fn extract_plain(archive: &Path, dst: &Path) -> Result<()> {
+    let f = File::open(archive)?;
+    let mut a = tar::Archive::new(BufReader::new(f));
+    for entry in a.entries()? {
+        let mut entry = entry.context("truncated or not a tar archive")?;
+        let path = entry.path()?.into_owned();
+        let Some(rel) = archive_path(&path) else {
+            continue;
+        };
+        let target = dst.join(&rel);
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => std::fs::create_dir_all(&target)?,
+            tar::EntryType::Regular => {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let mut out = File::create(&target)?;
+                let n = std::io::copy(&mut entry, &mut out)
+                    .with_context(|| format!("{}: truncated", rel.display()))?;
+                if n != entry.header().size()? {
+                    bail!("{}: truncated", rel.display());
+                }
+                out.flush()?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Hashes what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Applies one layer onto `tree`: whiteouts delete what lower layers put
+/// there (`.wh.NAME`, and `.wh..wh..opq` for a whole directory's lower
+/// contents), everything else is unpacked with owners and modes.
+fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
+    let file = BufReader::new(File::open(blob)?);
+    let reader: Box<dyn Read> = if layer.gzip {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut hashing = Hashing {
+        inner: reader,
+        hash: Sha256::new(),
+    };
+    {
+        let mut a = tar::Archive::new(&mut hashing);
+        a.set_preserve_permissions(true);
+        a.set_preserve_ownerships(true);
+        a.set_overwrite(true);
+        a.set_unpack_xattrs(false);
+        // What this layer created: an opaque marker keeps it.
+        let mut mine: HashSet<PathBuf> = HashSet::new();
+        for entry in a.entries()? {
+            let mut entry = entry.context("layer tar is truncated or corrupt")?;
+            let Some(rel) = archive_path(&entry.path()?) else {
+                continue;
+            };
+            let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            if name == ".wh..wh..opq" {
+                let dir = tree.join(parent);
+                if let Ok(children) = std::fs::read_dir(&dir) {
+                    for c in children.flatten() {
+                        if !mine.contains(&parent.join(c.file_name())) {
+                            remove_any(&c.path())?;
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(".wh.") {
+                remove_any(&tree.join(parent).join(hidden))?;
+                continue;
+            }
+            let target = tree.join(&rel);
+            // A file replacing a directory (or the reverse) from below.
+            if let Ok(m) = std::fs::symlink_metadata(&target) {
+                let is_dir = entry.header().entry_type() == tar::EntryType::Directory;
+                if !(is_dir && m.is_dir()) {
+                    remove_any(&target)?;
+                }
+            }
+            entry
+                .unpack_in(tree)
+                .with_context(|| format!("unpacking {}", rel.display()))?;
+            mine.insert(rel);
+        }
+    }
+    // The rest of the stream (tar padding) counts toward the digest.
+    std::io::copy(&mut hashing, &mut std::io::sink())?;
+    let got = format!("sha256:{:x}", hashing.hash.finalize());
+    if got != layer.diff_id {
+        bail!(
+            "contents hash to {got}, the config says {} (corrupt layer)",
+            layer.diff_id
+        );
+    }
+    Ok(())
+}
+
+fn remove_any(p: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p)?,
+        Ok(_) => std::fs::remove_file(p)?,
+        Err(_) => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        assert_eq!(normalize("busybox"), "busybox:latest");
+        assert_eq!(
+            normalize("husk.local:5000/busybox"),
+            "husk.local:5000/busybox:latest"
+        );
+        assert_eq!(normalize("a/b:1"), "a/b:1");
+        assert!(archive_path(Path::new("../x")).is_none());
+        assert_eq!(archive_path(Path::new("./a/b")).unwrap(), Path::new("a/b"));
+        assert!(digest_hex("sha256:../../etc").is_err());
+    }
+
+    fn layer_tar(entries: &[(&str, Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, content) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            match content {
+                Some(c) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(c.len() as u64);
+                    h.set_mode(0o644);
+                    b.append_data(&mut h, path, c.as_bytes()).unwrap();
+                }
+                None => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    h.set_mode(0o755);
+                    b.append_data(&mut h, path, &[][..]).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn layers_apply_with_whiteouts() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let lower = layer_tar(&[
+            ("etc/", None),
+            ("etc/a", Some("a")),
+            ("etc/b", Some("b")),
+            ("opt/", None),
+            ("opt/old", Some("old")),
+        ]);
+        let upper = layer_tar(&[
+            ("etc/.wh.a", Some("")),
+            ("opt/", None),
+            ("opt/new", Some("new")),
+            ("opt/.wh..wh..opq", Some("")),
+        ]);
+        for (i, t) in [lower, upper].iter().enumerate() {
+            let p = d.path().join(format!("l{i}"));
+            std::fs::write(&p, t).unwrap();
+            let l = Layer {
+                digest: String::new(),
+                diff_id: format!("sha256:{}", sha256_hex(t)),
+                gzip: false,
+            };
+            apply_layer(&p, &l, &tree).unwrap();
+        }
+        assert!(!tree.join("etc/a").exists());
+        assert_eq!(std::fs::read_to_string(tree.join("etc/b")).unwrap(), "b");
+        assert!(!tree.join("opt/old").exists(), "opaque dir hides lower");
+        assert_eq!(
+            std::fs::read_to_string(tree.join("opt/new")).unwrap(),
+            "new"
+        );
+        // A layer whose contents do not match its diff_id is refused.
+        let p = d.path().join("l0");
+        let bad = Layer {
+            digest: String::new(),
+            diff_id: format!("sha256:{}", "0".repeat(64)),
+            gzip: false,
+        };
+        let e = apply_layer(&p, &bad, &tree).unwrap_err();
+        assert!(format!("{e:#}").contains("corrupt layer"), "{e:#}");
+    }
+}

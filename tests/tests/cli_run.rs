@@ -1,0 +1,190 @@
+//! `husk` as a user runs it: images imported from the sample tarballs, then
+//! `husk run` of busybox in microVMs restored from the runtime's template
+//! (the one the agent-guest tests use: same VMM, kernel, image and machine,
+//! so no boot of its own when they ran first). Output, exit codes like
+//! Docker's, stdin, environment and working directory, and errors that
+//! name the problem.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use husk_tests::{
+    guest_kernel, guest_rootfs, husk_cli_binary, husk_vmm_binary, kvm_unavailable, sample_image,
+    skip,
+};
+
+struct Husk {
+    root: tempfile::TempDir,
+}
+
+impl Husk {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(husk_cli_binary().unwrap());
+        c.args(args)
+            .env("HUSK_ROOT", self.root.path())
+            .env("HUSK_RUN", self.root.path().join("run"))
+            .env("HUSK_VMM", husk_vmm_binary().unwrap())
+            .env("HUSK_KERNEL", guest_kernel().unwrap())
+            .env("HUSK_GUEST_IMAGE", guest_rootfs().unwrap());
+        c
+    }
+
+    fn run(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        println!(
+            "husk {}: {}\nstdout: {:?}\nstderr: {:?}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn husk_run_busybox_like_docker_run() {
+    if let Some(why) = kvm_unavailable() {
+        skip("husk_run_busybox_like_docker_run", &why);
+        return;
+    }
+    let h = Husk {
+        root: tempfile::tempdir().unwrap(),
+    };
+    // Both tarball forms of the sample import as the same image.
+    for f in ["busybox.oci.tar", "busybox.tar"] {
+        let archive = sample_image(f).unwrap();
+        let out = h.run(&["image", "import", archive.to_str().unwrap()], "");
+        assert!(out.status.success());
+        assert!(text(&out.stdout).contains("husk.local/busybox:latest"));
+    }
+    let ls = text(&h.run(&["image", "ls"], "").stdout);
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+
+    let img = "husk.local/busybox";
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "-e",
+            "GREETING=hello",
+            "-w",
+            "/etc",
+            img,
+            "sh",
+            "-c",
+            "echo $GREETING from $(uname -s) in $(pwd); echo to-stderr >&2; exit 3",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out.stdout), "hello from Linux in /etc\n");
+    assert_eq!(text(&out.stderr), "to-stderr\n");
+
+    // -i: stdin reaches the container, and its end is the container's EOF.
+    let out = h.run(
+        &["run", "-i", "--rm", img, "sh", "-c", "wc -l"],
+        "a\nb\nc\n",
+    );
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), "3");
+
+    // Docker's exit codes: 127 for a command not found, 125 for husk's own
+    // errors, with the cause named.
+    let out = h.run(&["run", "--rm", img, "no-such-command"], "");
+    assert_eq!(out.status.code(), Some(127));
+    assert!(text(&out.stderr).contains("no-such-command"));
+    let out = h.run(&["run", "--rm", "husk.local/nothing", "true"], "");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("not found"));
+    let out = h.run(&["run", "--rm", "--name", "bad/name", img, "true"], "");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("bad/name"));
+
+    // Nothing is left behind: no sandbox state, no VMM.
+    let run = h.root.path().join("run");
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!Path::new(&run).join("bad").exists());
+}
+
+#[test]
+fn a_corrupt_image_is_refused_and_the_store_kept() {
+    let h = Husk {
+        root: tempfile::tempdir().unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let good = sample_image("busybox.oci.tar").unwrap();
+    // Flip a byte inside the layer blob: its digest no longer matches.
+    let unpacked = dir.path().join("oci");
+    std::fs::create_dir(&unpacked).unwrap();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(&good)
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let blobs = unpacked.join("blobs/sha256");
+    let layer = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&layer, &bytes).unwrap();
+    let bad = dir.path().join("bad.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&bad)
+        .arg("-C")
+        .arg(&unpacked)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = h.run(&["image", "import", bad.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("corrupt"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A truncated archive, too.
+    let cut = dir.path().join("cut.tar");
+    let whole = std::fs::read(&good).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let out = h.run(&["image", "import", cut.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("truncated"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Nothing of either entered the store.
+    let ls = text(&h.run(&["image", "ls"], "").stdout);
+    assert_eq!(ls.lines().count(), 1, "{ls}");
+    let blobs = h.root.path().join("images/blobs/sha256");
+    assert_eq!(std::fs::read_dir(blobs).unwrap().count(), 0);
+}
