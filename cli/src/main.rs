@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,7 +15,9 @@ use husk_protocol::agent::Storage;
 use husk_runtime::agent::Io;
 use husk_runtime::image::{default_store_dir, ImageStore};
 use husk_runtime::spec::{container_spec, ProcessOptions};
+use husk_runtime::volume::VolumeStore;
 use husk_runtime::{Boot, DriveSpec, Runtime, SandboxConfig};
+use oci_spec::runtime::MountBuilder;
 
 /// Exit code for husk's own failures, as Docker's 125.
 const HUSK_ERROR: u8 = 125;
@@ -33,10 +36,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a command in a new container, in its own microVM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Manage named volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
     /// Show husk's version and where its parts are.
     Version,
 }
@@ -51,6 +57,21 @@ enum ImageCmd {
     Rm {
         #[arg(required = true)]
         images: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (an ext4 file system, 1 GiB, sparse).
+    Create { name: String },
+    /// List volumes.
+    Ls,
+    /// Show a volume as JSON.
+    Inspect { name: String },
+    /// Remove volumes (not while a sandbox uses one).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -77,6 +98,9 @@ struct RunArgs {
     /// Read environment variables from a file (KEY=VALUE lines).
     #[arg(long = "env-file", value_name = "FILE")]
     env_file: Vec<PathBuf>,
+    /// Mount a named volume: NAME:/path[:ro] (created if missing).
+    #[arg(short, long = "volume", value_name = "NAME:PATH[:ro]")]
+    volume: Vec<String>,
     /// The container's (and sandbox's) name.
     #[arg(long)]
     name: Option<String>,
@@ -168,6 +192,28 @@ fn env_file(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// A `-v` argument: (volume name, path in the container, read-only).
+fn parse_volume(v: &str) -> Result<(String, String, bool)> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (src, dst, ro) = match parts.as_slice() {
+        [s, d] => (*s, *d, false),
+        [s, d, "ro"] => (*s, *d, true),
+        [s, d, "rw"] => (*s, *d, false),
+        [_] => bail!("-v {v}: anonymous volumes are not supported yet; name one: -v NAME:{v}"),
+        _ => bail!("-v {v}: expected NAME:/path[:ro]"),
+    };
+    if src.starts_with('/') || src.starts_with('.') {
+        bail!(
+            "-v {v}: binding a host directory needs a shared file system (virtio-fs), which husk does not have yet; use a named volume"
+        );
+    }
+    husk_runtime::volume::check_name(src)?;
+    if !dst.starts_with('/') || dst == "/" || dst.split('/').any(|c| c == "..") {
+        bail!("-v {v}: the container path must be absolute, not / and without ..");
+    }
+    Ok((src.to_string(), dst.to_string(), ro))
+}
+
 /// What a failed create or start means for the exit code: Docker's 127 for
 /// a command that is not there, 126 for one that cannot run.
 fn start_failure_code(message: &str) -> u8 {
@@ -190,7 +236,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-fn run(a: RunArgs) -> Result<u8, Failure> {
+fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     check_kvm()?;
     let rt = runtime()?;
     let store = ImageStore::open(&default_store_dir())?;
@@ -225,7 +271,26 @@ fn run(a: RunArgs) -> Result<u8, Failure> {
         tty: false,
         hostname: Some(hostname.clone()),
     };
-    let spec = container_spec(&config, &opts, "image")?;
+    let mut spec = container_spec(&config, &opts, "image")?;
+    let volumes = VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))?;
+    let mut leases = Vec::new();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for v in &a.volume {
+        let (name, dst, ro) = parse_volume(v)?;
+        leases.push((volumes.lease(&name)?, dst.clone()));
+        mounts.push(
+            MountBuilder::default()
+                .destination(dst)
+                .typ("bind")
+                .source(format!("vol-{name}"))
+                .options(vec![
+                    "rbind".to_string(),
+                    if ro { "ro" } else { "rw" }.to_string(),
+                ])
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
 
     let mut cfg = SandboxConfig::new(&id);
     cfg.hostname = hostname;
@@ -233,18 +298,32 @@ fn run(a: RunArgs) -> Result<u8, Failure> {
         path: rootfs,
         read_only: true,
     }];
+    for (lease, _) in &leases {
+        cfg.drives.push(DriveSpec {
+            path: lease.volume.disk.clone(),
+            read_only: false,
+        });
+    }
     cfg.boot = match a.boot {
         BootArg::Template => Boot::Template,
         BootArg::Cold => Boot::Cold,
     };
     let sandbox = rt.start_sandbox(&cfg)?;
-    let storage = vec![Storage {
+    let mut storage = vec![Storage {
         source: sandbox.devices[0].clone(),
         fstype: "erofs".into(),
         options: vec!["ro".into()],
         mount_point: "image".into(),
         ..Default::default()
     }];
+    for ((lease, _), dev) in leases.iter().zip(&sandbox.devices[1..]) {
+        storage.push(Storage {
+            source: dev.clone(),
+            fstype: "ext4".into(),
+            mount_point: format!("vol-{}", lease.volume.name),
+            ..Default::default()
+        });
+    }
     let io = Io {
         stdin: a.interactive,
         stdout: true,
@@ -285,8 +364,44 @@ fn run(a: RunArgs) -> Result<u8, Failure> {
     if let Err(e) = sandbox.agent.remove(&id) {
         eprintln!("husk: removing container {id}: {e:#}");
     }
-    sandbox.stop();
+    // A clean shutdown: the guest syncs volumes before it goes (a kill
+    // would lose what its page cache still held); killed if it hangs.
+    if let Err(e) = sandbox.shutdown(Duration::from_secs(20)) {
+        eprintln!("husk: stopping the sandbox: {e:#}");
+    }
+    drop(leases);
     Ok(u8::try_from(status.status).unwrap_or(HUSK_ERROR))
+}
+
+fn volume(cmd: VolumeCmd) -> Result<()> {
+    let store = VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))?;
+    match cmd {
+        VolumeCmd::Create { name } => {
+            store.create(&name, husk_runtime::volume::DEFAULT_SIZE)?;
+            println!("{name}");
+        }
+        VolumeCmd::Ls => {
+            println!("{:<8} VOLUME NAME", "DRIVER");
+            for v in store.list()? {
+                println!("{:<8} {}", "local", v.name);
+            }
+        }
+        VolumeCmd::Inspect { name } => {
+            let v = store.get(&name)?;
+            let info = serde_json::json!([{
+                "Name": v.name, "Driver": "local", "Mountpoint": v.disk,
+                "Options": {"size": v.size.to_string(), "type": "ext4"},
+            }]);
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        VolumeCmd::Rm { names } => {
+            for n in names {
+                store.remove(&n)?;
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn image(cmd: ImageCmd) -> Result<()> {
@@ -321,6 +436,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Image(c) => image(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),
         Cmd::Version => runtime()
             .map(|rt| {
                 println!("husk {}", env!("CARGO_PKG_VERSION"));
@@ -354,6 +470,20 @@ mod tests {
         );
         assert_eq!(start_failure_code("open /x: Permission denied"), 126);
         assert_eq!(start_failure_code("cgroup: EBUSY"), HUSK_ERROR);
+    }
+
+    #[test]
+    fn volume_arguments() {
+        assert_eq!(
+            parse_volume("data:/data:ro").unwrap(),
+            ("data".into(), "/data".into(), true)
+        );
+        assert!(!parse_volume("data:/data").unwrap().2);
+        assert!(format!("{:#}", parse_volume("/srv:/data").unwrap_err()).contains("virtio-fs"));
+        assert!(parse_volume("/data").is_err());
+        assert!(parse_volume("data:rel").is_err());
+        assert!(parse_volume("data:/a/../b").is_err());
+        assert!(parse_volume("data:/d:rx").is_err());
     }
 
     #[test]

@@ -51,21 +51,9 @@ pub struct ImageStore {
     root: PathBuf,
 }
 
-/// `$HUSK_ROOT/images`, else /var/lib/husk/images for root, else
-/// `$XDG_DATA_HOME/husk/images` or `~/.local/share/husk/images`.
+/// `<data dir>/images` (see `crate::default_data_dir`).
 pub fn default_store_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HUSK_ROOT") {
-        return PathBuf::from(d).join("images");
-    }
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/husk/images");
-    }
-    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(d).join("husk/images");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".local/share/husk/images")
+    crate::default_data_dir().join("images")
 }
 
 /// `name` with a `:latest` tag if it has neither tag nor digest.

@@ -11,6 +11,7 @@ pub mod sandbox;
 pub mod spec;
 pub mod template;
 pub mod vmm;
+pub mod volume;
 
 pub use sandbox::{Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes};
 pub use template::{Machine, Template};
@@ -56,6 +57,23 @@ pub fn default_cache_dir() -> PathBuf {
     home.join(".cache/husk")
 }
 
+/// Where images and volumes persist: `$HUSK_ROOT`, else /var/lib/husk for
+/// root, else `$XDG_DATA_HOME/husk` or `~/.local/share/husk`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HUSK_ROOT") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/husk");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("husk");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".local/share/husk")
+}
+
 /// `$HUSK_RUN`, else /run/husk for root, else `$XDG_RUNTIME_DIR/husk`, else
 /// a directory in /tmp. Kept short: it holds Unix sockets (108-byte paths).
 pub fn default_run_dir() -> PathBuf {
@@ -71,4 +89,22 @@ pub fn default_run_dir() -> PathBuf {
         return PathBuf::from(d).join("husk");
     }
     PathBuf::from(format!("/tmp/husk-{uid}"))
+}
+
+/// Takes an exclusive flock(2) on `f`, held until the file is closed; None
+/// if another holds it and `wait` is false.
+pub(crate) fn flock_exclusive(
+    f: std::fs::File,
+    wait: bool,
+) -> std::io::Result<Option<std::fs::File>> {
+    let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
+    // SAFETY: flock on a descriptor owned by `f`; no memory is passed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), op) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !wait && e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(f))
 }

@@ -268,18 +268,9 @@ impl Lock {
             .write(true)
             .open(path)
             .with_context(|| format!("{}", path.display()))?;
-        let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
-        // SAFETY: flock on a descriptor this function owns; no memory is
-        // passed.
-        let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), op) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if !wait && e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Ok(None);
-            }
-            return Err(e).with_context(|| format!("locking {}", path.display()));
-        }
-        Ok(Some(Lock(f)))
+        Ok(crate::flock_exclusive(f, wait)
+            .with_context(|| format!("locking {}", path.display()))?
+            .map(Lock))
     }
 }
 

@@ -104,6 +104,43 @@ fn husk_run_busybox_like_docker_run() {
     assert!(out.status.success());
     assert_eq!(text(&out.stdout).trim(), "3");
 
+    // A named volume keeps its data from one run (one microVM) to the next;
+    // mounted :ro, it refuses writes.
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "data:/data",
+            img,
+            "sh",
+            "-c",
+            "echo kept > /data/f",
+        ],
+        "",
+    );
+    assert!(out.status.success());
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "data:/data:ro",
+            img,
+            "sh",
+            "-c",
+            "cat /data/f; touch /data/g 2>/dev/null || echo read-only",
+        ],
+        "",
+    );
+    assert_eq!(text(&out.stdout), "kept\nread-only\n");
+    let ls = text(&h.run(&["volume", "ls"], "").stdout);
+    assert!(ls.contains("data"), "{ls}");
+    let out = h.run(&["run", "--rm", "-v", "/etc:/x", img, "true"], "");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("virtio-fs"));
+    assert!(h.run(&["volume", "rm", "data"], "").status.success());
+
     // Docker's exit codes: 127 for a command not found, 125 for husk's own
     // errors, with the cause named.
     let out = h.run(&["run", "--rm", img, "no-such-command"], "");
