@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use husk_protocol::agent::Storage;
-use husk_runtime::agent::Io;
+use std::os::unix::net::UnixStream;
+
+use husk_protocol::agent::{SignalProcessRequest, Storage};
+use husk_runtime::agent::{ctx, rpc_message, AgentConn, Endpoint, Io};
 use husk_runtime::image::{default_store_dir, ImageStore};
+use husk_runtime::record::{LogWriter, Record, Records, Status};
 use husk_runtime::spec::{container_spec, ProcessOptions};
 use husk_runtime::volume::VolumeStore;
 use husk_runtime::{Boot, DriveSpec, Runtime, SandboxConfig};
@@ -37,6 +40,52 @@ struct Cli {
 enum Cmd {
     /// Run a command in a new container, in its own microVM.
     Run(Box<RunArgs>),
+    /// List containers.
+    Ps {
+        /// Show all containers (default shows just running).
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Run a command in a running container.
+    Exec {
+        /// Keep stdin open and pass it to the process.
+        #[arg(short, long)]
+        interactive: bool,
+        container: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a container's output.
+    Logs {
+        /// Follow the output until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+        container: String,
+    },
+    /// Stop containers: SIGTERM, then SIGKILL after a grace period.
+    Stop {
+        /// Seconds to wait before killing.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Send a signal to containers.
+    Kill {
+        /// Signal name or number.
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers.
+    Rm {
+        /// Kill a running container first.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -85,8 +134,11 @@ enum BootArg {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Remove the container when it exits (the sandbox always stops with
-    /// its container for now).
+    /// Run in the background and print the container's id.
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the container's record when it exits (its microVM always
+    /// stops with it).
     #[arg(long)]
     rm: bool,
     /// Keep stdin open and pass it to the container.
@@ -236,22 +288,32 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
+/// Set in the background husk that `run -d` starts: the container id it
+/// runs.
+const DETACHED_ENV: &str = "HUSK_DETACHED_ID";
+
+fn records() -> Result<Records> {
+    Records::open(&husk_runtime::default_data_dir().join("containers"))
+}
+
 fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     check_kvm()?;
     let rt = runtime()?;
     let store = ImageStore::open(&default_store_dir())?;
     let image = store.get(&a.image)?;
     let config = store.config(&image)?;
-    let rootfs = store.rootfs(&image)?;
     let mut env = Vec::new();
     for f in &a.env_file {
         env.extend(env_file(f)?);
     }
     env.extend(a.env.iter().cloned());
-    let id = match &a.name {
-        Some(n) => n.clone(),
-        None => random_id(),
+    let child_id = std::env::var(DETACHED_ENV).ok();
+    let id = match (&child_id, &a.name) {
+        (Some(id), _) => id.clone(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => random_id(),
     };
+    husk_runtime::sandbox::check_id(&id)?;
     let hostname = a
         .hostname
         .clone()
@@ -272,12 +334,10 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         hostname: Some(hostname.clone()),
     };
     let mut spec = container_spec(&config, &opts, "image")?;
-    let volumes = VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))?;
-    let mut leases = Vec::new();
+    let mut volumes = Vec::new();
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for v in &a.volume {
         let (name, dst, ro) = parse_volume(v)?;
-        leases.push((volumes.lease(&name)?, dst.clone()));
         mounts.push(
             MountBuilder::default()
                 .destination(dst)
@@ -289,16 +349,146 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
                 ])
                 .build()?,
         );
+        volumes.push(name);
     }
     spec.set_mounts(Some(mounts));
+    let process = spec.process().clone().unwrap_or_default();
+    let records = records()?;
+    let mut record = Record {
+        id: id.clone(),
+        image: image.name.clone(),
+        command: process.args().clone().unwrap_or_default(),
+        env: process.env().clone().unwrap_or_default(),
+        cwd: process.cwd().display().to_string(),
+        created: husk_runtime::record::now(),
+        status: Status::Created,
+        exit_code: None,
+        oom_killed: false,
+        error: None,
+        owner_pid: std::process::id(),
+        auto_remove: a.rm,
+    };
+    if a.detach && child_id.is_none() {
+        return detach(&records, record);
+    }
+    if child_id.is_some() {
+        record = records.get(&id)?;
+        record.owner_pid = std::process::id();
+        records.save(&record)?;
+    } else {
+        records.create(&record)?;
+    }
+    let log = LogWriter::create(&records.log_path(&id))?;
+    let r = run_container(
+        &rt,
+        &a,
+        &id,
+        hostname,
+        &spec,
+        &store,
+        &image,
+        &volumes,
+        &log,
+        &records,
+        &mut record,
+    );
+    record.status = Status::Exited;
+    match &r {
+        Ok(status) => {
+            record.exit_code = Some(status.status);
+            record.oom_killed = status.oom_killed;
+        }
+        Err(Failure(_, e)) => record.error = Some(format!("{e:#}")),
+    }
+    let ran = record.exit_code.is_some();
+    if a.rm || (!ran && child_id.is_none()) {
+        let _ = records.remove(&id);
+    } else {
+        records.save(&record)?;
+    }
+    r.map(|s| u8::try_from(s.status).unwrap_or(HUSK_ERROR))
+}
 
-    let mut cfg = SandboxConfig::new(&id);
+/// `run -d`: the container is run by a background husk; this one waits
+/// until it runs (or failed) and prints its id.
+fn detach(records: &Records, mut record: Record) -> Result<u8, Failure> {
+    use std::os::unix::process::CommandExt;
+    records.create(&record)?;
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DETACHED_ENV, &record.id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        // Its own session: the terminal's signals are not its.
+        .process_group(0)
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = records.remove(&record.id);
+            return Err(Failure::from(e));
+        }
+    };
+    record.owner_pid = child.id();
+    records.save(&record)?;
+    loop {
+        let r = records.get(&record.id);
+        match r {
+            Ok(r) if r.status == Status::Running => {
+                println!("{}", r.id);
+                return Ok(0);
+            }
+            Ok(r) if r.status == Status::Exited => {
+                if r.exit_code.is_some() {
+                    // It ran and is done already.
+                    println!("{}", r.id);
+                    return Ok(0);
+                }
+                let _ = records.remove(&record.id);
+                let why = r
+                    .error
+                    .unwrap_or_else(|| "the background husk exited".into());
+                return Err(Failure(start_failure_code(&why), anyhow::anyhow!(why)));
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+            // Removed: it ran with --rm and is gone.
+            Err(_) => {
+                println!("{}", record.id);
+                return Ok(0);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_container(
+    rt: &Runtime,
+    a: &RunArgs,
+    id: &str,
+    hostname: String,
+    spec: &oci_spec::runtime::Spec,
+    store: &ImageStore,
+    image: &husk_runtime::image::ImageRecord,
+    volume_names: &[String],
+    log: &LogWriter,
+    records: &Records,
+    record: &mut Record,
+) -> Result<husk_protocol::agent::WaitProcessResponse, Failure> {
+    let rootfs = store.rootfs(image)?;
+    let volumes = VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))?;
+    let mut leases = Vec::new();
+    for name in volume_names {
+        leases.push(volumes.lease(name)?);
+    }
+    let mut cfg = SandboxConfig::new(id);
     cfg.hostname = hostname;
     cfg.drives = vec![DriveSpec {
         path: rootfs,
         read_only: true,
     }];
-    for (lease, _) in &leases {
+    for lease in &leases {
         cfg.drives.push(DriveSpec {
             path: lease.volume.disk.clone(),
             read_only: false,
@@ -316,7 +506,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         mount_point: "image".into(),
         ..Default::default()
     }];
-    for ((lease, _), dev) in leases.iter().zip(&sandbox.devices[1..]) {
+    for (lease, dev) in leases.iter().zip(&sandbox.devices[1..]) {
         storage.push(Storage {
             source: dev.clone(),
             fstype: "ext4".into(),
@@ -324,44 +514,57 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
             ..Default::default()
         });
     }
+    let detached = a.detach;
     let io = Io {
-        stdin: a.interactive,
+        stdin: a.interactive && !detached,
         stdout: true,
         stderr: true,
     };
-    let mut streams = match sandbox.agent.create(&id, &spec, io, storage, true) {
+    let mut streams = match sandbox.agent.create(id, spec, io, storage, true) {
         Ok(s) => s,
         Err(e) => {
             let code = start_failure_code(&format!("{e:#}"));
             return Err(Failure(code, e));
         }
     };
-    let copy = |from: Option<std::os::unix::net::UnixStream>, mut to: Box<dyn Write + Send>| {
+    record.status = Status::Running;
+    records.save(record)?;
+    // Output goes to the log (for `husk logs`) and, unless detached, to
+    // this terminal.
+    let copy = |from: Option<UnixStream>, name: &'static str| {
+        let log = log.clone();
         std::thread::spawn(move || {
-            if let Some(mut from) = from {
-                let _ = std::io::copy(&mut from, &mut to);
-                let _ = to.flush();
+            let Some(mut from) = from else { return };
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let _ = log.write(name, &buf[..n]);
+                if !detached {
+                    let _ = if name == "stderr" {
+                        std::io::stderr().write_all(&buf[..n])
+                    } else {
+                        let mut o = std::io::stdout();
+                        o.write_all(&buf[..n]).and_then(|_| o.flush())
+                    };
+                }
             }
         })
     };
-    let out = copy(streams.stdout.take(), Box::new(std::io::stdout()));
-    let err = copy(streams.stderr.take(), Box::new(std::io::stderr()));
-    if let Some(mut input) = streams.stdin.take() {
-        // Detached: the container may exit before stdin ends. End of input
-        // is a half-close, which reaches the process after the data; a
-        // CloseStdin call could overtake data still on its way.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut input);
-            let _ = input.shutdown(std::net::Shutdown::Write);
-        });
+    let out = copy(streams.stdout.take(), "stdout");
+    let err = copy(streams.stderr.take(), "stderr");
+    if let Some(input) = streams.stdin.take() {
+        forward_stdin(input);
     }
     let status = sandbox
         .agent
-        .wait(&id, "")
+        .wait(id, "")
         .map_err(|e| anyhow::anyhow!("waiting for the container: {e:#}"))?;
     let _ = out.join();
     let _ = err.join();
-    if let Err(e) = sandbox.agent.remove(&id) {
+    if let Err(e) = sandbox.agent.remove(id) {
         eprintln!("husk: removing container {id}: {e:#}");
     }
     // A clean shutdown: the guest syncs volumes before it goes (a kill
@@ -370,7 +573,210 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         eprintln!("husk: stopping the sandbox: {e:#}");
     }
     drop(leases);
+    Ok(status)
+}
+
+/// Copies this process's stdin to a process's stdin stream. Detached: the
+/// process may exit before stdin ends. End of input is a half-close, which
+/// reaches the process after the data (a CloseStdin call could overtake
+/// data still on its way).
+fn forward_stdin(mut input: UnixStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut input);
+        let _ = input.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// The agent of a running container's sandbox.
+fn agent_of(id: &str) -> Result<(Record, AgentConn)> {
+    let r = records()?.get(id)?;
+    if r.status != Status::Running {
+        bail!("container {} is not running", r.id);
+    }
+    let uds = husk_runtime::default_run_dir().join(&r.id).join("v.sock");
+    let agent = AgentConn::connect_within(Endpoint::Vsock(uds), Duration::from_secs(5))
+        .with_context(|| format!("reaching container {}", r.id))?;
+    Ok((r, agent))
+}
+
+fn exec(interactive: bool, container: &str, command: Vec<String>) -> Result<u8, Failure> {
+    let (r, agent) = agent_of(container)?;
+    let exec_id = format!("exec-{}", random_id());
+    let process = serde_json::json!({
+        "args": command, "cwd": r.cwd, "env": r.env,
+        "user": {"uid": 0, "gid": 0},
+    });
+    let io = Io {
+        stdin: interactive,
+        stdout: true,
+        stderr: true,
+    };
+    let mut streams = match agent.exec(&r.id, &exec_id, &process, io) {
+        Ok(s) => s,
+        Err(e) => {
+            let code = start_failure_code(&format!("{e:#}"));
+            return Err(Failure(code, e));
+        }
+    };
+    let pipe = |from: Option<UnixStream>, mut to: Box<dyn Write + Send>| {
+        std::thread::spawn(move || {
+            if let Some(mut from) = from {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.flush();
+            }
+        })
+    };
+    let out = pipe(streams.stdout.take(), Box::new(std::io::stdout()));
+    let err = pipe(streams.stderr.take(), Box::new(std::io::stderr()));
+    if let Some(input) = streams.stdin.take() {
+        forward_stdin(input);
+    }
+    let status = agent.wait(&r.id, &exec_id)?;
+    let _ = out.join();
+    let _ = err.join();
     Ok(u8::try_from(status.status).unwrap_or(HUSK_ERROR))
+}
+
+/// A signal by name (`TERM`, `SIGTERM`) or number.
+fn parse_signal(s: &str) -> Result<u32> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    Ok(match name.as_str() {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "STOP" => 19,
+        "CONT" => 18,
+        _ => bail!("unknown signal {s:?}"),
+    })
+}
+
+fn signal(container: &str, sig: u32) -> Result<Record> {
+    let (r, agent) = agent_of(container)?;
+    let req = SignalProcessRequest {
+        container_id: r.id.clone(),
+        signal: sig,
+        ..Default::default()
+    };
+    agent
+        .containers
+        .signal_process(ctx(Duration::from_secs(30)), &req)
+        .map_err(|e| anyhow::anyhow!("signalling {}: {}", r.id, rpc_message(&e)))?;
+    Ok(r)
+}
+
+/// Waits until `id`'s record says exited (its husk finished).
+fn wait_exited(id: &str, timeout: Duration) -> Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match records()?.get(id) {
+            Ok(r) if r.status != Status::Exited => {}
+            _ => return Ok(true),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop(time: u64, containers: &[String]) -> Result<()> {
+    for c in containers {
+        let r = records()?.get(c)?;
+        if r.status == Status::Running {
+            signal(&r.id, 15)?;
+            if !wait_exited(&r.id, Duration::from_secs(time))? {
+                let _ = signal(&r.id, 9);
+                wait_exited(&r.id, Duration::from_secs(60))?;
+            }
+        }
+        println!("{c}");
+    }
+    Ok(())
+}
+
+fn rm(force: bool, containers: &[String]) -> Result<()> {
+    let rs = records()?;
+    for c in containers {
+        let r = rs.get(c)?;
+        if r.status == Status::Running {
+            if !force {
+                bail!("container {} is running: stop it first, or rm -f", r.id);
+            }
+            let _ = signal(&r.id, 9);
+            if !wait_exited(&r.id, Duration::from_secs(60))? {
+                bail!("container {} did not stop", r.id);
+            }
+        }
+        // Its husk may have removed it already (--rm).
+        if rs.get(&r.id).is_ok() {
+            rs.remove(&r.id)?;
+        }
+        println!("{c}");
+    }
+    Ok(())
+}
+
+fn ps(all: bool) -> Result<()> {
+    println!(
+        "{:<14} {:<28} {:<22} {:<20} NAMES",
+        "CONTAINER ID", "IMAGE", "COMMAND", "STATUS"
+    );
+    for r in records()?.list()? {
+        if !all && r.status != Status::Running {
+            continue;
+        }
+        let status = match (r.status, r.exit_code) {
+            (Status::Running, _) => format!(
+                "Up {} s",
+                husk_runtime::record::now().saturating_sub(r.created)
+            ),
+            (Status::Created, _) => "Created".into(),
+            (Status::Exited, Some(c)) => format!("Exited ({c})"),
+            (Status::Exited, None) => "Exited (failed)".into(),
+        };
+        let mut cmd = format!("{:?}", r.command.join(" "));
+        if cmd.len() > 22 {
+            cmd.truncate(19);
+            cmd.push_str("...");
+        }
+        let short: String = r.id.chars().take(12).collect();
+        println!(
+            "{short:<14} {:<28} {cmd:<22} {status:<20} {}",
+            r.image, r.id
+        );
+    }
+    Ok(())
+}
+
+fn logs(follow: bool, container: &str) -> Result<()> {
+    let rs = records()?;
+    let r = rs.get(container)?;
+    let path = rs.log_path(&r.id);
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let mut at = husk_runtime::record::replay(&path, 0, &mut out, &mut err)?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        let running = rs
+            .get(&r.id)
+            .map(|x| x.status == Status::Running)
+            .unwrap_or(false);
+        std::thread::sleep(Duration::from_millis(200));
+        at = husk_runtime::record::replay(&path, at, &mut out, &mut err)?;
+        out.flush()?;
+        if !running {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn volume(cmd: VolumeCmd) -> Result<()> {
@@ -435,6 +841,28 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Ps { all } => ps(all).map(|_| 0).map_err(Failure::from),
+        Cmd::Exec {
+            interactive,
+            container,
+            command,
+        } => exec(interactive, &container, command),
+        Cmd::Logs { follow, container } => {
+            logs(follow, &container).map(|_| 0).map_err(Failure::from)
+        }
+        Cmd::Stop { time, containers } => stop(time, &containers).map(|_| 0).map_err(Failure::from),
+        Cmd::Kill {
+            signal: sig,
+            containers,
+        } => parse_signal(&sig)
+            .and_then(|n| {
+                containers
+                    .iter()
+                    .try_for_each(|c| signal(c, n).map(|_| println!("{c}")))
+            })
+            .map(|_| 0)
+            .map_err(Failure::from),
+        Cmd::Rm { force, containers } => rm(force, &containers).map(|_| 0).map_err(Failure::from),
         Cmd::Image(c) => image(c).map(|_| 0).map_err(Failure::from),
         Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),
         Cmd::Version => runtime()

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 pub mod agent;
 pub mod image;
+pub mod record;
 pub mod sandbox;
 pub mod spec;
 pub mod template;

@@ -153,6 +153,73 @@ fn husk_run_busybox_like_docker_run() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("bad/name"));
 
+    // -d: the container outlives this husk; ps, logs, exec, stop, rm.
+    let out = h.run(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            img,
+            "sh",
+            "-c",
+            "echo started; trap 'echo got TERM; exit 7' TERM; while :; do sleep 1; done",
+        ],
+        "",
+    );
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "web\n");
+    let ps = text(&h.run(&["ps"], "").stdout);
+    assert!(ps.contains("web") && ps.contains("Up"), "{ps}");
+    let out = h.run(
+        &["exec", "web", "sh", "-c", "echo in exec; hostname; exit 5"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(text(&out.stdout), "in exec\nweb\n");
+    let out = h.run(&["rm", "web"], "");
+    assert_eq!(out.status.code(), Some(125), "rm of a running container");
+    assert!(text(&out.stderr).contains("running"));
+    assert!(h.run(&["stop", "-t", "30", "web"], "").status.success());
+    let ps = text(&h.run(&["ps", "-a"], "").stdout);
+    assert!(ps.contains("Exited (7)"), "{ps}");
+    assert_eq!(
+        text(&h.run(&["logs", "web"], "").stdout),
+        "started\ngot TERM\n"
+    );
+    assert!(h.run(&["rm", "web"], "").status.success());
+    assert_eq!(text(&h.run(&["ps", "-a"], "").stdout).lines().count(), 1);
+
+    // A VMM killed with SIGKILL: the container shows as exited, and its
+    // sandbox is cleaned up.
+    let out = h.run(&["run", "-d", "--name", "doomed", img, "sleep", "600"], "");
+    assert!(out.status.success());
+    let sandbox = h.root.path().join("run/doomed");
+    let vmm = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("husk-vmm") && c.contains(sandbox.to_str().unwrap())
+            })
+        })
+        .expect("the sandbox's husk-vmm");
+    // SAFETY: a signal to a process this test started (through husk).
+    assert_eq!(unsafe { libc::kill(vmm, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ps = text(&h.run(&["ps", "-a"], "").stdout);
+        if ps.contains("Exited") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ps}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(!sandbox.exists(), "sandbox state left behind");
+    assert!(h.run(&["rm", "doomed"], "").status.success());
+
     // Nothing is left behind: no sandbox state, no VMM.
     let run = h.root.path().join("run");
     let left: Vec<_> = std::fs::read_dir(&run)
