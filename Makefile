@@ -40,10 +40,11 @@ fuzz: setup
 	done
 
 # Benchmarks print figures next to a peer's; not part of `make test`.
-bench: setup kernel guest
-	$(CARGO) build --locked --release -p husk-vmm
+bench: setup kernel guest images
+	$(CARGO) build --locked --release -p husk-vmm -p husk-cli
 	bench/boot
 	bench/snapshot
+	bench/run
 
 setup:
 	@scripts/setup.sh

@@ -16,7 +16,7 @@ packages=(
     # test networks: taps in namespaces, ping
     iproute2 iputils-ping
     # benchmarks
-    python3 strace
+    python3 strace crun
 )
 
 missing=()

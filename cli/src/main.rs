@@ -498,7 +498,9 @@ fn run_container(
         BootArg::Template => Boot::Template,
         BootArg::Cold => Boot::Cold,
     };
+    let t_start = std::time::Instant::now();
     let sandbox = rt.start_sandbox(&cfg)?;
+    let started = t_start.elapsed();
     let mut storage = vec![Storage {
         source: sandbox.devices[0].clone(),
         fstype: "erofs".into(),
@@ -520,6 +522,7 @@ fn run_container(
         stdout: true,
         stderr: true,
     };
+    let t_create = std::time::Instant::now();
     let mut streams = match sandbox.agent.create(id, spec, io, storage, true) {
         Ok(s) => s,
         Err(e) => {
@@ -527,6 +530,7 @@ fn run_container(
             return Err(Failure(code, e));
         }
     };
+    let created = t_create.elapsed();
     record.status = Status::Running;
     records.save(record)?;
     // Output goes to the log (for `husk logs`) and, unless detached, to
@@ -558,12 +562,16 @@ fn run_container(
     if let Some(input) = streams.stdin.take() {
         forward_stdin(input);
     }
+    let t_run = std::time::Instant::now();
     let status = sandbox
         .agent
         .wait(id, "")
         .map_err(|e| anyhow::anyhow!("waiting for the container: {e:#}"))?;
     let _ = out.join();
     let _ = err.join();
+    let ran = t_run.elapsed();
+    let t_down = std::time::Instant::now();
+    let times = sandbox.times.clone();
     if let Err(e) = sandbox.agent.remove(id) {
         eprintln!("husk: removing container {id}: {e:#}");
     }
@@ -573,6 +581,19 @@ fn run_container(
         eprintln!("husk: stopping the sandbox: {e:#}");
     }
     drop(leases);
+    if std::env::var_os("HUSK_TIMINGS").is_some() {
+        // For bench/run: where a run's time went, in seconds.
+        eprintln!(
+            "husk-timings: template={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
+            times.template.as_secs_f64(),
+            times.agent_ready.as_secs_f64(),
+            times.identity.as_secs_f64(),
+            started.as_secs_f64(),
+            created.as_secs_f64(),
+            ran.as_secs_f64(),
+            t_down.elapsed().as_secs_f64()
+        );
+    }
     Ok(status)
 }
 
