@@ -45,51 +45,50 @@ impl Runtime {
     }
 }
 
-/// `$HUSK_CACHE`, else `$XDG_CACHE_HOME/husk`, else `~/.cache/husk` (the
-/// guest kernel build caches there too).
-pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HUSK_CACHE") {
+/// A per-user directory: `$env`, else `for_root` when running as root,
+/// else `$xdg/husk`, else `~/<home_rel>/husk`.
+fn user_dir(env: &str, for_root: Option<&str>, xdg: &str, home_rel: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os(env) {
         return PathBuf::from(d);
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if let (Some(d), 0) = (for_root, unsafe { libc::geteuid() }) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os(xdg) {
         return PathBuf::from(d).join("husk");
     }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    home.join(".cache/husk")
+    home.join(home_rel).join("husk")
 }
 
-/// Where images and volumes persist: `$HUSK_ROOT`, else /var/lib/husk for
+/// Kernels and templates: `$HUSK_CACHE`, else `$XDG_CACHE_HOME/husk`, else
+/// `~/.cache/husk` (the guest kernel build caches there too).
+pub fn default_cache_dir() -> PathBuf {
+    user_dir("HUSK_CACHE", None, "XDG_CACHE_HOME", ".cache")
+}
+
+/// Images, volumes, container records: `$HUSK_ROOT`, else /var/lib/husk for
 /// root, else `$XDG_DATA_HOME/husk` or `~/.local/share/husk`.
 pub fn default_data_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HUSK_ROOT") {
-        return PathBuf::from(d);
-    }
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/husk");
-    }
-    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(d).join("husk");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".local/share/husk")
+    user_dir(
+        "HUSK_ROOT",
+        Some("/var/lib/husk"),
+        "XDG_DATA_HOME",
+        ".local/share",
+    )
 }
 
-/// `$HUSK_RUN`, else /run/husk for root, else `$XDG_RUNTIME_DIR/husk`, else
-/// a directory in /tmp. Kept short: it holds Unix sockets (108-byte paths).
+/// Sandboxes' sockets and logs: `$HUSK_RUN`, else /run/husk for root, else
+/// `$XDG_RUNTIME_DIR/husk`, else `~/.husk-run/husk`. Kept short: it holds
+/// Unix sockets (108-byte paths).
 pub fn default_run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HUSK_RUN") {
-        return PathBuf::from(d);
-    }
-    // SAFETY: geteuid has no arguments and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return PathBuf::from("/run/husk");
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("husk");
-    }
-    PathBuf::from(format!("/tmp/husk-{uid}"))
+    user_dir(
+        "HUSK_RUN",
+        Some("/run/husk"),
+        "XDG_RUNTIME_DIR",
+        ".husk-run",
+    )
 }
 
 /// Takes an exclusive flock(2) on `f`, held until the file is closed; None

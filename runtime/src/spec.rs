@@ -152,6 +152,14 @@ mod tests {
         .unwrap()
     }
 
+    fn process(img: &ImageConfiguration, opts: &ProcessOptions) -> oci_spec::runtime::Process {
+        container_spec(img, opts, "image")
+            .unwrap()
+            .process()
+            .clone()
+            .unwrap()
+    }
+
     #[test]
     fn docker_run_semantics() {
         let img = image(serde_json::json!({
@@ -169,11 +177,7 @@ mod tests {
             env: vec!["A=2".into()],
             ..Default::default()
         };
-        let p = container_spec(&img, &opts, "image")
-            .unwrap()
-            .process()
-            .clone()
-            .unwrap();
+        let p = process(&img, &opts);
         assert_eq!(p.args().clone().unwrap(), ["/bin/ep", "b"]);
         assert_eq!(p.env().clone().unwrap(), ["PATH=/bin", "A=2"]);
 
@@ -182,11 +186,7 @@ mod tests {
             entrypoint: Some(vec!["sh".into()]),
             ..Default::default()
         };
-        let p = container_spec(&img, &opts, "image")
-            .unwrap()
-            .process()
-            .clone()
-            .unwrap();
+        let p = process(&img, &opts);
         assert_eq!(p.args().clone().unwrap(), ["sh"]);
 
         let bare = image(serde_json::json!({}));
@@ -209,11 +209,7 @@ mod tests {
             user: Some("1000:100".into()),
             ..Default::default()
         };
-        let p = container_spec(&bare, &opts, "image")
-            .unwrap()
-            .process()
-            .clone()
-            .unwrap();
+        let p = process(&bare, &opts);
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 100));
         assert!(p.env().clone().unwrap()[0].starts_with("PATH="));
     }
