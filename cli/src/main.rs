@@ -78,6 +78,11 @@ enum Cmd {
         #[arg(required = true)]
         containers: Vec<String>,
     },
+    /// Show containers as JSON (Docker's field names where they apply).
+    Inspect {
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
     /// Remove containers.
     Rm {
         /// Kill a running container first.
@@ -335,9 +340,11 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     };
     let mut spec = container_spec(&config, &opts, "image")?;
     let mut volumes = Vec::new();
+    let mut mounted = Vec::new();
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for v in &a.volume {
         let (name, dst, ro) = parse_volume(v)?;
+        mounted.push((name.clone(), dst.clone(), ro));
         mounts.push(
             MountBuilder::default()
                 .destination(dst)
@@ -367,6 +374,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         error: None,
         owner_pid: std::process::id(),
         auto_remove: a.rm,
+        volumes: mounted,
     };
     if a.detach && child_id.is_none() {
         return detach(&records, record);
@@ -776,6 +784,44 @@ fn ps(all: bool) -> Result<()> {
     Ok(())
 }
 
+fn inspect(containers: &[String]) -> Result<()> {
+    let rs = records()?;
+    let mut out = Vec::new();
+    for c in containers {
+        let r = rs.get(c)?;
+        let status = match r.status {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Exited => "exited",
+        };
+        out.push(serde_json::json!({
+            "Id": r.id,
+            "Name": format!("/{}", r.id),
+            "Created": r.created,
+            "Path": r.command.first(),
+            "Args": r.command.get(1..).unwrap_or_default(),
+            "Image": r.image,
+            "State": {
+                "Status": status,
+                "Running": r.status == Status::Running,
+                "ExitCode": r.exit_code.unwrap_or(if r.error.is_some() { HUSK_ERROR.into() } else { 0 }),
+                "OOMKilled": r.oom_killed,
+                "Error": r.error.clone().unwrap_or_default(),
+                "Pid": if r.status == Status::Running { r.owner_pid } else { 0 },
+            },
+            "Config": {"Env": r.env, "WorkingDir": r.cwd, "Cmd": r.command},
+            "Mounts": r.volumes.iter().map(|(name, dst, ro)| serde_json::json!({
+                "Type": "volume", "Name": name, "Destination": dst, "RW": !ro,
+                "Driver": "local",
+            })).collect::<Vec<_>>(),
+            "LogPath": rs.log_path(&r.id),
+            "HostConfig": {"AutoRemove": r.auto_remove},
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
 fn logs(follow: bool, container: &str) -> Result<()> {
     let rs = records()?;
     let r = rs.get(container)?;
@@ -883,6 +929,7 @@ fn main() -> ExitCode {
             })
             .map(|_| 0)
             .map_err(Failure::from),
+        Cmd::Inspect { containers } => inspect(&containers).map(|_| 0).map_err(Failure::from),
         Cmd::Rm { force, containers } => rm(force, &containers).map(|_| 0).map_err(Failure::from),
         Cmd::Image(c) => image(c).map(|_| 0).map_err(Failure::from),
         Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),

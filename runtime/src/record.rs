@@ -38,6 +38,9 @@ pub struct Record {
     /// The husk process that owns the sandbox while it runs.
     pub owner_pid: u32,
     pub auto_remove: bool,
+    /// Named volumes: (name, path in the container, read-only).
+    #[serde(default)]
+    pub volumes: Vec<(String, String, bool)>,
 }
 
 pub fn now() -> u64 {
@@ -228,6 +231,7 @@ mod tests {
             error: None,
             owner_pid: std::process::id(),
             auto_remove: false,
+            volumes: vec![],
         }
     }
 

@@ -160,6 +160,8 @@ fn husk_run_busybox_like_docker_run() {
             "-d",
             "--name",
             "web",
+            "-v",
+            "webdata:/d:ro",
             img,
             "sh",
             "-c",
@@ -187,8 +189,17 @@ fn husk_run_busybox_like_docker_run() {
         text(&h.run(&["logs", "web"], "").stdout),
         "started\ngot TERM\n"
     );
+    let info: serde_json::Value =
+        serde_json::from_slice(&h.run(&["inspect", "web"], "").stdout).unwrap();
+    let state = &info[0]["State"];
+    assert_eq!(state["Status"], "exited", "{info}");
+    assert_eq!(state["ExitCode"], 7, "{info}");
+    assert_eq!(state["OOMKilled"], false);
+    assert_eq!(info[0]["Mounts"][0]["Name"], "webdata");
+    assert_eq!(info[0]["Mounts"][0]["RW"], false);
     assert!(h.run(&["rm", "web"], "").status.success());
     assert_eq!(text(&h.run(&["ps", "-a"], "").stdout).lines().count(), 1);
+    assert!(h.run(&["volume", "rm", "webdata"], "").status.success());
 
     // A VMM killed with SIGKILL: the container shows as exited, and its
     // sandbox is cleaned up.
@@ -291,4 +302,77 @@ fn a_corrupt_image_is_refused_and_the_store_kept() {
     assert_eq!(ls.lines().count(), 1, "{ls}");
     let blobs = h.root.path().join("images/blobs/sha256");
     assert_eq!(std::fs::read_dir(blobs).unwrap().count(), 0);
+}
+
+/// Twenty run/rm cycles leave nothing behind: no VMM process, no sandbox
+/// or container state, no lease on a volume.
+#[test]
+fn run_rm_cycles_leave_nothing_behind() {
+    if let Some(why) = kvm_unavailable() {
+        skip("run_rm_cycles_leave_nothing_behind", &why);
+        return;
+    }
+    let h = Husk {
+        root: tempfile::tempdir().unwrap(),
+    };
+    let archive = sample_image("busybox.tar").unwrap();
+    assert!(h
+        .run(&["image", "import", archive.to_str().unwrap()], "")
+        .status
+        .success());
+    let run = h.root.path().join("run");
+    let vmms = || -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(run.to_str().unwrap()))
+            })
+            .count()
+    };
+    for i in 0..20 {
+        let out = h.run(
+            &[
+                "run",
+                "--rm",
+                "-v",
+                "cycle:/v",
+                "husk.local/busybox",
+                "sh",
+                "-c",
+                "echo $((1 + $(cat /v/n 2>/dev/null || echo 0))) > /v/n",
+            ],
+            "",
+        );
+        assert!(out.status.success(), "cycle {i}");
+    }
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "cycle:/v",
+            "husk.local/busybox",
+            "cat",
+            "/v/n",
+        ],
+        "",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "20\n",
+        "every cycle's write reached the volume"
+    );
+    assert_eq!(vmms(), 0, "a husk-vmm is still running");
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let ps = text(&h.run(&["ps", "-a"], "").stdout);
+    assert_eq!(ps.lines().count(), 1, "{ps}");
+    assert!(
+        h.run(&["volume", "rm", "cycle"], "").status.success(),
+        "the volume is not held"
+    );
 }
