@@ -16,7 +16,7 @@
 //! | `PATCH /vm` | `{"state": "Paused"|"Resumed"}` (Firecracker's form) |
 //! | `GET /metrics` | counters as JSON |
 //! | `PUT /snapshot/create` | `{"snapshot_path", "mem_file_path"}` of a paused VM |
-//! | `PUT /snapshot/load` | `{"snapshot_path", "mem_file_path", "resume_vm", "vsock_uds_path", "serial", "drives"}`, instead of configuring and starting |
+//! | `PUT /snapshot/load` | `{"snapshot_path", "mem_file_path", "resume_vm", "vsock_uds_path", "serial", "drives", "network_interfaces"}`, instead of configuring and starting |
 //!
 //! Configuration requests are only accepted before `InstanceStart`. Bodies
 //! over 64 KiB are refused; every body is parsed with unknown fields denied.

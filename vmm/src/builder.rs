@@ -294,6 +294,16 @@ pub fn restore(req: &LoadRequest) -> Result<Vmm> {
         d.path_on_host = b.path_on_host.clone();
         changed.push(b.drive_id.clone());
     }
+    for t in &req.network_interfaces {
+        let Some(n) = config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == t.iface_id)
+        else {
+            bail!("the snapshot has no network interface {:?}", t.iface_id);
+        };
+        n.host_dev_name = t.host_dev_name.clone();
+    }
     let vmm = build_vm(&config, Some((&snap, &req.mem_file_path)))?;
     // Drives are the first transports, in the order the guest found them.
     for (i, d) in config.ordered_drives().iter().enumerate() {

@@ -58,6 +58,18 @@ pub struct LoadRequest {
     /// The guest is told their capacity changed.
     #[serde(default)]
     pub drives: Vec<DriveBacking>,
+    /// New taps for network interfaces of the snapshot: each restored
+    /// sandbox has its own. The guest keeps its MAC (the agent sets one).
+    #[serde(default)]
+    pub network_interfaces: Vec<TapBacking>,
+}
+
+/// A network interface of a snapshot and the tap behind it after restore.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TapBacking {
+    pub iface_id: String,
+    pub host_dev_name: String,
 }
 
 /// A drive of a snapshot and the file that backs it after the restore.

@@ -532,6 +532,15 @@ fn snapshot_restores_a_running_guest_where_it_was() {
     let (st, body) = http(&sock3, "PUT", "/snapshot/load", &load);
     assert_eq!(st, 400);
     assert!(body.contains(r#"no drive \"data\""#), "{body}");
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}",
+            "network_interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap9"}}]}}"#,
+        snap.display(),
+        mem.display()
+    );
+    let (st, body) = http(&sock3, "PUT", "/snapshot/load", &load);
+    assert_eq!(st, 400);
+    assert!(body.contains(r#"no network interface \"eth0\""#), "{body}");
     // The VMM is still there, not started.
     assert!(http(&sock3, "GET", "/", "").1.contains("Not started"));
     let _ = vmm3.kill();
