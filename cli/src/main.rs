@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::os::unix::net::UnixStream;
 
-use husk_protocol::agent::{SignalProcessRequest, Storage};
+use husk_protocol::agent::{SignalProcessRequest, Storage, TtyWinResizeRequest};
 use husk_runtime::agent::{ctx, rpc_message, AgentConn, Endpoint, Io};
 use husk_runtime::image::{default_store_dir, ImageStore};
 use husk_runtime::record::{LogWriter, Record, Records, Status};
@@ -51,6 +51,9 @@ enum Cmd {
         /// Keep stdin open and pass it to the process.
         #[arg(short, long)]
         interactive: bool,
+        /// Give the process a terminal.
+        #[arg(short, long)]
+        tty: bool,
         container: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
@@ -149,6 +152,9 @@ struct RunArgs {
     /// Keep stdin open and pass it to the container.
     #[arg(short, long)]
     interactive: bool,
+    /// Give the container a terminal.
+    #[arg(short, long)]
+    tty: bool,
     /// Set environment variables (KEY=VALUE).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -335,7 +341,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         env,
         workdir: a.workdir.clone(),
         user: a.user.clone(),
-        tty: false,
+        tty: a.tty,
         hostname: Some(hostname.clone()),
     };
     let mut spec = container_spec(&config, &opts, "image")?;
@@ -525,10 +531,11 @@ fn run_container(
         });
     }
     let detached = a.detach;
+    // A terminal merges stderr into its output, as a pty does.
     let io = Io {
         stdin: a.interactive && !detached,
         stdout: true,
-        stderr: true,
+        stderr: !a.tty,
     };
     let t_create = std::time::Instant::now();
     let mut streams = match sandbox.agent.create(id, spec, io, storage, true) {
@@ -567,6 +574,7 @@ fn run_container(
     };
     let out = copy(streams.stdout.take(), "stdout");
     let err = copy(streams.stderr.take(), "stderr");
+    let _raw = (a.tty && !detached).then(|| Terminal::attach(&sandbox.agent, id, ""));
     if let Some(input) = streams.stdin.take() {
         forward_stdin(input);
     }
@@ -616,6 +624,77 @@ fn forward_stdin(mut input: UnixStream) {
     });
 }
 
+/// This terminal, while a container's terminal is attached to it: raw
+/// (keys go to the container as typed) and its size followed; restored
+/// when dropped. Without a terminal on stdin, only the size is sent (none).
+struct Terminal {
+    saved: Option<libc::termios>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn window_size() -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills a winsize we own; fd 1 may not be a tty, in
+    // which case the call fails and nothing is read.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
+            .then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+impl Terminal {
+    fn attach(agent: &AgentConn, id: &str, exec_id: &str) -> Terminal {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a termios we own.
+        let saved = unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::isatty(0) == 1 && libc::tcgetattr(0, &mut t) == 0 {
+                let mut raw = t;
+                libc::cfmakeraw(&mut raw);
+                libc::tcsetattr(0, libc::TCSANOW, &raw);
+                Some(t)
+            } else {
+                None
+            }
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The size is polled: a SIGWINCH handler would need a thread of its
+        // own anyway, and a resize is rare.
+        if let Some(first) = window_size() {
+            let (stop2, containers) = (stop.clone(), agent.containers.clone());
+            let (id, exec_id) = (id.to_string(), exec_id.to_string());
+            std::thread::spawn(move || {
+                let mut last = None;
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    let size = window_size().unwrap_or(first);
+                    if last != Some(size) {
+                        let req = TtyWinResizeRequest {
+                            container_id: id.clone(),
+                            exec_id: exec_id.clone(),
+                            rows: size.0.into(),
+                            cols: size.1.into(),
+                            ..Default::default()
+                        };
+                        let _ = containers.tty_win_resize(ctx(Duration::from_secs(10)), &req);
+                        last = Some(size);
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+        }
+        Terminal { saved, stop }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.saved {
+            // SAFETY: restores the attributes read from fd 0 in attach.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
 /// The agent of a running container's sandbox.
 fn agent_of(id: &str) -> Result<(Record, AgentConn)> {
     let r = records()?.get(id)?;
@@ -628,17 +707,26 @@ fn agent_of(id: &str) -> Result<(Record, AgentConn)> {
     Ok((r, agent))
 }
 
-fn exec(interactive: bool, container: &str, command: Vec<String>) -> Result<u8, Failure> {
+fn exec(
+    interactive: bool,
+    tty: bool,
+    container: &str,
+    command: Vec<String>,
+) -> Result<u8, Failure> {
     let (r, agent) = agent_of(container)?;
     let exec_id = format!("exec-{}", random_id());
+    let mut env = r.env.clone();
+    if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=xterm".into());
+    }
     let process = serde_json::json!({
-        "args": command, "cwd": r.cwd, "env": r.env,
+        "args": command, "cwd": r.cwd, "env": env, "terminal": tty,
         "user": {"uid": 0, "gid": 0},
     });
     let io = Io {
         stdin: interactive,
         stdout: true,
-        stderr: true,
+        stderr: !tty,
     };
     let mut streams = match agent.exec(&r.id, &exec_id, &process, io) {
         Ok(s) => s,
@@ -657,6 +745,7 @@ fn exec(interactive: bool, container: &str, command: Vec<String>) -> Result<u8, 
     };
     let out = pipe(streams.stdout.take(), Box::new(std::io::stdout()));
     let err = pipe(streams.stderr.take(), Box::new(std::io::stderr()));
+    let _raw = tty.then(|| Terminal::attach(&agent, &r.id, &exec_id));
     if let Some(input) = streams.stdin.take() {
         forward_stdin(input);
     }
@@ -911,9 +1000,10 @@ fn main() -> ExitCode {
         Cmd::Ps { all } => ps(all).map(|_| 0).map_err(Failure::from),
         Cmd::Exec {
             interactive,
+            tty,
             container,
             command,
-        } => exec(interactive, &container, command),
+        } => exec(interactive, tty, &container, command),
         Cmd::Logs { follow, container } => {
             logs(follow, &container).map(|_| 0).map_err(Failure::from)
         }

@@ -104,6 +104,25 @@ fn husk_run_busybox_like_docker_run() {
     assert!(out.status.success());
     assert_eq!(text(&out.stdout).trim(), "3");
 
+    // -t: a terminal in the container (CRLF line ends, stderr merged into
+    // it), even when this husk has none.
+    let out = h.run(
+        &[
+            "run",
+            "-t",
+            "--rm",
+            img,
+            "sh",
+            "-c",
+            "tty; echo $TERM; echo e >&2; exit 4",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(4));
+    let tty = text(&out.stdout);
+    assert!(tty.starts_with("/dev/pts/"), "{tty:?}");
+    assert!(tty.ends_with("\r\nxterm\r\ne\r\n"), "{tty:?}");
+
     // A named volume keeps its data from one run (one microVM) to the next;
     // mounted :ro, it refuses writes.
     let out = h.run(
