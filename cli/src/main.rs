@@ -17,7 +17,7 @@ use husk_protocol::agent::{SignalProcessRequest, Storage, TtyWinResizeRequest};
 use husk_runtime::agent::{ctx, rpc_message, AgentConn, Endpoint, Io};
 use husk_runtime::image::{default_store_dir, ImageStore};
 use husk_runtime::record::{LogWriter, Record, Records, Status};
-use husk_runtime::spec::{container_spec, ProcessOptions};
+use husk_runtime::spec::{container_spec, parse_memory, ProcessOptions};
 use husk_runtime::volume::VolumeStore;
 use husk_runtime::{Boot, DriveSpec, Runtime, SandboxConfig};
 use oci_spec::runtime::MountBuilder;
@@ -179,6 +179,14 @@ struct RunArgs {
     /// The container's host name.
     #[arg(long)]
     hostname: Option<String>,
+    /// Memory limit (e.g. 256m, 1g): the container's, and the microVM gets
+    /// it plus 128 MiB for its kernel and agent (256 MiB at least).
+    #[arg(short, long)]
+    memory: Option<String>,
+    /// CPUs (e.g. 0.5, 2): the container's CFS quota, and as many vCPUs
+    /// (rounded up).
+    #[arg(long)]
+    cpus: Option<f64>,
     /// How the microVM starts.
     #[arg(long, value_enum, default_value = "template")]
     boot: BootArg,
@@ -343,6 +351,8 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         user: a.user.clone(),
         tty: a.tty,
         hostname: Some(hostname.clone()),
+        memory: a.memory.as_deref().map(parse_memory).transpose()?,
+        cpus: a.cpus,
     };
     let mut spec = container_spec(&config, &opts, "image")?;
     let mut volumes = Vec::new();
@@ -507,6 +517,13 @@ fn run_container(
             path: lease.volume.disk.clone(),
             read_only: false,
         });
+    }
+    // The microVM is sized to hold what the container may use.
+    if let Some(m) = a.memory.as_deref().map(parse_memory).transpose()? {
+        cfg.machine.mem_mib = cfg.machine.mem_mib.max((m as u64 >> 20) + 128);
+    }
+    if let Some(c) = a.cpus {
+        cfg.machine.vcpus = (c.ceil() as u8).clamp(1, 32);
     }
     cfg.boot = match a.boot {
         BootArg::Template => Boot::Template,

@@ -23,6 +23,27 @@ pub struct ProcessOptions {
     pub user: Option<String>,
     pub tty: bool,
     pub hostname: Option<String>,
+    /// Memory limit in bytes (`--memory`).
+    pub memory: Option<i64>,
+    /// CPUs, fractional (`--cpus`): a CFS quota over a 100 ms period.
+    pub cpus: Option<f64>,
+}
+
+/// `--memory` values: bytes, or with a b/k/m/g suffix (Docker's).
+pub fn parse_memory(s: &str) -> Result<i64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.chars().last() {
+        Some('b') => (&t[..t.len() - 1], 1),
+        Some('k') => (&t[..t.len() - 1], 1 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t.as_str(), 1),
+    };
+    let n: i64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("memory {s:?}: a number with b, k, m or g"))?;
+    let bytes = n.checked_mul(mult).filter(|b| *b >= 6 << 20);
+    bytes.ok_or_else(|| anyhow::anyhow!("memory {s:?}: at least 6m"))
 }
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -136,6 +157,22 @@ pub fn container_spec(
     process.set_user(u);
     spec.set_process(Some(process));
     spec.set_hostname(opts.hostname.clone());
+    if opts.memory.is_some() || opts.cpus.is_some() {
+        let mut resources = serde_json::json!({});
+        if let Some(m) = opts.memory {
+            resources["memory"] = serde_json::json!({"limit": m});
+        }
+        if let Some(c) = opts.cpus {
+            if !(c > 0.0 && c <= 256.0) {
+                bail!("cpus {c}: between 0 and 256");
+            }
+            resources["cpu"] =
+                serde_json::json!({"quota": (c * 100_000.0) as i64, "period": 100_000});
+        }
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_resources(Some(serde_json::from_value(resources)?));
+        spec.set_linux(Some(linux));
+    }
     Ok(spec)
 }
 
@@ -212,5 +249,19 @@ mod tests {
         let p = process(&bare, &opts);
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 100));
         assert!(p.env().clone().unwrap()[0].starts_with("PATH="));
+        assert_eq!(parse_memory("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("1G").unwrap(), 1 << 30);
+        assert!(parse_memory("1k").is_err());
+        assert!(parse_memory("lots").is_err());
+        let opts = ProcessOptions {
+            cmd: vec!["x".into()],
+            memory: Some(64 << 20),
+            cpus: Some(0.5),
+            ..Default::default()
+        };
+        let s = container_spec(&bare, &opts, "image").unwrap();
+        let r = s.linux().clone().unwrap().resources().clone().unwrap();
+        assert_eq!(r.memory().unwrap().limit(), Some(64 << 20));
+        assert_eq!(r.cpu().clone().unwrap().quota(), Some(50_000));
     }
 }

@@ -123,6 +123,25 @@ fn husk_run_busybox_like_docker_run() {
     assert!(tty.starts_with("/dev/pts/"), "{tty:?}");
     assert!(tty.ends_with("\r\nxterm\r\ne\r\n"), "{tty:?}");
 
+    // --memory and --cpus reach the container's cgroup (the microVM keeps
+    // the template's size: 64 MiB + 128 fits in 256, 0.5 CPU in one vCPU).
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.5",
+            img,
+            "cat",
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/cpu.max",
+        ],
+        "",
+    );
+    assert_eq!(text(&out.stdout), "67108864\n50000 100000\n");
+
     // A named volume keeps its data from one run (one microVM) to the next;
     // mounted :ro, it refuses writes.
     let out = h.run(
