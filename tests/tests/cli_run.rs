@@ -6,7 +6,6 @@
 //! name the problem.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use husk_tests::{
@@ -19,6 +18,40 @@ struct Husk {
 }
 
 impl Husk {
+    /// A husk with its own store and run directory, or None (and a SKIP
+    /// line) without /dev/kvm.
+    fn for_test(test: &str) -> Option<Husk> {
+        if let Some(why) = kvm_unavailable() {
+            skip(test, &why);
+            return None;
+        }
+        Some(Husk {
+            root: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    /// Processes whose command line names this husk's run directory (its
+    /// VMMs: their sockets live there).
+    fn vmm_pids(&self) -> Vec<i32> {
+        let run = self.root.path().join("run");
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(run.to_str().unwrap()))
+            })
+            .collect()
+    }
+
+    /// Sandbox directories left in the run directory.
+    fn leftover_sandboxes(&self) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(self.root.path().join("run"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(husk_cli_binary().unwrap());
         c.args(args)
@@ -59,12 +92,8 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn husk_run_busybox_like_docker_run() {
-    if let Some(why) = kvm_unavailable() {
-        skip("husk_run_busybox_like_docker_run", &why);
+    let Some(h) = Husk::for_test("husk_run_busybox_like_docker_run") else {
         return;
-    }
-    let h = Husk {
-        root: tempfile::tempdir().unwrap(),
     };
     // Both tarball forms of the sample import as the same image.
     for f in ["busybox.oci.tar", "busybox.tar"] {
@@ -244,17 +273,7 @@ fn husk_run_busybox_like_docker_run() {
     let out = h.run(&["run", "-d", "--name", "doomed", img, "sleep", "600"], "");
     assert!(out.status.success());
     let sandbox = h.root.path().join("run/doomed");
-    let vmm = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("husk-vmm") && c.contains(sandbox.to_str().unwrap())
-            })
-        })
-        .expect("the sandbox's husk-vmm");
+    let vmm = *h.vmm_pids().first().expect("the sandbox's husk-vmm");
     // SAFETY: a signal to a process this test started (through husk).
     assert_eq!(unsafe { libc::kill(vmm, libc::SIGKILL) }, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -270,12 +289,8 @@ fn husk_run_busybox_like_docker_run() {
     assert!(h.run(&["rm", "doomed"], "").status.success());
 
     // Nothing is left behind: no sandbox state, no VMM.
-    let run = h.root.path().join("run");
-    let left: Vec<_> = std::fs::read_dir(&run)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
-    assert!(!Path::new(&run).join("bad").exists());
+    assert_eq!(h.leftover_sandboxes(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(h.vmm_pids(), Vec::<i32>::new());
 }
 
 #[test]
@@ -346,29 +361,14 @@ fn a_corrupt_image_is_refused_and_the_store_kept() {
 /// or container state, no lease on a volume.
 #[test]
 fn run_rm_cycles_leave_nothing_behind() {
-    if let Some(why) = kvm_unavailable() {
-        skip("run_rm_cycles_leave_nothing_behind", &why);
+    let Some(h) = Husk::for_test("run_rm_cycles_leave_nothing_behind") else {
         return;
-    }
-    let h = Husk {
-        root: tempfile::tempdir().unwrap(),
     };
     let archive = sample_image("busybox.tar").unwrap();
     assert!(h
         .run(&["image", "import", archive.to_str().unwrap()], "")
         .status
         .success());
-    let run = h.root.path().join("run");
-    let vmms = || -> usize {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(run.to_str().unwrap()))
-            })
-            .count()
-    };
     for i in 0..20 {
         let out = h.run(
             &[
@@ -402,11 +402,8 @@ fn run_rm_cycles_leave_nothing_behind() {
         "20\n",
         "every cycle's write reached the volume"
     );
-    assert_eq!(vmms(), 0, "a husk-vmm is still running");
-    let left: Vec<_> = std::fs::read_dir(&run)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(h.vmm_pids(), Vec::<i32>::new(), "a husk-vmm still runs");
+    assert_eq!(h.leftover_sandboxes(), Vec::<std::path::PathBuf>::new());
     let ps = text(&h.run(&["ps", "-a"], "").stdout);
     assert_eq!(ps.lines().count(), 1, "{ps}");
     assert!(
