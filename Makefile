@@ -21,6 +21,9 @@ run: setup kernel guest images
 	    sh -c 'echo "hello from $$(uname -sr) in a husk microVM, $$(grep -c ^processor /proc/cpuinfo) vCPU"'
 
 test: setup kernel guest images lint
+	# The end-to-end tests run the workspace's binaries (husk, husk-vmm,
+	# husk-agent); cargo builds a package's binaries only for its own tests.
+	$(CARGO) build --workspace --locked --bins
 	$(CARGO) test --workspace --locked
 	$(MAKE) fuzz
 

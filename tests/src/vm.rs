@@ -8,7 +8,7 @@ use crate::repo_root;
 
 /// A binary of this workspace: `$env`, or the one cargo built
 /// (`cargo test --workspace` builds each for its crate's own tests).
-fn workspace_binary(name: &str, env: &str) -> Result<PathBuf> {
+fn workspace_binary(name: &str, package: &str, env: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
@@ -18,23 +18,23 @@ fn workspace_binary(name: &str, env: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("{name} not built (cargo build -p {name}, or set {env})")
+    bail!("{name} not built (cargo build -p {package}, or set {env})")
 }
 
 /// The husk-vmm binary (`HUSK_VMM` overrides).
 pub fn husk_vmm_binary() -> Result<PathBuf> {
-    workspace_binary("husk-vmm", "HUSK_VMM")
+    workspace_binary("husk-vmm", "husk-vmm", "HUSK_VMM")
 }
 
 /// The husk CLI (`HUSK_CLI` overrides).
 pub fn husk_cli_binary() -> Result<PathBuf> {
-    workspace_binary("husk", "HUSK_CLI")
+    workspace_binary("husk", "husk-cli", "HUSK_CLI")
 }
 
 /// The husk-agent binary (`HUSK_AGENT` overrides), for running the agent on
 /// the host.
 pub fn husk_agent_binary() -> Result<PathBuf> {
-    workspace_binary("husk-agent", "HUSK_AGENT")
+    workspace_binary("husk-agent", "husk-agent", "HUSK_AGENT")
 }
 
 pub use husk_runtime::vmm::{api_request, vsock_connect};
