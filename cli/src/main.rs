@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::os::unix::net::UnixStream;
 
 use husk_protocol::agent::{SignalProcessRequest, Storage, TtyWinResizeRequest};
-use husk_runtime::agent::{ctx, rpc_message, AgentConn, Endpoint, Io};
+use husk_runtime::agent::{ctx, rpc_message, AgentConn, Io};
 use husk_runtime::image::{default_store_dir, ImageStore};
 use husk_runtime::record::{LogWriter, Record, Records, Status};
 use husk_runtime::spec::{container_spec, parse_memory, ProcessOptions};
@@ -238,12 +238,10 @@ fn check_kvm() -> Result<()> {
     }
 }
 
-fn random_id() -> String {
+fn random_id() -> Result<String> {
     let mut b = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    husk_runtime::sandbox::getrandom(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 fn env_file(path: &Path) -> Result<Vec<String>> {
@@ -301,6 +299,13 @@ fn start_failure_code(message: &str) -> u8 {
 /// An error with the exit code it should end husk with.
 struct Failure(u8, anyhow::Error);
 
+impl Failure {
+    /// A create or start that failed: its exit code says why (127, 126).
+    fn starting(e: anyhow::Error) -> Failure {
+        Failure(start_failure_code(&format!("{e:#}")), e)
+    }
+}
+
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         Failure(HUSK_ERROR, e.into())
@@ -310,6 +315,10 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 /// Set in the background husk that `run -d` starts: the container id it
 /// runs.
 const DETACHED_ENV: &str = "HUSK_DETACHED_ID";
+
+fn volumes() -> Result<VolumeStore> {
+    VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))
+}
 
 fn records() -> Result<Records> {
     Records::open(&husk_runtime::default_data_dir().join("containers"))
@@ -330,7 +339,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     let id = match (&child_id, &a.name) {
         (Some(id), _) => id.clone(),
         (None, Some(n)) => n.clone(),
-        (None, None) => random_id(),
+        (None, None) => random_id()?,
     };
     husk_runtime::sandbox::check_id(&id)?;
     let hostname = a
@@ -501,7 +510,7 @@ fn run_container(
     record: &mut Record,
 ) -> Result<husk_protocol::agent::WaitProcessResponse, Failure> {
     let rootfs = store.rootfs(image)?;
-    let volumes = VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))?;
+    let volumes = volumes()?;
     let mut leases = Vec::new();
     for name in volume_names {
         leases.push(volumes.lease(name)?);
@@ -519,7 +528,13 @@ fn run_container(
         });
     }
     // The microVM is sized to hold what the container may use.
-    if let Some(m) = a.memory.as_deref().map(parse_memory).transpose()? {
+    let limit = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit());
+    if let Some(m) = limit {
         cfg.machine.mem_mib = cfg.machine.mem_mib.max((m as u64 >> 20) + 128);
     }
     if let Some(c) = a.cpus {
@@ -557,10 +572,7 @@ fn run_container(
     let t_create = std::time::Instant::now();
     let mut streams = match sandbox.agent.create(id, spec, io, storage, true) {
         Ok(s) => s,
-        Err(e) => {
-            let code = start_failure_code(&format!("{e:#}"));
-            return Err(Failure(code, e));
-        }
+        Err(e) => return Err(Failure::starting(e)),
     };
     let created = t_create.elapsed();
     record.status = Status::Running;
@@ -718,9 +730,12 @@ fn agent_of(id: &str) -> Result<(Record, AgentConn)> {
     if r.status != Status::Running {
         bail!("container {} is not running", r.id);
     }
-    let uds = husk_runtime::default_run_dir().join(&r.id).join("v.sock");
-    let agent = AgentConn::connect_within(Endpoint::Vsock(uds), Duration::from_secs(5))
-        .with_context(|| format!("reaching container {}", r.id))?;
+    let agent = husk_runtime::sandbox::connect_running(
+        &husk_runtime::default_run_dir(),
+        &r.id,
+        Duration::from_secs(5),
+    )
+    .with_context(|| format!("reaching container {}", r.id))?;
     Ok((r, agent))
 }
 
@@ -731,7 +746,7 @@ fn exec(
     command: Vec<String>,
 ) -> Result<u8, Failure> {
     let (r, agent) = agent_of(container)?;
-    let exec_id = format!("exec-{}", random_id());
+    let exec_id = format!("exec-{}", random_id()?);
     let mut env = r.env.clone();
     if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
         env.push("TERM=xterm".into());
@@ -747,10 +762,7 @@ fn exec(
     };
     let mut streams = match agent.exec(&r.id, &exec_id, &process, io) {
         Ok(s) => s,
-        Err(e) => {
-            let code = start_failure_code(&format!("{e:#}"));
-            return Err(Failure(code, e));
-        }
+        Err(e) => return Err(Failure::starting(e)),
     };
     let pipe = |from: Option<UnixStream>, mut to: Box<dyn Write + Send>| {
         std::thread::spawn(move || {
@@ -808,9 +820,10 @@ fn signal(container: &str, sig: u32) -> Result<Record> {
 
 /// Waits until `id`'s record says exited (its husk finished).
 fn wait_exited(id: &str, timeout: Duration) -> Result<bool> {
+    let rs = records()?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        match records()?.get(id) {
+        match rs.get(id) {
             Ok(r) if r.status != Status::Exited => {}
             _ => return Ok(true),
         }
@@ -953,7 +966,7 @@ fn logs(follow: bool, container: &str) -> Result<()> {
 }
 
 fn volume(cmd: VolumeCmd) -> Result<()> {
-    let store = VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))?;
+    let store = volumes()?;
     match cmd {
         VolumeCmd::Create { name } => {
             store.create(&name, husk_runtime::volume::DEFAULT_SIZE)?;

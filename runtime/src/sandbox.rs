@@ -14,7 +14,7 @@ use crate::template::{
     console_config, slot_device, slot_id, tail, vm_config, Machine, Template, VmmProcess, RO_SLOTS,
     RW_SLOTS,
 };
-use crate::vmm::{api_request, vsock_connect};
+use crate::vmm::api_request;
 use crate::Runtime;
 
 /// How a sandbox's VM starts.
@@ -86,6 +86,17 @@ pub struct Sandbox {
     /// The template restored from, for `Boot::Template`.
     pub template: Option<Template>,
     vmm: VmmProcess,
+}
+
+/// The hybrid vsock socket in a sandbox's directory.
+const VSOCK_SOCKET: &str = "v.sock";
+
+/// The agent of a running sandbox `id` under `run_dir`, from another
+/// process than the one that started it (`husk exec`, `stop`).
+pub fn connect_running(run_dir: &Path, id: &str, timeout: Duration) -> Result<AgentConn> {
+    check_id(id)?;
+    let uds = run_dir.join(id).join(VSOCK_SOCKET);
+    AgentConn::connect_within(Endpoint::Vsock(uds), timeout)
 }
 
 /// Sandbox ids name directories and sockets: kept short and plain.
@@ -209,7 +220,7 @@ impl Runtime {
                 let placeholder = dir.join("empty.img");
                 std::fs::File::create(&placeholder)?;
                 let (slots, devices) = assign_slots(&cfg.drives, &placeholder)?;
-                let vsock = dir.join("v.sock");
+                let vsock = dir.join(VSOCK_SOCKET);
                 let config = vm_config(self, &cfg.machine, &slots, &vsock, console.as_deref());
                 let file = dir.join("vm.json");
                 std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
@@ -249,7 +260,7 @@ impl Runtime {
         console: Option<&Path>,
     ) -> Result<(VmmProcess, AgentConn, Vec<String>)> {
         let (slots, devices) = assign_slots(&cfg.drives, &t.placeholder)?;
-        let vsock = dir.join("v.sock");
+        let vsock = dir.join(VSOCK_SOCKET);
         let api = dir.join("api.sock");
         let _ = std::fs::remove_file(&vsock);
         let _ = std::fs::remove_file(&api);
@@ -322,7 +333,7 @@ fn give_identity(agent: &AgentConn, cfg: &SandboxConfig) -> Result<()> {
 }
 
 /// Fills `buf` from the kernel's CSPRNG.
-fn getrandom(buf: &mut [u8]) -> Result<()> {
+pub fn getrandom(buf: &mut [u8]) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: writes at most buf.len() - done bytes into buf[done..],
@@ -341,29 +352,9 @@ fn getrandom(buf: &mut [u8]) -> Result<()> {
 }
 
 impl Sandbox {
-    /// The hybrid vsock socket of the guest.
-    pub fn vsock(&self) -> &Path {
-        &self.vmm.vsock
-    }
-
-    /// The VMM's API socket.
-    pub fn api_socket(&self) -> &Path {
-        &self.vmm.api
-    }
-
-    /// The VMM's process id.
-    pub fn vmm_pid(&self) -> u32 {
-        self.vmm.child.id()
-    }
-
     /// A new connection to the agent (the first one is `agent`).
     pub fn connect(&self) -> Result<AgentConn> {
         AgentConn::connect(Endpoint::Vsock(self.vmm.vsock.clone()))
-    }
-
-    /// Opens a connection to guest vsock `port`.
-    pub fn vsock_connect(&self, port: u32) -> Result<std::os::unix::net::UnixStream> {
-        vsock_connect(&self.vmm.vsock, port, Duration::from_secs(10))
     }
 
     /// What the VMM logged and, with `console_log`, the guest console.
