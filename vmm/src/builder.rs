@@ -30,7 +30,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::net::{open_tap, parse_mac, Net};
+use crate::devices::virtio::net::{adopt_tap_fd, open_tap, parse_mac, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
@@ -303,7 +303,24 @@ pub fn restore(req: &LoadRequest) -> Result<Vmm> {
             bail!("the snapshot has no network interface {:?}", t.iface_id);
         };
         n.host_dev_name = t.host_dev_name.clone();
+        n.tap_fd = t.tap_fd;
     }
+    // A snapshot's inherited fd meant something only to the process that
+    // took it.
+    if let Some(n) = config.network_interfaces.iter().find(|n| {
+        n.tap_fd.is_some()
+            && !req
+                .network_interfaces
+                .iter()
+                .any(|t| t.iface_id == n.iface_id)
+    }) {
+        bail!(
+            "network interface {:?} had an inherited tap (fd {}) when the snapshot was taken: name its tap in the load request",
+            n.iface_id,
+            n.tap_fd.unwrap_or_default()
+        );
+    }
+    config.validate()?;
     let vmm = build_vm(&config, Some((&snap, &req.mem_file_path)))?;
     // Drives are the first transports, in the order the guest found them.
     for (i, d) in config.ordered_drives().iter().enumerate() {
@@ -456,17 +473,30 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         );
     }
     let mut event_loops = Vec::new();
-    for (i, n) in config.network_interfaces.iter().enumerate() {
+    // Inherited taps first: a tap this process opens could otherwise take
+    // the number of one it was handed.
+    let mut inherited = Vec::new();
+    for n in &config.network_interfaces {
+        inherited.push(n.tap_fd.map(adopt_tap_fd).transpose()?);
+    }
+    for (i, (n, tap)) in config.network_interfaces.iter().zip(inherited).enumerate() {
         // Without a MAC the guest picks a random one; a stable default is kinder.
         let mac = match &n.guest_mac {
             Some(m) => parse_mac(m)?,
             None => [0x06, 0x00, 0x00, 0x00, 0x00, i as u8 + 1],
         };
-        let net = Net::new(open_tap(&n.host_dev_name)?, mac)?;
+        let tap = match tap {
+            Some(t) => t,
+            None => open_tap(&n.host_dev_name)?,
+        };
+        let net = Net::new(tap, mac)?;
         let epfd = net.epoll_fd();
         let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(net))?;
         transports.push(t.clone());
-        tracing::info!("interface {}: tap {} at {at}", n.iface_id, n.host_dev_name);
+        match n.tap_fd {
+            Some(fd) => tracing::info!("interface {}: inherited tap fd {fd} at {at}", n.iface_id),
+            None => tracing::info!("interface {}: tap {} at {at}", n.iface_id, n.host_dev_name),
+        }
         event_loops.push(("net", epfd, t));
     }
     if let Some(vc) = &config.vsock {

@@ -76,12 +76,18 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
-/// virtio-net on an existing (or creatable) tap device.
+/// virtio-net on a tap: one named (opened, or created with CAP_NET_ADMIN),
+/// or an open tap file descriptor the VMM inherited (`tap_fd`), so a
+/// launcher can create the tap and the tap lives exactly as long as its
+/// holders.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     pub iface_id: String,
+    #[serde(default)]
     pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_fd: Option<i32>,
     #[serde(default)]
     pub guest_mac: Option<String>,
 }
@@ -184,6 +190,21 @@ impl VmConfig {
         }
         unique("drive_id", self.drives.iter().map(|d| d.drive_id.as_str()))?;
         for n in &self.network_interfaces {
+            match (n.host_dev_name.is_empty(), n.tap_fd) {
+                (true, None) | (false, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "interface {:?}: give one of host_dev_name and tap_fd",
+                        n.iface_id
+                    )))
+                }
+                (true, Some(fd)) if fd < 3 => {
+                    return Err(ConfigError::Invalid(format!(
+                        "interface {:?}: tap_fd {fd} is stdio, not a tap",
+                        n.iface_id
+                    )))
+                }
+                _ => {}
+            }
             if let Some(m) = &n.guest_mac {
                 crate::devices::virtio::net::parse_mac(m).map_err(|e| {
                     ConfigError::Invalid(format!("interface {:?}: {e}", n.iface_id))
@@ -194,6 +215,13 @@ impl VmConfig {
             "iface_id",
             self.network_interfaces.iter().map(|n| n.iface_id.as_str()),
         )?;
+        // An inherited fd is adopted (owned) once.
+        let fds: Vec<String> = self
+            .network_interfaces
+            .iter()
+            .filter_map(|n| n.tap_fd.map(|f| f.to_string()))
+            .collect();
+        unique("tap_fd", fds.iter().map(String::as_str))?;
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
                 return Err(ConfigError::Invalid(format!(
@@ -306,6 +334,26 @@ mod tests {
                 r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [
                     {"drive_id": "a", "path_on_host": "/a"}, {"drive_id": "a", "path_on_host": "/b"}]}"#,
                 "duplicate drive_id",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
+                    {"iface_id": "eth0"}]}"#,
+                "give one of host_dev_name and tap_fd",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
+                    {"iface_id": "eth0", "host_dev_name": "t0", "tap_fd": 5}]}"#,
+                "give one of host_dev_name and tap_fd",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
+                    {"iface_id": "eth0", "tap_fd": 1}]}"#,
+                "is stdio",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
+                    {"iface_id": "a", "tap_fd": 5}, {"iface_id": "b", "tap_fd": 5}]}"#,
+                "duplicate tap_fd",
             ),
         ];
         for (json, want) in cases {

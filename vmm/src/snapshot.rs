@@ -69,7 +69,11 @@ pub struct LoadRequest {
 #[serde(deny_unknown_fields)]
 pub struct TapBacking {
     pub iface_id: String,
+    /// A tap to open by name, or `tap_fd`, one this process inherited.
+    #[serde(default)]
     pub host_dev_name: String,
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
 }
 
 /// A drive of a snapshot and the file that backs it after the restore.

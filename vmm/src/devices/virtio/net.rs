@@ -98,7 +98,54 @@ pub fn open_tap(name: &str) -> Result<File, NetError> {
     Ok(f)
 }
 
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Takes ownership of `fd`, a tap this process inherited: checked to be a
+/// tap without packet info or vnet headers (the frames this device
+/// exchanges), made non-blocking and close-on-exec.
+pub fn adopt_tap_fd(fd: i32) -> Result<File, NetError> {
+    let err = |source| NetError::Tap {
+        name: format!("fd {fd}"),
+        source,
+    };
+    let mut ifr = [0u8; 40];
+    // SAFETY: TUNGETIFF writes a struct ifreq into `ifr`, a buffer of its
+    // size; on a descriptor that is not a tun device it fails and changes
+    // nothing, so any integer is safe to ask about.
+    let r = unsafe { libc::ioctl(fd, TUNGETIFF, ifr.as_mut_ptr()) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(err(std::io::Error::new(
+            e.kind(),
+            format!("not an open tap ({e})"),
+        )));
+    }
+    let flags = libc::c_short::from_ne_bytes([ifr[16], ifr[17]]);
+    if flags & IFF_TAP == 0 || flags & IFF_NO_PI == 0 || flags & IFF_VNET_HDR != 0 {
+        return Err(err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("a tun device with flags {flags:#x}; a tap with IFF_NO_PI and no vnet header is needed"),
+        )));
+    }
+    // SAFETY: fcntl on a descriptor just shown to be an open tun device.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: the descriptor is an open tap this process inherited and
+    // nothing else in it owns (the configuration names each fd once, and
+    // the VMM adopts inherited fds before it opens taps of its own).
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
 
 pub struct Net {
     tap: File,
@@ -288,7 +335,7 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
+    use std::os::fd::IntoRawFd;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -393,5 +440,30 @@ mod tests {
         for bad in ["", "06:00:ac:10:00", "06:00:ac:10:00:0g", "6:0:ac:10:0:2"] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_a_tap_fd_is_adopted() {
+        let (a, _b) = pair();
+        let e = adopt_tap_fd(a.into_raw_fd()).unwrap_err().to_string();
+        assert!(e.contains("not an open tap"), "{e}");
+        let name = format!("hkt{}", std::process::id() % 1_000_000);
+        let tap = match open_tap(&name) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipped the tap half: creating a tap needs /dev/net/tun and CAP_NET_ADMIN ({e})");
+                return;
+            }
+        };
+        let fd = tap.into_raw_fd();
+        let tap = adopt_tap_fd(fd).unwrap();
+        // SAFETY: F_GETFL/F_GETFD only read the flags of a descriptor we own.
+        let (fl, fdfl) = unsafe {
+            (
+                libc::fcntl(tap.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(tap.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert!(fl & libc::O_NONBLOCK != 0 && fdfl & libc::FD_CLOEXEC != 0);
     }
 }
