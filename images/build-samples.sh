@@ -26,7 +26,7 @@ install -m 0755 "$busybox" "$base/bin/busybox"
 "$busybox" --list-full | sort | while read -r applet; do
     [ "$applet" = bin/busybox ] && continue
     dir=$(dirname "$applet")
-    rel=$(realpath -m --relative-to="/$dir" /bin/busybox)
+    rel=$(realpath -s -m --relative-to="/$dir" /bin/busybox)
     ln -sf "$rel" "$base/$applet"
 done
 cat > "$base/etc/passwd" <<'P'

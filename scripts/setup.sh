@@ -13,8 +13,9 @@ packages=(
     erofs-utils e2fsprogs busybox-static jq
     # reference VMM and peers used by the tests
     qemu-system-x86 containerd runc skopeo umoci
+    # sandbox networking: NAT for the husk0 bridge (as Docker uses it);
     # test networks: taps in namespaces, ping
-    iproute2 iputils-ping
+    iptables iproute2 iputils-ping
     # benchmarks
     python3 strace crun
 )

@@ -29,7 +29,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::Signal;
-use oci_spec::runtime::{LinuxResources, MountBuilder, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, MountBuilder, Process, Spec};
 use ttrpc::Code;
 
 use crate::reaper::Reaper;
@@ -656,6 +656,21 @@ impl ContainersService {
         let stdio_req = req.stdio.clone().unwrap_or_default();
         let stdio = ProcStdio::claim(&self.streams, &stdio_req).map_err(invalid)?;
         let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal)?;
+        let own_netns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter()
+                    .any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
+            });
+        if own_netns {
+            if let Err(e) = crate::network::loopback_up_in(init.pid) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(init.pid), Signal::SIGKILL);
+                return Err(internal(e));
+            }
+        }
         let cgroup = self
             .dirs
             .cgroup

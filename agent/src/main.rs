@@ -55,6 +55,10 @@ fn main() {
         for e in init::mount_filesystems() {
             say(&e);
         }
+        // Containers share the guest's network namespace: their localhost.
+        if let Err(e) = husk_agent::network::loopback_up() {
+            say(&e);
+        }
     }
     let root = if is_guest {
         PathBuf::from("/run/husk")

@@ -268,6 +268,46 @@ pub fn check_interface(i: &Interface) -> Result<(), String> {
     Ok(())
 }
 
+/// Brings up loopback in the network namespace of process `pid` (a
+/// container with a namespace of its own: the kernel creates it down, and
+/// runtimes below Docker's network layer leave it so). Done from a thread
+/// that enters the namespace and then ends.
+pub fn loopback_up_in(pid: i32) -> Result<(), String> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("network namespace of {pid}: {e}"))?;
+    std::thread::spawn(move || -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace fd we hold; it changes only this
+        // thread's network namespace, and the thread ends right after.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "entering the network namespace of {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        loopback_up()
+    })
+    .join()
+    .map_err(|_| "the loopback thread panicked".to_string())?
+}
+
+/// Brings up loopback in this thread's network namespace.
+pub fn loopback_up() -> Result<(), String> {
+    let mut nl = Netlink::new()?;
+    let lo = nl
+        .links()?
+        .into_iter()
+        .find(|l| link_name(l) == Some("lo"))
+        .ok_or("no lo in this network namespace")?;
+    let mut set = LinkMessage::default();
+    set.header.index = lo.header.index;
+    set.header.flags = LinkFlags::Up;
+    set.header.change_mask = LinkFlags::Up;
+    nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
+        .map_err(|e| format!("bringing lo up: {e}"))?;
+    Ok(())
+}
+
 pub struct NetworkService {
     /// In the guest, or on a host in a network namespace of its own.
     pub may_change: bool,

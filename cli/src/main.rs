@@ -16,10 +16,12 @@ use std::os::unix::net::UnixStream;
 use husk_protocol::agent::{SignalProcessRequest, Storage, TtyWinResizeRequest};
 use husk_runtime::agent::{ctx, rpc_message, AgentConn, Io};
 use husk_runtime::image::{default_store_dir, ImageStore};
+use husk_runtime::ports::{docker_ports, parse_publish, PortMapping};
+use husk_runtime::record::NetInfo;
 use husk_runtime::record::{LogWriter, Record, Records, Status};
 use husk_runtime::spec::{container_spec, parse_memory, ProcessOptions};
 use husk_runtime::volume::VolumeStore;
-use husk_runtime::{Boot, DriveSpec, Runtime, SandboxConfig};
+use husk_runtime::{Boot, DriveSpec, NetworkMode, Runtime, SandboxConfig};
 use oci_spec::runtime::MountBuilder;
 
 /// Exit code for husk's own failures, as Docker's 125.
@@ -187,6 +189,12 @@ struct RunArgs {
     /// (rounded up).
     #[arg(long)]
     cpus: Option<f64>,
+    /// Publish a container port on the host: [IP:]HOST:CONTAINER[/udp].
+    #[arg(short, long = "publish", value_name = "[IP:]HOST:CONTAINER[/udp]")]
+    publish: Vec<String>,
+    /// The network: bridge (husk0, NAT outbound) or none (loopback only).
+    #[arg(long, default_value = "bridge")]
+    network: String,
     /// How the microVM starts.
     #[arg(long, value_enum, default_value = "template")]
     boot: BootArg,
@@ -212,7 +220,7 @@ fn runtime() -> Result<Runtime> {
         }
         bail!("{installed} not found (build it with `make guest kernel`, or set {env})")
     };
-    Ok(Runtime::new(
+    let mut rt = Runtime::new(
         find("HUSK_VMM", dir.join("husk-vmm"), "/usr/lib/husk/husk-vmm")?,
         find(
             "HUSK_KERNEL",
@@ -224,7 +232,9 @@ fn runtime() -> Result<Runtime> {
             dir.join("../guest/rootfs.erofs"),
             "/usr/lib/husk/rootfs.erofs",
         )?,
-    ))
+    );
+    rt.network = husk_runtime::network::NetworkConfig::from_env()?;
+    Ok(rt)
 }
 
 fn check_kvm() -> Result<()> {
@@ -342,6 +352,15 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         (None, None) => random_id()?,
     };
     husk_runtime::sandbox::check_id(&id)?;
+    let network: NetworkMode = a.network.parse()?;
+    let ports = a
+        .publish
+        .iter()
+        .map(|p| parse_publish(p))
+        .collect::<Result<Vec<_>>>()?;
+    if network == NetworkMode::None && !ports.is_empty() {
+        return Err(anyhow::anyhow!("-p needs a network: --network none has none").into());
+    }
     let hostname = a
         .hostname
         .clone()
@@ -362,6 +381,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         hostname: Some(hostname.clone()),
         memory: a.memory.as_deref().map(parse_memory).transpose()?,
         cpus: a.cpus,
+        own_network: network == NetworkMode::None,
     };
     let mut spec = container_spec(&config, &opts, "image")?;
     let mut volumes = Vec::new();
@@ -400,6 +420,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         owner_pid: std::process::id(),
         auto_remove: a.rm,
         volumes: mounted,
+        network: None,
     };
     if a.detach && child_id.is_none() {
         return detach(&records, record);
@@ -417,6 +438,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         &a,
         &id,
         hostname,
+        (network, ports),
         &spec,
         &store,
         &image,
@@ -501,6 +523,7 @@ fn run_container(
     a: &RunArgs,
     id: &str,
     hostname: String,
+    (network, ports): (NetworkMode, Vec<PortMapping>),
     spec: &oci_spec::runtime::Spec,
     store: &ImageStore,
     image: &husk_runtime::image::ImageRecord,
@@ -517,6 +540,8 @@ fn run_container(
     }
     let mut cfg = SandboxConfig::new(id);
     cfg.hostname = hostname;
+    cfg.network = network;
+    cfg.ports = ports;
     cfg.drives = vec![DriveSpec {
         path: rootfs,
         read_only: true,
@@ -576,6 +601,17 @@ fn run_container(
     };
     let created = t_create.elapsed();
     record.status = Status::Running;
+    record.network = sandbox.lease.as_ref().map(|l| NetInfo {
+        ip: l.ip.to_string(),
+        prefix: l.prefix,
+        gateway: l.gateway.to_string(),
+        mac: l.mac(),
+        ports: sandbox
+            .publisher
+            .as_ref()
+            .map(|p| p.bound.clone())
+            .unwrap_or_default(),
+    });
     records.save(record)?;
     // Output goes to the log (for `husk logs`) and, unless detached, to
     // this terminal.
@@ -873,8 +909,8 @@ fn rm(force: bool, containers: &[String]) -> Result<()> {
 
 fn ps(all: bool) -> Result<()> {
     println!(
-        "{:<14} {:<28} {:<22} {:<20} NAMES",
-        "CONTAINER ID", "IMAGE", "COMMAND", "STATUS"
+        "{:<14} {:<28} {:<22} {:<20} {:<24} NAMES",
+        "CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS"
     );
     for r in records()?.list()? {
         if !all && r.status != Status::Running {
@@ -895,8 +931,24 @@ fn ps(all: bool) -> Result<()> {
             cmd.push_str("...");
         }
         let short: String = r.id.chars().take(12).collect();
+        let ports = match (&r.network, r.status) {
+            (Some(n), Status::Running) => n
+                .ports
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}->{}/{}",
+                        std::net::SocketAddr::new(p.host_ip, p.host_port),
+                        p.container_port,
+                        p.protocol
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => String::new(),
+        };
         println!(
-            "{short:<14} {:<28} {cmd:<22} {status:<20} {}",
+            "{short:<14} {:<28} {cmd:<22} {status:<20} {ports:<24} {}",
             r.image, r.id
         );
     }
@@ -933,6 +985,17 @@ fn inspect(containers: &[String]) -> Result<()> {
                 "Type": "volume", "Name": name, "Destination": dst, "RW": !ro,
                 "Driver": "local",
             })).collect::<Vec<_>>(),
+            "NetworkSettings": match &r.network {
+                Some(n) if r.status == Status::Running => serde_json::json!({
+                    "IPAddress": n.ip, "IPPrefixLen": n.prefix, "Gateway": n.gateway,
+                    "MacAddress": n.mac, "Ports": docker_ports(&n.ports),
+                    "Networks": {"bridge": {"IPAddress": n.ip, "IPPrefixLen": n.prefix,
+                        "Gateway": n.gateway, "MacAddress": n.mac}},
+                }),
+                // Docker empties these once a container stops.
+                _ => serde_json::json!({"IPAddress": "", "Gateway": "", "MacAddress": "",
+                    "Ports": {}, "Networks": {}}),
+            },
             "LogPath": rs.log_path(&r.id),
             "HostConfig": {"AutoRemove": r.auto_remove},
         }));

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 pub mod agent;
 pub mod image;
+pub mod network;
+pub mod ports;
 pub mod record;
 pub mod sandbox;
 pub mod spec;
@@ -14,6 +16,7 @@ pub mod template;
 pub mod vmm;
 pub mod volume;
 
+pub use network::NetworkMode;
 pub use sandbox::{Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes};
 pub use template::{Machine, Template};
 
@@ -30,6 +33,8 @@ pub struct Runtime {
     pub cache_dir: PathBuf,
     /// Each sandbox's state under `<run_dir>/<id>` (sockets, logs).
     pub run_dir: PathBuf,
+    /// The bridge network sandboxes join.
+    pub network: network::NetworkConfig,
 }
 
 impl Runtime {
@@ -41,6 +46,7 @@ impl Runtime {
             guest_image,
             cache_dir: default_cache_dir(),
             run_dir: default_run_dir(),
+            network: network::NetworkConfig::default(),
         }
     }
 }

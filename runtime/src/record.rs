@@ -41,6 +41,18 @@ pub struct Record {
     /// Named volumes: (name, path in the container, read-only).
     #[serde(default)]
     pub volumes: Vec<(String, String, bool)>,
+    /// Its address on the bridge and published ports, while it runs.
+    #[serde(default)]
+    pub network: Option<NetInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInfo {
+    pub ip: String,
+    pub prefix: u8,
+    pub gateway: String,
+    pub mac: String,
+    pub ports: Vec<crate::ports::PortMapping>,
 }
 
 pub fn now() -> u64 {
@@ -232,6 +244,7 @@ mod tests {
             owner_pid: std::process::id(),
             auto_remove: false,
             volumes: vec![],
+            network: None,
         }
     }
 

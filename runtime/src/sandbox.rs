@@ -6,13 +6,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use husk_protocol::agent::{CreateSandboxRequest, ReseedRandomRequest, SetTimeRequest};
+use husk_protocol::agent::{
+    CreateSandboxRequest, IPAddress, Interface, ReseedRandomRequest, Route, SetTimeRequest,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{ctx, rpc_message, AgentConn, Endpoint};
+use crate::network::{dns_from_host, Lease, NetworkMode, Tap};
+use crate::ports::{check_mappings, PortMapping, Publisher};
 use crate::template::{
-    console_config, slot_device, slot_id, tail, vm_config, Machine, Template, VmmProcess, RO_SLOTS,
-    RW_SLOTS,
+    console_config, slot_device, slot_id, tail, vm_config, Machine, Template, VmmProcess,
+    NET_IFACE, RO_SLOTS, RW_SLOTS,
 };
 use crate::vmm::api_request;
 use crate::Runtime;
@@ -41,8 +45,13 @@ pub struct SandboxConfig {
     pub machine: Machine,
     pub drives: Vec<DriveSpec>,
     pub hostname: String,
+    /// Name servers and search domains; empty: the host's (loopback
+    /// resolvers left out).
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
+    pub network: NetworkMode,
+    /// Host ports relayed to the sandbox (bridge network only).
+    pub ports: Vec<PortMapping>,
     pub boot: Boot,
     /// Keep the guest console in `<sandbox dir>/console.log`.
     pub console_log: bool,
@@ -57,6 +66,8 @@ impl SandboxConfig {
             hostname: id.into(),
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
+            network: NetworkMode::default(),
+            ports: Vec::new(),
             boot: Boot::default(),
             console_log: false,
         }
@@ -85,7 +96,18 @@ pub struct Sandbox {
     pub times: StartTimes,
     /// The template restored from, for `Boot::Template`.
     pub template: Option<Template>,
+    /// Its address on the bridge (None with `NetworkMode::None`).
+    pub lease: Option<Lease>,
+    pub tap: Tap,
+    /// Its published ports, bound.
+    pub publisher: Option<Publisher>,
     vmm: VmmProcess,
+}
+
+impl Sandbox {
+    pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.lease.as_ref().map(|l| l.ip)
+    }
 }
 
 /// The hybrid vsock socket in a sandbox's directory.
@@ -191,6 +213,27 @@ impl Runtime {
 
     fn start_in(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Sandbox> {
         let mut times = StartTimes::default();
+        let bridged = cfg.network == NetworkMode::Bridge;
+        let lease = if bridged {
+            self.network
+                .ensure_bridge()
+                .context("setting up the bridge network")?;
+            Some(self.network.lease(&cfg.id)?)
+        } else {
+            None
+        };
+        check_mappings(&cfg.ports)?;
+        // Ports first: one that is taken fails the start before a VM does.
+        let publisher = match (&lease, cfg.ports.is_empty()) {
+            (_, true) => None,
+            (Some(l), false) => Some(Publisher::start(&cfg.ports, l.ip)?),
+            (None, false) => {
+                bail!("publishing ports needs the bridge network (not --network none)")
+            }
+        };
+        let tap = self.network.tap(bridged)?;
+        let mut inherit = vec![tap.fd()];
+        inherit.extend(lease.as_ref().map(Lease::fd));
         let console = cfg.console_log.then(|| dir.join("console.log"));
         let log = dir.join("vmm.log");
         let (vmm, agent, devices, template) = match cfg.boot {
@@ -199,19 +242,20 @@ impl Runtime {
                 let mut t = Template::ensure(self, &cfg.machine)?;
                 times.template = t0.elapsed();
                 let t1 = Instant::now();
-                let (vmm, agent, devices) = match self.restore(&t, cfg, dir, console.as_deref()) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // A template this VMM or host refuses (other VMM
-                        // build, CPU template, a damaged file) is rebuilt
-                        // once.
-                        t.invalidate();
-                        t = Template::ensure(self, &cfg.machine)
-                            .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
-                        self.restore(&t, cfg, dir, console.as_deref())
-                            .with_context(|| format!("after rebuilding template {}", t.key))?
-                    }
-                };
+                let (vmm, agent, devices) =
+                    match self.restore(&t, cfg, dir, console.as_deref(), &inherit) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // A template this VMM or host refuses (other VMM
+                            // build, CPU template, a damaged file) is rebuilt
+                            // once.
+                            t.invalidate();
+                            t = Template::ensure(self, &cfg.machine)
+                                .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
+                            self.restore(&t, cfg, dir, console.as_deref(), &inherit)
+                                .with_context(|| format!("after rebuilding template {}", t.key))?
+                        }
+                    };
                 times.agent_ready = t1.elapsed();
                 (vmm, agent, devices, Some(t))
             }
@@ -221,7 +265,14 @@ impl Runtime {
                 std::fs::File::create(&placeholder)?;
                 let (slots, devices) = assign_slots(&cfg.drives, &placeholder)?;
                 let vsock = dir.join(VSOCK_SOCKET);
-                let config = vm_config(self, &cfg.machine, &slots, &vsock, console.as_deref());
+                let config = vm_config(
+                    self,
+                    &cfg.machine,
+                    &slots,
+                    &vsock,
+                    console.as_deref(),
+                    tap.fd(),
+                );
                 let file = dir.join("vm.json");
                 std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
                 let mut vmm = VmmProcess::spawn(
@@ -230,6 +281,7 @@ impl Runtime {
                     dir.join("api.sock"),
                     vsock,
                     &log,
+                    &inherit,
                 )?;
                 let agent = wait_for_agent(&mut vmm, &log, Duration::from_secs(900))?;
                 times.agent_ready = t1.elapsed();
@@ -237,9 +289,12 @@ impl Runtime {
             }
         };
         let t2 = Instant::now();
-        give_identity(&agent, cfg)?;
+        give_identity(&agent, cfg, lease.as_ref(), self.network.mtu)?;
         times.identity = t2.elapsed();
         Ok(Sandbox {
+            lease,
+            tap,
+            publisher,
             id: cfg.id.clone(),
             dir: dir.to_path_buf(),
             agent,
@@ -258,6 +313,7 @@ impl Runtime {
         cfg: &SandboxConfig,
         dir: &Path,
         console: Option<&Path>,
+        inherit: &[i32],
     ) -> Result<(VmmProcess, AgentConn, Vec<String>)> {
         let (slots, devices) = assign_slots(&cfg.drives, &t.placeholder)?;
         let vsock = dir.join(VSOCK_SOCKET);
@@ -265,7 +321,7 @@ impl Runtime {
         let _ = std::fs::remove_file(&vsock);
         let _ = std::fs::remove_file(&api);
         let log = dir.join("vmm.log");
-        let mut vmm = VmmProcess::spawn(self, &[], api.clone(), vsock.clone(), &log)?;
+        let mut vmm = VmmProcess::spawn(self, &[], api.clone(), vsock.clone(), &log, inherit)?;
         let drives: Vec<_> = slots
             .iter()
             .enumerate()
@@ -283,6 +339,7 @@ impl Runtime {
             "vsock_uds_path": vsock,
             "serial": console_config(console),
             "drives": drives,
+            "network_interfaces": [{"iface_id": NET_IFACE, "tap_fd": inherit[0]}],
         });
         let (status, body) = match api_request(&api, "PUT", "/snapshot/load", &load.to_string()) {
             Ok(x) => x,
@@ -304,7 +361,12 @@ impl Runtime {
 /// What every started guest is told: new randomness (a restored one shares
 /// its CRNG state with every other clone of its template until now), the
 /// time, its name and DNS.
-fn give_identity(agent: &AgentConn, cfg: &SandboxConfig) -> Result<()> {
+fn give_identity(
+    agent: &AgentConn,
+    cfg: &SandboxConfig,
+    lease: Option<&Lease>,
+    mtu: u32,
+) -> Result<()> {
     let timeout = Duration::from_secs(30);
     let mut seed = ReseedRandomRequest::new();
     seed.data = vec![0; 64];
@@ -323,8 +385,32 @@ fn give_identity(agent: &AgentConn, cfg: &SandboxConfig) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("SetTime: {}", rpc_message(&e)))?;
     let mut s = CreateSandboxRequest::new();
     s.hostname = cfg.hostname.clone();
-    s.dns_servers = cfg.dns_servers.clone();
-    s.dns_search = cfg.dns_search.clone();
+    if cfg.dns_servers.is_empty() {
+        let (servers, search) =
+            dns_from_host(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+        s.dns_servers = servers;
+        s.dns_search = search;
+    } else {
+        s.dns_servers = cfg.dns_servers.clone();
+        s.dns_search = cfg.dns_search.clone();
+    }
+    if let Some(l) = lease {
+        let mut a = IPAddress::new();
+        a.address = l.ip.to_string();
+        a.prefix_len = l.prefix.into();
+        let mut i = Interface::new();
+        i.name = NET_IFACE.into();
+        i.mac = l.mac();
+        i.mtu = mtu;
+        i.addresses = vec![a];
+        s.interfaces = vec![i];
+        let mut r = Route::new();
+        r.destination = "default".into();
+        r.gateway = l.gateway.to_string();
+        r.device = NET_IFACE.into();
+        s.routes = vec![r];
+        s.hosts = vec![format!("{}\t{}", l.ip, cfg.hostname)];
+    }
     agent
         .sandbox
         .create_sandbox(ctx(timeout), &s)

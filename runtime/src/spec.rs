@@ -27,6 +27,9 @@ pub struct ProcessOptions {
     pub memory: Option<i64>,
     /// CPUs, fractional (`--cpus`): a CFS quota over a 100 ms period.
     pub cpus: Option<f64>,
+    /// A network namespace of its own (`--network none`: loopback only)
+    /// instead of the sandbox's.
+    pub own_network: bool,
 }
 
 /// `--memory` values: bytes, or with a b/k/m/g suffix (Docker's).
@@ -72,6 +75,31 @@ pub fn base_spec(root: &str, args: Vec<String>, terminal: bool) -> Spec {
     linux.set_namespaces(Some(ns));
     spec.set_linux(Some(linux));
     spec
+}
+
+/// The capabilities `docker run` gives a container (moby's default set),
+/// wider than runc's spec default: ping (NET_RAW), chown, setuid programs.
+fn docker_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities> {
+    const CAPS: [&str; 14] = [
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    ];
+    let set = serde_json::json!(CAPS);
+    Ok(serde_json::from_value(serde_json::json!({
+        "bounding": set, "effective": set, "permitted": set,
+    }))?)
 }
 
 /// `uid[:gid]` (numbers) or `root`.
@@ -155,8 +183,18 @@ pub fn container_spec(
     u.set_uid(uid);
     u.set_gid(gid);
     process.set_user(u);
+    process.set_capabilities(Some(docker_capabilities()?));
     spec.set_process(Some(process));
     spec.set_hostname(opts.hostname.clone());
+    if opts.own_network {
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        let mut net = oci_spec::runtime::LinuxNamespace::default();
+        net.set_typ(LinuxNamespaceType::Network);
+        ns.push(net);
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+    }
     if opts.memory.is_some() || opts.cpus.is_some() {
         let mut resources = serde_json::json!({});
         if let Some(m) = opts.memory {
@@ -263,5 +301,26 @@ mod tests {
         let r = s.linux().clone().unwrap().resources().clone().unwrap();
         assert_eq!(r.memory().unwrap().limit(), Some(64 << 20));
         assert_eq!(r.cpu().clone().unwrap().quota(), Some(50_000));
+        let has_netns = |s: &Spec| {
+            s.linux()
+                .clone()
+                .unwrap()
+                .namespaces()
+                .clone()
+                .unwrap()
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Network)
+        };
+        assert!(!has_netns(&s), "containers share the sandbox's network");
+        let caps = s.process().clone().unwrap().capabilities().clone().unwrap();
+        let bounding = caps.bounding().clone().unwrap();
+        assert!(bounding.contains(&oci_spec::runtime::Capability::NetRaw));
+        assert_eq!(bounding.len(), 14);
+        let opts = ProcessOptions {
+            cmd: vec!["x".into()],
+            own_network: true,
+            ..Default::default()
+        };
+        assert!(has_netns(&container_spec(&bare, &opts, "image").unwrap()));
     }
 }

@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use crate::vmm::api_request;
 use crate::Runtime;
 
 /// Bumped when what a template holds, or how it is booted, changes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// Read-only drive slots (container images) every guest has: vdb..vde.
 pub const RO_SLOTS: usize = 4;
 /// Read-write drive slots (volumes): vdf, vdg.
@@ -40,6 +41,10 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// read-only erofs guest image. Quiet: console output is emulated I/O.
 pub const BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off rootfstype=erofs init=/sbin/husk-agent quiet";
+
+/// Every guest has one NIC (eth0 in the guest); the sandbox's tap backs
+/// it after a restore.
+pub const NET_IFACE: &str = "eth0";
 
 /// The machine a sandbox gets.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -167,6 +172,7 @@ pub(crate) fn vm_config(
     slots: &[PathBuf],
     vsock: &Path,
     console: Option<&Path>,
+    tap_fd: i32,
 ) -> serde_json::Value {
     let mut drives = vec![serde_json::json!({
         "drive_id": "rootfs", "path_on_host": rt.guest_image,
@@ -191,6 +197,7 @@ pub(crate) fn vm_config(
         "boot-source": {"kernel_image_path": rt.kernel, "boot_args": BOOT_ARGS},
         "machine-config": mc,
         "drives": drives,
+        "network-interfaces": [{"iface_id": NET_IFACE, "tap_fd": tap_fd}],
         "vsock": {"guest_cid": 3, "uds_path": vsock},
         "entropy": {},
         "serial": console_config(console),
@@ -212,16 +219,30 @@ pub(crate) struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts husk-vmm with `args`, logging to `log`.
+    /// Starts husk-vmm with `args`, logging to `log`; it inherits the
+    /// descriptors `inherit` (its tap, its address lease).
     pub fn spawn(
         rt: &Runtime,
         args: &[&std::ffi::OsStr],
         api: PathBuf,
         vsock: PathBuf,
         log: &Path,
+        inherit: &[i32],
     ) -> Result<VmmProcess> {
         let out = File::create(log).with_context(|| format!("{}", log.display()))?;
-        let child = Command::new(&rt.vmm)
+        let mut cmd = Command::new(&rt.vmm);
+        let fds = inherit.to_vec();
+        // SAFETY: the closure runs between fork and exec and only calls
+        // fcntl, which is async-signal-safe; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    crate::network::keep_across_exec(*fd)?;
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(args)
             .arg("--api-sock")
             .arg(&api)
@@ -345,7 +366,17 @@ impl Template {
             .with_context(|| format!("{}", self.placeholder.display()))?;
         let slots = vec![self.placeholder.clone(); RO_SLOTS + RW_SLOTS];
         let console = self.dir.join("boot.log");
-        let config = vm_config(rt, machine, &slots, &work.join("v.sock"), Some(&console));
+        // The template's NIC is backed by a tap on nothing; each restored
+        // sandbox gets its own.
+        let tap = rt.network.tap(false)?;
+        let config = vm_config(
+            rt,
+            machine,
+            &slots,
+            &work.join("v.sock"),
+            Some(&console),
+            tap.fd(),
+        );
         let cfg = work.join("vm.json");
         std::fs::write(&cfg, serde_json::to_vec_pretty(&config)?)?;
         let log = self.dir.join("vmm.log");
@@ -356,6 +387,7 @@ impl Template {
             work.join("api.sock"),
             work.join("v.sock"),
             &log,
+            &[tap.fd()],
         )?;
         crate::sandbox::wait_for_agent(&mut vmm, &log, BOOT_TIMEOUT).with_context(|| {
             format!(
@@ -436,6 +468,7 @@ mod tests {
             guest_image: dir.join("image"),
             cache_dir: dir.join("cache"),
             run_dir: dir.join("run"),
+            network: crate::network::NetworkConfig::default(),
         }
     }
 

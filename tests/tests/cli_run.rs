@@ -8,26 +8,44 @@
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+use husk_tests::NetNs;
 use husk_tests::{
-    guest_kernel, guest_rootfs, husk_cli_binary, husk_vmm_binary, kvm_unavailable, sample_image,
-    skip,
+    guest_kernel, guest_rootfs, husk_cli_binary, husk_vmm_binary, kvm_unavailable,
+    root_unavailable, sample_image, skip,
 };
 
 struct Husk {
     root: tempfile::TempDir,
+    /// A bridge network of the test's own (HUSK_BRIDGE, HUSK_SUBNET),
+    /// removed when the test ends; None: the default husk0.
+    network: Option<(String, String)>,
 }
 
 impl Husk {
     /// A husk with its own store and run directory, or None (and a SKIP
-    /// line) without /dev/kvm.
+    /// line) without /dev/kvm or root (sandboxes get taps on a bridge).
     fn for_test(test: &str) -> Option<Husk> {
-        if let Some(why) = kvm_unavailable() {
+        if let Some(why) = kvm_unavailable().or_else(root_unavailable) {
             skip(test, &why);
             return None;
         }
         Some(Husk {
             root: tempfile::tempdir().unwrap(),
+            network: None,
         })
+    }
+
+    /// Links enslaved to this husk's own bridge (its sandboxes' taps).
+    fn taps_on_bridge(&self) -> Vec<String> {
+        let (bridge, _) = self.network.as_ref().expect("a bridge of its own");
+        let out = Command::new("ip")
+            .args(["-o", "link", "show", "master", bridge])
+            .output()
+            .unwrap();
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1).map(String::from))
+            .collect()
     }
 
     /// Processes whose command line names this husk's run directory (its
@@ -60,6 +78,9 @@ impl Husk {
             .env("HUSK_VMM", husk_vmm_binary().unwrap())
             .env("HUSK_KERNEL", guest_kernel().unwrap())
             .env("HUSK_GUEST_IMAGE", guest_rootfs().unwrap());
+        if let Some((bridge, subnet)) = &self.network {
+            c.env("HUSK_BRIDGE", bridge).env("HUSK_SUBNET", subnet);
+        }
         c
     }
 
@@ -83,6 +104,32 @@ impl Husk {
             String::from_utf8_lossy(&out.stderr)
         );
         out
+    }
+}
+
+impl Drop for Husk {
+    /// A test's own bridge goes with it, with the NAT rules husk added.
+    fn drop(&mut self) {
+        let Some((bridge, subnet)) = &self.network else {
+            return;
+        };
+        let _ = Command::new("ip").args(["link", "del", bridge]).status();
+        for (table, rule) in [
+            (
+                "nat",
+                format!("POSTROUTING -s {subnet} ! -o {bridge} -j MASQUERADE"),
+            ),
+            ("filter", format!("FORWARD -i {bridge} -j ACCEPT")),
+            (
+                "filter",
+                format!("FORWARD -o {bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+            ),
+        ] {
+            let _ = Command::new("iptables")
+                .args(["-w", "-t", table, "-D"])
+                .args(rule.split(' '))
+                .status();
+        }
     }
 }
 
@@ -297,6 +344,7 @@ fn husk_run_busybox_like_docker_run() {
 fn a_corrupt_image_is_refused_and_the_store_kept() {
     let h = Husk {
         root: tempfile::tempdir().unwrap(),
+        network: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let good = sample_image("busybox.oci.tar").unwrap();
@@ -361,9 +409,14 @@ fn a_corrupt_image_is_refused_and_the_store_kept() {
 /// or container state, no lease on a volume.
 #[test]
 fn run_rm_cycles_leave_nothing_behind() {
-    let Some(h) = Husk::for_test("run_rm_cycles_leave_nothing_behind") else {
+    let Some(mut h) = Husk::for_test("run_rm_cycles_leave_nothing_behind") else {
         return;
     };
+    // A bridge of its own: what is left on it is this test's.
+    h.network = Some((
+        format!("hkc{}", std::process::id() % 100_000),
+        "10.213.7.0/24".into(),
+    ));
     let archive = sample_image("busybox.tar").unwrap();
     assert!(h
         .run(&["image", "import", archive.to_str().unwrap()], "")
@@ -404,10 +457,211 @@ fn run_rm_cycles_leave_nothing_behind() {
     );
     assert_eq!(h.vmm_pids(), Vec::<i32>::new(), "a husk-vmm still runs");
     assert_eq!(h.leftover_sandboxes(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(h.taps_on_bridge(), Vec::<String>::new(), "taps left");
+    // Every address lease is free again (a lease file nobody holds).
+    let (bridge, _) = h.network.clone().unwrap();
+    for lease in std::fs::read_dir(format!("/run/husk-net/{bridge}"))
+        .unwrap()
+        .flatten()
+    {
+        let held = std::fs::File::open(lease.path()).is_ok_and(|f| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a non-blocking flock probe on a file we opened.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+        });
+        assert!(!held, "{} is still leased", lease.path().display());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(h.root.path().to_str().unwrap()),
+        "mounts left under the test's directories"
+    );
     let ps = text(&h.run(&["ps", "-a"], "").stdout);
     assert_eq!(ps.lines().count(), 1, "{ps}");
     assert!(
         h.run(&["volume", "rm", "cycle"], "").status.success(),
         "the volume is not held"
     );
+}
+
+/// Waits for `url` (via `get`) to answer with `want` in its body.
+fn wait_for_page(get: impl Fn() -> String, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let body = get();
+        if body.contains(want) || std::time::Instant::now() > deadline {
+            return body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Runs `f` on a thread inside `ns` (sockets it opens stay there).
+fn in_netns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns with a namespace fd we hold; it moves only
+            // this thread, which ends with `f`.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::Read;
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let _ = c.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = c.read_to_string(&mut body);
+    body
+}
+
+#[test]
+fn bridge_network_ports_and_network_none() {
+    let Some(h) = Husk::for_test("bridge_network_ports_and_network_none") else {
+        return;
+    };
+    for f in ["busybox.oci.tar", "httpd.oci.tar"] {
+        let archive = sample_image(f).unwrap();
+        assert!(h
+            .run(&["image", "import", archive.to_str().unwrap()], "")
+            .status
+            .success());
+    }
+    let page = "hello from a husk microVM";
+    let out = h.run(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            "8080:80",
+            "husk.local/httpd",
+        ],
+        "",
+    );
+    assert!(out.status.success());
+
+    // From the host, through the published port.
+    let body = wait_for_page(|| http_get("127.0.0.1:8080"), page);
+    assert!(body.contains(page), "{body:?}");
+    let info: serde_json::Value =
+        serde_json::from_slice(&h.run(&["inspect", "web"], "").stdout).unwrap();
+    let net = &info[0]["NetworkSettings"];
+    let ip = net["IPAddress"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("10.89."), "{net}");
+    assert_eq!(net["Ports"]["80/tcp"][0]["HostPort"], "8080", "{net}");
+    let ps = text(&h.run(&["ps"], "").stdout);
+    assert!(ps.contains("0.0.0.0:8080->80/tcp"), "{ps}");
+
+    // From another host: a network namespace joined to this one by a veth
+    // pair, reaching the host's address on it.
+    let other = NetNs::new("peer").unwrap();
+    let tag = std::process::id() % 100_000;
+    let (host_if, peer_if) = (format!("hkh{tag}"), format!("hkp{tag}"));
+    let sh = |cmd: &str| {
+        let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
+    };
+    sh(&format!(
+        "ip link add {host_if} type veth peer name {peer_if} && ip link set {peer_if} netns {ns} && \
+         ip addr add 192.168.251.1/30 dev {host_if} && ip link set {host_if} up && \
+         ip netns exec {ns} ip addr add 192.168.251.2/30 dev {peer_if} && \
+         ip netns exec {ns} ip link set {peer_if} up",
+        ns = other.name
+    ));
+    let from_peer = in_netns(&other, || http_get("192.168.251.1:8080"));
+    assert!(from_peer.contains(page), "{from_peer}");
+
+    // Sandbox to sandbox by address, and out through NAT to the other
+    // host, which has no route back to the bridge's range: it sees the
+    // host's address.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = in_netns(&other, || {
+        std::net::TcpListener::bind("192.168.251.2:9000").unwrap()
+    });
+    std::thread::spawn(move || {
+        use std::io::Read;
+        for mut c in listener.incoming().flatten() {
+            let _ = tx.send(c.peer_addr().unwrap().ip().to_string());
+            let mut req = [0u8; 1024];
+            let _ = c.read(&mut req);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nfrom the other host\n");
+        }
+    });
+    let script = format!(
+        "wget -qO- http://{ip}/; timeout 20 wget -qO- http://192.168.251.2:9000/f; ping -c 1 -W 5 {ip} >/dev/null && echo ping ok"
+    );
+    let out = h.run(
+        &["run", "--rm", "husk.local/busybox", "sh", "-c", &script],
+        "",
+    );
+    let got = text(&out.stdout);
+    assert!(got.contains(page), "{got}");
+    assert!(got.contains("from the other host"), "{got}");
+    assert!(got.ends_with("ping ok\n"), "{got}");
+    assert_eq!(rx.try_recv().as_deref(), Ok("192.168.251.1"), "masqueraded");
+    let _ = Command::new("ip").args(["link", "del", &host_if]).status();
+
+    // A taken port fails the run, naming it; -p needs a network.
+    let out = h.run(
+        &["run", "--rm", "-p", "8080:80", "husk.local/busybox", "true"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("8080") && err.contains("already in use"),
+        "{err}"
+    );
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-p",
+            "80",
+            "husk.local/busybox",
+            "true",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(125));
+
+    // --network none: loopback only, and it is up.
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "husk.local/busybox",
+            "sh",
+            "-c",
+            "ls /sys/class/net; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo lo up; timeout 10 wget -qO- http://10.89.0.1/ 2>&1 | head -1",
+        ],
+        "",
+    );
+    let got = text(&out.stdout);
+    assert!(got.starts_with("lo\nlo up\n"), "{got}");
+    assert!(got.contains("unreachable"), "{got}");
+
+    assert!(h.run(&["stop", "-t", "1", "web"], "").status.success());
+    assert_eq!(http_get("127.0.0.1:8080"), "", "the port is released");
+    let info: serde_json::Value =
+        serde_json::from_slice(&h.run(&["inspect", "web"], "").stdout).unwrap();
+    assert_eq!(info[0]["NetworkSettings"]["IPAddress"], "");
+    assert!(h.run(&["rm", "web"], "").status.success());
+    assert_eq!(h.vmm_pids(), Vec::<i32>::new());
 }

@@ -1,0 +1,551 @@
+//! Sandbox networking on the host: the `husk0` bridge with its address
+//! range and NAT, an address lease and a tap per sandbox.
+//!
+//! Taps are created here and handed to husk-vmm as inherited descriptors
+//! (`tap_fd`), never made persistent: a tap exists exactly as long as a
+//! process holds it, so a VMM killed with SIGKILL leaves none behind. An
+//! address lease is a file under the lease directory held with flock(2);
+//! the VMM inherits that descriptor too, so the address stays taken as long
+//! as the VM lives, and a lease nobody holds is free for the next sandbox.
+//!
+//! Links and addresses are configured over rtnetlink; NAT and forwarding
+//! with iptables (Debian's, on nf_tables), as Docker does.
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use serde::{Deserialize, Serialize};
+
+/// How a sandbox is networked (`husk run --network`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A tap on the bridge, an address from its range, NAT outbound.
+    #[default]
+    Bridge,
+    /// No network: the container has only loopback.
+    None,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bridge" | "default" | "husk0" => Ok(NetworkMode::Bridge),
+            "none" => Ok(NetworkMode::None),
+            "host" => bail!(
+                "--network host: a husk container runs in its own VM and cannot share the host's network stack; publish ports with -p"
+            ),
+            other => bail!("--network {other:?}: husk has the networks \"bridge\" and \"none\""),
+        }
+    }
+}
+
+/// The bridge network: its name, range and where leases are kept.
+#[derive(Clone, Debug)]
+pub struct NetworkConfig {
+    pub bridge: String,
+    /// The range; the bridge (gateway) takes its first address.
+    pub subnet: Ipv4Addr,
+    pub prefix: u8,
+    pub mtu: u32,
+    /// Address leases, one file per leased address.
+    pub lease_dir: PathBuf,
+}
+
+impl Default for NetworkConfig {
+    /// `husk0` on 10.89.0.0/16 (`$HUSK_BRIDGE` and `$HUSK_SUBNET`
+    /// override), leases under /run/husk-net/<bridge> (host-wide, like the
+    /// bridge, whatever the run dir).
+    /// A malformed variable is ignored here; `from_env` reports it.
+    fn default() -> Self {
+        Self::from_env().unwrap_or_else(|_| Self::with("husk0", (Ipv4Addr::new(10, 89, 0, 0), 16)))
+    }
+}
+
+impl NetworkConfig {
+    fn with(bridge: &str, (subnet, prefix): (Ipv4Addr, u8)) -> Self {
+        NetworkConfig {
+            lease_dir: PathBuf::from("/run/husk-net").join(bridge),
+            bridge: bridge.into(),
+            subnet,
+            prefix,
+            mtu: 1500,
+        }
+    }
+
+    /// The default network with `$HUSK_BRIDGE` / `$HUSK_SUBNET` applied.
+    pub fn from_env() -> Result<Self> {
+        let subnet = match std::env::var("HUSK_SUBNET") {
+            Ok(s) => parse_cidr(&s).context("HUSK_SUBNET")?,
+            Err(_) => (Ipv4Addr::new(10, 89, 0, 0), 16),
+        };
+        let bridge = std::env::var("HUSK_BRIDGE").unwrap_or_else(|_| "husk0".into());
+        if bridge.is_empty() || bridge.len() > 15 || bridge.contains(['/', ' ', ':']) {
+            bail!("HUSK_BRIDGE {bridge:?} is not an interface name (1-15 characters)");
+        }
+        Ok(Self::with(&bridge, subnet))
+    }
+}
+
+/// "10.89.0.0/16" → (network address, prefix); host bits must be zero and
+/// the range must leave room for a gateway and a sandbox.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
+    let (ip, len) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{s:?}: not an IPv4 CIDR (a.b.c.d/len)"))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| anyhow!("{s:?}: {ip:?} is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| (8..=30).contains(l))
+        .ok_or_else(|| anyhow!("{s:?}: prefix length must be 8 to 30"))?;
+    if u32::from(ip) & !mask(len) != 0 {
+        bail!(
+            "{s:?}: host bits are set (the network is {}/{len})",
+            Ipv4Addr::from(u32::from(ip) & mask(len))
+        );
+    }
+    Ok((ip, len))
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
+}
+
+impl NetworkConfig {
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet) + 1)
+    }
+
+    /// Sandbox addresses: after the gateway, before the broadcast address.
+    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.subnet);
+        let last = base | !mask(self.prefix);
+        (base + 2..last).map(Ipv4Addr::from)
+    }
+
+    fn cidr(&self) -> String {
+        format!("{}/{}", self.subnet, self.prefix)
+    }
+
+    /// The bridge up with the gateway address, forwarding on, NAT for the
+    /// range. Idempotent; serialized with other husk processes.
+    pub fn ensure_bridge(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.lease_dir)
+            .with_context(|| format!("{}", self.lease_dir.display()))?;
+        let _lock = lock(&self.lease_dir.join("lock"))?;
+        let (bridge, gw, prefix, mtu) =
+            (self.bridge.clone(), self.gateway(), self.prefix, self.mtu);
+        netlink(move |h| async move {
+            let index = match link_index(&h, &bridge).await? {
+                Some(i) => i,
+                None => {
+                    h.link()
+                        .add(LinkBridge::new(&bridge).mtu(mtu).build())
+                        .execute()
+                        .await
+                        .with_context(|| format!("creating bridge {bridge}"))?;
+                    link_index(&h, &bridge)
+                        .await?
+                        .ok_or_else(|| anyhow!("bridge {bridge} vanished after creation"))?
+                }
+            };
+            let mut addrs = h.address().get().set_link_index_filter(index).execute();
+            let mut has = false;
+            while let Some(a) = addrs.try_next().await? {
+                has |= a.header.prefix_len == prefix
+                    && a.attributes.iter().any(
+                        |x| matches!(x, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == gw),
+                    );
+            }
+            if !has {
+                h.address()
+                    .add(index, IpAddr::V4(gw), prefix)
+                    .execute()
+                    .await
+                    .with_context(|| format!("giving {bridge} the address {gw}/{prefix}"))?;
+            }
+            h.link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .with_context(|| format!("bringing {bridge} up"))?;
+            Ok(())
+        })?;
+        let fwd = "/proc/sys/net/ipv4/ip_forward";
+        if std::fs::read_to_string(fwd)
+            .map(|s| s.trim() != "1")
+            .unwrap_or(true)
+        {
+            std::fs::write(fwd, "1").with_context(|| format!("enabling forwarding ({fwd})"))?;
+        }
+        let cidr = self.cidr();
+        let b = self.bridge.as_str();
+        // Outbound traffic leaves with the host's address; replies and
+        // traffic among sandboxes pass even where FORWARD's policy is DROP
+        // (as it is once Docker is installed).
+        ensure_rule(
+            "nat",
+            "POSTROUTING",
+            &["-s", &cidr, "!", "-o", b, "-j", "MASQUERADE"],
+        )?;
+        ensure_rule("filter", "FORWARD", &["-i", b, "-j", "ACCEPT"])?;
+        ensure_rule(
+            "filter",
+            "FORWARD",
+            &[
+                "-o",
+                b,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Leases the lowest free address to `holder` (a sandbox id).
+    pub fn lease(&self, holder: &str) -> Result<Lease> {
+        std::fs::create_dir_all(&self.lease_dir)
+            .with_context(|| format!("{}", self.lease_dir.display()))?;
+        let _lock = lock(&self.lease_dir.join("lock"))?;
+        for ip in self.hosts() {
+            let path = self.lease_dir.join(ip.to_string());
+            let f = File::options()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("{}", path.display()))?;
+            // A lease file nobody holds is free, whoever wrote it.
+            let Some(mut f) = crate::flock_exclusive(f, false)
+                .with_context(|| format!("locking {}", path.display()))?
+            else {
+                continue;
+            };
+            f.set_len(0)?;
+            writeln!(f, "{holder}")?;
+            return Ok(Lease {
+                file: f,
+                ip,
+                prefix: self.prefix,
+                gateway: self.gateway(),
+            });
+        }
+        bail!(
+            "network {} ({}) has no free address: every one is leased",
+            self.bridge,
+            self.cidr()
+        )
+    }
+
+    /// A new tap, attached to the bridge and up when `attach`, else left
+    /// alone (a sandbox without network still needs its NIC backed).
+    pub fn tap(&self, attach: bool) -> Result<Tap> {
+        let mut id = [0u8; 4];
+        crate::sandbox::getrandom(&mut id)?;
+        let name = format!(
+            "husk-{}",
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let file = create_tap(&name)?;
+        let tap = Tap { file, name };
+        if attach {
+            let (bridge, name, mtu) = (self.bridge.clone(), tap.name.clone(), self.mtu);
+            netlink(move |h| async move {
+                let br = link_index(&h, &bridge)
+                    .await?
+                    .ok_or_else(|| anyhow!("no bridge {bridge}"))?;
+                let index = link_index(&h, &name)
+                    .await?
+                    .ok_or_else(|| anyhow!("tap {name} vanished"))?;
+                h.link()
+                    .set(
+                        LinkUnspec::new_with_index(index)
+                            .controller(br)
+                            .mtu(mtu)
+                            .up()
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .with_context(|| format!("attaching {name} to {bridge}"))?;
+                Ok(())
+            })?;
+        }
+        Ok(tap)
+    }
+}
+
+/// An address held for a sandbox while this file (or a VMM that inherited
+/// it) stays open.
+#[derive(Debug)]
+pub struct Lease {
+    file: File,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl Lease {
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    /// A MAC derived from the address (locally administered, unicast), so
+    /// a reused address does not meet a stale neighbour entry of another MAC.
+    pub fn mac(&self) -> String {
+        let o = self.ip.octets();
+        format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Only the holder empties the file; the lock goes with the last
+        // descriptor (a VMM still running keeps the address).
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// A tap this process created; it disappears when the last descriptor of
+/// it (here and in the VMM that inherited it) is closed.
+#[derive(Debug)]
+pub struct Tap {
+    pub file: File,
+    pub name: String,
+}
+
+impl Tap {
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_TUN_EXCL: libc::c_short = -0x8000;
+
+/// Creates the (non-persistent) tap `name`; refuses to attach to an
+/// existing one.
+fn create_tap(name: &str) -> Result<File> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun (is the tun module available?)")?;
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq; `ifr` is a buffer of
+    // its size that outlives the call, and the descriptor is ours.
+    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = if e.raw_os_error() == Some(libc::EPERM) {
+            " (creating a tap needs CAP_NET_ADMIN: run husk as root)"
+        } else {
+            ""
+        };
+        bail!("creating tap {name}: {e}{hint}");
+    }
+    Ok(f)
+}
+
+/// Runs `f` with a netlink handle on a runtime of its own, on a thread of
+/// its own (callers may themselves be inside an async runtime).
+fn netlink<F, Fut>(f: F) -> Result<()>
+where
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .context("netlink runtime")?;
+            rt.block_on(async {
+                let (conn, handle, _) =
+                    rtnetlink::new_connection().context("opening a netlink socket")?;
+                let task = tokio::spawn(conn);
+                let r = f(handle).await;
+                task.abort();
+                r
+            })
+        })
+        .join()
+        .map_err(|_| anyhow!("the netlink thread panicked"))?
+    })
+}
+
+async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(Some(l.header.index)),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+    }
+}
+
+/// Appends an iptables rule unless it is there.
+fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<()> {
+    let run = |op: &str| {
+        Command::new("iptables")
+            .args(["-w", "-t", table, op, chain])
+            .args(rule)
+            .output()
+    };
+    let check = run("-C").context(
+        "running iptables (install the iptables package; husk uses it for NAT like Docker)",
+    )?;
+    if check.status.success() {
+        return Ok(());
+    }
+    let add = run("-A")?;
+    if !add.status.success() {
+        bail!(
+            "iptables -t {table} -A {chain} {}: {}",
+            rule.join(" "),
+            String::from_utf8_lossy(&add.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn lock(path: &Path) -> Result<File> {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("{}", path.display()))?;
+    crate::flock_exclusive(f, true)
+        .with_context(|| format!("locking {}", path.display()))?
+        .ok_or_else(|| anyhow!("locking {}", path.display()))
+}
+
+/// Name servers for a sandbox: the host's, without loopback ones (a local
+/// resolver is unreachable from the guest), else Google's, as Docker does.
+pub fn dns_from_host(resolv_conf: &str) -> (Vec<String>, Vec<String>) {
+    let mut servers = Vec::new();
+    let mut search = Vec::new();
+    for line in resolv_conf.lines() {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("nameserver") => {
+                if let Some(ip) = w.next().and_then(|s| s.parse::<IpAddr>().ok()) {
+                    if !ip.is_loopback() {
+                        servers.push(ip.to_string());
+                    }
+                }
+            }
+            Some("search") | Some("domain") => search = w.map(String::from).collect(),
+            _ => {}
+        }
+    }
+    if servers.is_empty() {
+        servers = vec!["8.8.8.8".into(), "8.8.4.4".into()];
+    }
+    (servers, search)
+}
+
+/// Makes an inherited descriptor usable by a child: clears FD_CLOEXEC in
+/// the child only (called between fork and exec).
+pub(crate) fn keep_across_exec(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) on a descriptor number; async-signal-safe, as
+    // code between fork and exec must be.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_are_checked() {
+        assert_eq!(
+            parse_cidr("10.89.0.0/16").unwrap(),
+            (Ipv4Addr::new(10, 89, 0, 0), 16)
+        );
+        for (bad, why) in [
+            ("10.89.0.0", "not an IPv4 CIDR"),
+            ("10.89.0.1/16", "host bits"),
+            ("10.89.0.0/31", "prefix length"),
+            ("x/16", "not an IPv4 address"),
+        ] {
+            let e = parse_cidr(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn addresses_skip_gateway_and_broadcast() {
+        let c = NetworkConfig {
+            subnet: Ipv4Addr::new(10, 1, 2, 0),
+            prefix: 29,
+            ..NetworkConfig::default()
+        };
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 1, 2, 1));
+        let hosts: Vec<_> = c.hosts().collect();
+        assert_eq!(hosts.first(), Some(&Ipv4Addr::new(10, 1, 2, 2)));
+        assert_eq!(hosts.last(), Some(&Ipv4Addr::new(10, 1, 2, 6)));
+    }
+
+    #[test]
+    fn leases_are_exclusive_until_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let c = NetworkConfig {
+            subnet: Ipv4Addr::new(10, 1, 2, 0),
+            prefix: 30,
+            lease_dir: d.path().into(),
+            ..NetworkConfig::default()
+        };
+        let a = c.lease("a").unwrap();
+        assert_eq!(a.ip, Ipv4Addr::new(10, 1, 2, 2));
+        assert_eq!(a.mac(), "06:00:0a:01:02:02");
+        let e = c.lease("b").unwrap_err().to_string();
+        assert!(e.contains("no free address"), "{e}");
+        drop(a);
+        assert_eq!(c.lease("b").unwrap().ip, Ipv4Addr::new(10, 1, 2, 2));
+    }
+
+    #[test]
+    fn dns_skips_loopback_resolvers() {
+        let (s, d) = dns_from_host("nameserver 127.0.0.53\nsearch a.example b\n");
+        assert_eq!(s, ["8.8.8.8", "8.8.4.4"]);
+        assert_eq!(d, ["a.example", "b"]);
+        let (s, _) =
+            dns_from_host("# x\nnameserver 192.0.2.1\nnameserver ::1\nnameserver 2001:db8::1\n");
+        assert_eq!(s, ["192.0.2.1", "2001:db8::1"]);
+        assert!("host"
+            .parse::<NetworkMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("-p"));
+        assert_eq!("none".parse::<NetworkMode>().unwrap(), NetworkMode::None);
+    }
+}
