@@ -12,7 +12,7 @@ packages=(
     # guest root image and sample images
     erofs-utils e2fsprogs busybox-static jq
     # reference VMM and peers used by the tests
-    qemu-system-x86 containerd runc skopeo umoci
+    qemu-system-x86 containerd runc skopeo umoci docker-registry
     # sandbox networking: NAT for the husk0 bridge (as Docker uses it);
     # test networks: taps in namespaces, ping
     iptables iproute2 iputils-ping

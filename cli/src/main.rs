@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 
 use husk_protocol::agent::{SignalProcessRequest, Storage, TtyWinResizeRequest};
 use husk_runtime::agent::{ctx, rpc_message, AgentConn, Io};
-use husk_runtime::image::{default_store_dir, ImageStore};
+use husk_runtime::image::{default_store_dir, normalize, ImageStore};
 use husk_runtime::ports::{docker_ports, parse_publish, PortMapping};
 use husk_runtime::record::NetInfo;
 use husk_runtime::record::{LogWriter, Record, Records, Status};
@@ -96,6 +96,8 @@ enum Cmd {
         #[arg(required = true)]
         containers: Vec<String>,
     },
+    /// Pull an image from a registry (as `image pull`).
+    Pull { reference: String },
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -108,6 +110,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// Pull an image from a registry (linux/amd64).
+    Pull { reference: String },
     /// Import images from an OCI-layout or docker-archive tarball.
     Import { file: PathBuf },
     /// List images.
@@ -195,6 +199,9 @@ struct RunArgs {
     /// The network: bridge (husk0, NAT outbound) or none (loopback only).
     #[arg(long, default_value = "bridge")]
     network: String,
+    /// Pull the image: missing (when not in the store), always, never.
+    #[arg(long, default_value = "missing")]
+    pull: String,
     /// How the microVM starts.
     #[arg(long, value_enum, default_value = "template")]
     boot: BootArg,
@@ -338,7 +345,20 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     check_kvm()?;
     let rt = runtime()?;
     let store = ImageStore::open(&default_store_dir())?;
-    let image = store.get(&a.image)?;
+    let image = match (store.get(&a.image), a.pull.as_str()) {
+        (Ok(i), "missing" | "never") => i,
+        (_, "always") => pull(&store, &a.image)?,
+        // husk.local/ names local images only (the samples): never pulled.
+        (Err(e), "missing") if !a.image.starts_with("husk.local/") => {
+            eprintln!("Unable to find image '{}' locally", normalize(&a.image));
+            pull(&store, &a.image)
+                .map_err(|p| anyhow::anyhow!("{e:#}; pulling it failed: {p:#}"))?
+        }
+        (Err(e), "missing" | "never") => return Err(e.into()),
+        (_, other) => {
+            return Err(anyhow::anyhow!("--pull {other:?}: use always, missing or never").into())
+        }
+    };
     let config = store.config(&image)?;
     let mut env = Vec::new();
     for f in &a.env_file {
@@ -1059,9 +1079,79 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
     Ok(())
 }
 
+/// Pulls `reference` with a progress bar per layer (on a terminal).
+fn pull(store: &ImageStore, reference: &str) -> Result<husk_runtime::image::ImageRecord> {
+    use husk_runtime::pull::PullEvent;
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let multi = MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let bars: Arc<Mutex<HashMap<String, ProgressBar>>> = Arc::default();
+    let style = ProgressStyle::with_template("{prefix}: {msg} [{bar:30}] {bytes}/{total_bytes}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let short = |d: &str| {
+        d.trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect::<String>()
+    };
+    let events = {
+        let bars = bars.clone();
+        let reference = reference.to_string();
+        Arc::new(move |e: PullEvent| {
+            let Ok(mut bars) = bars.lock() else { return };
+            match e {
+                PullEvent::Resolved { digest, layers } => {
+                    let _ = multi.println(format!("{reference}: resolved to {digest}"));
+                    for (d, size) in layers {
+                        let b = multi.add(ProgressBar::new(size));
+                        b.set_style(style.clone());
+                        b.set_prefix(short(&d));
+                        b.set_message("Waiting");
+                        bars.insert(d, b);
+                    }
+                }
+                PullEvent::Exists { digest } => {
+                    if let Some(b) = bars.get(&digest) {
+                        b.finish_with_message("Already exists");
+                    }
+                }
+                PullEvent::Progress { digest, bytes } => {
+                    if let Some(b) = bars.get(&digest) {
+                        b.set_message("Downloading");
+                        b.inc(bytes);
+                    }
+                }
+                PullEvent::Done { digest } => {
+                    if let Some(b) = bars.get(&digest) {
+                        b.finish_with_message("Pull complete");
+                    }
+                }
+            }
+        })
+    };
+    let r = store.pull(reference, events);
+    for b in bars
+        .lock()
+        .map(|b| b.values().cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        if !b.is_finished() {
+            b.abandon_with_message("Failed");
+        }
+    }
+    r
+}
+
 fn image(cmd: ImageCmd) -> Result<()> {
     let store = ImageStore::open(&default_store_dir())?;
     match cmd {
+        ImageCmd::Pull { reference } => {
+            let r = pull(&store, &reference)?;
+            println!("Status: Downloaded image for {}", r.name);
+            println!("{}", r.name);
+        }
         ImageCmd::Import { file } => {
             for r in store.import(&file)? {
                 println!("Loaded image: {} ({})", r.name, r.short_id());
@@ -1115,6 +1205,9 @@ fn main() -> ExitCode {
         Cmd::Inspect { containers } => inspect(&containers).map(|_| 0).map_err(Failure::from),
         Cmd::Rm { force, containers } => rm(force, &containers).map(|_| 0).map_err(Failure::from),
         Cmd::Image(c) => image(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Pull { reference } => image(ImageCmd::Pull { reference })
+            .map(|_| 0)
+            .map_err(Failure::from),
         Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),
         Cmd::Version => runtime()
             .map(|rt| {

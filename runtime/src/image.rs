@@ -207,20 +207,37 @@ impl ImageStore {
             .tempdir_in(self.root.join("tmp"))?;
         extract_plain(archive, staging.path())
             .with_context(|| format!("reading {}", archive.display()))?;
-        let s = staging.path();
+        self.import_staged(staging.path(), &archive.display().to_string())
+    }
+
+    /// A directory under the store for staging blobs (same filesystem, so
+    /// checked blobs move in by rename).
+    pub(crate) fn staging(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        Ok(tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.root.join("tmp"))?)
+    }
+
+    /// The stored blob `digest`, if the store has it.
+    pub(crate) fn has_blob(&self, digest: &str) -> Option<PathBuf> {
+        self.blob(digest).ok().filter(|p| p.is_file())
+    }
+
+    /// Checks the OCI layout or docker-archive unpacked in `s` (`what`
+    /// names it in errors) and adds its images to the store.
+    pub(crate) fn import_staged(&self, s: &Path, what: &str) -> Result<Vec<ImageRecord>> {
         let found = if s.join("index.json").is_file() && s.join("oci-layout").is_file() {
             self.stage_oci(s)
         } else if s.join("manifest.json").is_file() {
             self.stage_docker(s)
         } else {
             bail!(
-                "{}: neither an OCI layout (oci-layout, index.json) nor a docker-archive (manifest.json)",
-                archive.display()
+                "{what}: neither an OCI layout (oci-layout, index.json) nor a docker-archive (manifest.json)"
             )
         }
-        .with_context(|| format!("importing {}", archive.display()))?;
+        .with_context(|| format!("importing {what}"))?;
         if found.is_empty() {
-            bail!("{}: no named image in it", archive.display());
+            bail!("{what}: no named image in it");
         }
         // Everything checked: move blobs in (content-addressed, so an
         // existing one is the same), then name the images.

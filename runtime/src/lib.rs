@@ -9,6 +9,7 @@ pub mod agent;
 pub mod image;
 pub mod network;
 pub mod ports;
+pub mod pull;
 pub mod record;
 pub mod sandbox;
 pub mod spec;

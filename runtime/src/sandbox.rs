@@ -456,19 +456,29 @@ impl Sandbox {
     /// `timeout` for the VMM to exit; then it is killed. Returns the VMM's
     /// exit status if it exited on its own.
     pub fn shutdown(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        self.agent
+        // The agent answers, then powers off; on a slow guest the power-off
+        // can overtake the answer. A lost answer followed by the VM's exit
+        // is a shutdown.
+        let asked = self
+            .agent
             .sandbox
             .destroy_sandbox(
                 ctx(Duration::from_secs(30)),
                 &husk_protocol::agent::Empty::new(),
             )
-            .map_err(|e| anyhow::anyhow!("DestroySandbox: {}", rpc_message(&e)))?;
-        let deadline = Instant::now() + timeout;
+            .map_err(|e| anyhow::anyhow!("DestroySandbox: {}", rpc_message(&e)));
+        let deadline = Instant::now()
+            + if asked.is_ok() {
+                timeout
+            } else {
+                Duration::from_secs(5)
+            };
         loop {
             if let Some(status) = self.vmm.child.try_wait()? {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
+                asked?;
                 bail!("the VM did not stop within {timeout:?} of DestroySandbox");
             }
             std::thread::sleep(Duration::from_millis(20));

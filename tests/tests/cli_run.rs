@@ -665,3 +665,173 @@ fn bridge_network_ports_and_network_none() {
     assert!(h.run(&["rm", "web"], "").status.success());
     assert_eq!(h.vmm_pids(), Vec::<i32>::new());
 }
+
+/// Debian's docker-registry on a free loopback port, its storage in a
+/// directory of its own; stopped when dropped.
+struct Registry {
+    child: std::process::Child,
+    addr: String,
+    storage: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Result<Registry, String> {
+        let bin = std::path::Path::new("/usr/bin/docker-registry");
+        if !bin.exists() {
+            return Err("no /usr/bin/docker-registry (apt-get install docker-registry)".into());
+        }
+        let storage = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = storage.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                storage.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting docker-registry: {e}"))?;
+        let r = Registry {
+            child,
+            addr,
+            storage,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !http_get(&r.addr).starts_with("HTTP/") {
+            if std::time::Instant::now() > deadline {
+                return Err("docker-registry did not answer within 20 s".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(r)
+    }
+
+    /// Pushes a sample OCI archive as `name` with skopeo.
+    fn push(&self, archive: &str, name: &str) {
+        let src = format!("oci-archive:{}", sample_image(archive).unwrap().display());
+        let dst = format!("docker://{}/{name}", self.addr);
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false", &src, &dst])
+            .output()
+            .expect("skopeo (apt-get install skopeo)");
+        assert!(out.status.success(), "skopeo: {}", text(&out.stderr));
+    }
+
+    /// The registry's stored file for blob `digest`.
+    fn blob_file(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn pull_from_a_registry_checks_every_digest() {
+    let Some(h) = Husk::for_test("pull_from_a_registry_checks_every_digest") else {
+        return;
+    };
+    let reg = match Registry::start() {
+        Ok(r) => r,
+        Err(why) => {
+            skip("pull_from_a_registry_checks_every_digest", &why);
+            return;
+        }
+    };
+    reg.push("httpd.oci.tar", "demo/httpd:1.0");
+    let name = format!("{}/demo/httpd:1.0", reg.addr);
+
+    // A layer corrupted in the registry (same size, other bytes): the pull
+    // fails naming the digest, and the store stays empty.
+    let raw = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{name}"),
+        ])
+        .output()
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    let layer = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = reg.blob_file(&layer);
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&file, &bad).unwrap();
+    let out = h.run(&["pull", &name], "");
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&layer) && err.to_lowercase().contains("digest"),
+        "{err}"
+    );
+    let ls = text(&h.run(&["image", "ls"], "").stdout);
+    assert_eq!(ls.lines().count(), 1, "nothing entered the store: {ls}");
+    let store = h.root.path().join("images");
+    for d in ["blobs/sha256", "tmp"] {
+        let left: Vec<_> = std::fs::read_dir(store.join(d))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+
+    // Intact again: `run` pulls what it does not have, and runs it.
+    std::fs::write(&file, &good).unwrap();
+    let out = h.run(&["run", "--rm", &name, "cat", "/www/index.html"], "");
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("hello from a husk microVM"));
+    assert!(text(&out.stderr).contains("Unable to find image"));
+    // The stored image is the registry's: same manifest digest, same config.
+    let digest = format!(
+        "sha256:{}",
+        text(
+            &Command::new("sha256sum")
+                .arg(
+                    h.root.path().join("images/blobs/sha256").join(
+                        manifest["config"]["digest"]
+                            .as_str()
+                            .unwrap()
+                            .trim_start_matches("sha256:")
+                    )
+                )
+                .output()
+                .unwrap()
+                .stdout
+        )
+        .split_whitespace()
+        .next()
+        .unwrap()
+    );
+    assert_eq!(digest, manifest["config"]["digest"].as_str().unwrap());
+    let ls = text(&h.run(&["image", "ls"], "").stdout);
+    assert!(ls.contains(&name), "{ls}");
+    // A second pull fetches nothing new and succeeds.
+    assert!(h.run(&["image", "pull", &name], "").status.success());
+}
