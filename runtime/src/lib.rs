@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 pub mod agent;
 pub mod image;
+pub mod jail;
 pub mod network;
 pub mod ports;
 pub mod pull;
@@ -36,6 +37,9 @@ pub struct Runtime {
     pub run_dir: PathBuf,
     /// The bridge network sandboxes join.
     pub network: network::NetworkConfig,
+    /// Run each husk-vmm confined (namespaces, chroot, its own uid, a
+    /// cgroup); on by default as root.
+    pub confine: bool,
 }
 
 impl Runtime {
@@ -48,6 +52,7 @@ impl Runtime {
             cache_dir: default_cache_dir(),
             run_dir: default_run_dir(),
             network: network::NetworkConfig::default(),
+            confine: jail::enabled(),
         }
     }
 }

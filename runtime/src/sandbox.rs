@@ -12,6 +12,7 @@ use husk_protocol::agent::{
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{ctx, rpc_message, AgentConn, Endpoint};
+use crate::jail::Share;
 use crate::network::{dns_from_host, Lease, NetworkMode, Tap};
 use crate::ports::{check_mappings, PortMapping, Publisher};
 use crate::template::{
@@ -108,6 +109,20 @@ impl Sandbox {
     pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
         self.lease.as_ref().map(|l| l.ip)
     }
+
+    /// Memory charged to the VMM's cgroup (confined VMMs), bytes.
+    pub fn vmm_memory(&self) -> Option<u64> {
+        self.vmm.cgroup.as_ref().and_then(|c| c.memory())
+    }
+
+    /// The VMM's cgroup directories (confined VMMs).
+    pub fn vmm_cgroup(&self) -> Vec<PathBuf> {
+        self.vmm
+            .cgroup
+            .as_ref()
+            .map(|c| c.dirs.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// The hybrid vsock socket in a sandbox's directory.
@@ -163,6 +178,17 @@ fn assign_slots(drives: &[DriveSpec], placeholder: &Path) -> Result<(Vec<PathBuf
         *n += 1;
     }
     Ok((slots, devices))
+}
+
+/// What a VMM's jail shows of a sandbox's drives.
+fn drive_shares(drives: &[DriveSpec]) -> Vec<Share> {
+    drives
+        .iter()
+        .map(|d| Share {
+            path: d.path.clone(),
+            writable: !d.read_only,
+        })
+        .collect()
 }
 
 /// Waits until the agent behind `vmm` answers Health.
@@ -275,6 +301,9 @@ impl Runtime {
                 );
                 let file = dir.join("vm.json");
                 std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
+                let mut shares = drive_shares(&cfg.drives);
+                shares.push(Share::rw(&placeholder));
+                let jail = self.jail_for(dir, &cfg.id, shares, &cfg.machine);
                 let mut vmm = VmmProcess::spawn(
                     self,
                     &["--config-file".as_ref(), file.as_os_str()],
@@ -282,6 +311,7 @@ impl Runtime {
                     vsock,
                     &log,
                     &inherit,
+                    jail.as_ref(),
                 )?;
                 let agent = wait_for_agent(&mut vmm, &log, Duration::from_secs(900))?;
                 times.agent_ready = t1.elapsed();
@@ -321,7 +351,23 @@ impl Runtime {
         let _ = std::fs::remove_file(&vsock);
         let _ = std::fs::remove_file(&api);
         let log = dir.join("vmm.log");
-        let mut vmm = VmmProcess::spawn(self, &[], api.clone(), vsock.clone(), &log, inherit)?;
+        let mut shares = drive_shares(&cfg.drives);
+        shares.extend([
+            Share::ro(&t.snapshot),
+            Share::ro(&t.memory),
+            // Writable slots open it read-write (it has no bytes to write).
+            Share::rw(&t.placeholder),
+        ]);
+        let jail = self.jail_for(dir, &cfg.id, shares, &cfg.machine);
+        let mut vmm = VmmProcess::spawn(
+            self,
+            &[],
+            api.clone(),
+            vsock.clone(),
+            &log,
+            inherit,
+            jail.as_ref(),
+        )?;
         let drives: Vec<_> = slots
             .iter()
             .enumerate()

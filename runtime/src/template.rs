@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::jail::{JailSpec, Share};
 use crate::vmm::api_request;
 use crate::Runtime;
 
@@ -211,11 +212,14 @@ pub(crate) fn console_config(console: Option<&Path>) -> serde_json::Value {
     }
 }
 
-/// A husk-vmm process with its sockets; killed when dropped.
+/// A husk-vmm process with its sockets; killed when dropped. Confined, the
+/// child is the jail's keeper (its exit is the VMM's).
 pub(crate) struct VmmProcess {
     pub child: Child,
     pub api: PathBuf,
     pub vsock: PathBuf,
+    /// The VMM's cgroup, when confined; removed after it.
+    pub cgroup: Option<crate::jail::Cgroup>,
 }
 
 impl VmmProcess {
@@ -228,16 +232,31 @@ impl VmmProcess {
         vsock: PathBuf,
         log: &Path,
         inherit: &[i32],
+        jail: Option<&crate::jail::JailSpec>,
     ) -> Result<VmmProcess> {
         let out = File::create(log).with_context(|| format!("{}", log.display()))?;
         let mut cmd = Command::new(&rt.vmm);
         let fds = inherit.to_vec();
-        // SAFETY: the closure runs between fork and exec and only calls
-        // fcntl, which is async-signal-safe; it allocates nothing.
+        let (cgroup, plan) = match jail {
+            Some(j) => {
+                let cg = crate::jail::Cgroup::create(&j.cgroup)?;
+                let plan = crate::jail::Plan::new(&j.root, &j.shares, Some(&cg))
+                    .context("preparing the VMM's jail")?;
+                (Some(cg), Some(plan))
+            }
+            None => (None, None),
+        };
+        // SAFETY: the closure runs between fork and exec and makes only
+        // async-signal-safe syscalls (fcntl; the jail's mount, unshare,
+        // fork, chroot, set*id) on data prepared before; it allocates
+        // nothing.
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &fds {
                     crate::network::keep_across_exec(*fd)?;
+                }
+                if let Some(p) = &plan {
+                    p.enter()?;
                 }
                 Ok(())
             });
@@ -251,7 +270,12 @@ impl VmmProcess {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", rt.vmm.display()))?;
-        Ok(VmmProcess { child, api, vsock })
+        Ok(VmmProcess {
+            child,
+            api,
+            vsock,
+            cgroup,
+        })
     }
 
     /// Fails with what the VMM said if it has exited.
@@ -365,7 +389,7 @@ impl Template {
         File::create(&self.placeholder)
             .with_context(|| format!("{}", self.placeholder.display()))?;
         let slots = vec![self.placeholder.clone(); RO_SLOTS + RW_SLOTS];
-        let console = self.dir.join("boot.log");
+        let console = work.join("boot.log");
         // The template's NIC is backed by a tap on nothing; each restored
         // sandbox gets its own.
         let tap = rt.network.tap(false)?;
@@ -388,6 +412,14 @@ impl Template {
             work.join("v.sock"),
             &log,
             &[tap.fd()],
+            rt.jail_for(
+                &work,
+                &format!("template-{}", self.key),
+                // Writable slots open it read-write (it has no bytes to write).
+                vec![Share::rw(&self.placeholder)],
+                machine,
+            )
+            .as_ref(),
         )?;
         crate::sandbox::wait_for_agent(&mut vmm, &log, BOOT_TIMEOUT).with_context(|| {
             format!(
@@ -415,6 +447,7 @@ impl Template {
         drop(vmm);
         std::fs::rename(&tmp_mem, &self.memory)?;
         std::fs::rename(&tmp_snap, &self.snapshot)?;
+        let _ = std::fs::rename(&console, self.dir.join("boot.log"));
         let _ = std::fs::remove_dir_all(&work);
         let mut note = File::create(self.dir.join("built"))?;
         writeln!(
@@ -454,6 +487,36 @@ fn remove_superseded(root: &Path, key: &str, inputs: &Inputs) {
     }
 }
 
+impl Runtime {
+    /// The jail for a VMM whose sockets and files live in `dir`: `dir`
+    /// (writable), the kernel, guest image and CPU template (read-only)
+    /// and `shares`; None when confinement is off.
+    pub(crate) fn jail_for(
+        &self,
+        dir: &Path,
+        cgroup: &str,
+        mut shares: Vec<Share>,
+        machine: &Machine,
+    ) -> Option<JailSpec> {
+        if !self.confine {
+            return None;
+        }
+        shares.insert(0, Share::rw(dir));
+        // Executed inside the jail: its own binary, at its host path.
+        shares.push(Share::ro(&self.vmm));
+        shares.push(Share::ro(&self.kernel));
+        shares.push(Share::ro(&self.guest_image));
+        if let Some(t) = &machine.cpu_template {
+            shares.push(Share::ro(t));
+        }
+        Some(JailSpec {
+            root: dir.join("jail"),
+            shares,
+            cgroup: cgroup.into(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +532,7 @@ mod tests {
             cache_dir: dir.join("cache"),
             run_dir: dir.join("run"),
             network: crate::network::NetworkConfig::default(),
+            confine: false,
         }
     }
 

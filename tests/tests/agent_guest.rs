@@ -347,7 +347,12 @@ fn containers_in_the_guest(sb: &Sandbox) {
     spec.set_linux(Some(linux));
     let oom_waiter = {
         let a = sb.connect().unwrap();
-        std::thread::spawn(move || a.containers.get_oom_event(actx(t), &Empty::new()))
+        // It waits through the create and the container's run: on a loaded
+        // emulated host that is minutes.
+        std::thread::spawn(move || {
+            a.containers
+                .get_oom_event(actx(Duration::from_secs(600)), &Empty::new())
+        })
     };
     a.create("oom", &spec, Io::default(), storage(), true)
         .unwrap_or_else(|e| fail(e));

@@ -422,11 +422,15 @@ fn run_rm_cycles_leave_nothing_behind() {
         .run(&["image", "import", archive.to_str().unwrap()], "")
         .status
         .success());
+    let prefix = format!("cyc{}-", std::process::id());
     for i in 0..20 {
+        let name = format!("{prefix}{i}");
         let out = h.run(
             &[
                 "run",
                 "--rm",
+                "--name",
+                &name,
                 "-v",
                 "cycle:/v",
                 "husk.local/busybox",
@@ -470,6 +474,24 @@ fn run_rm_cycles_leave_nothing_behind() {
             unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
         });
         assert!(!held, "{} is still leased", lease.path().display());
+    }
+    // No cgroup of a VMM is left (confined VMMs get one per sandbox).
+    for hierarchy in ["", "memory", "cpu"] {
+        let dir = std::path::Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join("husk");
+        if let Ok(d) = std::fs::read_dir(&dir) {
+            let left: Vec<_> = d
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect();
+            assert!(
+                left.is_empty(),
+                "cgroups left in {}: {left:?}",
+                dir.display()
+            );
+        }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
@@ -563,6 +585,55 @@ fn bridge_network_ports_and_network_none() {
     assert_eq!(net["Ports"]["80/tcp"][0]["HostPort"], "8080", "{net}");
     let ps = text(&h.run(&["ps"], "").stdout);
     assert!(ps.contains("0.0.0.0:8080->80/tcp"), "{ps}");
+
+    // Its husk-vmm is confined: an unprivileged uid, PID 1 of a pid
+    // namespace of its own, its own mount and IPC namespaces, chrooted into
+    // the sandbox's jail, its memory charged to a cgroup of its own.
+    let vmm = *h.vmm_pids().first().expect("web's husk-vmm");
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), ["64000"; 4], "{status}");
+    assert_eq!(
+        field("NSpid:").last().map(String::as_str),
+        Some("1"),
+        "{status}"
+    );
+    for ns in ["mnt", "pid", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace shared with the host");
+    }
+    let root = std::fs::read_link(format!("/proc/{vmm}/root")).unwrap();
+    assert!(root.ends_with("web/jail"), "{}", root.display());
+    let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    let group = cgroups
+        .lines()
+        .find_map(|l| {
+            let (ctrl, path) = l.split_once(':')?.1.split_once(':')?;
+            (ctrl == "memory" || ctrl.is_empty()).then(|| (ctrl.to_string(), path.to_string()))
+        })
+        .filter(|(_, p)| p.ends_with("/husk/web"))
+        .unwrap_or_else(|| panic!("no husk cgroup: {cgroups}"));
+    let base = std::path::Path::new("/sys/fs/cgroup").join(&group.0);
+    let dir = base.join(group.1.trim_start_matches('/'));
+    let used: u64 = ["memory.current", "memory.usage_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        used > 1 << 20,
+        "the VMM's memory is accounted: {used} bytes in {}",
+        dir.display()
+    );
 
     // From another host: a network namespace joined to this one by a veth
     // pair, reaching the host's address on it.
