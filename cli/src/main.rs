@@ -106,6 +106,9 @@ enum Cmd {
     Volume(VolumeCmd),
     /// Show husk's version and where its parts are.
     Version,
+    /// Show system-wide information: containers, images, network,
+    /// confinement, where things are.
+    Info,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +173,10 @@ struct RunArgs {
     /// Mount a named volume: NAME:/path[:ro] (created if missing).
     #[arg(short, long = "volume", value_name = "NAME:PATH[:ro]")]
     volume: Vec<String>,
+    /// Attach a mount: type=volume,source=NAME,target=/path[,readonly] or
+    /// type=tmpfs,target=/path.
+    #[arg(long = "mount", value_name = "type=...,target=...")]
+    mount: Vec<String>,
     /// The container's (and sandbox's) name.
     #[arg(long)]
     name: Option<String>,
@@ -300,6 +307,41 @@ fn parse_volume(v: &str) -> Result<(String, String, bool)> {
     Ok((src.to_string(), dst.to_string(), ro))
 }
 
+/// `--mount type=volume,source=NAME,target=/path[,readonly]` as a volume
+/// (name, path, read-only), or `type=tmpfs,target=/path` (None for the
+/// name).
+fn parse_mount(m: &str) -> Result<(Option<String>, String, bool)> {
+    let (mut typ, mut src, mut dst, mut ro) = ("volume", None, None, false);
+    for kv in m.split(',') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "type" => typ = v,
+            "source" | "src" => src = Some(v),
+            "target" | "destination" | "dst" => dst = Some(v),
+            "readonly" | "ro" => ro = v.is_empty() || v == "true" || v == "1",
+            other => bail!("--mount {m}: unknown key {other:?}"),
+        }
+    }
+    let dst = dst.ok_or_else(|| anyhow::anyhow!("--mount {m}: no target"))?;
+    match typ {
+        "volume" => {
+            let src = src.ok_or_else(|| anyhow::anyhow!("--mount {m}: a volume needs a source (its name)"))?;
+            let (n, d, _) = parse_volume(&format!("{src}:{dst}"))?;
+            Ok((Some(n), d, ro))
+        }
+        "tmpfs" => {
+            if !dst.starts_with('/') || dst == "/" {
+                bail!("--mount {m}: the target must be an absolute path other than /");
+            }
+            Ok((None, dst.to_string(), ro))
+        }
+        "bind" => bail!(
+            "--mount {m}: binding a host directory needs a shared file system (virtio-fs), which husk does not have yet; use type=volume"
+        ),
+        other => bail!("--mount {m}: type {other:?} is not volume, tmpfs or bind"),
+    }
+}
+
 /// What a failed create or start means for the exit code: Docker's 127 for
 /// a command that is not there, 126 for one that cannot run.
 fn start_failure_code(message: &str) -> u8 {
@@ -407,8 +449,31 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     let mut volumes = Vec::new();
     let mut mounted = Vec::new();
     let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let mut requested = Vec::new();
     for v in &a.volume {
         let (name, dst, ro) = parse_volume(v)?;
+        requested.push((name, dst, ro));
+    }
+    for m in &a.mount {
+        match parse_mount(m)? {
+            (Some(name), dst, ro) => requested.push((name, dst, ro)),
+            (None, dst, ro) => {
+                let mut opts = vec!["nosuid".to_string(), "nodev".to_string()];
+                if ro {
+                    opts.push("ro".into());
+                }
+                mounts.push(
+                    MountBuilder::default()
+                        .destination(dst)
+                        .typ("tmpfs")
+                        .source("tmpfs")
+                        .options(opts)
+                        .build()?,
+                );
+            }
+        }
+    }
+    for (name, dst, ro) in requested {
         mounted.push((name.clone(), dst.clone(), ro));
         mounts.push(
             MountBuilder::default()
@@ -1079,6 +1144,46 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
     Ok(())
 }
 
+fn info() -> Result<()> {
+    let rt = runtime()?;
+    let all = records()?.list()?;
+    let running = all.iter().filter(|r| r.status == Status::Running).count();
+    let images = ImageStore::open(&default_store_dir())?.list()?.len();
+    let kvm = match check_kvm() {
+        Ok(()) => "usable".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    println!("Containers: {}", all.len());
+    println!(" Running: {running}");
+    println!(" Stopped: {}", all.len() - running);
+    println!("Images: {images}");
+    println!("Server Version: husk {}", env!("CARGO_PKG_VERSION"));
+    println!("Isolation: one KVM microVM per container (husk-vmm)");
+    println!(" /dev/kvm: {kvm}");
+    println!(
+        " VMM confinement: {}",
+        if rt.confine {
+            format!(
+                "namespaces (mnt, pid, ipc), chroot, uid {}, cgroup husk/<id>",
+                husk_runtime::jail::vmm_uid()
+            )
+        } else {
+            "off (not root, or HUSK_CONFINE=0)".into()
+        }
+    );
+    println!(" Kernel: {}", rt.kernel.display());
+    println!(" Guest image: {}", rt.guest_image.display());
+    println!(" husk-vmm: {}", rt.vmm.display());
+    println!(
+        "Network: bridge {} {}/{} (NAT), none",
+        rt.network.bridge, rt.network.subnet, rt.network.prefix
+    );
+    println!("Root Dir: {}", husk_runtime::default_data_dir().display());
+    println!("Run Dir: {}", rt.run_dir.display());
+    println!("Templates: {}", rt.cache_dir.join("templates").display());
+    Ok(())
+}
+
 /// Pulls `reference` with a progress bar per layer (on a terminal).
 fn pull(store: &ImageStore, reference: &str) -> Result<husk_runtime::image::ImageRecord> {
     use husk_runtime::pull::PullEvent;
@@ -1209,6 +1314,7 @@ fn main() -> ExitCode {
             .map(|_| 0)
             .map_err(Failure::from),
         Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Info => info().map(|_| 0).map_err(Failure::from),
         Cmd::Version => runtime()
             .map(|rt| {
                 println!("husk {}", env!("CARGO_PKG_VERSION"));

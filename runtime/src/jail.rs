@@ -75,7 +75,16 @@ pub struct Cgroup {
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 impl Cgroup {
+    /// A new group for `name` (a sandbox id), made unique: ids are unique
+    /// per run directory only.
     pub fn create(name: &str) -> Result<Cgroup> {
+        let mut r = [0u8; 4];
+        crate::sandbox::getrandom(&mut r)?;
+        let name = format!(
+            "{name}-{}",
+            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let name = name.as_str();
         let root = Path::new(CGROUP_ROOT);
         let v2 = std::fs::read_to_string(root.join("cgroup.controllers"))
             .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
@@ -149,6 +158,17 @@ fn sweep(parent: &Path) {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         self.procs.clear();
+        for d in &self.dirs {
+            // Whatever still runs in it is a VMM whose sandbox is gone.
+            for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) with a pid read from our own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         for d in &self.dirs {
             // Empty once the VMM and its keeper are reaped; give a dying
             // VMM a few seconds.
@@ -317,11 +337,6 @@ impl Plan {
                 }
                 libc::_exit(128 + libc::WTERMSIG(status));
             }
-            // The VMM, PID 1 of its namespace: dies with its keeper.
-            check(libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-            ))?;
             let null = std::ptr::null();
             check(libc::mount(
                 null,
@@ -366,6 +381,12 @@ impl Plan {
             check(libc::setgroups(0, std::ptr::null()))?;
             check(libc::setgid(self.gid))?;
             check(libc::setuid(self.uid))?;
+            // The VMM, PID 1 of its namespace, dies with its keeper. Set
+            // last: a change of uid or gid clears it.
+            check(libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+            ))?;
         }
         Ok(())
     }

@@ -120,3 +120,24 @@ pub(crate) fn flock_exclusive(
     }
     Ok(Some(f))
 }
+
+/// An exclusive lock on a file, released when dropped (flock(2)): the
+/// lock lives as long as the open file.
+pub(crate) struct Lock(#[allow(dead_code)] std::fs::File);
+
+impl Lock {
+    /// The lock on `path` (created if missing); None if another holds it
+    /// and `wait` is false.
+    pub(crate) fn take(path: &std::path::Path, wait: bool) -> anyhow::Result<Option<Lock>> {
+        use anyhow::Context;
+        let f = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(flock_exclusive(f, wait)
+            .with_context(|| format!("locking {}", path.display()))?
+            .map(Lock))
+    }
+}

@@ -433,16 +433,8 @@ fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn lock(path: &Path) -> Result<File> {
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("{}", path.display()))?;
-    crate::flock_exclusive(f, true)
-        .with_context(|| format!("locking {}", path.display()))?
-        .ok_or_else(|| anyhow!("locking {}", path.display()))
+fn lock(path: &Path) -> Result<crate::Lock> {
+    crate::Lock::take(path, true)?.ok_or_else(|| anyhow!("locking {}", path.display()))
 }
 
 /// Name servers for a sandbox: the host's, without loopback ones (a local

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::jail::{JailSpec, Share};
 use crate::vmm::api_request;
+use crate::Lock;
 use crate::Runtime;
 
 /// Bumped when what a template holds, or how it is booted, changes.
@@ -299,24 +300,6 @@ pub(crate) fn tail(path: &Path, max: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(max);
     String::from_utf8_lossy(&text[start..]).trim().to_string()
-}
-
-/// An exclusive lock on a file, released when dropped (flock(2)): the
-/// lock lives as long as the open file.
-struct Lock(#[allow(dead_code)] File);
-
-impl Lock {
-    fn take(path: &Path, wait: bool) -> Result<Option<Lock>> {
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("{}", path.display()))?;
-        Ok(crate::flock_exclusive(f, wait)
-            .with_context(|| format!("locking {}", path.display()))?
-            .map(Lock))
-    }
 }
 
 /// A ready template.

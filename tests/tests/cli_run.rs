@@ -48,14 +48,18 @@ impl Husk {
             .collect()
     }
 
-    /// Processes whose command line names this husk's run directory (its
-    /// VMMs: their sockets live there).
+    /// husk-vmm processes whose command line names this husk's run
+    /// directory (their sockets live there).
     fn vmm_pids(&self) -> Vec<i32> {
         let run = self.root.path().join("run");
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "husk-vmm")
+            })
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| String::from_utf8_lossy(&c).contains(run.to_str().unwrap()))
@@ -238,16 +242,31 @@ fn husk_run_busybox_like_docker_run() {
         &[
             "run",
             "--rm",
-            "-v",
-            "data:/data:ro",
+            "--mount",
+            "type=volume,source=data,target=/data,readonly",
+            "--mount",
+            "type=tmpfs,target=/scratch",
             img,
             "sh",
             "-c",
-            "cat /data/f; touch /data/g 2>/dev/null || echo read-only",
+            "cat /data/f; touch /data/g 2>/dev/null || echo read-only; grep -c ' /scratch tmpfs' /proc/mounts",
         ],
         "",
     );
-    assert_eq!(text(&out.stdout), "kept\nread-only\n");
+    assert_eq!(text(&out.stdout), "kept\nread-only\n1\n");
+    let out = h.run(
+        &[
+            "run",
+            "--rm",
+            "--mount",
+            "type=bind,source=/etc,target=/x",
+            img,
+            "true",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("virtio-fs"));
     let ls = text(&h.run(&["volume", "ls"], "").stdout);
     assert!(ls.contains("data"), "{ls}");
     let out = h.run(&["run", "--rm", "-v", "/etc:/x", img, "true"], "");
@@ -620,7 +639,7 @@ fn bridge_network_ports_and_network_none() {
             let (ctrl, path) = l.split_once(':')?.1.split_once(':')?;
             (ctrl == "memory" || ctrl.is_empty()).then(|| (ctrl.to_string(), path.to_string()))
         })
-        .filter(|(_, p)| p.ends_with("/husk/web"))
+        .filter(|(_, p)| p.contains("/husk/web-"))
         .unwrap_or_else(|| panic!("no husk cgroup: {cgroups}"));
     let base = std::path::Path::new("/sys/fs/cgroup").join(&group.0);
     let dir = base.join(group.1.trim_start_matches('/'));
