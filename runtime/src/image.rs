@@ -86,7 +86,7 @@ fn file_digest(path: &Path) -> Result<String> {
 }
 
 /// The hex part of a sha256 digest, checked (it names files).
-fn digest_hex(digest: &str) -> Result<&str> {
+pub(crate) fn digest_hex(digest: &str) -> Result<&str> {
     let hex = digest
         .strip_prefix("sha256:")
         .with_context(|| format!("digest {digest:?}: only sha256 is supported"))?;

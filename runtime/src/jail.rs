@@ -78,12 +78,7 @@ impl Cgroup {
     /// A new group for `name` (a sandbox id), made unique: ids are unique
     /// per run directory only.
     pub fn create(name: &str) -> Result<Cgroup> {
-        let mut r = [0u8; 4];
-        crate::sandbox::getrandom(&mut r)?;
-        let name = format!(
-            "{name}-{}",
-            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let name = format!("{name}-{}", crate::sandbox::random_hex(4)?);
         let name = name.as_str();
         let root = Path::new(CGROUP_ROOT);
         let v2 = std::fs::read_to_string(root.join("cgroup.controllers"))

@@ -261,12 +261,7 @@ impl NetworkConfig {
     /// A new tap, attached to the bridge and up when `attach`, else left
     /// alone (a sandbox without network still needs its NIC backed).
     pub fn tap(&self, attach: bool) -> Result<Tap> {
-        let mut id = [0u8; 4];
-        crate::sandbox::getrandom(&mut id)?;
-        let name = format!(
-            "husk-{}",
-            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let name = format!("husk-{}", crate::sandbox::random_hex(4)?);
         let file = create_tap(&name)?;
         let tap = Tap { file, name };
         if attach {

@@ -28,7 +28,7 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWrite;
 
-use crate::image::{normalize, ImageRecord, ImageStore};
+use crate::image::{digest_hex, normalize, ImageRecord, ImageStore};
 
 /// What a pull reports as it goes (for progress bars).
 #[derive(Clone, Debug)]
@@ -193,13 +193,7 @@ impl ImageStore {
         }
         let blobs = dir.join("blobs/sha256");
         tokio::fs::create_dir_all(&blobs).await?;
-        let hex = |d: &str| -> Result<String> {
-            let h = d
-                .strip_prefix("sha256:")
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or_else(|| anyhow!("digest {d:?} is not sha256:<64 hex>"))?;
-            Ok(h.to_string())
-        };
+        let hex = |d: &str| digest_hex(d).map(String::from);
         tokio::fs::write(blobs.join(hex(&digest)?), &body).await?;
         events(PullEvent::Resolved {
             digest: digest.clone(),

@@ -464,6 +464,13 @@ fn give_identity(
     Ok(())
 }
 
+/// `bytes` random bytes from the kernel's CSPRNG, as hex (unique names).
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
+    let mut b = vec![0u8; bytes];
+    getrandom(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Fills `buf` from the kernel's CSPRNG.
 pub fn getrandom(buf: &mut [u8]) -> Result<()> {
     let mut done = 0;
