@@ -559,10 +559,14 @@ fn http_get(addr: &str) -> String {
     let Ok(mut c) = std::net::TcpStream::connect(addr) else {
         return String::new();
     };
-    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    // Generous: the guest's TCP stack runs in emulated kernel code, and
+    // other tests' guests share the two host cores.
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(30)));
     let _ = c.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut body = String::new();
-    let _ = c.read_to_string(&mut body);
+    if let Err(e) = c.read_to_string(&mut body) {
+        body.push_str(&format!("[reading {addr}: {e}]"));
+    }
     body
 }
 
@@ -670,7 +674,9 @@ fn bridge_network_ports_and_network_none() {
          ip netns exec {ns} ip link set {peer_if} up",
         ns = other.name
     ));
-    let from_peer = in_netns(&other, || http_get("192.168.251.1:8080"));
+    let from_peer = in_netns(&other, || {
+        wait_for_page(|| http_get("192.168.251.1:8080"), page)
+    });
     assert!(from_peer.contains(page), "{from_peer}");
 
     // Sandbox to sandbox by address, and out through NAT to the other
