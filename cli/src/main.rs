@@ -19,6 +19,7 @@ use husk_runtime::image::{default_store_dir, normalize, ImageStore};
 use husk_runtime::ports::{docker_ports, parse_publish, PortMapping};
 use husk_runtime::record::NetInfo;
 use husk_runtime::record::{LogWriter, Record, Records, Status};
+use husk_runtime::shared::HostShare;
 use husk_runtime::spec::{container_spec, parse_memory, ProcessOptions};
 use husk_runtime::volume::VolumeStore;
 use husk_runtime::{Boot, DriveSpec, NetworkMode, Runtime, SandboxConfig};
@@ -285,32 +286,63 @@ fn env_file(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// A `-v` argument: (volume name, path in the container, read-only).
-fn parse_volume(v: &str) -> Result<(String, String, bool)> {
+/// What a `-v` or `--mount` mounts: a named volume or a host path (shared
+/// over virtio-fs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Source {
+    Volume(String),
+    Host(std::path::PathBuf),
+}
+
+/// A host path as Docker takes it: absolute, or relative to the working
+/// directory when it starts with `.`; `create` makes a missing directory
+/// (`-v`), otherwise a missing path is an error (`--mount type=bind`).
+fn host_path(p: &str, create: bool, what: &str) -> Result<std::path::PathBuf> {
+    let path = std::env::current_dir()?.join(p);
+    if !path.exists() {
+        if !create {
+            bail!(
+                "{what}: bind source path does not exist: {}",
+                path.display()
+            );
+        }
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("{what}: creating {}", path.display()))?;
+    }
+    path.canonicalize()
+        .with_context(|| format!("{what}: {}", path.display()))
+}
+
+fn check_target(what: &str, dst: &str) -> Result<()> {
+    if !dst.starts_with('/') || dst == "/" || dst.split('/').any(|c| c == "..") {
+        bail!("{what}: the container path must be absolute, not / and without ..");
+    }
+    Ok(())
+}
+
+/// A `-v` argument: (source, path in the container, read-only).
+fn parse_volume(v: &str) -> Result<(Source, String, bool)> {
     let parts: Vec<&str> = v.split(':').collect();
     let (src, dst, ro) = match parts.as_slice() {
         [s, d] => (*s, *d, false),
         [s, d, "ro"] => (*s, *d, true),
         [s, d, "rw"] => (*s, *d, false),
         [_] => bail!("-v {v}: anonymous volumes are not supported yet; name one: -v NAME:{v}"),
-        _ => bail!("-v {v}: expected NAME:/path[:ro]"),
+        _ => bail!("-v {v}: expected NAME:/path[:ro] or /host/path:/path[:ro]"),
     };
-    if src.starts_with('/') || src.starts_with('.') {
-        bail!(
-            "-v {v}: binding a host directory needs a shared file system (virtio-fs), which husk does not have yet; use a named volume"
-        );
-    }
-    husk_runtime::volume::check_name(src)?;
-    if !dst.starts_with('/') || dst == "/" || dst.split('/').any(|c| c == "..") {
-        bail!("-v {v}: the container path must be absolute, not / and without ..");
-    }
-    Ok((src.to_string(), dst.to_string(), ro))
+    check_target(&format!("-v {v}"), dst)?;
+    let source = if src.starts_with('/') || src.starts_with('.') {
+        Source::Host(host_path(src, true, &format!("-v {v}"))?)
+    } else {
+        husk_runtime::volume::check_name(src)?;
+        Source::Volume(src.to_string())
+    };
+    Ok((source, dst.to_string(), ro))
 }
 
-/// `--mount type=volume,source=NAME,target=/path[,readonly]` as a volume
-/// (name, path, read-only), or `type=tmpfs,target=/path` (None for the
-/// name).
-fn parse_mount(m: &str) -> Result<(Option<String>, String, bool)> {
+/// `--mount type=volume|bind,source=...,target=/path[,readonly]` (a
+/// source), or `type=tmpfs,target=/path` (None for the source).
+fn parse_mount(m: &str) -> Result<(Option<Source>, String, bool)> {
     let (mut typ, mut src, mut dst, mut ro) = ("volume", None, None, false);
     for kv in m.split(',') {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -323,22 +355,21 @@ fn parse_mount(m: &str) -> Result<(Option<String>, String, bool)> {
         }
     }
     let dst = dst.ok_or_else(|| anyhow::anyhow!("--mount {m}: no target"))?;
+    let what = format!("--mount {m}");
+    check_target(&what, dst)?;
+    let src = || src.ok_or_else(|| anyhow::anyhow!("--mount {m}: type {typ} needs a source"));
     match typ {
         "volume" => {
-            let src = src.ok_or_else(|| anyhow::anyhow!("--mount {m}: a volume needs a source (its name)"))?;
-            let (n, d, _) = parse_volume(&format!("{src}:{dst}"))?;
-            Ok((Some(n), d, ro))
+            let name = src()?;
+            husk_runtime::volume::check_name(name)?;
+            Ok((Some(Source::Volume(name.into())), dst.into(), ro))
         }
-        "tmpfs" => {
-            if !dst.starts_with('/') || dst == "/" {
-                bail!("--mount {m}: the target must be an absolute path other than /");
-            }
-            Ok((None, dst.to_string(), ro))
+        "bind" => {
+            let path = host_path(src()?, false, &what)?;
+            Ok((Some(Source::Host(path)), dst.into(), ro))
         }
-        "bind" => bail!(
-            "--mount {m}: binding a host directory needs a shared file system (virtio-fs), which husk does not have yet; use type=volume"
-        ),
-        other => bail!("--mount {m}: type {other:?} is not volume, tmpfs or bind"),
+        "tmpfs" => Ok((None, dst.to_string(), ro)),
+        other => bail!("--mount {m}: type {other:?} is not volume, bind or tmpfs"),
     }
 }
 
@@ -473,20 +504,37 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
             }
         }
     }
-    for (name, dst, ro) in requested {
-        mounted.push((name.clone(), dst.clone(), ro));
+    let mut shares = Vec::new();
+    for (source, dst, ro) in requested {
+        // Records name a host path by itself (absolute), a volume by name.
+        let (name, in_guest) = match source {
+            Source::Volume(name) => {
+                volumes.push(name.clone());
+                (name.clone(), format!("vol-{name}"))
+            }
+            Source::Host(path) => {
+                shares.push(HostShare {
+                    source: path.clone(),
+                    read_only: ro,
+                });
+                (
+                    path.display().to_string(),
+                    husk_runtime::shared::guest_source(shares.len() - 1),
+                )
+            }
+        };
+        mounted.push((name, dst.clone(), ro));
         mounts.push(
             MountBuilder::default()
                 .destination(dst)
                 .typ("bind")
-                .source(format!("vol-{name}"))
+                .source(in_guest)
                 .options(vec![
                     "rbind".to_string(),
                     if ro { "ro" } else { "rw" }.to_string(),
                 ])
                 .build()?,
         );
-        volumes.push(name);
     }
     spec.set_mounts(Some(mounts));
     let process = spec.process().clone().unwrap_or_default();
@@ -527,7 +575,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         &spec,
         &store,
         &image,
-        &volumes,
+        (&volumes, &shares),
         &log,
         &records,
         &mut record,
@@ -564,7 +612,7 @@ fn detach(records: &Records, mut record: Record) -> Result<u8, Failure> {
         // Its own session: the terminal's signals are not its.
         .process_group(0)
         .spawn();
-    let child = match child {
+    let mut child = match child {
         Ok(c) => c,
         Err(e) => {
             let _ = records.remove(&record.id);
@@ -592,7 +640,25 @@ fn detach(records: &Records, mut record: Record) -> Result<u8, Failure> {
                     .unwrap_or_else(|| "the background husk exited".into());
                 return Err(Failure(start_failure_code(&why), anyhow::anyhow!(why)));
             }
-            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(_) => {
+                // One that dies before it records anything must not leave
+                // this one waiting for ever.
+                if let Ok(Some(status)) = child.try_wait() {
+                    if records
+                        .get(&record.id)
+                        .is_ok_and(|r| r.status == Status::Created)
+                    {
+                        let _ = records.remove(&record.id);
+                        return Err(Failure(
+                            HUSK_ERROR,
+                            anyhow::anyhow!(
+                                "the background husk exited ({status}) before the container started"
+                            ),
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50))
+            }
             // Removed: it ran with --rm and is gone.
             Err(_) => {
                 println!("{}", record.id);
@@ -612,7 +678,7 @@ fn run_container(
     spec: &oci_spec::runtime::Spec,
     store: &ImageStore,
     image: &husk_runtime::image::ImageRecord,
-    volume_names: &[String],
+    (volume_names, shares): (&[String], &[HostShare]),
     log: &LogWriter,
     records: &Records,
     record: &mut Record,
@@ -627,6 +693,7 @@ fn run_container(
     cfg.hostname = hostname;
     cfg.network = network;
     cfg.ports = ports;
+    cfg.shares = shares.to_vec();
     cfg.drives = vec![DriveSpec {
         path: rootfs,
         read_only: true,
@@ -672,6 +739,7 @@ fn run_container(
             ..Default::default()
         });
     }
+    storage.extend(sandbox.shared_storage());
     let detached = a.detach;
     // A terminal merges stderr into its output, as a pty does.
     let io = Io {
@@ -1066,10 +1134,17 @@ fn inspect(containers: &[String]) -> Result<()> {
                 "Pid": if r.status == Status::Running { r.owner_pid } else { 0 },
             },
             "Config": {"Env": r.env, "WorkingDir": r.cwd, "Cmd": r.command},
-            "Mounts": r.volumes.iter().map(|(name, dst, ro)| serde_json::json!({
-                "Type": "volume", "Name": name, "Destination": dst, "RW": !ro,
-                "Driver": "local",
-            })).collect::<Vec<_>>(),
+            "Mounts": r.volumes.iter().map(|(name, dst, ro)| if name.starts_with('/') {
+                serde_json::json!({
+                    "Type": "bind", "Source": name, "Destination": dst, "RW": !ro,
+                    "Propagation": "rprivate",
+                })
+            } else {
+                serde_json::json!({
+                    "Type": "volume", "Name": name, "Destination": dst, "RW": !ro,
+                    "Driver": "local",
+                })
+            }).collect::<Vec<_>>(),
             "NetworkSettings": match &r.network {
                 Some(n) if r.status == Status::Running => serde_json::json!({
                     "IPAddress": n.ip, "IPPrefixLen": n.prefix, "Gateway": n.gateway,
@@ -1354,10 +1429,37 @@ mod tests {
     fn volume_arguments() {
         assert_eq!(
             parse_volume("data:/data:ro").unwrap(),
-            ("data".into(), "/data".into(), true)
+            (Source::Volume("data".into()), "/data".into(), true)
         );
         assert!(!parse_volume("data:/data").unwrap().2);
-        assert!(format!("{:#}", parse_volume("/srv:/data").unwrap_err()).contains("virtio-fs"));
+        // -v makes a missing host directory, as Docker does; --mount
+        // type=bind refuses one.
+        let d = tempfile::tempdir().unwrap();
+        let made = d.path().join("new/dir");
+        let arg = format!("{}:/data:ro", made.display());
+        assert_eq!(
+            parse_volume(&arg).unwrap(),
+            (
+                Source::Host(made.canonicalize().unwrap()),
+                "/data".into(),
+                true
+            )
+        );
+        let missing = d.path().join("missing");
+        let e =
+            parse_mount(&format!("type=bind,source={},target=/x", missing.display())).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("bind source path does not exist"),
+            "{e:#}"
+        );
+        assert!(!missing.exists());
+        let (src, dst, ro) =
+            parse_mount(&format!("type=bind,src={},dst=/x,readonly", made.display())).unwrap();
+        assert_eq!(
+            (src, dst.as_str(), ro),
+            (Some(Source::Host(made.canonicalize().unwrap())), "/x", true)
+        );
+        assert!(parse_mount("type=bind,target=/x").is_err());
         assert!(parse_volume("/data").is_err());
         assert!(parse_volume("data:rel").is_err());
         assert!(parse_volume("data:/a/../b").is_err());

@@ -20,6 +20,7 @@ use oci_spec::runtime::Spec;
 use crate::vmm::vsock_connect;
 
 /// A request context with the API version and a timeout.
+/// A request context with a deadline (`Duration::ZERO`: none).
 pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
     let mut c = ttrpc::context::with_timeout(timeout.as_nanos() as i64);
     c.add(VERSION_KEY.to_string(), API_VERSION.to_string());
@@ -168,8 +169,10 @@ impl AgentConn {
             exec_id: exec_id.into(),
             ..Default::default()
         };
+        // No deadline: a process runs as long as it runs. A VM that dies
+        // breaks the connection, which ends the call.
         self.containers
-            .wait_process(ctx(Duration::from_secs(120)), &req)
+            .wait_process(ctx(Duration::ZERO), &req)
             .map_err(|e| anyhow::anyhow!("WaitProcess {id}/{exec_id}: {}", rpc_message(&e)))
     }
 

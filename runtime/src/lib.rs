@@ -13,6 +13,7 @@ pub mod ports;
 pub mod pull;
 pub mod record;
 pub mod sandbox;
+pub mod shared;
 pub mod spec;
 pub mod template;
 pub mod vmm;
@@ -40,6 +41,8 @@ pub struct Runtime {
     /// Run each husk-vmm confined (namespaces, chroot, its own uid, a
     /// cgroup); on by default as root.
     pub confine: bool,
+    /// The virtio-fs backend for shared host paths.
+    pub virtiofsd: PathBuf,
 }
 
 impl Runtime {
@@ -53,6 +56,7 @@ impl Runtime {
             run_dir: default_run_dir(),
             network: network::NetworkConfig::default(),
             confine: jail::enabled(),
+            virtiofsd: shared::default_virtiofsd(),
         }
     }
 }

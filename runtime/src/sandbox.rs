@@ -53,6 +53,10 @@ pub struct SandboxConfig {
     pub network: NetworkMode,
     /// Host ports relayed to the sandbox (bridge network only).
     pub ports: Vec<PortMapping>,
+    /// Host paths shared over virtio-fs; share `i` is at
+    /// `shared::guest_source(i)` under the agent's storage directory once
+    /// the storage `Sandbox::shared_storage` names is mounted.
+    pub shares: Vec<crate::shared::HostShare>,
     pub boot: Boot,
     /// Keep the guest console in `<sandbox dir>/console.log`.
     pub console_log: bool,
@@ -69,6 +73,7 @@ impl SandboxConfig {
             dns_search: Vec::new(),
             network: NetworkMode::default(),
             ports: Vec::new(),
+            shares: Vec::new(),
             boot: Boot::default(),
             console_log: false,
         }
@@ -103,9 +108,21 @@ pub struct Sandbox {
     /// Its published ports, bound.
     pub publisher: Option<Publisher>,
     vmm: VmmProcess,
+    /// virtiofsd, after the VMM (fields drop in order).
+    shared: Option<crate::shared::SharedFs>,
 }
 
 impl Sandbox {
+    /// The storage the agent mounts for the config's shares, if it has any.
+    pub fn shared_storage(&self) -> Option<husk_protocol::agent::Storage> {
+        self.shared.as_ref().map(|_| husk_protocol::agent::Storage {
+            source: crate::shared::FS_TAG.into(),
+            fstype: "virtiofs".into(),
+            mount_point: crate::shared::MOUNT_POINT.into(),
+            ..Default::default()
+        })
+    }
+
     pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
         self.lease.as_ref().map(|l| l.ip)
     }
@@ -258,8 +275,21 @@ impl Runtime {
             }
         };
         let tap = self.network.tap(bridged)?;
+        let share = || -> Result<Option<crate::shared::SharedFs>> {
+            if cfg.shares.is_empty() {
+                return Ok(None);
+            }
+            crate::shared::SharedFs::start(&self.virtiofsd, dir, &cfg.shares)
+                .map(Some)
+                .context("sharing host paths")
+        };
+        let mut shared = share()?;
+        // [tap, lease?, virtio-fs socket?]: the VMM config names tap and
+        // socket by number.
         let mut inherit = vec![tap.fd()];
         inherit.extend(lease.as_ref().map(Lease::fd));
+        let fs_fd = shared.as_ref().map(|s| s.fd());
+        inherit.extend(fs_fd);
         let console = cfg.console_log.then(|| dir.join("console.log"));
         let log = dir.join("vmm.log");
         let (vmm, agent, devices, template) = match cfg.boot {
@@ -269,16 +299,25 @@ impl Runtime {
                 times.template = t0.elapsed();
                 let t1 = Instant::now();
                 let (vmm, agent, devices) =
-                    match self.restore(&t, cfg, dir, console.as_deref(), &inherit) {
+                    match self.restore(&t, cfg, dir, console.as_deref(), &inherit, fs_fd) {
                         Ok(x) => x,
                         Err(e) => {
+                            if let Some(s) = shared.as_mut() {
+                                // The backend failed, not the template.
+                                s.check_alive().context("sharing host paths")?;
+                            }
                             // A template this VMM or host refuses (other VMM
                             // build, CPU template, a damaged file) is rebuilt
-                            // once.
+                            // once. The backend's session is not reused.
                             t.invalidate();
                             t = Template::ensure(self, &cfg.machine)
                                 .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
-                            self.restore(&t, cfg, dir, console.as_deref(), &inherit)
+                            drop(shared.take());
+                            shared = share()?;
+                            let fs_fd = shared.as_ref().map(|s| s.fd());
+                            inherit.truncate(1 + usize::from(lease.is_some()));
+                            inherit.extend(fs_fd);
+                            self.restore(&t, cfg, dir, console.as_deref(), &inherit, fs_fd)
                                 .with_context(|| format!("after rebuilding template {}", t.key))?
                         }
                     };
@@ -298,6 +337,7 @@ impl Runtime {
                     &vsock,
                     console.as_deref(),
                     tap.fd(),
+                    fs_fd,
                 );
                 let file = dir.join("vm.json");
                 std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
@@ -333,6 +373,7 @@ impl Runtime {
             times,
             template,
             vmm,
+            shared,
         })
     }
 
@@ -344,6 +385,7 @@ impl Runtime {
         dir: &Path,
         console: Option<&Path>,
         inherit: &[i32],
+        fs_fd: Option<i32>,
     ) -> Result<(VmmProcess, AgentConn, Vec<String>)> {
         let (slots, devices) = assign_slots(&cfg.drives, &t.placeholder)?;
         let vsock = dir.join(VSOCK_SOCKET);
@@ -378,7 +420,7 @@ impl Runtime {
                 serde_json::json!({"drive_id": id, "path_on_host": p})
             })
             .collect();
-        let load = serde_json::json!({
+        let mut load = serde_json::json!({
             "snapshot_path": t.snapshot,
             "mem_file_path": t.memory,
             "resume_vm": true,
@@ -387,6 +429,10 @@ impl Runtime {
             "drives": drives,
             "network_interfaces": [{"iface_id": NET_IFACE, "tap_fd": inherit[0]}],
         });
+        if let Some(fd) = fs_fd {
+            load["filesystems"] =
+                serde_json::json!([{"fs_id": crate::shared::FS_ID, "socket_fd": fd}]);
+        }
         let (status, body) = match api_request(&api, "PUT", "/snapshot/load", &load.to_string()) {
             Ok(x) => x,
             Err(e) => {

@@ -30,7 +30,7 @@ use crate::Lock;
 use crate::Runtime;
 
 /// Bumped when what a template holds, or how it is booted, changes.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 /// Read-only drive slots (container images) every guest has: vdb..vde.
 pub const RO_SLOTS: usize = 4;
 /// Read-write drive slots (volumes): vdf, vdg.
@@ -175,6 +175,7 @@ pub(crate) fn vm_config(
     vsock: &Path,
     console: Option<&Path>,
     tap_fd: i32,
+    fs_fd: Option<i32>,
 ) -> serde_json::Value {
     let mut drives = vec![serde_json::json!({
         "drive_id": "rootfs", "path_on_host": rt.guest_image,
@@ -202,6 +203,14 @@ pub(crate) fn vm_config(
         "network-interfaces": [{"iface_id": NET_IFACE, "tap_fd": tap_fd}],
         "vsock": {"guest_cid": 3, "uds_path": vsock},
         "entropy": {},
+        // Always there (a template's guest probes it); a backend only when
+        // the sandbox shares host paths.
+        "filesystems": [match fs_fd {
+            Some(fd) => serde_json::json!({
+                "fs_id": crate::shared::FS_ID, "tag": crate::shared::FS_TAG, "socket_fd": fd,
+            }),
+            None => serde_json::json!({"fs_id": crate::shared::FS_ID, "tag": crate::shared::FS_TAG}),
+        }],
         "serial": console_config(console),
     })
 }
@@ -383,6 +392,7 @@ impl Template {
             &work.join("v.sock"),
             Some(&console),
             tap.fd(),
+            None,
         );
         let cfg = work.join("vm.json");
         std::fs::write(&cfg, serde_json::to_vec_pretty(&config)?)?;
@@ -516,6 +526,7 @@ mod tests {
             run_dir: dir.join("run"),
             network: crate::network::NetworkConfig::default(),
             confine: false,
+            virtiofsd: "/nonexistent".into(),
         }
     }
 

@@ -142,10 +142,30 @@ fn a_sandbox_boots_cold_when_asked() {
     };
     let mut cfg = config("cold", &busybox);
     cfg.boot = Boot::Cold;
+    // A cold-booted guest's virtio-fs device is set up by its driver with
+    // the backend already there (a restored one's gets it at load).
+    let host = _dir.path().join("host-share");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("f"), "shared-ok\n").unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && rt.virtiofsd.exists() {
+        cfg.shares = vec![husk_runtime::shared::HostShare {
+            source: host.clone(),
+            read_only: false,
+        }];
+    } else {
+        println!(
+            "SKIP virtio-fs part: needs root and {}",
+            rt.virtiofsd.display()
+        );
+    }
     let sb = rt.start_sandbox(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
     describe(&sb);
     assert!(sb.template.is_none());
-    let i = identity(&sb, "ls /scratch");
+    let i = identity(&sb, "ls /scratch; cat /host/f 2>/dev/null");
+    if !cfg.shares.is_empty() {
+        assert!(i.scratch.contains("shared-ok"), "{i:?}");
+    }
     assert_eq!(i.hostname, "cold");
     assert!(
         i.clock_skew.abs() < 1.0,
@@ -179,7 +199,7 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
     let a = sb
         .connect()
         .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
-    let storage = vec![
+    let mut storage = vec![
         Storage {
             source: sb.devices[0].clone(),
             fstype: "erofs".into(),
@@ -218,6 +238,18 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
             .build()
             .unwrap(),
     );
+    if let Some(shared) = sb.shared_storage() {
+        storage.push(shared);
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination("/host")
+                .typ("bind")
+                .source(husk_runtime::shared::guest_source(0))
+                .options(vec!["rbind".to_string(), "rw".to_string()])
+                .build()
+                .unwrap(),
+        );
+    }
     spec.set_mounts(Some(mounts));
     let id = format!(
         "id-{}",

@@ -254,24 +254,117 @@ fn husk_run_busybox_like_docker_run() {
         "",
     );
     assert_eq!(text(&out.stdout), "kept\nread-only\n1\n");
-    let out = h.run(
-        &[
-            "run",
-            "--rm",
-            "--mount",
-            "type=bind,source=/etc,target=/x",
-            img,
-            "true",
-        ],
-        "",
-    );
-    assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("virtio-fs"));
     let ls = text(&h.run(&["volume", "ls"], "").stdout);
     assert!(ls.contains("data"), "{ls}");
-    let out = h.run(&["run", "--rm", "-v", "/etc:/x", img, "true"], "");
+
+    // Host paths over virtio-fs: a directory read-write, one read-only
+    // (refused in the guest, and read-only in virtiofsd's own mount
+    // namespace, so not even the guest kernel could write it), a single
+    // file. The container waits for the test's go-ahead while the test
+    // looks at virtiofsd.
+    let host = h.root.path().join("hostdir");
+    let ro = h.root.path().join("rodir");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(host.join("in.txt"), "from the host\n").unwrap();
+    std::fs::write(ro.join("k"), "keep\n").unwrap();
+    let file = h.root.path().join("motd");
+    std::fs::write(&file, "a single file\n").unwrap();
+    let script = "cat /data/in.txt /hostfile; echo written > /data/out.txt; \
+                  touch /ro/x 2>/dev/null || echo ro-refused; cat /ro/k; \
+                  touch /data/ready; n=0; \
+                  until [ -e /data/go ] || [ $n -ge 600 ]; do sleep 0.1; n=$((n+1)); done";
+    let vols = [
+        format!("{}:/data", host.display()),
+        format!("{}:/ro:ro", ro.display()),
+    ];
+    let bind = format!(
+        "type=bind,source={},target=/hostfile,readonly",
+        file.display()
+    );
+    let child = h
+        .cmd(&[
+            "run", "--rm", "-v", &vols[0], "-v", &vols[1], "--mount", &bind, img, "sh", "-c",
+            script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !host.join("ready").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let ours = |pid: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(&*h.root.path().to_string_lossy()))
+            .unwrap_or(false)
+    };
+    let virtiofsd: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "virtiofsd")
+                && ours(p)
+        })
+        .collect();
+    assert!(!virtiofsd.is_empty(), "no virtiofsd serving the sandbox");
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", virtiofsd[0])).unwrap();
+    let b1 = mounts
+        .lines()
+        .find(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|m| m.ends_with("/b1"))
+        })
+        .unwrap_or_else(|| panic!("no b1 mount in virtiofsd's namespace: {mounts}"));
+    assert!(
+        b1.split_whitespace()
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "{b1}"
+    );
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mounts.contains("/shared/b"),
+        "share mounts leaked to the host: {host_mounts}"
+    );
+    std::fs::write(host.join("go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "from the host\na single file\nro-refused\nkeep\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("out.txt")).unwrap(),
+        "written\n"
+    );
+    assert!(!ro.join("x").exists());
+    // Gone, or exited and waiting for an init to reap it (its inner
+    // process is orphaned when the outer one exits first).
+    let running = |p: &String| {
+        std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains("Z (zombie)"))
+        })
+    };
+    assert!(
+        !virtiofsd.iter().any(running),
+        "virtiofsd outlived its sandbox"
+    );
+    // --mount type=bind wants an existing source, as Docker's does.
+    let missing = format!(
+        "type=bind,source={}/nope,target=/x",
+        h.root.path().display()
+    );
+    let out = h.run(&["run", "--rm", "--mount", &missing, img, "true"], "");
     assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("virtio-fs"));
+    assert!(text(&out.stderr).contains("bind source path does not exist"));
     assert!(h.run(&["volume", "rm", "data"], "").status.success());
 
     // Docker's exit codes: 127 for a command not found, 125 for husk's own

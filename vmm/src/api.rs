@@ -8,6 +8,7 @@
 //! | `PUT /boot-source` | kernel, boot args, initrd |
 //! | `PUT /drives/{drive_id}` | a virtio-blk drive |
 //! | `PUT /network-interfaces/{iface_id}` | virtio-net on a tap |
+//! | `PUT /filesystems/{fs_id}` | virtio-fs on a vhost-user backend (tag, socket) |
 //! | `PUT /vsock` | hybrid vsock (guest CID, Unix socket path) |
 //! | `PUT /entropy` | virtio-rng |
 //! | `PUT /serial` | console output |
@@ -16,7 +17,7 @@
 //! | `PATCH /vm` | `{"state": "Paused"|"Resumed"}` (Firecracker's form) |
 //! | `GET /metrics` | counters as JSON |
 //! | `PUT /snapshot/create` | `{"snapshot_path", "mem_file_path"}` of a paused VM |
-//! | `PUT /snapshot/load` | `{"snapshot_path", "mem_file_path", "resume_vm", "vsock_uds_path", "serial", "drives", "network_interfaces"}`, instead of configuring and starting |
+//! | `PUT /snapshot/load` | `{"snapshot_path", "mem_file_path", "resume_vm", "vsock_uds_path", "serial", "drives", "network_interfaces", "filesystems"}`, instead of configuring and starting |
 //!
 //! Configuration requests are only accepted before `InstanceStart`. Bodies
 //! over 64 KiB are refused; every body is parsed with unknown fields denied.
@@ -31,7 +32,8 @@ use tiny_http::{Method, Request, Response, Server};
 
 use crate::builder::{self, RunningVm};
 use crate::config::{
-    BootSource, Drive, EntropyConfig, MachineConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
+    BootSource, Drive, EntropyConfig, FsConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
+    VsockConfig,
 };
 use crate::metrics::{inc, METRICS};
 use crate::snapshot::{CreateRequest, LoadRequest};
@@ -47,6 +49,7 @@ pub struct Inner {
     network_interfaces: Vec<NetConfig>,
     vsock: Option<VsockConfig>,
     entropy: Option<EntropyConfig>,
+    filesystems: Vec<FsConfig>,
     serial: SerialConfig,
     running: Option<Arc<RunningVm>>,
 }
@@ -104,6 +107,7 @@ impl Controller {
             network_interfaces: i.network_interfaces.clone(),
             vsock: i.vsock.clone(),
             entropy: i.entropy.clone(),
+            filesystems: i.filesystems.clone(),
             serial: i.serial.clone(),
         })
     }
@@ -117,6 +121,7 @@ impl Controller {
         i.network_interfaces = c.network_interfaces;
         i.vsock = c.vsock;
         i.entropy = c.entropy;
+        i.filesystems = c.filesystems;
         i.serial = c.serial;
     }
 
@@ -238,6 +243,11 @@ impl Controller {
                 upsert(&mut self.configuring()?.network_interfaces, n, |n| {
                     &n.iface_id
                 })
+            }
+            (Method::Put, ["filesystems", id]) => {
+                let f: FsConfig = parse(body)?;
+                check_id("fs_id", id, &f.fs_id)?;
+                upsert(&mut self.configuring()?.filesystems, f, |f| &f.fs_id)
             }
             (Method::Put, ["vsock"]) => {
                 let v: VsockConfig = parse(body)?;

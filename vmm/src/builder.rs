@@ -29,10 +29,11 @@ use crate::cpu_template::{CpuTemplate, HostProfile};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{adopt_tap_fd, open_tap, parse_mac, Net};
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::{Vsock, RX_QUEUE};
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
 use crate::snapshot::{CreateRequest, LoadRequest, Snapshot};
 use crate::vstate::memory;
@@ -305,6 +306,16 @@ pub fn restore(req: &LoadRequest) -> Result<Vmm> {
         n.host_dev_name = t.host_dev_name.clone();
         n.tap_fd = t.tap_fd;
     }
+    for b in &req.filesystems {
+        let Some(f) = config.filesystems.iter_mut().find(|f| f.fs_id == b.fs_id) else {
+            bail!("the snapshot has no filesystem {:?}", b.fs_id);
+        };
+        f.socket_path = b.socket_path.clone();
+        f.socket_fd = b.socket_fd;
+        if !f.has_backend() {
+            bail!("filesystem {:?}: give socket_path or socket_fd", b.fs_id);
+        }
+    }
     // A snapshot's inherited fd meant something only to the process that
     // took it.
     if let Some(n) = config.network_interfaces.iter().find(|n| {
@@ -384,6 +395,11 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
 
     let (mem, mem_file) = match from {
         None => memory::create(m.mem_size_mib << 20)?,
+        // A vhost-user backend maps guest memory itself: it must be shared
+        // memory, not a private copy-on-write mapping of the file.
+        Some((snap, mem_path)) if config.filesystems.iter().any(|f| f.has_backend()) => {
+            memory::restore_copy(mem_path, snap.mem_size)?
+        }
         Some((snap, mem_path)) => memory::restore(mem_path, snap.mem_size)?,
     };
     let vm = Vm::new()?;
@@ -479,6 +495,20 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
     for n in &config.network_interfaces {
         inherited.push(n.tap_fd.map(adopt_tap_fd).transpose()?);
     }
+    let mut fs_sockets = Vec::new();
+    for f in &config.filesystems {
+        fs_sockets.push(match (&f.socket_fd, &f.socket_path) {
+            (Some(fd), _) => Some(
+                fs::adopt_socket_fd(*fd).with_context(|| format!("filesystem {:?}", f.fs_id))?,
+            ),
+            (None, Some(p)) => {
+                Some(std::os::unix::net::UnixStream::connect(p).with_context(|| {
+                    format!("filesystem {:?}: connecting to {}", f.fs_id, p.display())
+                })?)
+            }
+            (None, None) => None,
+        });
+    }
     for (i, (n, tap)) in config.network_interfaces.iter().zip(inherited).enumerate() {
         // Without a MAC the guest picks a random one; a stable default is kinder.
         let mac = match &n.guest_mac {
@@ -515,6 +545,24 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(Rng::new()))?;
         transports.push(t);
         tracing::info!("entropy: virtio-rng at {at}");
+    }
+    for (f, sock) in config.filesystems.iter().zip(fs_sockets) {
+        let backed = sock.is_some();
+        let dev = fs::Fs::new(&f.tag, sock).with_context(|| format!("filesystem {:?}", f.fs_id))?;
+        let epfd = dev.epoll_fd();
+        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(dev))?;
+        transports.push(t.clone());
+        tracing::info!(
+            "filesystem {}: virtio-fs tag {:?} at {at}, {}",
+            f.fs_id,
+            f.tag,
+            if backed {
+                "vhost-user backend"
+            } else {
+                "no backend yet"
+            }
+        );
+        event_loops.push(("fs", epfd, t));
     }
     let mmio = slots.bus;
     if let Some(r) = root_args {
@@ -750,6 +798,9 @@ impl RunningVm {
             .iter()
             .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
+        if let Some(why) = guards.iter().find_map(|t| t.snapshot_blocker()) {
+            bail!("cannot snapshot this VM: {why}");
+        }
         let devices: Vec<_> = guards.iter().map(|t| t.state()).collect();
         let serial = self
             .serial
@@ -845,6 +896,6 @@ fn device_event_loop(fd: std::os::fd::RawFd, transport: Arc<Mutex<MmioTransport>
         transport
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .process(RX_QUEUE);
+            .process_host_events();
     }
 }

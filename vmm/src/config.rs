@@ -106,6 +106,31 @@ pub struct VsockConfig {
 #[serde(deny_unknown_fields)]
 pub struct EntropyConfig {}
 
+/// virtio-fs served by a vhost-user backend (virtiofsd), as Cloud
+/// Hypervisor's `--fs`. The backend is a socket to connect to
+/// (`socket_path`) or a connected one the VMM inherited (`socket_fd`).
+/// With neither the device is there for the guest to find but has no
+/// backend yet: a template VM's, given one when a snapshot is loaded.
+/// A backend needs guest memory it can map, so a snapshot loaded with
+/// one has its memory copied, not mapped private.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub fs_id: String,
+    /// What the guest mounts: `mount -t virtiofs <tag> <dir>`.
+    pub tag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_fd: Option<i32>,
+}
+
+impl FsConfig {
+    pub fn has_backend(&self) -> bool {
+        self.socket_path.is_some() || self.socket_fd.is_some()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialOutput {
@@ -138,6 +163,8 @@ pub struct VmConfig {
     /// virtio-rng (Firecracker calls it `entropy`); `{}` enables it.
     #[serde(default)]
     pub entropy: Option<EntropyConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filesystems: Vec<FsConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
 }
@@ -215,13 +242,42 @@ impl VmConfig {
             "iface_id",
             self.network_interfaces.iter().map(|n| n.iface_id.as_str()),
         )?;
-        // An inherited fd is adopted (owned) once.
+        for f in &self.filesystems {
+            if f.tag.is_empty() || f.tag.len() > crate::devices::virtio::fs::TAG_LEN {
+                return Err(ConfigError::Invalid(format!(
+                    "filesystem {:?}: tag {:?} must be 1 to {} bytes",
+                    f.fs_id,
+                    f.tag,
+                    crate::devices::virtio::fs::TAG_LEN
+                )));
+            }
+            match (&f.socket_path, f.socket_fd) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "filesystem {:?}: give at most one of socket_path and socket_fd",
+                        f.fs_id
+                    )))
+                }
+                (None, Some(fd)) if fd < 3 => {
+                    return Err(ConfigError::Invalid(format!(
+                        "filesystem {:?}: socket_fd {fd} is stdio, not a socket",
+                        f.fs_id
+                    )))
+                }
+                _ => {}
+            }
+        }
+        unique("fs_id", self.filesystems.iter().map(|f| f.fs_id.as_str()))?;
+        unique("tag", self.filesystems.iter().map(|f| f.tag.as_str()))?;
+        // An inherited fd is adopted (owned) once, whatever it is for.
         let fds: Vec<String> = self
             .network_interfaces
             .iter()
-            .filter_map(|n| n.tap_fd.map(|f| f.to_string()))
+            .filter_map(|n| n.tap_fd)
+            .chain(self.filesystems.iter().filter_map(|f| f.socket_fd))
+            .map(|f| f.to_string())
             .collect();
-        unique("tap_fd", fds.iter().map(String::as_str))?;
+        unique("inherited fd", fds.iter().map(String::as_str))?;
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
                 return Err(ConfigError::Invalid(format!(
@@ -237,10 +293,11 @@ impl VmConfig {
         let devices = self.drives.len()
             + self.network_interfaces.len()
             + usize::from(self.vsock.is_some())
-            + usize::from(self.entropy.is_some());
+            + usize::from(self.entropy.is_some())
+            + self.filesystems.len();
         if devices > lines {
             return Err(ConfigError::Invalid(format!(
-                "{devices} virtio devices (drives, interfaces, vsock, entropy); at most {lines}"
+                "{devices} virtio devices (drives, interfaces, vsock, entropy, filesystems); at most {lines}"
             )));
         }
         Ok(())
@@ -353,7 +410,28 @@ mod tests {
             (
                 r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
                     {"iface_id": "a", "tap_fd": 5}, {"iface_id": "b", "tap_fd": 5}]}"#,
-                "duplicate tap_fd",
+                "duplicate inherited fd",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [
+                    {"iface_id": "a", "tap_fd": 5}], "filesystems": [
+                    {"fs_id": "f", "tag": "t", "socket_fd": 5}]}"#,
+                "duplicate inherited fd",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "filesystems": [
+                    {"fs_id": "f", "tag": "0123456789012345678901234567890123456"}]}"#,
+                "must be 1 to 36 bytes",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "filesystems": [
+                    {"fs_id": "f", "tag": "a", "socket_fd": 7, "socket_path": "/s"}]}"#,
+                "at most one of socket_path and socket_fd",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "/k"}, "filesystems": [
+                    {"fs_id": "f", "tag": "a"}, {"fs_id": "g", "tag": "a"}]}"#,
+                "duplicate tag",
             ),
         ];
         for (json, want) in cases {

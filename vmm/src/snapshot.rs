@@ -62,6 +62,22 @@ pub struct LoadRequest {
     /// sandbox has its own. The guest keeps its MAC (the agent sets one).
     #[serde(default)]
     pub network_interfaces: Vec<TapBacking>,
+    /// Backends for virtio-fs devices of the snapshot (which had none when
+    /// it was taken). Guest memory is then copied into memory a backend can
+    /// map instead of mapped private from the memory file.
+    #[serde(default)]
+    pub filesystems: Vec<FsBacking>,
+}
+
+/// A virtio-fs device of a snapshot and the vhost-user backend it gets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FsBacking {
+    pub fs_id: String,
+    #[serde(default)]
+    pub socket_path: Option<PathBuf>,
+    #[serde(default)]
+    pub socket_fd: Option<i32>,
 }
 
 /// A network interface of a snapshot and the tap behind it after restore.

@@ -72,10 +72,15 @@ pub fn restore(
 }
 
 /// Writes guest memory, region after region, to `out` (the snapshot's
-/// memory file). The VM must be paused and its devices quiet.
+/// memory file, freshly created). The VM must be paused and its devices
+/// quiet. Pages of zeros are skipped, leaving holes: a booted guest has
+/// touched a fraction of its RAM, and a restore that copies the file
+/// copies only the rest.
 pub fn write_to(mem: &GuestMemoryMmap, out: &mut File) -> std::io::Result<()> {
-    use std::io::Write;
+    use std::io::{Seek, SeekFrom, Write};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    const PAGE: usize = 4096;
+    let mut total = 0u64;
     for region in mem.iter() {
         // SAFETY: the region is a live mapping of `len` bytes owned by `mem`;
         // nothing writes it meanwhile (vCPUs parked, device threads held off
@@ -83,9 +88,82 @@ pub fn write_to(mem: &GuestMemoryMmap, out: &mut File) -> std::io::Result<()> {
         let bytes = unsafe {
             std::slice::from_raw_parts(region.as_ptr() as *const u8, region.len() as usize)
         };
-        out.write_all(bytes)?;
+        let mut at = 0;
+        while at < bytes.len() {
+            let zero = is_zero(&bytes[at..(at + PAGE).min(bytes.len())]);
+            let mut end = at + PAGE;
+            while end < bytes.len() && is_zero(&bytes[end..(end + PAGE).min(bytes.len())]) == zero {
+                end += PAGE;
+            }
+            let end = end.min(bytes.len());
+            if zero {
+                out.seek(SeekFrom::Current((end - at) as i64))?;
+            } else {
+                out.write_all(&bytes[at..end])?;
+            }
+            at = end;
+        }
+        total += region.len();
     }
+    // A trailing run of zeros is a hole the length must still cover.
+    out.set_len(total)?;
     out.sync_all()
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to splits `b` into an
+    // unaligned head and tail and an aligned middle of whole u64s.
+    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// Guest memory from a snapshot's memory file, copied into a fresh memfd
+/// (shared memory a vhost-user backend can map) rather than mapped private.
+/// Only the file's data extents are copied: holes stay unallocated.
+pub fn restore_copy(
+    path: &std::path::Path,
+    mem_size: u64,
+) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let file_err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let src = File::open(path).map_err(file_err)?;
+    let got = src.metadata().map_err(file_err)?.len();
+    if got != mem_size {
+        return Err(MemoryError::Size {
+            path: path.display().to_string(),
+            got,
+            want: mem_size,
+        });
+    }
+    let (mem, memfd) = create(mem_size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0i64;
+    while (off as u64) < mem_size {
+        // SAFETY: lseek on an fd `src` owns; no memory is involved.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data past `off`.
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { mem_size as i64 } else { hole };
+        let mut at = data as u64;
+        while at < hole as u64 {
+            let n = buf.len().min((hole as u64 - at) as usize);
+            src.read_exact_at(&mut buf[..n], at).map_err(file_err)?;
+            memfd
+                .write_all_at(&buf[..n], at)
+                .map_err(MemoryError::Memfd)?;
+            at += n as u64;
+        }
+        off = hole;
+    }
+    Ok((mem, memfd))
 }
 
 /// Creates the guest memory and returns it with its backing file.
@@ -123,6 +201,37 @@ pub fn create(mem_size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn a_snapshot_file_has_holes_for_zero_pages_and_copies_back() {
+        let (mem, _f) = create(16 << 20).unwrap();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0x5566_7788u32, GuestAddress((16 << 20) - 8))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mut out = File::create(&path).unwrap();
+        write_to(&mem, &mut out).unwrap();
+        let meta = out.metadata().unwrap();
+        assert_eq!(meta.len(), 16 << 20);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        let (back, memfd) = restore_copy(&path, 16 << 20).unwrap();
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
+            0x1122_3344
+        );
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress((16 << 20) - 8)).unwrap(),
+            0x5566_7788
+        );
+        assert_eq!(back.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 0);
+        // Shared with the memfd, as a backend mapping it would see it.
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&memfd, &mut b, 0x5000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x1122_3344);
+        assert!(restore_copy(&path, 32 << 20).is_err());
+    }
 
     #[test]
     fn memory_is_backed_by_the_memfd() {

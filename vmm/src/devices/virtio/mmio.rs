@@ -182,7 +182,7 @@ impl MmioTransport {
             self.device.ack_features(s.driver_features);
         }
         if s.activated {
-            self.device.activate(&self.mem)?;
+            self.device.activate_queues(&self.mem, &self.queues)?;
             self.activated = true;
             // Host-side connections did not survive; the device tells the
             // driver so (vsock: a transport reset event).
@@ -263,7 +263,7 @@ impl MmioTransport {
                 self.status |= STATUS_FAILED;
                 return;
             }
-            match self.device.activate(&self.mem) {
+            match self.device.activate_queues(&self.mem, &self.queues) {
                 Ok(()) => self.activated = true,
                 Err(e) => {
                     tracing::warn!("virtio-mmio: activating device failed: {e}");
@@ -286,18 +286,21 @@ impl MmioTransport {
         }
     }
 
-    /// Lets a device's own event source (a host socket, a tap) run a queue.
-    pub fn process(&mut self, index: usize) {
-        if !self.activated || index >= self.queues.len() || !self.queues[index].ready() {
+    /// Lets a device's own event source (a host socket, a tap, a backend)
+    /// run.
+    pub fn process_host_events(&mut self) {
+        if !self.activated {
             self.device.poll_host_events();
             return;
         }
-        if self
-            .device
-            .process_queue(index, &mut self.queues, &self.mem)
-        {
+        if self.device.host_events(&mut self.queues, &self.mem) {
             self.interrupt.signal(INT_VRING);
         }
+    }
+
+    /// Why this device cannot be snapshotted now, if it cannot.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        self.device.snapshot_blocker()
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {

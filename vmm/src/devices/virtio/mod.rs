@@ -6,6 +6,7 @@
 //! or dropped, never a panic.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -71,6 +72,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, _mem: &GuestMemoryMmap) -> Result<(), String> {
         Ok(())
     }
+    /// Activation for devices that hand their queues elsewhere (vhost-user).
+    fn activate_queues(&mut self, mem: &GuestMemoryMmap, _queues: &[Queue]) -> Result<(), String> {
+        self.activate(mem)
+    }
     /// The driver notified queue `index`. Returns true if the used ring of
     /// any queue changed and the driver should be interrupted.
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
@@ -82,9 +87,24 @@ pub trait VirtioDevice: Send {
     fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
         false
     }
+    /// The device's host-side event source is ready (a tap, a socket, a
+    /// backend's completion); returns true if the driver should be
+    /// interrupted. Most devices run their receive queue.
+    fn host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        use virtio_queue::QueueT;
+        if !queues.first().is_some_and(|q| q.ready()) {
+            self.poll_host_events();
+            return false;
+        }
+        self.process_queue(0, queues, mem)
+    }
     /// Drains host-side events while the driver has not activated the device,
     /// so an event loop waiting on them does not spin.
     fn poll_host_events(&mut self) {}
+    /// Why the VM cannot be snapshotted as things stand, if it cannot.
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Pops every chain the driver made available on `queue`, hands each to `f`,
