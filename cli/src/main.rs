@@ -222,34 +222,7 @@ struct RunArgs {
 /// rootfs.erofs}` as a build tree has them), or under /usr/lib/husk;
 /// `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_GUEST_IMAGE` override.
 fn runtime() -> Result<Runtime> {
-    let exe = std::env::current_exe().context("finding the husk binary")?;
-    let dir = exe.parent().unwrap_or(Path::new("/"));
-    let find = |env: &str, beside: PathBuf, installed: &str| -> Result<PathBuf> {
-        if let Some(p) = std::env::var_os(env) {
-            return Ok(PathBuf::from(p));
-        }
-        for p in [beside, PathBuf::from(installed)] {
-            if p.exists() {
-                return Ok(p);
-            }
-        }
-        bail!("{installed} not found (build it with `make guest kernel`, or set {env})")
-    };
-    let mut rt = Runtime::new(
-        find("HUSK_VMM", dir.join("husk-vmm"), "/usr/lib/husk/husk-vmm")?,
-        find(
-            "HUSK_KERNEL",
-            dir.join("../guest/vmlinux"),
-            "/usr/lib/husk/vmlinux",
-        )?,
-        find(
-            "HUSK_GUEST_IMAGE",
-            dir.join("../guest/rootfs.erofs"),
-            "/usr/lib/husk/rootfs.erofs",
-        )?,
-    );
-    rt.network = husk_runtime::network::NetworkConfig::from_env()?;
-    Ok(rt)
+    Runtime::locate()
 }
 
 fn check_kvm() -> Result<()> {

@@ -121,6 +121,56 @@ impl AgentConn {
         Ok(streams)
     }
 
+    /// Creates `id` (not started) on a rootfs that is writable as it is
+    /// (`overlay_rootfs` false) or gets a tmpfs overlay; returns the init
+    /// process's pid in the guest and its streams.
+    pub fn create_only(
+        &self,
+        id: &str,
+        spec: &Spec,
+        io: Io,
+        storages: Vec<Storage>,
+        overlay_rootfs: bool,
+    ) -> Result<(u32, Streams)> {
+        let (stdio, streams) = self.open_streams(id, "init", io)?;
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: serde_json::to_vec(spec)?,
+            storages,
+            overlay_rootfs,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let r = self
+            .containers
+            .create_container(ctx(Duration::from_secs(120)), &req)
+            .map_err(|e| anyhow::anyhow!("CreateContainer {id}: {}", rpc_message(&e)))?;
+        Ok((r.pid, streams))
+    }
+
+    pub fn start(&self, id: &str) -> Result<()> {
+        self.containers
+            .start_container(ctx(Duration::from_secs(60)), &container(id))
+            .map_err(|e| anyhow::anyhow!("StartContainer {id}: {}", rpc_message(&e)))?;
+        Ok(())
+    }
+
+    /// Signals a process (`exec_id` "" for the init), or with `all` every
+    /// process of the container.
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let req = husk_protocol::agent::SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.containers
+            .signal_process(ctx(Duration::from_secs(30)), &req)
+            .map_err(|e| anyhow::anyhow!("SignalProcess {id}/{exec_id}: {}", rpc_message(&e)))?;
+        Ok(())
+    }
+
     /// Opens the streams `io` asks for, named after the process.
     pub fn open_streams(&self, id: &str, proc_: &str, io: Io) -> Result<(Stdio, Streams)> {
         let mut stdio = Stdio::new();

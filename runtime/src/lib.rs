@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 pub mod agent;
+pub mod child;
 pub mod image;
 pub mod jail;
 pub mod network;
@@ -46,6 +47,42 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// A runtime whose artifacts are found the way husk's binaries find
+    /// them: `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_GUEST_IMAGE`, else beside the
+    /// running binary (a build tree: `husk-vmm`, `../guest/vmlinux`,
+    /// `../guest/rootfs.erofs`), else installed under /usr/lib/husk.
+    pub fn locate() -> anyhow::Result<Runtime> {
+        use anyhow::Context;
+        let exe = std::env::current_exe().context("finding the running binary")?;
+        let dir = exe.parent().unwrap_or(std::path::Path::new("/"));
+        let find = |env: &str, beside: PathBuf, installed: &str| -> anyhow::Result<PathBuf> {
+            if let Some(p) = std::env::var_os(env) {
+                return Ok(PathBuf::from(p));
+            }
+            for p in [beside, PathBuf::from(installed)] {
+                if p.exists() {
+                    return Ok(p);
+                }
+            }
+            anyhow::bail!("{installed} not found (build it with `make guest kernel`, or set {env})")
+        };
+        let mut rt = Runtime::new(
+            find("HUSK_VMM", dir.join("husk-vmm"), "/usr/lib/husk/husk-vmm")?,
+            find(
+                "HUSK_KERNEL",
+                dir.join("../guest/vmlinux"),
+                "/usr/lib/husk/vmlinux",
+            )?,
+            find(
+                "HUSK_GUEST_IMAGE",
+                dir.join("../guest/rootfs.erofs"),
+                "/usr/lib/husk/rootfs.erofs",
+            )?,
+        );
+        rt.network = network::NetworkConfig::from_env()?;
+        Ok(rt)
+    }
+
     /// A runtime with the given artifacts and the default directories.
     pub fn new(vmm: PathBuf, kernel: PathBuf, guest_image: PathBuf) -> Runtime {
         Runtime {

@@ -123,6 +123,17 @@ impl Sandbox {
         })
     }
 
+    /// The host pid of the VMM process the runtime holds (the jail's
+    /// keeper when confined).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.child.id()
+    }
+
+    /// True once the VMM has exited.
+    pub fn vmm_exited(&mut self) -> bool {
+        !matches!(self.vmm.child.try_wait(), Ok(None))
+    }
+
     pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
         self.lease.as_ref().map(|l| l.ip)
     }
@@ -590,8 +601,7 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let _ = self.vmm.child.kill();
-        let _ = self.vmm.child.wait();
+        self.vmm.child.kill_and_wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

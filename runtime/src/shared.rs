@@ -18,7 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -52,7 +53,7 @@ pub fn guest_source(i: usize) -> String {
 /// A running virtiofsd for one sandbox and the connected socket the VMM
 /// gets (inherited).
 pub struct SharedFs {
-    child: Child,
+    child: crate::child::Watched,
     stream: UnixStream,
     log: PathBuf,
 }
@@ -133,7 +134,7 @@ impl SharedFs {
         drop(listener);
         let _ = std::fs::remove_file(&sock);
         let mut fs = SharedFs {
-            child,
+            child: crate::child::Watched::new(child),
             stream: match stream {
                 Ok(s) => s,
                 Err(e) => bail!("connecting to virtiofsd: {e}"),
@@ -165,27 +166,17 @@ impl Drop for SharedFs {
     fn drop(&mut self) {
         // It exits when the VMM's end closes (the VMM is gone by now): its
         // first process waits for the one in its namespaces, so this wait
-        // covers both. One whose VMM never connected is killed.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        // covers both. One whose VMM never connected is stopped: SIGTERM
+        // first, since virtiofsd's inner process dies with its parent only
+        // by the signal it asked for (PR_SET_PDEATHSIG).
+        if matches!(self.child.wait_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+            return;
         }
-        // SIGTERM first: virtiofsd's inner process dies with its parent
-        // only by the signal it asked for (PR_SET_PDEATHSIG).
-        // SAFETY: kill on our own child's pid, not yet reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        self.child.signal(libc::SIGTERM);
+        if matches!(self.child.wait_timeout(Duration::from_secs(2)), Ok(Some(_))) {
+            return;
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill_and_wait();
     }
 }
 

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -225,7 +225,7 @@ pub(crate) fn console_config(console: Option<&Path>) -> serde_json::Value {
 /// A husk-vmm process with its sockets; killed when dropped. Confined, the
 /// child is the jail's keeper (its exit is the VMM's).
 pub(crate) struct VmmProcess {
-    pub child: Child,
+    pub child: crate::child::Watched,
     pub api: PathBuf,
     pub vsock: PathBuf,
     /// The VMM's cgroup, when confined; removed after it.
@@ -281,7 +281,7 @@ impl VmmProcess {
             .spawn()
             .with_context(|| format!("starting {}", rt.vmm.display()))?;
         Ok(VmmProcess {
-            child,
+            child: crate::child::Watched::new(child),
             api,
             vsock,
             cgroup,
@@ -299,8 +299,7 @@ impl VmmProcess {
 
 impl Drop for VmmProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill_and_wait();
     }
 }
 

@@ -21,7 +21,10 @@ mod netns;
 mod vm;
 pub use containerd::Containerd;
 pub use netns::NetNs;
-pub use vm::{api_request, husk_agent_binary, husk_cli_binary, husk_vmm_binary, vsock_connect};
+pub use vm::{
+    api_request, husk_agent_binary, husk_cli_binary, husk_shim_binary, husk_vmm_binary,
+    vsock_connect,
+};
 
 /// The workspace root (tests/ is one level down).
 pub fn repo_root() -> PathBuf {

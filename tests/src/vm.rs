@@ -31,6 +31,11 @@ pub fn husk_cli_binary() -> Result<PathBuf> {
     workspace_binary("husk", "husk-cli", "HUSK_CLI")
 }
 
+/// containerd-shim-husk-v2 (`HUSK_SHIM` overrides).
+pub fn husk_shim_binary() -> Result<PathBuf> {
+    workspace_binary("containerd-shim-husk-v2", "husk-shim", "HUSK_SHIM")
+}
+
 /// The husk-agent binary (`HUSK_AGENT` overrides), for running the agent on
 /// the host.
 pub fn husk_agent_binary() -> Result<PathBuf> {

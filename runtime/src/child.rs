@@ -1,0 +1,139 @@
+//! Child processes (husk-vmm, virtiofsd) watched through a pidfd, so they
+//! can be waited for and signalled even when another part of the process
+//! reaps children: a containerd shim reaps every child on SIGCHLD, which
+//! leaves `std::process::Child` with ECHILD and a pid that may be reused.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+pub struct Watched {
+    child: Child,
+    pidfd: Option<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl Watched {
+    pub fn new(child: Child) -> Watched {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or
+        // -1; the pid is our unreaped child, so it names that process.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        let pidfd = (fd >= 0).then(|| {
+            // SAFETY: a descriptor just returned to us and owned by no one.
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        });
+        Watched {
+            child,
+            pidfd,
+            status: None,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if it has exited. Reaped by someone else, it
+    /// reports a status of 0: the real one went to that reaper.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        if self.status.is_some() {
+            return Ok(self.status);
+        }
+        match self.child.try_wait() {
+            Ok(s) => self.status = s,
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                if self.pidfd.as_ref().is_none_or(readable) {
+                    self.status = Some(ExitStatus::from_raw(0));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(self.status)
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` unless it has exited (through the pidfd: never to a
+    /// process that reused its pid).
+    pub fn signal(&mut self, signal: i32) {
+        if matches!(self.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        match &self.pidfd {
+            // SAFETY: pidfd_send_signal with our pidfd, no siginfo, no flags.
+            Some(p) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    p.as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            },
+            // SAFETY: kill on our child's pid, not reaped (try_wait above).
+            None => unsafe {
+                libc::kill(self.child.id() as libc::pid_t, signal);
+            },
+        }
+    }
+
+    /// Kills it and waits for it to go.
+    pub fn kill_and_wait(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.wait_timeout(Duration::from_secs(10));
+    }
+}
+
+fn readable(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own, no timeout.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_reaped_by_another_counts_as_exited() {
+        let c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as libc::pid_t;
+        let mut w = Watched::new(c);
+        // Someone else reaps it, as a shim's SIGCHLD handler would.
+        let mut st = 0;
+        // SAFETY: waitpid on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+        assert!(w.try_wait().unwrap().is_some());
+        w.signal(libc::SIGKILL); // no-op, not a stray kill
+    }
+
+    #[test]
+    fn a_running_child_is_waited_for_and_killed() {
+        let c = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut w = Watched::new(c);
+        assert!(w.try_wait().unwrap().is_none());
+        assert!(w.wait_timeout(Duration::from_millis(50)).unwrap().is_none());
+        w.kill_and_wait();
+        assert_eq!(w.try_wait().unwrap().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}

@@ -1,0 +1,639 @@
+//! The task service: containerd's Create/Start/Wait/Kill/Delete/Exec/...
+//! mapped onto a husk sandbox and its agent.
+//!
+//! The sandbox (a microVM) starts with the group's first container; its
+//! rootfs (containerd's snapshot, mounted in the bundle as runc's shim
+//! does) and bind mounts are shared over virtio-fs. Each process has a
+//! waiter thread blocked in the agent's WaitProcess; its exit is recorded,
+//! its output drained, then TaskExit published.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use containerd_shim::api::{self, Status};
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::ttrpc::{Code, Error as TtrpcError, Status as RpcStatus};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{
+    Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
+};
+use husk_runtime::agent::AgentConn;
+use husk_runtime::{NetworkMode, Runtime, Sandbox, SandboxConfig};
+use log::{info, warn};
+
+use crate::io::{Copies, Stdio};
+
+/// CRI's annotation naming the pod a container belongs to.
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+fn err(code: Code, msg: impl Into<String>) -> TtrpcError {
+    TtrpcError::RpcStatus(RpcStatus {
+        code: code.into(),
+        message: msg.into(),
+        ..Default::default()
+    })
+}
+
+fn internal(e: anyhow::Error) -> TtrpcError {
+    err(Code::INTERNAL, format!("{e:#}"))
+}
+
+fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut t = Timestamp::new();
+    t.seconds = d.as_secs() as i64;
+    t.nanos = d.subsec_nanos() as i32;
+    t
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct Process {
+    pid: u32,
+    state: State,
+    stdio: Stdio,
+    exit: Option<(u32, Timestamp)>,
+    /// Exec processes: their OCI process, until started.
+    exec_spec: Option<serde_json::Value>,
+}
+
+struct Container {
+    bundle: PathBuf,
+    rootfs: Option<PathBuf>,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sandbox: Option<Sandbox>,
+    containers: HashMap<String, Container>,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    inner: Arc<(Mutex<Inner>, Condvar)>,
+    publisher: Option<Arc<RemotePublisher>>,
+}
+
+impl Service {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, event: impl Event + 'static) {
+        let Some(p) = &self.publisher else { return };
+        let topic = event.topic();
+        if let Err(e) = p.publish(Context::default(), &topic, &self.namespace, Box::new(event)) {
+            warn!("publishing {topic}: {e}");
+        }
+    }
+
+    fn agent(&self) -> TtrpcResult<AgentConn> {
+        let g = self.lock();
+        let sb = g
+            .sandbox
+            .as_ref()
+            .ok_or_else(|| err(Code::FAILED_PRECONDITION, "no sandbox running"))?;
+        sb.connect().map_err(internal)
+    }
+
+    /// Waits in the agent for `exec_id` of `id` to exit, then records it,
+    /// drains its output and tells containerd.
+    fn watch(&self, id: String, exec_id: String, copies: Copies) {
+        let svc = self.clone();
+        std::thread::spawn(move || {
+            let status = match svc.agent().map(|a| a.wait(&id, &exec_id)) {
+                Ok(Ok(r)) => r.status as u32,
+                Ok(Err(e)) => {
+                    warn!("{id}/{exec_id}: {e:#}; counted as killed");
+                    137
+                }
+                Err(e) => {
+                    warn!("{id}/{exec_id}: {e}; counted as killed");
+                    137
+                }
+            };
+            copies.join();
+            let at = now();
+            let pid = {
+                let mut g = svc.lock();
+                let Some(c) = g.containers.get_mut(&id) else {
+                    return;
+                };
+                let p = if exec_id.is_empty() {
+                    &mut c.init
+                } else {
+                    match c.execs.get_mut(&exec_id) {
+                        Some(p) => p,
+                        None => return,
+                    }
+                };
+                p.state = State::Stopped;
+                p.exit = Some((status, at.clone()));
+                p.pid
+            };
+            svc.inner.1.notify_all();
+            let ev = TaskExit {
+                container_id: id.clone(),
+                id: if exec_id.is_empty() {
+                    id.clone()
+                } else {
+                    exec_id.clone()
+                },
+                pid,
+                exit_status: status,
+                exited_at: Some(at).into(),
+                ..Default::default()
+            };
+            svc.publish(ev);
+        });
+    }
+
+    fn create_task(&self, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
+        use anyhow::Context as _;
+        let bundle = PathBuf::from(&req.bundle);
+        let spec: oci_spec::runtime::Spec =
+            oci_spec::runtime::Spec::load(bundle.join("config.json"))
+                .context("reading the bundle's config.json")?;
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs)?;
+        for m in &req.rootfs {
+            containerd_shim::mount::mount_rootfs(
+                Some(m.type_.as_str()).filter(|t| !t.is_empty()),
+                Some(m.source.as_str()).filter(|s| !s.is_empty()),
+                &m.options,
+                &rootfs,
+            )
+            .map_err(|e| anyhow::anyhow!("mounting the rootfs ({}): {e}", m.type_))?;
+        }
+        let mounted = !req.rootfs.is_empty();
+        let unmount = |ok: bool| {
+            if !ok && mounted {
+                let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
+            }
+        };
+        let guest = match crate::spec::for_guest(spec, &rootfs) {
+            Ok(g) => g,
+            Err(e) => {
+                unmount(false);
+                return Err(e);
+            }
+        };
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let r = self.start_container(&req.id, &guest, &stdio);
+        unmount(r.is_ok());
+        let (pid, copies) = r?;
+        self.lock().containers.insert(
+            req.id.clone(),
+            Container {
+                bundle,
+                rootfs: mounted.then_some(rootfs),
+                init: Process {
+                    pid,
+                    state: State::Created,
+                    stdio,
+                    exit: None,
+                    exec_spec: None,
+                },
+                execs: HashMap::new(),
+            },
+        );
+        self.watch(req.id.clone(), String::new(), copies);
+        Ok(pid)
+    }
+
+    /// Starts the sandbox for this container and creates it there.
+    fn start_container(
+        &self,
+        id: &str,
+        guest: &crate::spec::GuestSpec,
+        stdio: &Stdio,
+    ) -> anyhow::Result<(u32, Copies)> {
+        let mut g = self.lock();
+        if g.sandbox.is_some() {
+            anyhow::bail!("this shim's sandbox already runs a container; pods come later");
+        }
+        let rt = Runtime::locate()?;
+        let mut cfg = SandboxConfig::new(id);
+        // Like runc under plain ctr: a network namespace with loopback only.
+        cfg.network = NetworkMode::None;
+        cfg.shares = guest.shares.clone();
+        if let Some(h) = guest.spec.hostname() {
+            cfg.hostname = h.clone();
+        }
+        let limit = guest
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit());
+        if let Some(m) = limit.filter(|m| *m > 0) {
+            cfg.machine.mem_mib = cfg.machine.mem_mib.max((m as u64 >> 20) + 128);
+        }
+        let sandbox = rt.start_sandbox(&cfg)?;
+        let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
+        let (pid, mut streams) =
+            sandbox
+                .agent
+                .create_only(id, &guest.spec, stdio.io(), storages, false)?;
+        let copies = Copies::start(stdio, &mut streams)?;
+        info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
+        g.sandbox = Some(sandbox);
+        Ok((pid, copies))
+    }
+
+    fn process<'a>(c: &'a mut Container, exec_id: &str) -> TtrpcResult<&'a mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut c.init);
+        }
+        c.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} not found")))
+    }
+}
+
+impl containerd_shim::Shim for Service {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+            inner: Arc::new((Mutex::new(Inner::default()), Condvar::new())),
+            publisher: None,
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
+        // Containers of a CRI pod share the pod's shim (and VM).
+        let spec = oci_spec::runtime::Spec::load("config.json").ok();
+        let grouping = spec
+            .as_ref()
+            .and_then(|s| s.annotations().as_ref())
+            .and_then(|a| a.get(SANDBOX_ID).cloned())
+            .unwrap_or_else(|| opts.id.clone());
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
+        // Run by containerd in the bundle after the shim is gone: what the
+        // shim would have undone. The VMM died with its keeper's parent
+        // (the shim); the rootfs mount is left.
+        let rootfs = Path::new("rootfs");
+        if rootfs.exists() {
+            let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
+        }
+        let mut r = DeleteResponse::new();
+        r.exit_status = 137;
+        r.exited_at = Some(now()).into();
+        Ok(r)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let mut s = self.clone();
+        s.publisher = Some(Arc::new(publisher));
+        s
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        info!("create {} in {}", req.id, req.bundle);
+        let pid = self.create_task(&req).map_err(internal)?;
+        self.publish(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            pid,
+            ..Default::default()
+        });
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let agent = self.agent()?;
+        if req.exec_id.is_empty() {
+            agent.start(&req.id).map_err(internal)?;
+            let pid = {
+                let mut g = self.lock();
+                let c = g
+                    .containers
+                    .get_mut(&req.id)
+                    .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+                if c.init.state == State::Created {
+                    c.init.state = State::Running;
+                }
+                c.init.pid
+            };
+            self.publish(TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            });
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        let (process, stdio) = {
+            let mut g = self.lock();
+            let c = g
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let p = Self::process(c, &req.exec_id)?;
+            let spec = p
+                .exec_spec
+                .take()
+                .ok_or_else(|| err(Code::FAILED_PRECONDITION, "exec already started"))?;
+            (spec, p.stdio.clone())
+        };
+        let mut streams = agent
+            .exec(&req.id, &req.exec_id, &process, stdio.io())
+            .map_err(internal)?;
+        let copies = Copies::start(&stdio, &mut streams).map_err(internal)?;
+        // The agent answers ExecProcess once the process runs; its pid is
+        // the guest's (not needed by containerd beyond display).
+        {
+            let mut g = self.lock();
+            if let Some(p) = g
+                .containers
+                .get_mut(&req.id)
+                .and_then(|c| c.execs.get_mut(&req.exec_id))
+            {
+                p.state = State::Running;
+            }
+        }
+        self.watch(req.id.clone(), req.exec_id.clone(), copies);
+        self.publish(TaskExecStarted {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(api::StartResponse::default())
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let mut g = self.lock();
+        let c = g
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+        let bundle = c.bundle.display().to_string();
+        let p = Self::process(c, &req.exec_id)?;
+        let (exit_status, exited_at) = p.exit.clone().unwrap_or((0, Timestamp::new()));
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            bundle,
+            pid: p.pid,
+            status: match p.state {
+                State::Created => Status::CREATED,
+                State::Running => Status::RUNNING,
+                State::Stopped => Status::STOPPED,
+            }
+            .into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status,
+            exited_at: Some(exited_at).into(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let mut g = self.lock();
+        loop {
+            let c = g
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let p = Self::process(c, &req.exec_id)?;
+            if let Some((status, at)) = p.exit.clone() {
+                return Ok(api::WaitResponse {
+                    exit_status: status,
+                    exited_at: Some(at).into(),
+                    ..Default::default()
+                });
+            }
+            g = self
+                .inner
+                .1
+                .wait_timeout(g, Duration::from_secs(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        {
+            let mut g = self.lock();
+            let c = g
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let p = Self::process(c, &req.exec_id)?;
+            if p.state == State::Stopped {
+                return Err(err(Code::NOT_FOUND, "process already finished"));
+            }
+        }
+        self.agent()?
+            .signal(&req.id, &req.exec_id, req.signal, req.all)
+            .map_err(internal)?;
+        Ok(api::Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let process: serde_json::Value = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
+        {
+            let mut g = self.lock();
+            let c = g
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            if c.execs.contains_key(&req.exec_id) {
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
+            }
+            c.execs.insert(
+                req.exec_id.clone(),
+                Process {
+                    pid: 0,
+                    state: State::Created,
+                    stdio: Stdio {
+                        stdin: req.stdin.clone(),
+                        stdout: req.stdout.clone(),
+                        stderr: req.stderr.clone(),
+                        terminal: req.terminal,
+                    },
+                    exit: None,
+                    exec_spec: Some(process),
+                },
+            );
+        }
+        self.publish(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        if !req.exec_id.is_empty() {
+            let mut g = self.lock();
+            let c = g
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let p = c
+                .execs
+                .remove(&req.exec_id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {} not found", req.exec_id)))?;
+            let (status, at) = p.exit.unwrap_or((0, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: status,
+                exited_at: Some(at).into(),
+                ..Default::default()
+            });
+        }
+        let (c, sandbox) = {
+            let mut g = self.lock();
+            let c = g
+                .containers
+                .remove(&req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let last = g.containers.is_empty();
+            (c, if last { g.sandbox.take() } else { None })
+        };
+        if let Some(sb) = sandbox {
+            if let Err(e) = sb.agent.remove(&req.id) {
+                warn!("{}: {e:#}", req.id);
+            }
+            if let Err(e) = sb.shutdown(Duration::from_secs(20)) {
+                warn!("stopping the sandbox: {e:#}");
+            }
+        }
+        if let Some(r) = &c.rootfs {
+            if let Err(e) = containerd_shim::mount::umount_recursive(r.to_str(), libc::MNT_DETACH) {
+                warn!("unmounting {}: {e}", r.display());
+            }
+        }
+        let (status, at) = c.init.exit.clone().unwrap_or((137, now()));
+        self.publish(TaskDelete {
+            container_id: req.id.clone(),
+            id: req.id.clone(),
+            pid: c.init.pid,
+            exit_status: status,
+            exited_at: Some(at.clone()).into(),
+            ..Default::default()
+        });
+        Ok(api::DeleteResponse {
+            pid: c.init.pid,
+            exit_status: status,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        })
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let g = self.lock();
+        let c = g
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+        let mut r = api::PidsResponse::new();
+        let mut info = containerd_shim::protos::types::task::ProcessInfo::new();
+        info.pid = c.init.pid;
+        r.processes.push(info);
+        Ok(r)
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        // Input ends when containerd closes its end of the stdin FIFO,
+        // which the copy thread passes on.
+        Ok(api::Empty::new())
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let g = self.lock();
+        let task_pid = g.containers.get(&req.id).map_or(0, |c| c.init.pid);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if self.lock().containers.is_empty() {
+            self.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}

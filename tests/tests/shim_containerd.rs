@@ -1,0 +1,222 @@
+//! containerd-shim-husk-v2 under a real containerd (Debian's 1.6), started
+//! by the test with its own root, state, sockets and config: `ctr run` of
+//! the busybox sample with `--runtime io.containerd.husk.v2`, side by side
+//! with `io.containerd.runc.v2`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_tests::{
+    guest_kernel, guest_rootfs, husk_shim_binary, husk_vmm_binary, kvm_unavailable,
+    root_unavailable, sample_image, skip,
+};
+
+const HUSK: &str = "io.containerd.husk.v2";
+const RUNC: &str = "io.containerd.runc.v2";
+const IMAGE: &str = "husk.local/busybox:latest";
+
+/// A containerd of the test's own; stopped (and its shims with it) when
+/// dropped.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    fn start(test: &str) -> Option<Containerd> {
+        if let Some(why) = kvm_unavailable().or_else(root_unavailable) {
+            skip(test, &why);
+            return None;
+        }
+        if Command::new("containerd")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            skip(test, "containerd is not installed (make setup)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{0}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        // containerd finds a shim by its name on PATH.
+        let shim_dir = husk_shim_binary().unwrap().parent().unwrap().to_path_buf();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .env("HUSK_ROOT", d.join("husk"))
+            .env("HUSK_RUN", d.join("husk-run"))
+            .env("HUSK_VMM", husk_vmm_binary().unwrap())
+            .env("HUSK_KERNEL", guest_kernel().unwrap())
+            .env("HUSK_GUEST_IMAGE", guest_rootfs().unwrap())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Containerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.sock().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let archive = sample_image("busybox.tar").unwrap();
+        let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        Some(c)
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(self.sock())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        println!(
+            "ctr {}: {}\nstdout: {:?}\nstderr: {:?}",
+            args.join(" "),
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        out
+    }
+
+    /// Waits until `ctr task ls` shows `id` as `status`.
+    fn wait_status(&self, id: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let ls = text(&self.ctr(&["task", "ls"]).stdout);
+            if ls.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&id) && f.get(2) == Some(&status)
+            }) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{id} never {status}: {ls}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
+    let Some(c) = Containerd::start("ctr_runs_a_task_in_a_husk_vm_as_runc_does") else {
+        return;
+    };
+    // Output, stderr and exit code as runc gives them; the kernel is the
+    // guest's, not the host's.
+    let script = "echo out; echo err >&2; uname -r; exit 3";
+    let run = |runtime: &str, id: &str| {
+        c.ctr(&[
+            "run",
+            "--runtime",
+            runtime,
+            "--rm",
+            IMAGE,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    let runc = run(RUNC, "with-runc");
+    let husk = run(HUSK, "with-husk");
+    assert_eq!(runc.status.code(), Some(3), "{}", c.log());
+    assert_eq!(husk.status.code(), runc.status.code(), "{}", c.log());
+    let (ro, ho) = (text(&runc.stdout), text(&husk.stdout));
+    let (rl, hl): (Vec<&str>, Vec<&str>) = (ro.lines().collect(), ho.lines().collect());
+    assert_eq!(hl.first(), rl.first(), "{ho:?} vs {ro:?}");
+    assert_eq!(text(&husk.stderr), text(&runc.stderr));
+    let host_kernel = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+    assert_eq!(rl.get(1).copied(), Some(host_kernel.trim()));
+    assert!(
+        hl.get(1)
+            .is_some_and(|k| *k != host_kernel.trim() && k.starts_with("6.12")),
+        "{ho:?}"
+    );
+
+    // A task left running: exec into it (its own exit code and output),
+    // then SIGKILL: 137, as under runc.
+    let out = c.ctr(&["run", "--runtime", HUSK, "-d", IMAGE, "bg", "sleep", "600"]);
+    assert!(out.status.success(), "{}", c.log());
+    c.wait_status("bg", "RUNNING");
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "bg",
+        "sh",
+        "-c",
+        "echo exec ok; exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(text(&out.stdout), "exec ok\n");
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "bg"]);
+    assert!(out.status.success());
+    c.wait_status("bg", "STOPPED");
+    let out = c.ctr(&["task", "delete", "bg"]);
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("137") || text(&out.stdout).contains("137"));
+    assert!(c.ctr(&["container", "rm", "bg"]).status.success());
+
+    // Nothing left: no rootfs mounts, no sandbox directories, no VMM.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(mounts_under(c.dir.path()), Vec::<String>::new());
+    let runs: Vec<_> = std::fs::read_dir(c.dir.path().join("husk-run"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(runs.is_empty(), "{runs:?}");
+}
