@@ -15,7 +15,8 @@ use std::time::Duration;
 use containerd_shim::api::{self, Status};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::ttrpc::{Code, Error as TtrpcError, Status as RpcStatus};
@@ -58,6 +59,7 @@ fn now() -> Timestamp {
 enum State {
     Created,
     Running,
+    Paused,
     Stopped,
 }
 
@@ -260,8 +262,40 @@ impl Service {
                 .create_only(id, &guest.spec, stdio.io(), storages, false)?;
         let copies = Copies::start(stdio, &mut streams)?;
         info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
+        if let Ok(conn) = sandbox.connect() {
+            self.watch_oom(conn);
+        }
         g.sandbox = Some(sandbox);
         Ok((pid, copies))
+    }
+
+    /// Moves `id`'s init process from `from` to `to` (not if it has
+    /// exited meanwhile).
+    fn set_state(&self, id: &str, from: State, to: State) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            if c.init.state == from {
+                c.init.state = to;
+            }
+        }
+    }
+
+    /// Publishes TaskOOM for each OOM kill the agent reports, until the
+    /// sandbox goes (the call then fails).
+    fn watch_oom(&self, conn: AgentConn) {
+        let svc = self.clone();
+        std::thread::spawn(move || loop {
+            let r = conn.containers.get_oom_event(
+                husk_runtime::agent::ctx(Duration::ZERO),
+                &husk_protocol::agent::Empty::new(),
+            );
+            match r {
+                Ok(ev) => svc.publish(TaskOOM {
+                    container_id: ev.container_id,
+                    ..Default::default()
+                }),
+                Err(_) => return,
+            }
+        });
     }
 
     fn process<'a>(c: &'a mut Container, exec_id: &str) -> TtrpcResult<&'a mut Process> {
@@ -440,6 +474,7 @@ impl containerd_shim::Task for Service {
             status: match p.state {
                 State::Created => Status::CREATED,
                 State::Running => Status::RUNNING,
+                State::Paused => Status::PAUSED,
                 State::Stopped => Status::STOPPED,
             }
             .into(),
@@ -609,10 +644,137 @@ impl containerd_shim::Task for Service {
         Ok(r)
     }
 
-    fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        // Input ends when containerd closes its end of the stdin FIFO,
-        // which the copy thread passes on.
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        // The copy thread also passes on the end of the stdin FIFO; this
+        // closes the process's input even while containerd holds it open.
+        if req.stdin {
+            let r = husk_protocol::agent::ProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            };
+            self.agent()?
+                .containers
+                .close_stdin(husk_runtime::agent::ctx(Duration::from_secs(30)), &r)
+                .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        }
         Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let r = husk_protocol::agent::TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            rows: req.height,
+            cols: req.width,
+            ..Default::default()
+        };
+        self.agent()?
+            .containers
+            .tty_win_resize(husk_runtime::agent::ctx(Duration::from_secs(30)), &r)
+            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        Ok(api::Empty::new())
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.agent()?
+            .containers
+            .pause_container(
+                husk_runtime::agent::ctx(Duration::from_secs(60)),
+                &husk_runtime::agent::container(&req.id),
+            )
+            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        self.set_state(&req.id, State::Running, State::Paused);
+        self.publish(TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.agent()?
+            .containers
+            .resume_container(
+                husk_runtime::agent::ctx(Duration::from_secs(60)),
+                &husk_runtime::agent::container(&req.id),
+            )
+            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        self.set_state(&req.id, State::Paused, State::Running);
+        self.publish(TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        // containerd sends the OCI LinuxResources as JSON in the Any.
+        let r = husk_protocol::agent::UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources: req.resources.value.clone(),
+            ..Default::default()
+        };
+        self.agent()?
+            .containers
+            .update_container(husk_runtime::agent::ctx(Duration::from_secs(60)), &r)
+            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        Ok(api::Empty::new())
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        use containerd_shim::protos::cgroups_v2::metrics::{
+            CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
+        };
+        let s = self
+            .agent()?
+            .containers
+            .stats_container(
+                husk_runtime::agent::ctx(Duration::from_secs(30)),
+                &husk_runtime::agent::container(&req.id),
+            )
+            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        // The container's cgroup v2 figures in the guest, in the type runc's
+        // shim reports on a cgroup v2 host.
+        let mut m = Metrics::new();
+        let mut pids = PidsStat::new();
+        pids.current = s.pids_current;
+        pids.limit = s.pids_limit;
+        m.pids = Some(pids).into();
+        if let Some(c) = s.cpu.as_ref() {
+            let mut cpu = CPUStat::new();
+            cpu.usage_usec = c.usage_usec;
+            cpu.user_usec = c.user_usec;
+            cpu.system_usec = c.system_usec;
+            cpu.nr_throttled = c.nr_throttled;
+            cpu.throttled_usec = c.throttled_usec;
+            m.cpu = Some(cpu).into();
+        }
+        if let Some(mem) = s.memory.as_ref() {
+            let mut ms = MemoryStat::new();
+            ms.usage = mem.usage;
+            ms.usage_limit = mem.limit;
+            ms.anon = mem.anon;
+            ms.file = mem.file;
+            m.memory = Some(ms).into();
+            let mut ev = MemoryEvents::new();
+            ev.oom_kill = mem.oom_kill;
+            m.memory_events = Some(ev).into();
+        }
+        let any = containerd_shim::util::convert_to_any(Box::new(m))
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
     }
 
     fn connect(

@@ -187,8 +187,30 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
         "{ho:?}"
     );
 
+    // A terminal: the same bytes as under runc (ctr needs one of its own:
+    // script(1) gives it a pty).
+    let tty = |runtime: &str, id: &str| {
+        let cmd = format!(
+            "ctr -a {} run -t --runtime {runtime} --rm {IMAGE} {id} sh -c 'tty; exit 4'",
+            c.sock().display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        println!("{cmd}: {} {:?}", out.status, text(&out.stdout));
+        out
+    };
+    let (rt, ht) = (tty(RUNC, "tty-runc"), tty(HUSK, "tty-husk"));
+    assert_eq!(rt.status.code(), Some(4));
+    assert_eq!(ht.status.code(), Some(4), "{}", c.log());
+    assert!(text(&rt.stdout).contains("/dev/pts/0"));
+    assert_eq!(text(&ht.stdout), text(&rt.stdout));
+
     // A task left running: exec into it (its own exit code and output),
-    // then SIGKILL: 137, as under runc.
+    // metrics from its cgroup in the guest, pause and resume, then SIGKILL:
+    // 137, as under runc.
     let out = c.ctr(&["run", "--runtime", HUSK, "-d", IMAGE, "bg", "sleep", "600"]);
     assert!(out.status.success(), "{}", c.log());
     c.wait_status("bg", "RUNNING");
@@ -204,6 +226,21 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
     ]);
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(text(&out.stdout), "exec ok\n");
+    let metrics = text(&c.ctr(&["task", "metrics", "bg"]).stdout);
+    let value = |k: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(k).filter(|r| r.starts_with(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {metrics}"))
+    };
+    assert!(value("pids.current") >= 1, "{metrics}");
+    assert!(value("memory.usage") > 0, "{metrics}");
+    assert!(value("cpu.usage_usec") > 0, "{metrics}");
+    assert!(c.ctr(&["task", "pause", "bg"]).status.success());
+    c.wait_status("bg", "PAUSED");
+    assert!(c.ctr(&["task", "resume", "bg"]).status.success());
+    c.wait_status("bg", "RUNNING");
     let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "bg"]);
     assert!(out.status.success());
     c.wait_status("bg", "STOPPED");
