@@ -285,13 +285,6 @@ impl Plan {
     /// Only between fork and exec (Command::pre_exec): it forks, and the
     /// keeper never returns.
     pub unsafe fn enter(&self) -> std::io::Result<()> {
-        let check = |r: libc::c_int| {
-            if r < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
         // SAFETY: syscalls on C strings and descriptors prepared before
         // the fork and alive for the whole call; each result is checked.
         // The caller guarantees we are between fork and exec.
@@ -383,6 +376,16 @@ impl Plan {
                 libc::SIGKILL as libc::c_ulong,
             ))?;
         }
+        Ok(())
+    }
+}
+
+/// A libc result as io::Result (errno when negative); async-signal-safe,
+/// for code between fork and exec.
+pub(crate) fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
         Ok(())
     }
 }

@@ -183,13 +183,7 @@ impl Drop for SharedFs {
 /// Unshares the mount namespace (private from the host's) and makes the
 /// bind mounts in it.
 fn enter_namespace(binds: &[Bind]) -> std::io::Result<()> {
-    let check = |r: libc::c_int| {
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
+    use crate::jail::check;
     // SAFETY: unshare and mount take only the NUL-terminated strings
     // prepared before fork (or null where the call allows it).
     unsafe {

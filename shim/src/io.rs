@@ -91,7 +91,8 @@ impl Copies {
     }
 }
 
-fn copy_out(mut from: UnixStream, mut to: File) {
+/// Copies until either side ends.
+fn pump(from: &mut impl Read, to: &mut impl Write) {
     let mut buf = vec![0u8; 32 << 10];
     loop {
         match from.read(&mut buf) {
@@ -105,18 +106,12 @@ fn copy_out(mut from: UnixStream, mut to: File) {
     }
 }
 
+fn copy_out(mut from: UnixStream, mut to: File) {
+    pump(&mut from, &mut to);
+}
+
 fn copy_in(mut from: File, mut to: UnixStream) {
-    let mut buf = vec![0u8; 32 << 10];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    pump(&mut from, &mut to);
     // The process sees the end of its input.
     let _ = to.shutdown(std::net::Shutdown::Write);
 }

@@ -24,7 +24,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
-use husk_runtime::agent::AgentConn;
+use husk_runtime::agent::{container, ctx as actx, AgentConn};
 use husk_runtime::{NetworkMode, Runtime, Sandbox, SandboxConfig};
 use log::{info, warn};
 
@@ -104,6 +104,14 @@ impl Service {
         if let Err(e) = p.publish(Context::default(), &topic, &self.namespace, Box::new(event)) {
             warn!("publishing {topic}: {e}");
         }
+    }
+
+    /// Runs `f` on a connection to the agent; its error becomes INTERNAL.
+    fn with_agent<T, E: std::fmt::Display>(
+        &self,
+        f: impl FnOnce(&AgentConn) -> Result<T, E>,
+    ) -> TtrpcResult<T> {
+        f(&self.agent()?).map_err(|e| err(Code::INTERNAL, e.to_string()))
     }
 
     fn agent(&self) -> TtrpcResult<AgentConn> {
@@ -284,10 +292,9 @@ impl Service {
     fn watch_oom(&self, conn: AgentConn) {
         let svc = self.clone();
         std::thread::spawn(move || loop {
-            let r = conn.containers.get_oom_event(
-                husk_runtime::agent::ctx(Duration::ZERO),
-                &husk_protocol::agent::Empty::new(),
-            );
+            let r = conn
+                .containers
+                .get_oom_event(actx(Duration::ZERO), &husk_protocol::agent::Empty::new());
             match r {
                 Ok(ev) => svc.publish(TaskOOM {
                     container_id: ev.container_id,
@@ -296,6 +303,12 @@ impl Service {
                 Err(_) => return,
             }
         });
+    }
+
+    fn container<'a>(g: &'a mut Inner, id: &str) -> TtrpcResult<&'a mut Container> {
+        g.containers
+            .get_mut(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("{id} not found")))
     }
 
     fn process<'a>(c: &'a mut Container, exec_id: &str) -> TtrpcResult<&'a mut Process> {
@@ -396,10 +409,7 @@ impl containerd_shim::Task for Service {
             agent.start(&req.id).map_err(internal)?;
             let pid = {
                 let mut g = self.lock();
-                let c = g
-                    .containers
-                    .get_mut(&req.id)
-                    .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+                let c = Self::container(&mut g, &req.id)?;
                 if c.init.state == State::Created {
                     c.init.state = State::Running;
                 }
@@ -417,10 +427,7 @@ impl containerd_shim::Task for Service {
         }
         let (process, stdio) = {
             let mut g = self.lock();
-            let c = g
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let c = Self::container(&mut g, &req.id)?;
             let p = Self::process(c, &req.exec_id)?;
             let spec = p
                 .exec_spec
@@ -459,10 +466,7 @@ impl containerd_shim::Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let mut g = self.lock();
-        let c = g
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+        let c = Self::container(&mut g, &req.id)?;
         let bundle = c.bundle.display().to_string();
         let p = Self::process(c, &req.exec_id)?;
         let (exit_status, exited_at) = p.exit.clone().unwrap_or((0, Timestamp::new()));
@@ -491,10 +495,7 @@ impl containerd_shim::Task for Service {
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let mut g = self.lock();
         loop {
-            let c = g
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let c = Self::container(&mut g, &req.id)?;
             let p = Self::process(c, &req.exec_id)?;
             if let Some((status, at)) = p.exit.clone() {
                 return Ok(api::WaitResponse {
@@ -515,10 +516,7 @@ impl containerd_shim::Task for Service {
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         {
             let mut g = self.lock();
-            let c = g
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let c = Self::container(&mut g, &req.id)?;
             let p = Self::process(c, &req.exec_id)?;
             if p.state == State::Stopped {
                 return Err(err(Code::NOT_FOUND, "process already finished"));
@@ -535,10 +533,7 @@ impl containerd_shim::Task for Service {
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("exec process spec: {e}")))?;
         {
             let mut g = self.lock();
-            let c = g
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let c = Self::container(&mut g, &req.id)?;
             if c.execs.contains_key(&req.exec_id) {
                 return Err(err(
                     Code::ALREADY_EXISTS,
@@ -576,10 +571,7 @@ impl containerd_shim::Task for Service {
     ) -> TtrpcResult<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
             let mut g = self.lock();
-            let c = g
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
+            let c = Self::container(&mut g, &req.id)?;
             let p = c
                 .execs
                 .remove(&req.exec_id)
@@ -653,10 +645,7 @@ impl containerd_shim::Task for Service {
                 exec_id: req.exec_id.clone(),
                 ..Default::default()
             };
-            self.agent()?
-                .containers
-                .close_stdin(husk_runtime::agent::ctx(Duration::from_secs(30)), &r)
-                .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+            self.with_agent(|a| a.containers.close_stdin(actx(Duration::from_secs(30)), &r))?;
         }
         Ok(api::Empty::new())
     }
@@ -673,21 +662,18 @@ impl containerd_shim::Task for Service {
             cols: req.width,
             ..Default::default()
         };
-        self.agent()?
-            .containers
-            .tty_win_resize(husk_runtime::agent::ctx(Duration::from_secs(30)), &r)
-            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        self.with_agent(|a| {
+            a.containers
+                .tty_win_resize(actx(Duration::from_secs(30)), &r)
+        })?;
         Ok(api::Empty::new())
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.agent()?
-            .containers
-            .pause_container(
-                husk_runtime::agent::ctx(Duration::from_secs(60)),
-                &husk_runtime::agent::container(&req.id),
-            )
-            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        self.with_agent(|a| {
+            a.containers
+                .pause_container(actx(Duration::from_secs(60)), &container(&req.id))
+        })?;
         self.set_state(&req.id, State::Running, State::Paused);
         self.publish(TaskPaused {
             container_id: req.id.clone(),
@@ -697,13 +683,10 @@ impl containerd_shim::Task for Service {
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        self.agent()?
-            .containers
-            .resume_container(
-                husk_runtime::agent::ctx(Duration::from_secs(60)),
-                &husk_runtime::agent::container(&req.id),
-            )
-            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        self.with_agent(|a| {
+            a.containers
+                .resume_container(actx(Duration::from_secs(60)), &container(&req.id))
+        })?;
         self.set_state(&req.id, State::Paused, State::Running);
         self.publish(TaskResumed {
             container_id: req.id.clone(),
@@ -719,10 +702,10 @@ impl containerd_shim::Task for Service {
             resources: req.resources.value.clone(),
             ..Default::default()
         };
-        self.agent()?
-            .containers
-            .update_container(husk_runtime::agent::ctx(Duration::from_secs(60)), &r)
-            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        self.with_agent(|a| {
+            a.containers
+                .update_container(actx(Duration::from_secs(60)), &r)
+        })?;
         Ok(api::Empty::new())
     }
 
@@ -734,14 +717,10 @@ impl containerd_shim::Task for Service {
         use containerd_shim::protos::cgroups_v2::metrics::{
             CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
         };
-        let s = self
-            .agent()?
-            .containers
-            .stats_container(
-                husk_runtime::agent::ctx(Duration::from_secs(30)),
-                &husk_runtime::agent::container(&req.id),
-            )
-            .map_err(|e| err(Code::INTERNAL, husk_runtime::agent::rpc_message(&e)))?;
+        let s = self.with_agent(|a| {
+            a.containers
+                .stats_container(actx(Duration::from_secs(30)), &container(&req.id))
+        })?;
         // The container's cgroup v2 figures in the guest, in the type runc's
         // shim reports on a cgroup v2 host.
         let mut m = Metrics::new();

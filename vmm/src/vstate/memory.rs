@@ -30,14 +30,8 @@ pub enum MemoryError {
     MapFile(String),
 }
 
-/// Guest memory from a snapshot's memory file, mapped private: pages stay
-/// shared with every other VM restored from the same file until written
-/// (copy-on-write), and the file itself is never changed.
-pub fn restore(
-    path: &std::path::Path,
-    mem_size: u64,
-) -> Result<(GuestMemoryMmap, File), MemoryError> {
-    use vm_memory::mmap::MmapRegionBuilder;
+/// Opens a snapshot's memory file, which must hold `mem_size` bytes.
+fn open_sized(path: &std::path::Path, mem_size: u64) -> Result<File, MemoryError> {
     let file_err = |source| MemoryError::File {
         path: path.display().to_string(),
         source,
@@ -51,6 +45,22 @@ pub fn restore(
             want: mem_size,
         });
     }
+    Ok(file)
+}
+
+/// Guest memory from a snapshot's memory file, mapped private: pages stay
+/// shared with every other VM restored from the same file until written
+/// (copy-on-write), and the file itself is never changed.
+pub fn restore(
+    path: &std::path::Path,
+    mem_size: u64,
+) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    let file_err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = open_sized(path, mem_size)?;
     let mut regions = Vec::new();
     let mut file_off = 0u64;
     for (base, len) in ram_regions(mem_size) {
@@ -130,15 +140,7 @@ pub fn restore_copy(
         path: path.display().to_string(),
         source,
     };
-    let src = File::open(path).map_err(file_err)?;
-    let got = src.metadata().map_err(file_err)?.len();
-    if got != mem_size {
-        return Err(MemoryError::Size {
-            path: path.display().to_string(),
-            got,
-            want: mem_size,
-        });
-    }
+    let src = open_sized(path, mem_size)?;
     let (mem, memfd) = create(mem_size)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0i64;
