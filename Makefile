@@ -44,10 +44,12 @@ fuzz: setup
 
 # Benchmarks print figures next to a peer's; not part of `make test`.
 bench: setup kernel guest images
-	$(CARGO) build --locked --release -p husk-vmm -p husk-cli
+	$(CARGO) build --locked --release -p husk-vmm -p husk-cli -p husk-shim
 	bench/boot
 	bench/snapshot
 	bench/run
+	bench/rootfs
+	bench/ctr
 
 setup:
 	@scripts/setup.sh
