@@ -44,6 +44,7 @@ impl Containerd {
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
                  disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [debug]\n  level = \"debug\"\n\
                  [grpc]\n  address = \"{0}/containerd.sock\"\n\
                  [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
                 d.display()
@@ -174,7 +175,14 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
     let runc = run(RUNC, "with-runc");
     let husk = run(HUSK, "with-husk");
     assert_eq!(runc.status.code(), Some(3), "{}", c.log());
-    assert_eq!(husk.status.code(), runc.status.code(), "{}", c.log());
+    assert_eq!(
+        husk.status.code(),
+        runc.status.code(),
+        "stdout {:?} stderr {:?}\ncontainerd: {}",
+        text(&husk.stdout),
+        text(&husk.stderr),
+        c.log()
+    );
     let (ro, ho) = (text(&runc.stdout), text(&husk.stdout));
     let (rl, hl): (Vec<&str>, Vec<&str>) = (ro.lines().collect(), ho.lines().collect());
     assert_eq!(hl.first(), rl.first(), "{ho:?} vs {ro:?}");
