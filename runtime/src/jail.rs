@@ -153,28 +153,61 @@ fn sweep(parent: &Path) {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         self.procs.clear();
-        for d in &self.dirs {
-            // Whatever still runs in it is a VMM whose sandbox is gone.
-            for pid in std::fs::read_to_string(d.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.trim().parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) with a pid read from our own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        kill_and_remove(&self.dirs);
+    }
+}
+
+/// Kills what runs in `dirs` (VMMs whose sandbox is gone) and removes them.
+fn kill_and_remove(dirs: &[PathBuf]) {
+    for d in dirs {
+        for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with a pid read from our own cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        for d in &self.dirs {
-            // Empty once the VMM and its keeper are reaped; give a dying
-            // VMM a few seconds.
-            for _ in 0..250 {
-                if std::fs::remove_dir(d).is_ok() || !d.exists() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for d in dirs {
+        // Empty once the VMM and its keeper are reaped; give a dying VMM a
+        // few seconds.
+        for _ in 0..250 {
+            if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Kills the VMMs of sandbox `name` that outlived the process holding
+/// them (a shim killed with SIGKILL) and removes their cgroups: the groups
+/// `<name>-<8 hex>` that `Cgroup::create` makes.
+pub fn kill_groups_of(name: &str) {
+    let root = Path::new(CGROUP_ROOT);
+    let parents = [
+        root.join("husk"),
+        root.join("memory/husk"),
+        root.join("cpu/husk"),
+    ];
+    let mut dirs = Vec::new();
+    for p in parents {
+        let Ok(entries) = std::fs::read_dir(&p) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let ours = n
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|r| r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+            if ours {
+                dirs.push(e.path());
             }
         }
     }
+    kill_and_remove(&dirs);
 }
 
 /// Where a VMM is confined: its jail directory, what it sees there, and

@@ -83,6 +83,21 @@ impl Runtime {
         Ok(rt)
     }
 
+    /// Cleans up after sandbox `id` whose holder died without doing so (a
+    /// containerd shim killed with SIGKILL): kills its VMM through its
+    /// cgroup (virtiofsd follows, its socket closed) and removes its
+    /// directory.
+    pub fn clean_sandbox(&self, id: &str) -> anyhow::Result<()> {
+        sandbox::check_id(id)?;
+        jail::kill_groups_of(id);
+        let dir = self.run_dir.join(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
     /// A runtime with the given artifacts and the default directories.
     pub fn new(vmm: PathBuf, kernel: PathBuf, guest_image: PathBuf) -> Runtime {
         Runtime {

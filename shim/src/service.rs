@@ -88,6 +88,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Service {
     namespace: String,
+    /// The task (and, outside pods, sandbox) id containerd started us for.
+    id: String,
     exit: Arc<ExitSignal>,
     inner: Arc<(Mutex<Inner>, Condvar)>,
     publisher: Option<Arc<RemotePublisher>>,
@@ -327,6 +329,7 @@ impl containerd_shim::Shim for Service {
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Service {
             namespace: args.namespace.clone(),
+            id: args.id.clone(),
             exit: Arc::new(ExitSignal::default()),
             inner: Arc::new((Mutex::new(Inner::default()), Condvar::new())),
             publisher: None,
@@ -347,8 +350,16 @@ impl containerd_shim::Shim for Service {
 
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         // Run by containerd in the bundle after the shim is gone: what the
-        // shim would have undone. The VMM died with its keeper's parent
-        // (the shim); the rootfs mount is left.
+        // shim would have undone. Its VMM outlives it (the keeper is not
+        // tied to the shim): killed through its cgroup.
+        match Runtime::locate() {
+            Ok(rt) => {
+                if let Err(e) = rt.clean_sandbox(&self.id) {
+                    warn!("cleaning sandbox {}: {e:#}", self.id);
+                }
+            }
+            Err(e) => warn!("{e:#}"),
+        }
         let rootfs = Path::new("rootfs");
         if rootfs.exists() {
             let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);

@@ -257,6 +257,54 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
     assert!(text(&out.stderr).contains("137") || text(&out.stdout).contains("137"));
     assert!(c.ctr(&["container", "rm", "bg"]).status.success());
 
+    // A shim killed with SIGKILL: containerd runs `shim delete`, which
+    // kills the VMM it left (through its cgroup) and cleans up.
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        HUSK,
+        "-d",
+        IMAGE,
+        "crash",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}", c.log());
+    c.wait_status("crash", "RUNNING");
+    let ours = |comm: &str, what: &str| -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+                    && std::fs::read(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(what))
+            })
+            .collect()
+    };
+    let run_dir = c.dir.path().join("husk-run").display().to_string();
+    assert!(!ours("husk-vmm", &run_dir).is_empty(), "no VMM for crash");
+    let shims = ours("containerd-shim", "crash");
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // SAFETY: kill(2) of the shim process found above.
+    unsafe { libc::kill(shims[0], libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ours("husk-vmm", &run_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the dead shim's VMM still runs: {}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while text(&c.ctr(&["task", "ls"]).stdout).contains("crash") {
+        assert!(Instant::now() < deadline, "the dead shim's task stays");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(c.ctr(&["container", "rm", "crash"]).status.success());
+
     // Nothing left: no rootfs mounts, no sandbox directories, no VMM.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(mounts_under(c.dir.path()), Vec::<String>::new());
