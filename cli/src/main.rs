@@ -218,13 +218,6 @@ struct RunArgs {
     command: Vec<String>,
 }
 
-/// A husk binary's parts: beside it (`husk-vmm`, `../guest/{vmlinux,
-/// rootfs.erofs}` as a build tree has them), or under /usr/lib/husk;
-/// `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_GUEST_IMAGE` override.
-fn runtime() -> Result<Runtime> {
-    Runtime::locate()
-}
-
 fn check_kvm() -> Result<()> {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -389,7 +382,7 @@ fn records() -> Result<Records> {
 
 fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     check_kvm()?;
-    let rt = runtime()?;
+    let rt = Runtime::locate()?;
     let store = ImageStore::open(&default_store_dir())?;
     let image = match (store.get(&a.image), a.pull.as_str()) {
         (Ok(i), "missing" | "never") => i,
@@ -677,16 +670,7 @@ fn run_container(
             read_only: false,
         });
     }
-    // The microVM is sized to hold what the container may use.
-    let limit = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.resources().as_ref())
-        .and_then(|r| r.memory().as_ref())
-        .and_then(|m| m.limit());
-    if let Some(m) = limit {
-        cfg.machine.mem_mib = cfg.machine.mem_mib.max((m as u64 >> 20) + 128);
-    }
+    cfg.fit_memory(spec);
     if let Some(c) = a.cpus {
         cfg.machine.vcpus = (c.ceil() as u8).clamp(1, 32);
     }
@@ -1193,7 +1177,7 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
 }
 
 fn info() -> Result<()> {
-    let rt = runtime()?;
+    let rt = Runtime::locate()?;
     let all = records()?.list()?;
     let running = all.iter().filter(|r| r.status == Status::Running).count();
     let images = ImageStore::open(&default_store_dir())?.list()?.len();
@@ -1363,7 +1347,7 @@ fn main() -> ExitCode {
             .map_err(Failure::from),
         Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),
         Cmd::Info => info().map(|_| 0).map_err(Failure::from),
-        Cmd::Version => runtime()
+        Cmd::Version => Runtime::locate()
             .map(|rt| {
                 println!("husk {}", env!("CARGO_PKG_VERSION"));
                 println!("husk-vmm: {}", rt.vmm.display());

@@ -19,8 +19,8 @@ use oci_spec::runtime::Spec;
 
 use crate::vmm::vsock_connect;
 
-/// A request context with the API version and a timeout.
-/// A request context with a deadline (`Duration::ZERO`: none).
+/// A request context with the API version and a deadline
+/// (`Duration::ZERO`: none).
 pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
     let mut c = ttrpc::context::with_timeout(timeout.as_nanos() as i64);
     c.add(VERSION_KEY.to_string(), API_VERSION.to_string());
@@ -101,22 +101,9 @@ impl AgentConn {
         storages: Vec<Storage>,
         start: bool,
     ) -> Result<Streams> {
-        let (stdio, streams) = self.open_streams(id, "init", io)?;
-        let req = CreateContainerRequest {
-            container_id: id.into(),
-            oci_spec: serde_json::to_vec(spec)?,
-            storages,
-            overlay_rootfs: true,
-            stdio: Some(stdio).into(),
-            ..Default::default()
-        };
-        self.containers
-            .create_container(ctx(Duration::from_secs(120)), &req)
-            .map_err(|e| anyhow::anyhow!("CreateContainer {id}: {}", rpc_message(&e)))?;
+        let (_, streams) = self.create_only(id, spec, io, storages, true)?;
         if start {
-            self.containers
-                .start_container(ctx(Duration::from_secs(60)), &container(id))
-                .map_err(|e| anyhow::anyhow!("StartContainer {id}: {}", rpc_message(&e)))?;
+            self.start(id)?;
         }
         Ok(streams)
     }

@@ -63,6 +63,20 @@ pub struct SandboxConfig {
 }
 
 impl SandboxConfig {
+    /// Sizes the microVM to hold what the container may use: its memory
+    /// limit plus 128 MiB for the guest, if that is more than the default.
+    pub fn fit_memory(&mut self, spec: &oci_spec::runtime::Spec) {
+        let limit = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit());
+        if let Some(m) = limit.filter(|m| *m > 0) {
+            self.machine.mem_mib = self.machine.mem_mib.max((m as u64 >> 20) + 128);
+        }
+    }
+
     pub fn new(id: &str) -> SandboxConfig {
         SandboxConfig {
             id: id.into(),
@@ -127,11 +141,6 @@ impl Sandbox {
     /// keeper when confined).
     pub fn vmm_pid(&self) -> u32 {
         self.vmm.child.id()
-    }
-
-    /// True once the VMM has exited.
-    pub fn vmm_exited(&mut self) -> bool {
-        !matches!(self.vmm.child.try_wait(), Ok(None))
     }
 
     pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
@@ -294,13 +303,17 @@ impl Runtime {
                 .map(Some)
                 .context("sharing host paths")
         };
-        let mut shared = share()?;
         // [tap, lease?, virtio-fs socket?]: the VMM config names tap and
         // socket by number.
-        let mut inherit = vec![tap.fd()];
-        inherit.extend(lease.as_ref().map(Lease::fd));
-        let fs_fd = shared.as_ref().map(|s| s.fd());
-        inherit.extend(fs_fd);
+        let inherit_with = |shared: &Option<crate::shared::SharedFs>| {
+            let fs_fd = shared.as_ref().map(|s| s.fd());
+            let mut fds = vec![tap.fd()];
+            fds.extend(lease.as_ref().map(Lease::fd));
+            fds.extend(fs_fd);
+            (fds, fs_fd)
+        };
+        let mut shared = share()?;
+        let (inherit, fs_fd) = inherit_with(&shared);
         let console = cfg.console_log.then(|| dir.join("console.log"));
         let log = dir.join("vmm.log");
         let (vmm, agent, devices, template) = match cfg.boot {
@@ -325,9 +338,7 @@ impl Runtime {
                                 .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
                             drop(shared.take());
                             shared = share()?;
-                            let fs_fd = shared.as_ref().map(|s| s.fd());
-                            inherit.truncate(1 + usize::from(lease.is_some()));
-                            inherit.extend(fs_fd);
+                            let (inherit, fs_fd) = inherit_with(&shared);
                             self.restore(&t, cfg, dir, console.as_deref(), &inherit, fs_fd)
                                 .with_context(|| format!("after rebuilding template {}", t.key))?
                         }

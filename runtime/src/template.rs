@@ -196,6 +196,10 @@ pub(crate) fn vm_config(
     if let Some(t) = &machine.cpu_template {
         mc["cpu_template"] = serde_json::json!(t);
     }
+    let mut fs = serde_json::json!({"fs_id": crate::shared::FS_ID, "tag": crate::shared::FS_TAG});
+    if let Some(fd) = fs_fd {
+        fs["socket_fd"] = fd.into();
+    }
     serde_json::json!({
         "boot-source": {"kernel_image_path": rt.kernel, "boot_args": BOOT_ARGS},
         "machine-config": mc,
@@ -205,12 +209,7 @@ pub(crate) fn vm_config(
         "entropy": {},
         // Always there (a template's guest probes it); a backend only when
         // the sandbox shares host paths.
-        "filesystems": [match fs_fd {
-            Some(fd) => serde_json::json!({
-                "fs_id": crate::shared::FS_ID, "tag": crate::shared::FS_TAG, "socket_fd": fd,
-            }),
-            None => serde_json::json!({"fs_id": crate::shared::FS_ID, "tag": crate::shared::FS_TAG}),
-        }],
+        "filesystems": [fs],
         "serial": console_config(console),
     })
 }
@@ -553,6 +552,24 @@ mod tests {
         assert!(old.current());
         std::fs::write(d.path().join("kernel"), "kernel v2").unwrap();
         assert!(!old.current(), "a rewritten kernel");
+    }
+
+    #[test]
+    fn the_virtio_fs_device_is_always_there_and_backed_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let rt = rt(d.path());
+        let m = Machine::default();
+        let v = Path::new("/v.sock");
+        let plain = vm_config(&rt, &m, &[], v, None, 5, None);
+        assert_eq!(
+            plain["filesystems"],
+            serde_json::json!([{"fs_id": "shared", "tag": "husk-shared"}])
+        );
+        let backed = vm_config(&rt, &m, &[], v, None, 5, Some(7));
+        assert_eq!(
+            backed["filesystems"],
+            serde_json::json!([{"fs_id": "shared", "tag": "husk-shared", "socket_fd": 7}])
+        );
     }
 
     #[test]

@@ -145,16 +145,12 @@ impl Service {
             let at = now();
             let pid = {
                 let mut g = svc.lock();
-                let Some(c) = g.containers.get_mut(&id) else {
+                let Some(p) = g
+                    .containers
+                    .get_mut(&id)
+                    .and_then(|c| Self::process(c, &exec_id).ok())
+                else {
                     return;
-                };
-                let p = if exec_id.is_empty() {
-                    &mut c.init
-                } else {
-                    match c.execs.get_mut(&exec_id) {
-                        Some(p) => p,
-                        None => return,
-                    }
                 };
                 p.state = State::Stopped;
                 p.exit = Some((status, at.clone()));
@@ -195,15 +191,16 @@ impl Service {
             .map_err(|e| anyhow::anyhow!("mounting the rootfs ({}): {e}", m.type_))?;
         }
         let mounted = !req.rootfs.is_empty();
-        let unmount = |ok: bool| {
-            if !ok && mounted {
+        // Undone when the container is not created.
+        let unmount = || {
+            if mounted {
                 let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
             }
         };
         let guest = match crate::spec::for_guest(spec, &rootfs) {
             Ok(g) => g,
             Err(e) => {
-                unmount(false);
+                unmount();
                 return Err(e);
             }
         };
@@ -214,7 +211,9 @@ impl Service {
             terminal: req.terminal,
         };
         let r = self.start_container(&req.id, &guest, &stdio);
-        unmount(r.is_ok());
+        if r.is_err() {
+            unmount();
+        }
         let (pid, copies) = r?;
         self.lock().containers.insert(
             req.id.clone(),
@@ -254,16 +253,7 @@ impl Service {
         if let Some(h) = guest.spec.hostname() {
             cfg.hostname = h.clone();
         }
-        let limit = guest
-            .spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.resources().as_ref())
-            .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit());
-        if let Some(m) = limit.filter(|m| *m > 0) {
-            cfg.machine.mem_mib = cfg.machine.mem_mib.max((m as u64 >> 20) + 128);
-        }
+        cfg.fit_memory(&guest.spec);
         let sandbox = rt.start_sandbox(&cfg)?;
         let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
         let (pid, mut streams) =

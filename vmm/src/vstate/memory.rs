@@ -30,14 +30,18 @@ pub enum MemoryError {
     MapFile(String),
 }
 
-/// Opens a snapshot's memory file, which must hold `mem_size` bytes.
-fn open_sized(path: &std::path::Path, mem_size: u64) -> Result<File, MemoryError> {
-    let file_err = |source| MemoryError::File {
+/// An I/O error on the memory file at `path`.
+fn file_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> MemoryError + '_ {
+    move |source| MemoryError::File {
         path: path.display().to_string(),
         source,
-    };
-    let file = File::open(path).map_err(file_err)?;
-    let got = file.metadata().map_err(file_err)?.len();
+    }
+}
+
+/// Opens a snapshot's memory file, which must hold `mem_size` bytes.
+fn open_sized(path: &std::path::Path, mem_size: u64) -> Result<File, MemoryError> {
+    let file = File::open(path).map_err(file_err(path))?;
+    let got = file.metadata().map_err(file_err(path))?.len();
     if got != mem_size {
         return Err(MemoryError::Size {
             path: path.display().to_string(),
@@ -56,15 +60,11 @@ pub fn restore(
     mem_size: u64,
 ) -> Result<(GuestMemoryMmap, File), MemoryError> {
     use vm_memory::mmap::MmapRegionBuilder;
-    let file_err = |source| MemoryError::File {
-        path: path.display().to_string(),
-        source,
-    };
     let file = open_sized(path, mem_size)?;
     let mut regions = Vec::new();
     let mut file_off = 0u64;
     for (base, len) in ram_regions(mem_size) {
-        let f = file.try_clone().map_err(file_err)?;
+        let f = file.try_clone().map_err(file_err(path))?;
         let region = MmapRegionBuilder::new(len as usize)
             .with_file_offset(FileOffset::new(f, file_off))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -136,10 +136,6 @@ pub fn restore_copy(
 ) -> Result<(GuestMemoryMmap, File), MemoryError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let file_err = |source| MemoryError::File {
-        path: path.display().to_string(),
-        source,
-    };
     let src = open_sized(path, mem_size)?;
     let (mem, memfd) = create(mem_size)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -157,7 +153,8 @@ pub fn restore_copy(
         let mut at = data as u64;
         while at < hole as u64 {
             let n = buf.len().min((hole as u64 - at) as usize);
-            src.read_exact_at(&mut buf[..n], at).map_err(file_err)?;
+            src.read_exact_at(&mut buf[..n], at)
+                .map_err(file_err(path))?;
             memfd
                 .write_all_at(&buf[..n], at)
                 .map_err(MemoryError::Memfd)?;
