@@ -10,6 +10,7 @@ pub mod child;
 pub mod image;
 pub mod jail;
 pub mod network;
+pub mod podnet;
 pub mod ports;
 pub mod pull;
 pub mod record;

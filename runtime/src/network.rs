@@ -306,6 +306,17 @@ impl Lease {
         self.file.as_raw_fd()
     }
 
+    /// The guest's interface on the bridge: this address, the gateway.
+    pub fn guest_net(&self, mtu: u32) -> crate::podnet::GuestNet {
+        crate::podnet::GuestNet {
+            veth: String::new(),
+            mac: self.mac(),
+            mtu,
+            addresses: vec![(self.ip, self.prefix)],
+            routes: vec![(None, Some(self.gateway))],
+        }
+    }
+
     /// A MAC derived from the address (locally administered, unicast), so
     /// a reused address does not meet a stale neighbour entry of another MAC.
     pub fn mac(&self) -> String {
@@ -343,7 +354,7 @@ const IFF_TUN_EXCL: libc::c_short = -0x8000;
 
 /// Creates the (non-persistent) tap `name`; refuses to attach to an
 /// existing one.
-fn create_tap(name: &str) -> Result<File> {
+pub(crate) fn create_tap(name: &str) -> Result<File> {
     let f = File::options()
         .read(true)
         .write(true)
@@ -373,8 +384,27 @@ where
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<()>>,
 {
+    netlink_in(None, f)
+}
+
+/// `netlink`, in the network namespace `netns` when given: the thread
+/// enters it first, so the socket (and any tap made there) belongs to it.
+pub(crate) fn netlink_in<F, Fut, T>(netns: Option<&File>, f: F) -> Result<T>
+where
+    F: FnOnce(Handle) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T>>,
+    T: Send,
+{
     std::thread::scope(|s| {
         s.spawn(|| {
+            if let Some(ns) = netns {
+                // SAFETY: setns with an open namespace fd; a network
+                // namespace can be entered by one thread of a process.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("entering the network namespace");
+                }
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
@@ -393,7 +423,7 @@ where
     })
 }
 
-async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
+pub(crate) async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
     let mut links = h.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
         Ok(Some(l)) => Ok(Some(l.header.index)),

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{ctx, rpc_message, AgentConn, Endpoint};
 use crate::jail::Share;
 use crate::network::{dns_from_host, Lease, NetworkMode, Tap};
+use crate::podnet::GuestNet;
 use crate::ports::{check_mappings, PortMapping, Publisher};
 use crate::template::{
     console_config, slot_device, slot_id, tail, vm_config, Machine, Template, VmmProcess,
@@ -51,6 +52,10 @@ pub struct SandboxConfig {
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
     pub network: NetworkMode,
+    /// A network namespace set up by someone else (CRI's pod netns, with
+    /// CNI's veth) whose interface the VM takes over; `network` is then
+    /// not used.
+    pub netns: Option<PathBuf>,
     /// Host ports relayed to the sandbox (bridge network only).
     pub ports: Vec<PortMapping>,
     /// Host paths shared over virtio-fs; share `i` is at
@@ -86,6 +91,7 @@ impl SandboxConfig {
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
             network: NetworkMode::default(),
+            netns: None,
             ports: Vec::new(),
             shares: Vec::new(),
             boot: Boot::default(),
@@ -124,6 +130,8 @@ pub struct Sandbox {
     vmm: VmmProcess,
     /// virtiofsd, after the VMM (fields drop in order).
     shared: Option<crate::shared::SharedFs>,
+    /// The pod network taken over (CRI), if any.
+    pod_net: Option<crate::podnet::PodNet>,
 }
 
 impl Sandbox {
@@ -137,14 +145,36 @@ impl Sandbox {
         })
     }
 
+    /// Shares `share` into the running sandbox; returns the index for
+    /// `shared::guest_source`. Needs a sandbox started with shares.
+    pub fn add_share(&mut self, share: &crate::shared::HostShare) -> Result<usize> {
+        match self.shared.as_mut() {
+            Some(fs) => fs.add(share),
+            None => bail!("sandbox {} was started without shared host paths", self.id),
+        }
+    }
+
+    /// Stops sharing entry `i`.
+    pub fn remove_share(&mut self, i: usize) -> Result<()> {
+        match self.shared.as_mut() {
+            Some(fs) => fs.remove(i),
+            None => Ok(()),
+        }
+    }
+
     /// The host pid of the VMM process the runtime holds (the jail's
     /// keeper when confined).
     pub fn vmm_pid(&self) -> u32 {
         self.vmm.child.id()
     }
 
+    /// Its address: on the bridge, or the pod's (CNI's).
     pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
-        self.lease.as_ref().map(|l| l.ip)
+        self.lease.as_ref().map(|l| l.ip).or_else(|| {
+            self.pod_net
+                .as_ref()
+                .and_then(|p| p.guest.addresses.first().map(|a| a.0))
+        })
     }
 
     /// Memory charged to the VMM's cgroup (confined VMMs), bytes.
@@ -276,7 +306,7 @@ impl Runtime {
 
     fn start_in(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Sandbox> {
         let mut times = StartTimes::default();
-        let bridged = cfg.network == NetworkMode::Bridge;
+        let bridged = cfg.network == NetworkMode::Bridge && cfg.netns.is_none();
         let lease = if bridged {
             self.network
                 .ensure_bridge()
@@ -294,7 +324,15 @@ impl Runtime {
                 bail!("publishing ports needs the bridge network (not --network none)")
             }
         };
-        let tap = self.network.tap(bridged)?;
+        // A pod's namespace (CRI) brings its own tap; else one of ours.
+        let (pod_net, tap) = match &cfg.netns {
+            Some(ns) => {
+                let (p, tap) = crate::podnet::PodNet::attach(ns)
+                    .with_context(|| format!("taking over the pod network {}", ns.display()))?;
+                (Some(p), tap)
+            }
+            None => (None, self.network.tap(bridged)?),
+        };
         let share = || -> Result<Option<crate::shared::SharedFs>> {
             if cfg.shares.is_empty() {
                 return Ok(None);
@@ -381,7 +419,12 @@ impl Runtime {
             }
         };
         let t2 = Instant::now();
-        give_identity(&agent, cfg, lease.as_ref(), self.network.mtu)?;
+        let net = match (&pod_net, &lease) {
+            (Some(p), _) => Some(p.guest.clone()),
+            (None, Some(l)) => Some(l.guest_net(self.network.mtu)),
+            (None, None) => None,
+        };
+        give_identity(&agent, cfg, net.as_ref())?;
         times.identity = t2.elapsed();
         Ok(Sandbox {
             lease,
@@ -396,6 +439,7 @@ impl Runtime {
             template,
             vmm,
             shared,
+            pod_net,
         })
     }
 
@@ -475,12 +519,7 @@ impl Runtime {
 /// What every started guest is told: new randomness (a restored one shares
 /// its CRNG state with every other clone of its template until now), the
 /// time, its name and DNS.
-fn give_identity(
-    agent: &AgentConn,
-    cfg: &SandboxConfig,
-    lease: Option<&Lease>,
-    mtu: u32,
-) -> Result<()> {
+fn give_identity(agent: &AgentConn, cfg: &SandboxConfig, net: Option<&GuestNet>) -> Result<()> {
     let timeout = Duration::from_secs(30);
     let mut seed = ReseedRandomRequest::new();
     seed.data = vec![0; 64];
@@ -508,22 +547,39 @@ fn give_identity(
         s.dns_servers = cfg.dns_servers.clone();
         s.dns_search = cfg.dns_search.clone();
     }
-    if let Some(l) = lease {
-        let mut a = IPAddress::new();
-        a.address = l.ip.to_string();
-        a.prefix_len = l.prefix.into();
+    if let Some(n) = net {
         let mut i = Interface::new();
         i.name = NET_IFACE.into();
-        i.mac = l.mac();
-        i.mtu = mtu;
-        i.addresses = vec![a];
+        i.mac = n.mac.clone();
+        i.mtu = n.mtu;
+        i.addresses = n
+            .addresses
+            .iter()
+            .map(|(ip, len)| {
+                let mut a = IPAddress::new();
+                a.address = ip.to_string();
+                a.prefix_len = (*len).into();
+                a
+            })
+            .collect();
         s.interfaces = vec![i];
-        let mut r = Route::new();
-        r.destination = "default".into();
-        r.gateway = l.gateway.to_string();
-        r.device = NET_IFACE.into();
-        s.routes = vec![r];
-        s.hosts = vec![format!("{}\t{}", l.ip, cfg.hostname)];
+        s.routes = n
+            .routes
+            .iter()
+            .map(|(dest, gw)| {
+                let mut r = Route::new();
+                r.destination = match dest {
+                    None => "default".into(),
+                    Some((d, len)) => format!("{d}/{len}"),
+                };
+                r.gateway = gw.map(|g| g.to_string()).unwrap_or_default();
+                r.device = NET_IFACE.into();
+                r
+            })
+            .collect();
+        if let Some((ip, _)) = n.addresses.first() {
+            s.hosts = vec![format!("{ip}\t{}", cfg.hostname)];
+        }
     }
     agent
         .sandbox

@@ -10,6 +10,12 @@
 //! A read-only share is a read-only bind: writes fail in virtiofsd with
 //! EROFS whatever the guest does. virtiofsd exits when the VMM's end of
 //! the vhost-user socket closes.
+//!
+//! Shares can be added to a running sandbox (the containers of a pod
+//! arrive one by one): the share is cloned as a detached mount tree
+//! (`open_tree`) here, and a thread that has entered virtiofsd's own mount
+//! namespace moves it under the served directory (`move_mount`); removal
+//! unmounts it there. The host's mount table never sees them either.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -22,6 +28,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use crate::jail::check;
 
 /// The VMM's virtio-fs device in templates and sandboxes.
 pub const FS_ID: &str = "shared";
@@ -56,6 +64,11 @@ pub struct SharedFs {
     child: crate::child::Watched,
     stream: UnixStream,
     log: PathBuf,
+    /// The served directory on the host.
+    root: PathBuf,
+    /// The index the next added share gets (never reused: the guest may
+    /// still cache an old entry's name).
+    next: usize,
 }
 
 /// One bind mount to make in virtiofsd's namespace, prepared before fork.
@@ -140,9 +153,120 @@ impl SharedFs {
                 Err(e) => bail!("connecting to virtiofsd: {e}"),
             },
             log,
+            root,
+            next: shares.len(),
         };
         fs.check_alive()?;
         Ok(fs)
+    }
+
+    /// Shares `share` while virtiofsd runs; returns its index (see
+    /// `guest_source`).
+    pub fn add(&mut self, share: &HostShare) -> Result<usize> {
+        self.check_alive()?;
+        let i = self.next;
+        let name = format!("b{i}");
+        let target = self.root.join(&name);
+        let meta = std::fs::metadata(&share.source)
+            .with_context(|| format!("shared path {}", share.source.display()))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            File::create(&target).map(drop)
+        }
+        .with_context(|| target.display().to_string())?;
+        self.next += 1;
+        let r = self.in_namespace(share, &name);
+        if r.is_err() {
+            let _ = remove_entry(&target);
+        }
+        r.with_context(|| format!("sharing {} into the running sandbox", share.source.display()))?;
+        Ok(i)
+    }
+
+    /// Unshares entry `i` (its mount goes; open files in the guest get
+    /// errors from then on).
+    pub fn remove(&mut self, i: usize) -> Result<()> {
+        let name = format!("b{i}");
+        if self.check_alive().is_ok() {
+            let ns = self.namespace()?;
+            let path = CString::new(format!("/{name}"))?;
+            std::thread::scope(|s| {
+                s.spawn(|| -> std::io::Result<()> {
+                    enter(&ns)?;
+                    // SAFETY: a NUL-terminated path; MNT_DETACH unmounts
+                    // lazily whatever the guest still holds open.
+                    check(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) })
+                })
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("unmount thread panicked")))
+            })
+            .with_context(|| format!("unmounting share {name} in virtiofsd's namespace"))?;
+        }
+        remove_entry(&self.root.join(&name)).with_context(|| format!("removing share {name}"))
+    }
+
+    /// virtiofsd's mount namespace, once it has made the served directory
+    /// its root (it sets up its sandbox after starting).
+    fn namespace(&mut self) -> Result<File> {
+        use std::os::unix::fs::MetadataExt;
+        let want = std::fs::metadata(&self.root)?;
+        let pid = self.child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ns = File::open(format!("/proc/{pid}/ns/mnt"))
+                .with_context(|| format!("virtiofsd (pid {pid})'s mount namespace"))?;
+            let root = std::fs::metadata(format!("/proc/{pid}/root"))?;
+            if (root.dev(), root.ino()) == (want.dev(), want.ino()) {
+                return Ok(ns);
+            }
+            self.check_alive()?;
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "virtiofsd (pid {pid}) has not made {} its root: is it one that sandboxes itself in a mount namespace?",
+                    self.root.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Clones `share` as a detached tree and moves it to `/<name>` in
+    /// virtiofsd's namespace.
+    fn in_namespace(&mut self, share: &HostShare, name: &str) -> Result<()> {
+        let ns = self.namespace()?;
+        let source = CString::new(share.source.as_os_str().as_bytes())?;
+        let target = CString::new(format!("/{name}"))?;
+        let read_only = share.read_only;
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<()> {
+                let tree = clone_tree(&source, read_only).context("cloning the mount")?;
+                enter(&ns).context("entering virtiofsd's mount namespace")?;
+                // SAFETY: a detached tree's fd, an empty path (F_EMPTY_PATH:
+                // the fd itself) and a NUL-terminated target path.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_move_mount,
+                        tree.as_raw_fd(),
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        target.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    )
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error()).context("move_mount");
+                }
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("the mount thread panicked"))
+        })
+    }
+
+    /// virtiofsd's pid (its first process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The connected socket, for the VMM to inherit.
@@ -180,10 +304,87 @@ impl Drop for SharedFs {
     }
 }
 
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached recursive copy of the mount tree at `source`, read-only
+/// throughout when asked.
+fn clone_tree(source: &CString, read_only: bool) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: open_tree takes a NUL-terminated path and flags and returns
+    // a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | AT_RECURSIVE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned to us and owned by no one.
+    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    if read_only {
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: the tree's fd with an empty path (AT_EMPTY_PATH), and a
+        // mount_attr that outlives the call, with its size.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(tree)
+}
+
+/// Moves the calling thread (only) into the mount namespace `ns`: a thread
+/// must first stop sharing its filesystem context with the others.
+fn enter(ns: &File) -> std::io::Result<()> {
+    // SAFETY: unshare(CLONE_FS) affects only this thread's root/cwd/umask;
+    // setns takes an open namespace fd.
+    unsafe {
+        check(libc::unshare(libc::CLONE_FS))?;
+        check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS))
+    }
+}
+
+fn remove_entry(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Unshares the mount namespace (private from the host's) and makes the
 /// bind mounts in it.
 fn enter_namespace(binds: &[Bind]) -> std::io::Result<()> {
-    use crate::jail::check;
     // SAFETY: unshare and mount take only the NUL-terminated strings
     // prepared before fork (or null where the call allows it).
     unsafe {
