@@ -25,6 +25,9 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::network::{create_tap, netlink_in, Tap};
 
+/// An IPv4 network: address and prefix length.
+pub type Cidr4 = (Ipv4Addr, u8);
+
 /// What the guest's interface becomes: the veth's identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestNet {
@@ -32,9 +35,9 @@ pub struct GuestNet {
     pub veth: String,
     pub mac: String,
     pub mtu: u32,
-    pub addresses: Vec<(Ipv4Addr, u8)>,
+    pub addresses: Vec<Cidr4>,
     /// (destination, or None for the default route; gateway)
-    pub routes: Vec<(Option<(Ipv4Addr, u8)>, Option<Ipv4Addr>)>,
+    pub routes: Vec<(Option<Cidr4>, Option<Ipv4Addr>)>,
 }
 
 /// A pod namespace's veth taken over by a sandbox.

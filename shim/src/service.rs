@@ -32,6 +32,9 @@ use crate::io::{Copies, Stdio};
 
 /// CRI's annotation naming the pod a container belongs to.
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI's annotation: "sandbox" (the pod's pause container, which starts
+/// the VM) or "container" (joins it).
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 fn err(code: Code, msg: impl Into<String>) -> TtrpcError {
     TtrpcError::RpcStatus(RpcStatus {
@@ -43,6 +46,16 @@ fn err(code: Code, msg: impl Into<String>) -> TtrpcError {
 
 fn internal(e: anyhow::Error) -> TtrpcError {
     err(Code::INTERNAL, format!("{e:#}"))
+}
+
+/// Takes a container's entries out of the sandbox's share (best effort:
+/// the sandbox may be going).
+fn unshare(sb: &mut Sandbox, entries: &[usize]) {
+    for e in entries {
+        if let Err(e) = sb.remove_share(*e) {
+            warn!("unsharing entry {e}: {e:#}");
+        }
+    }
 }
 
 fn now() -> Timestamp {
@@ -75,6 +88,8 @@ struct Process {
 struct Container {
     bundle: PathBuf,
     rootfs: Option<PathBuf>,
+    /// Its entries in the sandbox's virtio-fs share.
+    shares: Vec<usize>,
     init: Process,
     execs: HashMap<String, Process>,
 }
@@ -179,6 +194,12 @@ impl Service {
         let spec: oci_spec::runtime::Spec =
             oci_spec::runtime::Spec::load(bundle.join("config.json"))
                 .context("reading the bundle's config.json")?;
+        let joins = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(CONTAINER_TYPE))
+            .is_some_and(|t| t == "container");
+        let netns = crate::spec::netns_path(&spec).filter(|p| !p.starts_with("/proc"));
         let rootfs = bundle.join("rootfs");
         std::fs::create_dir_all(&rootfs)?;
         for m in &req.rootfs {
@@ -197,29 +218,28 @@ impl Service {
                 let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
             }
         };
-        let guest = match crate::spec::for_guest(spec, &rootfs) {
-            Ok(g) => g,
-            Err(e) => {
-                unmount();
-                return Err(e);
-            }
-        };
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let r = self.start_container(&req.id, &guest, &stdio);
+        let r = if joins {
+            self.join_sandbox(&req.id, spec, &rootfs, &stdio)
+        } else {
+            crate::spec::for_guest(spec, &rootfs, &[])
+                .and_then(|g| self.start_sandbox(&req.id, &g, netns, &stdio))
+        };
         if r.is_err() {
             unmount();
         }
-        let (pid, copies) = r?;
+        let (pid, shares, copies) = r?;
         self.lock().containers.insert(
             req.id.clone(),
             Container {
                 bundle,
                 rootfs: mounted.then_some(rootfs),
+                shares,
                 init: Process {
                     pid,
                     state: State::Created,
@@ -234,21 +254,27 @@ impl Service {
         Ok(pid)
     }
 
-    /// Starts the sandbox for this container and creates it there.
-    fn start_container(
+    /// Starts the sandbox with this container (a pod's sandbox container,
+    /// or a container of its own) and creates it there.
+    fn start_sandbox(
         &self,
         id: &str,
         guest: &crate::spec::GuestSpec,
+        netns: Option<PathBuf>,
         stdio: &Stdio,
-    ) -> anyhow::Result<(u32, Copies)> {
+    ) -> anyhow::Result<(u32, Vec<usize>, Copies)> {
         let mut g = self.lock();
         if g.sandbox.is_some() {
-            anyhow::bail!("this shim's sandbox already runs a container; pods come later");
+            anyhow::bail!(
+                "this shim's sandbox already runs; only containers of its CRI pod ({CONTAINER_TYPE}=container) can join it"
+            );
         }
         let rt = Runtime::locate()?;
         let mut cfg = SandboxConfig::new(id);
-        // Like runc under plain ctr: a network namespace with loopback only.
+        // Under CRI the VM takes over the pod's namespace CNI set up; under
+        // plain ctr, like runc: loopback only.
         cfg.network = NetworkMode::None;
+        cfg.netns = netns;
         cfg.shares = guest.shares.clone();
         if let Some(h) = guest.spec.hostname() {
             cfg.hostname = h.clone();
@@ -266,7 +292,59 @@ impl Service {
             self.watch_oom(conn);
         }
         g.sandbox = Some(sandbox);
-        Ok((pid, copies))
+        Ok((pid, (0..guest.shares.len()).collect(), copies))
+    }
+
+    /// Creates a container of the pod in its running sandbox: its rootfs
+    /// and binds are added to the sandbox's share first.
+    fn join_sandbox(
+        &self,
+        id: &str,
+        spec: oci_spec::runtime::Spec,
+        rootfs: &Path,
+        stdio: &Stdio,
+    ) -> anyhow::Result<(u32, Vec<usize>, Copies)> {
+        // The shares are added under the lock; the (slow) create runs on a
+        // connection of its own, so the pod's other tasks answer meanwhile.
+        let (guest, entries, agent) = {
+            let mut g = self.lock();
+            let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
+            let mut guest = crate::spec::for_guest(spec, rootfs, &pids)?;
+            let sandbox = g.sandbox.as_mut().ok_or_else(|| {
+                anyhow::anyhow!("{id} is a pod's container but its pod's sandbox is not running")
+            })?;
+            let mut entries = Vec::new();
+            for share in &guest.shares {
+                match sandbox.add_share(share) {
+                    Ok(e) => entries.push(e),
+                    Err(e) => {
+                        unshare(sandbox, &entries);
+                        return Err(e);
+                    }
+                }
+            }
+            guest.renumber(&entries);
+            let agent = sandbox.connect();
+            let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
+            (guest, entries, agent.map(|a| (a, storages)))
+        };
+        let created = agent.and_then(|(agent, storages)| {
+            let (pid, mut streams) =
+                agent.create_only(id, &guest.spec, stdio.io(), storages, false)?;
+            Ok((pid, Copies::start(stdio, &mut streams)?))
+        });
+        match created {
+            Ok((pid, copies)) => {
+                info!("{id}: joined the pod's sandbox as pid {pid}");
+                Ok((pid, entries, copies))
+            }
+            Err(e) => {
+                if let Some(sb) = self.lock().sandbox.as_mut() {
+                    unshare(sb, &entries);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Moves `id`'s init process from `from` to `to` (not if it has
@@ -592,6 +670,16 @@ impl containerd_shim::Task for Service {
                 .remove(&req.id)
                 .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
             let last = g.containers.is_empty();
+            if !last {
+                // The pod goes on: this container leaves the guest, and its
+                // paths the share.
+                if let Some(sb) = g.sandbox.as_mut() {
+                    if let Err(e) = sb.agent.remove(&req.id) {
+                        warn!("{}: {e:#}", req.id);
+                    }
+                    unshare(sb, &c.shares);
+                }
+            }
             (c, if last { g.sandbox.take() } else { None })
         };
         if let Some(sb) = sandbox {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use husk_runtime::shared::{guest_source, HostShare};
+use husk_runtime::shared::{guest_source, HostShare, MOUNT_POINT};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 /// What a container needs from the host: its spec for the guest and the
@@ -23,9 +23,68 @@ fn is_bind(m: &Mount) -> bool {
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
 }
 
+impl GuestSpec {
+    /// Points the spec at the sandbox's entries for its shares: share `k`
+    /// was shared as entry `entries[k]` (a container joining a running
+    /// sandbox gets the next free entries, not 0..n).
+    pub fn renumber(&mut self, entries: &[usize]) {
+        let prefix = format!("{MOUNT_POINT}/b");
+        let map = |p: &Path| -> Option<PathBuf> {
+            let k: usize = p.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+            entries.get(k).map(|e| PathBuf::from(guest_source(*e)))
+        };
+        if let Some(mut root) = self.spec.root().clone() {
+            if let Some(p) = map(root.path()) {
+                root.set_path(p);
+            }
+            self.spec.set_root(Some(root));
+        }
+        if let Some(mounts) = self.spec.mounts().clone() {
+            let mounts = mounts
+                .into_iter()
+                .map(|mut m| {
+                    if let Some(p) = m.source().as_deref().and_then(map) {
+                        m.set_source(Some(p));
+                    }
+                    m
+                })
+                .collect();
+            self.spec.set_mounts(Some(mounts));
+        }
+    }
+}
+
+/// The network namespace containerd put the container in, if a path (CRI's
+/// pod netns, set up by CNI).
+pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
+/// Whether `path` is `/proc/<pid>/ns/<kind>` of one of `pids`: a namespace
+/// of another container in the same guest (CRI joins a pod's containers to
+/// the sandbox container's IPC and UTS namespaces by its pid, which is the
+/// guest's).
+fn in_guest(path: &Path, pids: &[u32]) -> bool {
+    let mut c = path.components().map(|c| c.as_os_str().to_str().unwrap_or(""));
+    c.next() == Some("/")
+        && c.next() == Some("proc")
+        && c.next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| pids.contains(&p))
+        && c.next() == Some("ns")
+        && c.next().is_some()
+        && c.next().is_none()
+}
+
 /// `rootfs`: the container's root on the host (containerd's snapshot,
-/// mounted in the bundle).
-pub fn for_guest(mut spec: Spec, rootfs: &Path) -> Result<GuestSpec> {
+/// mounted in the bundle); `guest_pids`: the pids (in the guest) of the
+/// containers already in the sandbox.
+pub fn for_guest(mut spec: Spec, rootfs: &Path, guest_pids: &[u32]) -> Result<GuestSpec> {
     let mut shares = vec![HostShare {
         source: rootfs.to_path_buf(),
         read_only: false,
@@ -74,12 +133,16 @@ pub fn for_guest(mut spec: Spec, rootfs: &Path) -> Result<GuestSpec> {
             let nss = nss
                 .into_iter()
                 // A network namespace made on the host (CRI's pod netns) is
-                // the VM's own network: the container stays in the guest's.
+                // the VM's own network: the container stays in the guest's,
+                // as do all of its pod.
                 .filter(|n| !(n.typ() == LinuxNamespaceType::Network && n.path().is_some()))
                 .map(|mut n| {
-                    // Paths name host namespaces; in the guest the
-                    // container gets namespaces of its own.
-                    n.set_path(None);
+                    // Other paths name host namespaces, unless they are a
+                    // pod member's in the guest; else the container gets
+                    // namespaces of its own.
+                    if !n.path().as_deref().is_some_and(|p| in_guest(p, guest_pids)) {
+                        n.set_path(None);
+                    }
                     n
                 })
                 .collect();
@@ -120,7 +183,7 @@ mod tests {
             ]}
         }))
         .unwrap();
-        let g = for_guest(spec, Path::new("/bundle/rootfs")).unwrap();
+        let mut g = for_guest(spec, Path::new("/bundle/rootfs"), &[]).unwrap();
         assert_eq!(g.shares.len(), 3);
         assert_eq!(g.shares[0].source, Path::new("/bundle/rootfs"));
         assert!(g.shares[1].read_only && !g.shares[2].read_only);
@@ -141,6 +204,47 @@ mod tests {
         assert_eq!(ns.len(), 2);
         assert!(ns.iter().all(|n| n.path().is_none()));
         assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
+        // Joining a running sandbox: its entries 4, 5, 6.
+        g.renumber(&[4, 5, 6]);
+        let r = g.spec.root().as_ref().unwrap();
+        assert_eq!(r.path(), Path::new("shared/b4"));
+        let m = g.spec.mounts().as_ref().unwrap();
+        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(m[1].source().as_deref(), Some(Path::new("shared/b5")));
+        assert_eq!(m[2].source().as_deref(), Some(Path::new("shared/b6")));
+    }
+
+    #[test]
+    fn a_pod_member_keeps_the_sandbox_containers_namespaces() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/proc/7/ns/net"},
+                {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                {"type": "uts", "path": "/proc/7/ns/uts"},
+                {"type": "mount"},
+                {"type": "cgroup", "path": "/proc/8/ns/cgroup"}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(netns_path(&spec).as_deref(), Some(Path::new("/proc/7/ns/net")));
+        let g = for_guest(spec, Path::new("/r"), &[7]).unwrap();
+        let ns = g.spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let path = |t| {
+            ns.iter()
+                .find(|n| n.typ() == t)
+                .map(|n| n.path().clone())
+        };
+        // The guest's network (no entry), the sandbox container's IPC and
+        // UTS, new ones where the pid is not a pod member's.
+        assert_eq!(path(LinuxNamespaceType::Network), None);
+        assert_eq!(path(LinuxNamespaceType::Ipc), Some(Some("/proc/7/ns/ipc".into())));
+        assert_eq!(path(LinuxNamespaceType::Uts), Some(Some("/proc/7/ns/uts".into())));
+        assert_eq!(path(LinuxNamespaceType::Cgroup), Some(None));
+        assert!(!in_guest(Path::new("/proc/7/ns/../../etc"), &[7]));
+        assert!(!in_guest(Path::new("/var/run/netns/cni-1"), &[7]));
     }
 
     #[test]
@@ -151,7 +255,7 @@ mod tests {
             "mounts": [{"destination": "/x", "type": "bind", "source": "rel"}]
         }))
         .unwrap();
-        let e = for_guest(spec, Path::new("/r")).err().unwrap();
+        let e = for_guest(spec, Path::new("/r"), &[]).err().unwrap();
         assert!(e.to_string().contains("not absolute"), "{e}");
     }
 }
