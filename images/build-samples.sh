@@ -5,7 +5,8 @@
 #   OUTDIR/<name>.oci.tar   OCI image layout archive
 #   OUTDIR/<name>.tar       docker-archive
 # Images: husk.local/busybox:latest, husk.local/httpd:latest (busybox httpd on :80,
-# a second layer over the busybox one).
+# a second layer over the busybox one), husk.local/pause:latest (a CRI pod's
+# sandbox container: the busybox layer, sleeping).
 set -euo pipefail
 outdir=${1:?usage: build-samples.sh OUTDIR MKIMAGE}
 mkimage=${2:?usage: build-samples.sh OUTDIR MKIMAGE}
@@ -54,3 +55,8 @@ H
     --env PATH=/usr/sbin:/usr/bin:/sbin:/bin --workdir /www --expose 80/tcp \
     --cmd '["httpd","-f","-v","-p","80","-h","/www"]' \
     --oci-archive "$outdir/httpd.oci.tar" --docker-archive "$outdir/httpd.tar"
+# CRI's sandbox image (containerd's sandbox_image): holds the pod's
+# namespaces; the same layer, so nothing more to store.
+"$mkimage" --name husk.local/pause:latest --layer "$base" \
+    --env PATH=/usr/sbin:/usr/bin:/sbin:/bin --entrypoint '["/bin/sleep","2147483647"]' \
+    --oci-archive "$outdir/pause.oci.tar" --docker-archive "$outdir/pause.tar"

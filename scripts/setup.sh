@@ -13,6 +13,9 @@ packages=(
     erofs-utils e2fsprogs busybox-static jq
     # reference VMM and peers used by the tests
     qemu-system-x86 containerd runc skopeo umoci docker-registry
+    # CRI pods under containerd: CNI plugins (/usr/lib/cni); the CRI API
+    # client in the tests is generated from its protos (protoc)
+    containernetworking-plugins protobuf-compiler
     # sandbox networking: NAT for the husk0 bridge (as Docker uses it);
     # test networks: taps in namespaces, ping
     iptables iproute2 iputils-ping

@@ -119,7 +119,7 @@ impl AgentConn {
         storages: Vec<Storage>,
         overlay_rootfs: bool,
     ) -> Result<(u32, Streams)> {
-        let (stdio, streams) = self.open_streams(id, "init", io)?;
+        let (stdio, streams) = self.open_streams(io)?;
         let req = CreateContainerRequest {
             container_id: id.into(),
             oci_spec: serde_json::to_vec(spec)?,
@@ -158,11 +158,13 @@ impl AgentConn {
         Ok(())
     }
 
-    /// Opens the streams `io` asks for, named after the process.
-    pub fn open_streams(&self, id: &str, proc_: &str, io: Io) -> Result<(Stdio, Streams)> {
+    /// Opens the streams `io` asks for. Names are random (they only need
+    /// to be unique in the agent; CRI's ids alone fill the name's length).
+    pub fn open_streams(&self, io: Io) -> Result<(Stdio, Streams)> {
         let mut stdio = Stdio::new();
         let mut streams = Streams::default();
-        let name = |s: &str| format!("{id}-{proc_}-{s}");
+        let tag = crate::sandbox::random_hex(8)?;
+        let name = |s: &str| format!("{tag}-{s}");
         if io.stdin {
             stdio.stdin = name("in");
             streams.stdin = Some(self.stream(&stdio.stdin)?);
@@ -186,7 +188,7 @@ impl AgentConn {
         process: &serde_json::Value,
         io: Io,
     ) -> Result<Streams> {
-        let (stdio, streams) = self.open_streams(id, exec_id, io)?;
+        let (stdio, streams) = self.open_streams(io)?;
         let req = ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),

@@ -48,7 +48,10 @@ pub struct PodNet {
     veth_index: u32,
 }
 
-const ETH_P_ALL: u16 = 0x0003;
+/// ETH_P_ALL as tc's netlink wants it: in network byte order (rtnetlink
+/// passes the value through, and 0x0003 as is matches protocol 0x0300,
+/// i.e. nothing).
+const ETH_P_ALL_BE: u16 = 0x0003u16.to_be();
 /// The ingress qdisc's handle, `ffff:`.
 const INGRESS: u32 = 0xffff_0000;
 
@@ -128,7 +131,7 @@ async fn redirect(h: &Handle, from: u32, to: u32) -> Result<()> {
     h.traffic_filter(from as i32)
         .add()
         .parent(INGRESS)
-        .protocol(ETH_P_ALL)
+        .protocol(ETH_P_ALL_BE)
         .redirect(to)?
         .execute()
         .await

@@ -1,54 +1,153 @@
-//! A real containerd for tests.
+//! A real containerd for tests: its own root, state, sockets and config,
+//! never the system one. Optionally with husk's shim on its PATH (and the
+//! husk environment the shim needs), and with the CRI plugin on a CNI
+//! configuration of the test's own.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// A containerd started for one test: its own root, state, socket and config,
-/// never the system one. Killed (and its directories removed) on drop.
+/// What a test's containerd has besides the core.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// containerd-shim-husk-v2 on PATH, HUSK_* pointing at this build.
+    pub husk: bool,
+    /// The CRI plugin, with runtimes `runc` and `husk`, `sandbox_image`
+    /// husk.local/pause:latest, and a bridge network (`subnet`) over
+    /// Debian's CNI plugins.
+    pub cri: Option<Cri>,
+    /// containerd at debug level (the shim's own log lines show there).
+    pub debug: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Cri {
+    /// The CNI bridge's name and range; the bridge takes the first address.
+    pub bridge: String,
+    pub subnet: String,
+}
+
+/// A containerd started for one test. Killed (and its directories removed)
+/// on drop.
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
+    /// HUSK_RUN of its shims: short, since CRI's sandbox ids are 64
+    /// characters and a sandbox's sockets live in `<run>/<id>/`
+    /// (a socket path has at most 107 bytes).
+    run: PathBuf,
     pub socket: PathBuf,
+    /// The namespace `ctr` calls use (k8s.io with CRI).
+    pub namespace: String,
 }
 
 impl Containerd {
+    /// A plain containerd (no CRI, no husk).
     pub fn start() -> Result<Containerd> {
+        Self::start_with(&Options::default())
+    }
+
+    pub fn start_with(o: &Options) -> Result<Containerd> {
         let dir = tempfile::Builder::new()
             .prefix("husk-containerd-")
             .tempdir()?;
         let d = dir.path();
         let socket = d.join("containerd.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  level = "info"
-"#,
+        let mut config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             [grpc]\n  address = \"{sock}\"\n\
+             [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+             [debug]\n  level = \"{level}\"\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
+            level = if o.debug { "debug" } else { "info" },
         );
+        match &o.cri {
+            None => config.insert_str(0, "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
+            Some(cri) => {
+                let cni = d.join("cni");
+                std::fs::create_dir_all(&cni)?;
+                std::fs::write(
+                    cni.join("10-husk-test.conflist"),
+                    serde_json::to_vec_pretty(&serde_json::json!({
+                        "cniVersion": "0.4.0",
+                        "name": cri.bridge,
+                        "plugins": [{
+                            "type": "bridge",
+                            "bridge": cri.bridge,
+                            "isGateway": true,
+                            "ipMasq": false,
+                            "hairpinMode": true,
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": cri.subnet}]],
+                                "routes": [{"dst": "0.0.0.0/0"}],
+                                "dataDir": d.join("cni-ipam"),
+                            }
+                        }]
+                    }))?,
+                )?;
+                config.push_str(&format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+                     \x20 sandbox_image = \"husk.local/pause:latest\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+                     \x20 default_runtime_name = \"runc\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+                     \x20 runtime_type = \"io.containerd.runc.v2\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n\
+                     \x20 runtime_type = \"io.containerd.husk.v2\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+                     \x20 bin_dir = \"/usr/lib/cni\"\n\
+                     \x20 conf_dir = \"{}\"\n",
+                    cni.display()
+                ));
+            }
+        }
         let cfg = d.join("config.toml");
         std::fs::write(&cfg, config)?;
         let log = std::fs::File::create(d.join("containerd.log"))?;
-        let child = Command::new("containerd")
-            .arg("--config")
+        let run = PathBuf::from(format!(
+            "/run/husk-t{}",
+            d.file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("husk-containerd-")
+        ));
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
             .arg(&cfg)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        if o.husk {
+            // containerd finds a shim by its name on PATH.
+            let shim_dir = crate::husk_shim_binary()?
+                .parent()
+                .context("shim path")?
+                .to_path_buf();
+            let path = format!(
+                "{}:{}",
+                shim_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            cmd.env("PATH", path)
+                .env("HUSK_ROOT", d.join("husk"))
+                .env("HUSK_RUN", &run)
+                .env("HUSK_VMM", crate::husk_vmm_binary()?)
+                .env("HUSK_KERNEL", crate::guest_kernel()?)
+                .env("HUSK_GUEST_IMAGE", crate::guest_rootfs()?);
+        }
+        let child = cmd
             .spawn()
             .context("starting containerd (apt-get install containerd)")?;
-        let mut c = Containerd { child, dir, socket };
+        let namespace = if o.cri.is_some() { "k8s.io" } else { "husk-test" };
+        let mut c = Containerd {
+            child,
+            dir,
+            run,
+            socket,
+            namespace: namespace.into(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if c.socket.exists() && c.ctr(&["version"]).is_ok() {
@@ -64,22 +163,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         }
     }
 
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where its husk shims keep their sandboxes (HUSK_RUN).
+    pub fn husk_run(&self) -> &Path {
+        &self.run
+    }
+
     /// containerd's own log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
-    /// Runs `ctr` against this containerd in the `husk-test` namespace;
-    /// returns stdout, or an error with stderr.
+    /// Runs `ctr` against this containerd in its namespace; returns
+    /// stdout, or an error with stderr.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "husk-test"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running ctr")?;
+        let out = self.ctr_output(args)?;
         if !out.status.success() {
             bail!(
                 "ctr {} failed ({}): {}",
@@ -89,6 +190,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `ctr` and returns what it did, whatever its status.
+    pub fn ctr_output(&self, args: &[&str]) -> Result<Output> {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running ctr")
     }
 }
 
@@ -102,5 +215,6 @@ impl Drop for Containerd {
             .arg(self.dir.path().join("root"))
             .stderr(Stdio::null())
             .status();
+        let _ = std::fs::remove_dir_all(&self.run);
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod agent;
-mod containerd;
+pub mod containerd;
 mod netns;
 mod vm;
 pub use containerd::Containerd;

@@ -2,8 +2,10 @@
 //! virtiofsd, and a CNI-style network namespace taken over with a tap and
 //! tc redirects.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use husk_runtime::podnet::PodNet;
 use husk_runtime::shared::{HostShare, SharedFs};
@@ -160,8 +162,37 @@ fn a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects() {
                 .stdout,
         )
         .unwrap();
+        // "protocol all": a filter for another protocol number would
+        // match nothing.
+        assert!(f.contains("protocol all"), "{dev}: {f}");
         assert!(f.contains("mirred") && f.contains(&format!("to device {to}")), "{dev}: {f}");
     }
+    // Traffic really crosses: the host end asks for the pod's address and
+    // the ARP request comes out of the tap (the VM's side), not answered
+    // by the namespace's own stack.
+    ip(&["addr", "add", "10.88.0.1/16", "dev", &host_end]);
+    ip(&["link", "set", &host_end, "up"]);
+    let _ping = Command::new("ping")
+        .args(["-c", "3", "-W", "1", "10.88.0.7"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // (IPv6 neighbour discovery of the host end comes through too.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let frame = read_frame(&tap.file, left)
+            .unwrap_or_else(|| panic!("no ARP request out of the tap; frames: {seen:02x?}"));
+        let arp = frame.len() >= 42 && frame[12..14] == [0x08, 0x06];
+        if arp && frame[38..42] == [10, 88, 0, 7] {
+            break;
+        }
+        seen.push(frame);
+    }
+    let neigh = ip(&["neigh", "show", "10.88.0.7"]);
+    assert!(!neigh.contains("0a:58:0a:58:00:07"), "the namespace answered: {neigh}");
+
     // Stopping gives the veth back as it was; the tap goes with its fd.
     drop(pod);
     drop(tap);
@@ -178,6 +209,25 @@ fn a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects() {
         .err()
         .unwrap();
     assert!(format!("{e:#}").contains("did CNI run"), "{e:#}");
+}
+
+/// The first frame readable from the tap within `timeout`.
+fn read_frame(tap: &std::fs::File, timeout: Duration) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: tap.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that outlives the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if n <= 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; 2048];
+    let n = (&*tap).read(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
 }
 
 /// Deletes the host end of the veth (and with it the pair) on drop.

@@ -3,25 +3,20 @@
 //! the busybox sample with `--runtime io.containerd.husk.v2`, side by side
 //! with `io.containerd.runc.v2`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_tests::{
-    guest_kernel, guest_rootfs, husk_shim_binary, husk_vmm_binary, kvm_unavailable,
-    root_unavailable, sample_image, skip,
-};
+use husk_tests::containerd::Options;
+use husk_tests::{kvm_unavailable, root_unavailable, sample_image, skip};
 
 const HUSK: &str = "io.containerd.husk.v2";
 const RUNC: &str = "io.containerd.runc.v2";
 const IMAGE: &str = "husk.local/busybox:latest";
 
-/// A containerd of the test's own; stopped (and its shims with it) when
-/// dropped.
-struct Containerd {
-    dir: tempfile::TempDir,
-    child: Child,
-}
+/// A containerd of the test's own with husk's shim, the busybox sample
+/// imported; stopped (and its shims with it) when dropped.
+struct Containerd(husk_tests::Containerd);
 
 impl Containerd {
     fn start(test: &str) -> Option<Containerd> {
@@ -37,73 +32,37 @@ impl Containerd {
             skip(test, "containerd is not installed (make setup)");
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::write(
-            d.join("config.toml"),
-            format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [debug]\n  level = \"debug\"\n\
-                 [grpc]\n  address = \"{0}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
-                d.display()
-            ),
-        )
-        .unwrap();
-        // containerd finds a shim by its name on PATH.
-        let shim_dir = husk_shim_binary().unwrap().parent().unwrap().to_path_buf();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .env("PATH", path)
-            .env("HUSK_ROOT", d.join("husk"))
-            .env("HUSK_RUN", d.join("husk-run"))
-            .env("HUSK_VMM", husk_vmm_binary().unwrap())
-            .env("HUSK_KERNEL", guest_kernel().unwrap())
-            .env("HUSK_GUEST_IMAGE", guest_rootfs().unwrap())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let c = Containerd { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !c.sock().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let c = husk_tests::Containerd::start_with(&Options {
+            husk: true,
+            debug: true,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let c = Containerd(c);
         let archive = sample_image("busybox.tar").unwrap();
         let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
         assert!(out.status.success(), "import: {}", text(&out.stderr));
         Some(c)
     }
 
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+    fn sock(&self) -> &Path {
+        &self.0.socket
+    }
+
+    fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    fn husk_run(&self) -> &Path {
+        self.0.husk_run()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+        self.0.log()
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        let out = Command::new("ctr")
-            .arg("-a")
-            .arg(self.sock())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = self.0.ctr_output(args).unwrap();
         println!(
             "ctr {}: {}\nstdout: {:?}\nstderr: {:?}",
             args.join(" "),
@@ -128,13 +87,6 @@ impl Containerd {
             assert!(Instant::now() < deadline, "{id} never {status}: {ls}");
             std::thread::sleep(Duration::from_millis(500));
         }
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -199,8 +151,9 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
     // script(1) gives it a pty).
     let tty = |runtime: &str, id: &str| {
         let cmd = format!(
-            "ctr -a {} run -t --runtime {runtime} --rm {IMAGE} {id} sh -c 'tty; exit 4'",
-            c.sock().display()
+            "ctr -a {} -n {} run -t --runtime {runtime} --rm {IMAGE} {id} sh -c 'tty; exit 4'",
+            c.sock().display(),
+            c.0.namespace
         );
         let out = Command::new("script")
             .args(["-qec", &cmd, "/dev/null"])
@@ -283,7 +236,7 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
             })
             .collect()
     };
-    let run_dir = c.dir.path().join("husk-run").display().to_string();
+    let run_dir = c.husk_run().display().to_string();
     assert!(!ours("husk-vmm", &run_dir).is_empty(), "no VMM for crash");
     let shims = ours("containerd-shim", "crash");
     assert_eq!(shims.len(), 1, "{shims:?}");
@@ -307,8 +260,8 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
 
     // Nothing left: no rootfs mounts, no sandbox directories, no VMM.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(mounts_under(c.dir.path()), Vec::<String>::new());
-    let runs: Vec<_> = std::fs::read_dir(c.dir.path().join("husk-run"))
+    assert_eq!(mounts_under(c.dir()), Vec::<String>::new());
+    let runs: Vec<_> = std::fs::read_dir(c.husk_run())
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(runs.is_empty(), "{runs:?}");
