@@ -45,6 +45,7 @@ fuzz: setup
 # Benchmarks print figures next to a peer's; not part of `make test`.
 bench: setup kernel guest images
 	$(CARGO) build --locked --release -p husk-vmm -p husk-cli -p husk-shim
+	$(CARGO) build --locked --release -p husk-tests --example cri_pods
 	bench/boot
 	bench/snapshot
 	bench/run

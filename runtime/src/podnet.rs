@@ -187,11 +187,7 @@ async fn read_identity(h: &Handle, index: u32, link: &LinkMessage) -> Result<Gue
     }
     let mac = mac.ok_or_else(|| anyhow!("{veth} has no Ethernet address"))?;
     let mut addresses = Vec::new();
-    let mut addrs = h
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
     while let Some(a) = addrs.try_next().await? {
         for attr in &a.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {

@@ -180,7 +180,12 @@ impl SharedFs {
         if r.is_err() {
             let _ = remove_entry(&target);
         }
-        r.with_context(|| format!("sharing {} into the running sandbox", share.source.display()))?;
+        r.with_context(|| {
+            format!(
+                "sharing {} into the running sandbox",
+                share.source.display()
+            )
+        })?;
         Ok(i)
     }
 

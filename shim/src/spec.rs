@@ -72,10 +72,14 @@ pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
 /// the sandbox container's IPC and UTS namespaces by its pid, which is the
 /// guest's).
 fn in_guest(path: &Path, pids: &[u32]) -> bool {
-    let mut c = path.components().map(|c| c.as_os_str().to_str().unwrap_or(""));
+    let mut c = path
+        .components()
+        .map(|c| c.as_os_str().to_str().unwrap_or(""));
     c.next() == Some("/")
         && c.next() == Some("proc")
-        && c.next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| pids.contains(&p))
+        && c.next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|p| pids.contains(&p))
         && c.next() == Some("ns")
         && c.next().is_some()
         && c.next().is_none()
@@ -229,19 +233,31 @@ mod tests {
             ]}
         }))
         .unwrap();
-        assert_eq!(netns_path(&spec).as_deref(), Some(Path::new("/proc/7/ns/net")));
+        assert_eq!(
+            netns_path(&spec).as_deref(),
+            Some(Path::new("/proc/7/ns/net"))
+        );
         let g = for_guest(spec, Path::new("/r"), &[7]).unwrap();
-        let ns = g.spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
-        let path = |t| {
-            ns.iter()
-                .find(|n| n.typ() == t)
-                .map(|n| n.path().clone())
-        };
+        let ns = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
+        let path = |t| ns.iter().find(|n| n.typ() == t).map(|n| n.path().clone());
         // The guest's network (no entry), the sandbox container's IPC and
         // UTS, new ones where the pid is not a pod member's.
         assert_eq!(path(LinuxNamespaceType::Network), None);
-        assert_eq!(path(LinuxNamespaceType::Ipc), Some(Some("/proc/7/ns/ipc".into())));
-        assert_eq!(path(LinuxNamespaceType::Uts), Some(Some("/proc/7/ns/uts".into())));
+        assert_eq!(
+            path(LinuxNamespaceType::Ipc),
+            Some(Some("/proc/7/ns/ipc".into()))
+        );
+        assert_eq!(
+            path(LinuxNamespaceType::Uts),
+            Some(Some("/proc/7/ns/uts".into()))
+        );
         assert_eq!(path(LinuxNamespaceType::Cgroup), Some(None));
         assert!(!in_guest(Path::new("/proc/7/ns/../../etc"), &[7]));
         assert!(!in_guest(Path::new("/var/run/netns/cni-1"), &[7]));

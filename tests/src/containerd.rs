@@ -41,6 +41,7 @@ pub struct Containerd {
     pub socket: PathBuf,
     /// The namespace `ctr` calls use (k8s.io with CRI).
     pub namespace: String,
+    cri: Option<Cri>,
 }
 
 impl Containerd {
@@ -111,7 +112,10 @@ impl Containerd {
         let log = std::fs::File::create(d.join("containerd.log"))?;
         let run = PathBuf::from(format!(
             "/run/husk-t{}",
-            d.file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("husk-containerd-")
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("x")
+                .trim_start_matches("husk-containerd-")
         ));
         let mut cmd = Command::new("containerd");
         cmd.arg("--config")
@@ -140,13 +144,18 @@ impl Containerd {
         let child = cmd
             .spawn()
             .context("starting containerd (apt-get install containerd)")?;
-        let namespace = if o.cri.is_some() { "k8s.io" } else { "husk-test" };
+        let namespace = if o.cri.is_some() {
+            "k8s.io"
+        } else {
+            "husk-test"
+        };
         let mut c = Containerd {
             child,
             dir,
             run,
             socket,
             namespace: namespace.into(),
+            cri: o.cri.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -209,6 +218,49 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its shims outlive it by design (a restarted containerd finds them
+        // again); a test's do not. Then what a shim would have cleaned up
+        // (VMMs, virtiofsd, through their sandbox's cgroup), and CRI's pod
+        // namespaces on the test's network (a test that failed half-way).
+        let _ = Command::new("pkill")
+            .args(["-9", "-f"])
+            .arg(format!(
+                "containerd-shim-.*-address {}",
+                self.socket.display()
+            ))
+            .status();
+        if let Ok(dirs) = std::fs::read_dir(&self.run) {
+            for d in dirs.flatten() {
+                husk_runtime::jail::kill_groups_of(&d.file_name().to_string_lossy());
+            }
+        }
+        let _ = Command::new("pkill")
+            .args(["-9", "-f"])
+            .arg(self.run.display().to_string())
+            .status();
+        if let Some(cri) = &self.cri {
+            let prefix = cri.subnet.rsplit_once('.').map_or("", |p| p.0).to_string();
+            for ns in std::fs::read_dir("/var/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = ns.file_name().to_string_lossy().into_owned();
+                let addrs = Command::new("ip")
+                    .args(["netns", "exec", &name, "ip", "-4", "-o", "addr"])
+                    .output();
+                let ours = addrs.is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout).contains(&format!("inet {prefix}."))
+                });
+                if name.starts_with("cni-") && ours {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+            let _ = Command::new("ip")
+                .args(["link", "del", &cri.bridge])
+                .stderr(Stdio::null())
+                .status();
+        }
         // Unmount anything the snapshotter left mounted before the temp dir goes.
         let _ = Command::new("umount")
             .args(["-R", "-l"])

@@ -18,7 +18,10 @@ fn mountinfo_of(pid: u32) -> String {
 #[test]
 fn shares_are_added_to_and_removed_from_a_running_virtiofsd() {
     if let Some(why) = husk_tests::root_unavailable() {
-        return husk_tests::skip("shares_are_added_to_and_removed_from_a_running_virtiofsd", &why);
+        return husk_tests::skip(
+            "shares_are_added_to_and_removed_from_a_running_virtiofsd",
+            &why,
+        );
     }
     let virtiofsd = husk_runtime::shared::default_virtiofsd();
     if !virtiofsd.exists() {
@@ -64,15 +67,27 @@ fn shares_are_added_to_and_removed_from_a_running_virtiofsd() {
     assert_eq!(j, 2);
     // What virtiofsd serves: its root is the shared directory.
     let root = format!("/proc/{pid}/root");
-    assert_eq!(std::fs::read_to_string(format!("{root}/b0/one")).unwrap(), "one");
-    assert_eq!(std::fs::read_to_string(format!("{root}/b1/two")).unwrap(), "two");
-    assert_eq!(std::fs::read_to_string(format!("{root}/b2/three")).unwrap(), "three");
+    assert_eq!(
+        std::fs::read_to_string(format!("{root}/b0/one")).unwrap(),
+        "one"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{root}/b1/two")).unwrap(),
+        "two"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{root}/b2/three")).unwrap(),
+        "three"
+    );
     // The added read-only share refuses writes in virtiofsd's view; the
     // read-write one takes them and the host sees them.
     let e = std::fs::write(format!("{root}/b2/x"), "x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     std::fs::write(format!("{root}/b1/new"), "from the share").unwrap();
-    assert_eq!(std::fs::read_to_string(second.join("new")).unwrap(), "from the share");
+    assert_eq!(
+        std::fs::read_to_string(second.join("new")).unwrap(),
+        "from the share"
+    );
     // Nothing of it on the host's mount table (other tests may mount
     // their own things meanwhile: only this directory counts).
     let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -80,7 +95,11 @@ fn shares_are_added_to_and_removed_from_a_running_virtiofsd() {
     assert!(!host.contains(here), "{host}");
 
     fs.remove(1).unwrap();
-    assert!(!mountinfo_of(pid).contains(" /b1 "), "{}", mountinfo_of(pid));
+    assert!(
+        !mountinfo_of(pid).contains(" /b1 "),
+        "{}",
+        mountinfo_of(pid)
+    );
     assert!(!sandbox.join("shared/b1").exists());
     assert!(Path::new(&format!("{root}/b2/three")).exists());
     // The next share gets a new name, never b1 again.
@@ -116,19 +135,44 @@ fn ip(args: &[&str]) -> String {
 #[test]
 fn a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects() {
     if let Some(why) = husk_tests::root_unavailable() {
-        return husk_tests::skip("a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects", &why);
+        return husk_tests::skip(
+            "a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects",
+            &why,
+        );
     }
     // What CNI's bridge plugin leaves: a veth named eth0 in the pod's
     // namespace with an address and a default route.
     let ns = NetNs::new("podnet").unwrap();
     let host_end = format!("hv{}", std::process::id() % 100000);
-    ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+    ip(&[
+        "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ]);
     let del = scopeguard(&host_end);
-    ns.exec(&["ip", "link", "set", "eth0", "address", "0a:58:0a:58:00:07", "mtu", "1450", "up"])
+    ns.exec(&[
+        "ip",
+        "link",
+        "set",
+        "eth0",
+        "address",
+        "0a:58:0a:58:00:07",
+        "mtu",
+        "1450",
+        "up",
+    ])
+    .unwrap();
+    ns.exec(&["ip", "addr", "add", "10.88.0.7/16", "dev", "eth0"])
         .unwrap();
-    ns.exec(&["ip", "addr", "add", "10.88.0.7/16", "dev", "eth0"]).unwrap();
-    ns.exec(&["ip", "route", "add", "default", "via", "10.88.0.1"]).unwrap();
-    ns.exec(&["ip", "route", "add", "192.168.50.0/24", "via", "10.88.0.254"]).unwrap();
+    ns.exec(&["ip", "route", "add", "default", "via", "10.88.0.1"])
+        .unwrap();
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "192.168.50.0/24",
+        "via",
+        "10.88.0.254",
+    ])
+    .unwrap();
 
     let path = Path::new("/var/run/netns").join(&ns.name);
     let (pod, tap) = PodNet::attach(&path).unwrap();
@@ -165,14 +209,17 @@ fn a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects() {
         // "protocol all": a filter for another protocol number would
         // match nothing.
         assert!(f.contains("protocol all"), "{dev}: {f}");
-        assert!(f.contains("mirred") && f.contains(&format!("to device {to}")), "{dev}: {f}");
+        assert!(
+            f.contains("mirred") && f.contains(&format!("to device {to}")),
+            "{dev}: {f}"
+        );
     }
     // Traffic really crosses: the host end asks for the pod's address and
     // the ARP request comes out of the tap (the VM's side), not answered
     // by the namespace's own stack.
     ip(&["addr", "add", "10.88.0.1/16", "dev", &host_end]);
     ip(&["link", "set", &host_end, "up"]);
-    let _ping = Command::new("ping")
+    let mut ping = Command::new("ping")
         .args(["-c", "3", "-W", "1", "10.88.0.7"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -190,14 +237,23 @@ fn a_cni_namespace_is_taken_over_with_a_tap_and_tc_redirects() {
         }
         seen.push(frame);
     }
+    let _ = ping.kill();
+    let _ = ping.wait();
     let neigh = ip(&["neigh", "show", "10.88.0.7"]);
-    assert!(!neigh.contains("0a:58:0a:58:00:07"), "the namespace answered: {neigh}");
+    assert!(
+        !neigh.contains("0a:58:0a:58:00:07"),
+        "the namespace answered: {neigh}"
+    );
 
     // Stopping gives the veth back as it was; the tap goes with its fd.
     drop(pod);
     drop(tap);
-    let q = String::from_utf8(ns.exec(&["tc", "qdisc", "show", "dev", "eth0"]).unwrap().stdout)
-        .unwrap();
+    let q = String::from_utf8(
+        ns.exec(&["tc", "qdisc", "show", "dev", "eth0"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     assert!(!q.contains("ingress"), "{q}");
     let links = String::from_utf8(ns.exec(&["ip", "-o", "link"]).unwrap().stdout).unwrap();
     assert!(!links.contains("husk-"), "{links}");

@@ -68,11 +68,14 @@ fn container_config(name: &str, image: &str, args: &[&str]) -> ContainerConfig {
 
 /// GET / from `ip:80`, retried until it answers (the server starts in the
 /// guest after its container does).
-fn http_get(ip: &str, within: Duration) -> String {
+fn http_get(ip: &str, within: Duration) -> Result<String, String> {
     let deadline = Instant::now() + within;
     loop {
         let r = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&format!("{ip}:80").parse().unwrap(), Duration::from_secs(10))?;
+            let mut s = TcpStream::connect_timeout(
+                &format!("{ip}:80").parse().unwrap(),
+                Duration::from_secs(10),
+            )?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
             s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")?;
             let mut body = String::new();
@@ -80,8 +83,8 @@ fn http_get(ip: &str, within: Duration) -> String {
             Ok(body)
         })();
         match r {
-            Ok(b) if b.contains("200") => return b,
-            r if Instant::now() > deadline => panic!("no answer from {ip}:80: {r:?}"),
+            Ok(b) if b.contains("200") => return Ok(b),
+            r if Instant::now() > deadline => return Err(format!("{r:?}")),
             _ => std::thread::sleep(Duration::from_secs(1)),
         }
     }
@@ -92,7 +95,10 @@ fn text(b: &[u8]) -> String {
 }
 
 fn pgrep(pattern: &str) -> Vec<String> {
-    let out = Command::new("pgrep").args(["-af", pattern]).output().unwrap();
+    let out = Command::new("pgrep")
+        .args(["-af", pattern])
+        .output()
+        .unwrap();
     text(&out.stdout)
         .lines()
         .filter(|l| !l.contains("pgrep"))
@@ -107,7 +113,10 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         return skip(test, &why);
     }
     if !Path::new("/usr/lib/cni/bridge").exists() {
-        return skip(test, "no CNI plugins in /usr/lib/cni (containernetworking-plugins)");
+        return skip(
+            test,
+            "no CNI plugins in /usr/lib/cni (containernetworking-plugins)",
+        );
     }
     let c = Containerd::start_with(&Options {
         husk: true,
@@ -125,7 +134,12 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     }
     let rt0 = connect(&c.socket).await;
     let mut rt = rt0.clone();
-    let log = |what: &str| format!("{what}\n--- containerd log (tail) ---\n{}", tail(&c.log(), 6000));
+    let log = |what: &str| {
+        format!(
+            "{what}\n--- containerd log (tail) ---\n{}",
+            tail(&c.log(), 20000)
+        )
+    };
 
     // The pod: its VM takes over the namespace CNI set up.
     let config = pod_config("web");
@@ -206,14 +220,21 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     };
     let mut got = None;
     for _ in 0..30 {
-        let r = exec(&client, &["wget", "-qO-", "http://127.0.0.1:80/"]).await.unwrap();
+        let r = exec(&client, &["wget", "-qO-", "http://127.0.0.1:80/"])
+            .await
+            .unwrap();
         if r.exit_code == 0 {
             got = Some(text(&r.stdout));
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let page = got.unwrap_or_else(|| panic!("{}", log("the client never reached the web server on localhost")));
+    let page = got.unwrap_or_else(|| {
+        panic!(
+            "{}",
+            log("the client never reached the web server on localhost")
+        )
+    });
     assert!(page.contains("hello from a husk microVM"), "{page}");
     // Both in the VM (the guest's kernel, not the host's), one UTS
     // namespace (the pod's hostname), one network.
@@ -225,7 +246,9 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         let h = exec(id, &["hostname"]).await.unwrap();
         assert_eq!(text(&h.stdout).trim(), "web", "{h:?}");
     }
-    let a = exec(&client, &["ip", "-4", "-o", "addr", "show", "eth0"]).await.unwrap();
+    let a = exec(&client, &["ip", "-4", "-o", "addr", "show", "eth0"])
+        .await
+        .unwrap();
     assert!(text(&a.stdout).contains(&format!("{ip}/24")), "{a:?}");
     // An exec's exit code comes back.
     let r = exec(&web, &["sh", "-c", "exit 7"]).await.unwrap();
@@ -233,7 +256,36 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
 
     // The pod IP from the host, through CNI's bridge, the veth and the tc
     // redirect into the VM.
-    let body = http_get(&ip, Duration::from_secs(60));
+    let body = match http_get(&ip, Duration::from_secs(60)) {
+        Ok(b) => b,
+        Err(e) => {
+            let mut why = format!("no answer from {ip}:80: {e}\n");
+            for cmd in [
+                &["netstat", "-tln"][..],
+                &["ip", "route"],
+                &["ip", "-s", "link"],
+            ] {
+                let r = exec(&client, cmd).await;
+                why += &format!("guest {cmd:?}: {r:?}\n");
+            }
+            for ns in std::fs::read_dir("/var/run/netns").unwrap().flatten() {
+                let name = ns.file_name().to_string_lossy().into_owned();
+                for cmd in [
+                    "ip -s link",
+                    "tc -s filter show dev eth0 ingress",
+                    "ip addr",
+                ] {
+                    let out = Command::new("sh")
+                        .arg("-c")
+                        .arg(format!("ip netns exec {name} {cmd}"))
+                        .output()
+                        .unwrap();
+                    why += &format!("{name} {cmd}: {}{}\n", text(&out.stdout), text(&out.stderr));
+                }
+            }
+            panic!("{}", log(&why));
+        }
+    };
     assert!(body.contains("hello from a husk microVM"), "{body}");
 
     // A container over its memory limit: OOM-killed in the guest, reported
@@ -301,7 +353,10 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         }
         assert!(
             Instant::now() < deadline,
-            "left behind: VMMs {vmms:?} virtiofsd {fsd:?} sandbox dirs {dirs:?} shim {shim:?}"
+            "{}",
+            log(&format!(
+                "left behind: VMMs {vmms:?} virtiofsd {fsd:?} sandbox dirs {dirs:?} shim {shim:?}"
+            ))
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -315,7 +370,13 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();
     println!("netns after: {netns:?}");
-    let links = text(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout);
+    let links = text(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
     assert!(!links.contains("husk-"), "a tap left on the host: {links}");
     let list = rt
         .list_pod_sandbox(ListPodSandboxRequest::default())
