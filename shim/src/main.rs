@@ -3,6 +3,7 @@
 //! a husk microVM. One shim and one VM per group: a CRI pod (grouped by
 //! `io.kubernetes.cri.sandbox-id`), else a single container.
 
+mod config;
 mod io;
 mod service;
 mod spec;

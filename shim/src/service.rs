@@ -227,8 +227,14 @@ impl Service {
         let r = if joins {
             self.join_sandbox(&req.id, spec, &rootfs, &stdio)
         } else {
-            crate::spec::for_guest(spec, &rootfs, &[])
-                .and_then(|g| self.start_sandbox(&req.id, &g, netns, &stdio))
+            let (type_url, options) = req
+                .options
+                .as_ref()
+                .map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
+            crate::config::ShimConfig::find(type_url, options).and_then(|conf| {
+                let g = crate::spec::for_guest(spec, &rootfs, &[])?;
+                self.start_sandbox(&req.id, &g, netns, &stdio, &conf)
+            })
         };
         if r.is_err() {
             unmount();
@@ -262,6 +268,7 @@ impl Service {
         guest: &crate::spec::GuestSpec,
         netns: Option<PathBuf>,
         stdio: &Stdio,
+        conf: &crate::config::ShimConfig,
     ) -> anyhow::Result<(u32, Vec<usize>, Copies)> {
         let mut g = self.lock();
         if g.sandbox.is_some() {
@@ -269,8 +276,9 @@ impl Service {
                 "this shim's sandbox already runs; only containers of its CRI pod ({CONTAINER_TYPE}=container) can join it"
             );
         }
-        let rt = Runtime::locate()?;
+        let rt = conf.runtime()?;
         let mut cfg = SandboxConfig::new(id);
+        conf.apply(&mut cfg);
         // Under CRI the VM takes over the pod's namespace CNI set up; under
         // plain ctr, like runc: loopback only.
         cfg.network = NetworkMode::None;

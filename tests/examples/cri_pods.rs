@@ -5,7 +5,9 @@
 //!
 //! Usage: cri_pods SOCKET HANDLER N
 //! Output: one line per pod `pod <i> <seconds>`, then
-//! `pods=<N> handler=<h> p50=<s> p99=<s> max=<s> wall=<s>`.
+//! `pods=<N> handler=<h> p50=<s> p99=<s> max=<s> wall=<s>`. With
+//! CRI_PODS_HOLD=1 it then waits for a line on stdin before stopping the
+//! pods (the caller measures them running).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -124,6 +126,22 @@ async fn main() {
         }
     }
     let wall = wall.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        times.sort_by(f64::total_cmp);
+        let pct =
+            |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+        println!(
+            "pods={n} handler={} p50={:.3} p99={:.3} max={:.3} wall={wall:.3}",
+            args[2],
+            pct(0.50),
+            pct(0.99),
+            times[times.len() - 1]
+        );
+        if std::env::var_os("CRI_PODS_HOLD").is_some() {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        }
+    }
     // Pods a failed start left are found by listing.
     let mut rt2 = rt.clone();
     if let Ok(list) = rt2.list_pod_sandbox(ListPodSandboxRequest::default()).await {
@@ -152,13 +170,4 @@ async fn main() {
         }
         std::process::exit(1);
     }
-    times.sort_by(f64::total_cmp);
-    let pct = |p: f64| times[((p * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
-    println!(
-        "pods={n} handler={} p50={:.3} p99={:.3} max={:.3} wall={wall:.3}",
-        args[2],
-        pct(0.50),
-        pct(0.99),
-        times[times.len() - 1]
-    );
 }

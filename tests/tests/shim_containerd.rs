@@ -258,6 +258,26 @@ fn ctr_runs_a_task_in_a_husk_vm_as_runc_does() {
     }
     assert!(c.ctr(&["container", "rm", "crash"]).status.success());
 
+    // The shim's options file, named through containerd's runtime options
+    // (what CRI's ConfigPath sends): read, and a bad one refused by name
+    // before any VM starts.
+    let conf = c.dir().join("shim.toml");
+    std::fs::write(&conf, "kernel = \"/nonexistent/vmlinux\"\nvcpu = 2\n").unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--runtime",
+        HUSK,
+        "--runtime-config-path",
+        conf.to_str().unwrap(),
+        "--rm",
+        IMAGE,
+        "conf1",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("shim.toml") && e.contains("vcpu"), "{e}");
+
     // Nothing left: no rootfs mounts, no sandbox directories, no VMM.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(mounts_under(c.dir()), Vec::<String>::new());
