@@ -169,6 +169,21 @@ pub fn for_guest(mut spec: Spec, rootfs: &Path, guest_pids: &[u32]) -> Result<Gu
 mod tests {
     use super::*;
 
+    /// The root path and each mount's source.
+    fn sources(g: &GuestSpec) -> (PathBuf, Vec<Option<PathBuf>>) {
+        let root = g.spec.root().as_ref().unwrap().path().clone();
+        let m = g.spec.mounts().clone().unwrap_or_default();
+        (root, m.iter().map(|m| m.source().clone()).collect())
+    }
+
+    fn namespaces(g: &GuestSpec) -> Vec<oci_spec::runtime::LinuxNamespace> {
+        g.spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn binds_become_shares_and_host_namespaces_go() {
         let spec: Spec = serde_json::from_value(serde_json::json!({
@@ -191,31 +206,26 @@ mod tests {
         assert_eq!(g.shares.len(), 3);
         assert_eq!(g.shares[0].source, Path::new("/bundle/rootfs"));
         assert!(g.shares[1].read_only && !g.shares[2].read_only);
-        let r = g.spec.root().as_ref().unwrap();
-        assert_eq!(r.path(), Path::new("shared/b0"));
-        let m = g.spec.mounts().as_ref().unwrap();
-        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
-        assert_eq!(m[1].source().as_deref(), Some(Path::new("shared/b1")));
-        assert_eq!(m[2].source().as_deref(), Some(Path::new("shared/b2")));
-        let ns = g
-            .spec
-            .linux()
-            .as_ref()
-            .unwrap()
-            .namespaces()
-            .clone()
-            .unwrap();
+        let paths = |r: &str, m: [&str; 3]| {
+            (
+                PathBuf::from(r),
+                m.iter().map(|p| Some(PathBuf::from(p))).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            sources(&g),
+            paths("shared/b0", ["proc", "shared/b1", "shared/b2"])
+        );
+        let ns = namespaces(&g);
         assert_eq!(ns.len(), 2);
         assert!(ns.iter().all(|n| n.path().is_none()));
         assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
         // Joining a running sandbox: its entries 4, 5, 6.
         g.renumber(&[4, 5, 6]);
-        let r = g.spec.root().as_ref().unwrap();
-        assert_eq!(r.path(), Path::new("shared/b4"));
-        let m = g.spec.mounts().as_ref().unwrap();
-        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
-        assert_eq!(m[1].source().as_deref(), Some(Path::new("shared/b5")));
-        assert_eq!(m[2].source().as_deref(), Some(Path::new("shared/b6")));
+        assert_eq!(
+            sources(&g),
+            paths("shared/b4", ["proc", "shared/b5", "shared/b6"])
+        );
     }
 
     #[test]
@@ -238,14 +248,7 @@ mod tests {
             Some(Path::new("/proc/7/ns/net"))
         );
         let g = for_guest(spec, Path::new("/r"), &[7]).unwrap();
-        let ns = g
-            .spec
-            .linux()
-            .as_ref()
-            .unwrap()
-            .namespaces()
-            .clone()
-            .unwrap();
+        let ns = namespaces(&g);
         let path = |t| ns.iter().find(|n| n.typ() == t).map(|n| n.path().clone());
         // The guest's network (no entry), the sandbox container's IPC and
         // UTS, new ones where the pid is not a pod member's.

@@ -9,42 +9,15 @@
 //! CRI_PODS_HOLD=1 it then waits for a line on stdin before stopping the
 //! pods (the caller measures them running).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+
+#[path = "../cri/client.rs"]
+mod cri;
+use cri::{connect, pod_config};
 use tonic::transport::Channel;
-
-async fn connect(socket: PathBuf) -> Result<RuntimeServiceClient<Channel>, String> {
-    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")
-        .map_err(|e| e.to_string())?
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    Ok(RuntimeServiceClient::new(channel))
-}
-
-fn pod_config(name: &str) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "bench".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
-}
 
 /// One pod: sandbox, container created and started. Returns its id and
 /// the time it took.
@@ -54,7 +27,7 @@ async fn start_pod(
     i: usize,
 ) -> Result<(String, Duration), String> {
     let t = Instant::now();
-    let config = pod_config(&format!("{handler}-{i}"));
+    let config = pod_config(&format!("{handler}-{i}"), "bench");
     let pod = rt
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(config.clone()),

@@ -12,43 +12,14 @@ use std::time::{Duration, Instant};
 
 use husk_tests::containerd::{Cri, Options};
 use husk_tests::{kvm_unavailable, root_unavailable, sample_image, skip, Containerd};
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use tonic::transport::Channel;
+
+#[path = "../cri/client.rs"]
+mod cri;
+use cri::{connect, pod_config};
 
 const SUBNET: &str = "10.99.0.0/24";
 const BRIDGE: &str = "huskcni0";
-
-async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
-    let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    RuntimeServiceClient::new(channel)
-}
-
-fn pod_config(name: &str) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
-}
 
 fn container_config(name: &str, image: &str, args: &[&str]) -> ContainerConfig {
     ContainerConfig {
@@ -132,7 +103,7 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         c.ctr(&["image", "import", archive.to_str().unwrap()])
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
-    let rt0 = connect(&c.socket).await;
+    let rt0 = connect(c.socket.clone()).await.unwrap();
     let mut rt = rt0.clone();
     let log = |what: &str| {
         format!(
@@ -142,7 +113,7 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     };
 
     // The pod: its VM takes over the namespace CNI set up.
-    let config = pod_config("web");
+    let config = pod_config("web", "default");
     let pod = rt
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(config.clone()),
