@@ -94,6 +94,7 @@ impl Containerd {
                 config.push_str(&format!(
                     "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
                      \x20 sandbox_image = \"husk.local/pause:latest\"\n\
+                     \x20 restrict_oom_score_adj = true\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
                      \x20 default_runtime_name = \"runc\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
