@@ -44,6 +44,13 @@ pub enum Endpoint {
     Vsock(PathBuf),
 }
 
+/// Deadline of calls whose work in the guest is many syscalls (creating a
+/// container, an exec): each guest-kernel entry is emulated here, a create
+/// alone takes ~16 s, and with ten sandboxes starting on two cores one
+/// took over 120 s. A dead VM fails the call at once (the connection
+/// closes); this only bounds a guest that hangs.
+pub const SLOW_CALL: Duration = Duration::from_secs(600);
+
 pub struct AgentConn {
     pub endpoint: Endpoint,
     pub sandbox: SandboxClient,
@@ -130,14 +137,14 @@ impl AgentConn {
         };
         let r = self
             .containers
-            .create_container(ctx(Duration::from_secs(120)), &req)
+            .create_container(ctx(SLOW_CALL), &req)
             .map_err(|e| anyhow::anyhow!("CreateContainer {id}: {}", rpc_message(&e)))?;
         Ok((r.pid, streams))
     }
 
     pub fn start(&self, id: &str) -> Result<()> {
         self.containers
-            .start_container(ctx(Duration::from_secs(60)), &container(id))
+            .start_container(ctx(SLOW_CALL), &container(id))
             .map_err(|e| anyhow::anyhow!("StartContainer {id}: {}", rpc_message(&e)))?;
         Ok(())
     }
@@ -197,7 +204,7 @@ impl AgentConn {
             ..Default::default()
         };
         self.containers
-            .exec_process(ctx(Duration::from_secs(120)), &req)
+            .exec_process(ctx(SLOW_CALL), &req)
             .map_err(|e| anyhow::anyhow!("ExecProcess {id}/{exec_id}: {}", rpc_message(&e)))?;
         Ok(streams)
     }
@@ -217,7 +224,7 @@ impl AgentConn {
 
     pub fn remove(&self, id: &str) -> Result<()> {
         self.containers
-            .remove_container(ctx(Duration::from_secs(60)), &container(id))
+            .remove_container(ctx(SLOW_CALL), &container(id))
             .map_err(|e| anyhow::anyhow!("RemoveContainer {id}: {}", rpc_message(&e)))?;
         Ok(())
     }

@@ -510,7 +510,10 @@ impl Runtime {
         if status >= 300 {
             bail!("loading template {}: {status} {body}", t.key);
         }
-        let agent = wait_for_agent(&mut vmm, &log, Duration::from_secs(30))
+        // Restored guests answer in under a second alone; many restored at
+        // once on few cores take longer, and a timeout here rebuilds the
+        // template, so it is generous.
+        let agent = wait_for_agent(&mut vmm, &log, Duration::from_secs(120))
             .with_context(|| format!("restored from template {}", t.key))?;
         Ok((vmm, agent, devices))
     }
@@ -520,7 +523,9 @@ impl Runtime {
 /// its CRNG state with every other clone of its template until now), the
 /// time, its name and DNS.
 fn give_identity(agent: &AgentConn, cfg: &SandboxConfig, net: Option<&GuestNet>) -> Result<()> {
-    let timeout = Duration::from_secs(30);
+    // CreateSandbox configures the network in the guest: slow when many
+    // sandboxes start at once (see agent::SLOW_CALL).
+    let timeout = crate::agent::SLOW_CALL;
     let mut seed = ReseedRandomRequest::new();
     seed.data = vec![0; 64];
     getrandom(&mut seed.data)?;
