@@ -111,6 +111,14 @@ pub struct Service {
 }
 
 impl Service {
+    /// Whose output a `binary://` logger gets.
+    fn owner<'a>(&'a self, id: &'a str) -> crate::io::Owner<'a> {
+        crate::io::Owner {
+            id,
+            namespace: &self.namespace,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -294,7 +302,7 @@ impl Service {
             sandbox
                 .agent
                 .create_only(id, &guest.spec, stdio.io(), storages, false)?;
-        let copies = Copies::start(stdio, &mut streams)?;
+        let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
         info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
         if let Ok(conn) = sandbox.connect() {
             self.watch_oom(conn);
@@ -339,7 +347,7 @@ impl Service {
         let created = agent.and_then(|(agent, storages)| {
             let (pid, mut streams) =
                 agent.create_only(id, &guest.spec, stdio.io(), storages, false)?;
-            Ok((pid, Copies::start(stdio, &mut streams)?))
+            Ok((pid, Copies::start(stdio, &mut streams, &self.owner(id))?))
         });
         match created {
             Ok((pid, copies)) => {
@@ -525,7 +533,7 @@ impl containerd_shim::Task for Service {
         let mut streams = agent
             .exec(&req.id, &req.exec_id, &process, stdio.io())
             .map_err(internal)?;
-        let copies = Copies::start(&stdio, &mut streams).map_err(internal)?;
+        let copies = Copies::start(&stdio, &mut streams, &self.owner(&req.id)).map_err(internal)?;
         // The agent answers ExecProcess once the process runs; its pid is
         // the guest's (not needed by containerd beyond display).
         {
