@@ -198,9 +198,22 @@ pub fn allowed(kind: ThreadKind) -> Vec<&'static str> {
     v
 }
 
+/// Calls that open files. A thread whose kind may not open files gets
+/// EACCES for them instead of being killed: the C library opens files
+/// lazily on its own (glibc's CPU count, read from
+/// /sys/devices/system/cpu/online the first time some thread needs it),
+/// and which thread comes first is a race — a vCPU was killed for it in a
+/// template build under load.
+const OPENS: &[&str] = &["open", "openat"];
+
+/// The filter of `kind`: its calls allowed, others trapped (SIGSYS); for
+/// kinds without file access the opens are let through here and refused
+/// by `refuse_opens` installed on top (the stricter action wins).
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, String> {
     let mut rules = BTreeMap::new();
-    for n in allowed(kind) {
+    let names = allowed(kind);
+    let refuses = !names.contains(&"openat");
+    for n in names.iter().chain(if refuses { OPENS } else { &[] }) {
         // Names not on x86_64 (e.g. `open` on newer tables) are skipped.
         if let Some(nr) = number(n) {
             rules.insert(nr, vec![]);
@@ -216,9 +229,33 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, String> {
     .map_err(|e| format!("building the {kind:?} seccomp filter: {e}"))
 }
 
+/// A filter that fails file opens with EACCES and allows the rest.
+fn refuse_opens() -> Result<BpfProgram, String> {
+    let rules = OPENS
+        .iter()
+        .filter_map(|n| number(n))
+        .map(|nr| (nr, vec![]))
+        .collect();
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| format!("building the open-refusing seccomp filter: {e}"))
+}
+
 /// Installs the filter of `kind` on the calling thread (and what it spawns).
 pub fn install(kind: ThreadKind) -> Result<(), String> {
     let prog = filter(kind)?;
+    let refuses = !allowed(kind).contains(&"openat");
+    // The refusing filter first: once the main one is in, installing
+    // another (seccomp(2)) must itself be allowed by it.
+    if refuses {
+        seccompiler::apply_filter(&refuse_opens()?)
+            .map_err(|e| format!("installing the {kind:?} open filter: {e}"))?;
+    }
     seccompiler::apply_filter(&prog)
         .map_err(|e| format!("installing the {kind:?} seccomp filter: {e}"))
 }
@@ -267,7 +304,9 @@ mod tests {
 
     #[test]
     fn a_denied_call_is_named_and_kills() {
-        // In a child process: install the vCPU filter, then call openat.
+        // In a child process: install the vCPU filter; an open fails with
+        // EACCES (the C library's own lazy opens must not kill a vCPU),
+        // then a call outside the list (mkdir) kills with 31.
         // SAFETY: fork in a test; the child only calls async-signal-safe-ish
         // code and exits.
         let pid = unsafe { libc::fork() };
@@ -277,7 +316,13 @@ mod tests {
                 // SAFETY: leaving the forked child.
                 unsafe { libc::_exit(2) };
             }
-            let _ = std::fs::File::open("/etc/hostname");
+            match std::fs::File::open("/etc/hostname") {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+                // SAFETY: leaving the forked child.
+                _ => unsafe { libc::_exit(3) },
+            }
+            // SAFETY: a NUL-terminated path; the filter traps the call.
+            unsafe { libc::mkdir(c"/tmp/husk-seccomp-test".as_ptr(), 0o700) };
             // SAFETY: leaving the forked child.
             unsafe { libc::_exit(0) };
         }
@@ -285,6 +330,11 @@ mod tests {
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         assert!(libc::WIFEXITED(status));
-        assert_eq!(libc::WEXITSTATUS(status), 31, "openat was not denied");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            31,
+            "exit {}",
+            libc::WEXITSTATUS(status)
+        );
     }
 }
