@@ -95,17 +95,8 @@ impl SharedFs {
         std::fs::create_dir_all(&root).with_context(|| root.display().to_string())?;
         let mut binds = Vec::new();
         for (i, s) in shares.iter().enumerate() {
-            let meta = std::fs::metadata(&s.source)
-                .with_context(|| format!("shared path {}", s.source.display()))?;
             let target = root.join(format!("b{i}"));
-            // The mount point is of the source's kind: a bind of a file
-            // needs a file.
-            if meta.is_dir() {
-                std::fs::create_dir_all(&target)
-            } else {
-                File::create(&target).map(drop)
-            }
-            .with_context(|| target.display().to_string())?;
+            mount_point(&s.source, &target)?;
             binds.push(Bind {
                 source: CString::new(s.source.as_os_str().as_bytes())?,
                 target: CString::new(target.as_os_str().as_bytes())?,
@@ -167,14 +158,7 @@ impl SharedFs {
         let i = self.next;
         let name = format!("b{i}");
         let target = self.root.join(&name);
-        let meta = std::fs::metadata(&share.source)
-            .with_context(|| format!("shared path {}", share.source.display()))?;
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target)
-        } else {
-            File::create(&target).map(drop)
-        }
-        .with_context(|| target.display().to_string())?;
+        mount_point(&share.source, &target)?;
         self.next += 1;
         let r = self.in_namespace(share, &name);
         if r.is_err() {
@@ -376,6 +360,19 @@ fn enter(ns: &File) -> std::io::Result<()> {
         check(libc::unshare(libc::CLONE_FS))?;
         check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS))
     }
+}
+
+/// Makes `target`, the mount point for `source`, of the source's kind: a
+/// bind of a file needs a file.
+fn mount_point(source: &Path, target: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(source).with_context(|| format!("shared path {}", source.display()))?;
+    if meta.is_dir() {
+        std::fs::create_dir_all(target)
+    } else {
+        File::create(target).map(drop)
+    }
+    .with_context(|| target.display().to_string())
 }
 
 fn remove_entry(p: &Path) -> std::io::Result<()> {

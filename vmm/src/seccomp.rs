@@ -212,8 +212,10 @@ const OPENS: &[&str] = &["open", "openat"];
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, String> {
     let mut rules = BTreeMap::new();
     let names = allowed(kind);
-    let refuses = !names.contains(&"openat");
-    for n in names.iter().chain(if refuses { OPENS } else { &[] }) {
+    for n in names
+        .iter()
+        .chain(if refuses_opens(kind) { OPENS } else { &[] })
+    {
         // Names not on x86_64 (e.g. `open` on newer tables) are skipped.
         if let Some(nr) = number(n) {
             rules.insert(nr, vec![]);
@@ -227,6 +229,11 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, String> {
     )
     .and_then(BpfProgram::try_from)
     .map_err(|e| format!("building the {kind:?} seccomp filter: {e}"))
+}
+
+/// Whether `kind` may not open files (its opens get EACCES, not SIGSYS).
+fn refuses_opens(kind: ThreadKind) -> bool {
+    !allowed(kind).contains(&"openat")
 }
 
 /// A filter that fails file opens with EACCES and allows the rest.
@@ -249,10 +256,9 @@ fn refuse_opens() -> Result<BpfProgram, String> {
 /// Installs the filter of `kind` on the calling thread (and what it spawns).
 pub fn install(kind: ThreadKind) -> Result<(), String> {
     let prog = filter(kind)?;
-    let refuses = !allowed(kind).contains(&"openat");
     // The refusing filter first: once the main one is in, installing
     // another (seccomp(2)) must itself be allowed by it.
-    if refuses {
+    if refuses_opens(kind) {
         seccompiler::apply_filter(&refuse_opens()?)
             .map_err(|e| format!("installing the {kind:?} open filter: {e}"))?;
     }
