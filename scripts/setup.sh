@@ -16,6 +16,9 @@ packages=(
     # CRI pods under containerd: CNI plugins (/usr/lib/cni); the CRI API
     # client in the tests is generated from its protos (protoc)
     containernetworking-plugins protobuf-compiler
+    # huskd: etcd (its state store, started by the tests); etcd-client
+    # compiles etcd's protos, which import protobuf's well-known types
+    etcd-server libprotobuf-dev
     # sandbox networking: NAT for the husk0 bridge (as Docker uses it);
     # test networks: taps in namespaces, ping
     iptables iproute2 iputils-ping

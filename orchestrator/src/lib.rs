@@ -1,0 +1,14 @@
+//! huskd: a Swarm-style orchestrator whose tasks are husk microVM
+//! sandboxes. Managers keep the desired state in etcd and one of them (an
+//! etcd election) places tasks and reconciles; every node runs the tasks
+//! given to it with husk-runtime and reports what they do.
+
+pub mod api {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("husk.cluster.v1");
+}
+pub mod pki;
+pub mod reconcile;
+pub mod sched;
+pub mod store;
+pub mod types;

@@ -1,0 +1,835 @@
+//! The leader's reconciler: from one snapshot of the cluster (nodes,
+//! services, tasks) to the writes that bring actual state towards the
+//! desired one. Pure — the leader loop reads etcd, calls [`reconcile`]
+//! and writes back — so every rule is unit-tested without a cluster.
+//!
+//! Rules (Swarm's): each slot of a replicated service (each eligible node
+//! of a global one) has one live task; a task that ended by itself is
+//! replaced as its restart policy says; a task whose node is down is
+//! orphaned and replaced at once; tasks on drained nodes or nodes that no
+//! longer meet the constraints are stopped and replaced elsewhere; an
+//! update replaces outdated tasks in batches, watching for failures.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::sched::{self, Load};
+use crate::types::*;
+
+/// Terminal tasks kept per slot (Swarm's task history retention limit).
+pub const HISTORY: usize = 5;
+
+pub struct Snapshot<'a> {
+    pub nodes: &'a [Node],
+    pub services: &'a [Service],
+    pub tasks: &'a [Task],
+    pub now_ms: u64,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Write {
+    /// A new task or a changed one.
+    Task(Box<Task>),
+    DeleteTask(String),
+    Service(Box<Service>),
+}
+
+/// Where a task counts: its slot, or its node for global services.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Slot {
+    Index(u64),
+    Node(String),
+}
+
+fn slot_of(t: &Task) -> Slot {
+    if t.slot > 0 {
+        Slot::Index(t.slot)
+    } else {
+        Slot::Node(t.node_id.clone())
+    }
+}
+
+/// Ended by itself (not stopped by the orchestrator): what restart
+/// policies and update failure ratios count.
+fn ended_by_itself(t: &Task) -> bool {
+    matches!(
+        t.status.state,
+        TaskState::Complete | TaskState::Failed | TaskState::Rejected
+    )
+}
+
+fn failed(t: &Task) -> bool {
+    matches!(t.status.state, TaskState::Failed | TaskState::Rejected)
+        || (t.status.state == TaskState::Complete && t.status.exit_code.is_some_and(|c| c != 0))
+}
+
+pub fn reconcile(s: &Snapshot) -> Vec<Write> {
+    let mut out = Vec::new();
+    let nodes: HashMap<&str, &Node> = s.nodes.iter().map(|n| (n.id.as_str(), n)).collect();
+    let services: HashMap<&str, &Service> = s.services.iter().map(|v| (v.id.as_str(), v)).collect();
+    let original: HashMap<&str, &Task> = s.tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+    // Tasks as they will be after this pass; written back where changed.
+    let mut tasks: Vec<Task> = Vec::with_capacity(s.tasks.len());
+
+    // 1. Tasks whose service is gone, or whose node is down or gone.
+    for t in s.tasks {
+        let mut t = t.clone();
+        let node = nodes.get(t.node_id.as_str());
+        if !services.contains_key(t.service_id.as_str()) {
+            // Gone once stopped, or when no node will ever report it.
+            let node_ok = node.is_some_and(|n| n.state != NodeState::Down);
+            if t.status.state.is_terminal() || !node_ok {
+                out.push(Write::DeleteTask(t.id.clone()));
+            } else if t.desired_state == TaskState::Running {
+                t.desired_state = TaskState::Shutdown;
+                out.push(Write::Task(Box::new(t)));
+            }
+            continue;
+        }
+        let lost = match node {
+            _ if t.node_id.is_empty() => false,
+            None => true,
+            Some(n) => n.state == NodeState::Down,
+        };
+        if lost && !t.status.state.is_terminal() {
+            t.desired_state = TaskState::Shutdown;
+            t.status = TaskStatus {
+                state: TaskState::Orphaned,
+                timestamp_ms: s.now_ms,
+                message: "node down".into(),
+                err: String::new(),
+                exit_code: None,
+            };
+        }
+        tasks.push(t);
+    }
+
+    // Load on each node: every task not yet finished holds its place.
+    let mut load = Load::default();
+    for t in &tasks {
+        if !t.node_id.is_empty() && !t.status.state.is_terminal() {
+            load.add(&t.node_id, false, &t.spec);
+        }
+    }
+
+    let mut new_tasks: Vec<Task> = Vec::new();
+    for svc in s.services {
+        let mut svc_load = load.clone();
+        for t in tasks.iter().filter(|t| t.service_id == svc.id) {
+            if !t.node_id.is_empty() && !t.status.state.is_terminal() {
+                *svc_load.service_tasks.entry(t.node_id.clone()).or_default() += 1;
+            }
+        }
+        let mut svc = svc.clone();
+        let before = new_tasks.len();
+        let svc_changed = reconcile_service(
+            s,
+            &mut svc,
+            &nodes,
+            &mut tasks,
+            &mut new_tasks,
+            &mut svc_load,
+        );
+        // Placements of this service count for the next ones.
+        for t in &new_tasks[before..] {
+            if !t.node_id.is_empty() {
+                load.add(&t.node_id, false, &t.spec);
+            }
+        }
+        if svc_changed {
+            out.push(Write::Service(Box::new(svc)));
+        }
+    }
+
+    // History: drop the oldest finished tasks past the limit, per slot.
+    let mut by_slot: BTreeMap<(String, Slot), Vec<&Task>> = BTreeMap::new();
+    for t in &tasks {
+        if t.desired_state != TaskState::Running && t.status.state.is_terminal() {
+            by_slot
+                .entry((t.service_id.clone(), slot_of(t)))
+                .or_default()
+                .push(t);
+        }
+    }
+    let mut deleted = std::collections::HashSet::new();
+    for (_, mut v) in by_slot {
+        if v.len() > HISTORY {
+            v.sort_by_key(|t| (t.created_ms, t.id.clone()));
+            for t in &v[..v.len() - HISTORY] {
+                deleted.insert(t.id.clone());
+            }
+        }
+    }
+    for t in tasks {
+        if deleted.contains(&t.id) {
+            out.push(Write::DeleteTask(t.id));
+        } else if original.get(t.id.as_str()) != Some(&&t) {
+            out.push(Write::Task(Box::new(t)));
+        }
+    }
+    out.extend(new_tasks.into_iter().map(|t| Write::Task(Box::new(t))));
+    out
+}
+
+/// One service's slots; returns whether the service record changed.
+fn reconcile_service(
+    s: &Snapshot,
+    svc: &mut Service,
+    nodes: &HashMap<&str, &Node>,
+    tasks: &mut [Task],
+    new_tasks: &mut Vec<Task>,
+    load: &mut Load,
+) -> bool {
+    let spec = svc.spec.clone();
+    let ustate = svc.update_status.as_ref().map(|u| u.state);
+    let updating = matches!(
+        ustate,
+        Some(UpdateState::Updating | UpdateState::RollbackStarted)
+    );
+    let rolling_back = matches!(
+        ustate,
+        Some(UpdateState::RollbackStarted | UpdateState::RollbackPaused)
+    );
+    let ucfg = if rolling_back {
+        spec.rollback_config.clone()
+    } else {
+        spec.update_config.clone()
+    };
+    let mine: Vec<usize> = (0..tasks.len())
+        .filter(|&i| tasks[i].service_id == svc.id)
+        .collect();
+    let constraints_ok = |n: &Node| {
+        spec.placement
+            .constraints
+            .iter()
+            .all(|c| sched::Constraint::parse(c).is_ok_and(|k| k.matches(n)))
+    };
+
+    // Live tasks on drained nodes, or nodes that no longer meet the
+    // constraints: stop (the emptied slot is filled below).
+    for &i in &mine {
+        let t = &mut tasks[i];
+        if !t.is_live() || t.node_id.is_empty() {
+            continue;
+        }
+        let keep = nodes
+            .get(t.node_id.as_str())
+            .is_some_and(|n| n.availability != Availability::Drain && constraints_ok(n));
+        if !keep {
+            t.desired_state = TaskState::Shutdown;
+        }
+    }
+
+    // The slots there should be. A paused node keeps its global task.
+    let wanted: Vec<Slot> = match &spec.mode {
+        Mode::Replicated { replicas } => (1..=*replicas).map(Slot::Index).collect(),
+        Mode::Global => {
+            let mut v: Vec<Slot> = nodes
+                .values()
+                .filter(|n| {
+                    n.state == NodeState::Ready
+                        && n.availability != Availability::Drain
+                        && constraints_ok(n)
+                })
+                .map(|n| Slot::Node(n.id.clone()))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    // Scale down: slots past the count stop.
+    for &i in &mine {
+        let t = &mut tasks[i];
+        if t.is_live() && !wanted.contains(&slot_of(t)) {
+            t.desired_state = TaskState::Shutdown;
+        }
+    }
+
+    // Update progress: new tasks (this version, since the update began)
+    // that failed, that run past the monitor period, or are in flight.
+    let monitor = ucfg.monitor_ms;
+    let started = svc.update_status.as_ref().map_or(0, |u| u.started_ms);
+    let is_new = |t: &Task| t.version == svc.version && t.created_ms >= started;
+    let mut last_done = 0u64;
+    let mut updated = 0u64;
+    let mut failures = 0u64;
+    for &i in &mine {
+        let t = &tasks[i];
+        if !is_new(t) {
+            continue;
+        }
+        updated += 1;
+        if failed(t) {
+            failures += 1;
+        } else if t.is_live()
+            && t.status.state == TaskState::Running
+            && t.status.timestamp_ms + monitor <= s.now_ms
+        {
+            last_done = last_done.max(t.status.timestamp_ms + monitor);
+        }
+    }
+    if updating && failures > 0 && ucfg.failure_action != FailureAction::Continue {
+        let ratio = failures as f64 / updated as f64;
+        if ratio > ucfg.max_failure_ratio {
+            let what = format!("{failures} of {updated} updated tasks failed");
+            if ucfg.failure_action == FailureAction::Rollback && !rolling_back {
+                if let Some(prev) = svc.previous_spec.take() {
+                    svc.previous_spec = Some(std::mem::replace(&mut svc.spec, prev));
+                    svc.version += 1;
+                    svc.updated_ms = s.now_ms;
+                    svc.update_status = Some(UpdateStatus {
+                        state: UpdateState::RollbackStarted,
+                        started_ms: s.now_ms,
+                        completed_ms: 0,
+                        message: format!("update rolled back: {what}"),
+                    });
+                    // The next pass works from the rolled-back spec.
+                    return true;
+                }
+            }
+            svc.update_status = Some(UpdateStatus {
+                state: if rolling_back {
+                    UpdateState::RollbackPaused
+                } else {
+                    UpdateState::Paused
+                },
+                started_ms: started,
+                completed_ms: 0,
+                message: format!("update paused: {what}"),
+            });
+            return true;
+        }
+    }
+
+    let mut slots: BTreeMap<Slot, Vec<usize>> = BTreeMap::new();
+    for &i in &mine {
+        slots.entry(slot_of(&tasks[i])).or_default().push(i);
+    }
+    // A task stopping because the spec changed (stop-first: its successor
+    // waits for it, they must not race for ports).
+    let stopping_outdated = |t: &Task| {
+        t.desired_state != TaskState::Running
+            && !t.status.state.is_terminal()
+            && t.spec != spec
+            && nodes
+                .get(t.node_id.as_str())
+                .is_some_and(|n| n.state == NodeState::Ready)
+    };
+    let latest_of = |idx: &[usize], tasks: &[Task]| {
+        idx.iter()
+            .copied()
+            .max_by_key(|&i| (tasks[i].created_ms, tasks[i].id.clone()))
+    };
+    // Slots mid-replacement: an outdated task stopping, a successor not yet
+    // monitored long enough, or an outdated task stopped and its successor
+    // still to come.
+    let mut in_flight = 0u64;
+    let mut outdated_left = 0u64;
+    for slot in &wanted {
+        let idx = slots.get(slot).cloned().unwrap_or_default();
+        let live: Vec<&Task> = idx
+            .iter()
+            .map(|&i| &tasks[i])
+            .filter(|t| t.is_live())
+            .collect();
+        if live.iter().any(|t| t.spec != spec) {
+            outdated_left += 1;
+        }
+        let successor_pending = live.iter().any(|t| {
+            is_new(t)
+                && !(t.status.state == TaskState::Running
+                    && t.status.timestamp_ms + monitor <= s.now_ms)
+        });
+        // An empty slot is in flight unless its last task is done for
+        // good (its restart policy lets it rest).
+        let handover = live.is_empty()
+            && latest_of(&idx, tasks).is_none_or(|l| {
+                let t = &tasks[l];
+                !(t.desired_state == TaskState::Running
+                    && ended_by_itself(t)
+                    && !restart_allowed(s, &spec, t, &idx, tasks))
+            });
+        if successor_pending || handover || idx.iter().any(|&i| stopping_outdated(&tasks[i])) {
+            in_flight += 1;
+        }
+    }
+    let parallelism = if ucfg.parallelism == 0 {
+        u64::MAX
+    } else {
+        ucfg.parallelism
+    };
+    let mut budget = if updating && in_flight < parallelism && s.now_ms >= last_done + ucfg.delay_ms
+    {
+        parallelism - in_flight
+    } else {
+        0
+    };
+    if in_flight > 0 && ucfg.delay_ms > 0 {
+        // With a delay, a batch finishes before the next starts.
+        budget = 0;
+    }
+
+    for slot in &wanted {
+        let idx = slots.get(slot).cloned().unwrap_or_default();
+        let live: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|&i| tasks[i].is_live())
+            .collect();
+        let (current, outdated): (Vec<usize>, Vec<usize>) =
+            live.iter().partition(|&&i| tasks[i].spec == spec);
+        if !current.is_empty() {
+            // start-first: the old task stops once its successor runs;
+            // more than one current task in a slot: keep one.
+            let running = current
+                .iter()
+                .any(|&i| tasks[i].status.state == TaskState::Running);
+            if running {
+                for &i in &outdated {
+                    tasks[i].desired_state = TaskState::Shutdown;
+                }
+            }
+            for &i in current.iter().skip(1) {
+                tasks[i].desired_state = TaskState::Shutdown;
+            }
+            continue;
+        }
+        if !outdated.is_empty() {
+            if budget == 0 {
+                continue;
+            }
+            budget -= 1;
+            if ucfg.order == UpdateOrder::StopFirst {
+                for &i in &outdated {
+                    tasks[i].desired_state = TaskState::Shutdown;
+                }
+                // Its successor comes once it has stopped.
+                continue;
+            }
+            // start-first: the successor now, beside it.
+        } else {
+            if idx.iter().any(|&i| stopping_outdated(&tasks[i])) {
+                continue;
+            }
+            if let Slot::Node(id) = slot {
+                if nodes
+                    .get(id.as_str())
+                    .is_some_and(|n| n.availability != Availability::Active)
+                {
+                    continue;
+                }
+            }
+            // The newest task of the slot says whether it restarts.
+            if let Some(l) = latest_of(&idx, tasks) {
+                let t = &tasks[l];
+                if t.desired_state == TaskState::Running && t.status.state.is_terminal() {
+                    if ended_by_itself(t) {
+                        if !restart_allowed(s, &spec, t, &idx, tasks) {
+                            continue;
+                        }
+                        if s.now_ms < t.status.timestamp_ms + spec.restart_policy.delay_ms {
+                            continue;
+                        }
+                    }
+                    // Retired: the slot's history keeps it.
+                    tasks[l].desired_state = TaskState::Shutdown;
+                }
+            }
+        }
+        new_tasks.push(new_task(s, svc, slot, load));
+    }
+    // Pending tasks (no node fitted before): try again.
+    for &i in &mine {
+        let t = &mut tasks[i];
+        if t.is_live() && t.node_id.is_empty() && t.slot > 0 {
+            if let Ok(n) = sched::place(s.nodes, &t.spec, load) {
+                load.add(&n.id, true, &t.spec);
+                t.node_id = n.id.clone();
+                t.status = status(TaskState::Assigned, s.now_ms, "scheduled");
+            }
+        }
+    }
+    // Done when nothing outdated is left and every new task has run past
+    // the monitor period.
+    if updating && outdated_left == 0 && in_flight == 0 {
+        if let Some(u) = svc.update_status.as_mut() {
+            u.state = if rolling_back {
+                UpdateState::RollbackCompleted
+            } else {
+                UpdateState::Completed
+            };
+            u.completed_ms = s.now_ms;
+            u.message = if rolling_back {
+                "rollback completed".into()
+            } else {
+                "update completed".into()
+            };
+            return true;
+        }
+    }
+    false
+}
+
+fn restart_allowed(
+    s: &Snapshot,
+    spec: &ServiceSpec,
+    t: &Task,
+    slot: &[usize],
+    tasks: &[Task],
+) -> bool {
+    let p = &spec.restart_policy;
+    match p.condition {
+        RestartCondition::None => return false,
+        RestartCondition::OnFailure if !failed(t) => return false,
+        _ => {}
+    }
+    if p.max_attempts == 0 {
+        return true;
+    }
+    // Restarts so far (in the window): tasks of the slot that ended by
+    // themselves, less the first run.
+    let since = if p.window_ms == 0 {
+        0
+    } else {
+        s.now_ms.saturating_sub(p.window_ms)
+    };
+    let ended = slot
+        .iter()
+        .filter(|&&i| ended_by_itself(&tasks[i]) && tasks[i].status.timestamp_ms >= since)
+        .count() as u64;
+    ended <= p.max_attempts
+}
+
+fn status(state: TaskState, now: u64, message: &str) -> TaskStatus {
+    TaskStatus {
+        state,
+        timestamp_ms: now,
+        message: message.into(),
+        err: String::new(),
+        exit_code: None,
+    }
+}
+
+fn new_task(s: &Snapshot, svc: &Service, slot: &Slot, load: &mut Load) -> Task {
+    let mut t = Task {
+        id: new_id(),
+        service_id: svc.id.clone(),
+        service_name: svc.spec.name.clone(),
+        slot: 0,
+        node_id: String::new(),
+        version: svc.version,
+        spec: svc.spec.clone(),
+        desired_state: TaskState::Running,
+        status: status(TaskState::Pending, s.now_ms, "pending"),
+        created_ms: s.now_ms,
+    };
+    match slot {
+        Slot::Index(i) => {
+            t.slot = *i;
+            match sched::place(s.nodes, &svc.spec, load) {
+                Ok(n) => {
+                    t.node_id = n.id.clone();
+                    t.status = status(TaskState::Assigned, s.now_ms, "scheduled");
+                }
+                Err(why) => t.status.err = why,
+            }
+        }
+        Slot::Node(id) => {
+            t.node_id = id.clone();
+            t.status = status(TaskState::Assigned, s.now_ms, "scheduled");
+        }
+    }
+    if !t.node_id.is_empty() {
+        load.add(&t.node_id, true, &t.spec);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, role: Role) -> Node {
+        Node {
+            id: id.into(),
+            hostname: id.into(),
+            addr: String::new(),
+            role,
+            availability: Availability::Active,
+            labels: Default::default(),
+            state: NodeState::Ready,
+            resources: Resources {
+                nano_cpus: 2_000_000_000,
+                memory_bytes: 4 << 30,
+            },
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    fn service(replicas: u64) -> Service {
+        Service {
+            id: "s1".into(),
+            spec: ServiceSpec {
+                name: "web".into(),
+                image: "busybox".into(),
+                mode: Mode::Replicated { replicas },
+                ..Default::default()
+            },
+            version: 1,
+            previous_spec: None,
+            created_ms: 0,
+            updated_ms: 0,
+            update_status: None,
+        }
+    }
+
+    /// Applies writes the way the leader does, and marks what nodes would
+    /// report: assigned tasks run, shut-down ones stop.
+    fn apply(tasks: &mut Vec<Task>, services: &mut [Service], w: Vec<Write>, now: u64) {
+        for w in w {
+            match w {
+                Write::Task(t) => {
+                    if let Some(x) = tasks.iter_mut().find(|x| x.id == t.id) {
+                        *x = *t;
+                    } else {
+                        tasks.push(*t);
+                    }
+                }
+                Write::DeleteTask(id) => tasks.retain(|t| t.id != id),
+                Write::Service(s) => {
+                    for x in services.iter_mut() {
+                        if x.id == s.id {
+                            *x = (*s).clone();
+                        }
+                    }
+                }
+            }
+        }
+        for t in tasks.iter_mut() {
+            if t.desired_state == TaskState::Running && t.status.state == TaskState::Assigned {
+                t.status = status(TaskState::Running, now, "started");
+            }
+            if t.desired_state == TaskState::Shutdown && !t.status.state.is_terminal() {
+                t.status = status(TaskState::Shutdown, now, "stopped");
+            }
+        }
+    }
+
+    fn step(nodes: &[Node], services: &mut [Service], tasks: &mut Vec<Task>, now: u64) {
+        let w = reconcile(&Snapshot {
+            nodes,
+            services,
+            tasks,
+            now_ms: now,
+        });
+        apply(tasks, services, w, now);
+    }
+
+    fn running_on(tasks: &[Task]) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for t in tasks.iter().filter(|t| t.is_live()) {
+            *m.entry(t.node_id.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn replicas_spread_scale_and_node_loss() {
+        let mut nodes = vec![
+            node("a", Role::Manager),
+            node("b", Role::Worker),
+            node("c", Role::Worker),
+        ];
+        let mut svcs = vec![service(3)];
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 1000);
+        assert_eq!(
+            running_on(&tasks).values().copied().collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        svcs[0].spec.mode = Mode::Replicated { replicas: 5 };
+        step(&nodes, &mut svcs, &mut tasks, 2000);
+        assert_eq!(running_on(&tasks).values().sum::<usize>(), 5);
+        svcs[0].spec.mode = Mode::Replicated { replicas: 2 };
+        step(&nodes, &mut svcs, &mut tasks, 3000);
+        assert_eq!(running_on(&tasks).values().sum::<usize>(), 2);
+        // Node loss: its task is orphaned and replaced elsewhere at once.
+        let victim = tasks.iter().find(|t| t.is_live()).unwrap().node_id.clone();
+        nodes.iter_mut().find(|n| n.id == victim).unwrap().state = NodeState::Down;
+        step(&nodes, &mut svcs, &mut tasks, 4000);
+        step(&nodes, &mut svcs, &mut tasks, 4001);
+        let on = running_on(&tasks);
+        assert_eq!(on.values().sum::<usize>(), 2);
+        assert!(!on.contains_key(&victim));
+        assert!(tasks.iter().any(|t| t.status.state == TaskState::Orphaned));
+    }
+
+    #[test]
+    fn global_drain_and_constraints() {
+        let mut nodes = vec![
+            node("a", Role::Manager),
+            node("b", Role::Worker),
+            node("c", Role::Worker),
+        ];
+        let mut svcs = vec![service(1)];
+        svcs[0].spec.mode = Mode::Global;
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 1000);
+        assert_eq!(running_on(&tasks).len(), 3);
+        nodes[1].availability = Availability::Drain;
+        step(&nodes, &mut svcs, &mut tasks, 2000);
+        assert_eq!(
+            running_on(&tasks).keys().cloned().collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        // Manager-only replicated service.
+        let mut svcs = vec![service(2)];
+        svcs[0].spec.placement.constraints = vec!["node.role==manager".into()];
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 1000);
+        assert_eq!(running_on(&tasks).get("a"), Some(&2));
+    }
+
+    #[test]
+    fn restart_policy_delay_and_attempts() {
+        let nodes = vec![node("a", Role::Worker)];
+        let mut svcs = vec![service(1)];
+        svcs[0].spec.restart_policy = RestartPolicy {
+            condition: RestartCondition::OnFailure,
+            delay_ms: 1000,
+            max_attempts: 2,
+            window_ms: 0,
+        };
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 0);
+        let fail = |tasks: &mut Vec<Task>, now| {
+            for t in tasks.iter_mut().filter(|t| t.is_live()) {
+                t.status = status(TaskState::Failed, now, "exit 1");
+            }
+        };
+        fail(&mut tasks, 100);
+        step(&nodes, &mut svcs, &mut tasks, 500);
+        assert!(
+            tasks.iter().all(|t| !t.is_live()),
+            "restart waits for the delay"
+        );
+        step(&nodes, &mut svcs, &mut tasks, 1200);
+        assert_eq!(tasks.iter().filter(|t| t.is_live()).count(), 1);
+        fail(&mut tasks, 1300);
+        step(&nodes, &mut svcs, &mut tasks, 2400);
+        assert_eq!(tasks.iter().filter(|t| t.is_live()).count(), 1);
+        fail(&mut tasks, 2500);
+        step(&nodes, &mut svcs, &mut tasks, 9000);
+        assert_eq!(tasks.len(), 3, "two restarts, then no more");
+        // A clean exit is not restarted on-failure.
+        let mut svcs = vec![service(1)];
+        svcs[0].spec.restart_policy.condition = RestartCondition::OnFailure;
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 0);
+        for t in tasks.iter_mut() {
+            t.status = status(TaskState::Complete, 10, "exit 0");
+            t.status.exit_code = Some(0);
+        }
+        step(&nodes, &mut svcs, &mut tasks, 99_999);
+        assert_eq!(tasks.len(), 1);
+    }
+
+    #[test]
+    fn rolling_update_one_at_a_time_then_rollback_on_failure() {
+        let nodes = vec![node("a", Role::Worker), node("b", Role::Worker)];
+        let mut svcs = vec![service(3)];
+        svcs[0].spec.update_config = UpdateConfig {
+            parallelism: 1,
+            delay_ms: 100,
+            failure_action: FailureAction::Rollback,
+            monitor_ms: 500,
+            max_failure_ratio: 0.0,
+            order: UpdateOrder::StopFirst,
+        };
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 0);
+        // Update to v2.
+        let old = svcs[0].spec.clone();
+        svcs[0].previous_spec = Some(old.clone());
+        svcs[0].spec.image = "busybox:2".into();
+        svcs[0].version = 2;
+        svcs[0].update_status = Some(UpdateStatus {
+            state: UpdateState::Updating,
+            started_ms: 1000,
+            completed_ms: 0,
+            message: String::new(),
+        });
+        let mut now = 1000;
+        let mut min_live = usize::MAX;
+        for _ in 0..200 {
+            step(&nodes, &mut svcs, &mut tasks, now);
+            let live = tasks
+                .iter()
+                .filter(|t| t.is_live() && t.status.state == TaskState::Running)
+                .count();
+            min_live = min_live.min(live);
+            now += 50;
+            if svcs[0].update_status.as_ref().unwrap().state == UpdateState::Completed {
+                break;
+            }
+        }
+        assert_eq!(
+            svcs[0].update_status.as_ref().unwrap().state,
+            UpdateState::Completed
+        );
+        assert!(min_live >= 2, "never fewer than N-1 running: {min_live}");
+        assert!(tasks.iter().filter(|t| t.is_live()).all(|t| t.version == 2));
+
+        // v3 fails on start: rolled back to v2's spec.
+        svcs[0].previous_spec = Some(svcs[0].spec.clone());
+        svcs[0].spec.image = "broken".into();
+        svcs[0].version = 3;
+        svcs[0].update_status = Some(UpdateStatus {
+            state: UpdateState::Updating,
+            started_ms: now,
+            completed_ms: 0,
+            message: String::new(),
+        });
+        for _ in 0..400 {
+            let w = reconcile(&Snapshot {
+                nodes: &nodes,
+                services: &svcs,
+                tasks: &tasks,
+                now_ms: now,
+            });
+            apply(&mut tasks, &mut svcs, w, now);
+            // "broken" never starts: its node rejects it.
+            for t in tasks.iter_mut() {
+                if t.spec.image == "broken" && t.status.state == TaskState::Running {
+                    t.status = status(TaskState::Rejected, now, "no such image");
+                }
+            }
+            now += 50;
+            if svcs[0].update_status.as_ref().unwrap().state == UpdateState::RollbackCompleted {
+                break;
+            }
+        }
+        let svc = &svcs[0];
+        assert_eq!(
+            svc.update_status.as_ref().unwrap().state,
+            UpdateState::RollbackCompleted
+        );
+        assert_eq!(svc.spec.image, "busybox:2");
+        let live: Vec<&Task> = tasks.iter().filter(|t| t.is_live()).collect();
+        assert_eq!(live.len(), 3);
+        assert!(live.iter().all(|t| t.spec.image == "busybox:2"));
+    }
+
+    #[test]
+    fn removed_service_tasks_stop_then_go() {
+        let nodes = vec![node("a", Role::Worker)];
+        let mut svcs = vec![service(2)];
+        let mut tasks = Vec::new();
+        step(&nodes, &mut svcs, &mut tasks, 0);
+        let mut none: Vec<Service> = Vec::new();
+        step(&nodes, &mut none, &mut tasks, 10);
+        assert!(tasks.iter().all(|t| t.desired_state == TaskState::Shutdown));
+        step(&nodes, &mut none, &mut tasks, 20);
+        assert!(tasks.is_empty());
+    }
+}
