@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod cluster;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::os::unix::net::UnixStream;
@@ -105,6 +107,15 @@ enum Cmd {
     /// Manage named volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Make or join a cluster of husk hosts (huskd).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// The cluster's nodes.
+    #[command(subcommand)]
+    Node(cluster::NodeCmd),
+    /// Services: replicated tasks across the cluster, each in a microVM.
+    #[command(subcommand)]
+    Service(cluster::ServiceCmd),
     /// Show husk's version and where its parts are.
     Version,
     /// Show system-wide information: containers, images, network,
@@ -1346,6 +1357,9 @@ fn main() -> ExitCode {
             .map(|_| 0)
             .map_err(Failure::from),
         Cmd::Volume(c) => volume(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Cluster(c) => cluster::cluster(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Node(c) => cluster::node(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Service(c) => cluster::service(c).map(|_| 0).map_err(Failure::from),
         Cmd::Info => info().map(|_| 0).map_err(Failure::from),
         Cmd::Version => Runtime::locate()
             .map(|rt| {

@@ -7,8 +7,14 @@ pub mod api {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("husk.cluster.v1");
 }
+pub mod agent;
+pub mod daemon;
+pub mod executor;
+pub mod manager;
+pub mod net;
 pub mod pki;
 pub mod reconcile;
 pub mod sched;
+pub mod server;
 pub mod store;
 pub mod types;

@@ -1,0 +1,158 @@
+//! The node role: a session with one manager at a time (any manager; the
+//! next one in the list when it fails) carrying heartbeats, the node's
+//! assignment set and its task reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tokio::sync::mpsc;
+
+use crate::api::{self, cluster_client::ClusterClient};
+use crate::daemon::{lock, Daemon, Identity};
+use crate::executor::{Executor, Report};
+use crate::net;
+use crate::types::Task;
+
+pub fn start(daemon: Arc<Daemon>, id: Identity) -> Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rt = match husk_runtime::Runtime::locate() {
+        Ok(mut rt) => {
+            rt.run_dir = daemon.cfg.state_dir.join("run");
+            Some(rt)
+        }
+        Err(e) => {
+            tracing::warn!("this node cannot run tasks: {e:#}");
+            None
+        }
+    };
+    let ex = Arc::new(Executor::new(rt, &daemon.cfg.state_dir, tx));
+    *lock(&daemon.executor) = Some(ex.clone());
+    tokio::spawn(run(id, ex, rx));
+    Ok(())
+}
+
+async fn run(mut id: Identity, ex: Arc<Executor>, mut reports: mpsc::UnboundedReceiver<Report>) {
+    let mut i = 0usize;
+    loop {
+        let addrs = id.managers.clone();
+        if addrs.is_empty() {
+            tracing::error!("no manager known: this node cannot reach its cluster");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        }
+        let addr = addrs[i % addrs.len()].clone();
+        match session(&addr, &mut id, &ex, &mut reports).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!("session with manager {addr}: {e:#}"),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn session(
+    addr: &str,
+    id: &mut Identity,
+    ex: &Arc<Executor>,
+    reports: &mut mpsc::UnboundedReceiver<Report>,
+) -> Result<()> {
+    let ch = net::manager_channel(addr, &id.tls()).await?;
+    let mut client = ClusterClient::new(ch).max_decoding_message_size(64 << 20);
+    let node_id = id.node_id.clone();
+    let hb = client
+        .heartbeat(api::HeartbeatRequest {
+            node_id: node_id.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("heartbeat: {}", s.message()))?
+        .into_inner();
+    let mut period = Duration::from_millis(hb.period_ms.max(100));
+    if !hb.managers.is_empty() {
+        id.managers = hb.managers;
+    }
+    tracing::info!("node {node_id}: session with manager {addr}");
+    let mut stream = client
+        .assignments(api::AssignmentsRequest {
+            node_id: node_id.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("assignments: {}", s.message()))?
+        .into_inner();
+    // What the last manager may have missed.
+    for r in ex.all_reports() {
+        send(&mut client, &r).await?;
+    }
+    let mut beat = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            m = stream.message() => {
+                let set = match m {
+                    Ok(Some(set)) => set,
+                    Ok(None) => bail!("the manager ended the assignment stream"),
+                    Err(s) => bail!("assignments: {}", s.message()),
+                };
+                let mut tasks = Vec::with_capacity(set.tasks.len());
+                for t in &set.tasks {
+                    match serde_json::from_str::<Task>(t) {
+                        Ok(t) => tasks.push(t),
+                        Err(e) => tracing::warn!("an assigned task does not decode: {e}"),
+                    }
+                }
+                let ex = ex.clone();
+                // apply may signal containers (blocking RPCs).
+                tokio::task::spawn_blocking(move || ex.apply(tasks)).await?;
+            }
+            r = reports.recv() => {
+                let Some(r) = r else { bail!("executor gone") };
+                send(&mut client, &r).await?;
+            }
+            _ = beat.tick() => {
+                let hb = client
+                    .heartbeat(api::HeartbeatRequest { node_id: node_id.clone() })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("heartbeat: {}", s.message()))?
+                    .into_inner();
+                if !hb.managers.is_empty() {
+                    id.managers = hb.managers;
+                }
+                let p = Duration::from_millis(hb.period_ms.max(100));
+                if p != period {
+                    period = p;
+                    beat = tokio::time::interval(period);
+                }
+            }
+        }
+    }
+}
+
+async fn send(
+    client: &mut ClusterClient<tonic::transport::Channel>,
+    report: &Report,
+) -> Result<()> {
+    let r = report;
+    let r = client
+        .report_status(api::StatusReport {
+            task_id: r.task_id.clone(),
+            state: r.state.as_str().into(),
+            message: r.message.clone(),
+            err: r.err.clone(),
+            exit_code: r.exit_code.unwrap_or(0),
+            has_exit_code: r.exit_code.is_some(),
+        })
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        // The task is gone or no longer this node's: nothing to report.
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition
+            ) =>
+        {
+            tracing::debug!("report of task {}: {}", report.task_id, s.message());
+            Ok(())
+        }
+        Err(s) => bail!("report of task {}: {}", report.task_id, s.message()),
+    }
+}

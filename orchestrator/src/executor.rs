@@ -1,0 +1,381 @@
+//! The node side of tasks: each assigned task runs in a sandbox of its
+//! own (husk-runtime), on a thread of its own (the runtime blocks), and
+//! every change of its state is reported to the managers.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use husk_protocol::agent::Storage;
+use husk_runtime::agent::{AgentConn, Io};
+use husk_runtime::image::ImageStore;
+use husk_runtime::ports::{PortMapping, Protocol};
+use husk_runtime::record::LogWriter;
+use husk_runtime::spec::{container_spec, ProcessOptions};
+use husk_runtime::volume::VolumeStore;
+use husk_runtime::{DriveSpec, Runtime, SandboxConfig};
+use oci_spec::runtime::MountBuilder;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::types::{Task, TaskState};
+
+/// How long a task has after SIGTERM before SIGKILL (Docker's default).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A task's state as this node saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub task_id: String,
+    pub state: TaskState,
+    pub message: String,
+    pub err: String,
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Default)]
+struct Control {
+    stop: bool,
+    /// A second agent connection, to signal while the task thread waits.
+    agent: Option<AgentConn>,
+    finished: bool,
+}
+
+pub struct Executor {
+    rt: Option<Runtime>,
+    images: PathBuf,
+    volumes: PathBuf,
+    logs: PathBuf,
+    tasks: Mutex<HashMap<String, Arc<Mutex<Control>>>>,
+    /// The last report of each task, sent again to a new manager session.
+    last: Mutex<HashMap<String, Report>>,
+    reports: UnboundedSender<Report>,
+}
+
+impl Executor {
+    /// `rt` None: this node cannot run sandboxes (no husk-vmm or kernel
+    /// found); its tasks are rejected with that reason.
+    pub fn new(
+        rt: Option<Runtime>,
+        state_dir: &std::path::Path,
+        reports: UnboundedSender<Report>,
+    ) -> Executor {
+        let data = husk_runtime::default_data_dir();
+        Executor {
+            rt,
+            images: husk_runtime::image::default_store_dir(),
+            volumes: data.join("volumes"),
+            logs: state_dir.join("logs"),
+            tasks: Mutex::new(HashMap::new()),
+            last: Mutex::new(HashMap::new()),
+            reports,
+        }
+    }
+
+    /// Every report held, for a new session.
+    pub fn all_reports(&self) -> Vec<Report> {
+        lock(&self.last).values().cloned().collect()
+    }
+
+    pub fn log_path(&self, task_id: &str) -> PathBuf {
+        self.logs.join(format!("{task_id}.log"))
+    }
+
+    fn report(&self, task: &str, state: TaskState, message: &str, err: &str, code: Option<i32>) {
+        let r = Report {
+            task_id: task.to_string(),
+            state,
+            message: message.to_string(),
+            err: err.to_string(),
+            exit_code: code,
+        };
+        lock(&self.last).insert(task.to_string(), r.clone());
+        let _ = self.reports.send(r);
+    }
+
+    /// Brings what runs here in line with the assignment set.
+    pub fn apply(self: &Arc<Self>, assigned: Vec<Task>) {
+        let ids: HashSet<String> = assigned.iter().map(|t| t.id.clone()).collect();
+        let mut known = lock(&self.tasks);
+        for t in assigned {
+            if let Some(c) = known.get(&t.id) {
+                if t.desired_state != TaskState::Running {
+                    stop(c, &t.id);
+                }
+                continue;
+            }
+            let st = t.status.state;
+            if t.desired_state == TaskState::Running && st <= TaskState::Assigned {
+                let c = Arc::new(Mutex::new(Control::default()));
+                known.insert(t.id.clone(), c.clone());
+                let me = self.clone();
+                let name = format!("task-{}", &t.id[..t.id.len().min(8)]);
+                let spawned = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || me.run(t, c));
+                if let Err(e) = spawned {
+                    tracing::error!("starting a task thread: {e}");
+                }
+            } else if !st.is_terminal() && st >= TaskState::Preparing {
+                // Started by an earlier huskd on this node: its sandbox
+                // went with it.
+                let why = if t.desired_state == TaskState::Running {
+                    TaskState::Failed
+                } else {
+                    TaskState::Shutdown
+                };
+                self.report(
+                    &t.id,
+                    why,
+                    "task lost: huskd restarted on this node",
+                    "",
+                    None,
+                );
+            } else if !st.is_terminal() && t.desired_state != TaskState::Running {
+                self.report(
+                    &t.id,
+                    TaskState::Shutdown,
+                    "shut down before it started",
+                    "",
+                    None,
+                );
+            }
+        }
+        // Tasks no longer assigned here: stop; forget finished ones.
+        known.retain(|id, c| {
+            if ids.contains(id) {
+                return true;
+            }
+            stop(c, id);
+            !lock(c).finished
+        });
+        lock(&self.last).retain(|id, _| ids.contains(id));
+    }
+
+    fn run(self: Arc<Self>, t: Task, ctl: Arc<Mutex<Control>>) {
+        self.report(&t.id, TaskState::Preparing, "preparing", "", None);
+        let (state, message, err, code) = match self.run_sandbox(&t, &ctl) {
+            Ok(code) => {
+                let stopped = lock(&ctl).stop;
+                match (stopped, code) {
+                    (true, _) => (
+                        TaskState::Shutdown,
+                        "shutdown".to_string(),
+                        String::new(),
+                        code,
+                    ),
+                    (false, Some(0)) => {
+                        (TaskState::Complete, "finished".into(), String::new(), code)
+                    }
+                    (false, Some(c)) => (
+                        TaskState::Failed,
+                        "failed".into(),
+                        format!("task: non-zero exit ({c})"),
+                        code,
+                    ),
+                    (false, None) => (TaskState::Shutdown, "shutdown".into(), String::new(), None),
+                }
+            }
+            Err(TaskError::Rejected(e)) => (TaskState::Rejected, "rejected".into(), e, None),
+            Err(TaskError::Failed(e)) => (TaskState::Failed, "failed".into(), e, None),
+        };
+        lock(&ctl).finished = true;
+        self.report(&t.id, state, &message, &err, code);
+    }
+
+    /// Runs the task's container to its end: its exit code, or None when
+    /// it was stopped before it started.
+    fn run_sandbox(&self, t: &Task, ctl: &Arc<Mutex<Control>>) -> Result<Option<i32>, TaskError> {
+        let reject = |e: anyhow::Error| TaskError::Rejected(format!("{e:#}"));
+        let fail = |e: anyhow::Error| TaskError::Failed(format!("{e:#}"));
+        let rt = self.rt.as_ref().ok_or_else(|| {
+            TaskError::Rejected(
+                "this node cannot run sandboxes: husk-vmm, the guest kernel or image not found"
+                    .into(),
+            )
+        })?;
+        let store = ImageStore::open(&self.images).map_err(reject)?;
+        let image = store
+            .get(&t.spec.image)
+            .map_err(|e| TaskError::Rejected(format!("No such image: {} ({e:#})", t.spec.image)))?;
+        let config = store.config(&image).map_err(reject)?;
+        let limits = t.spec.resources.limits;
+        let opts = ProcessOptions {
+            cmd: t.spec.args.clone(),
+            env: t.spec.env.clone(),
+            hostname: Some(t.id.chars().take(12).collect()),
+            memory: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
+            cpus: (limits.nano_cpus > 0).then(|| limits.nano_cpus as f64 / 1e9),
+            ..Default::default()
+        };
+        let mut spec = container_spec(&config, &opts, "image").map_err(reject)?;
+        let volumes = VolumeStore::open(&self.volumes).map_err(fail)?;
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        let mut leases = Vec::new();
+        for m in &t.spec.mounts {
+            let mut options = vec!["rbind".to_string()];
+            let (typ, source) = if m.typ == "tmpfs" {
+                options = vec!["nosuid".into(), "nodev".into()];
+                ("tmpfs", "tmpfs".to_string())
+            } else {
+                leases.push(volumes.lease(&m.source).map_err(fail)?);
+                ("bind", format!("vol-{}", m.source))
+            };
+            options.push(if m.read_only { "ro" } else { "rw" }.into());
+            mounts.push(
+                MountBuilder::default()
+                    .destination(&m.target)
+                    .typ(typ)
+                    .source(source)
+                    .options(options)
+                    .build()
+                    .map_err(|e| fail(e.into()))?,
+            );
+        }
+        spec.set_mounts(Some(mounts));
+        let mut cfg = SandboxConfig::new(&t.id);
+        cfg.hostname = t.id.chars().take(12).collect();
+        cfg.ports = t
+            .spec
+            .ports
+            .iter()
+            .map(|p| PortMapping {
+                host_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                host_port: p.published,
+                container_port: p.target,
+                protocol: if p.protocol == "udp" {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+            })
+            .collect();
+        cfg.drives = vec![DriveSpec {
+            path: store.rootfs(&image).map_err(fail)?,
+            read_only: true,
+        }];
+        for l in &leases {
+            cfg.drives.push(DriveSpec {
+                path: l.volume.disk.clone(),
+                read_only: false,
+            });
+        }
+        cfg.fit_memory(&spec);
+        if limits.nano_cpus > 0 {
+            cfg.machine.vcpus =
+                ((limits.nano_cpus + 999_999_999) / 1_000_000_000).clamp(1, 32) as u8;
+        }
+        if lock(ctl).stop {
+            return Ok(None);
+        }
+        self.report(&t.id, TaskState::Starting, "starting", "", None);
+        let sandbox = rt.start_sandbox(&cfg).map_err(fail)?;
+        let mut storage = vec![Storage {
+            source: sandbox.devices[0].clone(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "image".into(),
+            ..Default::default()
+        }];
+        for (l, dev) in leases.iter().zip(&sandbox.devices[1..]) {
+            storage.push(Storage {
+                source: dev.clone(),
+                fstype: "ext4".into(),
+                mount_point: format!("vol-{}", l.volume.name),
+                ..Default::default()
+            });
+        }
+        let agent = sandbox.connect().map_err(fail)?;
+        if lock(ctl).stop {
+            let _ = sandbox.shutdown(Duration::from_secs(10));
+            return Ok(None);
+        }
+        let mut streams = sandbox
+            .agent
+            .create(&t.id, &spec, Io::OUT_ERR, storage, true)
+            .map_err(fail)?;
+        self.report(&t.id, TaskState::Running, "started", "", None);
+        std::fs::create_dir_all(&self.logs).map_err(|e| fail(e.into()))?;
+        let log = LogWriter::create(&self.log_path(&t.id)).map_err(fail)?;
+        let copy = |from: Option<std::os::unix::net::UnixStream>, name: &'static str| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let Some(mut from) = from else { return };
+                let mut buf = vec![0u8; 32 << 10];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    let _ = log.write(name, &buf[..n]);
+                }
+            })
+        };
+        let out = copy(streams.stdout.take(), "stdout");
+        let err = copy(streams.stderr.take(), "stderr");
+        // A stop asked for while it started is carried out now.
+        let stop_now = {
+            let mut c = lock(ctl);
+            c.agent = Some(agent);
+            c.stop
+        };
+        if stop_now {
+            signal_stop(ctl, &t.id);
+        }
+        let status = sandbox
+            .agent
+            .wait(&t.id, "")
+            .context("waiting for the container")
+            .map_err(fail);
+        lock(ctl).agent = None;
+        let _ = out.join();
+        let _ = err.join();
+        let _ = sandbox.agent.remove(&t.id);
+        if let Err(e) = sandbox.shutdown(Duration::from_secs(20)) {
+            tracing::warn!("task {}: stopping its sandbox: {e:#}", t.id);
+        }
+        drop(leases);
+        Ok(Some(status?.status))
+    }
+}
+
+enum TaskError {
+    /// It cannot run here (no such image, bad spec).
+    Rejected(String),
+    /// It could have, and did not.
+    Failed(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stop(c: &Arc<Mutex<Control>>, id: &str) {
+    let first = {
+        let mut g = lock(c);
+        let first = !g.stop && !g.finished;
+        g.stop = true;
+        first
+    };
+    if first {
+        signal_stop(c, id);
+    }
+}
+
+/// SIGTERM now, SIGKILL after the grace period if it still runs.
+fn signal_stop(c: &Arc<Mutex<Control>>, id: &str) {
+    if let Some(a) = &lock(c).agent {
+        if let Err(e) = a.signal(id, "", libc::SIGTERM as u32, true) {
+            tracing::debug!("task {id}: SIGTERM: {e:#}");
+        }
+    }
+    let c = c.clone();
+    let id = id.to_string();
+    std::thread::spawn(move || {
+        std::thread::sleep(STOP_GRACE);
+        let g = lock(&c);
+        if !g.finished {
+            if let Some(a) = &g.agent {
+                let _ = a.signal(&id, "", libc::SIGKILL as u32, true);
+            }
+        }
+    });
+}

@@ -1,0 +1,175 @@
+//! Connections: the local control socket (Unix, no TLS: its file mode is
+//! the access control, as docker.sock's), and the cluster endpoint (TLS;
+//! mutual once a node has its certificate).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+
+use crate::api::cluster_client::ClusterClient;
+use crate::pki;
+
+/// The control socket huskd listens on: `$HUSK_HOST` (a path, or
+/// `unix://path`), else /run/husk/huskd.sock.
+pub fn default_socket() -> PathBuf {
+    match std::env::var("HUSK_HOST") {
+        Ok(h) if !h.is_empty() => PathBuf::from(h.strip_prefix("unix://").unwrap_or(&h)),
+        _ => PathBuf::from("/run/husk/huskd.sock"),
+    }
+}
+
+/// A client of the huskd listening on `socket`.
+pub async fn local_client(socket: &Path) -> Result<ClusterClient<Channel>> {
+    let path = socket.to_path_buf();
+    let ch = Endpoint::try_from("http://huskd.local")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to huskd at {} (is it running? HUSK_HOST names another socket)",
+                socket.display()
+            )
+        })?;
+    Ok(ClusterClient::new(ch).max_decoding_message_size(64 << 20))
+}
+
+/// What a node knows to reach managers: the CA, and its own certificate
+/// once it has one.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca_pem: String,
+    pub identity: Option<(String, String)>,
+}
+
+/// A channel to the manager at `addr` (host:port), verifying it holds a
+/// manager certificate of this cluster's CA.
+pub async fn manager_channel(addr: &str, tls: &Tls) -> Result<Channel> {
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+        .domain_name(pki::MANAGER_NAME);
+    if let Some((cert, key)) = &tls.identity {
+        cfg = cfg.identity(Identity::from_pem(cert, key));
+    }
+    let ch = Endpoint::from_shared(format!("https://{addr}"))
+        .with_context(|| format!("manager address {addr:?}"))?
+        .tls_config(cfg)?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to manager {addr}"))?;
+    Ok(ch)
+}
+
+/// The CA a manager presents, checked against a join token's digest
+/// before anything is sent: the joining node has no trust yet, the token
+/// gives it (Swarm's scheme). The manager sends its chain, CA last.
+pub async fn fetch_ca(addr: &str, want_digest: &str) -> Result<String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr}: timed out"))?
+        .with_context(|| format!("connecting to {addr}"))?;
+    let name = rustls::pki_types::ServerName::try_from(pki::MANAGER_NAME)?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .with_context(|| format!("TLS handshake with {addr}: timed out"))?
+    .with_context(|| format!("TLS handshake with {addr}"))?;
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .context("the manager sent no certificate")?;
+    let Some(ca) = chain.last().filter(|_| chain.len() >= 2) else {
+        bail!("{addr} did not present a husk manager's certificate chain");
+    };
+    let digest = pki::hex(&<sha2::Sha256 as sha2::Digest>::digest(ca.as_ref()));
+    if digest != want_digest {
+        bail!("{addr} belongs to another cluster: its CA does not match the join token");
+    }
+    Ok(pem_encode("CERTIFICATE", ca.as_ref()))
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
+}
+
+/// Accepts any server certificate: used only to read the chain a
+/// manager presents, which is then checked against the token's digest.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pem_encoding_round_trips() {
+        let (ca, _) = crate::pki::new_ca("c").unwrap();
+        let der = crate::pki::pem_der(&ca).unwrap();
+        let again = super::pem_encode("CERTIFICATE", &der);
+        assert_eq!(crate::pki::pem_der(&again).unwrap(), der);
+    }
+}

@@ -1,0 +1,438 @@
+//! The cluster API served twice: on the control socket (the local CLI,
+//! trusted as root is) and on the cluster endpoint (TLS; callers are who
+//! their certificate says, and only a joining node may come without one).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::api::{self, cluster_server::ClusterServer};
+use crate::daemon::{Daemon, Identity};
+use crate::manager::Manager;
+use crate::pki;
+use crate::types::*;
+
+#[derive(Clone)]
+pub struct Api {
+    daemon: Arc<Daemon>,
+    /// Serving the control socket.
+    local: bool,
+}
+
+enum Caller {
+    Local,
+    Node { id: String, role: Role },
+    Anonymous,
+}
+
+fn status(e: anyhow::Error) -> Status {
+    let msg = format!("{e:#}");
+    if msg.contains("not found") {
+        Status::not_found(msg)
+    } else {
+        Status::failed_precondition(msg)
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
+    serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, Status> {
+    serde_json::from_str(s).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+}
+
+impl Api {
+    fn caller<T>(&self, req: &Request<T>) -> Caller {
+        if self.local {
+            return Caller::Local;
+        }
+        let Some(certs) = req.peer_certs() else {
+            return Caller::Anonymous;
+        };
+        match certs.first().map(|c| pki::peer_identity(c.as_ref())) {
+            Some(Ok((id, role))) => Caller::Node { id, role },
+            _ => Caller::Anonymous,
+        }
+    }
+
+    /// Control operations: the local CLI of a manager, or a manager.
+    fn control<T>(&self, req: &Request<T>) -> Result<Arc<Manager>, Status> {
+        match self.caller(req) {
+            Caller::Local
+            | Caller::Node {
+                role: Role::Manager,
+                ..
+            } => {}
+            _ => {
+                return Err(Status::permission_denied(
+                    "control needs a manager certificate",
+                ))
+            }
+        }
+        self.daemon.manager().ok_or_else(|| {
+            Status::failed_precondition(if self.daemon.identity().is_some() {
+                "this node is not a cluster manager: run this on a manager"
+            } else {
+                "this node is not part of a cluster: husk cluster init, or husk cluster join"
+            })
+        })
+    }
+
+    /// Node → manager calls: the node named must be the caller.
+    fn node<T>(&self, req: &Request<T>, node_id: &str) -> Result<Arc<Manager>, Status> {
+        match self.caller(req) {
+            Caller::Node { id, .. } if id == node_id => {}
+            _ => {
+                return Err(Status::permission_denied(
+                    "node calls need that node's certificate",
+                ))
+            }
+        }
+        self.daemon
+            .manager()
+            .ok_or_else(|| Status::failed_precondition("not a manager"))
+    }
+
+    fn local_only<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.caller(req) {
+            Caller::Local => Ok(()),
+            _ => Err(Status::permission_denied(
+                "only on the local control socket",
+            )),
+        }
+    }
+}
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl api::cluster_server::Cluster for Api {
+    async fn init(
+        &self,
+        req: Request<api::InitRequest>,
+    ) -> Result<Response<api::InitResponse>, Status> {
+        self.local_only(&req)?;
+        self.daemon
+            .init(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn join_cluster(
+        &self,
+        req: Request<api::JoinClusterRequest>,
+    ) -> Result<Response<api::JoinClusterResponse>, Status> {
+        self.local_only(&req)?;
+        self.daemon
+            .join(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn info(&self, req: Request<api::Empty>) -> Result<Response<api::InfoResponse>, Status> {
+        self.local_only(&req)?;
+        let Some(id) = self.daemon.identity() else {
+            return Ok(Response::new(api::InfoResponse::default()));
+        };
+        let m = self.daemon.manager();
+        Ok(Response::new(api::InfoResponse {
+            node_id: id.node_id,
+            cluster_id: id.cluster_id,
+            role: id.role.as_str().into(),
+            leader: m.as_ref().is_some_and(|m| m.is_leader()),
+            managers: id.managers,
+        }))
+    }
+
+    async fn join(
+        &self,
+        req: Request<api::JoinRequest>,
+    ) -> Result<Response<api::JoinResponse>, Status> {
+        if self.local {
+            return Err(Status::permission_denied(
+                "join through the cluster endpoint",
+            ));
+        }
+        match self.daemon.admit(req.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) if format!("{e}").contains("invalid join token") => {
+                Err(Status::unauthenticated(format!("{e:#}")))
+            }
+            Err(e) => Err(status(e)),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<api::HeartbeatRequest>,
+    ) -> Result<Response<api::HeartbeatResponse>, Status> {
+        let node_id = req.get_ref().node_id.clone();
+        let m = self.node(&req, &node_id)?;
+        m.heartbeat(&node_id).await.map_err(status)?;
+        Ok(Response::new(api::HeartbeatResponse {
+            period_ms: m.cluster.heartbeat_period_ms,
+            managers: m.manager_addrs().await.map_err(status)?,
+        }))
+    }
+
+    type AssignmentsStream = Stream2<api::AssignmentSet>;
+
+    async fn assignments(
+        &self,
+        req: Request<api::AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let node_id = req.get_ref().node_id.clone();
+        let m = self.node(&req, &node_id)?;
+        let rx = m.assignments(node_id);
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| match r {
+            Ok(tasks) => Ok(api::AssignmentSet {
+                tasks: tasks
+                    .iter()
+                    .map(serde_json::to_string)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            }),
+            Err(e) => Err(Status::unavailable(format!("{e:#}"))),
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn report_status(
+        &self,
+        req: Request<api::StatusReport>,
+    ) -> Result<Response<api::Empty>, Status> {
+        let node_id = match self.caller(&req) {
+            Caller::Node { id, .. } => id,
+            _ => return Err(Status::permission_denied("reports need a node certificate")),
+        };
+        let m = self.node(&req, &node_id)?;
+        let r = req.into_inner();
+        let st = TaskStatus {
+            state: r
+                .state
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
+            timestamp_ms: now_ms(),
+            message: r.message,
+            err: r.err,
+            exit_code: r.has_exit_code.then_some(r.exit_code),
+        };
+        m.report(&node_id, &r.task_id, st).await.map_err(status)?;
+        Ok(Response::new(api::Empty {}))
+    }
+
+    async fn join_token(
+        &self,
+        req: Request<api::JoinTokenRequest>,
+    ) -> Result<Response<api::JoinTokenResponse>, Status> {
+        self.control(&req)?;
+        let r = req.into_inner();
+        let role: Role = r
+            .role
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let token = self
+            .daemon
+            .join_token(role, r.rotate)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(api::JoinTokenResponse { token }))
+    }
+
+    async fn node_list(&self, req: Request<api::Empty>) -> Result<Response<api::Objects>, Status> {
+        let m = self.control(&req)?;
+        let nodes = m.nodes().await.map_err(status)?;
+        let leader = m.leader_id().await.unwrap_or_default();
+        // The leader is marked the way `docker node ls` shows it.
+        let json = nodes
+            .iter()
+            .map(|n| {
+                let mut v = serde_json::to_value(n).map_err(|e| Status::internal(e.to_string()))?;
+                v["leader"] = serde_json::Value::Bool(n.id == leader);
+                Ok(v.to_string())
+            })
+            .collect::<Result<_, Status>>()?;
+        Ok(Response::new(api::Objects { json }))
+    }
+
+    async fn node_inspect(&self, req: Request<api::Ref>) -> Result<Response<api::Object>, Status> {
+        let m = self.control(&req)?;
+        let n = m.find_node(&req.get_ref().name).await.map_err(status)?;
+        Ok(Response::new(api::Object { json: json(&n)? }))
+    }
+
+    async fn node_update(
+        &self,
+        req: Request<api::NodeUpdateRequest>,
+    ) -> Result<Response<api::Object>, Status> {
+        let m = self.control(&req)?;
+        let r = req.into_inner();
+        let bad = |e: anyhow::Error| Status::invalid_argument(format!("{e:#}"));
+        let availability = (!r.availability.is_empty())
+            .then(|| r.availability.parse::<Availability>())
+            .transpose()
+            .map_err(bad)?;
+        let role = (!r.role.is_empty())
+            .then(|| r.role.parse::<Role>())
+            .transpose()
+            .map_err(bad)?;
+        let n = m
+            .update_node(&r.node, availability, &r.label_add, &r.label_rm, role)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(api::Object { json: json(&n)? }))
+    }
+
+    async fn node_remove(
+        &self,
+        req: Request<api::RemoveRequest>,
+    ) -> Result<Response<api::Empty>, Status> {
+        let m = self.control(&req)?;
+        let r = req.into_inner();
+        m.remove_node(&r.name, r.force).await.map_err(status)?;
+        Ok(Response::new(api::Empty {}))
+    }
+
+    async fn service_create(
+        &self,
+        req: Request<api::Object>,
+    ) -> Result<Response<api::Object>, Status> {
+        let m = self.control(&req)?;
+        let spec: ServiceSpec = parse(&req.get_ref().json, "service spec")?;
+        let s = m.create_service(spec).await.map_err(status)?;
+        Ok(Response::new(api::Object { json: json(&s)? }))
+    }
+
+    async fn service_list(
+        &self,
+        req: Request<api::Empty>,
+    ) -> Result<Response<api::Objects>, Status> {
+        let m = self.control(&req)?;
+        let v = m.services().await.map_err(status)?;
+        Ok(Response::new(api::Objects {
+            json: v.iter().map(json).collect::<Result<_, _>>()?,
+        }))
+    }
+
+    async fn service_inspect(
+        &self,
+        req: Request<api::Ref>,
+    ) -> Result<Response<api::Object>, Status> {
+        let m = self.control(&req)?;
+        let s = m.find_service(&req.get_ref().name).await.map_err(status)?;
+        Ok(Response::new(api::Object { json: json(&s)? }))
+    }
+
+    async fn service_update(
+        &self,
+        req: Request<api::ServiceUpdateRequest>,
+    ) -> Result<Response<api::Object>, Status> {
+        let m = self.control(&req)?;
+        let r = req.into_inner();
+        let spec = if r.spec_json.is_empty() {
+            None
+        } else {
+            Some(parse::<ServiceSpec>(&r.spec_json, "service spec")?)
+        };
+        let s = m
+            .update_service(&r.service, spec, r.rollback, r.force)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(api::Object { json: json(&s)? }))
+    }
+
+    async fn service_remove(&self, req: Request<api::Ref>) -> Result<Response<api::Empty>, Status> {
+        let m = self.control(&req)?;
+        m.remove_service(&req.get_ref().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(api::Empty {}))
+    }
+
+    async fn task_list(
+        &self,
+        req: Request<api::TaskFilter>,
+    ) -> Result<Response<api::Objects>, Status> {
+        let m = self.control(&req)?;
+        let r = req.into_inner();
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let (svc, node) = (opt(&r.service), opt(&r.node));
+        let tasks = m
+            .tasks(svc.as_deref(), node.as_deref())
+            .await
+            .map_err(status)?;
+        let tasks = tasks.into_iter().filter(|t| {
+            r.all || t.desired_state == TaskState::Running || !t.status.state.is_terminal()
+        });
+        Ok(Response::new(api::Objects {
+            json: tasks.map(|t| json(&t)).collect::<Result<_, _>>()?,
+        }))
+    }
+}
+
+/// The control socket, served until the process ends.
+pub async fn serve_local(daemon: Arc<Daemon>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = daemon.cfg.socket.clone();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let api = Api {
+        daemon,
+        local: true,
+    };
+    tokio::spawn(async move {
+        let r = Server::builder()
+            .add_service(ClusterServer::new(api))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await;
+        if let Err(e) = r {
+            tracing::error!("control socket: {e}");
+        }
+    });
+    Ok(())
+}
+
+/// The cluster endpoint (managers): TLS with this node's certificate and
+/// the CA behind it (a joining node checks that CA against its token);
+/// client certificates optional, and checked per call.
+pub async fn serve_cluster(daemon: Arc<Daemon>, id: &Identity) -> anyhow::Result<()> {
+    let chain = format!("{}{}", id.cert_pem, id.ca_pem);
+    let tls = ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(chain, &id.key_pem))
+        .client_ca_root(Certificate::from_pem(&id.ca_pem))
+        .client_auth_optional(true);
+    let listener = tokio::net::TcpListener::bind(daemon.cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", daemon.cfg.listen))?;
+    let api = Api {
+        daemon,
+        local: false,
+    };
+    let server = Server::builder()
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(2)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
+        .add_service(ClusterServer::new(api).max_decoding_message_size(64 << 20));
+    tokio::spawn(async move {
+        let r = server
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+        if let Err(e) = r {
+            tracing::error!("cluster endpoint: {e}");
+        }
+    });
+    Ok(())
+}
