@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use husk_orchestrator::api::{self, cluster_client::ClusterClient};
+use husk_orchestrator::types::parse_duration;
 use husk_orchestrator::types::*;
 use tonic::transport::Channel;
 
@@ -125,6 +126,34 @@ pub enum ServiceCmd {
 }
 
 /// Flags `create` and `update` share (Swarm's names).
+#[derive(Subcommand)]
+pub enum StackCmd {
+    /// Deploy a compose file (v3) as stack NAME: create or update its services.
+    Deploy {
+        #[arg(short = 'c', long = "compose-file")]
+        compose_file: std::path::PathBuf,
+        name: String,
+    },
+    /// List stacks.
+    Ls,
+    /// A stack's tasks.
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(long)]
+        format: Option<String>,
+        name: String,
+    },
+    /// A stack's services.
+    Services {
+        #[arg(long)]
+        format: Option<String>,
+        name: String,
+    },
+    /// Remove stacks (their services; volumes stay, as Docker's).
+    Rm { names: Vec<String> },
+}
+
 #[derive(Args, Default)]
 pub struct Policy {
     #[arg(long)]
@@ -244,42 +273,6 @@ pub struct UpdateArgs {
     #[command(flatten)]
     policy: Policy,
     service: String,
-}
-
-/// Docker's durations: 300ms, 10s, 1m30s, 2h; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<u64> {
-    let bad = || anyhow::anyhow!("duration {s:?}: e.g. 500ms, 10s, 1m30s");
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(n * 1000);
-    }
-    let mut total = 0f64;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    let mut any = false;
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() || c == '.' {
-            num.push(c);
-            continue;
-        }
-        let mut unit = c.to_string();
-        if c == 'm' && chars.peek() == Some(&'s') {
-            unit.push(chars.next().unwrap_or('s'));
-        }
-        let v: f64 = num.parse().map_err(|_| bad())?;
-        num.clear();
-        total += v * match unit.as_str() {
-            "ms" => 1.0,
-            "s" => 1000.0,
-            "m" => 60_000.0,
-            "h" => 3_600_000.0,
-            _ => return Err(bad()),
-        };
-        any = true;
-    }
-    if !num.is_empty() || !any {
-        return Err(bad());
-    }
-    Ok(total as u64)
 }
 
 fn parse_port(p: &str) -> Result<PortSpec> {
@@ -901,6 +894,171 @@ async fn print_tasks(conn: &mut Conn, tasks: Vec<Task>, format: Option<&str>) ->
     Ok(())
 }
 
+fn in_stack(s: &Service, stack: &str) -> bool {
+    s.spec
+        .labels
+        .get(husk_orchestrator::compose::STACK_LABEL)
+        .map(String::as_str)
+        == Some(stack)
+}
+
+pub fn stack(cmd: StackCmd) -> Result<()> {
+    block_on(async move {
+        let mut conn = Conn::open().await?;
+        match cmd {
+            StackCmd::Deploy { compose_file, name } => {
+                let text = std::fs::read_to_string(&compose_file)
+                    .with_context(|| format!("{}", compose_file.display()))?;
+                let stack = husk_orchestrator::compose::parse(&text, &name)
+                    .with_context(|| format!("{}", compose_file.display()))?;
+                if !stack.ignored.is_empty() {
+                    eprintln!("Ignoring unsupported options: {}", stack.ignored.join(", "));
+                }
+                for n in &stack.notes {
+                    eprintln!("Note: {n}");
+                }
+                let existing: HashMap<String, Service> = conn
+                    .services()
+                    .await?
+                    .into_iter()
+                    .map(|s| (s.spec.name.clone(), s))
+                    .collect();
+                // Dependencies first: the order parse gives.
+                for spec in &stack.services {
+                    match existing.get(&spec.name) {
+                        Some(s) => {
+                            println!("Updating service {} (id: {})", spec.name, s.id);
+                            conn.update(&spec.name, Some(spec), false, false).await?;
+                        }
+                        None => {
+                            println!("Creating service {}", spec.name);
+                            conn.c
+                                .service_create(api::Object {
+                                    json: serde_json::to_string(spec)?,
+                                })
+                                .await
+                                .map_err(msg)?;
+                        }
+                    }
+                }
+            }
+            StackCmd::Ls => {
+                let mut stacks: std::collections::BTreeMap<String, usize> = Default::default();
+                for s in conn.services().await? {
+                    if let Some(n) = s.spec.labels.get(husk_orchestrator::compose::STACK_LABEL) {
+                        *stacks.entry(n.clone()).or_default() += 1;
+                    }
+                }
+                let mut rows = vec![vec!["NAME".to_string(), "SERVICES".to_string()]];
+                rows.extend(stacks.into_iter().map(|(n, c)| vec![n, c.to_string()]));
+                table(rows);
+            }
+            StackCmd::Ps { all, format, name } => {
+                let ids: Vec<String> = conn
+                    .services()
+                    .await?
+                    .into_iter()
+                    .filter(|s| in_stack(s, &name))
+                    .map(|s| s.id)
+                    .collect();
+                if ids.is_empty() {
+                    bail!("nothing found in stack: {name}");
+                }
+                let tasks = conn
+                    .tasks("", "", all)
+                    .await?
+                    .into_iter()
+                    .filter(|t| ids.contains(&t.service_id))
+                    .collect();
+                print_tasks(&mut conn, tasks, format.as_deref()).await?;
+            }
+            StackCmd::Services { format, name } => {
+                let svcs: Vec<Service> = conn
+                    .services()
+                    .await?
+                    .into_iter()
+                    .filter(|s| in_stack(s, &name))
+                    .collect();
+                if svcs.is_empty() {
+                    bail!("nothing found in stack: {name}");
+                }
+                let tasks = conn.tasks("", "", false).await?;
+                print_services(svcs, &tasks, format.as_deref())?;
+            }
+            StackCmd::Rm { names } => {
+                let all = conn.services().await?;
+                for name in names {
+                    let mine: Vec<&Service> = all.iter().filter(|s| in_stack(s, &name)).collect();
+                    if mine.is_empty() {
+                        bail!("nothing found in stack: {name}");
+                    }
+                    for s in mine {
+                        println!("Removing service {}", s.spec.name);
+                        conn.c
+                            .service_remove(api::Ref { name: s.id.clone() })
+                            .await
+                            .map_err(msg)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print_services(services: Vec<Service>, tasks: &[Task], format: Option<&str>) -> Result<()> {
+    let mut rows = vec![vec![
+        "ID".into(),
+        "NAME".into(),
+        "MODE".into(),
+        "REPLICAS".into(),
+        "IMAGE".into(),
+        "PORTS".into(),
+    ]];
+    for s in services {
+        let running = tasks
+            .iter()
+            .filter(|t| t.service_id == s.id && t.is_live() && t.status.state == TaskState::Running)
+            .count();
+        let (mode, want) = match s.spec.mode {
+            Mode::Replicated { replicas } => ("replicated", replicas as usize),
+            // One per eligible node: as many as the leader keeps live.
+            Mode::Global => (
+                "global",
+                tasks
+                    .iter()
+                    .filter(|t| t.service_id == s.id && t.is_live())
+                    .count(),
+            ),
+        };
+        if format == Some("json") {
+            let mut v = serde_json::to_value(&s)?;
+            v["running"] = running.into();
+            v["desired"] = want.into();
+            println!("{v}");
+            continue;
+        }
+        let ports: Vec<String> = s
+            .spec
+            .ports
+            .iter()
+            .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol))
+            .collect();
+        rows.push(vec![
+            s.id.chars().take(12).collect(),
+            s.spec.name.clone(),
+            mode.into(),
+            format!("{running}/{want}"),
+            s.spec.image.clone(),
+            ports.join(", "),
+        ]);
+    }
+    if format != Some("json") {
+        table(rows);
+    }
+    Ok(())
+}
+
 pub fn service(cmd: ServiceCmd) -> Result<()> {
     block_on(async move {
         let mut conn = Conn::open().await?;
@@ -925,59 +1083,7 @@ pub fn service(cmd: ServiceCmd) -> Result<()> {
                     return Ok(());
                 }
                 let tasks = conn.tasks("", "", false).await?;
-                let mut rows = vec![vec![
-                    "ID".into(),
-                    "NAME".into(),
-                    "MODE".into(),
-                    "REPLICAS".into(),
-                    "IMAGE".into(),
-                    "PORTS".into(),
-                ]];
-                for s in services {
-                    let running = tasks
-                        .iter()
-                        .filter(|t| {
-                            t.service_id == s.id
-                                && t.is_live()
-                                && t.status.state == TaskState::Running
-                        })
-                        .count();
-                    let (mode, want) = match s.spec.mode {
-                        Mode::Replicated { replicas } => ("replicated", replicas as usize),
-                        // One per eligible node: as many as the leader keeps live.
-                        Mode::Global => (
-                            "global",
-                            tasks
-                                .iter()
-                                .filter(|t| t.service_id == s.id && t.is_live())
-                                .count(),
-                        ),
-                    };
-                    if format.as_deref() == Some("json") {
-                        let mut v = serde_json::to_value(&s)?;
-                        v["running"] = running.into();
-                        v["desired"] = want.into();
-                        println!("{v}");
-                        continue;
-                    }
-                    let ports: Vec<String> = s
-                        .spec
-                        .ports
-                        .iter()
-                        .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol))
-                        .collect();
-                    rows.push(vec![
-                        s.id.chars().take(12).collect(),
-                        s.spec.name.clone(),
-                        mode.into(),
-                        format!("{running}/{want}"),
-                        s.spec.image.clone(),
-                        ports.join(", "),
-                    ]);
-                }
-                if format.as_deref() != Some("json") {
-                    table(rows);
-                }
+                print_services(services, &tasks, format.as_deref())?;
             }
             ServiceCmd::Ps {
                 all,

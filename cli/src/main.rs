@@ -116,6 +116,9 @@ enum Cmd {
     /// Services: replicated tasks across the cluster, each in a microVM.
     #[command(subcommand)]
     Service(cluster::ServiceCmd),
+    /// Stacks: the services of a compose file, deployed together.
+    #[command(subcommand)]
+    Stack(cluster::StackCmd),
     /// Show husk's version and where its parts are.
     Version,
     /// Show system-wide information: containers, images, network,
@@ -1360,6 +1363,7 @@ fn main() -> ExitCode {
         Cmd::Cluster(c) => cluster::cluster(c).map(|_| 0).map_err(Failure::from),
         Cmd::Node(c) => cluster::node(c).map(|_| 0).map_err(Failure::from),
         Cmd::Service(c) => cluster::service(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Stack(c) => cluster::stack(c).map(|_| 0).map_err(Failure::from),
         Cmd::Info => info().map(|_| 0).map_err(Failure::from),
         Cmd::Version => Runtime::locate()
             .map(|rt| {

@@ -12,13 +12,25 @@ use crate::api::{self, cluster_client::ClusterClient};
 use crate::daemon::{lock, Daemon, Identity};
 use crate::executor::{Executor, Report};
 use crate::net;
-use crate::types::Task;
+use crate::types::{Health, Task};
 
 pub fn start(daemon: Arc<Daemon>, id: Identity) -> Result<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     let rt = match husk_runtime::Runtime::locate() {
         Ok(mut rt) => {
             rt.run_dir = daemon.cfg.state_dir.join("run");
+            // Sandboxes of an earlier huskd on this node: their tasks were
+            // failed or rescheduled meanwhile; nothing may keep running.
+            if let Ok(dir) = std::fs::read_dir(&rt.run_dir) {
+                for e in dir.flatten() {
+                    if let Some(id) = e.file_name().to_str() {
+                        tracing::info!("removing sandbox {id} left by an earlier huskd");
+                        if let Err(e) = rt.clean_sandbox(id) {
+                            tracing::warn!("sandbox {id}: {e:#}");
+                        }
+                    }
+                }
+            }
             Some(rt)
         }
         Err(e) => {
@@ -139,6 +151,7 @@ async fn send(
             err: r.err.clone(),
             exit_code: r.exit_code.unwrap_or(0),
             has_exit_code: r.exit_code.is_some(),
+            health: r.health.map_or("", Health::as_str).into(),
         })
         .await;
     match r {

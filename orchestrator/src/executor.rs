@@ -20,7 +20,7 @@ use husk_runtime::{DriveSpec, Runtime, SandboxConfig};
 use oci_spec::runtime::MountBuilder;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::types::{Task, TaskState};
+use crate::types::{Health, Healthcheck, Task, TaskState};
 
 /// How long a task has after SIGTERM before SIGKILL (Docker's default).
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -33,6 +33,7 @@ pub struct Report {
     pub message: String,
     pub err: String,
     pub exit_code: Option<i32>,
+    pub health: Option<Health>,
 }
 
 #[derive(Default)]
@@ -41,6 +42,8 @@ struct Control {
     /// A second agent connection, to signal while the task thread waits.
     agent: Option<AgentConn>,
     finished: bool,
+    /// Stopped by its own healthcheck: a failure, not a shutdown.
+    unhealthy: bool,
 }
 
 pub struct Executor {
@@ -84,15 +87,87 @@ impl Executor {
     }
 
     fn report(&self, task: &str, state: TaskState, message: &str, err: &str, code: Option<i32>) {
+        let mut last = lock(&self.last);
+        // A running task keeps its health verdict across reports.
+        let health = last
+            .get(task)
+            .filter(|r| r.state == state)
+            .and_then(|r| r.health);
         let r = Report {
             task_id: task.to_string(),
             state,
             message: message.to_string(),
             err: err.to_string(),
             exit_code: code,
+            health,
         };
-        lock(&self.last).insert(task.to_string(), r.clone());
+        last.insert(task.to_string(), r.clone());
         let _ = self.reports.send(r);
+    }
+
+    fn report_health(&self, task: &str, health: Health) {
+        let mut last = lock(&self.last);
+        let Some(r) = last.get_mut(task).filter(|r| r.state == TaskState::Running) else {
+            return;
+        };
+        if r.health != Some(health) {
+            r.health = Some(health);
+            let _ = self.reports.send(r.clone());
+        }
+    }
+
+    /// Runs the healthcheck every interval until the task ends; after
+    /// `retries` failures in a row (outside the start period) the task is
+    /// unhealthy and stopped, as Swarm does, so its slot gets a new one.
+    fn watch_health(
+        self: Arc<Self>,
+        id: String,
+        hc: Healthcheck,
+        env: Vec<String>,
+        agent: Arc<AgentConn>,
+        ctl: Arc<Mutex<Control>>,
+    ) {
+        let started = std::time::Instant::now();
+        let interval = Duration::from_millis(hc.interval_ms.max(100));
+        let timeout = Duration::from_millis(hc.timeout_ms.max(100));
+        let args: Vec<String> = if hc.test.first().map(String::as_str) == Some("CMD-SHELL") {
+            vec!["/bin/sh".into(), "-c".into(), hc.test[1..].join(" ")]
+        } else {
+            hc.test[1..].to_vec()
+        };
+        let process = serde_json::json!({
+            "args": args, "cwd": "/", "env": env, "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+        });
+        self.report_health(&id, Health::Starting);
+        let mut failures = 0u64;
+        for n in 0u64.. {
+            let deadline = std::time::Instant::now() + interval;
+            while std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                let c = lock(&ctl);
+                if c.finished || c.stop {
+                    return;
+                }
+            }
+            let ok = probe(&agent, &id, &format!("health-{n}"), &process, timeout);
+            if ok {
+                failures = 0;
+                self.report_health(&id, Health::Healthy);
+                continue;
+            }
+            if started.elapsed() < Duration::from_millis(hc.start_period_ms) {
+                continue;
+            }
+            failures += 1;
+            if failures >= hc.retries.max(1) {
+                tracing::info!("task {id}: unhealthy after {failures} failed checks: stopping it");
+                self.report_health(&id, Health::Unhealthy);
+                lock(&ctl).unhealthy = true;
+                stop(&ctl, &id);
+                return;
+            }
+        }
     }
 
     /// Brings what runs here in line with the assignment set.
@@ -157,6 +232,12 @@ impl Executor {
     fn run(self: Arc<Self>, t: Task, ctl: Arc<Mutex<Control>>) {
         self.report(&t.id, TaskState::Preparing, "preparing", "", None);
         let (state, message, err, code) = match self.run_sandbox(&t, &ctl) {
+            Ok(_) if lock(&ctl).unhealthy => (
+                TaskState::Failed,
+                "failed".into(),
+                "task: unhealthy container".into(),
+                None,
+            ),
             Ok(code) => {
                 let stopped = lock(&ctl).stop;
                 match (stopped, code) {
@@ -187,7 +268,11 @@ impl Executor {
 
     /// Runs the task's container to its end: its exit code, or None when
     /// it was stopped before it started.
-    fn run_sandbox(&self, t: &Task, ctl: &Arc<Mutex<Control>>) -> Result<Option<i32>, TaskError> {
+    fn run_sandbox(
+        self: &Arc<Self>,
+        t: &Task,
+        ctl: &Arc<Mutex<Control>>,
+    ) -> Result<Option<i32>, TaskError> {
         let reject = |e: anyhow::Error| TaskError::Rejected(format!("{e:#}"));
         let fail = |e: anyhow::Error| TaskError::Failed(format!("{e:#}"));
         let rt = self.rt.as_ref().ok_or_else(|| {
@@ -319,6 +404,15 @@ impl Executor {
         };
         if stop_now {
             signal_stop(ctl, &t.id);
+        } else if let Some(hc) = t.spec.healthcheck.clone() {
+            let agent = Arc::new(sandbox.connect().map_err(fail)?);
+            let env = spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.env().clone())
+                .unwrap_or_default();
+            let (me, id, ctl) = (self.clone(), t.id.clone(), ctl.clone());
+            std::thread::spawn(move || me.watch_health(id, hc, env, agent, ctl));
         }
         let status = sandbox
             .agent
@@ -334,6 +428,38 @@ impl Executor {
         }
         drop(leases);
         Ok(Some(status?.status))
+    }
+}
+
+/// One healthcheck run: exit 0 within `timeout`.
+fn probe(
+    agent: &Arc<AgentConn>,
+    id: &str,
+    exec_id: &str,
+    process: &serde_json::Value,
+    timeout: Duration,
+) -> bool {
+    let io = Io {
+        stdin: false,
+        stdout: false,
+        stderr: false,
+    };
+    if let Err(e) = agent.exec(id, exec_id, process, io) {
+        tracing::debug!("task {id}: healthcheck: {e:#}");
+        return false;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (a, i, x) = (agent.clone(), id.to_string(), exec_id.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(a.wait(&i, &x).map(|s| s.status));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(0)) => true,
+        Ok(_) => false,
+        Err(_) => {
+            let _ = agent.signal(id, exec_id, libc::SIGKILL as u32, false);
+            false
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod api {
     tonic::include_proto!("husk.cluster.v1");
 }
 pub mod agent;
+pub mod compose;
 pub mod daemon;
 pub mod executor;
 pub mod manager;

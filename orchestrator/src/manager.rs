@@ -74,7 +74,10 @@ impl Manager {
     }
 
     async fn campaign_once(self: Arc<Self>) -> Result<()> {
-        let mut c = self.store.client.clone();
+        // No request timeout: a campaign waits as long as another leads.
+        let mut c = Store::connect_with(&self.cluster.etcd_endpoints, None)
+            .await?
+            .client;
         let lease = c.lease_grant(LEADER_TTL_S, None).await?.id();
         let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
         let (lost_tx, lost) = watch::channel(false);
@@ -516,7 +519,10 @@ impl Manager {
                 if t.status.state.is_terminal() || st.state < t.status.state {
                     return Ok(false);
                 }
-                if t.status.state == st.state && t.status.message == st.message {
+                if t.status.state == st.state
+                    && t.status.message == st.message
+                    && t.status.health == st.health
+                {
                     return Ok(false);
                 }
                 t.status = st.clone();

@@ -98,6 +98,7 @@ pub fn reconcile(s: &Snapshot) -> Vec<Write> {
                 message: "node down".into(),
                 err: String::new(),
                 exit_code: None,
+                health: None,
             };
         }
         tasks.push(t);
@@ -435,6 +436,10 @@ fn reconcile_service(
                 }
             }
         }
+        if let Err(why) = dependencies_up(s, &spec, tasks) {
+            tracing::debug!("service {}: {why}", spec.name);
+            continue;
+        }
         new_tasks.push(new_task(s, svc, slot, load));
     }
     // Pending tasks (no node fitted before): try again.
@@ -467,6 +472,39 @@ fn reconcile_service(
         }
     }
     false
+}
+
+/// Whether the services `spec` depends on are up as its conditions say;
+/// its tasks wait until they are.
+fn dependencies_up(s: &Snapshot, spec: &ServiceSpec, tasks: &[Task]) -> Result<(), String> {
+    for d in &spec.depends_on {
+        let Some(dep) = s.services.iter().find(|x| x.spec.name == d.service) else {
+            return Err(format!(
+                "waiting for service {} (it does not exist)",
+                d.service
+            ));
+        };
+        let mut of_dep = tasks.iter().filter(|t| t.service_id == dep.id);
+        let up = match d.condition {
+            DependCondition::Started => {
+                of_dep.any(|t| t.is_live() && t.status.state == TaskState::Running)
+            }
+            DependCondition::Healthy => of_dep.any(|t| {
+                t.is_live()
+                    && t.status.state == TaskState::Running
+                    && t.status.health == Some(Health::Healthy)
+            }),
+            DependCondition::Completed => of_dep
+                .any(|t| t.status.state == TaskState::Complete && t.status.exit_code == Some(0)),
+        };
+        if !up {
+            return Err(format!(
+                "waiting for service {} ({:?})",
+                d.service, d.condition
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn restart_allowed(
@@ -506,6 +544,7 @@ fn status(state: TaskState, now: u64, message: &str) -> TaskStatus {
         message: message.into(),
         err: String::new(),
         exit_code: None,
+        health: None,
     }
 }
 
@@ -818,6 +857,37 @@ mod tests {
         let live: Vec<&Task> = tasks.iter().filter(|t| t.is_live()).collect();
         assert_eq!(live.len(), 3);
         assert!(live.iter().all(|t| t.spec.image == "busybox:2"));
+    }
+
+    #[test]
+    fn dependencies_start_first_and_healthy_waits_for_health() {
+        let nodes = vec![node("a", Role::Worker)];
+        let mut db = service(1);
+        db.spec.name = "db".into();
+        let mut web = service(1);
+        web.id = "s2".into();
+        web.spec.depends_on = vec![Dependency {
+            service: "db".into(),
+            condition: DependCondition::Healthy,
+        }];
+        let mut svcs = vec![db, web];
+        let mut tasks = Vec::new();
+        // Only db's task is created; it runs but is not yet healthy.
+        step(&nodes, &mut svcs, &mut tasks, 0);
+        step(&nodes, &mut svcs, &mut tasks, 10);
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].service_id, "s1");
+        tasks[0].status.health = Some(Health::Starting);
+        step(&nodes, &mut svcs, &mut tasks, 20);
+        assert_eq!(tasks.len(), 1);
+        tasks[0].status.health = Some(Health::Healthy);
+        step(&nodes, &mut svcs, &mut tasks, 30);
+        assert_eq!(tasks.len(), 2);
+        // A dependency that does not exist holds the service back.
+        svcs[1].spec.depends_on[0].service = "nope".into();
+        let mut tasks2 = Vec::new();
+        step(&nodes, &mut svcs[1..], &mut tasks2, 0);
+        assert!(tasks2.is_empty());
     }
 
     #[test]

@@ -223,6 +223,10 @@ impl api::cluster_server::Cluster for Api {
             message: r.message,
             err: r.err,
             exit_code: r.has_exit_code.then_some(r.exit_code),
+            health: (!r.health.is_empty())
+                .then(|| r.health.parse())
+                .transpose()
+                .map_err(|e: anyhow::Error| Status::invalid_argument(format!("{e:#}")))?,
         };
         m.report(&node_id, &r.task_id, st).await.map_err(status)?;
         Ok(Response::new(api::Empty {}))

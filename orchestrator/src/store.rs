@@ -79,16 +79,27 @@ pub struct Store {
 
 impl Store {
     pub async fn connect(endpoints: &[String]) -> Result<Store> {
+        Store::connect_with(endpoints, Some(std::time::Duration::from_secs(10))).await
+    }
+
+    /// `timeout` bounds every request; None for a client whose calls may
+    /// rightly wait long (an election campaign waits until it wins).
+    pub async fn connect_with(
+        endpoints: &[String],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Store> {
         if endpoints.is_empty() {
             bail!("no etcd endpoints");
         }
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_timeout(std::time::Duration::from_secs(10))
-            .with_keep_alive(
-                std::time::Duration::from_secs(2),
-                std::time::Duration::from_secs(3),
-            );
+        let mut opts =
+            ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(t) = timeout {
+            opts = opts.with_timeout(t);
+        }
+        let opts = opts.with_keep_alive(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(3),
+        );
         let client = Client::connect(endpoints, Some(opts))
             .await
             .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;

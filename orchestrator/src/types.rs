@@ -7,6 +7,43 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+/// Docker's (and compose's) durations: 300ms, 10s, 1m30s, 1h; a bare number is
+/// seconds.
+pub fn parse_duration(t: &str) -> Result<u64> {
+    let bad = || anyhow::anyhow!("duration {t:?}: e.g. 500ms, 10s, 1m30s");
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n * 1000);
+    }
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = t.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        if c == 'm' && chars.peek() == Some(&'s') {
+            unit.push(chars.next().unwrap_or('s'));
+        }
+        let v: f64 = num.parse().map_err(|_| bad())?;
+        num.clear();
+        total += v * match unit.as_str() {
+            "ms" => 1.0,
+            "s" => 1000.0,
+            "m" => 60_000.0,
+            "h" => 3_600_000.0,
+            _ => return Err(bad()),
+        };
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(bad());
+    }
+    Ok(total as u64)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -300,6 +337,27 @@ pub struct ResourceSpec {
     pub limits: Resources,
 }
 
+/// When a dependency counts as up (compose's depends_on conditions).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DependCondition {
+    /// A task of it runs.
+    #[default]
+    Started,
+    /// A task of it runs and passes its healthcheck.
+    Healthy,
+    /// A task of it exited 0.
+    Completed,
+}
+
+/// A service that must be up before this one's tasks start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Dependency {
+    pub service: String,
+    #[serde(default)]
+    pub condition: DependCondition,
+}
+
 /// What a service should be: Swarm's ServiceSpec, flattened.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct ServiceSpec {
@@ -330,6 +388,9 @@ pub struct ServiceSpec {
     pub healthcheck: Option<Healthcheck>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Started first (stacks' depends_on).
+    #[serde(default)]
+    pub depends_on: Vec<Dependency>,
 }
 
 impl ServiceSpec {
@@ -389,7 +450,7 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum UpdateState {
     Updating,
     Paused,
@@ -482,6 +543,39 @@ pub struct TaskStatus {
     pub err: String,
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// Its healthcheck's verdict, for services that have one.
+    #[serde(default)]
+    pub health: Option<Health>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl std::str::FromStr for Health {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Health> {
+        match s {
+            "starting" => Ok(Health::Starting),
+            "healthy" => Ok(Health::Healthy),
+            "unhealthy" => Ok(Health::Unhealthy),
+            _ => bail!("health {s:?}: starting, healthy or unhealthy"),
+        }
+    }
 }
 
 /// One container of a service in one sandbox: created by the leader,

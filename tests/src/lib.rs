@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod agent;
+pub mod cluster;
 pub mod containerd;
 mod netns;
 mod vm;

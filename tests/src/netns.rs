@@ -32,6 +32,29 @@ impl NetNs {
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
+
+    /// A command that will run in the namespace's network only: unlike
+    /// `ip netns exec`, which also mounts a sysfs of its own (hiding the
+    /// host's cgroup hierarchies under /sys/fs/cgroup), it keeps the
+    /// mounts — a daemon playing a host on this machine needs them.
+    pub fn command_net_only(&self, program: &std::path::Path) -> Result<Command> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let path = format!("/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path).with_context(|| path.clone())?;
+        let mut c = Command::new(program);
+        // SAFETY: setns is async-signal-safe; the closure only calls it
+        // with a descriptor `ns` keeps open until the closure is dropped.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(c)
+    }
 }
 
 fn run(program: &str, args: &[&str]) -> Result<Output> {

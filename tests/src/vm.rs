@@ -8,7 +8,7 @@ use crate::repo_root;
 
 /// A binary of this workspace: `$env`, or the one cargo built
 /// (`cargo test --workspace` builds each for its crate's own tests).
-fn workspace_binary(name: &str, package: &str, env: &str) -> Result<PathBuf> {
+pub(crate) fn workspace_binary(name: &str, package: &str, env: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }

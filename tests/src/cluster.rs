@@ -1,0 +1,393 @@
+//! A husk cluster on this machine, for tests and benchmarks: etcd (the
+//! real one, started here), and hosts that are network namespaces on a
+//! bridge of the test's own, each with its own address and its own huskd.
+//! Everything is removed on drop.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{guest_kernel, guest_rootfs, husk_cli_binary, husk_vmm_binary, NetNs};
+
+/// huskd (`HUSKD` overrides).
+pub fn huskd_binary() -> Result<PathBuf> {
+    crate::vm::workspace_binary("huskd", "husk-orchestrator", "HUSKD")
+}
+
+/// Why a cluster cannot be made here, if it cannot.
+pub fn cluster_unavailable() -> Option<String> {
+    crate::kvm_unavailable()
+        .or_else(crate::root_unavailable)
+        .or_else(|| {
+            (!Path::new("/usr/bin/etcd").exists())
+                .then(|| "etcd not installed (scripts/setup.sh installs etcd-server)".into())
+        })
+}
+
+/// One etcd member.
+pub struct Etcd {
+    child: Child,
+    pub client_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// A single-member etcd listening on `ip`.
+    pub fn start(ip: Ipv4Addr, client_port: u16, peer_port: u16) -> Result<Etcd> {
+        let dir = tempfile::tempdir()?;
+        let client_url = format!("http://{ip}:{client_port}");
+        let peer = format!("http://{ip}:{peer_port}");
+        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
+        let child = Command::new("/usr/bin/etcd")
+            .args(["--name", "t0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t0={peer}")])
+            // Tests' fsyncs need not survive a power cut.
+            .args(["--unsafe-no-fsync"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        let e = Etcd {
+            child,
+            client_url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let health = format!("{}/health", e.client_url);
+        while Instant::now() < deadline {
+            let out = Command::new("etcdctl")
+                .args(["--endpoints", &e.client_url, "endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output();
+            if out.is_ok_and(|o| o.status.success()) {
+                return Ok(e);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("etcd at {health} did not become healthy in 20 s")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One host: a network namespace on the cluster bridge, running huskd.
+pub struct Host {
+    pub name: String,
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    veth: String,
+    huskd: Option<Child>,
+}
+
+impl Host {
+    pub fn addr(&self) -> String {
+        format!("{}:4377", self.ip)
+    }
+
+    /// The host dies: its huskd and everything it started (the jails'
+    /// keepers and their VMMs) are killed, no goodbye to the cluster.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.huskd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Keepers are forks of huskd (its command line, so its state
+        // directory); VMMs name their sockets under it.
+        let mark = self.dir.join("state").to_string_lossy().into_owned();
+        for _ in 0..50 {
+            let pids: Vec<i32> = std::fs::read_dir("/proc")
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                        .filter(|p| {
+                            std::fs::read(format!("/proc/{p}/cmdline"))
+                                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if pids.is_empty() {
+                return;
+            }
+            for p in pids {
+                // SAFETY: kill(2) with a pid and a signal number.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Cuts its network (the host's link to the bridge goes down).
+    pub fn unplug(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &self.veth, "down"])
+            .status();
+    }
+
+    /// husk-vmm processes of this host's sandboxes.
+    pub fn vmms(&self) -> usize {
+        let run = self.dir.join("state/run");
+        let run = run.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read(e.path().join("cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&run))
+                    })
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path().join("comm"))
+                            .is_ok_and(|c| c.trim() == "husk-vmm")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// `husk ARGS` against this host's huskd.
+    pub fn husk(&self, args: &[&str]) -> Output {
+        let out = Command::new(husk_cli_binary().expect("husk built"))
+            .args(args)
+            .env("HUSK_HOST", &self.socket)
+            .output()
+            .expect("running husk");
+        println!(
+            "[{}] husk {}: {}\n{}{}",
+            self.name,
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `husk ARGS`, which must succeed: its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.husk(args);
+        assert!(
+            out.status.success(),
+            "[{}] husk {} failed: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `husk ARGS --format json`, quietly: one object per line.
+    pub fn json(&self, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let out = Command::new(husk_cli_binary()?)
+            .args(args)
+            .args(["--format", "json"])
+            .env("HUSK_HOST", &self.socket)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "husk {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).context("husk --format json"))
+            .collect()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+    }
+}
+
+/// etcd, a bridge, hosts.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub bridge: String,
+    pub hosts: Vec<Host>,
+    /// Images and volumes every host's huskd uses (HUSK_ROOT).
+    pub root: tempfile::TempDir,
+    net: u8,
+}
+
+impl Cluster {
+    /// A bridge with etcd on it, and `n` hosts (huskd started, not yet in
+    /// a cluster). `images` are imported into the shared image store.
+    pub fn new(tag: &str, n: usize, images: &[PathBuf]) -> Result<Cluster> {
+        let pid = std::process::id();
+        let net = 20 + (pid % 200) as u8;
+        let bridge = format!("hkb{}", pid % 100_000);
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("10.231.{net}.1/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        let root = tempfile::tempdir()?;
+        for img in images {
+            let out = Command::new(husk_cli_binary()?)
+                .args(["image", "import"])
+                .arg(img)
+                .env("HUSK_ROOT", root.path())
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "importing {}: {}",
+                    img.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let base = 20000 + (pid % 10000) as u16 * 2;
+        let etcd = Etcd::start(Ipv4Addr::new(10, 231, net, 1), base, base + 1);
+        let etcd = match etcd {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = ip(&["link", "del", &bridge]);
+                return Err(e);
+            }
+        };
+        let mut c = Cluster {
+            etcd,
+            bridge,
+            hosts: Vec::new(),
+            root,
+            net,
+        };
+        for i in 0..n {
+            c.add_host(tag, i)?;
+        }
+        Ok(c)
+    }
+
+    fn add_host(&mut self, tag: &str, i: usize) -> Result<()> {
+        let name = format!("node{}", i + 1);
+        let ns = NetNs::new(&format!("{tag}{i}"))?;
+        let pid = std::process::id() % 100_000;
+        let veth = format!("hkv{pid}{i}");
+        let peer = format!("hkp{pid}{i}");
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &ns.name])?;
+        ip(&["link", "set", &veth, "master", &self.bridge])?;
+        ip(&["link", "set", &veth, "up"])?;
+        let host_ip = Ipv4Addr::new(10, 231, self.net, 10 + i as u8);
+        ns.exec(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &peer])?;
+        ns.exec(&["ip", "link", "set", &peer, "up"])?;
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.231.{}.1", self.net),
+        ])?;
+        let dir = self.root.path().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let mut h = Host {
+            name,
+            ns,
+            ip: host_ip,
+            socket: dir.join("huskd.sock"),
+            dir,
+            veth,
+            huskd: None,
+        };
+        self.start_huskd(&mut h)?;
+        self.hosts.push(h);
+        Ok(())
+    }
+
+    /// Starts (or restarts) a host's huskd.
+    pub fn start_huskd(&self, h: &mut Host) -> Result<()> {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(h.dir.join("huskd.log"))?;
+        let mut cmd = h.ns.command_net_only(&huskd_binary()?)?;
+        cmd.arg("--state-dir")
+            .arg(h.dir.join("state"))
+            .arg("--socket")
+            .arg(&h.socket)
+            .args(["--listen-addr", &h.addr(), "--hostname", &h.name])
+            .args(["--etcd", &self.etcd.client_url])
+            .env("HUSK_ROOT", self.root.path())
+            .env("HUSK_VMM", husk_vmm_binary()?)
+            .env("HUSK_KERNEL", guest_kernel()?)
+            .env("HUSK_GUEST_IMAGE", guest_rootfs()?)
+            .env("HUSKD_LOG", "info,husk_orchestrator=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        h.huskd = Some(cmd.spawn().context("starting huskd")?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !h.socket.exists() {
+            if Instant::now() > deadline {
+                bail!("huskd of {} did not open {}", h.name, h.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Every huskd's log, for a failing test's output.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for h in &self.hosts {
+            let log = std::fs::read_to_string(h.dir.join("huskd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            s.push_str(&format!("---- {} huskd.log (last lines) ----\n", h.name));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.kill();
+        }
+        // Sandboxes die with their huskd; wait for them to be gone before
+        // their namespaces go.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.hosts.iter().any(|h| h.vmms() > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.hosts.clear();
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! huskd as an operator runs it: etcd started here, three hosts (network
+//! namespaces on a bridge, each with its own address and huskd), joined
+//! with tokens; services whose tasks are real microVM sandboxes, placed,
+//! scaled, constrained, updated and rolled back, moved off a drained node,
+//! rescheduled when a node dies, and kept when the leading manager dies.
+//! One cluster for the whole story: every sandbox boot costs here.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use husk_tests::cluster::{cluster_unavailable, Cluster, Host};
+use husk_tests::{sample_image, skip};
+use serde_json::Value;
+
+const IMAGE: &str = "husk.local/busybox";
+
+/// The tasks `husk service ps` lists (live ones, and those still wanted).
+fn tasks(h: &Host, svc: &str) -> Vec<Value> {
+    h.json(&["service", "ps", svc]).unwrap_or_default()
+}
+
+/// Running tasks of `svc`: (task name, node hostname).
+fn running(h: &Host, svc: &str) -> Vec<(String, String)> {
+    tasks(h, svc)
+        .into_iter()
+        .filter(|t| t["desired_state"] == "running" && t["status"]["state"] == "running")
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap_or("").to_string(),
+                t["node"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn per_node(r: &[(String, String)]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, n) in r {
+        *m.entry(n.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// Polls `f` until it holds; fails with the cluster's logs if it does
+/// not within `secs`.
+fn wait(c: &Cluster, what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() > Duration::from_secs(secs) {
+            // What the cluster thinks, from any manager still answering.
+            for h in &c.hosts {
+                if h.husk(&["service", "ls"]).status.success() {
+                    for s in h.json(&["service", "ls"]).unwrap_or_default() {
+                        h.husk(&[
+                            "service",
+                            "ps",
+                            "-a",
+                            s["spec"]["name"].as_str().unwrap_or(""),
+                        ]);
+                    }
+                    h.husk(&["node", "ls"]);
+                    break;
+                }
+            }
+            for h in &c.hosts {
+                println!("{}: {} husk-vmm processes", h.name, h.vmms());
+            }
+            panic!("timed out after {secs} s waiting for {what}\n{}", c.logs());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!("{what}: {:.1} s", t.elapsed().as_secs_f64());
+    t.elapsed()
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(addr) = addr.parse() else {
+        return String::new();
+    };
+    let Ok(mut c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+        return String::new();
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = c.write_all(b"GET /hostname HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = c.read_to_string(&mut body);
+    body
+}
+
+fn node_rows(h: &Host) -> Vec<Value> {
+    h.json(&["node", "ls"]).unwrap()
+}
+
+#[test]
+fn a_three_node_cluster_runs_services_in_sandboxes() {
+    if let Some(why) = cluster_unavailable() {
+        skip("a_three_node_cluster_runs_services_in_sandboxes", &why);
+        return;
+    }
+    let image = sample_image("busybox.oci.tar").unwrap();
+    let mut c = Cluster::new("cl", 3, &[image]).unwrap();
+
+    // ---- joining ----
+    let h1 = &c.hosts[0];
+    let out = h1.ok(&[
+        "cluster",
+        "init",
+        "--heartbeat-period",
+        "1s",
+        "--heartbeat-grace",
+        "4s",
+    ]);
+    assert!(
+        out.contains("husk cluster join --token HUSKTKN-1-"),
+        "{out}"
+    );
+    let worker = h1
+        .ok(&["cluster", "join-token", "-q", "worker"])
+        .trim()
+        .to_string();
+    let manager = h1
+        .ok(&["cluster", "join-token", "-q", "manager"])
+        .trim()
+        .to_string();
+    assert_ne!(worker, manager);
+    let leader_addr = h1.addr();
+
+    // A token whose secret is wrong is refused; so is one naming another
+    // cluster's CA (the joining node stops before sending anything).
+    let (prefix, secret) = worker.rsplit_once('-').unwrap();
+    let flipped: String = secret
+        .chars()
+        .map(|ch| if ch == '0' { '1' } else { '0' })
+        .collect();
+    let bad = format!("{prefix}-{flipped}");
+    let out = c.hosts[2].husk(&["cluster", "join", "--token", &bad, &leader_addr]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid join token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other_ca = format!("HUSKTKN-1-{}-{secret}", "ab".repeat(32));
+    let out = c.hosts[2].husk(&["cluster", "join", "--token", &other_ca, &leader_addr]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another cluster"));
+
+    c.hosts[1].ok(&["cluster", "join", "--token", &manager, &leader_addr]);
+    c.hosts[2].ok(&["cluster", "join", "--token", &worker, &leader_addr]);
+    wait(&c, "three nodes ready", 30, || {
+        let n = node_rows(&c.hosts[0]);
+        n.len() == 3 && n.iter().all(|r| r["state"] == "ready")
+    });
+    let table = c.hosts[0].ok(&["node", "ls"]);
+    let rows = node_rows(&c.hosts[0]);
+    let role = |name: &str| {
+        rows.iter()
+            .find(|r| r["hostname"] == name)
+            .map(|r| r["role"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(
+        (role("node1"), role("node2"), role("node3")),
+        ("manager".into(), "manager".into(), "worker".into())
+    );
+    assert!(
+        table.contains("Leader") && table.contains("Reachable"),
+        "{table}"
+    );
+    // Only managers take control commands.
+    let out = c.hosts[2].husk(&["service", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a cluster manager"));
+
+    // ---- replicas: spread, scale up and down ----
+    let h1 = &c.hosts[0];
+    h1.ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--update-parallelism",
+        "1",
+        "--update-delay",
+        "2s",
+        "--update-monitor",
+        "2s",
+        "--restart-delay",
+        "1s",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    wait(&c, "web: 3 running", 300, || running(h1, "web").len() == 3);
+    let spread = per_node(&running(h1, "web"));
+    assert_eq!(spread.len(), 3, "one replica per node: {spread:?}");
+    h1.ok(&["service", "scale", "web=5"]);
+    wait(&c, "web: 5 running", 300, || running(h1, "web").len() == 5);
+    let spread = per_node(&running(h1, "web"));
+    assert!(spread.values().all(|n| *n <= 2), "{spread:?}");
+    h1.ok(&["service", "scale", "web=2"]);
+    wait(&c, "web: 2 running, 3 sandboxes gone", 120, || {
+        running(h1, "web").len() == 2 && c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
+    });
+
+    // ---- constraints and global mode ----
+    h1.ok(&[
+        "service",
+        "create",
+        "--name",
+        "mgr",
+        "--replicas",
+        "2",
+        "--constraint",
+        "node.role==manager",
+        "--restart-delay",
+        "1s",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    h1.ok(&[
+        "service",
+        "create",
+        "--name",
+        "agent",
+        "--mode",
+        "global",
+        "--restart-delay",
+        "1s",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    wait(&c, "mgr: 2 running, agent: 3 running", 400, || {
+        running(h1, "mgr").len() == 2 && running(h1, "agent").len() == 3
+    });
+    let mgr = per_node(&running(h1, "mgr"));
+    assert!(
+        mgr.keys().all(|n| n == "node1" || n == "node2"),
+        "constraint node.role==manager: {mgr:?}"
+    );
+    let agent = per_node(&running(h1, "agent"));
+    assert_eq!(
+        agent.values().copied().collect::<Vec<_>>(),
+        [1, 1, 1],
+        "{agent:?}"
+    );
+    h1.ok(&["service", "rm", "mgr", "agent"]);
+    wait(&c, "mgr and agent gone", 120, || {
+        c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
+    });
+
+    // ---- rolling update: never fewer than N-1 running ----
+    h1.ok(&["service", "update", "--args", "sleep 3601", "web"]);
+    let mut fewest = usize::MAX;
+    wait(&c, "web updated", 400, || {
+        let r = running(h1, "web");
+        fewest = fewest.min(r.len());
+        let s = h1.json(&["service", "ls"]).unwrap_or_default();
+        let web = s.iter().find(|s| s["spec"]["name"] == "web").cloned();
+        web.is_some_and(|w| w["update_status"]["state"] == "completed")
+    });
+    assert!(fewest >= 1, "a rolling update of 2 kept {fewest} running");
+    let live = tasks(h1, "web");
+    assert!(live
+        .iter()
+        .filter(|t| t["desired_state"] == "running")
+        .all(|t| t["spec"]["args"][1] == "3601"));
+
+    // A failing update rolls back when asked to.
+    h1.ok(&[
+        "service",
+        "update",
+        "--image",
+        "husk.local/no-such-image",
+        "--update-failure-action",
+        "rollback",
+        "web",
+    ]);
+    wait(&c, "web rolled back", 300, || {
+        let s = h1.json(&["service", "ls"]).unwrap_or_default();
+        s.iter().any(|s| {
+            s["spec"]["name"] == "web" && s["update_status"]["state"] == "rollback_completed"
+        }) && running(h1, "web").len() == 2
+    });
+    let inspect: Value = serde_json::from_str(&h1.ok(&["service", "inspect", "web"])).unwrap();
+    assert_eq!(inspect[0]["spec"]["image"], IMAGE);
+
+    // ---- a stack: the voting app's shape, dependencies first ----
+    let file = husk_tests::repo_root().join("orchestrator/examples/voting-stack.yml");
+    let out = h1.husk(&["stack", "deploy", "-c", file.to_str().unwrap(), "vote"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Ignoring unsupported options: services.worker.stop_grace_period"),
+        "{err}"
+    );
+    let mut first_task: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut first_run: BTreeMap<String, Instant> = BTreeMap::new();
+    let svc_of = |t: &Value| {
+        t["name"]
+            .as_str()
+            .and_then(|n| n.split('.').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    wait(&c, "vote stack: 5 services running", 400, || {
+        let ts = h1.json(&["stack", "ps", "vote"]).unwrap_or_default();
+        for t in &ts {
+            let s = svc_of(t);
+            first_task.entry(s.clone()).or_insert_with(Instant::now);
+            if t["status"]["state"] == "running" {
+                first_run.entry(s).or_insert_with(Instant::now);
+            }
+        }
+        first_run.len() == 5
+    });
+    // A dependent's first task came only once its dependencies ran (and
+    // for the worker, once db's healthcheck passed).
+    for (dependent, dependency) in [
+        ("vote_vote", "vote_redis"),
+        ("vote_result", "vote_db"),
+        ("vote_worker", "vote_db"),
+        ("vote_worker", "vote_redis"),
+    ] {
+        assert!(
+            first_task[dependent] >= first_run[dependency],
+            "{dependent} started before {dependency} ran"
+        );
+    }
+    let ts = h1.json(&["stack", "ps", "vote"]).unwrap();
+    let db = ts.iter().find(|t| svc_of(t) == "vote_db").unwrap();
+    assert_eq!(db["status"]["health"], "healthy");
+    assert!(
+        db["node"] == "node1" || db["node"] == "node2",
+        "db pinned to managers: {db}"
+    );
+    // The published port answers on the node its task runs on.
+    let vote = ts.iter().find(|t| svc_of(t) == "vote_vote").unwrap();
+    let host = c
+        .hosts
+        .iter()
+        .find(|h| vote["node"] == h.name.as_str())
+        .unwrap();
+    let addr = format!("{}:5000", host.ip);
+    let mut body = String::new();
+    let t = Instant::now();
+    while !body.contains("HTTP/1.") && t.elapsed() < Duration::from_secs(60) {
+        body = http_get(&addr);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(body.contains("HTTP/1."), "{addr} answered {body:?}");
+    assert!(h1.ok(&["stack", "ls"]).contains("vote"));
+    h1.ok(&["stack", "rm", "vote"]);
+    wait(&c, "the stack's sandboxes gone", 120, || {
+        h1.json(&["service", "ls"]).unwrap_or_default().len() == 1
+            && c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
+    });
+
+    // ---- drain: every task leaves the node ----
+    // Three replicas: one on each node (the new one goes where web has none).
+    h1.ok(&["service", "scale", "web=3"]);
+    wait(&c, "web: 3 running", 300, || running(h1, "web").len() == 3);
+    assert_eq!(per_node(&running(h1, "web")).len(), 3);
+    h1.ok(&["node", "update", "--availability", "drain", "node2"]);
+    wait(&c, "node2 drained", 300, || {
+        let r = running(h1, "web");
+        r.len() == 3 && r.iter().all(|(_, n)| n != "node2") && c.hosts[1].vmms() == 0
+    });
+    h1.ok(&["node", "update", "--availability", "active", "node2"]);
+
+    // ---- node loss: its tasks are rescheduled within 10 s ----
+    // node3, the worker: after the drain web runs on node1 and node3.
+    let victim = "node3".to_string();
+    assert!(per_node(&running(h1, "web")).contains_key("node3"));
+    let vi = 2;
+    c.hosts[vi].kill();
+    c.hosts[vi].unplug();
+    let h1 = &c.hosts[0];
+    let took = wait(&c, "web's lost task placed on a live node", 30, || {
+        tasks(h1, "web")
+            .iter()
+            .filter(|t| t["desired_state"] == "running")
+            .all(|t| t["node"] != victim.as_str())
+    });
+    assert!(took < Duration::from_secs(10), "rescheduled after {took:?}");
+    wait(&c, "web: 3 running again", 300, || {
+        running(h1, "web").len() == 3
+    });
+    assert!(node_rows(h1)
+        .iter()
+        .any(|r| r["hostname"] == victim.as_str() && r["state"] == "down"));
+
+    // ---- the leading manager dies: the other one leads, state intact ----
+    c.hosts[0].kill();
+    let h2 = &c.hosts[1];
+    wait(&c, "node2 leads", 30, || {
+        h2.ok(&["cluster", "info"]).contains("Is Leader: true")
+    });
+    let svcs = h2.json(&["service", "ls"]).unwrap();
+    assert_eq!(svcs.len(), 1);
+    assert_eq!(svcs[0]["spec"]["name"], "web");
+    wait(&c, "web: 3 running on the survivor", 300, || {
+        let r = running(h2, "web");
+        r.len() == 3 && r.iter().all(|(_, n)| n == "node2")
+    });
+    h2.ok(&["service", "rm", "web"]);
+    wait(&c, "every sandbox gone", 120, || {
+        c.hosts.iter().map(Host::vmms).sum::<usize>() == 0
+    });
+    drop(c);
+}
