@@ -44,13 +44,14 @@ fuzz: setup
 
 # Benchmarks print figures next to a peer's; not part of `make test`.
 bench: setup kernel guest images
-	$(CARGO) build --locked --release -p husk-vmm -p husk-cli -p husk-shim
-	$(CARGO) build --locked --release -p husk-tests --example cri_pods
+	$(CARGO) build --locked --release -p husk-vmm -p husk-cli -p husk-shim -p husk-orchestrator
+	$(CARGO) build --locked --release -p husk-tests --example cri_pods --example cluster_bench
 	bench/boot
 	bench/snapshot
 	bench/run
 	bench/rootfs
 	bench/ctr
+	bench/cluster
 
 setup:
 	@scripts/setup.sh

@@ -120,6 +120,12 @@ pub enum ServiceCmd {
     Rollback {
         service: String,
     },
+    /// Output of the service's tasks, gathered from their nodes.
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        service: String,
+    },
     Rm {
         services: Vec<String>,
     },
@@ -894,6 +900,36 @@ async fn print_tasks(conn: &mut Conn, tasks: Vec<Task>, format: Option<&str>) ->
     Ok(())
 }
 
+/// `husk events`: cluster changes as they happen, one line each (JSON
+/// with `--format json`).
+pub fn events(format: Option<String>) -> Result<()> {
+    block_on(async move {
+        let mut conn = Conn::open().await?;
+        let mut s = conn
+            .c
+            .events(api::Empty {})
+            .await
+            .map_err(msg)?
+            .into_inner();
+        while let Some(o) = s.message().await.map_err(msg)? {
+            if format.as_deref() == Some("json") {
+                println!("{}", o.json);
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&o.json)?;
+            let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            let mut line = format!("{} {} {}", text("type"), text("action"), text("id"));
+            for k in ["name", "state", "desired", "availability"] {
+                if !text(k).is_empty() {
+                    line.push_str(&format!(" {k}={}", text(k)));
+                }
+            }
+            println!("{line}");
+        }
+        Ok(())
+    })
+}
+
 fn in_stack(s: &Service, stack: &str) -> bool {
     s.spec
         .labels
@@ -1155,6 +1191,44 @@ pub fn service(cmd: ServiceCmd) -> Result<()> {
                     conn.update(&a.service, Some(&spec), false, a.force).await?
                 };
                 println!("{}", s.spec.name);
+            }
+            ServiceCmd::Logs { follow, service } => {
+                let hosts: HashMap<String, String> = conn
+                    .nodes()
+                    .await?
+                    .into_iter()
+                    .map(|(n, _)| (n.id, n.hostname))
+                    .collect();
+                let names: HashMap<String, String> = conn
+                    .tasks(&service, "", true)
+                    .await?
+                    .into_iter()
+                    .map(|t| {
+                        let host = hosts.get(&t.node_id).cloned().unwrap_or_default();
+                        let short: String = t.id.chars().take(12).collect();
+                        (t.id.clone(), format!("{}.{short}@{host}", t.name()))
+                    })
+                    .collect();
+                let mut s = conn
+                    .c
+                    .service_logs(api::LogsRequest { service, follow })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
+                while let Some(c) = s.message().await.map_err(msg)? {
+                    let who = names
+                        .get(&c.task_id)
+                        .cloned()
+                        .unwrap_or_else(|| c.task_id.clone());
+                    let text = String::from_utf8_lossy(&c.data);
+                    for line in text.lines() {
+                        if c.stream == "stdout" {
+                            println!("{who}    | {line}");
+                        } else {
+                            eprintln!("{who}    | {line}");
+                        }
+                    }
+                }
             }
             ServiceCmd::Rollback { service } => {
                 let s = conn.update(&service, None, true, false).await?;

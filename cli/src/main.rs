@@ -116,6 +116,11 @@ enum Cmd {
     /// Services: replicated tasks across the cluster, each in a microVM.
     #[command(subcommand)]
     Service(cluster::ServiceCmd),
+    /// The cluster's changes (nodes, services, tasks) as they happen.
+    Events {
+        #[arg(long)]
+        format: Option<String>,
+    },
     /// Stacks: the services of a compose file, deployed together.
     #[command(subcommand)]
     Stack(cluster::StackCmd),
@@ -1364,6 +1369,7 @@ fn main() -> ExitCode {
         Cmd::Node(c) => cluster::node(c).map(|_| 0).map_err(Failure::from),
         Cmd::Service(c) => cluster::service(c).map(|_| 0).map_err(Failure::from),
         Cmd::Stack(c) => cluster::stack(c).map(|_| 0).map_err(Failure::from),
+        Cmd::Events { format } => cluster::events(format).map(|_| 0).map_err(Failure::from),
         Cmd::Info => info().map(|_| 0).map_err(Failure::from),
         Cmd::Version => Runtime::locate()
             .map(|rt| {

@@ -120,9 +120,11 @@ impl Daemon {
             let store = Store::connect(&id.etcd).await?;
             let m = Manager::start(store, id.node_id.clone()).await?;
             *lock(&self.manager) = Some(m);
-            crate::server::serve_cluster(self.clone(), &id).await?;
         }
-        crate::agent::start(self.clone(), id)?;
+        crate::agent::start(self.clone(), id.clone())?;
+        // Every node serves the cluster endpoint: managers for nodes and
+        // joins, all for managers fetching task logs.
+        crate::server::serve_cluster(self.clone(), &id).await?;
         Ok(())
     }
 

@@ -72,6 +72,24 @@ pub async fn manager_channel(addr: &str, tls: &Tls) -> Result<Channel> {
     Ok(ch)
 }
 
+/// A channel to node `node_id` at `addr`, verifying its certificate names
+/// that node.
+pub async fn node_channel(addr: &str, node_id: &str, tls: &Tls) -> Result<Channel> {
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+        .domain_name(pki::node_dns(node_id));
+    if let Some((cert, key)) = &tls.identity {
+        cfg = cfg.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .with_context(|| format!("node address {addr:?}"))?
+        .tls_config(cfg)?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to node {node_id} at {addr}"))
+}
+
 /// The CA a manager presents, checked against a join token's digest
 /// before anything is sent: the joining node has no trust yet, the token
 /// gives it (Swarm's scheme). The manager sends its chain, CA last.

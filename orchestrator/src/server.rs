@@ -379,6 +379,210 @@ impl api::cluster_server::Cluster for Api {
             json: tasks.map(|t| json(&t)).collect::<Result<_, _>>()?,
         }))
     }
+
+    type ServiceLogsStream = Stream2<api::LogChunk>;
+
+    async fn service_logs(
+        &self,
+        req: Request<api::LogsRequest>,
+    ) -> Result<Response<Self::ServiceLogsStream>, Status> {
+        let m = self.control(&req)?;
+        let r = req.into_inner();
+        let tasks = m.tasks(Some(&r.service), None).await.map_err(status)?;
+        let nodes = m.nodes().await.map_err(status)?;
+        let tls = self
+            .daemon
+            .identity()
+            .ok_or_else(|| Status::failed_precondition("no identity"))?
+            .tls();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::LogChunk, Status>>(64);
+        for t in tasks.into_iter().filter(|t| !t.node_id.is_empty()) {
+            let Some(n) = nodes.iter().find(|n| n.id == t.node_id).cloned() else {
+                continue;
+            };
+            let (tx, tls, follow) = (tx.clone(), tls.clone(), r.follow);
+            tokio::spawn(async move {
+                let r = async {
+                    let ch = crate::net::node_channel(&n.addr, &n.id, &tls).await?;
+                    let mut s = api::cluster_client::ClusterClient::new(ch)
+                        .task_logs(api::TaskLogsRequest {
+                            task_id: t.id.clone(),
+                            follow,
+                        })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                        .into_inner();
+                    while let Some(c) = s
+                        .message()
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    {
+                        if tx.send(Ok(c)).await.is_err() {
+                            break;
+                        }
+                    }
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    let _ = tx
+                        .send(Ok(api::LogChunk {
+                            task_id: t.id.clone(),
+                            stream: "error".into(),
+                            data: format!(
+                                "logs of task {} from node {}: {e:#}\n",
+                                t.id, n.hostname
+                            )
+                            .into_bytes(),
+                        }))
+                        .await;
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type EventsStream = Stream2<api::Object>;
+
+    async fn events(
+        &self,
+        req: Request<api::Empty>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let m = self.control(&req)?;
+        let mut w = m
+            .store
+            .client
+            .clone()
+            .watch(
+                crate::store::ROOT,
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::Object, Status>>(64);
+        tokio::spawn(async move {
+            while let Ok(Some(resp)) = w.message().await {
+                for e in resp.events() {
+                    if let Some(ev) = event_of(e) {
+                        let o = api::Object {
+                            json: ev.to_string(),
+                        };
+                        if tx.send(Ok(o)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type TaskLogsStream = Stream2<api::LogChunk>;
+
+    async fn task_logs(
+        &self,
+        req: Request<api::TaskLogsRequest>,
+    ) -> Result<Response<Self::TaskLogsStream>, Status> {
+        match self.caller(&req) {
+            Caller::Node {
+                role: Role::Manager,
+                ..
+            } => {}
+            _ => return Err(Status::permission_denied("task logs are for managers")),
+        }
+        let r = req.into_inner();
+        check_task_id(&r.task_id)?;
+        let ex = crate::daemon::lock(&self.daemon.executor)
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("this node runs no tasks yet"))?;
+        let path = ex.log_path(&r.task_id);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::LogChunk, Status>>(64);
+        std::thread::spawn(move || {
+            let mut offset = 0;
+            loop {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                match husk_runtime::record::replay(&path, offset, &mut out, &mut err) {
+                    Ok(o) => offset = o,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("{e:#}"))));
+                        return;
+                    }
+                }
+                for (stream, data) in [("stdout", out), ("stderr", err)] {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let c = api::LogChunk {
+                        task_id: r.task_id.clone(),
+                        stream: stream.into(),
+                        data,
+                    };
+                    if tx.blocking_send(Ok(c)).is_err() {
+                        return;
+                    }
+                }
+                if !r.follow || tx.is_closed() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// What one etcd change means to a user: `husk events`' lines.
+fn event_of(e: &etcd_client::Event) -> Option<serde_json::Value> {
+    let kv = e.kv()?;
+    let key = String::from_utf8_lossy(kv.key()).into_owned();
+    let rest = key.strip_prefix(crate::store::ROOT)?;
+    let (kind, id) = rest.split_once('/')?;
+    let typ = match kind {
+        "nodes" => "node",
+        "services" => "service",
+        "tasks" => "task",
+        _ => return None,
+    };
+    let action = match e.event_type() {
+        etcd_client::EventType::Delete => "remove",
+        _ if kv.create_revision() == kv.mod_revision() => "create",
+        _ => "update",
+    };
+    let mut ev = serde_json::json!({
+        "time_ms": now_ms(), "type": typ, "action": action, "id": id,
+    });
+    let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
+    match typ {
+        "node" => {
+            ev["name"] = v["hostname"].clone();
+            ev["state"] = v["state"].clone();
+            ev["availability"] = v["availability"].clone();
+        }
+        "service" => ev["name"] = v["spec"]["name"].clone(),
+        _ => {
+            if let Ok(t) = serde_json::from_value::<Task>(v) {
+                ev["name"] = t.name().into();
+                ev["state"] = t.status.state.as_str().into();
+                ev["desired"] = t.desired_state.as_str().into();
+                ev["node_id"] = t.node_id.into();
+            }
+        }
+    }
+    Some(ev)
+}
+
+/// Task ids name log files: plain, or refused.
+fn check_task_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(Status::invalid_argument(format!("task id {id:?}")));
+    }
+    Ok(())
 }
 
 /// The control socket, served until the process ends.

@@ -139,6 +139,13 @@ impl Host {
             .status();
     }
 
+    /// Reconnects it.
+    pub fn plug(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &self.veth, "up"])
+            .status();
+    }
+
     /// husk-vmm processes of this host's sandboxes.
     pub fn vmms(&self) -> usize {
         let run = self.dir.join("state/run");

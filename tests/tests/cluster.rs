@@ -145,8 +145,17 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     let out = c.hosts[2].husk(&["cluster", "join", "--token", &other_ca, &leader_addr]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("another cluster"));
 
+    // Rotation: the old worker token stops working at once.
+    let h1 = &c.hosts[0];
+    let rotated = h1
+        .ok(&["cluster", "join-token", "--rotate", "-q", "worker"])
+        .trim()
+        .to_string();
+    assert_ne!(rotated, worker);
+    let out = c.hosts[2].husk(&["cluster", "join", "--token", &worker, &leader_addr]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid join token"));
     c.hosts[1].ok(&["cluster", "join", "--token", &manager, &leader_addr]);
-    c.hosts[2].ok(&["cluster", "join", "--token", &worker, &leader_addr]);
+    c.hosts[2].ok(&["cluster", "join", "--token", &rotated, &leader_addr]);
     wait(&c, "three nodes ready", 30, || {
         let n = node_rows(&c.hosts[0]);
         n.len() == 3 && n.iter().all(|r| r["state"] == "ready")
@@ -170,6 +179,28 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     // Only managers take control commands.
     let out = c.hosts[2].husk(&["service", "ls"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a cluster manager"));
+
+    // `husk events` from the leader, read on the side.
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let mut ev_child = std::process::Command::new(husk_tests::husk_cli_binary().unwrap())
+        .args(["events", "--format", "json"])
+        .env("HUSK_HOST", &c.hosts[0].socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ev_out = ev_child.stdout.take().unwrap();
+    let ev_store = events.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(ev_out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                ev_store.lock().unwrap().push(v);
+            }
+        }
+    });
 
     // ---- replicas: spread, scale up and down ----
     let h1 = &c.hosts[0];
@@ -230,8 +261,9 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         "--restart-delay",
         "1s",
         IMAGE,
-        "sleep",
-        "3600",
+        "sh",
+        "-c",
+        "echo agent on $(hostname); exec sleep 3600",
     ]);
     wait(&c, "mgr: 2 running, agent: 3 running", 400, || {
         running(h1, "mgr").len() == 2 && running(h1, "agent").len() == 3
@@ -247,6 +279,15 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         [1, 1, 1],
         "{agent:?}"
     );
+    // Their output, gathered from the three nodes.
+    let mut logs = String::new();
+    wait(&c, "agent's output from three nodes", 60, || {
+        logs = h1.ok(&["service", "logs", "agent"]);
+        logs.matches("| agent on ").count() == 3
+    });
+    for n in ["node1", "node2", "node3"] {
+        assert!(logs.contains(&format!("@{n}    | agent on ")), "{logs}");
+    }
     h1.ok(&["service", "rm", "mgr", "agent"]);
     wait(&c, "mgr and agent gone", 120, || {
         c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
@@ -393,6 +434,22 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         .iter()
         .any(|r| r["hostname"] == victim.as_str() && r["state"] == "down"));
 
+    // The leader's event stream saw it all.
+    {
+        let ev = events.lock().unwrap();
+        let saw = |typ: &str, action: &str, name: &str, state: Option<&str>| {
+            ev.iter().any(|e| {
+                e["type"] == typ
+                    && e["action"] == action
+                    && e["name"] == name
+                    && state.is_none_or(|s| e["state"] == s)
+            })
+        };
+        assert!(saw("service", "create", "web", None), "{ev:?}");
+        assert!(saw("node", "update", "node3", Some("down")), "{ev:?}");
+        assert!(saw("task", "update", "web.1", Some("running")), "{ev:?}");
+    }
+
     // ---- the leading manager dies: the other one leads, state intact ----
     c.hosts[0].kill();
     let h2 = &c.hosts[1];
@@ -406,6 +463,8 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         let r = running(h2, "web");
         r.len() == 3 && r.iter().all(|(_, n)| n == "node2")
     });
+    let _ = ev_child.kill();
+    let _ = ev_child.wait();
     h2.ok(&["service", "rm", "web"]);
     wait(&c, "every sandbox gone", 120, || {
         c.hosts.iter().map(Host::vmms).sum::<usize>() == 0
