@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::os::unix::net::UnixStream;
 
-use husk_protocol::agent::{SignalProcessRequest, Storage, TtyWinResizeRequest};
+use husk_protocol::agent::{SignalProcessRequest, TtyWinResizeRequest};
 use husk_runtime::agent::{ctx, rpc_message, AgentConn, Io};
 use husk_runtime::image::{default_store_dir, normalize, ImageStore};
 use husk_runtime::ports::{docker_ports, parse_publish, PortMapping};
@@ -700,22 +700,8 @@ fn run_container(
     let t_start = std::time::Instant::now();
     let sandbox = rt.start_sandbox(&cfg)?;
     let started = t_start.elapsed();
-    let mut storage = vec![Storage {
-        source: sandbox.devices[0].clone(),
-        fstype: "erofs".into(),
-        options: vec!["ro".into()],
-        mount_point: "image".into(),
-        ..Default::default()
-    }];
-    for (lease, dev) in leases.iter().zip(&sandbox.devices[1..]) {
-        storage.push(Storage {
-            source: dev.clone(),
-            fstype: "ext4".into(),
-            mount_point: format!("vol-{}", lease.volume.name),
-            ..Default::default()
-        });
-    }
-    storage.extend(sandbox.shared_storage());
+    let names: Vec<String> = leases.iter().map(|l| l.volume.name.clone()).collect();
+    let storage = sandbox.container_storage(&names);
     let detached = a.detach;
     // A terminal merges stderr into its output, as a pty does.
     let io = Io {

@@ -84,6 +84,22 @@ fn pairs(v: &Value, path: &str) -> Result<Vec<(String, String)>> {
     }
 }
 
+/// `key` of `m` parsed as a T, if present: errors name `path.key`.
+fn field<T>(m: &serde_yaml_ng::Mapping, key: &str, path: &str) -> Result<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let Some(v) = m.get(key) else {
+        return Ok(None);
+    };
+    let at = format!("{path}.{key}");
+    let t = str_at(v, &at)?;
+    t.parse()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{at}: {t:?}: {e}"))
+}
+
 fn duration(v: &Value, path: &str) -> Result<u64> {
     let t = str_at(v, path)?;
     parse_duration(&t).with_context(|| path.to_string())
@@ -431,15 +447,7 @@ fn healthcheck(h: &Value, path: &str, ignored: &mut Vec<String>) -> Result<Optio
         test,
         interval_ms: d("interval", 30_000)?,
         timeout_ms: d("timeout", 30_000)?,
-        retries: m
-            .get("retries")
-            .map(|v| {
-                str_at(v, &format!("{path}.retries"))?
-                    .parse()
-                    .with_context(|| format!("{path}.retries: not a number"))
-            })
-            .transpose()?
-            .unwrap_or(3),
+        retries: field(m, "retries", path)?.unwrap_or(3),
         start_period_ms: d("start_period", 0)?,
     }))
 }
@@ -460,31 +468,23 @@ fn update_config(u: &Value, path: &str, ignored: &mut Vec<String>) -> Result<Upd
         ignored,
     );
     let mut c = UpdateConfig::default();
-    if let Some(v) = m.get("parallelism") {
-        c.parallelism = str_at(v, path)?
-            .parse()
-            .with_context(|| format!("{path}.parallelism: not a number"))?;
+    if let Some(v) = field(m, "parallelism", path)? {
+        c.parallelism = v;
     }
     if let Some(v) = m.get("delay") {
         c.delay_ms = duration(v, &format!("{path}.delay"))?;
     }
-    if let Some(v) = m.get("failure_action") {
-        c.failure_action = str_at(v, path)?
-            .parse()
-            .with_context(|| format!("{path}.failure_action"))?;
+    if let Some(v) = field(m, "failure_action", path)? {
+        c.failure_action = v;
     }
     if let Some(v) = m.get("monitor") {
         c.monitor_ms = duration(v, &format!("{path}.monitor"))?;
     }
-    if let Some(v) = m.get("max_failure_ratio") {
-        c.max_failure_ratio = str_at(v, path)?
-            .parse()
-            .with_context(|| format!("{path}.max_failure_ratio: not a number"))?;
+    if let Some(v) = field(m, "max_failure_ratio", path)? {
+        c.max_failure_ratio = v;
     }
-    if let Some(v) = m.get("order") {
-        c.order = str_at(v, path)?
-            .parse()
-            .with_context(|| format!("{path}.order"))?;
+    if let Some(v) = field(m, "order", path)? {
+        c.order = v;
     }
     Ok(c)
 }
@@ -506,14 +506,7 @@ fn deploy(spec: &mut ServiceSpec, d: &Value, path: &str, ignored: &mut Vec<Strin
         ],
         ignored,
     );
-    let replicas = m
-        .get("replicas")
-        .map(|v| {
-            str_at(v, &format!("{path}.replicas"))?
-                .parse::<u64>()
-                .with_context(|| format!("{path}.replicas: not a number"))
-        })
-        .transpose()?;
+    let replicas: Option<u64> = field(m, "replicas", path)?;
     spec.mode = match m.get("mode").and_then(s).as_deref() {
         None | Some("replicated") => Mode::Replicated {
             replicas: replicas.unwrap_or(1),
@@ -546,10 +539,8 @@ fn deploy(spec: &mut ServiceSpec, d: &Value, path: &str, ignored: &mut Vec<Strin
                 spec.placement.preferences.push(format!("spread={sp}"));
             }
         }
-        if let Some(v) = pm.get("max_replicas_per_node") {
-            spec.placement.max_replicas_per_node = str_at(v, &pp)?
-                .parse()
-                .with_context(|| format!("{pp}.max_replicas_per_node: not a number"))?;
+        if let Some(v) = field(pm, "max_replicas_per_node", &pp)? {
+            spec.placement.max_replicas_per_node = v;
         }
     }
     if let Some(r) = m.get("resources") {
@@ -583,18 +574,14 @@ fn deploy(spec: &mut ServiceSpec, d: &Value, path: &str, ignored: &mut Vec<Strin
             ignored,
         );
         let p = &mut spec.restart_policy;
-        if let Some(c) = rm.get("condition") {
-            p.condition = str_at(c, &rp)?
-                .parse()
-                .with_context(|| format!("{rp}.condition"))?;
+        if let Some(c) = field(rm, "condition", &rp)? {
+            p.condition = c;
         }
         if let Some(v) = rm.get("delay") {
             p.delay_ms = duration(v, &format!("{rp}.delay"))?;
         }
-        if let Some(v) = rm.get("max_attempts") {
-            p.max_attempts = str_at(v, &rp)?
-                .parse()
-                .with_context(|| format!("{rp}.max_attempts: not a number"))?;
+        if let Some(v) = field(rm, "max_attempts", &rp)? {
+            p.max_attempts = v;
         }
         if let Some(v) = rm.get("window") {
             p.window_ms = duration(v, &format!("{rp}.window"))?;

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use husk_protocol::agent::Storage;
 use husk_runtime::agent::{AgentConn, Io};
 use husk_runtime::image::ImageStore;
 use husk_runtime::ports::{PortMapping, Protocol};
@@ -357,21 +356,8 @@ impl Executor {
         }
         self.report(&t.id, TaskState::Starting, "starting", "", None);
         let sandbox = rt.start_sandbox(&cfg).map_err(fail)?;
-        let mut storage = vec![Storage {
-            source: sandbox.devices[0].clone(),
-            fstype: "erofs".into(),
-            options: vec!["ro".into()],
-            mount_point: "image".into(),
-            ..Default::default()
-        }];
-        for (l, dev) in leases.iter().zip(&sandbox.devices[1..]) {
-            storage.push(Storage {
-                source: dev.clone(),
-                fstype: "ext4".into(),
-                mount_point: format!("vol-{}", l.volume.name),
-                ..Default::default()
-            });
-        }
+        let names: Vec<String> = leases.iter().map(|l| l.volume.name.clone()).collect();
+        let storage = sandbox.container_storage(&names);
         let agent = sandbox.connect().map_err(fail)?;
         if lock(ctl).stop {
             let _ = sandbox.shutdown(Duration::from_secs(10));

@@ -135,6 +135,31 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// What the agent mounts for a container started the way `husk run`
+    /// and huskd start one: the image's erofs (drive 0) at `image`, each
+    /// named volume's ext4 (the next drives, in order) at `vol-<name>`,
+    /// and the shares, if any.
+    pub fn container_storage(&self, volumes: &[String]) -> Vec<husk_protocol::agent::Storage> {
+        use husk_protocol::agent::Storage;
+        let mut storage = vec![Storage {
+            source: self.devices[0].clone(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "image".into(),
+            ..Default::default()
+        }];
+        for (name, dev) in volumes.iter().zip(&self.devices[1..]) {
+            storage.push(Storage {
+                source: dev.clone(),
+                fstype: "ext4".into(),
+                mount_point: format!("vol-{name}"),
+                ..Default::default()
+            });
+        }
+        storage.extend(self.shared_storage());
+        storage
+    }
+
     /// The storage the agent mounts for the config's shares, if it has any.
     pub fn shared_storage(&self) -> Option<husk_protocol::agent::Storage> {
         self.shared.as_ref().map(|_| husk_protocol::agent::Storage {

@@ -14,23 +14,11 @@
 //!
 //! Last line: key=value pairs.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use husk_tests::cluster::{cluster_unavailable, Cluster};
 use husk_tests::sample_image;
 use serde_json::Value;
-
-fn wait(c: &Cluster, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "timed out: {what}\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -61,7 +49,7 @@ fn main() {
     for h in &c.hosts[1..] {
         h.ok(&["cluster", "join", "--token", &token, &addr]);
     }
-    wait(&c, "nodes ready", 30, || {
+    c.wait("nodes ready", 30, || {
         let n = c.hosts[0].json(&["node", "ls"]).unwrap();
         n.len() == 3 && n.iter().all(|r| r["state"] == "ready")
     });
@@ -83,7 +71,7 @@ fn main() {
             "husk.local/not-on-any-node",
         ]);
         let mut tasks: Vec<Value> = Vec::new();
-        wait(&c, "50 tasks placed", 120, || {
+        c.wait("50 tasks placed", 120, || {
             tasks = h1.json(&["service", "ps", "-a", &name]).unwrap_or_default();
             tasks.len() == 50 && tasks.iter().all(|t| t["node_id"] != "")
         });
@@ -127,7 +115,7 @@ fn main() {
         };
         // A worker with a live task of the service.
         let mut victim = None;
-        wait(&c, "a worker with a task", 300, || {
+        c.wait("a worker with a task", 300, || {
             victim = live(h1)
                 .iter()
                 .filter_map(|t| t["node"].as_str().map(String::from))
@@ -140,7 +128,7 @@ fn main() {
         c.hosts[vi].unplug();
         let t = Instant::now();
         let h1 = &c.hosts[0];
-        wait(&c, "a replacement", 60, || {
+        c.wait("a replacement", 60, || {
             let l = live(h1);
             l.len() == 3 && l.iter().all(|t| t["node"] != victim.as_str())
         });
@@ -153,7 +141,7 @@ fn main() {
         c.start_huskd(&mut h).unwrap();
         c.hosts.insert(vi, h);
         let name = victim.clone();
-        wait(&c, "the node back", 60, || {
+        c.wait("the node back", 60, || {
             c.hosts[0]
                 .json(&["node", "ls"])
                 .unwrap_or_default()

@@ -352,6 +352,38 @@ impl Cluster {
         Ok(())
     }
 
+    /// Polls `f` until it holds, printing how long that took; panics
+    /// with what the cluster thinks (services, tasks, nodes, huskd logs)
+    /// if it does not within `secs`.
+    pub fn wait(&self, what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
+        let t = Instant::now();
+        while !f() {
+            if t.elapsed() > Duration::from_secs(secs) {
+                // From any manager still answering.
+                for h in &self.hosts {
+                    if h.husk(&["service", "ls"]).status.success() {
+                        for s in h.json(&["service", "ls"]).unwrap_or_default() {
+                            let name = s["spec"]["name"].as_str().unwrap_or("");
+                            h.husk(&["service", "ps", "-a", name]);
+                        }
+                        h.husk(&["node", "ls"]);
+                        break;
+                    }
+                }
+                for h in &self.hosts {
+                    println!("{}: {} husk-vmm processes", h.name, h.vmms());
+                }
+                panic!(
+                    "timed out after {secs} s waiting for {what}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        println!("{what}: {:.1} s", t.elapsed().as_secs_f64());
+        t.elapsed()
+    }
+
     /// Every huskd's log, for a failing test's output.
     pub fn logs(&self) -> String {
         let mut s = String::new();

@@ -41,38 +41,6 @@ fn per_node(r: &[(String, String)]) -> BTreeMap<String, usize> {
     m
 }
 
-/// Polls `f` until it holds; fails with the cluster's logs if it does
-/// not within `secs`.
-fn wait(c: &Cluster, what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        if t.elapsed() > Duration::from_secs(secs) {
-            // What the cluster thinks, from any manager still answering.
-            for h in &c.hosts {
-                if h.husk(&["service", "ls"]).status.success() {
-                    for s in h.json(&["service", "ls"]).unwrap_or_default() {
-                        h.husk(&[
-                            "service",
-                            "ps",
-                            "-a",
-                            s["spec"]["name"].as_str().unwrap_or(""),
-                        ]);
-                    }
-                    h.husk(&["node", "ls"]);
-                    break;
-                }
-            }
-            for h in &c.hosts {
-                println!("{}: {} husk-vmm processes", h.name, h.vmms());
-            }
-            panic!("timed out after {secs} s waiting for {what}\n{}", c.logs());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    println!("{what}: {:.1} s", t.elapsed().as_secs_f64());
-    t.elapsed()
-}
-
 fn http_get(addr: &str) -> String {
     use std::io::{Read, Write};
     let Ok(addr) = addr.parse() else {
@@ -156,7 +124,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid join token"));
     c.hosts[1].ok(&["cluster", "join", "--token", &manager, &leader_addr]);
     c.hosts[2].ok(&["cluster", "join", "--token", &rotated, &leader_addr]);
-    wait(&c, "three nodes ready", 30, || {
+    c.wait("three nodes ready", 30, || {
         let n = node_rows(&c.hosts[0]);
         n.len() == 3 && n.iter().all(|r| r["state"] == "ready")
     });
@@ -223,15 +191,15 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         "sleep",
         "3600",
     ]);
-    wait(&c, "web: 3 running", 300, || running(h1, "web").len() == 3);
+    c.wait("web: 3 running", 300, || running(h1, "web").len() == 3);
     let spread = per_node(&running(h1, "web"));
     assert_eq!(spread.len(), 3, "one replica per node: {spread:?}");
     h1.ok(&["service", "scale", "web=5"]);
-    wait(&c, "web: 5 running", 300, || running(h1, "web").len() == 5);
+    c.wait("web: 5 running", 300, || running(h1, "web").len() == 5);
     let spread = per_node(&running(h1, "web"));
     assert!(spread.values().all(|n| *n <= 2), "{spread:?}");
     h1.ok(&["service", "scale", "web=2"]);
-    wait(&c, "web: 2 running, 3 sandboxes gone", 120, || {
+    c.wait("web: 2 running, 3 sandboxes gone", 120, || {
         running(h1, "web").len() == 2 && c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
     });
 
@@ -265,7 +233,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         "-c",
         "echo agent on $(hostname); exec sleep 3600",
     ]);
-    wait(&c, "mgr: 2 running, agent: 3 running", 400, || {
+    c.wait("mgr: 2 running, agent: 3 running", 400, || {
         running(h1, "mgr").len() == 2 && running(h1, "agent").len() == 3
     });
     let mgr = per_node(&running(h1, "mgr"));
@@ -281,7 +249,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     );
     // Their output, gathered from the three nodes.
     let mut logs = String::new();
-    wait(&c, "agent's output from three nodes", 60, || {
+    c.wait("agent's output from three nodes", 60, || {
         logs = h1.ok(&["service", "logs", "agent"]);
         logs.matches("| agent on ").count() == 3
     });
@@ -289,14 +257,14 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         assert!(logs.contains(&format!("@{n}    | agent on ")), "{logs}");
     }
     h1.ok(&["service", "rm", "mgr", "agent"]);
-    wait(&c, "mgr and agent gone", 120, || {
+    c.wait("mgr and agent gone", 120, || {
         c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
     });
 
     // ---- rolling update: never fewer than N-1 running ----
     h1.ok(&["service", "update", "--args", "sleep 3601", "web"]);
     let mut fewest = usize::MAX;
-    wait(&c, "web updated", 400, || {
+    c.wait("web updated", 400, || {
         let r = running(h1, "web");
         fewest = fewest.min(r.len());
         let s = h1.json(&["service", "ls"]).unwrap_or_default();
@@ -320,7 +288,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         "rollback",
         "web",
     ]);
-    wait(&c, "web rolled back", 300, || {
+    c.wait("web rolled back", 300, || {
         let s = h1.json(&["service", "ls"]).unwrap_or_default();
         s.iter().any(|s| {
             s["spec"]["name"] == "web" && s["update_status"]["state"] == "rollback_completed"
@@ -347,7 +315,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
             .unwrap_or("")
             .to_string()
     };
-    wait(&c, "vote stack: 5 services running", 400, || {
+    c.wait("vote stack: 5 services running", 400, || {
         let ts = h1.json(&["stack", "ps", "vote"]).unwrap_or_default();
         for t in &ts {
             let s = svc_of(t);
@@ -395,7 +363,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     assert!(body.contains("HTTP/1."), "{addr} answered {body:?}");
     assert!(h1.ok(&["stack", "ls"]).contains("vote"));
     h1.ok(&["stack", "rm", "vote"]);
-    wait(&c, "the stack's sandboxes gone", 120, || {
+    c.wait("the stack's sandboxes gone", 120, || {
         h1.json(&["service", "ls"]).unwrap_or_default().len() == 1
             && c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
     });
@@ -403,10 +371,10 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     // ---- drain: every task leaves the node ----
     // Three replicas: one on each node (the new one goes where web has none).
     h1.ok(&["service", "scale", "web=3"]);
-    wait(&c, "web: 3 running", 300, || running(h1, "web").len() == 3);
+    c.wait("web: 3 running", 300, || running(h1, "web").len() == 3);
     assert_eq!(per_node(&running(h1, "web")).len(), 3);
     h1.ok(&["node", "update", "--availability", "drain", "node2"]);
-    wait(&c, "node2 drained", 300, || {
+    c.wait("node2 drained", 300, || {
         let r = running(h1, "web");
         r.len() == 3 && r.iter().all(|(_, n)| n != "node2") && c.hosts[1].vmms() == 0
     });
@@ -420,14 +388,14 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     c.hosts[vi].kill();
     c.hosts[vi].unplug();
     let h1 = &c.hosts[0];
-    let took = wait(&c, "web's lost task placed on a live node", 30, || {
+    let took = c.wait("web's lost task placed on a live node", 30, || {
         tasks(h1, "web")
             .iter()
             .filter(|t| t["desired_state"] == "running")
             .all(|t| t["node"] != victim.as_str())
     });
     assert!(took < Duration::from_secs(10), "rescheduled after {took:?}");
-    wait(&c, "web: 3 running again", 300, || {
+    c.wait("web: 3 running again", 300, || {
         running(h1, "web").len() == 3
     });
     assert!(node_rows(h1)
@@ -453,20 +421,20 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     // ---- the leading manager dies: the other one leads, state intact ----
     c.hosts[0].kill();
     let h2 = &c.hosts[1];
-    wait(&c, "node2 leads", 30, || {
+    c.wait("node2 leads", 30, || {
         h2.ok(&["cluster", "info"]).contains("Is Leader: true")
     });
     let svcs = h2.json(&["service", "ls"]).unwrap();
     assert_eq!(svcs.len(), 1);
     assert_eq!(svcs[0]["spec"]["name"], "web");
-    wait(&c, "web: 3 running on the survivor", 300, || {
+    c.wait("web: 3 running on the survivor", 300, || {
         let r = running(h2, "web");
         r.len() == 3 && r.iter().all(|(_, n)| n == "node2")
     });
     let _ = ev_child.kill();
     let _ = ev_child.wait();
     h2.ok(&["service", "rm", "web"]);
-    wait(&c, "every sandbox gone", 120, || {
+    c.wait("every sandbox gone", 120, || {
         c.hosts.iter().map(Host::vmms).sum::<usize>() == 0
     });
     drop(c);
