@@ -69,6 +69,43 @@ pub fn leader_key() -> String {
     format!("{ROOT}leader")
 }
 
+/// How long a call is retried while etcd cannot answer (a member lost,
+/// its leader being re-elected: ~1-2 s at etcd's defaults).
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether `e` may pass by itself: etcd unavailable or between leaders,
+/// a connection to a dead member.
+fn transient(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
+/// Runs `f` again while it fails transiently, for up to RETRY_FOR.
+async fn retrying<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && start.elapsed() < RETRY_FOR => {
+                tracing::debug!("{what}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            Err(e) => return Err(e).context(what.to_string()),
+        }
+    }
+}
+
 /// Most puts one transaction carries (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
@@ -107,12 +144,11 @@ impl Store {
     }
 
     pub async fn get_raw(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
-        let r = self
-            .client
-            .clone()
-            .get(key, None)
-            .await
-            .with_context(|| format!("etcd get {key}"))?;
+        let r = retrying(&format!("etcd get {key}"), || {
+            let mut c = self.client.clone();
+            async move { c.get(key, None).await }
+        })
+        .await?;
         Ok(r.kvs()
             .first()
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
@@ -139,12 +175,11 @@ impl Store {
     /// not decode are skipped with a warning (one bad value must not stop
     /// the cluster).
     pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(T, i64)>> {
-        let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .with_context(|| format!("etcd list {prefix}"))?;
+        let r = retrying(&format!("etcd list {prefix}"), || {
+            let mut c = self.client.clone();
+            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
         let mut out = Vec::with_capacity(r.kvs().len());
         for kv in r.kvs() {
             match serde_json::from_slice(kv.value()) {
@@ -160,39 +195,48 @@ impl Store {
     }
 
     pub async fn put_raw(&self, key: &str, v: Vec<u8>) -> Result<()> {
-        self.client
-            .clone()
-            .put(key, v, None)
-            .await
-            .with_context(|| format!("etcd put {key}"))?;
+        retrying(&format!("etcd put {key}"), || {
+            let (mut c, v) = (self.client.clone(), v.clone());
+            async move { c.put(key, v, None).await }
+        })
+        .await?;
         Ok(())
     }
 
-    /// Writes `key` only if it does not exist; false if it did.
+    /// Writes `key` only if it does not exist; false if it did (with
+    /// another value: a retried create that had landed is ours).
     pub async fn create_raw(&self, key: &str, v: Vec<u8>) -> Result<bool> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, v, None)]);
-        let r = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("etcd create {key}"))?;
-        Ok(r.succeeded())
+        let txn = || {
+            Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, v.clone(), None)])
+        };
+        let r = retrying(&format!("etcd create {key}"), || {
+            let (mut c, t) = (self.client.clone(), txn());
+            async move { c.txn(t).await }
+        })
+        .await?;
+        if r.succeeded() {
+            return Ok(true);
+        }
+        Ok(self.get_raw(key).await?.is_some_and(|(have, _)| have == v))
     }
 
     /// Writes `key` if its mod revision is still `rev`; false if not.
     pub async fn cas<T: Serialize>(&self, key: &str, v: &T, rev: i64) -> Result<bool> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
-            .and_then([TxnOp::put(key, serde_json::to_vec(v)?, None)]);
-        let r = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("etcd update {key}"))?;
+        let body = serde_json::to_vec(v)?;
+        let txn = || {
+            Txn::new()
+                .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key, body.clone(), None)])
+        };
+        // A write that landed before a retry fails the comparison: the
+        // caller reads again and finds its change there.
+        let r = retrying(&format!("etcd update {key}"), || {
+            let (mut c, t) = (self.client.clone(), txn());
+            async move { c.txn(t).await }
+        })
+        .await?;
         Ok(r.succeeded())
     }
 
@@ -224,30 +268,33 @@ impl Store {
                 .iter()
                 .map(|(k, v)| Ok(TxnOp::put(k.as_str(), serde_json::to_vec(v)?, None)))
                 .collect::<Result<Vec<_>>>()?;
-            self.client
-                .clone()
-                .txn(Txn::new().and_then(ops))
-                .await
-                .context("etcd batch put")?;
+            retrying("etcd batch put", || {
+                let (mut c, t) = (self.client.clone(), Txn::new().and_then(ops.clone()));
+                async move { c.txn(t).await }
+            })
+            .await?;
         }
         Ok(())
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
-        self.client
-            .clone()
-            .delete(key, None)
-            .await
-            .with_context(|| format!("etcd delete {key}"))?;
+        retrying(&format!("etcd delete {key}"), || {
+            let mut c = self.client.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?;
         Ok(())
     }
 
     pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
-        self.client
-            .clone()
-            .delete(prefix, Some(DeleteOptions::new().with_prefix()))
-            .await
-            .with_context(|| format!("etcd delete {prefix}*"))?;
+        retrying(&format!("etcd delete {prefix}*"), || {
+            let mut c = self.client.clone();
+            async move {
+                c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                    .await
+            }
+        })
+        .await?;
         Ok(())
     }
 }

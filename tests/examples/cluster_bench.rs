@@ -54,11 +54,16 @@ fn main() {
         n.len() == 3 && n.iter().all(|r| r["state"] == "ready")
     });
 
-    // 1. Placement throughput.
-    let mut rates = Vec::new();
+    // 1. Placement throughput: as the client sees it (from `service
+    // create` until `service ps` shows 50 placed tasks; an upper bound,
+    // the CLI's own runs included), and by the leader's timestamps (from
+    // the service's creation to the pass that placed its tasks).
+    let mut walls = Vec::new();
+    let mut leader = Vec::new();
     for round in 0..3 {
         let name = format!("burst{round}");
         let h1 = &c.hosts[0];
+        let t = Instant::now();
         h1.ok(&[
             "service",
             "create",
@@ -70,11 +75,18 @@ fn main() {
             "none",
             "husk.local/not-on-any-node",
         ]);
-        let mut tasks: Vec<Value> = Vec::new();
-        c.wait("50 tasks placed", 120, || {
-            tasks = h1.json(&["service", "ps", "-a", &name]).unwrap_or_default();
-            tasks.len() == 50 && tasks.iter().all(|t| t["node_id"] != "")
-        });
+        let tasks = loop {
+            let tasks: Vec<Value> = h1.json(&["service", "ps", "-a", &name]).unwrap_or_default();
+            if tasks.len() == 50 && tasks.iter().all(|t| t["node_id"] != "") {
+                break tasks;
+            }
+            assert!(
+                t.elapsed().as_secs() < 120,
+                "50 tasks not placed\n{}",
+                c.logs()
+            );
+        };
+        let wall = t.elapsed().as_secs_f64();
         let svc: Value = serde_json::from_str(&h1.ok(&["service", "inspect", &name])).unwrap();
         let created = svc[0]["created_ms"].as_u64().unwrap();
         let last = tasks
@@ -82,9 +94,12 @@ fn main() {
             .filter_map(|t| t["created_ms"].as_u64())
             .max()
             .unwrap();
-        let secs = (last.saturating_sub(created)).max(1) as f64 / 1000.0;
-        println!("round {round}: 50 tasks placed {secs:.3} s after the service was created");
-        rates.push(50.0 / secs);
+        let by_leader = last.saturating_sub(created) as f64 / 1000.0;
+        println!(
+            "round {round}: 50 tasks placed; seen by the client after {wall:.3} s, placed by the leader {by_leader:.3} s after the service was stored"
+        );
+        walls.push(wall);
+        leader.push(by_leader);
         h1.ok(&["service", "rm", &name]);
     }
 
@@ -149,13 +164,16 @@ fn main() {
                 .any(|r| r["hostname"] == name.as_str() && r["state"] == "ready")
         });
     }
-    let rate = median(rates);
+    let wall = median(walls);
+    let by_leader = median(leader);
     let resched = median(times.clone());
     println!(
-        "median of 3: {rate:.0} tasks/s placed (50-replica service, no sandbox boot); median of 5: rescheduled {resched:.2} s after node loss (heartbeat 1 s, grace 4 s)"
+        "median of 3: 50 tasks placed in {wall:.3} s as the client sees it ({:.0} tasks/s), {by_leader:.3} s by the leader's clock; median of 5: rescheduled {resched:.2} s after node loss (heartbeat 1 s, grace 4 s)",
+        50.0 / wall
     );
     println!(
-        "placement-tasks-per-s={rate:.1} reschedule-median-s={resched:.2} reschedule-max-s={:.2} heartbeat-s=1 grace-s=4 rounds=5",
+        "placement-tasks-per-s={:.1} placement-wall-s={wall:.3} placement-leader-s={by_leader:.3} reschedule-median-s={resched:.2} reschedule-max-s={:.2} heartbeat-s=1 grace-s=4 rounds=5",
+        50.0 / wall,
         times.iter().cloned().fold(0.0, f64::max)
     );
     drop(c);

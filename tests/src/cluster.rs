@@ -17,54 +17,85 @@ pub fn huskd_binary() -> Result<PathBuf> {
     crate::vm::workspace_binary("huskd", "husk-orchestrator", "HUSKD")
 }
 
-/// Why a cluster cannot be made here, if it cannot.
+/// Why a cluster whose tasks run cannot be made here, if it cannot.
 pub fn cluster_unavailable() -> Option<String> {
-    crate::kvm_unavailable()
-        .or_else(crate::root_unavailable)
-        .or_else(|| {
-            (!Path::new("/usr/bin/etcd").exists())
-                .then(|| "etcd not installed (scripts/setup.sh installs etcd-server)".into())
-        })
+    crate::kvm_unavailable().or_else(control_plane_unavailable)
+}
+
+/// Why a cluster cannot be made here at all (tasks that never start a
+/// sandbox need no /dev/kvm), if it cannot.
+pub fn control_plane_unavailable() -> Option<String> {
+    crate::root_unavailable().or_else(|| {
+        (!Path::new("/usr/bin/etcd").exists())
+            .then(|| "etcd not installed (scripts/setup.sh installs etcd-server)".into())
+    })
 }
 
 /// One etcd member.
-pub struct Etcd {
-    child: Child,
+pub struct Member {
+    child: Option<Child>,
     pub client_url: String,
     _dir: tempfile::TempDir,
 }
 
+impl Member {
+    /// Kills it (SIGKILL): a member lost.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An etcd cluster of `n` members on `ip` (ports from `base`).
+pub struct Etcd {
+    pub members: Vec<Member>,
+}
+
 impl Etcd {
-    /// A single-member etcd listening on `ip`.
-    pub fn start(ip: Ipv4Addr, client_port: u16, peer_port: u16) -> Result<Etcd> {
-        let dir = tempfile::tempdir()?;
-        let client_url = format!("http://{ip}:{client_port}");
-        let peer = format!("http://{ip}:{peer_port}");
-        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-        let child = Command::new("/usr/bin/etcd")
-            .args(["--name", "t0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t0={peer}")])
-            // Tests' fsyncs need not survive a power cut.
-            .args(["--unsafe-no-fsync"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting etcd")?;
-        let e = Etcd {
-            child,
-            client_url,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let health = format!("{}/health", e.client_url);
+    pub fn start(ip: Ipv4Addr, base: u16, n: usize) -> Result<Etcd> {
+        let peers: Vec<String> = (0..n)
+            .map(|i| format!("m{i}=http://{ip}:{}", base + 2 * i as u16 + 1))
+            .collect();
+        let mut members = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::tempdir()?;
+            let client_url = format!("http://{ip}:{}", base + 2 * i as u16);
+            let peer = format!("http://{ip}:{}", base + 2 * i as u16 + 1);
+            let log = std::fs::File::create(dir.path().join("etcd.log"))?;
+            let child = Command::new("/usr/bin/etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &peers.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                // Tests' fsyncs need not survive a power cut.
+                .args(["--unsafe-no-fsync"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting etcd")?;
+            members.push(Member {
+                child: Some(child),
+                client_url,
+                _dir: dir,
+            });
+        }
+        let e = Etcd { members };
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let out = Command::new("etcdctl")
-                .args(["--endpoints", &e.client_url, "endpoint", "health"])
+                .args(["--endpoints", &e.endpoints(), "endpoint", "health"])
                 .env("ETCDCTL_API", "3")
                 .output();
             if out.is_ok_and(|o| o.status.success()) {
@@ -72,14 +103,16 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        bail!("etcd at {health} did not become healthy in 20 s")
+        bail!("etcd at {} did not become healthy in 30 s", e.endpoints())
     }
-}
 
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Every member's client URL, comma-separated (huskd's --etcd).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -241,6 +274,11 @@ impl Cluster {
     /// A bridge with etcd on it, and `n` hosts (huskd started, not yet in
     /// a cluster). `images` are imported into the shared image store.
     pub fn new(tag: &str, n: usize, images: &[PathBuf]) -> Result<Cluster> {
+        Cluster::with_etcd(tag, n, images, 1)
+    }
+
+    /// The same with an etcd of `members` members.
+    pub fn with_etcd(tag: &str, n: usize, images: &[PathBuf], members: usize) -> Result<Cluster> {
         let pid = std::process::id();
         let net = 20 + (pid % 200) as u8;
         let bridge = format!("hkb{}", pid % 100_000);
@@ -262,8 +300,8 @@ impl Cluster {
                 );
             }
         }
-        let base = 20000 + (pid % 10000) as u16 * 2;
-        let etcd = Etcd::start(Ipv4Addr::new(10, 231, net, 1), base, base + 1);
+        let base = 20000 + (pid % 4000) as u16 * 8;
+        let etcd = Etcd::start(Ipv4Addr::new(10, 231, net, 1), base, members);
         let etcd = match etcd {
             Ok(e) => e,
             Err(e) => {
@@ -333,7 +371,7 @@ impl Cluster {
             .arg("--socket")
             .arg(&h.socket)
             .args(["--listen-addr", &h.addr(), "--hostname", &h.name])
-            .args(["--etcd", &self.etcd.client_url])
+            .args(["--etcd", &self.etcd.endpoints()])
             .env("HUSK_ROOT", self.root.path())
             .env("HUSK_VMM", husk_vmm_binary()?)
             .env("HUSK_KERNEL", guest_kernel()?)
