@@ -129,10 +129,11 @@ impl Executor {
         let started = std::time::Instant::now();
         let interval = Duration::from_millis(hc.interval_ms.max(100));
         let timeout = Duration::from_millis(hc.timeout_ms.max(100));
+        let rest = hc.test.get(1..).unwrap_or_default();
         let args: Vec<String> = if hc.test.first().map(String::as_str) == Some("CMD-SHELL") {
-            vec!["/bin/sh".into(), "-c".into(), hc.test[1..].join(" ")]
+            vec!["/bin/sh".into(), "-c".into(), rest.join(" ")]
         } else {
-            hc.test[1..].to_vec()
+            rest.to_vec()
         };
         let process = serde_json::json!({
             "args": args, "cwd": "/", "env": env, "terminal": false,
@@ -185,7 +186,7 @@ impl Executor {
                 let c = Arc::new(Mutex::new(Control::default()));
                 known.insert(t.id.clone(), c.clone());
                 let me = self.clone();
-                let name = format!("task-{}", &t.id[..t.id.len().min(8)]);
+                let name = format!("task-{}", t.id.chars().take(8).collect::<String>());
                 let spawned = std::thread::Builder::new()
                     .name(name)
                     .spawn(move || me.run(t, c));

@@ -257,6 +257,7 @@ impl Manager {
         });
         let n = writes.len();
         let mut created = Vec::new();
+        let mut deleted = Vec::new();
         for w in writes {
             match w {
                 Write::Task(t) => match revs.get(&t.id) {
@@ -266,7 +267,7 @@ impl Manager {
                     }
                     None => created.push((store::task_key(&t.id), *t)),
                 },
-                Write::DeleteTask(id) => self.store.delete(&store::task_key(&id)).await?,
+                Write::DeleteTask(id) => deleted.push(store::task_key(&id)),
                 Write::Service(s) => {
                     if let Some(rev) = svc_revs.get(&s.id) {
                         self.store.cas(&store::service_key(&s.id), &s, *rev).await?;
@@ -274,7 +275,9 @@ impl Manager {
                 }
             }
         }
+        // New tasks first: placing work beats clearing history.
         self.store.put_many(&created).await?;
+        self.store.delete_many(&deleted).await?;
         Ok(n)
     }
 

@@ -277,6 +277,22 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes many keys, a transaction per hundred.
+    pub async fn delete_many(&self, keys: &[String]) -> Result<()> {
+        for chunk in keys.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::delete(k.as_str(), None))
+                .collect();
+            retrying("etcd batch delete", || {
+                let (mut c, t) = (self.client.clone(), Txn::new().and_then(ops.clone()));
+                async move { c.txn(t).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     pub async fn delete(&self, key: &str) -> Result<()> {
         retrying(&format!("etcd delete {key}"), || {
             let mut c = self.client.clone();

@@ -424,9 +424,22 @@ impl ServiceSpec {
                 bail!("port protocol {:?}: tcp or udp", p.protocol);
             }
         }
-        let u = &self.update_config;
-        if !(0.0..=1.0).contains(&u.max_failure_ratio) {
-            bail!("update max failure ratio {}: 0 to 1", u.max_failure_ratio);
+        for u in [&self.update_config, &self.rollback_config] {
+            if !(0.0..=1.0).contains(&u.max_failure_ratio) {
+                bail!("max failure ratio {}: 0 to 1", u.max_failure_ratio);
+            }
+        }
+        if let Some(h) = &self.healthcheck {
+            let kind = h.test.first().map(String::as_str);
+            if !matches!(kind, Some("CMD" | "CMD-SHELL")) || h.test.len() < 2 {
+                bail!(
+                    "healthcheck test {:?}: [\"CMD\", args...] or [\"CMD-SHELL\", command]",
+                    h.test
+                );
+            }
+            if h.interval_ms == 0 || h.timeout_ms == 0 {
+                bail!("healthcheck interval and timeout must be more than 0");
+            }
         }
         Ok(())
     }
@@ -661,6 +674,14 @@ mod tests {
         s.placement.constraints = vec!["node.rol==manager".into()];
         assert!(format!("{:#}", s.validate().unwrap_err()).contains("node.rol"));
         s.placement.constraints.clear();
+        s.healthcheck = Some(Healthcheck {
+            test: vec!["CMD".into()],
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            ..Default::default()
+        });
+        assert!(format!("{:#}", s.validate().unwrap_err()).contains("healthcheck"));
+        s.healthcheck = None;
         s.name = "-x".into();
         assert!(s.validate().is_err());
     }

@@ -101,6 +101,20 @@ fn main() {
         walls.push(wall);
         leader.push(by_leader);
         h1.ok(&["service", "rm", &name]);
+        // A quiet cluster for the next round: its tasks gone.
+        c.wait("the burst's tasks gone", 60, || {
+            h1.json(&["node", "ps", "node1", "-a"])
+                .unwrap_or_default()
+                .is_empty()
+                && h1
+                    .json(&["node", "ps", "node2", "-a"])
+                    .unwrap_or_default()
+                    .is_empty()
+                && h1
+                    .json(&["node", "ps", "node3", "-a"])
+                    .unwrap_or_default()
+                    .is_empty()
+        });
     }
 
     // 2. Rescheduling after node loss.
