@@ -46,12 +46,8 @@ fn map_at<'a>(v: &'a Value, path: &str) -> Result<&'a serde_yaml_ng::Mapping> {
 /// A list of strings, or a string (split like a shell would, simply).
 fn words(v: &Value, path: &str) -> Result<Vec<String>> {
     match v {
-        Value::Sequence(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, x)| str_at(x, &format!("{path}[{i}]")))
-            .collect(),
         Value::String(x) => Ok(x.split_whitespace().map(String::from).collect()),
+        Value::Sequence(_) => words_list(v, path),
         _ => bail!("{path}: expected a string or a list"),
     }
 }

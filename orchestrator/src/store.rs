@@ -19,9 +19,7 @@
 //! compare the key's mod revision and retry.
 
 use anyhow::{bail, Context, Result};
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::{de::DeserializeOwned, Serialize};
 
 pub const ROOT: &str = "/husk/v1/";
@@ -297,18 +295,6 @@ impl Store {
         retrying(&format!("etcd delete {key}"), || {
             let mut c = self.client.clone();
             async move { c.delete(key, None).await }
-        })
-        .await?;
-        Ok(())
-    }
-
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
-        retrying(&format!("etcd delete {prefix}*"), || {
-            let mut c = self.client.clone();
-            async move {
-                c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
-                    .await
-            }
         })
         .await?;
         Ok(())
