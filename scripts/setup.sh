@@ -12,16 +12,20 @@ packages=(
     # guest root image and sample images
     erofs-utils e2fsprogs busybox-static jq
     # reference VMM and peers used by the tests
-    qemu-system-x86 containerd runc skopeo umoci docker-registry
+    qemu-system-x86 qemu-system-common containerd runc skopeo umoci docker-registry
     # CRI pods under containerd: CNI plugins (/usr/lib/cni); the CRI API
     # client in the tests is generated from its protos (protoc)
     containernetworking-plugins protobuf-compiler
     # huskd: etcd (its state store, started by the tests); etcd-client
     # compiles etcd's protos, which import protobuf's well-known types
     etcd-server libprotobuf-dev
+    # the tests' etcd health check (etcdctl)
+    etcd-client
     # sandbox networking: NAT for the husk0 bridge (as Docker uses it);
     # test networks: taps in namespaces, ping
     iptables iproute2 iputils-ping
+    # test cleanup (pgrep/pkill)
+    procps
     # benchmarks
     python3 strace crun
 )

@@ -25,10 +25,7 @@ pub fn cluster_unavailable() -> Option<String> {
 /// Why a cluster cannot be made here at all (tasks that never start a
 /// sandbox need no /dev/kvm), if it cannot.
 pub fn control_plane_unavailable() -> Option<String> {
-    crate::root_unavailable().or_else(|| {
-        (!Path::new("/usr/bin/etcd").exists())
-            .then(|| "etcd not installed (scripts/setup.sh installs etcd-server)".into())
-    })
+    crate::root_unavailable()
 }
 
 /// One etcd member.
@@ -61,6 +58,10 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start(ip: Ipv4Addr, base: u16, n: usize) -> Result<Etcd> {
+        // A missing program fails here, naming it, not as a health check
+        // that times out.
+        let etcd = crate::programs::require("/usr/bin/etcd")?;
+        let etcdctl = crate::programs::require("etcdctl")?;
         let peers: Vec<String> = (0..n)
             .map(|i| format!("m{i}=http://{ip}:{}", base + 2 * i as u16 + 1))
             .collect();
@@ -70,7 +71,7 @@ impl Etcd {
             let client_url = format!("http://{ip}:{}", base + 2 * i as u16);
             let peer = format!("http://{ip}:{}", base + 2 * i as u16 + 1);
             let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-            let child = Command::new("/usr/bin/etcd")
+            let child = Command::new(&etcd)
                 .args(["--name", &format!("m{i}"), "--data-dir"])
                 .arg(dir.path().join("data"))
                 .args(["--listen-client-urls", &client_url])
@@ -93,17 +94,34 @@ impl Etcd {
         }
         let e = Etcd { members };
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
         while Instant::now() < deadline {
-            let out = Command::new("etcdctl")
+            let out = Command::new(&etcdctl)
                 .args(["--endpoints", &e.endpoints(), "endpoint", "health"])
                 .env("ETCDCTL_API", "3")
-                .output();
-            if out.is_ok_and(|o| o.status.success()) {
+                .output()
+                .with_context(|| format!("running {}", etcdctl.display()))?;
+            if out.status.success() {
                 return Ok(e);
             }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
             std::thread::sleep(Duration::from_millis(200));
         }
-        bail!("etcd at {} did not become healthy in 30 s", e.endpoints())
+        let logs: Vec<String> = e
+            .members
+            .iter()
+            .map(|m| {
+                let log =
+                    std::fs::read_to_string(m._dir.path().join("etcd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            })
+            .collect();
+        bail!(
+            "etcd at {} did not become healthy in 30 s; etcdctl said: {last}\netcd's log:\n{}",
+            e.endpoints(),
+            logs.join("\n---\n")
+        )
     }
 
     /// Every member's client URL, comma-separated (huskd's --etcd).

@@ -19,6 +19,7 @@ pub mod agent;
 pub mod cluster;
 pub mod containerd;
 mod netns;
+pub mod programs;
 mod vm;
 pub use containerd::Containerd;
 pub use netns::NetNs;

@@ -24,14 +24,7 @@ impl Containerd {
             skip(test, &why);
             return None;
         }
-        if Command::new("containerd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            skip(test, "containerd is not installed (make setup)");
-            return None;
-        }
+        husk_tests::programs::require("containerd").unwrap_or_else(|e| panic!("{e:#}"));
         let c = husk_tests::Containerd::start_with(&Options {
             husk: true,
             debug: true,

@@ -83,12 +83,7 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     if let Some(why) = kvm_unavailable().or_else(root_unavailable) {
         return skip(test, &why);
     }
-    if !Path::new("/usr/lib/cni/bridge").exists() {
-        return skip(
-            test,
-            "no CNI plugins in /usr/lib/cni (containernetworking-plugins)",
-        );
-    }
+    husk_tests::programs::require("/usr/lib/cni/bridge").unwrap_or_else(|e| panic!("{e:#}"));
     let c = Containerd::start_with(&Options {
         husk: true,
         debug: true,
