@@ -9,7 +9,7 @@ IMAGES := target/images
 # Guest binaries are static: the guest root image has no libc.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static
 
-.PHONY: run test setup kernel guest images lint fuzz bench clean
+.PHONY: run test setup kernel guest images lint fuzz bench stress clean
 
 # The main job: busybox in a microVM, like `docker run --rm`. The first run
 # boots and snapshots the template (tens of seconds where the guest kernel
@@ -52,6 +52,11 @@ bench: setup kernel guest images
 	bench/rootfs
 	bench/ctr
 	bench/cluster
+
+# The guest-path tests N times (default 5) beside a CPU hog; not part of
+# `make test`. N, HOGS and TESTS (test binaries of tests/) can be set.
+stress: setup kernel guest images
+	scripts/stress.sh
 
 setup:
 	@scripts/setup.sh

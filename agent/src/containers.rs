@@ -36,12 +36,26 @@ use crate::reaper::Reaper;
 use crate::rpc::{check_version, internal, invalid, status, Metadata};
 use crate::stream::Streams;
 
-/// How long a create or exec waits for its stdio streams to connect.
+/// How long a create or exec waits for its stdio streams to connect, and
+/// RemoveContainer for a killed container to exit, when the caller set no
+/// deadline (with one, until just before it: `rpc::time_left`).
 const STREAM_WAIT: Duration = Duration::from_secs(10);
-/// How long RemoveContainer waits for a killed container to exit.
 const REMOVE_WAIT: Duration = Duration::from_secs(10);
 /// Filesystem types a Storage may name.
 const FSTYPES: &[&str] = &["erofs", "ext4", "virtiofs", "tmpfs"];
+
+/// An error with every cause under it: libcontainer's outer errors
+/// ("failed to launch init process") name the step, the errno is below.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}
 
 /// Where the agent keeps things.
 #[derive(Clone, Debug)]
@@ -375,7 +389,7 @@ impl ProcStdio {
             if name.is_empty() {
                 dev_null(write)
             } else {
-                streams.claim(name, STREAM_WAIT)
+                streams.claim(name, crate::rpc::time_left(STREAM_WAIT))
             }
         };
         Ok(Self {
@@ -875,7 +889,7 @@ impl ContainersService {
                 if let Some(c) = console {
                     c.abandon();
                 }
-                return Err(internal(format!("creating the process: {e}")));
+                return Err(internal(format!("creating the process: {}", causes(&e))));
             }
         };
         self.reaper.watch(pid);
@@ -977,9 +991,10 @@ impl ContainersService {
         let mut c = lock(&arc);
         // Kill whatever is left, frozen or not (SIGKILL ends frozen tasks).
         self.signal_cgroup(&c, Signal::SIGKILL);
-        if self.reaper.wait(c.init.pid, Some(REMOVE_WAIT)).is_none() {
+        let wait = crate::rpc::time_left(REMOVE_WAIT);
+        if self.reaper.wait(c.init.pid, Some(wait)).is_none() {
             return Err(internal(format!(
-                "container {id:?} did not exit within {REMOVE_WAIT:?} of SIGKILL"
+                "container {id:?} did not exit within {wait:?} of SIGKILL"
             )));
         }
         // The init is reaped: libcontainer must not signal its (reusable)
@@ -1361,6 +1376,30 @@ impl ContainersService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_carry_their_causes() {
+        // As libcontainer's errors: the outer message names the step only.
+        #[derive(Debug)]
+        struct Step(std::io::Error);
+        impl std::fmt::Display for Step {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("failed to launch init process")
+            }
+        }
+        impl std::error::Error for Step {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Step(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert_eq!(e.to_string(), "failed to launch init process");
+        assert!(
+            causes(&e).ends_with(": Cannot allocate memory (os error 12)"),
+            "{}",
+            causes(&e)
+        );
+    }
 
     fn storage(source: &str, fstype: &str, point: &str) -> Storage {
         Storage {

@@ -1,6 +1,9 @@
-//! Helpers every service uses: the version check and error statuses.
+//! Helpers every service uses: the version check, error statuses and the
+//! caller's deadline.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use ttrpc::Code;
 
@@ -24,4 +27,68 @@ pub fn internal(msg: impl Into<String>) -> ttrpc::Error {
 
 pub fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+thread_local! {
+    /// When the request this thread serves must be answered by (the
+    /// caller's ttrpc timeout), if it set one.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// What a wait inside a request leaves for the answer to travel back.
+const ANSWER_MARGIN: Duration = Duration::from_secs(2);
+
+/// Runs `f` as the handler of a request whose caller waits `timeout_nano`
+/// (0: no deadline).
+pub fn with_deadline<T>(timeout_nano: i64, f: impl FnOnce() -> T) -> T {
+    let deadline = u64::try_from(timeout_nano)
+        .ok()
+        .filter(|&n| n > 0)
+        .map(|n| Instant::now() + Duration::from_nanos(n));
+    DEADLINE.with(|d| d.set(deadline));
+    let r = f();
+    DEADLINE.with(|d| d.set(None));
+    r
+}
+
+/// How long a wait inside the current request may last: until just before
+/// the caller gives up, or `default` for a caller with no deadline. The
+/// guest's speed is the host's to judge: where guest-kernel work is
+/// emulated, a stream's connection or a killed process's exit takes tens
+/// of seconds under load, and a fixed guess in the agent failed calls the
+/// caller was still willing to wait for.
+pub fn time_left(default: Duration) -> Duration {
+    DEADLINE.with(|d| match d.get() {
+        Some(at) => at
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(ANSWER_MARGIN),
+        None => default,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_follow_the_callers_deadline() {
+        let d = Duration::from_secs(7);
+        assert_eq!(time_left(d), d, "no request: the default");
+        let left = with_deadline(60_000_000_000, || time_left(d));
+        assert!(
+            left > Duration::from_secs(50) && left <= Duration::from_secs(58),
+            "{left:?}"
+        );
+        assert_eq!(
+            with_deadline(0, || time_left(d)),
+            d,
+            "no deadline: the default"
+        );
+        assert_eq!(
+            with_deadline(1, || time_left(d)),
+            Duration::ZERO,
+            "already past"
+        );
+        assert_eq!(time_left(d), d, "cleared after the request");
+    }
 }

@@ -54,7 +54,11 @@ macro_rules! serve {
                 async fn $m(&self, ctx: &TtrpcContext, req: $req) -> ttrpc::Result<$resp> {
                     let svc = self.0.clone();
                     let meta = ctx.metadata.clone();
-                    blocking(move || svc.$m(&meta, req)).await
+                    let timeout = ctx.timeout_nano;
+                    blocking(move || {
+                        crate::rpc::with_deadline(timeout, || svc.$m(&meta, req))
+                    })
+                    .await
                 }
             )*
             $(

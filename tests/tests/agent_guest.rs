@@ -162,9 +162,9 @@ fn a_sandbox_boots_cold_when_asked() {
     let sb = rt.start_sandbox(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
     describe(&sb);
     assert!(sb.template.is_none());
-    let i = identity(&sb, "ls /scratch; cat /host/f 2>/dev/null");
+    let i = identity(&sb, "ls /scratch; cat /host/f 2>&1");
     if !cfg.shares.is_empty() {
-        assert!(i.scratch.contains("shared-ok"), "{i:?}");
+        assert!(i.scratch.contains("shared-ok"), "{i:?}\n{}", sb.logs());
     }
     assert_eq!(i.hostname, "cold");
     assert!(
@@ -180,6 +180,24 @@ fn a_sandbox_boots_cold_when_asked() {
     assert!(e.to_string().contains("exists"), "{e:#}");
     let status = sb.shutdown(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// Unwraps, or fails with the sandbox's VMM log and guest console: an
+/// empty or missing result must say what the guest saw.
+trait OrLogs<T> {
+    fn or_logs(self, sb: &Sandbox) -> T;
+}
+
+impl<T, E: std::fmt::Debug> OrLogs<T> for Result<T, E> {
+    fn or_logs(self, sb: &Sandbox) -> T {
+        self.unwrap_or_else(|e| panic!("{e:?}\n{}", sb.logs()))
+    }
+}
+
+impl<T> OrLogs<T> for Option<T> {
+    fn or_logs(self, sb: &Sandbox) -> T {
+        self.unwrap_or_else(|| panic!("None\n{}", sb.logs()))
+    }
 }
 
 #[derive(Debug)]
@@ -236,7 +254,7 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
             .source("scratch")
             .options(vec!["rbind".to_string(), "rw".to_string()])
             .build()
-            .unwrap(),
+            .or_logs(sb),
     );
     if let Some(shared) = sb.shared_storage() {
         storage.push(shared);
@@ -247,7 +265,7 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
                 .source(husk_runtime::shared::guest_source(0))
                 .options(vec!["rbind".to_string(), "rw".to_string()])
                 .build()
-                .unwrap(),
+                .or_logs(sb),
         );
     }
     spec.set_mounts(Some(mounts));
@@ -260,21 +278,21 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
     // Line by line, each stamped with the host's clock as it arrives: the
     // clock line's stamp is within the stream's delay of the guest's read.
-    let stdout = s.stdout.take().unwrap();
-    stdout.set_read_timeout(Some(t)).unwrap();
+    let stdout = s.stdout.take().or_logs(sb);
+    stdout.set_read_timeout(Some(t)).or_logs(sb);
     let mut stamped = Vec::new();
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        stamped.push((line.unwrap(), now.as_secs_f64()));
+            .or_logs(sb);
+        stamped.push((line.or_logs(sb), now.as_secs_f64()));
     }
     let out: String = stamped.iter().map(|(l, _)| format!("{l}\n")).collect();
-    let err = read_all(&mut s.stderr, t).unwrap();
-    a.wait(&id, "").unwrap();
-    a.remove(&id).unwrap();
+    let err = read_all(&mut s.stderr, t).or_logs(sb);
+    a.wait(&id, "").or_logs(sb);
+    a.remove(&id).or_logs(sb);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines.len() > 5, "{out:?} {err:?}");
+    assert!(lines.len() > 5, "{out:?} {err:?}\n{}", sb.logs());
     // busybox's adjtimex prints "time.tv_sec: S" and "time.tv_usec: U"
     // lines, at once as it exits.
     let field = |name: &str| -> (f64, f64) {
@@ -297,7 +315,7 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
         boot_id: lines[1].into(),
         random: lines[2].into(),
         clock_skew: host_now - guest_now,
-        scratch: lines.last().unwrap().trim().into(),
+        scratch: lines.last().or_logs(sb).trim().into(),
     }
 }
 
@@ -330,12 +348,12 @@ fn containers_in_the_guest(sb: &Sandbox) {
         ],
         false,
     );
-    let mut linux = spec.linux().clone().unwrap();
+    let mut linux = spec.linux().clone().or_logs(sb);
     let seccomp = serde_json::from_value(serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
     }))
-    .unwrap();
+    .or_logs(sb);
     linux.set_seccomp(Some(seccomp));
     spec.set_linux(Some(linux));
     let start = Instant::now();
@@ -345,9 +363,9 @@ fn containers_in_the_guest(sb: &Sandbox) {
     let created = start.elapsed();
     a.containers
         .start_container(actx(t), &container("c1"))
-        .unwrap();
+        .or_logs(sb);
     let mut first = [0u8; 3];
-    std::io::Read::read_exact(s.stdout.as_mut().unwrap(), &mut first).unwrap();
+    std::io::Read::read_exact(s.stdout.as_mut().or_logs(sb), &mut first).or_logs(sb);
     let started = start.elapsed();
     println!(
         "guest container: CreateContainer {:.2} s, StartContainer to first output {:.2} s",
@@ -355,12 +373,12 @@ fn containers_in_the_guest(sb: &Sandbox) {
         (started - created).as_secs_f64()
     );
     assert_eq!(&first, b"hi\n");
-    let out = read_all(&mut s.stdout, t).unwrap();
+    let out = read_all(&mut s.stdout, t).or_logs(sb);
     assert!(out.contains("nameserver 10.0.2.3"), "{out:?}");
     assert!(out.contains("mkdir=1\n"), "{out:?}");
-    assert_eq!(read_all(&mut s.stderr, t).unwrap(), "oops\n");
-    assert_eq!(a.wait("c1", "").unwrap().status, 3);
-    a.remove("c1").unwrap();
+    assert_eq!(read_all(&mut s.stderr, t).or_logs(sb), "oops\n");
+    assert_eq!(a.wait("c1", "").or_logs(sb).status, 3);
+    a.remove("c1").or_logs(sb);
 
     // A memory limit that the container exceeds: OOM-killed, reported as
     // OOM both by WaitProcess and GetOOMEvent. (The string doubles in user
@@ -370,15 +388,15 @@ fn containers_in_the_guest(sb: &Sandbox) {
         &["sh", "-c", "x=a; while :; do x=$x$x; done"],
         false,
     );
-    let mut linux = spec.linux().clone().unwrap();
+    let mut linux = spec.linux().clone().or_logs(sb);
     let resources: oci_spec::runtime::LinuxResources = serde_json::from_value(
         serde_json::json!({"memory": {"limit": 8 << 20}, "pids": {"limit": 32}}),
     )
-    .unwrap();
+    .or_logs(sb);
     linux.set_resources(Some(resources));
     spec.set_linux(Some(linux));
     let oom_waiter = {
-        let a = sb.connect().unwrap();
+        let a = sb.connect().or_logs(sb);
         // It waits through the create and the container's run: on a loaded
         // emulated host that is minutes.
         std::thread::spawn(move || {
@@ -388,27 +406,27 @@ fn containers_in_the_guest(sb: &Sandbox) {
     };
     a.create("oom", &spec, Io::default(), storage(), true)
         .unwrap_or_else(|e| fail(e));
-    let w = a.wait("oom", "").unwrap();
+    let w = a.wait("oom", "").or_logs(sb);
     assert_eq!((w.status, w.oom_killed), (137, true), "{w:?}");
-    let ev = oom_waiter.join().unwrap().unwrap();
+    let ev = oom_waiter.join().or_logs(sb).or_logs(sb);
     assert_eq!(ev.container_id, "oom");
     let st = a
         .containers
         .stats_container(actx(t), &container("oom"))
-        .unwrap();
+        .or_logs(sb);
     assert_eq!(st.memory.limit, 8 << 20, "{st:?}");
     assert!(st.memory.oom_kill >= 1, "{st:?}");
     assert_eq!(st.pids_limit, 32, "{st:?}");
-    a.remove("oom").unwrap();
+    a.remove("oom").or_logs(sb);
 
     // A long-running container: exec, stats, update, pause/resume, and the
     // agent's own memory (no pid namespace: /proc/1 is the agent).
     let mut spec = busybox_spec("busybox", &["sh", "-c", "while :; do sleep 1; done"], false);
-    let mut linux = spec.linux().clone().unwrap();
+    let mut linux = spec.linux().clone().or_logs(sb);
     let ns: Vec<_> = linux
         .namespaces()
         .clone()
-        .unwrap()
+        .or_logs(sb)
         .into_iter()
         .filter(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Pid)
         .collect();
@@ -433,11 +451,16 @@ fn containers_in_the_guest(sb: &Sandbox) {
             ]),
             Io::OUT_ERR,
         )
-        .unwrap();
-    let status = read_all(&mut es.stdout, t).unwrap();
+        .or_logs(sb);
+    let status = read_all(&mut es.stdout, t).or_logs(sb);
     println!("agent (PID 1) after four containers:\n{status}");
-    assert!(status.contains("husk-agent"), "{status:?}");
-    assert_eq!(a.wait("long", "e1").unwrap().status, 4);
+    assert!(
+        status.contains("husk-agent"),
+        "exec e1 printed {status:?}, stderr {:?}\n{}",
+        read_all(&mut es.stderr, t),
+        sb.logs()
+    );
+    assert_eq!(a.wait("long", "e1").or_logs(sb).status, 4);
     let update = UpdateContainerRequest {
         container_id: "long".into(),
         resources: br#"{"pids": {"limit": 20}, "memory": {"limit": 33554432},
@@ -445,11 +468,11 @@ fn containers_in_the_guest(sb: &Sandbox) {
             .to_vec(),
         ..Default::default()
     };
-    a.containers.update_container(actx(t), &update).unwrap();
+    a.containers.update_container(actx(t), &update).or_logs(sb);
     let st = a
         .containers
         .stats_container(actx(t), &container("long"))
-        .unwrap();
+        .or_logs(sb);
     assert!(st.cpu.usage_usec > 0 && st.memory.usage > 0, "{st:?}");
     assert_eq!((st.pids_limit, st.memory.limit), (20, 32 << 20), "{st:?}");
     assert!(st.pids_current >= 1, "{st:?}");
@@ -460,28 +483,30 @@ fn containers_in_the_guest(sb: &Sandbox) {
         "/sys/fs/cgroup/memory.max",
         "/sys/fs/cgroup/pids.max",
     ];
-    let mut es = a.exec("long", "e2", &process(&cat), Io::OUT_ERR).unwrap();
+    let mut es = a
+        .exec("long", "e2", &process(&cat), Io::OUT_ERR)
+        .or_logs(sb);
     assert_eq!(
-        read_all(&mut es.stdout, t).unwrap(),
+        read_all(&mut es.stdout, t).or_logs(sb),
         "50000 100000\n33554432\n20\n"
     );
-    assert_eq!(a.wait("long", "e2").unwrap().status, 0);
+    assert_eq!(a.wait("long", "e2").or_logs(sb).status, 0);
     a.containers
         .pause_container(actx(t), &container("long"))
-        .unwrap();
+        .or_logs(sb);
     let list = a
         .containers
         .list_containers(actx(t), &Empty::new())
-        .unwrap();
+        .or_logs(sb);
     assert_eq!(list.containers[0].status, "paused");
     a.containers
         .resume_container(actx(t), &container("long"))
-        .unwrap();
-    a.remove("long").unwrap();
+        .or_logs(sb);
+    a.remove("long").or_logs(sb);
     let list = a
         .containers
         .list_containers(actx(t), &Empty::new())
-        .unwrap();
+        .or_logs(sb);
     assert!(list.containers.is_empty());
 
     // Network: netlink in the guest (no NIC in this VM: lo stands in; the
@@ -505,12 +530,15 @@ fn containers_in_the_guest(sb: &Sandbox) {
                 ..Default::default()
             },
         )
-        .unwrap();
+        .or_logs(sb);
     assert_eq!(got.mtu, 16384);
-    let list = a.network.list_interfaces(actx(t), &Empty::new()).unwrap();
+    let list = a
+        .network
+        .list_interfaces(actx(t), &Empty::new())
+        .or_logs(sb);
     assert!(list
         .interfaces
         .iter()
         .any(|i| i.name == "lo" && i.mtu == 16384));
-    a.health().unwrap();
+    a.health().or_logs(sb);
 }
