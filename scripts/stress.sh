@@ -12,12 +12,12 @@ N=${N:-5}
 # One busy process per hog, at normal priority: it takes a core's share
 # from the guests' vCPU threads as another tenant would.
 HOGS=${HOGS:-1}
-GROUPS_=${TESTS:-"agent_guest stream_races shim_containerd shim_cri"}
+BINARIES=${TESTS:-"agent_guest stream_races shim_containerd shim_cri"}
 out=target/stress
 mkdir -p "$out"
 
 tests=()
-for g in $GROUPS_; do tests+=(--test "$g"); done
+for g in $BINARIES; do tests+=(--test "$g"); done
 cargo build --workspace --locked --bins || exit 1
 cargo test --locked -p husk-tests --no-run "${tests[@]}" || exit 1
 
@@ -27,7 +27,7 @@ for _ in $(seq "$HOGS"); do
     hogs+=($!)
 done
 trap 'kill "${hogs[@]}" 2>&1 | grep -v "No such process" >&2' EXIT
-echo "stress: $N runs of [$GROUPS_] beside $HOGS CPU hog(s) (pids ${hogs[*]}) on $(nproc) cores"
+echo "stress: $N runs of [$BINARIES] beside $HOGS CPU hog(s) (pids ${hogs[*]}) on $(nproc) cores"
 
 failed=0
 for i in $(seq "$N"); do

@@ -28,11 +28,21 @@ pub fn control_plane_unavailable() -> Option<String> {
     crate::root_unavailable()
 }
 
+/// The last `n` lines of a log, each ending in a newline ("" if unreadable).
+fn last_lines(path: &std::path::Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// One etcd member.
 pub struct Member {
     child: Option<Child>,
     pub client_url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Member {
@@ -89,7 +99,7 @@ impl Etcd {
             members.push(Member {
                 child: Some(child),
                 client_url,
-                _dir: dir,
+                dir,
             });
         }
         let e = Etcd { members };
@@ -110,12 +120,7 @@ impl Etcd {
         let logs: Vec<String> = e
             .members
             .iter()
-            .map(|m| {
-                let log =
-                    std::fs::read_to_string(m._dir.path().join("etcd.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            })
+            .map(|m| last_lines(&m.dir.path().join("etcd.log"), 20))
             .collect();
         bail!(
             "etcd at {} did not become healthy in 30 s; etcdctl said: {last}\netcd's log:\n{}",
@@ -444,13 +449,8 @@ impl Cluster {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for h in &self.hosts {
-            let log = std::fs::read_to_string(h.dir.join("huskd.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
             s.push_str(&format!("---- {} huskd.log (last lines) ----\n", h.name));
-            for l in tail.into_iter().rev() {
-                s.push_str(l);
-                s.push('\n');
-            }
+            s.push_str(&last_lines(&h.dir.join("huskd.log"), 80));
         }
         s
     }

@@ -67,15 +67,11 @@ pub const ESSENTIAL: &[&str] = &[
 
 /// Where `program` is, or an error naming it and the package that provides it.
 pub fn require(program: &str) -> Result<PathBuf> {
-    let package = PROGRAMS
-        .iter()
-        .find(|(p, _)| *p == program)
-        .map(|(_, pkg)| *pkg);
     if let Some(found) = locate(program) {
         return Ok(found);
     }
-    match package {
-        Some(pkg) => bail!(
+    match PROGRAMS.iter().find(|(p, _)| *p == program) {
+        Some((_, pkg)) => bail!(
             "{program} not found: it comes from Debian's {pkg} package, which scripts/setup.sh \
              installs (run `make setup`)"
         ),

@@ -16,18 +16,16 @@ use husk_protocol::agent::{
     CreateSandboxRequest, Empty, IPAddress, Interface, Storage, UpdateContainerRequest,
     UpdateInterfaceRequest,
 };
-use husk_runtime::{Boot, DriveSpec, Runtime, Sandbox, SandboxConfig};
-use husk_tests::agent::{busybox_erofs, busybox_spec, container, ctx as actx, read_all, Io};
-use husk_tests::{kvm_unavailable, runtime, skip};
+use husk_runtime::{Boot, Runtime, Sandbox, SandboxConfig};
+use husk_tests::agent::{
+    busybox_guest, busybox_sandbox, busybox_spec, busybox_storage, container, ctx as actx,
+    host_share_mount, process, read_all, Io,
+};
+use husk_tests::kvm_unavailable;
 
 fn config(id: &str, busybox: &std::path::Path) -> SandboxConfig {
-    let mut c = SandboxConfig::new(id);
-    c.drives = vec![DriveSpec {
-        path: busybox.to_path_buf(),
-        read_only: true,
-    }];
+    let mut c = busybox_sandbox(id, busybox);
     c.dns_servers = vec!["10.0.2.3".into()];
-    c.console_log = true;
     c
 }
 
@@ -55,15 +53,7 @@ fn describe(sb: &Sandbox) {
 /// The runtime and a busybox erofs image, or None (and a SKIP line)
 /// without /dev/kvm.
 fn setup(test: &str) -> Option<(Runtime, tempfile::TempDir, PathBuf)> {
-    if let Some(why) = kvm_unavailable() {
-        skip(test, &why);
-        return None;
-    }
-    let rt = runtime().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let busybox = dir.path().join("busybox.erofs");
-    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
-    Some((rt, dir, busybox))
+    busybox_guest(test, kvm_unavailable())
 }
 
 #[test]
@@ -218,13 +208,7 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
         .connect()
         .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
     let mut storage = vec![
-        Storage {
-            source: sb.devices[0].clone(),
-            fstype: "erofs".into(),
-            options: vec!["ro".into()],
-            mount_point: "busybox".into(),
-            ..Default::default()
-        },
+        busybox_storage(sb),
         Storage {
             source: "tmpfs".into(),
             fstype: "tmpfs".into(),
@@ -258,15 +242,7 @@ fn identity(sb: &Sandbox, script: &str) -> Identity {
     );
     if let Some(shared) = sb.shared_storage() {
         storage.push(shared);
-        mounts.push(
-            oci_spec::runtime::MountBuilder::default()
-                .destination("/host")
-                .typ("bind")
-                .source(husk_runtime::shared::guest_source(0))
-                .options(vec!["rbind".to_string(), "rw".to_string()])
-                .build()
-                .or_logs(sb),
-        );
+        mounts.push(host_share_mount("/host"));
     }
     spec.set_mounts(Some(mounts));
     let id = format!(
@@ -326,15 +302,7 @@ fn containers_in_the_guest(sb: &Sandbox) {
     let a = sb
         .connect()
         .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
-    let storage = || {
-        vec![Storage {
-            source: sb.devices[0].clone(),
-            fstype: "erofs".into(),
-            options: vec!["ro".into()],
-            mount_point: "busybox".into(),
-            ..Default::default()
-        }]
-    };
+    let storage = || vec![busybox_storage(sb)];
     let fail = |e: anyhow::Error| -> ! { panic!("{e:#}\n{}", sb.logs()) };
 
     // Output, exit code, the sandbox's resolv.conf in the container, and
@@ -434,12 +402,6 @@ fn containers_in_the_guest(sb: &Sandbox) {
     spec.set_linux(Some(linux));
     a.create("long", &spec, Io::default(), storage(), true)
         .unwrap_or_else(|e| fail(e));
-    let process = |args: &[&str]| {
-        serde_json::json!({
-            "args": args, "cwd": "/", "user": {"uid": 0, "gid": 0},
-            "env": ["PATH=/bin:/usr/bin"]
-        })
-    };
     let mut es = a
         .exec(
             "long",

@@ -16,9 +16,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use husk_protocol::agent::Storage;
-use husk_runtime::{DriveSpec, Runtime, Sandbox, SandboxConfig};
-use husk_tests::agent::{busybox_erofs, busybox_spec, read_all, Io};
-use husk_tests::{kvm_unavailable, root_unavailable, runtime, skip};
+use husk_runtime::{Runtime, Sandbox};
+use husk_tests::agent::{
+    busybox_guest, busybox_sandbox as config, busybox_spec, busybox_storage, host_share_mount,
+    process, read_all, Io,
+};
+use husk_tests::{kvm_unavailable, root_unavailable};
 
 const T: Duration = Duration::from_secs(300);
 /// Execs in flight at once.
@@ -26,43 +29,16 @@ const PARALLEL: usize = 6;
 /// Rounds of them.
 const ROUNDS: usize = 3;
 
-fn config(id: &str, busybox: &std::path::Path) -> SandboxConfig {
-    let mut c = SandboxConfig::new(id);
-    c.drives = vec![DriveSpec {
-        path: busybox.to_path_buf(),
-        read_only: true,
-    }];
-    c.console_log = true;
-    c
-}
-
 fn setup(test: &str) -> Option<(Runtime, tempfile::TempDir, PathBuf)> {
-    if let Some(why) = kvm_unavailable().or_else(root_unavailable) {
-        skip(test, &why);
-        return None;
-    }
-    let rt = runtime().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let busybox = dir.path().join("busybox.erofs");
-    busybox_erofs(&busybox).unwrap_or_else(|e| panic!("{e:#}"));
-    Some((rt, dir, busybox))
+    busybox_guest(test, kvm_unavailable().or_else(root_unavailable))
 }
 
 fn storage(sb: &Sandbox) -> Vec<Storage> {
-    vec![Storage {
-        source: sb.devices[0].clone(),
-        fstype: "erofs".into(),
-        options: vec!["ro".into()],
-        mount_point: "busybox".into(),
-        ..Default::default()
-    }]
+    vec![busybox_storage(sb)]
 }
 
-fn process(script: &str) -> serde_json::Value {
-    serde_json::json!({
-        "args": ["sh", "-c", script], "cwd": "/", "user": {"uid": 0, "gid": 0},
-        "env": ["PATH=/bin:/usr/bin"]
-    })
+fn sh(script: &str) -> serde_json::Value {
+    process(&["sh", "-c", script])
 }
 
 /// What a wrong result prints: both streams and the guest's last words.
@@ -108,7 +84,7 @@ fn outputs_written_just_before_exit_all_arrive() {
         .exec(
             "long",
             "early",
-            &process("echo early-out; echo early-err >&2; exit 7"),
+            &sh("echo early-out; echo early-err >&2; exit 7"),
             Io::OUT_ERR,
         )
         .unwrap_or_else(|e| panic!("{e:#}\n{}", sb.logs()));
@@ -144,7 +120,7 @@ fn execs_at_once(sb: &Sandbox, round: usize) {
                     let script =
                         format!("echo {id}-a; echo {id}-b; echo {id}-c; echo {id}-e >&2; exit {i}");
                     let mut st = a
-                        .exec("long", &id, &process(&script), Io::OUT_ERR)
+                        .exec("long", &id, &sh(&script), Io::OUT_ERR)
                         .unwrap_or_else(|e| panic!("exec {id}: {e:#}\n{}", sb.logs()));
                     let out = read_all(&mut st.stdout, T)
                         .unwrap_or_else(|e| panic!("exec {id} stdout: {e:#}\n{}", sb.logs()));
@@ -194,15 +170,7 @@ fn a_share_is_served_the_instant_the_guest_mounts_it() {
         false,
     );
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    mounts.push(
-        oci_spec::runtime::MountBuilder::default()
-            .destination("/host")
-            .typ("bind")
-            .source(husk_runtime::shared::guest_source(0))
-            .options(vec!["rbind".to_string(), "rw".to_string()])
-            .build()
-            .unwrap(),
-    );
+    mounts.push(host_share_mount("/host"));
     spec.set_mounts(Some(mounts));
     // The first thing the restored guest does with the share is read it.
     let mut s = a
