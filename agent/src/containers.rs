@@ -23,9 +23,7 @@ use husk_protocol::agent::{
     ProcessRequest, SignalProcessRequest, StatsContainerResponse, Stdio, Storage,
     TtyWinResizeRequest, UpdateContainerRequest, WaitProcessResponse,
 };
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
-use libcontainer::syscall::syscall::SyscallType;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::Signal;
@@ -33,7 +31,8 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, MountBuilder, Proces
 use ttrpc::Code;
 
 use crate::reaper::Reaper;
-use crate::rpc::{check_version, internal, invalid, status, Metadata};
+use crate::rpc::{check_version, internal, invalid, status, time_left, Metadata};
+use crate::spawner::{self, causes, Spawner};
 use crate::stream::Streams;
 
 /// How long a create or exec waits for its stdio streams to connect, and
@@ -41,21 +40,10 @@ use crate::stream::Streams;
 /// deadline (with one, until just before it: `rpc::time_left`).
 const STREAM_WAIT: Duration = Duration::from_secs(10);
 const REMOVE_WAIT: Duration = Duration::from_secs(10);
+/// A container's or exec's processes being made, without a deadline.
+const BUILD_WAIT: Duration = Duration::from_secs(300);
 /// Filesystem types a Storage may name.
 const FSTYPES: &[&str] = &["erofs", "ext4", "virtiofs", "tmpfs"];
-
-/// An error with every cause under it: libcontainer's outer errors
-/// ("failed to launch init process") name the step, the errno is below.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        next = c.source();
-    }
-    s
-}
 
 /// Where the agent keeps things.
 #[derive(Clone, Debug)]
@@ -97,6 +85,9 @@ struct Ctr {
     cgroup: PathBuf,
     init: Proc,
     execs: HashMap<String, Proc>,
+    /// Exec ids whose processes are being made (the container's lock is not
+    /// held meanwhile: WaitProcess, stats and signals go on).
+    starting: std::collections::HashSet<String>,
     started: bool,
     paused: bool,
 }
@@ -132,6 +123,8 @@ struct Oom {
 pub struct ContainersService {
     dirs: Dirs,
     reaper: Arc<Reaper>,
+    /// Makes the containers' processes (spawner.rs).
+    spawner: Spawner,
     streams: Arc<Streams>,
     containers: Mutex<HashMap<String, Arc<Mutex<Ctr>>>>,
     /// Serializes creates, so ids and storages are checked and taken at once.
@@ -143,6 +136,17 @@ pub struct ContainersService {
     /// Watches memory.events files: the kernel notifies on every change, so
     /// no thread polls (polling is emulated kernel work on this host).
     inotify: Option<Inotify>,
+}
+
+/// Steps slower than this are reported on the console with their time:
+/// where the guest kernel is emulated, the first sign of a stall.
+const SLOW_STEP: Duration = Duration::from_secs(10);
+
+fn slow(since: Instant, what: &str) {
+    let took = since.elapsed();
+    if took > SLOW_STEP {
+        eprintln!("husk-agent: {what} took {:.1} s", took.as_secs_f64());
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -546,10 +550,16 @@ fn wait_for_capacity(source: &str) -> Result<(), String> {
 }
 
 impl ContainersService {
-    pub fn new(dirs: Dirs, reaper: Arc<Reaper>, streams: Arc<Streams>) -> Arc<Self> {
+    pub fn new(
+        dirs: Dirs,
+        reaper: Arc<Reaper>,
+        streams: Arc<Streams>,
+        spawner: Spawner,
+    ) -> Arc<Self> {
         let me = Arc::new(Self {
             dirs,
             reaper,
+            spawner,
             streams,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(()),
@@ -699,6 +709,7 @@ impl ContainersService {
             cgroup,
             init,
             execs: HashMap::new(),
+            starting: Default::default(),
             started: false,
             paused: false,
         };
@@ -846,42 +857,31 @@ impl ContainersService {
             None
         };
         // With a terminal, the streams are relayed to and from it instead.
-        let base = ContainerBuilder::new(id.to_string(), SyscallType::Linux);
-        let (tty_out, tty_in, base) = if terminal {
+        let (tty_out, tty_in, stdio) = if terminal {
             let input = stdio.has_stdin.then_some(stdio.stdin);
-            (Some(stdio.stdout), input, base)
+            (Some(stdio.stdout), input, None)
         } else {
-            let base = base
-                .with_stdin(stdio.stdin)
-                .with_stdout(stdio.stdout)
-                .with_stderr(stdio.stderr);
-            (None, None, base)
+            (None, None, Some([stdio.stdin, stdio.stdout, stdio.stderr]))
         };
-        let base = base
-            .with_root_path(self.dirs.libcontainer())
-            .map_err(|e| internal(format!("libcontainer root: {e}")))?
-            .with_console_socket(console.as_ref().map(|c| c.path.clone()));
-
+        let build = spawner::Build {
+            id: id.to_string(),
+            root: self.dirs.libcontainer(),
+            bundle: bundle.to_path_buf(),
+            exec: exec.map(Path::to_path_buf),
+            console_socket: console.as_ref().map(|c| c.path.clone()),
+            stdio,
+        };
+        let t = Instant::now();
         let spawn = self.reaper.spawn_lock();
-        let built = match exec {
-            None => base
-                .as_init(bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-                .map(|c| {
-                    let pid = c.pid().map(|p| p.as_raw()).unwrap_or(0);
-                    (c, pid)
-                }),
-            Some(process) => base
-                .as_tenant()
-                .with_detach(true)
-                .with_process(Some(process))
-                .build()
-                .and_then(|pid| {
-                    Container::load(self.dirs.libcontainer().join(id)).map(|c| (c, pid.as_raw()))
-                }),
-        };
+        slow(t, &format!("{id}: waiting to create processes"));
+        let built = self
+            .spawner
+            .build(build, time_left(BUILD_WAIT))
+            .and_then(|pid| {
+                Container::load(self.dirs.libcontainer().join(id))
+                    .map(|c| (c, pid))
+                    .map_err(|e| format!("loading its state: {}", causes(&e)))
+            });
         let (lc, pid) = match built {
             Ok(v) => v,
             Err(e) => {
@@ -889,7 +889,7 @@ impl ContainersService {
                 if let Some(c) = console {
                     c.abandon();
                 }
-                return Err(internal(format!("creating the process: {}", causes(&e))));
+                return Err(internal(format!("creating the process: {e}")));
             }
         };
         self.reaper.watch(pid);
@@ -1158,35 +1158,55 @@ impl ContainersService {
         check_version(meta)?;
         let process = check_exec(&req).map_err(invalid)?;
         let arc = self.get(&req.container_id)?;
+        let bundle = {
+            let mut c = lock(&arc);
+            if !c.started || !self.reaper.running(c.init.pid) {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {:?} is not running", req.container_id),
+                ));
+            }
+            if c.execs.contains_key(&req.exec_id) || !c.starting.insert(req.exec_id.clone()) {
+                return Err(status(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {:?} exists", req.exec_id),
+                ));
+            }
+            c.bundle.clone()
+        };
+        let made = self.make_exec(&bundle, &req, &process);
         let mut c = lock(&arc);
-        if !c.started || !self.reaper.running(c.init.pid) {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("container {:?} is not running", req.container_id),
-            ));
-        }
-        if c.execs.contains_key(&req.exec_id) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("exec {:?} exists", req.exec_id),
-            ));
-        }
-        let path = c.bundle.join(format!("exec-{}.json", req.exec_id));
-        let json = serde_json::to_vec(&process).map_err(|e| internal(e.to_string()))?;
-        std::fs::write(&path, json).map_err(|e| internal(format!("{}: {e}", path.display())))?;
-        let terminal = process.terminal().unwrap_or(false);
-        let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())
-            .map_err(invalid)?;
-        let bundle = c.bundle.clone();
-        let r = self.spawn(&bundle, &req.container_id, Some(&path), stdio, terminal);
-        let _ = std::fs::remove_file(&path);
-        let (_, proc_) = r?;
+        c.starting.remove(&req.exec_id);
+        let proc_ = made?;
         let pid = proc_.pid;
         c.execs.insert(req.exec_id.clone(), proc_);
         Ok(ExecProcessResponse {
             pid: pid as u32,
             ..Default::default()
         })
+    }
+
+    /// An exec's streams and process, made without the container's lock.
+    fn make_exec(
+        &self,
+        bundle: &Path,
+        req: &ExecProcessRequest,
+        process: &Process,
+    ) -> ttrpc::Result<Proc> {
+        let path = bundle.join(format!("exec-{}.json", req.exec_id));
+        let json = serde_json::to_vec(process).map_err(|e| internal(e.to_string()))?;
+        std::fs::write(&path, json).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+        let terminal = process.terminal().unwrap_or(false);
+        let t = Instant::now();
+        let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())
+            .map_err(invalid);
+        slow(t, &format!("exec {}: its streams", req.exec_id));
+        let t = Instant::now();
+        let r = stdio
+            .and_then(|stdio| self.spawn(bundle, &req.container_id, Some(&path), stdio, terminal));
+        slow(t, &format!("exec {}: its process", req.exec_id));
+        let _ = std::fs::remove_file(&path);
+        r.map(|(_, p)| p)
     }
 
     pub fn signal_process(

@@ -3,9 +3,11 @@
 
 pub mod containers;
 pub mod init;
+pub mod kmsg;
 pub mod network;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;
 pub mod server;
+pub mod spawner;
 pub mod stream;

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use husk_agent::containers::{ContainersService, Dirs};
 use husk_agent::reaper::Reaper;
+use husk_agent::spawner::Spawner;
 use husk_agent::stream::Streams;
-use husk_agent::{init, sandbox};
+use husk_agent::{init, kmsg, sandbox};
 use husk_protocol::{AGENT_VSOCK_PORT, STREAM_VSOCK_PORT};
 
 fn say(msg: &str) {
@@ -51,10 +52,30 @@ fn main() {
             _ => usage(),
         }
     }
+    if !is_guest {
+        // Orphans of a container's pid namespace come to us to be reaped,
+        // as they come to PID 1 in the guest. Set before the spawner is
+        // forked: the processes it makes become ours through it.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            say(&format!("PR_SET_CHILD_SUBREAPER: {e}"));
+        }
+    }
+    // While this process has one thread (spawner.rs).
+    let spawner = match Spawner::start() {
+        Ok(s) => s,
+        Err(e) => {
+            say(&e);
+            if is_guest {
+                reboot_guest();
+            }
+            std::process::exit(1);
+        }
+    };
     if is_guest {
         for e in init::mount_filesystems() {
             say(&e);
         }
+        kmsg::forward_reports();
         // Containers share the guest's network namespace: their localhost.
         if let Err(e) = husk_agent::network::loopback_up() {
             say(&e);
@@ -71,13 +92,6 @@ fn main() {
         root,
         cgroup: PathBuf::from("/sys/fs/cgroup"),
     };
-    if !is_guest {
-        // Orphans of a container's pid namespace come to us to be reaped,
-        // as they come to PID 1 in the guest.
-        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-            say(&format!("PR_SET_CHILD_SUBREAPER: {e}"));
-        }
-    }
     let reaper = Arc::new(Reaper::new());
     let streams = Streams::new();
     let streams_up = match listen.strip_prefix("unix://") {
@@ -87,7 +101,7 @@ fn main() {
     if let Err(e) = streams_up {
         say(&format!("cannot serve stdio streams: {e}"));
     }
-    let containers = ContainersService::new(dirs.clone(), reaper.clone(), streams);
+    let containers = ContainersService::new(dirs.clone(), reaper.clone(), streams, spawner);
     let on_destroy: Arc<dyn Fn() + Send + Sync> = if is_guest {
         Arc::new(|| reboot_guest())
     } else {

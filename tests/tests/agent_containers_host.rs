@@ -25,6 +25,7 @@ const T: Duration = Duration::from_secs(30);
 struct HostAgent {
     child: Child,
     conn: AgentConn,
+    sock: PathBuf,
     state: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -75,10 +76,11 @@ impl HostAgent {
             assert!(Instant::now() < deadline, "agent did not start listening");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let conn = AgentConn::connect(Endpoint::Unix(sock)).unwrap();
+        let conn = AgentConn::connect(Endpoint::Unix(sock.clone())).unwrap();
         Some(HostAgent {
             child,
             conn,
+            sock,
             state,
             _dir: dir,
         })
@@ -149,6 +151,51 @@ fn output_streams_and_exit_code() {
     let mut s = a.conn.run(&id, &spec, Io::OUT_ERR, true).unwrap();
     assert_eq!(read_all(&mut s.stdout, T).unwrap().len(), 4 << 20);
     assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
+    a.conn.remove(&id).unwrap();
+}
+
+/// Execs at once, many rounds: each gets exactly its own output and exit
+/// status. The agent serves them from several threads; the processes they
+/// make must not inherit another thread's half-held state (forked.rs). On
+/// the guest's main the same load hung the agent or killed execs with
+/// SIGSEGV (stream_races.rs); here it runs at native speed, so more rounds.
+#[test]
+fn parallel_execs_each_get_their_output_and_status() {
+    const PARALLEL: usize = 8;
+    const ROUNDS: usize = 12;
+    let Some(a) = HostAgent::start("parallel_execs_each_get_their_output_and_status") else {
+        return;
+    };
+    let id = unique("par");
+    let spec = busybox_spec("busybox", &["sh", "-c", "while :; do sleep 1; done"], false);
+    a.conn.run(&id, &spec, Io::default(), true).unwrap();
+    for round in 0..ROUNDS {
+        std::thread::scope(|s| {
+            for i in 0..PARALLEL {
+                let (a, id) = (&a, &id);
+                s.spawn(move || {
+                    let conn = AgentConn::connect(Endpoint::Unix(a.sock.clone())).unwrap();
+                    let exec = format!("r{round}-{i}");
+                    let process = serde_json::json!({
+                        "args": ["sh", "-c", format!("echo {exec}-out; echo {exec}-err >&2; exit {i}")],
+                        "cwd": "/", "user": {"uid": 0, "gid": 0},
+                        "env": ["PATH=/bin:/sbin:/usr/bin"]
+                    });
+                    let mut st = conn
+                        .exec(id, &exec, &process, Io::OUT_ERR)
+                        .unwrap_or_else(|e| panic!("exec {exec}: {e:#}"));
+                    let out = read_all(&mut st.stdout, T).unwrap();
+                    let err = read_all(&mut st.stderr, T).unwrap();
+                    let w = conn.wait(id, &exec).unwrap();
+                    assert_eq!(
+                        (out.as_str(), err.as_str(), w.status),
+                        (format!("{exec}-out\n").as_str(), format!("{exec}-err\n").as_str(), i as i32),
+                        "exec {exec}"
+                    );
+                });
+            }
+        });
+    }
     a.conn.remove(&id).unwrap();
 }
 

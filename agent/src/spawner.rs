@@ -1,0 +1,423 @@
+//! Creating container processes from a small, single-threaded process.
+//!
+//! libcontainer was written for youki's single-threaded command line: it
+//! makes a container's processes with a raw `clone3`, which runs none of
+//! libc's fork handlers. Called from the agent, whose other threads serve
+//! requests, relay streams and reap, each clone copied whatever locks
+//! those threads held at that instant (the allocator's among them) into a
+//! child that then waited on them forever, or worked on state caught
+//! half-changed. In the guest, where every syscall is emulated and slow,
+//! those windows are wide: six execs at once hung the agent, or their
+//! processes died of SIGSEGV before writing a byte (tests/stream_races.rs).
+//! Forking the agent itself per build fixed that but cost ~10–100 s a
+//! build there: every page the big agent or the fork touched afterwards was
+//! a copy-on-write fault, and those are emulated kernel work.
+//!
+//! So the agent forks one spawner at startup, before it has any thread
+//! and while it is small. The spawner takes build requests over a
+//! SOCK_SEQPACKET socketpair (the process's stdio passed with SCM_RIGHTS),
+//! forks a builder per request (a copy of a single-threaded, small
+//! process) and lets it run libcontainer. The builder answers on the same
+//! socket and `_exit`s; the processes it made are then orphans and become
+//! the agent's children (PID 1 in the guest, a subreaper on a host), which
+//! reaps them as before. Kata's agent, multi-threaded too, creates
+//! containers from a fresh process for the same reason.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::{fork, ForkResult, Pid};
+use serde_json::{json, Value};
+
+/// The largest message either side sends (a request names paths; an
+/// answer's error text is cut to fit).
+const MESSAGE_MAX: usize = 16 * 1024;
+
+/// What to build: a container's init (`exec` None) or a process in a
+/// running container (`exec`: its process JSON file).
+pub struct Build {
+    pub id: String,
+    /// libcontainer's state root.
+    pub root: PathBuf,
+    pub bundle: PathBuf,
+    pub exec: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    /// stdin, stdout, stderr; None for a process with a terminal.
+    pub stdio: Option<[OwnedFd; 3]>,
+}
+
+/// The agent's end of the spawner.
+pub struct Spawner {
+    /// One build at a time: the request and its answers pair up.
+    sock: Mutex<(OwnedFd, u64)>,
+}
+
+/// An error with every cause under it: libcontainer's outer errors
+/// ("failed to launch init process") name the step, the errno is below.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}
+
+impl Spawner {
+    /// Forks the spawner. Call before the agent starts any thread: the
+    /// spawner is a copy of this process as it is now.
+    pub fn start() -> Result<Self, String> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("spawner socketpair: {e}"))?;
+        // SAFETY: called while the process has one thread (see above), so
+        // the child may run any code; it never returns from serve().
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                drop(ours);
+                serve(theirs)
+            }
+            Ok(ForkResult::Parent { .. }) => Ok(Self {
+                sock: Mutex::new((ours, 0)),
+            }),
+            Err(e) => Err(format!("forking the spawner: {e}")),
+        }
+    }
+
+    /// Builds `b` and returns the pid of the process made (the container's
+    /// init, or the exec'd process). Gives up after `timeout`, killing the
+    /// builder. Call with the reaper's spawn lock held: the process becomes
+    /// the agent's child when the builder exits, and must be watched before
+    /// the reaper may take its status.
+    pub fn build(&self, b: Build, timeout: Duration) -> Result<i32, String> {
+        let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        guard.1 += 1;
+        let seq = guard.1;
+        let sock = &guard.0;
+        let id = b.id.clone();
+        let req = json!({
+            "seq": seq,
+            "id": b.id,
+            "root": b.root,
+            "bundle": b.bundle,
+            "exec": b.exec,
+            "console_socket": b.console_socket,
+        })
+        .to_string();
+        let fds: Vec<RawFd> = b.stdio.iter().flatten().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+        let iov = [std::io::IoSlice::new(req.as_bytes())];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+            .map_err(|e| format!("asking the spawner: {e}"))?;
+        // Sent: the spawner has its own copies; ours close now, so the
+        // streams end when the process does.
+        drop(b.stdio);
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut builder = None;
+        let mut reported = false;
+        loop {
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            if let (Some(p), false) = (builder, reported) {
+                // Once, after a while: what a slow build's processes do.
+                let silent = start.elapsed();
+                if silent >= SILENT_REPORT {
+                    reported = true;
+                    eprintln!(
+                        "husk-agent: builder {p} of {} silent for {:.0} s: {}",
+                        id,
+                        silent.as_secs_f64(),
+                        describe_tree(p)
+                    );
+                } else {
+                    left = left.min(SILENT_REPORT - silent);
+                }
+            }
+            let msg = match recv_until(sock, left) {
+                Ok(Some(m)) => m,
+                Ok(None) if Instant::now() < deadline => continue,
+                r => {
+                    if let Some(p) = builder {
+                        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                    }
+                    return Err(r.err().unwrap_or_else(|| {
+                        format!("the builder did not answer within {timeout:?}")
+                    }));
+                }
+            };
+            let Ok(v) = serde_json::from_slice::<Value>(&msg) else {
+                return Err(format!(
+                    "the spawner answered {:?}",
+                    String::from_utf8_lossy(&msg)
+                ));
+            };
+            // An answer to an earlier build that timed out: not ours.
+            if v["seq"].as_u64() != Some(seq) {
+                continue;
+            }
+            if let Some(p) = v["builder"].as_i64() {
+                builder = i32::try_from(p).ok();
+                continue;
+            }
+            if let Some(pid) = v["pid"].as_i64() {
+                return i32::try_from(pid).map_err(|_| format!("the builder answered pid {pid}"));
+            }
+            return Err(v["error"]
+                .as_str()
+                .unwrap_or("the builder answered neither a pid nor an error")
+                .to_string());
+        }
+    }
+}
+
+/// How long a build may be silent before what its processes are doing is
+/// reported on the console.
+const SILENT_REPORT: Duration = Duration::from_secs(20);
+
+/// One line per process of the tree under `pid`: its state, wait channel
+/// and system call (what a hung build waits on).
+fn describe_tree(pid: i32) -> String {
+    let read = |p: i32, f: &str| {
+        std::fs::read_to_string(format!("/proc/{p}/{f}"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("({e})"))
+    };
+    let mut out = String::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let stat = read(p, "stat");
+        let state = stat
+            .rsplit_once(") ")
+            .map(|(_, r)| r.chars().next().unwrap_or('?'));
+        out.push_str(&format!(
+            "[{p} {} state {} wchan {} syscall {}] ",
+            read(p, "comm"),
+            state.unwrap_or('?'),
+            read(p, "wchan"),
+            read(p, "syscall")
+        ));
+        todo.extend(children_of(p));
+        if out.len() > 2000 {
+            break;
+        }
+    }
+    out
+}
+
+/// The pids whose parent is `pid` (/proc/PID/stat's fourth field).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(") ")?.1.to_string();
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// The next message; None if none came within `left`.
+fn recv_until(sock: &OwnedFd, left: Duration) -> Result<Option<Vec<u8>>, String> {
+    let deadline = Instant::now() + left;
+    loop {
+        let ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(10_000);
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms as u16)) {
+            Ok(0) if Instant::now() >= deadline => return Ok(None),
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(format!("waiting for the spawner: {e}")),
+        }
+        let mut buf = vec![0u8; MESSAGE_MAX];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT) {
+            Ok(m) if m.bytes == 0 => return Err("the spawner is gone".into()),
+            Ok(m) => {
+                let n = m.bytes;
+                return Ok(Some(buf[..n].to_vec()));
+            }
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("reading the spawner's answer: {e}")),
+        }
+    }
+}
+
+/// Sends one message, cut to MESSAGE_MAX.
+fn send(sock: &OwnedFd, v: &Value) {
+    let mut s = v.to_string();
+    if s.len() > MESSAGE_MAX {
+        // Cut the error text, keep the message JSON.
+        let err: String = v["error"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(4000)
+            .collect();
+        s = json!({"seq": v["seq"], "error": err}).to_string();
+    }
+    let iov = [std::io::IoSlice::new(s.as_bytes())];
+    if let Err(e) = sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::empty(), None) {
+        eprintln!("husk-agent spawner: answering: {e}");
+    }
+}
+
+/// The spawner: one request at a time, each built in a forked builder.
+fn serve(sock: OwnedFd) -> ! {
+    // On a host the agent can be killed; its spawner goes with it.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    loop {
+        let (msg, fds) = match receive(&sock) {
+            Ok(Some(m)) => m,
+            // The agent closed its end: nothing more to build.
+            Ok(None) => unsafe_exit(0),
+            Err(e) => {
+                eprintln!("husk-agent spawner: {e}");
+                continue;
+            }
+        };
+        let req: Value = serde_json::from_slice(&msg).unwrap_or(Value::Null);
+        let seq = req["seq"].clone();
+        // SAFETY: the spawner is single-threaded; the builder runs build()
+        // and `_exit`s.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let answer = match build(&req, fds) {
+                    Ok(pid) => json!({"seq": seq, "pid": pid}),
+                    Err(e) => json!({"seq": seq, "error": e}),
+                };
+                send(&sock, &answer);
+                unsafe_exit(0)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(fds);
+                send(&sock, &json!({"seq": seq, "builder": child.as_raw()}));
+                while let Err(Errno::EINTR) = waitpid(child, Some(WaitPidFlag::__WALL)) {}
+            }
+            Err(e) => send(&sock, &json!({"seq": seq, "error": format!("fork: {e}")})),
+        }
+    }
+}
+
+fn unsafe_exit(code: i32) -> ! {
+    // SAFETY: ends this process at once: no atexit handlers, no
+    // destructors of what it copied from the agent.
+    unsafe { libc::_exit(code) }
+}
+
+/// A message's bytes and the descriptors that came with it.
+type Message = (Vec<u8>, Vec<OwnedFd>);
+
+/// One request and the descriptors that came with it; None at EOF.
+fn receive(sock: &OwnedFd) -> Result<Option<Message>, String> {
+    let mut buf = vec![0u8; MESSAGE_MAX];
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let m = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => break r.map_err(|e| format!("reading a request: {e}"))?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in m
+        .cmsgs()
+        .map_err(|e| format!("a request's descriptors: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(rs) = c {
+            // SAFETY: descriptors the kernel just installed for us.
+            fds.extend(rs.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    let n = m.bytes;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some((buf[..n].to_vec(), fds)))
+}
+
+/// In the builder: libcontainer makes the process; returns its pid.
+fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
+    let text = |k: &str| req[k].as_str().map(str::to_string);
+    let path = |k: &str| req[k].as_str().map(PathBuf::from);
+    let id = text("id").ok_or("a request without an id")?;
+    let root = path("root").ok_or("a request without a state root")?;
+    let bundle = path("bundle").ok_or("a request without a bundle")?;
+    let base = ContainerBuilder::new(id, SyscallType::Linux);
+    let base = match <[OwnedFd; 3]>::try_from(fds) {
+        Ok([stdin, stdout, stderr]) => base
+            .with_stdin(stdin)
+            .with_stdout(stdout)
+            .with_stderr(stderr),
+        Err(v) if v.is_empty() => base,
+        Err(v) => return Err(format!("a request with {} descriptors", v.len())),
+    };
+    let base = base
+        .with_root_path(root)
+        .map_err(|e| format!("libcontainer root: {}", causes(&e)))?
+        .with_console_socket(path("console_socket"));
+    match path("exec") {
+        None => base
+            .as_init(bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map(|c| c.pid().map(|p| p.as_raw()).unwrap_or(0))
+            .map_err(|e| causes(&e)),
+        Some(process) => base
+            .as_tenant()
+            .with_detach(true)
+            .with_process(Some(process))
+            .build()
+            .map(|pid| pid.as_raw())
+            .map_err(|e| causes(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_less_request_fails_with_the_reason() {
+        // A builder given nonsense answers with an error; nothing panics.
+        let e = build(&json!({"seq": 1}), Vec::new()).unwrap_err();
+        assert!(e.contains("without an id"), "{e}");
+        let (a, _b) = nix::unistd::pipe().unwrap();
+        let e = build(&json!({"id": "x", "root": "/r", "bundle": "/b"}), vec![a]).unwrap_err();
+        assert!(e.contains("1 descriptors"), "{e}");
+    }
+}
