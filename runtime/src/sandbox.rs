@@ -554,11 +554,17 @@ fn give_identity(agent: &AgentConn, cfg: &SandboxConfig, net: Option<&GuestNet>)
     let mut seed = ReseedRandomRequest::new();
     seed.data = vec![0; 64];
     getrandom(&mut seed.data)?;
+    let sent = std::time::Instant::now();
     agent
         .sandbox
         .reseed_random(ctx(timeout), &seed)
         .map_err(|e| anyhow::anyhow!("ReseedRandom: {}", rpc_message(&e)))?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+    // The time reaches the guest one trip after it is read: a busy guest
+    // takes hundreds of milliseconds to take a request. The trip just made
+    // (ReseedRandom does next to no work) measures it; half its round trip
+    // is the one-way delay NTP assumes.
+    let one_way = sent.elapsed() / 2;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)? + one_way;
     let mut t = SetTimeRequest::new();
     t.sec = now.as_secs() as i64;
     t.nsec = now.subsec_nanos();
