@@ -515,8 +515,20 @@ struct Conn {
     c: ClusterClient<Channel>,
 }
 
+/// The server's message; for a transport failure (the connection broke,
+/// a stream was reset) also the causes below it, which name what happened.
 fn msg(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    let mut text = s.message().to_string();
+    let mut cause = std::error::Error::source(&s);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    anyhow::anyhow!("{text}")
 }
 
 impl Conn {

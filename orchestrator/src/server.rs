@@ -463,7 +463,17 @@ impl api::cluster_server::Cluster for Api {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::Object, Status>>(64);
         tokio::spawn(async move {
-            while let Ok(Some(resp)) = w.message().await {
+            // The watch ends only with an error: the client is told why
+            // rather than seeing the stream end as if all were said.
+            let why = loop {
+                let resp = match w.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break "etcd closed the watch".to_string(),
+                    Err(e) => break format!("etcd watch: {e}"),
+                };
+                if resp.canceled() {
+                    break format!("etcd canceled the watch: {}", resp.cancel_reason());
+                }
                 for e in resp.events() {
                     if let Some(ev) = event_of(e) {
                         let o = api::Object {
@@ -474,7 +484,9 @@ impl api::cluster_server::Cluster for Api {
                         }
                     }
                 }
-            }
+            };
+            tracing::warn!("events stream ended: {why}");
+            let _ = tx.send(Err(Status::unavailable(why))).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -158,6 +158,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         .unwrap();
     let ev_out = ev_child.stdout.take().unwrap();
     let ev_store = events.clone();
+    let ev_start = Instant::now();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(ev_out)
@@ -168,6 +169,10 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
                 ev_store.lock().unwrap().push(v);
             }
         }
+        // Shown with the events when an assertion on them fails: a stream
+        // that ended early explains missing ones (its error is on stderr).
+        let ended = serde_json::json!({ "stream_ended_after_s": ev_start.elapsed().as_secs() });
+        ev_store.lock().unwrap().push(ended);
     });
 
     // ---- replicas: spread, scale up and down ----
