@@ -520,6 +520,11 @@ struct Conn {
 fn msg(s: tonic::Status) -> anyhow::Error {
     let mut text = s.message().to_string();
     let mut cause = std::error::Error::source(&s);
+    if cause.is_some() {
+        // Which of reset, GOAWAY or a closed socket it was (tonic's codes
+        // for h2's reasons).
+        text.push_str(&format!(" ({:?})", s.code()));
+    }
     while let Some(c) = cause {
         let c_text = c.to_string();
         if !text.contains(&c_text) {
