@@ -31,8 +31,8 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, MountBuilder, Proces
 use ttrpc::Code;
 
 use crate::reaper::Reaper;
-use crate::rpc::{check_version, internal, invalid, status, time_left, Metadata};
-use crate::spawner::{self, causes, Spawner};
+use crate::rpc::{causes, check_version, internal, invalid, status, time_left, Metadata};
+use crate::spawner::{self, Spawner};
 use crate::stream::Streams;
 
 /// How long a create or exec waits for its stdio streams to connect, and
@@ -1396,30 +1396,6 @@ impl ContainersService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn errors_carry_their_causes() {
-        // As libcontainer's errors: the outer message names the step only.
-        #[derive(Debug)]
-        struct Step(std::io::Error);
-        impl std::fmt::Display for Step {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("failed to launch init process")
-            }
-        }
-        impl std::error::Error for Step {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let e = Step(std::io::Error::from_raw_os_error(libc::ENOMEM));
-        assert_eq!(e.to_string(), "failed to launch init process");
-        assert!(
-            causes(&e).ends_with(": Cannot allocate memory (os error 12)"),
-            "{}",
-            causes(&e)
-        );
-    }
 
     fn storage(source: &str, fstype: &str, point: &str) -> Storage {
         Storage {

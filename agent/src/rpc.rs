@@ -29,6 +29,19 @@ pub fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
+/// An error with every cause under it: libcontainer's outer errors
+/// ("failed to launch init process") name the step, the errno is below.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}
+
 thread_local! {
     /// When the request this thread serves must be answered by (the
     /// caller's ttrpc timeout), if it set one.
@@ -69,6 +82,30 @@ pub fn time_left(default: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_carry_their_causes() {
+        // As libcontainer's errors: the outer message names the step only.
+        #[derive(Debug)]
+        struct Step(std::io::Error);
+        impl std::fmt::Display for Step {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("failed to launch init process")
+            }
+        }
+        impl std::error::Error for Step {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Step(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert_eq!(e.to_string(), "failed to launch init process");
+        assert!(
+            causes(&e).ends_with(": Cannot allocate memory (os error 12)"),
+            "{}",
+            causes(&e)
+        );
+    }
 
     #[test]
     fn waits_follow_the_callers_deadline() {

@@ -42,6 +42,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde_json::{json, Value};
 
+use crate::rpc::causes;
+
 /// The largest message either side sends (a request names paths; an
 /// answer's error text is cut to fit).
 const MESSAGE_MAX: usize = 16 * 1024;
@@ -63,19 +65,6 @@ pub struct Build {
 pub struct Spawner {
     /// One build at a time: the request and its answers pair up.
     sock: Mutex<(OwnedFd, u64)>,
-}
-
-/// An error with every cause under it: libcontainer's outer errors
-/// ("failed to launch init process") name the step, the errno is below.
-pub fn causes(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        next = c.source();
-    }
-    s
 }
 
 impl Spawner {
@@ -205,10 +194,7 @@ fn describe_tree(pid: i32) -> String {
     let mut out = String::new();
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
-        let stat = read(p, "stat");
-        let state = stat
-            .rsplit_once(") ")
-            .map(|(_, r)| r.chars().next().unwrap_or('?'));
+        let state = stat_after_comm(p).and_then(|r| r.chars().next());
         out.push_str(&format!(
             "[{p} {} state {} wchan {} syscall {}] ",
             read(p, "comm"),
@@ -231,15 +217,17 @@ fn children_of(pid: i32) -> Vec<i32> {
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = s.rsplit_once(") ")?.1.to_string();
-                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
+            stat_after_comm(*p).and_then(|rest| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
                 == Some(pid)
         })
         .collect()
+}
+
+/// /proc/PID/stat after the command name (which may hold spaces and
+/// parentheses): the state, then the parent's pid, ….
+fn stat_after_comm(pid: i32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(s.rsplit_once(") ")?.1.to_string())
 }
 
 /// The next message; None if none came within `left`.

@@ -16,7 +16,8 @@ use husk_protocol::agent::{
     SignalProcessRequest, Stdio, TtyWinResizeRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use husk_tests::agent::{
-    busybox_spec, container, ctx, read_all, rpc_message, unpack_busybox, AgentConn, Endpoint, Io,
+    busybox_spec, container, ctx, process, read_all, rpc_message, unpack_busybox, AgentConn,
+    Endpoint, Io,
 };
 use husk_tests::{husk_agent_binary, root_unavailable, skip};
 
@@ -156,7 +157,7 @@ fn output_streams_and_exit_code() {
 
 /// Execs at once, many rounds: each gets exactly its own output and exit
 /// status. The agent serves them from several threads; the processes they
-/// make must not inherit another thread's half-held state (forked.rs). On
+/// make must not inherit another thread's half-held state (agent/src/spawner.rs). On
 /// the guest's main the same load hung the agent or killed execs with
 /// SIGSEGV (stream_races.rs); here it runs at native speed, so more rounds.
 #[test]
@@ -176,20 +177,20 @@ fn parallel_execs_each_get_their_output_and_status() {
                 s.spawn(move || {
                     let conn = AgentConn::connect(Endpoint::Unix(a.sock.clone())).unwrap();
                     let exec = format!("r{round}-{i}");
-                    let process = serde_json::json!({
-                        "args": ["sh", "-c", format!("echo {exec}-out; echo {exec}-err >&2; exit {i}")],
-                        "cwd": "/", "user": {"uid": 0, "gid": 0},
-                        "env": ["PATH=/bin:/sbin:/usr/bin"]
-                    });
+                    let script = format!("echo {exec}-out; echo {exec}-err >&2; exit {i}");
                     let mut st = conn
-                        .exec(id, &exec, &process, Io::OUT_ERR)
+                        .exec(id, &exec, &process(&["sh", "-c", &script]), Io::OUT_ERR)
                         .unwrap_or_else(|e| panic!("exec {exec}: {e:#}"));
                     let out = read_all(&mut st.stdout, T).unwrap();
                     let err = read_all(&mut st.stderr, T).unwrap();
                     let w = conn.wait(id, &exec).unwrap();
                     assert_eq!(
                         (out.as_str(), err.as_str(), w.status),
-                        (format!("{exec}-out\n").as_str(), format!("{exec}-err\n").as_str(), i as i32),
+                        (
+                            format!("{exec}-out\n").as_str(),
+                            format!("{exec}-err\n").as_str(),
+                            i as i32
+                        ),
                         "exec {exec}"
                     );
                 });
@@ -277,11 +278,11 @@ fn exec_signals_and_remove_leave_nothing_behind() {
 
     // exec sees the container's pid namespace and rootfs, and has its own
     // streams and exit status.
-    let process = serde_json::json!({
-        "args": ["sh", "-c", "echo pid1=$(cat /proc/1/comm); ls /bin/busybox; exit 5"],
-        "cwd": "/", "user": {"uid": 0, "gid": 0},
-        "env": ["PATH=/bin:/sbin:/usr/bin"]
-    });
+    let process = process(&[
+        "sh",
+        "-c",
+        "echo pid1=$(cat /proc/1/comm); ls /bin/busybox; exit 5",
+    ]);
     let mut es = a.conn.exec(&id, "e1", &process, Io::OUT_ERR).unwrap();
     assert_eq!(
         read_all(&mut es.stdout, T).unwrap(),
