@@ -383,8 +383,15 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
             .with_systemd(false)
             .with_detach(true)
             .build()
-            .map(|c| c.pid().map(|p| p.as_raw()).unwrap_or(0))
-            .map_err(|e| causes(&e)),
+            .map_err(|e| causes(&e))
+            .and_then(|c| {
+                c.pid().map(|p| p.as_raw()).ok_or_else(|| {
+                    format!(
+                        "libcontainer made the container but its state has no pid (status {:?})",
+                        c.status()
+                    )
+                })
+            }),
         Some(process) => base
             .as_tenant()
             .with_detach(true)

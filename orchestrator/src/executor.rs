@@ -38,8 +38,9 @@ pub struct Report {
 #[derive(Default)]
 struct Control {
     stop: bool,
-    /// A second agent connection, to signal while the task thread waits.
-    agent: Option<AgentConn>,
+    /// A second agent connection, to signal while the task thread waits
+    /// (shared so that a signal is sent without holding this lock).
+    agent: Option<Arc<AgentConn>>,
     finished: bool,
     /// Stopped by its own healthcheck: a failure, not a shutdown.
     unhealthy: bool,
@@ -386,7 +387,7 @@ impl Executor {
         // A stop asked for while it started is carried out now.
         let stop_now = {
             let mut c = lock(ctl);
-            c.agent = Some(agent);
+            c.agent = Some(Arc::new(agent));
             c.stop
         };
         if stop_now {
@@ -473,21 +474,27 @@ fn stop(c: &Arc<Mutex<Control>>, id: &str) {
     }
 }
 
-/// SIGTERM now, SIGKILL after the grace period if it still runs.
+/// SIGTERM now, SIGKILL after the grace period if it still runs. Both are
+/// sent from a thread of their own: a signal is an RPC to a guest that may
+/// take seconds, and the caller (the assignment set being applied) must not
+/// wait for it, or the node's heartbeats stop meanwhile.
 fn signal_stop(c: &Arc<Mutex<Control>>, id: &str) {
-    if let Some(a) = &lock(c).agent {
-        if let Err(e) = a.signal(id, "", libc::SIGTERM as u32, true) {
-            tracing::debug!("task {id}: SIGTERM: {e:#}");
-        }
-    }
     let c = c.clone();
     let id = id.to_string();
+    let agent = |c: &Arc<Mutex<Control>>| {
+        let g = lock(c);
+        (!g.finished).then(|| g.agent.clone()).flatten()
+    };
     std::thread::spawn(move || {
+        if let Some(a) = agent(&c) {
+            if let Err(e) = a.signal(&id, "", libc::SIGTERM as u32, true) {
+                tracing::debug!("task {id}: SIGTERM: {e:#}");
+            }
+        }
         std::thread::sleep(STOP_GRACE);
-        let g = lock(&c);
-        if !g.finished {
-            if let Some(a) = &g.agent {
-                let _ = a.signal(&id, "", libc::SIGKILL as u32, true);
+        if let Some(a) = agent(&c) {
+            if let Err(e) = a.signal(&id, "", libc::SIGKILL as u32, true) {
+                tracing::debug!("task {id}: SIGKILL: {e:#}");
             }
         }
     });

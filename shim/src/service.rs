@@ -296,12 +296,18 @@ impl Service {
             cfg.hostname = h.clone();
         }
         cfg.fit_memory(&guest.spec);
+        // Kept so that a container that cannot be created comes with what
+        // the guest printed about it.
+        cfg.console_log = true;
         let sandbox = rt.start_sandbox(&cfg)?;
         let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
-        let (pid, mut streams) =
-            sandbox
-                .agent
-                .create_only(id, &guest.spec, stdio.io(), storages, false)?;
+        let (pid, mut streams) = sandbox
+            .agent
+            .create_only(id, &guest.spec, stdio.io(), storages, false)
+            .map_err(|e| {
+                warn!("{id}: not created; the sandbox's {}", sandbox.logs());
+                e
+            })?;
         let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
         info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
         if let Ok(conn) = sandbox.connect() {
