@@ -98,6 +98,9 @@ struct Container {
 struct Inner {
     sandbox: Option<Sandbox>,
     containers: HashMap<String, Container>,
+    /// The sandbox being stopped after its last container's delete: the
+    /// shim exits (Shutdown) only once it is gone.
+    stopping: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Clone)]
@@ -705,12 +708,20 @@ impl containerd_shim::Task for Service {
             (c, if last { g.sandbox.take() } else { None })
         };
         if let Some(sb) = sandbox {
-            if let Err(e) = sb.agent.remove(&req.id) {
-                warn!("{}: {e:#}", req.id);
-            }
-            if let Err(e) = sb.shutdown(Duration::from_secs(20)) {
-                warn!("stopping the sandbox: {e:#}");
-            }
+            // A guest's shutdown takes seconds of guest-kernel work, more
+            // than containerd waits for a delete (10 s when a pod's sandbox
+            // exits; it then never asks this shim to shut down): the VM
+            // stops on a thread of its own, and Shutdown waits for it.
+            let id = req.id.clone();
+            let stop = std::thread::spawn(move || {
+                if let Err(e) = sb.agent.remove(&id) {
+                    warn!("{id}: {e:#}");
+                }
+                if let Err(e) = sb.shutdown(Duration::from_secs(20)) {
+                    warn!("stopping the sandbox: {e:#}");
+                }
+            });
+            self.lock().stopping = Some(stop);
         }
         if let Some(r) = &c.rootfs {
             if let Err(e) = containerd_shim::mount::umount_recursive(r.to_str(), libc::MNT_DETACH) {
@@ -883,8 +894,17 @@ impl containerd_shim::Task for Service {
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        if self.lock().containers.is_empty() {
-            self.exit.signal();
+        let mut g = self.lock();
+        if g.containers.is_empty() {
+            let stopping = g.stopping.take();
+            let exit = self.exit.clone();
+            // Answered now; the shim exits once its sandbox is stopped.
+            std::thread::spawn(move || {
+                if let Some(t) = stopping {
+                    let _ = t.join();
+                }
+                exit.signal();
+            });
         }
         Ok(api::Empty::new())
     }
