@@ -307,10 +307,7 @@ impl Service {
         let (pid, mut streams) = sandbox
             .agent
             .create_only(id, &guest.spec, stdio.io(), storages, false)
-            .map_err(|e| {
-                warn!("{id}: not created; the sandbox's {}", sandbox.logs());
-                e
-            })?;
+            .inspect_err(|_| warn!("{id}: not created; the sandbox's {}", sandbox.logs()))?;
         let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
         info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
         if let Ok(conn) = sandbox.connect() {
