@@ -419,11 +419,16 @@ fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, String> {
         return Ok(p.as_raw());
     }
     let status = c.status();
+    // The file as it is: a damaged "pid" key parses (unknown keys are
+    // ignored) to exactly this; a clean one points at another writer.
+    let raw = std::fs::read(c.root.join("state.json"))
+        .map(|b| String::from_utf8_lossy(&b[..b.len().min(1024)]).into_owned())
+        .unwrap_or_else(|e| format!("unreadable: {e}"));
     match from_file {
         Ok(pid) if pid > 0 => {
             eprintln!(
                 "husk-agent: libcontainer's state of {} had no pid after create (status {status:?}); \
-                 {pid} from its pid file",
+                 {pid} from its pid file; state.json: {raw:?}",
                 c.id()
             );
             c.set_pid(pid)
@@ -433,7 +438,7 @@ fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, String> {
         }
         r => Err(format!(
             "libcontainer made the container but its state has no pid (status {status:?}) \
-             and its pid file gives none ({r:?})"
+             and its pid file gives none ({r:?}); state.json: {raw:?}"
         )),
     }
 }
