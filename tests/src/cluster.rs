@@ -31,11 +31,43 @@ pub fn control_plane_unavailable() -> Option<String> {
 /// The last `n` lines of a log, each ending in a newline ("" if unreadable).
 fn last_lines(path: &std::path::Path, n: usize) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
+    // A line's text without its timestamp: a loop that logs the same
+    // thing every tick shows once, with its count, instead of filling
+    // the tail.
+    let text = |l: &str| l.split_once(' ').map_or(l, |(_, t)| t).to_string();
+    let mut collapsed: Vec<(String, usize)> = Vec::new();
+    for l in log.lines() {
+        match collapsed.last_mut() {
+            Some((last, count)) if text(last) == text(l) => *count += 1,
+            _ => collapsed.push((l.to_string(), 1)),
+        }
+    }
+    let mut out = String::new();
+    // Warnings, errors and broken connections, wherever they are.
+    let notable: Vec<&String> = collapsed
         .iter()
-        .map(|l| format!("{l}\n"))
-        .collect()
+        .map(|(l, _)| l)
+        .filter(|l| {
+            [
+                "WARN",
+                "ERROR",
+                "failed serving connection",
+                "connection error",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect();
+    for l in &notable[notable.len().saturating_sub(30)..] {
+        out.push_str(&format!("! {l}\n"));
+    }
+    for (l, count) in &collapsed[collapsed.len().saturating_sub(n)..] {
+        match count {
+            1 => out.push_str(&format!("{l}\n")),
+            c => out.push_str(&format!("{l}   (this line {c} times in a row)\n")),
+        }
+    }
+    out
 }
 
 /// One etcd member.
@@ -399,7 +431,11 @@ impl Cluster {
             .env("HUSK_VMM", husk_vmm_binary()?)
             .env("HUSK_KERNEL", guest_kernel()?)
             .env("HUSK_GUEST_IMAGE", guest_rootfs()?)
-            .env("HUSKD_LOG", "info,husk_orchestrator=debug")
+            // tonic and h2 name why a connection ended only at debug.
+            .env(
+                "HUSKD_LOG",
+                "info,husk_orchestrator=debug,tonic::transport=debug,h2::proto::connection=debug",
+            )
             .stdout(Stdio::null())
             .stderr(log);
         h.huskd = Some(cmd.spawn().context("starting huskd")?);

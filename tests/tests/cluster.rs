@@ -418,9 +418,12 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
                     && state.is_none_or(|s| e["state"] == s)
             })
         };
-        assert!(saw("service", "create", "web", None), "{ev:?}");
-        assert!(saw("node", "update", "node3", Some("down")), "{ev:?}");
-        assert!(saw("task", "update", "web.1", Some("running")), "{ev:?}");
+        // A stream that ended early shows why in node1's log (tonic and
+        // h2 at debug).
+        let why = || format!("{ev:?}\n{}", c.logs());
+        assert!(saw("service", "create", "web", None), "{}", why());
+        assert!(saw("node", "update", "node3", Some("down")), "{}", why());
+        assert!(saw("task", "update", "web.1", Some("running")), "{}", why());
     }
 
     // ---- the leading manager dies: the other one leads, state intact ----
