@@ -405,11 +405,10 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
 }
 
 /// The init's pid from the state libcontainer left. Seen in the guest
-/// under the shim (a few runs in ten; the cause is not found yet): a state
-/// of status Created without the pid the same call wrote with it. Then
-/// the pid comes from the pid file, and the state is mended with it, so
-/// that later operations on the container (kill, delete) find it; the
-/// console says so.
+/// (the cause is not found yet): a state of status Created without the
+/// pid the same call wrote with it. Then the pid comes from the pid file
+/// (written from the same value), the state is mended if it can be, and
+/// the console says what was found.
 fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, String> {
     let from_file = std::fs::read_to_string(pid_file)
         .map_err(|e| format!("{}: {e}", pid_file.display()))
@@ -426,14 +425,16 @@ fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, String> {
         .unwrap_or_else(|e| format!("unreadable: {e}"));
     match from_file {
         Ok(pid) if pid > 0 => {
+            // Seen in the guest: the returned container's root is empty
+            // (its state read relative to the cwd), so the mend may fail;
+            // the pid file's pid stands either way.
+            let mended = c.set_pid(pid).save().map_err(|e| causes(&e));
             eprintln!(
-                "husk-agent: libcontainer's state of {} had no pid after create (status {status:?}); \
-                 {pid} from its pid file; state.json: {raw:?}",
-                c.id()
+                "husk-agent: libcontainer's state of {} (root {:?}) had no pid after create \
+                 (status {status:?}); {pid} from its pid file; state.json: {raw:?}; mended: {mended:?}",
+                c.id(),
+                c.root
             );
-            c.set_pid(pid)
-                .save()
-                .map_err(|e| format!("mending its state: {}", causes(&e)))?;
             Ok(pid)
         }
         r => Err(format!(
