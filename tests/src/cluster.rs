@@ -56,6 +56,8 @@ fn last_lines(path: &std::path::Path, n: usize) -> String {
             ]
             .iter()
             .any(|k| l.contains(k))
+                // A GOAWAY with NO_ERROR is a connection's normal end.
+                && !l.contains("NO_ERROR")
         })
         .collect();
     for l in &notable[notable.len().saturating_sub(30)..] {
