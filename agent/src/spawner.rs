@@ -374,17 +374,17 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
         Err(v) if v.is_empty() => base,
         Err(v) => return Err(format!("a request with {} descriptors", v.len())),
     };
-    // libcontainer's main process writes the init's pid here as soon as
-    // it has it, apart from the container's state file.
-    let pid_file = bundle.join(format!("{}.pid", req["seq"].as_u64().unwrap_or(0)));
     let base = base
         .with_root_path(root)
         .map_err(|e| format!("libcontainer root: {}", causes(&e)))?
-        .with_pid_file(Some(&pid_file))
-        .map_err(|e| format!("pid file: {}", causes(&e)))?
         .with_console_socket(path("console_socket"));
+    // libcontainer's main process writes the init's pid here as soon as
+    // it has it, apart from the container's state file (see init_pid).
+    let pid_file = bundle.join(format!("{}.pid", req["seq"].as_u64().unwrap_or(0)));
     match path("exec") {
         None => base
+            .with_pid_file(Some(&pid_file))
+            .map_err(|e| format!("pid file: {}", causes(&e)))?
             .as_init(bundle)
             .with_systemd(false)
             .with_detach(true)
@@ -396,10 +396,7 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
             .with_detach(true)
             .with_process(Some(process))
             .build()
-            .map(|pid| {
-                let _ = std::fs::remove_file(&pid_file);
-                pid.as_raw()
-            })
+            .map(|pid| pid.as_raw())
             .map_err(|e| causes(&e)),
     }
 }

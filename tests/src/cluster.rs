@@ -28,13 +28,17 @@ pub fn control_plane_unavailable() -> Option<String> {
     crate::root_unavailable()
 }
 
-/// The last `n` lines of a log, each ending in a newline ("" if unreadable).
+/// A log for a failure's output ("" if unreadable): its last 30 warnings,
+/// errors and broken connections (each marked "! "), then its last `n`
+/// lines, a run of lines that differ only in their timestamp shown once
+/// with its count, each ending in a newline.
 fn last_lines(path: &std::path::Path, n: usize) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
     // A line's text without its timestamp: a loop that logs the same
-    // thing every tick shows once, with its count, instead of filling
-    // the tail.
-    let text = |l: &str| l.split_once(' ').map_or(l, |(_, t)| t).to_string();
+    // thing every tick shows once instead of filling the tail.
+    fn text(l: &str) -> &str {
+        l.split_once(' ').map_or(l, |(_, t)| t)
+    }
     let mut collapsed: Vec<(String, usize)> = Vec::new();
     for l in log.lines() {
         match collapsed.last_mut() {
