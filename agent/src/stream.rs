@@ -8,6 +8,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,13 +21,24 @@ use nix::sys::socket::{
 const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
 /// At most this many unclaimed streams are held.
 const MAX_PENDING: usize = 256;
-/// A connection must name itself within this long.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many connections may be naming themselves at once.
+const MAX_ARRIVING: usize = 64;
+/// A connection must name itself within this long. The host sends the
+/// name right after the connection is made, but in a guest whose kernel is
+/// emulated, its packet can take seconds to be received while other
+/// containers start (a dropped stream leaves its process's request waiting
+/// for it until the caller's deadline). Each waiting connection holds a
+/// thread; MAX_ARRIVING bounds them.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// A claim waiting this long is reported on the console.
+const SLOW_REPORT: Duration = Duration::from_secs(20);
 
 #[derive(Default)]
 pub struct Streams {
     pending: Mutex<HashMap<String, (OwnedFd, Instant)>>,
     arrived: Condvar,
+    /// Connections whose name is still being read.
+    arriving: AtomicUsize,
 }
 
 impl Streams {
@@ -85,11 +97,25 @@ impl Streams {
     /// Reads the name line on its own thread: a slow client must not hold
     /// up others.
     fn arrive(self: &Arc<Self>, conn: UnixOrVsock) {
+        if self.arriving.fetch_add(1, Ordering::SeqCst) >= MAX_ARRIVING {
+            self.arriving.fetch_sub(1, Ordering::SeqCst);
+            eprintln!(
+                "husk-agent: stream dropped: {MAX_ARRIVING} streams have not named themselves yet"
+            );
+            return;
+        }
         let me = self.clone();
-        std::thread::spawn(move || match read_name(&conn.0) {
-            Ok(name) => me.add(name, conn.0),
-            Err(e) => eprintln!("husk-agent: stream dropped: {e}"),
+        let spawned = std::thread::Builder::new().spawn(move || {
+            match read_name(&conn.0) {
+                Ok(name) => me.add(name, conn.0),
+                Err(e) => eprintln!("husk-agent: stream dropped: {e}"),
+            }
+            me.arriving.fetch_sub(1, Ordering::SeqCst);
         });
+        if let Err(e) = spawned {
+            self.arriving.fetch_sub(1, Ordering::SeqCst);
+            eprintln!("husk-agent: stream dropped: no thread to read its name: {e}");
+        }
     }
 
     fn add(&self, name: String, fd: OwnedFd) {
@@ -112,17 +138,38 @@ impl Streams {
         if !valid_stream_name(name) {
             return Err(format!("{name:?} is not a valid stream name"));
         }
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut reported = false;
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some((fd, _)) = p.remove(name) {
+                if reported {
+                    eprintln!(
+                        "husk-agent: stream {name:?} came after {:.1} s",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
                 return Ok(fd);
             }
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            let Some(mut left) = deadline.checked_duration_since(Instant::now()) else {
                 return Err(format!(
-                    "no stream named {name:?} connected within {timeout:?}"
+                    "no stream named {name:?} connected within {timeout:?} \
+                     ({} others unclaimed)",
+                    p.len()
                 ));
             };
+            // Once, after a while: on the console, while the caller waits.
+            if !reported && start.elapsed() >= SLOW_REPORT {
+                reported = true;
+                let others: Vec<&String> = p.keys().take(8).collect();
+                eprintln!(
+                    "husk-agent: waiting {:.0} s for stream {name:?}; unclaimed: {others:?}",
+                    start.elapsed().as_secs_f64()
+                );
+            } else if !reported {
+                left = left.min(SLOW_REPORT.saturating_sub(start.elapsed()));
+            }
             p = self
                 .arrived
                 .wait_timeout(p, left)

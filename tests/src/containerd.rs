@@ -187,6 +187,37 @@ impl Containerd {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
+    /// The end of every live husk sandbox's guest console (the shim keeps
+    /// one per sandbox while it runs), for failure messages: what the agent
+    /// reported about a slow or failed call is there, not in containerd's
+    /// log.
+    pub fn consoles(&self, bytes: usize) -> String {
+        let mut out = String::new();
+        let dirs = match std::fs::read_dir(&self.run) {
+            Ok(d) => d,
+            Err(e) => return format!("(no sandboxes under {}: {e})\n", self.run.display()),
+        };
+        for d in dirs.flatten() {
+            let path = d.path().join("console.log");
+            let text = match std::fs::read(&path) {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(e) => format!("({e})"),
+            };
+            let mut from = text.len().saturating_sub(bytes);
+            while !text.is_char_boundary(from) {
+                from += 1;
+            }
+            out.push_str(&format!(
+                "--- {} (last {} of {} bytes) ---\n{}\n",
+                path.display(),
+                text.len() - from,
+                text.len(),
+                &text[from..]
+            ));
+        }
+        out
+    }
+
     /// Runs `ctr` against this containerd in its namespace; returns
     /// stdout, or an error with stderr.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {

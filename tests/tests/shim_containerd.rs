@@ -50,8 +50,9 @@ impl Containerd {
         self.0.husk_run()
     }
 
+    /// containerd's log and the live sandboxes' guest consoles.
     fn log(&self) -> String {
-        self.0.log()
+        format!("{}\n{}", self.0.log(), self.0.consoles(12000))
     }
 
     fn ctr(&self, args: &[&str]) -> Output {

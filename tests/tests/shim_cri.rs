@@ -101,8 +101,9 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     let mut rt = rt0.clone();
     let log = |what: &str| {
         format!(
-            "{what}\n--- containerd log (tail) ---\n{}",
-            tail(&c.log(), 20000)
+            "{what}\n--- containerd log (tail) ---\n{}\n{}",
+            tail(&c.log(), 20000),
+            c.consoles(12000)
         )
     };
 
@@ -187,7 +188,7 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     for _ in 0..30 {
         let r = exec(&client, &["wget", "-qO-", "http://127.0.0.1:80/"])
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
         if r.exit_code == 0 {
             got = Some(text(&r.stdout));
             break;
@@ -203,20 +204,26 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     assert!(page.contains("hello from a husk microVM"), "{page}");
     // Both in the VM (the guest's kernel, not the host's), one UTS
     // namespace (the pod's hostname), one network.
-    let uname = exec(&client, &["uname", "-r"]).await.unwrap();
+    let uname = exec(&client, &["uname", "-r"])
+        .await
+        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
     let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
     assert_ne!(text(&uname.stdout).trim(), host_release.trim());
     assert!(text(&uname.stdout).starts_with("6.12"), "{:?}", uname);
     for id in [&web, &client] {
-        let h = exec(id, &["hostname"]).await.unwrap();
+        let h = exec(id, &["hostname"])
+            .await
+            .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
         assert_eq!(text(&h.stdout).trim(), "web", "{h:?}");
     }
     let a = exec(&client, &["ip", "-4", "-o", "addr", "show", "eth0"])
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
     assert!(text(&a.stdout).contains(&format!("{ip}/24")), "{a:?}");
     // An exec's exit code comes back.
-    let r = exec(&web, &["sh", "-c", "exit 7"]).await.unwrap();
+    let r = exec(&web, &["sh", "-c", "exit 7"])
+        .await
+        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
     assert_eq!(r.exit_code, 7);
 
     // The pod IP from the host, through CNI's bridge, the veth and the tc
@@ -284,7 +291,9 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     assert_eq!(st.reason, "OOMKilled", "{st:?}");
     assert_eq!(st.exit_code, 137, "{st:?}");
     // The rest of the pod is unharmed.
-    let r = exec(&client, &["true"]).await.unwrap();
+    let r = exec(&client, &["true"])
+        .await
+        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
     assert_eq!(r.exit_code, 0);
     // A removed container leaves the pod's VM.
     rt.remove_container(RemoveContainerRequest {
