@@ -28,6 +28,8 @@ packages=(
     procps
     # benchmarks
     python3 strace crun
+    # scripts/guest-profile: guest kernel symbols (nm)
+    binutils
 )
 
 missing=()

@@ -191,13 +191,6 @@ impl Guest {
         })
     }
 
-    /// Boots the husk guest under qemu microvm through guest-kernel/boot-qemu.sh.
-    pub fn boot_qemu(kernel: &Path, rootfs: &Path, extra_args: &[&str]) -> Result<Guest> {
-        let mut cmd = Command::new(repo_root().join("guest-kernel/boot-qemu.sh"));
-        cmd.arg(kernel).arg(rootfs).args(extra_args);
-        Guest::spawn("qemu", cmd)
-    }
-
     /// The last console lines, for error messages.
     pub fn tail(&self) -> String {
         let st = self.console.0.lock().unwrap();

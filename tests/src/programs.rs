@@ -27,6 +27,7 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("sha256sum", "coreutils"),
     ("unshare", "util-linux"),
     ("umount", "mount"),
+    ("mount", "mount"),
     ("script", "bsdutils"),
     // Installed by scripts/setup.sh.
     ("ip", "iproute2"),
@@ -53,6 +54,7 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("/usr/lib/cni/loopback", "containernetworking-plugins"),
     ("/usr/bin/python3", "python3"),
     ("strace", "strace"),
+    ("nm", "binutils"),
 ];
 
 /// Packages Debian marks Essential: never missing, so setup.sh need not list them.

@@ -57,9 +57,11 @@ fn started_programs() -> BTreeSet<String> {
             found.extend(literals_after(&text, marker));
         }
     }
-    // The benchmarks are Python: subprocess calls with a literal argv[0].
+    // The benchmarks and scripts/guest-profile are Python: subprocess
+    // calls with a literal argv[0].
     let mut py = Vec::new();
     files(&root.join("bench"), &|_| true, &mut py);
+    py.push(root.join("scripts/guest-profile"));
     for f in &py {
         let text = std::fs::read_to_string(f).unwrap();
         for marker in [
