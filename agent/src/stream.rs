@@ -33,6 +33,15 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// A claim waiting this long is reported on the console.
 const SLOW_REPORT: Duration = Duration::from_secs(20);
 
+/// One connection counted in `Streams::arriving` while it exists.
+struct Arriving(Arc<Streams>);
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.0.arriving.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[derive(Default)]
 pub struct Streams {
     pending: Mutex<HashMap<String, (OwnedFd, Instant)>>,
@@ -97,23 +106,20 @@ impl Streams {
     /// Reads the name line on its own thread: a slow client must not hold
     /// up others.
     fn arrive(self: &Arc<Self>, conn: UnixOrVsock) {
+        // Counted until the name is read or the connection dropped: the
+        // guard goes with the thread's closure, or with it unstarted.
+        let counted = Arriving(self.clone());
         if self.arriving.fetch_add(1, Ordering::SeqCst) >= MAX_ARRIVING {
-            self.arriving.fetch_sub(1, Ordering::SeqCst);
             eprintln!(
                 "husk-agent: stream dropped: {MAX_ARRIVING} streams have not named themselves yet"
             );
             return;
         }
-        let me = self.clone();
-        let spawned = std::thread::Builder::new().spawn(move || {
-            match read_name(&conn.0) {
-                Ok(name) => me.add(name, conn.0),
-                Err(e) => eprintln!("husk-agent: stream dropped: {e}"),
-            }
-            me.arriving.fetch_sub(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new().spawn(move || match read_name(&conn.0) {
+            Ok(name) => counted.0.add(name, conn.0),
+            Err(e) => eprintln!("husk-agent: stream dropped: {e}"),
         });
         if let Err(e) = spawned {
-            self.arriving.fetch_sub(1, Ordering::SeqCst);
             eprintln!("husk-agent: stream dropped: no thread to read its name: {e}");
         }
     }

@@ -203,16 +203,12 @@ impl Containerd {
                 Ok(b) => String::from_utf8_lossy(&b).into_owned(),
                 Err(e) => format!("({e})"),
             };
-            let mut from = text.len().saturating_sub(bytes);
-            while !text.is_char_boundary(from) {
-                from += 1;
-            }
+            let end = crate::tail(&text, bytes);
             out.push_str(&format!(
-                "--- {} (last {} of {} bytes) ---\n{}\n",
+                "--- {} (last {} of {} bytes) ---\n{end}\n",
                 path.display(),
-                text.len() - from,
+                end.len(),
                 text.len(),
-                &text[from..]
             ));
         }
         out

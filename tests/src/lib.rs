@@ -311,6 +311,16 @@ impl Drop for Guest {
 }
 
 /// Parses the guest's `/proc/uptime` line printed by husk-test-init.
+/// The last `n` bytes of `s` (fewer where that would split a character),
+/// for failure messages.
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut i = s.len().saturating_sub(n);
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
 pub fn parse_uptime(line: &str) -> Result<f64> {
     let rest = line
         .split("uptime ")

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::{Cri, Options};
-use husk_tests::{kvm_unavailable, root_unavailable, sample_image, skip, Containerd};
+use husk_tests::{kvm_unavailable, root_unavailable, sample_image, skip, tail, Containerd};
 use k8s_cri::v1::*;
 
 #[path = "../cri/client.rs"]
@@ -184,11 +184,19 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         let mut rt = rt0.clone();
         async move { rt.exec_sync(req).await.map(|r| r.into_inner()) }
     };
+    // An exec that must get an answer: a failure shows containerd's log
+    // and the guest consoles.
+    let exec_ok = |id: &str, cmd: &[&str]| {
+        let r = exec(id, cmd);
+        let log = &log;
+        async move {
+            r.await
+                .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))))
+        }
+    };
     let mut got = None;
     for _ in 0..30 {
-        let r = exec(&client, &["wget", "-qO-", "http://127.0.0.1:80/"])
-            .await
-            .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
+        let r = exec_ok(&client, &["wget", "-qO-", "http://127.0.0.1:80/"]).await;
         if r.exit_code == 0 {
             got = Some(text(&r.stdout));
             break;
@@ -204,26 +212,18 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     assert!(page.contains("hello from a husk microVM"), "{page}");
     // Both in the VM (the guest's kernel, not the host's), one UTS
     // namespace (the pod's hostname), one network.
-    let uname = exec(&client, &["uname", "-r"])
-        .await
-        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
+    let uname = exec_ok(&client, &["uname", "-r"]).await;
     let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
     assert_ne!(text(&uname.stdout).trim(), host_release.trim());
     assert!(text(&uname.stdout).starts_with("6.12"), "{:?}", uname);
     for id in [&web, &client] {
-        let h = exec(id, &["hostname"])
-            .await
-            .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
+        let h = exec_ok(id, &["hostname"]).await;
         assert_eq!(text(&h.stdout).trim(), "web", "{h:?}");
     }
-    let a = exec(&client, &["ip", "-4", "-o", "addr", "show", "eth0"])
-        .await
-        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
+    let a = exec_ok(&client, &["ip", "-4", "-o", "addr", "show", "eth0"]).await;
     assert!(text(&a.stdout).contains(&format!("{ip}/24")), "{a:?}");
     // An exec's exit code comes back.
-    let r = exec(&web, &["sh", "-c", "exit 7"])
-        .await
-        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
+    let r = exec_ok(&web, &["sh", "-c", "exit 7"]).await;
     assert_eq!(r.exit_code, 7);
 
     // The pod IP from the host, through CNI's bridge, the veth and the tc
@@ -291,9 +291,7 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
     assert_eq!(st.reason, "OOMKilled", "{st:?}");
     assert_eq!(st.exit_code, 137, "{st:?}");
     // The rest of the pod is unharmed.
-    let r = exec(&client, &["true"])
-        .await
-        .unwrap_or_else(|e| panic!("{}", log(&format!("ExecSync: {e}"))));
+    let r = exec_ok(&client, &["true"]).await;
     assert_eq!(r.exit_code, 0);
     // A removed container leaves the pod's VM.
     rt.remove_container(RemoveContainerRequest {
@@ -359,12 +357,4 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         .into_inner()
         .items;
     assert!(list.is_empty(), "{list:?}");
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    let mut i = s.len().saturating_sub(n);
-    while !s.is_char_boundary(i) {
-        i += 1;
-    }
-    &s[i..]
 }
