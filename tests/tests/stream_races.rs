@@ -51,8 +51,6 @@ fn explain(sb: &Sandbox, what: &str, out: &str, err: &str) -> String {
 }
 
 #[test]
-#[ignore = "too slow for make test here: its 18 execs are built one at a time by the guest's \
-            spawner, ~40 s of emulated guest-kernel work each (issue 18); `make stress` runs it"]
 fn outputs_written_just_before_exit_all_arrive() {
     let Some((rt, _dir, busybox)) = setup("outputs_written_just_before_exit_all_arrive") else {
         return;
