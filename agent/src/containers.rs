@@ -83,6 +83,9 @@ struct Ctr {
     overlay: bool,
     storages: Vec<String>,
     cgroup: PathBuf,
+    /// Its root and mount points, where an exec's program is looked up.
+    rootfs: PathBuf,
+    mount_points: Vec<PathBuf>,
     init: Proc,
     execs: HashMap<String, Proc>,
     /// Exec ids whose processes are being made (the container's lock is not
@@ -668,6 +671,15 @@ impl ContainersService {
         spec.set_linux(Some(linux));
         self.resolve_bind_sources(&mut spec)?;
         self.add_sandbox_mounts(&mut spec, &rootfs, req.overlay_rootfs);
+        let mount_points: Vec<PathBuf> = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.destination().clone())
+            .collect();
+        if let Some(p) = spec.process() {
+            crate::executable::check(&rootfs, p, &mount_points)?;
+        }
         let config = serde_json::to_vec_pretty(&spec).map_err(|e| internal(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), config)
             .map_err(|e| internal(format!("config.json: {e}")))?;
@@ -707,6 +719,8 @@ impl ContainersService {
             overlay: undo.overlay,
             storages: std::mem::take(&mut undo.storages),
             cgroup,
+            rootfs,
+            mount_points,
             init,
             execs: HashMap::new(),
             starting: Default::default(),
@@ -1158,7 +1172,7 @@ impl ContainersService {
         check_version(meta)?;
         let process = check_exec(&req).map_err(invalid)?;
         let arc = self.get(&req.container_id)?;
-        let bundle = {
+        let (bundle, rootfs, mount_points) = {
             let mut c = lock(&arc);
             if !c.started || !self.reaper.running(c.init.pid) {
                 return Err(status(
@@ -1172,9 +1186,10 @@ impl ContainersService {
                     format!("exec {:?} exists", req.exec_id),
                 ));
             }
-            c.bundle.clone()
+            (c.bundle.clone(), c.rootfs.clone(), c.mount_points.clone())
         };
-        let made = self.make_exec(&bundle, &req, &process);
+        let made = crate::executable::check(&rootfs, &process, &mount_points)
+            .and_then(|()| self.make_exec(&bundle, &req, &process));
         let mut c = lock(&arc);
         c.starting.remove(&req.exec_id);
         let proc_ = made?;

@@ -2,6 +2,7 @@
 //! tests and fuzz targets share them.
 
 pub mod containers;
+pub mod executable;
 pub mod init;
 pub mod kmsg;
 pub mod network;

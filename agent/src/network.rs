@@ -37,6 +37,28 @@ pub struct Netlink {
     seq: u32,
 }
 
+/// A netlink request that failed: the kernel's errno, or the socket.
+#[derive(Debug)]
+enum NlError {
+    Kernel(i32),
+    Io(String),
+}
+
+impl std::fmt::Display for NlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NlError::Kernel(errno) => std::io::Error::from_raw_os_error(*errno).fmt(f),
+            NlError::Io(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<NlError> for String {
+    fn from(e: NlError) -> String {
+        e.to_string()
+    }
+}
+
 impl Netlink {
     pub fn new() -> Result<Self, String> {
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| format!("netlink socket: {e}"))?;
@@ -52,7 +74,7 @@ impl Netlink {
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
-    ) -> Result<Vec<RouteNetlinkMessage>, String> {
+    ) -> Result<Vec<RouteNetlinkMessage>, NlError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -63,18 +85,18 @@ impl Netlink {
         m.serialize(&mut buf);
         self.sock
             .send(&buf, 0)
-            .map_err(|e| format!("netlink send: {e}"))?;
+            .map_err(|e| NlError::Io(format!("netlink send: {e}")))?;
         let mut out = Vec::new();
         let mut rx = vec![0u8; 64 * 1024];
         loop {
             let n = self
                 .sock
                 .recv(&mut &mut rx[..], 0)
-                .map_err(|e| format!("netlink recv: {e}"))?;
+                .map_err(|e| NlError::Io(format!("netlink recv: {e}")))?;
             let mut off = 0;
             while off < n {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..n])
-                    .map_err(|e| format!("netlink reply: {e}"))?;
+                    .map_err(|e| NlError::Io(format!("netlink reply: {e}")))?;
                 let len = reply.header.length as usize;
                 if reply.header.sequence_number == self.seq {
                     match reply.payload {
@@ -82,9 +104,7 @@ impl Netlink {
                         NetlinkPayload::Error(e) => {
                             return match e.code {
                                 None => Ok(out),
-                                Some(c) => {
-                                    Err(std::io::Error::from_raw_os_error(-c.get()).to_string())
-                                }
+                                Some(c) => Err(NlError::Kernel(-c.get())),
                             }
                         }
                         NetlinkPayload::InnerMessage(m) => out.push(m),
@@ -406,7 +426,7 @@ impl NetworkService {
             ) {
                 Ok(_) => {}
                 // Already there: what was asked for holds.
-                Err(e) if e.contains("exists") => {}
+                Err(NlError::Kernel(libc::EEXIST)) => {}
                 Err(e) => return Err(format!("adding {ip}/{len} to {}: {e}", i.name)),
             }
         }

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use husk_orchestrator::api::{self, cluster_client::ClusterClient};
-use husk_orchestrator::types::parse_duration;
-use husk_orchestrator::types::*;
+use husk_cluster_api::pb as api;
+use husk_cluster_api::pb::cluster_client::ClusterClient;
+use husk_cluster_api::types::*;
 use tonic::transport::Channel;
 
 #[derive(Subcommand)]
@@ -374,7 +374,7 @@ impl Policy {
         if let Some(n) = self.replicas_max_per_node {
             s.placement.max_replicas_per_node = n;
         }
-        let mem = |m: &str| husk_runtime::spec::parse_memory(m);
+        let mem = |m: &str| husk_runtime::container::spec::parse_memory(m);
         if let Some(c) = self.reserve_cpu {
             s.resources.reservations.nano_cpus = cpus(c)?;
         }
@@ -538,8 +538,8 @@ fn msg(s: tonic::Status) -> anyhow::Error {
 
 impl Conn {
     async fn open() -> Result<Conn> {
-        let c =
-            husk_orchestrator::net::local_client(&husk_orchestrator::net::default_socket()).await?;
+        let c = husk_cluster_api::client::local_client(&husk_cluster_api::client::default_socket())
+            .await?;
         Ok(Conn { c })
     }
 
@@ -950,7 +950,7 @@ pub fn events(format: Option<String>) -> Result<()> {
 fn in_stack(s: &Service, stack: &str) -> bool {
     s.spec
         .labels
-        .get(husk_orchestrator::compose::STACK_LABEL)
+        .get(crate::compose::STACK_LABEL)
         .map(String::as_str)
         == Some(stack)
 }
@@ -962,7 +962,7 @@ pub fn stack(cmd: StackCmd) -> Result<()> {
             StackCmd::Deploy { compose_file, name } => {
                 let text = std::fs::read_to_string(&compose_file)
                     .with_context(|| format!("{}", compose_file.display()))?;
-                let stack = husk_orchestrator::compose::parse(&text, &name)
+                let stack = crate::compose::parse(&text, &name)
                     .with_context(|| format!("{}", compose_file.display()))?;
                 if !stack.ignored.is_empty() {
                     eprintln!("Ignoring unsupported options: {}", stack.ignored.join(", "));
@@ -998,7 +998,7 @@ pub fn stack(cmd: StackCmd) -> Result<()> {
             StackCmd::Ls => {
                 let mut stacks: std::collections::BTreeMap<String, usize> = Default::default();
                 for s in conn.services().await? {
-                    if let Some(n) = s.spec.labels.get(husk_orchestrator::compose::STACK_LABEL) {
+                    if let Some(n) = s.spec.labels.get(crate::compose::STACK_LABEL) {
                         *stacks.entry(n.clone()).or_default() += 1;
                     }
                 }

@@ -10,20 +10,21 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod cluster;
+mod compose;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::os::unix::net::UnixStream;
 
 use husk_protocol::agent::{SignalProcessRequest, TtyWinResizeRequest};
-use husk_runtime::agent::{ctx, rpc_message, AgentConn, Io};
+use husk_runtime::container::record::NetInfo;
+use husk_runtime::container::record::{LogWriter, Record, Records, Status};
+use husk_runtime::container::spec::{container_spec, parse_memory, ProcessOptions};
+use husk_runtime::guest::{ctx, rpc_message, AgentConn, Io};
 use husk_runtime::image::{default_store_dir, normalize, ImageStore};
-use husk_runtime::ports::{docker_ports, parse_publish, PortMapping};
-use husk_runtime::record::NetInfo;
-use husk_runtime::record::{LogWriter, Record, Records, Status};
-use husk_runtime::shared::HostShare;
-use husk_runtime::spec::{container_spec, parse_memory, ProcessOptions};
-use husk_runtime::volume::VolumeStore;
+use husk_runtime::net::ports::{docker_ports, parse_publish, PortMapping};
+use husk_runtime::storage::shared::HostShare;
+use husk_runtime::storage::volume::VolumeStore;
 use husk_runtime::{Boot, DriveSpec, NetworkMode, Runtime, SandboxConfig};
 use oci_spec::runtime::MountBuilder;
 
@@ -250,7 +251,7 @@ fn check_kvm() -> Result<()> {
 
 fn random_id() -> Result<String> {
     let mut b = [0u8; 6];
-    husk_runtime::sandbox::getrandom(&mut b)?;
+    husk_runtime::util::getrandom(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
@@ -319,7 +320,7 @@ fn parse_volume(v: &str) -> Result<(Source, String, bool)> {
     let source = if src.starts_with('/') || src.starts_with('.') {
         Source::Host(host_path(src, true, &format!("-v {v}"))?)
     } else {
-        husk_runtime::volume::check_name(src)?;
+        husk_runtime::storage::volume::check_name(src)?;
         Source::Volume(src.to_string())
     };
     Ok((source, dst.to_string(), ro))
@@ -346,7 +347,7 @@ fn parse_mount(m: &str) -> Result<(Option<Source>, String, bool)> {
     match typ {
         "volume" => {
             let name = src()?;
-            husk_runtime::volume::check_name(name)?;
+            husk_runtime::storage::volume::check_name(name)?;
             Ok((Some(Source::Volume(name.into())), dst.into(), ro))
         }
         "bind" => {
@@ -358,16 +359,18 @@ fn parse_mount(m: &str) -> Result<(Option<Source>, String, bool)> {
     }
 }
 
-/// What a failed create or start means for the exit code: Docker's 127 for
-/// a command that is not there, 126 for one that cannot run.
-fn start_failure_code(message: &str) -> u8 {
-    let m = message.to_ascii_lowercase();
-    if m.contains("not found") || m.contains("no such file") {
-        127
-    } else if m.contains("permission denied") || m.contains("not executable") {
-        126
-    } else {
-        HUSK_ERROR
+/// What a failed create, start or exec means for the exit code: Docker's
+/// 127 for a command that is not there, 126 for one that cannot run, by
+/// the agent's code for the refusal.
+fn start_failure_code(e: &anyhow::Error) -> u8 {
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<husk_runtime::guest::RpcError>())
+        .and_then(|r| r.code);
+    match code {
+        Some(ttrpc::Code::NOT_FOUND) => 127,
+        Some(ttrpc::Code::PERMISSION_DENIED) => 126,
+        _ => HUSK_ERROR,
     }
 }
 
@@ -377,7 +380,7 @@ struct Failure(u8, anyhow::Error);
 impl Failure {
     /// A create or start that failed: its exit code says why (127, 126).
     fn starting(e: anyhow::Error) -> Failure {
-        Failure(start_failure_code(&format!("{e:#}")), e)
+        Failure(start_failure_code(&e), e)
     }
 }
 
@@ -504,7 +507,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
                 });
                 (
                     path.display().to_string(),
-                    husk_runtime::shared::guest_source(shares.len() - 1),
+                    husk_runtime::storage::shared::guest_source(shares.len() - 1),
                 )
             }
         };
@@ -530,11 +533,12 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         command: process.args().clone().unwrap_or_default(),
         env: process.env().clone().unwrap_or_default(),
         cwd: process.cwd().display().to_string(),
-        created: husk_runtime::record::now(),
+        created: husk_runtime::container::record::now(),
         status: Status::Created,
         exit_code: None,
         oom_killed: false,
         error: None,
+        failure_code: None,
         owner_pid: std::process::id(),
         auto_remove: a.rm,
         volumes: mounted,
@@ -571,7 +575,10 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
             record.exit_code = Some(status.status);
             record.oom_killed = status.oom_killed;
         }
-        Err(Failure(_, e)) => record.error = Some(format!("{e:#}")),
+        Err(Failure(code, e)) => {
+            record.error = Some(format!("{e:#}"));
+            record.failure_code = Some(*code);
+        }
     }
     let ran = record.exit_code.is_some();
     if a.rm || (!ran && child_id.is_none()) {
@@ -623,7 +630,10 @@ fn detach(records: &Records, mut record: Record) -> Result<u8, Failure> {
                 let why = r
                     .error
                     .unwrap_or_else(|| "the background husk exited".into());
-                return Err(Failure(start_failure_code(&why), anyhow::anyhow!(why)));
+                return Err(Failure(
+                    r.failure_code.unwrap_or(HUSK_ERROR),
+                    anyhow::anyhow!(why),
+                ));
             }
             Ok(_) => {
                 // One that dies before it records anything must not leave
@@ -716,12 +726,13 @@ fn run_container(
     };
     let created = t_create.elapsed();
     record.status = Status::Running;
-    record.network = sandbox.lease.as_ref().map(|l| NetInfo {
+    record.network = sandbox.net.lease.as_ref().map(|l| NetInfo {
         ip: l.ip.to_string(),
         prefix: l.prefix,
         gateway: l.gateway.to_string(),
         mac: l.mac(),
         ports: sandbox
+            .net
             .publisher
             .as_ref()
             .map(|p| p.bound.clone())
@@ -1034,7 +1045,7 @@ fn ps(all: bool) -> Result<()> {
         let status = match (r.status, r.exit_code) {
             (Status::Running, _) => format!(
                 "Up {} s",
-                husk_runtime::record::now().saturating_sub(r.created)
+                husk_runtime::container::record::now().saturating_sub(r.created)
             ),
             (Status::Created, _) => "Created".into(),
             (Status::Exited, Some(c)) => format!("Exited ({c})"),
@@ -1090,7 +1101,10 @@ fn inspect(containers: &[String]) -> Result<()> {
             "State": {
                 "Status": status,
                 "Running": r.status == Status::Running,
-                "ExitCode": r.exit_code.unwrap_or(if r.error.is_some() { HUSK_ERROR.into() } else { 0 }),
+                "ExitCode": r.exit_code.unwrap_or(match (&r.error, r.failure_code) {
+                    (None, _) => 0,
+                    (Some(_), code) => code.unwrap_or(HUSK_ERROR).into(),
+                }),
                 "OOMKilled": r.oom_killed,
                 "Error": r.error.clone().unwrap_or_default(),
                 "Pid": if r.status == Status::Running { r.owner_pid } else { 0 },
@@ -1131,7 +1145,7 @@ fn logs(follow: bool, container: &str) -> Result<()> {
     let r = rs.get(container)?;
     let path = rs.log_path(&r.id);
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-    let mut at = husk_runtime::record::replay(&path, 0, &mut out, &mut err)?;
+    let mut at = husk_runtime::container::record::replay(&path, 0, &mut out, &mut err)?;
     if !follow {
         return Ok(());
     }
@@ -1141,7 +1155,7 @@ fn logs(follow: bool, container: &str) -> Result<()> {
             .map(|x| x.status == Status::Running)
             .unwrap_or(false);
         std::thread::sleep(Duration::from_millis(200));
-        at = husk_runtime::record::replay(&path, at, &mut out, &mut err)?;
+        at = husk_runtime::container::record::replay(&path, at, &mut out, &mut err)?;
         out.flush()?;
         if !running {
             break;
@@ -1154,7 +1168,7 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
     let store = volumes()?;
     match cmd {
         VolumeCmd::Create { name } => {
-            store.create(&name, husk_runtime::volume::DEFAULT_SIZE)?;
+            store.create(&name, husk_runtime::storage::volume::DEFAULT_SIZE)?;
             println!("{name}");
         }
         VolumeCmd::Ls => {
@@ -1202,7 +1216,7 @@ fn info() -> Result<()> {
         if rt.confine {
             format!(
                 "namespaces (mnt, pid, ipc), chroot, uid {}, cgroup husk/<id>",
-                husk_runtime::jail::vmm_uid()
+                husk_runtime::vmm::jail::vmm_uid()
             )
         } else {
             "off (not root, or HUSK_CONFINE=0)".into()
@@ -1223,7 +1237,7 @@ fn info() -> Result<()> {
 
 /// Pulls `reference` with a progress bar per layer (on a terminal).
 fn pull(store: &ImageStore, reference: &str) -> Result<husk_runtime::image::ImageRecord> {
-    use husk_runtime::pull::PullEvent;
+    use husk_runtime::image::pull::PullEvent;
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -1384,12 +1398,35 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_docker() {
+        use husk_runtime::guest::RpcError;
+        let refused = |code, message: &str| {
+            anyhow::Error::new(RpcError {
+                op: "CreateContainer c".into(),
+                code,
+                message: message.into(),
+            })
+            .context("starting c")
+        };
+        let nope = "exec: \"nope\": executable file not found in $PATH";
         assert_eq!(
-            start_failure_code("exec: \"nope\": executable file not found in $PATH"),
+            start_failure_code(&refused(Some(ttrpc::Code::NOT_FOUND), nope)),
             127
         );
-        assert_eq!(start_failure_code("open /x: Permission denied"), 126);
-        assert_eq!(start_failure_code("cgroup: EBUSY"), HUSK_ERROR);
+        assert_eq!(
+            start_failure_code(&refused(Some(ttrpc::Code::PERMISSION_DENIED), "x")),
+            126
+        );
+        // By the code, not the text: an internal error that says "not found"
+        // is husk's own failure, and so is a broken connection.
+        assert_eq!(
+            start_failure_code(&refused(Some(ttrpc::Code::INTERNAL), nope)),
+            HUSK_ERROR
+        );
+        assert_eq!(start_failure_code(&refused(None, nope)), HUSK_ERROR);
+        assert_eq!(
+            start_failure_code(&anyhow::anyhow!("cgroup: EBUSY")),
+            HUSK_ERROR
+        );
     }
 
     #[test]

@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::api;
+use crate::error::ControlError;
 use crate::manager::Manager;
 use crate::net::{self, Tls};
 use crate::pki;
@@ -132,7 +133,10 @@ impl Daemon {
     /// manager.
     pub async fn init(self: &Arc<Self>, req: api::InitRequest) -> Result<api::InitResponse> {
         if self.identity().is_some() {
-            bail!("this node is already part of a cluster: leave it first");
+            return Err(ControlError::Precondition(
+                "this node is already part of a cluster: leave it first".into(),
+            )
+            .into());
         }
         let etcd = if req.etcd_endpoints.is_empty() {
             self.cfg.etcd.clone()
@@ -140,7 +144,10 @@ impl Daemon {
             req.etcd_endpoints.clone()
         };
         if etcd.is_empty() {
-            bail!("no etcd endpoints: start huskd with --etcd or pass --etcd to init");
+            return Err(ControlError::Invalid(
+                "no etcd endpoints: start huskd with --etcd or pass --etcd to init".into(),
+            )
+            .into());
         }
         let store = Store::connect(&etcd).await?;
         let cluster_id = new_id();
@@ -155,7 +162,10 @@ impl Daemon {
             req.heartbeat_grace_ms
         };
         if grace <= period {
-            bail!("heartbeat grace ({grace} ms) must be longer than the period ({period} ms)");
+            return Err(ControlError::Invalid(format!(
+                "heartbeat grace ({grace} ms) must be longer than the period ({period} ms)"
+            ))
+            .into());
         }
         let info = ClusterInfo {
             id: cluster_id.clone(),
@@ -172,11 +182,12 @@ impl Daemon {
                 .get::<ClusterInfo>(&store::cluster_key())
                 .await?
                 .context("cluster key vanished")?;
-            bail!(
+            return Err(ControlError::Precondition(format!(
                 "etcd at {} already holds cluster {}: join it (husk cluster join) instead",
                 etcd.join(","),
                 other.id
-            );
+            ))
+            .into());
         }
         let (ca, ca_key) = pki::new_ca(&cluster_id)?;
         store
@@ -246,7 +257,10 @@ impl Daemon {
         req: api::JoinClusterRequest,
     ) -> Result<api::JoinClusterResponse> {
         if self.identity().is_some() {
-            bail!("this node is already part of a cluster: leave it first");
+            return Err(ControlError::Precondition(
+                "this node is already part of a cluster: leave it first".into(),
+            )
+            .into());
         }
         let (digest, secret) = pki::parse_token(&req.token)?;
         let ca = net::fetch_ca(&req.remote_addr, &digest).await?;
@@ -300,8 +314,8 @@ impl Daemon {
     /// The manager side of a join: checks the token's secret, signs the
     /// node's key, records the node.
     pub async fn admit(&self, req: api::JoinRequest) -> Result<api::JoinResponse> {
-        let m = self.manager().context("this node is not a manager")?;
-        let id = self.identity().context("no identity")?;
+        let m = self.manager().ok_or(ControlError::NotManager)?;
+        let id = self.identity().ok_or(ControlError::NotManager)?;
         let store = &m.store;
         let mut role = None;
         for r in [Role::Worker, Role::Manager] {
@@ -311,7 +325,7 @@ impl Daemon {
             }
         }
         let Some(role) = role else {
-            bail!("invalid join token");
+            return Err(ControlError::InvalidJoinToken.into());
         };
         check_hostname(&req.hostname)?;
         let ca_key = store
@@ -360,8 +374,8 @@ impl Daemon {
     /// A join token, the secret rotated first when asked (old tokens stop
     /// working at once; nodes already in keep their certificates).
     pub async fn join_token(&self, role: Role, rotate: bool) -> Result<String> {
-        let m = self.manager().context("this node is not a manager")?;
-        let id = self.identity().context("no identity")?;
+        let m = self.manager().ok_or(ControlError::NotManager)?;
+        let id = self.identity().ok_or(ControlError::NotManager)?;
         let key = store::token_key(role);
         if rotate {
             m.store
@@ -379,7 +393,7 @@ impl Daemon {
 
 fn check_hostname(h: &str) -> Result<()> {
     if h.is_empty() || h.len() > 253 || h.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        bail!("hostname {h:?} is not a hostname");
+        return Err(ControlError::Invalid(format!("hostname {h:?} is not a hostname")).into());
     }
     Ok(())
 }

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use husk_runtime::agent::{AgentConn, Io};
+use husk_runtime::container::record::LogWriter;
+use husk_runtime::container::spec::{container_spec, ProcessOptions};
+use husk_runtime::guest::{AgentConn, Io};
 use husk_runtime::image::ImageStore;
-use husk_runtime::ports::{PortMapping, Protocol};
-use husk_runtime::record::LogWriter;
-use husk_runtime::spec::{container_spec, ProcessOptions};
-use husk_runtime::volume::VolumeStore;
+use husk_runtime::net::ports::{PortMapping, Protocol};
+use husk_runtime::storage::volume::VolumeStore;
 use husk_runtime::{DriveSpec, Runtime, SandboxConfig};
 use oci_spec::runtime::MountBuilder;
 use tokio::sync::mpsc::UnboundedSender;

@@ -3,13 +3,10 @@
 //! etcd election) places tasks and reconciles; every node runs the tasks
 //! given to it with husk-runtime and reports what they do.
 
-pub mod api {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("husk.cluster.v1");
-}
+pub use husk_cluster_api::pb as api;
 pub mod agent;
-pub mod compose;
 pub mod daemon;
+pub mod error;
 pub mod executor;
 pub mod manager;
 pub mod net;

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
+use crate::error::ControlError;
 use crate::reconcile::{self, Snapshot, Write};
 use crate::store::{self, Store};
 use crate::types::*;
@@ -298,7 +299,13 @@ impl Manager {
     /// A node by id, unique id prefix or hostname.
     pub async fn find_node(&self, name: &str) -> Result<Node> {
         let nodes = self.nodes().await?;
-        pick(nodes, name, |n| &n.id, |n| n.hostname == name, "node")
+        Ok(pick(
+            nodes,
+            name,
+            |n| &n.id,
+            |n| n.hostname == name,
+            "node",
+        )?)
     }
 
     pub async fn update_node(
@@ -312,12 +319,19 @@ impl Manager {
         let n = self.find_node(name).await?;
         if let Some(r) = role {
             if r != n.role {
-                bail!("changing a node's role (promote/demote) is not supported yet: its certificate names its role");
+                return Err(ControlError::Precondition(
+                    "changing a node's role (promote/demote) is not supported yet: its certificate names its role".into(),
+                )
+                .into());
             }
         }
         for l in label_rm {
             if !n.labels.contains_key(l) {
-                bail!("label {l:?} is not on node {}", n.hostname);
+                return Err(ControlError::Invalid(format!(
+                    "label {l:?} is not on node {}",
+                    n.hostname
+                ))
+                .into());
             }
         }
         self.store
@@ -328,7 +342,7 @@ impl Manager {
                 for l in label_add {
                     let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
                     if k.is_empty() {
-                        bail!("label {l:?}: key=value");
+                        return Err(ControlError::Invalid(format!("label {l:?}: key=value")).into());
                     }
                     n.labels.insert(k.to_string(), v.to_string());
                 }
@@ -345,16 +359,18 @@ impl Manager {
     pub async fn remove_node(&self, name: &str, force: bool) -> Result<()> {
         let n = self.find_node(name).await?;
         if n.state != NodeState::Down && !force {
-            bail!(
+            return Err(ControlError::Precondition(format!(
                 "node {} is not down and can't be removed (stop its huskd, or use --force)",
                 n.hostname
-            );
+            ))
+            .into());
         }
         if n.role == Role::Manager && self.node_id == n.id {
-            bail!(
+            return Err(ControlError::Precondition(format!(
                 "node {} is this manager: it cannot remove itself",
                 n.hostname
-            );
+            ))
+            .into());
         }
         self.store.delete(&store::node_key(&n.id)).await?;
         self.store.delete(&store::heartbeat_key(&n.id)).await
@@ -374,18 +390,24 @@ impl Manager {
 
     pub async fn find_service(&self, name: &str) -> Result<Service> {
         let v = self.services().await?;
-        pick(v, name, |s| &s.id, |s| s.spec.name == name, "service")
+        Ok(pick(
+            v,
+            name,
+            |s| &s.id,
+            |s| s.spec.name == name,
+            "service",
+        )?)
     }
 
     pub async fn create_service(&self, spec: ServiceSpec) -> Result<Service> {
-        spec.validate()?;
+        invalid(spec.validate())?;
         let id = new_id();
         if !self
             .store
             .create_raw(&store::name_key(&spec.name), id.clone().into_bytes())
             .await?
         {
-            bail!("service {} already exists", spec.name);
+            return Err(ControlError::AlreadyExists(format!("service {}", spec.name)).into());
         }
         let now = now_ms();
         let svc = Service {
@@ -415,20 +437,21 @@ impl Manager {
     ) -> Result<Service> {
         let svc = self.find_service(name).await?;
         if let Some(s) = &spec {
-            s.validate()?;
+            invalid(s.validate())?;
             if s.name != svc.spec.name {
-                bail!(
+                return Err(ControlError::Invalid(format!(
                     "a service cannot be renamed ({} → {})",
-                    svc.spec.name,
-                    s.name
-                );
+                    svc.spec.name, s.name
+                ))
+                .into());
             }
         }
         if rollback && svc.previous_spec.is_none() {
-            bail!(
+            return Err(ControlError::Precondition(format!(
                 "service {} has no previous spec to roll back to",
                 svc.spec.name
-            );
+            ))
+            .into());
         }
         self.store
             .update::<Service, _>(&store::service_key(&svc.id), |s| {
@@ -517,7 +540,11 @@ impl Manager {
         self.store
             .update::<Task, _>(&store::task_key(task_id), |t| {
                 if t.node_id != node_id {
-                    bail!("task {task_id} is not assigned to node {node_id}");
+                    return Err(ControlError::NotAssigned {
+                        task: task_id.into(),
+                        node: node_id.into(),
+                    }
+                    .into());
                 }
                 if t.status.state.is_terminal() || st.state < t.status.state {
                     return Ok(false);
@@ -542,7 +569,7 @@ impl Manager {
             .await?
             .is_none()
         {
-            bail!("node {node_id} is not in the cluster (removed?)");
+            return Err(ControlError::NodeRemoved(node_id.into()).into());
         }
         self.store
             .put_raw(
@@ -620,10 +647,10 @@ fn pick<T>(
     name: &str,
     id: impl Fn(&T) -> &String,
     named: impl Fn(&T) -> bool,
-    what: &str,
-) -> Result<T> {
+    what: &'static str,
+) -> Result<T, ControlError> {
     if name.is_empty() {
-        bail!("no {what} named");
+        return Err(ControlError::NoName(what));
     }
     let mut by_prefix = Vec::new();
     for it in items {
@@ -636,7 +663,19 @@ fn pick<T>(
     }
     match by_prefix.len() {
         1 => Ok(by_prefix.remove(0)),
-        0 => bail!("{what} {name} not found"),
-        _ => bail!("{what} {name} is ambiguous ({} match)", by_prefix.len()),
+        0 => Err(ControlError::NotFound {
+            kind: what,
+            name: name.into(),
+        }),
+        n => Err(ControlError::Ambiguous {
+            kind: what,
+            name: name.into(),
+            matches: n,
+        }),
     }
+}
+
+/// A spec the API crate refuses is the caller's mistake.
+fn invalid(r: Result<()>) -> Result<(), ControlError> {
+    r.map_err(|e| ControlError::Invalid(format!("{e:#}")))
 }

@@ -2,45 +2,14 @@
 //! the access control, as docker.sock's), and the cluster endpoint (TLS;
 //! mutual once a node has its certificate).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::api::cluster_client::ClusterClient;
 use crate::pki;
-
-/// The control socket huskd listens on: `$HUSK_HOST` (a path, or
-/// `unix://path`), else /run/husk/huskd.sock.
-pub fn default_socket() -> PathBuf {
-    match std::env::var("HUSK_HOST") {
-        Ok(h) if !h.is_empty() => PathBuf::from(h.strip_prefix("unix://").unwrap_or(&h)),
-        _ => PathBuf::from("/run/husk/huskd.sock"),
-    }
-}
-
-/// A client of the huskd listening on `socket`.
-pub async fn local_client(socket: &Path) -> Result<ClusterClient<Channel>> {
-    let path = socket.to_path_buf();
-    let ch = Endpoint::try_from("http://huskd.local")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to huskd at {} (is it running? HUSK_HOST names another socket)",
-                socket.display()
-            )
-        })?;
-    Ok(ClusterClient::new(ch).max_decoding_message_size(64 << 20))
-}
+pub use husk_cluster_api::client::{default_socket, local_client};
 
 /// What a node knows to reach managers: the CA, and its own certificate
 /// once it has one.

@@ -155,7 +155,7 @@ pub fn hex(b: &[u8]) -> String {
 /// A new token secret: 32 random bytes, hex.
 pub fn new_secret() -> Result<String> {
     let mut b = [0u8; 32];
-    husk_runtime::sandbox::getrandom(&mut b)?;
+    husk_runtime::util::getrandom(&mut b)?;
     Ok(hex(&b))
 }
 

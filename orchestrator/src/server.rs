@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{self, cluster_server::ClusterServer};
 use crate::daemon::{Daemon, Identity};
+use crate::error::status;
 use crate::manager::Manager;
 use crate::pki;
 use crate::types::*;
@@ -27,15 +28,6 @@ enum Caller {
     Local,
     Node { id: String, role: Role },
     Anonymous,
-}
-
-fn status(e: anyhow::Error) -> Status {
-    let msg = format!("{e:#}");
-    if msg.contains("not found") {
-        Status::not_found(msg)
-    } else {
-        Status::failed_precondition(msg)
-    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
@@ -160,13 +152,11 @@ impl api::cluster_server::Cluster for Api {
                 "join through the cluster endpoint",
             ));
         }
-        match self.daemon.admit(req.into_inner()).await {
-            Ok(r) => Ok(Response::new(r)),
-            Err(e) if format!("{e}").contains("invalid join token") => {
-                Err(Status::unauthenticated(format!("{e:#}")))
-            }
-            Err(e) => Err(status(e)),
-        }
+        self.daemon
+            .admit(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn heartbeat(
@@ -517,7 +507,7 @@ impl api::cluster_server::Cluster for Api {
             let mut offset = 0;
             loop {
                 let (mut out, mut err) = (Vec::new(), Vec::new());
-                match husk_runtime::record::replay(&path, offset, &mut out, &mut err) {
+                match husk_runtime::container::record::replay(&path, offset, &mut out, &mut err) {
                     Ok(o) => offset = o,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(Status::internal(format!("{e:#}"))));

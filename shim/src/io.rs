@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
-use husk_runtime::agent::{Io, Streams};
+use husk_runtime::guest::{Io, Streams};
 
 /// The stdio a task was created with (paths as containerd gave them).
 #[derive(Clone, Debug, Default)]

@@ -24,7 +24,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
-use husk_runtime::agent::{container, ctx as actx, AgentConn};
+use husk_runtime::guest::{container, ctx as actx, AgentConn};
 use husk_runtime::{NetworkMode, Runtime, Sandbox, SandboxConfig};
 use log::{info, warn};
 
@@ -44,8 +44,16 @@ fn err(code: Code, msg: impl Into<String>) -> TtrpcError {
     })
 }
 
+/// A failure as containerd sees it: an agent's refusal keeps the agent's
+/// code (NOT_FOUND, FAILED_PRECONDITION, ... which containerd maps to its
+/// errdefs); anything else is the shim's own, INTERNAL.
 fn internal(e: anyhow::Error) -> TtrpcError {
-    err(Code::INTERNAL, format!("{e:#}"))
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<husk_runtime::guest::RpcError>())
+        .and_then(|r| r.code)
+        .unwrap_or(Code::INTERNAL);
+    err(code, format!("{e:#}"))
 }
 
 /// Takes a container's entries out of the sandbox's share (best effort:
@@ -134,12 +142,13 @@ impl Service {
         }
     }
 
-    /// Runs `f` on a connection to the agent; its error becomes INTERNAL.
-    fn with_agent<T, E: std::fmt::Display>(
-        &self,
-        f: impl FnOnce(&AgentConn) -> Result<T, E>,
-    ) -> TtrpcResult<T> {
-        f(&self.agent()?).map_err(|e| err(Code::INTERNAL, e.to_string()))
+    /// Runs the agent call `f` on a connection to the agent; the agent's
+    /// refusal reaches containerd with its code, a failed call as INTERNAL.
+    fn with_agent<T>(&self, f: impl FnOnce(&AgentConn) -> Result<T, TtrpcError>) -> TtrpcResult<T> {
+        f(&self.agent()?).map_err(|e| match e {
+            TtrpcError::RpcStatus(s) => TtrpcError::RpcStatus(s),
+            other => err(Code::INTERNAL, other.to_string()),
+        })
     }
 
     fn agent(&self) -> TtrpcResult<AgentConn> {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use husk_runtime::shared::{guest_source, HostShare, MOUNT_POINT};
+use husk_runtime::storage::shared::{guest_source, HostShare, MOUNT_POINT};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 /// What a container needs from the host: its spec for the guest and the

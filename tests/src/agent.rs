@@ -1,4 +1,4 @@
-//! Test helpers around the agent client (husk_runtime::agent): the busybox
+//! Test helpers around the agent client (husk_runtime::guest): the busybox
 //! sample as a rootfs or erofs image, a spec for it, and a sandbox that
 //! carries it.
 
@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use husk_protocol::agent::Storage;
-pub use husk_runtime::agent::*;
+pub use husk_runtime::guest::*;
 use husk_runtime::{DriveSpec, Runtime, Sandbox, SandboxConfig};
 use oci_spec::runtime::Spec;
 
@@ -57,7 +57,7 @@ pub fn host_share_mount(dest: &str) -> oci_spec::runtime::Mount {
     oci_spec::runtime::MountBuilder::default()
         .destination(dest)
         .typ("bind")
-        .source(husk_runtime::shared::guest_source(0))
+        .source(husk_runtime::storage::shared::guest_source(0))
         .options(vec!["rbind".to_string(), "rw".to_string()])
         .build()
         .expect("a complete mount")
@@ -75,7 +75,7 @@ pub fn process(args: &[&str]) -> serde_json::Value {
 /// `storage/<root>`, running `args`, in the sandbox's network.
 pub fn busybox_spec(root: &str, args: &[&str], terminal: bool) -> Spec {
     let args = args.iter().map(|a| a.to_string()).collect();
-    let mut spec = husk_runtime::spec::base_spec(root, args, terminal);
+    let mut spec = husk_runtime::container::spec::base_spec(root, args, terminal);
     spec.set_hostname(Some("c".into()));
     spec
 }

@@ -259,7 +259,7 @@ impl Drop for Containerd {
             .status();
         if let Ok(dirs) = std::fs::read_dir(&self.run) {
             for d in dirs.flatten() {
-                husk_runtime::jail::kill_groups_of(&d.file_name().to_string_lossy());
+                husk_runtime::vmm::cgroup::kill_groups_of(&d.file_name().to_string_lossy());
             }
         }
         let _ = Command::new("pkill")

@@ -24,8 +24,7 @@ mod vm;
 pub use containerd::Containerd;
 pub use netns::NetNs;
 pub use vm::{
-    api_request, husk_agent_binary, husk_cli_binary, husk_shim_binary, husk_vmm_binary,
-    vsock_connect,
+    husk_agent_binary, husk_cli_binary, husk_shim_binary, husk_vmm_binary, vsock_connect, VmmClient,
 };
 
 /// The workspace root (tests/ is one level down).

@@ -42,4 +42,4 @@ pub fn husk_agent_binary() -> Result<PathBuf> {
     workspace_binary("husk-agent", "husk-agent", "HUSK_AGENT")
 }
 
-pub use husk_runtime::vmm::{api_request, vsock_connect};
+pub use husk_runtime::vmm::{vsock_connect, VmmClient};

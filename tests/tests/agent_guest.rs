@@ -139,7 +139,7 @@ fn a_sandbox_boots_cold_when_asked() {
     std::fs::write(host.join("f"), "shared-ok\n").unwrap();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 && rt.virtiofsd.exists() {
-        cfg.shares = vec![husk_runtime::shared::HostShare {
+        cfg.shares = vec![husk_runtime::storage::shared::HostShare {
             source: host.clone(),
             read_only: false,
         }];

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use husk_runtime::podnet::PodNet;
-use husk_runtime::shared::{HostShare, SharedFs};
+use husk_runtime::net::podnet::PodNet;
+use husk_runtime::storage::shared::{HostShare, SharedFs};
 use husk_tests::NetNs;
 
 fn mountinfo_of(pid: u32) -> String {
@@ -23,7 +23,7 @@ fn shares_are_added_to_and_removed_from_a_running_virtiofsd() {
             &why,
         );
     }
-    let virtiofsd = husk_runtime::shared::default_virtiofsd();
+    let virtiofsd = husk_runtime::storage::shared::default_virtiofsd();
     if !virtiofsd.exists() {
         return husk_tests::skip(
             "shares_are_added_to_and_removed_from_a_running_virtiofsd",

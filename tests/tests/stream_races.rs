@@ -152,7 +152,7 @@ fn a_share_is_served_the_instant_the_guest_mounts_it() {
     std::fs::create_dir_all(&host).unwrap();
     std::fs::write(host.join("f"), "shared-ok\n").unwrap();
     let mut cfg = config("share-race", &busybox);
-    cfg.shares = vec![husk_runtime::shared::HostShare {
+    cfg.shares = vec![husk_runtime::storage::shared::HostShare {
         source: host.clone(),
         read_only: false,
     }];

@@ -26,8 +26,10 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
+use husk_vmm_api::{
+    Action, ActionType, Fault, InstanceInfo, InstanceState, VmState, VmStateChange,
+};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use tiny_http::{Method, Request, Response, Server};
 
 use crate::builder::{self, RunningVm};
@@ -75,18 +77,6 @@ fn bad(message: impl Into<String>) -> ApiError {
 }
 
 type Reply = Result<Option<serde_json::Value>, ApiError>;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Action {
-    action_type: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VmState {
-    state: String,
-}
 
 impl Controller {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -178,33 +168,30 @@ impl Controller {
         Ok(i)
     }
 
-    fn state(&self) -> &'static str {
+    fn state(&self) -> InstanceState {
         match &self.lock().running {
-            None => "Not started",
-            Some(r) if r.stopped().is_some() => "Stopped",
-            Some(r) if r.paused() => "Paused",
-            Some(_) => "Running",
+            None => InstanceState::NotStarted,
+            Some(r) if r.stopped().is_some() => InstanceState::Stopped,
+            Some(r) if r.paused() => InstanceState::Paused,
+            Some(_) => InstanceState::Running,
         }
     }
 
-    fn action(&self, a: &str) -> Reply {
+    fn action(&self, a: ActionType) -> Reply {
         match a {
-            "InstanceStart" => self.start().map(|_| None).map_err(bad),
-            "Pause" => {
+            ActionType::InstanceStart => self.start().map(|_| None).map_err(bad),
+            ActionType::Pause => {
                 let r = self.running()?;
                 r.pause().map(|_| None).map_err(|e| bad(format!("{e:#}")))
             }
-            "Resume" => {
+            ActionType::Resume => {
                 self.running()?.resume();
                 Ok(None)
             }
-            "SendCtrlAltDel" => Err(bad(
+            ActionType::SendCtrlAltDel => Err(bad(
                 "SendCtrlAltDel needs a keyboard controller driver in the guest; husk's guest \
                  kernel has none (reboot=k only resets): stop the guest through its agent",
             )),
-            other => Err(bad(format!(
-                "unknown action_type {other:?} (InstanceStart, Pause, Resume, SendCtrlAltDel)"
-            ))),
         }
     }
 
@@ -213,15 +200,13 @@ impl Controller {
         let path = url.split('?').next().unwrap_or("");
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, parts.as_slice()) {
-            (Method::Get, [""]) => Ok(Some(serde_json::json!({
-                "id": "husk-vmm",
-                "state": self.state(),
-                "vmm_version": env!("CARGO_PKG_VERSION"),
-                "app_name": "husk-vmm",
-            }))),
-            (Method::Get, ["machine-config"]) => Ok(Some(
-                serde_json::to_value(&self.lock().machine).map_err(|e| bad(e.to_string()))?,
-            )),
+            (Method::Get, [""]) => json(&InstanceInfo {
+                id: "husk-vmm".into(),
+                state: self.state(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+                app_name: "husk-vmm".into(),
+            }),
+            (Method::Get, ["machine-config"]) => json(&self.lock().machine),
             (Method::Put, ["machine-config"]) => {
                 let m: MachineConfig = parse(body)?;
                 self.configuring()?.machine = m;
@@ -264,23 +249,17 @@ impl Controller {
                 self.configuring()?.serial = s;
                 Ok(None)
             }
-            (Method::Get, ["vm", "config"]) => {
-                let c = self.config().map_err(bad)?;
-                Ok(Some(
-                    serde_json::to_value(c).map_err(|e| bad(e.to_string()))?,
-                ))
-            }
+            (Method::Get, ["vm", "config"]) => json(&self.config().map_err(bad)?),
             (Method::Put, ["actions"]) => {
                 let a: Action = parse(body)?;
-                self.action(&a.action_type)
+                self.action(a.action_type)
             }
             (Method::Patch, ["vm"]) => {
-                let s: VmState = parse(body)?;
-                match s.state.as_str() {
-                    "Paused" => self.action("Pause"),
-                    "Resumed" => self.action("Resume"),
-                    o => Err(bad(format!("unknown state {o:?} (Paused, Resumed)"))),
-                }
+                let s: VmStateChange = parse(body)?;
+                self.action(match s.state {
+                    VmState::Paused => ActionType::Pause,
+                    VmState::Resumed => ActionType::Resume,
+                })
             }
             (Method::Put, ["snapshot", "create"]) => {
                 let req: CreateRequest = parse(body)?;
@@ -325,6 +304,12 @@ fn upsert<T>(list: &mut Vec<T>, item: T, id: impl Fn(&T) -> &String) -> Reply {
     Ok(None)
 }
 
+fn json<T: serde::Serialize>(v: &T) -> Reply {
+    serde_json::to_value(v)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| bad(format!("bad request body: {e}")))
 }
@@ -338,8 +323,10 @@ fn respond(req: Request, reply: Reply) {
         Err(e) => {
             inc(&METRICS.api.errors);
             Response::from_data(
-                serde_json::to_vec(&serde_json::json!({ "fault_message": e.message }))
-                    .unwrap_or_default(),
+                serde_json::to_vec(&Fault {
+                    fault_message: e.message,
+                })
+                .unwrap_or_default(),
             )
             .with_status_code(e.status)
             .with_header(json_header())
@@ -436,7 +423,7 @@ mod tests {
                 &Method::Put,
                 "/actions",
                 br#"{"action_type": "Explode"}"#,
-                "unknown action_type",
+                "unknown variant `Explode`, expected one of `InstanceStart`",
             ),
             (
                 &Method::Put,

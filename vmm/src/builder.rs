@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::*;
 use crate::arch::mptable;
 use crate::arch::regs::BootProtocol;
-use crate::config::{SerialOutput, VmConfig, DEFAULT_BOOT_ARGS};
+use crate::config::{Checked, SerialOutput, VmConfig, DEFAULT_BOOT_ARGS};
 use crate::cpu_template::{CpuTemplate, HostProfile};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};

@@ -1,10 +1,9 @@
-//! The VM configuration: a JSON file whose sections and field names follow
-//! Firecracker's (`boot-source`, `machine-config`, `drives`, ...), so a
-//! Firecracker user can read it, plus husk's `host_profile` and `serial`.
+//! The VM configuration's checks. Its types (Firecracker's sections and
+//! field names, plus husk's `host_profile` and `serial`) are husk-vmm-api's,
+//! shared with the runtime that writes them; what needs this VMM's limits
+//! (vCPUs, interrupt lines, tag length) and the host's files is checked here.
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
+pub use husk_vmm_api::config::*;
 use thiserror::Error;
 
 use crate::arch::layout::{IRQ_BASE, IRQ_MAX};
@@ -23,152 +22,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct BootSource {
-    pub kernel_image_path: PathBuf,
-    #[serde(default)]
-    pub boot_args: Option<String>,
-    #[serde(default)]
-    pub initrd_path: Option<PathBuf>,
-}
-
-/// Kernel arguments every husk guest needs: serial console, i8042 reboot so
-/// the VMM exits, no PCI probing.
-pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    pub vcpu_count: u8,
-    pub mem_size_mib: u64,
-    /// Path of a custom CPU template (Firecracker's format).
-    #[serde(default)]
-    pub cpu_template: Option<PathBuf>,
-    /// "auto" (detect), "none", or a built-in profile name.
-    #[serde(default = "auto")]
-    pub host_profile: String,
-}
-
-fn auto() -> String {
-    "auto".to_string()
-}
-
-impl Default for MachineConfig {
-    fn default() -> Self {
-        MachineConfig {
-            vcpu_count: 1,
-            mem_size_mib: 128,
-            cpu_template: None,
-            host_profile: auto(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Drive {
-    pub drive_id: String,
-    pub path_on_host: PathBuf,
-    #[serde(default)]
-    pub is_root_device: bool,
-    #[serde(default)]
-    pub is_read_only: bool,
-}
-
-/// virtio-net on a tap: one named (opened, or created with CAP_NET_ADMIN),
-/// or an open tap file descriptor the VMM inherited (`tap_fd`), so a
-/// launcher can create the tap and the tap lives exactly as long as its
-/// holders.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct NetConfig {
-    pub iface_id: String,
-    #[serde(default)]
-    pub host_dev_name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tap_fd: Option<i32>,
-    #[serde(default)]
-    pub guest_mac: Option<String>,
-}
-
-/// virtio-vsock with Firecracker's hybrid vsock on `uds_path`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    #[serde(default)]
-    pub vsock_id: Option<String>,
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct EntropyConfig {}
-
-/// virtio-fs served by a vhost-user backend (virtiofsd), as Cloud
-/// Hypervisor's `--fs`. The backend is a socket to connect to
-/// (`socket_path`) or a connected one the VMM inherited (`socket_fd`).
-/// With neither the device is there for the guest to find but has no
-/// backend yet: a template VM's, given one when a snapshot is loaded.
-/// A backend needs guest memory it can map, so a snapshot loaded with
-/// one has its memory copied, not mapped private.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct FsConfig {
-    pub fs_id: String,
-    /// What the guest mounts: `mount -t virtiofs <tag> <dir>`.
-    pub tag: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket_path: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket_fd: Option<i32>,
-}
-
-impl FsConfig {
-    pub fn has_backend(&self) -> bool {
-        self.socket_path.is_some() || self.socket_fd.is_some()
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum SerialOutput {
-    #[default]
-    Stdout,
-    None,
-    File(PathBuf),
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct SerialConfig {
-    #[serde(default)]
-    pub output: SerialOutput,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct VmConfig {
-    #[serde(rename = "boot-source")]
-    pub boot_source: BootSource,
-    #[serde(rename = "machine-config", default)]
-    pub machine_config: MachineConfig,
-    #[serde(default)]
-    pub drives: Vec<Drive>,
-    #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<NetConfig>,
-    #[serde(default)]
-    pub vsock: Option<VsockConfig>,
-    /// virtio-rng (Firecracker calls it `entropy`); `{}` enables it.
-    #[serde(default)]
-    pub entropy: Option<EntropyConfig>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub filesystems: Vec<FsConfig>,
-    #[serde(default)]
-    pub serial: SerialConfig,
-}
-
 /// Fails on the first id that appears twice.
 fn unique<'a>(what: &str, ids: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::new();
@@ -180,22 +33,33 @@ fn unique<'a>(what: &str, ids: impl Iterator<Item = &'a str>) -> Result<(), Conf
     Ok(())
 }
 
-impl VmConfig {
-    pub fn from_json(json: &str) -> Result<VmConfig, ConfigError> {
-        let c: VmConfig = serde_json::from_str(json)?;
-        c.validate()?;
-        Ok(c)
-    }
+/// A configuration from JSON, checked.
+pub fn from_json(json: &str) -> Result<VmConfig, ConfigError> {
+    let c: VmConfig = serde_json::from_str(json)?;
+    c.validate()?;
+    Ok(c)
+}
 
-    pub fn from_file(path: &std::path::Path) -> Result<VmConfig, ConfigError> {
-        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_json(&json)
-    }
+/// A configuration file (`--config-file`), checked.
+pub fn from_file(path: &std::path::Path) -> Result<VmConfig, ConfigError> {
+    let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    from_json(&json)
+}
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+/// The checks of a configuration this VMM can build.
+pub trait Checked {
+    /// Limits and consistency: counts, ids, fds, interrupt lines.
+    fn validate(&self) -> Result<(), ConfigError>;
+    /// Every file the VM needs can be opened, so a bad path fails before
+    /// any KVM call.
+    fn check_files(&self) -> Result<(), ConfigError>;
+}
+
+impl Checked for VmConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.machine_config;
         if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
             return Err(ConfigError::Invalid(format!(
@@ -303,9 +167,7 @@ impl VmConfig {
         Ok(())
     }
 
-    /// Checks that every file the VM needs can be opened, so a bad path fails
-    /// before any KVM call.
-    pub fn check_files(&self) -> Result<(), ConfigError> {
+    fn check_files(&self) -> Result<(), ConfigError> {
         let readable = |what: &str, p: &std::path::Path| -> Result<(), ConfigError> {
             std::fs::File::open(p)
                 .map(|_| ())
@@ -323,36 +185,11 @@ impl VmConfig {
         }
         Ok(())
     }
-
-    /// Drives in the order the guest sees them: the root drive is /dev/vda.
-    pub fn ordered_drives(&self) -> Vec<&Drive> {
-        let mut d: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        d.extend(self.drives.iter().filter(|d| !d.is_root_device));
-        d
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn firecracker_style_config_parses() {
-        let c = VmConfig::from_json(
-            r#"{
-              "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
-              "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
-              "drives": [
-                {"drive_id": "data", "path_on_host": "/d", "is_root_device": false, "is_read_only": false},
-                {"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": true}
-              ]
-            }"#,
-        )
-        .unwrap();
-        assert_eq!(c.machine_config.host_profile, "auto");
-        assert_eq!(c.ordered_drives()[0].drive_id, "rootfs");
-        assert_eq!(c.serial.output, SerialOutput::Stdout);
-    }
 
     #[test]
     fn more_devices_than_interrupt_lines_is_refused() {
@@ -366,8 +203,8 @@ mod tests {
             )
         };
         // 19 lines (IRQ 5 to 23): 19 drives fit, one more device does not.
-        VmConfig::from_json(&json("")).unwrap();
-        let e = VmConfig::from_json(&json(r#", "entropy": {}"#)).unwrap_err();
+        from_json(&json("")).unwrap();
+        let e = from_json(&json(r#", "entropy": {}"#)).unwrap_err();
         assert!(e.to_string().contains("20 virtio devices"), "{e}");
     }
 
@@ -435,7 +272,7 @@ mod tests {
             ),
         ];
         for (json, want) in cases {
-            let e = VmConfig::from_json(json).unwrap_err().to_string();
+            let e = from_json(json).unwrap_err().to_string();
             assert!(e.contains(want), "{json}: {e}");
         }
     }

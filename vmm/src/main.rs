@@ -12,7 +12,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use husk_vmm::api::{self, Controller};
-use husk_vmm::config::VmConfig;
 use husk_vmm::seccomp;
 use husk_vmm::vstate::vcpu::install_kick_handler;
 
@@ -53,7 +52,7 @@ fn main() -> ExitCode {
         }
         let ctl = Arc::new(Controller::default());
         if let Some(p) = &args.config_file {
-            let config = VmConfig::from_file(p)?;
+            let config = husk_vmm::config::from_file(p)?;
             ctl.set_config(config);
         }
         if let Some(sock) = &args.api_sock {

@@ -21,33 +21,12 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
-use serde::{Deserialize, Serialize};
+use rtnetlink::{LinkBridge, LinkUnspec};
 
-/// How a sandbox is networked (`husk run --network`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// A tap on the bridge, an address from its range, NAT outbound.
-    #[default]
-    Bridge,
-    /// No network: the container has only loopback.
-    None,
-}
-
-impl std::str::FromStr for NetworkMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "bridge" | "default" | "husk0" => Ok(NetworkMode::Bridge),
-            "none" => Ok(NetworkMode::None),
-            "host" => bail!(
-                "--network host: a husk container runs in its own VM and cannot share the host's network stack; publish ports with -p"
-            ),
-            other => bail!("--network {other:?}: husk has the networks \"bridge\" and \"none\""),
-        }
-    }
-}
+use crate::net::identity::GuestNet;
+use crate::net::netlink::{link_index, netlink};
+use crate::net::tap::{create_tap, Tap};
+use crate::util::Lock;
 
 /// The bridge network: its name, range and where leases are kept.
 #[derive(Clone, Debug)]
@@ -237,7 +216,7 @@ impl NetworkConfig {
                 .open(&path)
                 .with_context(|| format!("{}", path.display()))?;
             // A lease file nobody holds is free, whoever wrote it.
-            let Some(mut f) = crate::flock_exclusive(f, false)
+            let Some(mut f) = crate::util::flock_exclusive(f, false)
                 .with_context(|| format!("locking {}", path.display()))?
             else {
                 continue;
@@ -261,7 +240,7 @@ impl NetworkConfig {
     /// A new tap, attached to the bridge and up when `attach`, else left
     /// alone (a sandbox without network still needs its NIC backed).
     pub fn tap(&self, attach: bool) -> Result<Tap> {
-        let name = format!("husk-{}", crate::sandbox::random_hex(4)?);
+        let name = format!("husk-{}", crate::util::random_hex(4)?);
         let file = create_tap(&name)?;
         let tap = Tap { file, name };
         if attach {
@@ -307,8 +286,8 @@ impl Lease {
     }
 
     /// The guest's interface on the bridge: this address, the gateway.
-    pub fn guest_net(&self, mtu: u32) -> crate::podnet::GuestNet {
-        crate::podnet::GuestNet {
+    pub fn guest_net(&self, mtu: u32) -> GuestNet {
+        GuestNet {
             veth: String::new(),
             mac: self.mac(),
             mtu,
@@ -330,106 +309,6 @@ impl Drop for Lease {
         // Only the holder empties the file; the lock goes with the last
         // descriptor (a VMM still running keeps the address).
         let _ = self.file.set_len(0);
-    }
-}
-
-/// A tap this process created; it disappears when the last descriptor of
-/// it (here and in the VMM that inherited it) is closed.
-#[derive(Debug)]
-pub struct Tap {
-    pub file: File,
-    pub name: String,
-}
-
-impl Tap {
-    pub fn fd(&self) -> i32 {
-        self.file.as_raw_fd()
-    }
-}
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_TUN_EXCL: libc::c_short = -0x8000;
-
-/// Creates the (non-persistent) tap `name`; refuses to attach to an
-/// existing one.
-pub(crate) fn create_tap(name: &str) -> Result<File> {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun (is the tun module available?)")?;
-    let mut ifr = [0u8; 40];
-    ifr[..name.len()].copy_from_slice(name.as_bytes());
-    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq; `ifr` is a buffer of
-    // its size that outlives the call, and the descriptor is ours.
-    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
-        let e = std::io::Error::last_os_error();
-        let hint = if e.raw_os_error() == Some(libc::EPERM) {
-            " (creating a tap needs CAP_NET_ADMIN: run husk as root)"
-        } else {
-            ""
-        };
-        bail!("creating tap {name}: {e}{hint}");
-    }
-    Ok(f)
-}
-
-/// Runs `f` with a netlink handle on a runtime of its own, on a thread of
-/// its own (callers may themselves be inside an async runtime).
-fn netlink<F, Fut>(f: F) -> Result<()>
-where
-    F: FnOnce(Handle) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    netlink_in(None, f)
-}
-
-/// `netlink`, in the network namespace `netns` when given: the thread
-/// enters it first, so the socket (and any tap made there) belongs to it.
-pub(crate) fn netlink_in<F, Fut, T>(netns: Option<&File>, f: F) -> Result<T>
-where
-    F: FnOnce(Handle) -> Fut + Send,
-    Fut: std::future::Future<Output = Result<T>>,
-    T: Send,
-{
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            if let Some(ns) = netns {
-                // SAFETY: setns with an open namespace fd; a network
-                // namespace can be entered by one thread of a process.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .context("entering the network namespace");
-                }
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .context("netlink runtime")?;
-            rt.block_on(async {
-                let (conn, handle, _) =
-                    rtnetlink::new_connection().context("opening a netlink socket")?;
-                let task = tokio::spawn(conn);
-                let r = f(handle).await;
-                task.abort();
-                r
-            })
-        })
-        .join()
-        .map_err(|_| anyhow!("the netlink thread panicked"))?
-    })
-}
-
-pub(crate) async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
-    let mut links = h.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(Some(l)) => Ok(Some(l.header.index)),
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
     }
 }
 
@@ -458,44 +337,8 @@ fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn lock(path: &Path) -> Result<crate::Lock> {
-    crate::Lock::take(path, true)?.ok_or_else(|| anyhow!("locking {}", path.display()))
-}
-
-/// Name servers for a sandbox: the host's, without loopback ones (a local
-/// resolver is unreachable from the guest), else Google's, as Docker does.
-pub fn dns_from_host(resolv_conf: &str) -> (Vec<String>, Vec<String>) {
-    let mut servers = Vec::new();
-    let mut search = Vec::new();
-    for line in resolv_conf.lines() {
-        let mut w = line.split_whitespace();
-        match w.next() {
-            Some("nameserver") => {
-                if let Some(ip) = w.next().and_then(|s| s.parse::<IpAddr>().ok()) {
-                    if !ip.is_loopback() {
-                        servers.push(ip.to_string());
-                    }
-                }
-            }
-            Some("search") | Some("domain") => search = w.map(String::from).collect(),
-            _ => {}
-        }
-    }
-    if servers.is_empty() {
-        servers = vec!["8.8.8.8".into(), "8.8.4.4".into()];
-    }
-    (servers, search)
-}
-
-/// Makes an inherited descriptor usable by a child: clears FD_CLOEXEC in
-/// the child only (called between fork and exec).
-pub(crate) fn keep_across_exec(fd: i32) -> std::io::Result<()> {
-    // SAFETY: fcntl(F_SETFD) on a descriptor number; async-signal-safe, as
-    // code between fork and exec must be.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+fn lock(path: &Path) -> Result<Lock> {
+    Lock::take(path, true)?.ok_or_else(|| anyhow!("locking {}", path.display()))
 }
 
 #[cfg(test)]
@@ -548,21 +391,5 @@ mod tests {
         assert!(e.contains("no free address"), "{e}");
         drop(a);
         assert_eq!(c.lease("b").unwrap().ip, Ipv4Addr::new(10, 1, 2, 2));
-    }
-
-    #[test]
-    fn dns_skips_loopback_resolvers() {
-        let (s, d) = dns_from_host("nameserver 127.0.0.53\nsearch a.example b\n");
-        assert_eq!(s, ["8.8.8.8", "8.8.4.4"]);
-        assert_eq!(d, ["a.example", "b"]);
-        let (s, _) =
-            dns_from_host("# x\nnameserver 192.0.2.1\nnameserver ::1\nnameserver 2001:db8::1\n");
-        assert_eq!(s, ["192.0.2.1", "2001:db8::1"]);
-        assert!("host"
-            .parse::<NetworkMode>()
-            .unwrap_err()
-            .to_string()
-            .contains("-p"));
-        assert_eq!("none".parse::<NetworkMode>().unwrap(), NetworkMode::None);
     }
 }

@@ -9,6 +9,8 @@
 //! digest before it enters the store, and a layer's uncompressed contents
 //! against the config's diff_id; a failed import leaves the store as it was.
 
+pub mod pull;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -51,9 +53,9 @@ pub struct ImageStore {
     root: PathBuf,
 }
 
-/// `<data dir>/images` (see `crate::default_data_dir`).
+/// `<data dir>/images` (see `crate::config::default_data_dir`).
 pub fn default_store_dir() -> PathBuf {
-    crate::default_data_dir().join("images")
+    crate::config::default_data_dir().join("images")
 }
 
 /// `name` with a `:latest` tag if it has neither tag nor digest.

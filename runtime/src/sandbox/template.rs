@@ -15,60 +15,31 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use husk_vmm_api::{CreateRequest, VmState};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::jail::{JailSpec, Share};
-use crate::vmm::api_request;
-use crate::Lock;
-use crate::Runtime;
+use crate::config::Runtime;
+use crate::sandbox::machine::{vm_config, Machine, BOOT_ARGS, RO_SLOTS, RW_SLOTS};
+use crate::util::tail;
+use crate::util::Lock;
+use crate::vmm::jail::Share;
+use crate::vmm::{VmmClient, VmmProcess};
 
 /// Bumped when what a template holds, or how it is booted, changes.
 pub const FORMAT: u32 = 3;
-/// Read-only drive slots (container images) every guest has: vdb..vde.
-pub const RO_SLOTS: usize = 4;
-/// Read-write drive slots (volumes): vdf, vdg.
-pub const RW_SLOTS: usize = 2;
 /// How long a template's cold boot may take to agent-ready (guest kernels
 /// are emulated on some hosts: tens of seconds there).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// Kernel arguments of every husk guest: the agent as init, root on the
-/// read-only erofs guest image. Quiet: console output is emulated I/O.
-pub const BOOT_ARGS: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off rootfstype=erofs init=/sbin/husk-agent quiet";
-
-/// Every guest has one NIC (eth0 in the guest); the sandbox's tap backs
-/// it after a restore.
-pub const NET_IFACE: &str = "eth0";
-
-/// The machine a sandbox gets.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Machine {
-    pub vcpus: u8,
-    pub mem_mib: u64,
-    /// husk-vmm's host profile: "auto", "none" or a profile name.
-    pub host_profile: String,
-    /// A custom CPU template file, if any.
-    pub cpu_template: Option<PathBuf>,
-}
-
-impl Default for Machine {
-    fn default() -> Self {
-        Machine {
-            vcpus: 1,
-            mem_mib: 256,
-            host_profile: "auto".into(),
-            cpu_template: None,
-        }
-    }
-}
+/// How long husk-vmm may take to write or load a snapshot: it writes or
+/// copies the guest's memory (hundreds of MiB), on a host that may be busy
+/// starting many sandboxes.
+pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A file input of a template, named precisely enough to see it change.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -152,161 +123,6 @@ impl Inputs {
             && self.guest_image.path == other.guest_image.path
             && self.machine == other.machine
     }
-}
-
-/// The drive id of slot `i` of a kind.
-pub fn slot_id(read_only: bool, i: usize) -> String {
-    format!("{}{i}", if read_only { "ro" } else { "rw" })
-}
-
-/// The guest device of slot `i` of a kind: slots follow the root drive
-/// (vda), read-only ones first.
-pub fn slot_device(read_only: bool, i: usize) -> String {
-    let n = if read_only { i } else { RO_SLOTS + i };
-    format!("/dev/vd{}", (b'b' + n as u8) as char)
-}
-
-/// husk-vmm's configuration for a guest with `slots` backing the drive
-/// slots in order (read-only, then read-write).
-pub(crate) fn vm_config(
-    rt: &Runtime,
-    machine: &Machine,
-    slots: &[PathBuf],
-    vsock: &Path,
-    console: Option<&Path>,
-    tap_fd: i32,
-    fs_fd: Option<i32>,
-) -> serde_json::Value {
-    let mut drives = vec![serde_json::json!({
-        "drive_id": "rootfs", "path_on_host": rt.guest_image,
-        "is_root_device": true, "is_read_only": true,
-    })];
-    for (i, path) in slots.iter().enumerate() {
-        let ro = i < RO_SLOTS;
-        let n = if ro { i } else { i - RO_SLOTS };
-        drives.push(serde_json::json!({
-            "drive_id": slot_id(ro, n), "path_on_host": path,
-            "is_root_device": false, "is_read_only": ro,
-        }));
-    }
-    let mut mc = serde_json::json!({
-        "vcpu_count": machine.vcpus, "mem_size_mib": machine.mem_mib,
-        "host_profile": machine.host_profile,
-    });
-    if let Some(t) = &machine.cpu_template {
-        mc["cpu_template"] = serde_json::json!(t);
-    }
-    let mut fs = serde_json::json!({"fs_id": crate::shared::FS_ID, "tag": crate::shared::FS_TAG});
-    if let Some(fd) = fs_fd {
-        fs["socket_fd"] = fd.into();
-    }
-    serde_json::json!({
-        "boot-source": {"kernel_image_path": rt.kernel, "boot_args": BOOT_ARGS},
-        "machine-config": mc,
-        "drives": drives,
-        "network-interfaces": [{"iface_id": NET_IFACE, "tap_fd": tap_fd}],
-        "vsock": {"guest_cid": 3, "uds_path": vsock},
-        "entropy": {},
-        // Always there (a template's guest probes it); a backend only when
-        // the sandbox shares host paths.
-        "filesystems": [fs],
-        "serial": console_config(console),
-    })
-}
-
-pub(crate) fn console_config(console: Option<&Path>) -> serde_json::Value {
-    match console {
-        Some(p) => serde_json::json!({"output": {"file": p}}),
-        None => serde_json::json!({"output": "none"}),
-    }
-}
-
-/// A husk-vmm process with its sockets; killed when dropped. Confined, the
-/// child is the jail's keeper (its exit is the VMM's).
-pub(crate) struct VmmProcess {
-    pub child: crate::child::Watched,
-    pub api: PathBuf,
-    pub vsock: PathBuf,
-    /// The VMM's cgroup, when confined; removed after it.
-    pub cgroup: Option<crate::jail::Cgroup>,
-}
-
-impl VmmProcess {
-    /// Starts husk-vmm with `args`, logging to `log`; it inherits the
-    /// descriptors `inherit` (its tap, its address lease).
-    pub fn spawn(
-        rt: &Runtime,
-        args: &[&std::ffi::OsStr],
-        api: PathBuf,
-        vsock: PathBuf,
-        log: &Path,
-        inherit: &[i32],
-        jail: Option<&crate::jail::JailSpec>,
-    ) -> Result<VmmProcess> {
-        let out = File::create(log).with_context(|| format!("{}", log.display()))?;
-        let mut cmd = Command::new(&rt.vmm);
-        let fds = inherit.to_vec();
-        let (cgroup, plan) = match jail {
-            Some(j) => {
-                let cg = crate::jail::Cgroup::create(&j.cgroup)?;
-                let plan = crate::jail::Plan::new(&j.root, &j.shares, Some(&cg))
-                    .context("preparing the VMM's jail")?;
-                (Some(cg), Some(plan))
-            }
-            None => (None, None),
-        };
-        // SAFETY: the closure runs between fork and exec and makes only
-        // async-signal-safe syscalls (fcntl; the jail's mount, unshare,
-        // fork, chroot, set*id) on data prepared before; it allocates
-        // nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in &fds {
-                    crate::network::keep_across_exec(*fd)?;
-                }
-                if let Some(p) = &plan {
-                    p.enter()?;
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .args(args)
-            .arg("--api-sock")
-            .arg(&api)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", rt.vmm.display()))?;
-        Ok(VmmProcess {
-            child: crate::child::Watched::new(child),
-            api,
-            vsock,
-            cgroup,
-        })
-    }
-
-    /// Fails with what the VMM said if it has exited.
-    pub fn check_alive(&mut self, log: &Path) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("husk-vmm exited ({status}): {}", tail(log, 2000));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        self.child.kill_and_wait();
-    }
-}
-
-/// The last `max` bytes of a log file, for error messages.
-pub(crate) fn tail(path: &Path, max: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(max);
-    String::from_utf8_lossy(&text[start..]).trim().to_string()
 }
 
 /// A ready template.
@@ -397,7 +213,7 @@ impl Template {
         let log = self.dir.join("vmm.log");
         let started = Instant::now();
         let mut vmm = VmmProcess::spawn(
-            rt,
+            &rt.vmm,
             &["--config-file".as_ref(), cfg.as_os_str()],
             work.join("api.sock"),
             work.join("v.sock"),
@@ -412,7 +228,7 @@ impl Template {
             )
             .as_ref(),
         )?;
-        crate::sandbox::wait_for_agent(&mut vmm, &log, BOOT_TIMEOUT).with_context(|| {
+        crate::guest::wait_for_agent(&mut vmm, &log, BOOT_TIMEOUT).with_context(|| {
             format!(
                 "template {}: the guest did not get to agent-ready; console: {}",
                 self.key,
@@ -422,19 +238,12 @@ impl Template {
         let boot = started.elapsed();
         let tmp_snap = work.join("vm.snap");
         let tmp_mem = work.join("vm.mem");
-        let call = |method: &str, path: &str, body: String| -> Result<()> {
-            let (status, text) = api_request(&vmm.api, method, path, &body)?;
-            if status >= 300 {
-                bail!("{method} {path}: {status} {text}");
-            }
-            Ok(())
-        };
-        call("PATCH", "/vm", r#"{"state": "Paused"}"#.into())?;
-        call(
-            "PUT",
-            "/snapshot/create",
-            serde_json::json!({"snapshot_path": tmp_snap, "mem_file_path": tmp_mem}).to_string(),
-        )?;
+        let api = VmmClient::new(&vmm.api, SNAPSHOT_TIMEOUT);
+        api.set_state(VmState::Paused)?;
+        api.create_snapshot(&CreateRequest {
+            snapshot_path: tmp_snap.clone(),
+            mem_file_path: tmp_mem.clone(),
+        })?;
         drop(vmm);
         std::fs::rename(&tmp_mem, &self.memory)?;
         std::fs::rename(&tmp_snap, &self.snapshot)?;
@@ -478,41 +287,11 @@ fn remove_superseded(root: &Path, key: &str, inputs: &Inputs) {
     }
 }
 
-impl Runtime {
-    /// The jail for a VMM whose sockets and files live in `dir`: `dir`
-    /// (writable), the kernel, guest image and CPU template (read-only)
-    /// and `shares`; None when confinement is off.
-    pub(crate) fn jail_for(
-        &self,
-        dir: &Path,
-        cgroup: &str,
-        mut shares: Vec<Share>,
-        machine: &Machine,
-    ) -> Option<JailSpec> {
-        if !self.confine {
-            return None;
-        }
-        shares.insert(0, Share::rw(dir));
-        // Executed inside the jail: its own binary, at its host path.
-        shares.push(Share::ro(&self.vmm));
-        shares.push(Share::ro(&self.kernel));
-        shares.push(Share::ro(&self.guest_image));
-        if let Some(t) = &machine.cpu_template {
-            shares.push(Share::ro(t));
-        }
-        Some(JailSpec {
-            root: dir.join("jail"),
-            shares,
-            cgroup: cgroup.into(),
-        })
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rt(dir: &Path) -> Runtime {
+    pub(crate) fn rt(dir: &Path) -> Runtime {
         for f in ["vmm", "kernel", "image"] {
             std::fs::write(dir.join(f), f).unwrap();
         }
@@ -522,7 +301,7 @@ mod tests {
             guest_image: dir.join("image"),
             cache_dir: dir.join("cache"),
             run_dir: dir.join("run"),
-            network: crate::network::NetworkConfig::default(),
+            network: crate::net::NetworkConfig::default(),
             confine: false,
             virtiofsd: "/nonexistent".into(),
         }
@@ -552,32 +331,6 @@ mod tests {
         assert!(old.current());
         std::fs::write(d.path().join("kernel"), "kernel v2").unwrap();
         assert!(!old.current(), "a rewritten kernel");
-    }
-
-    #[test]
-    fn the_virtio_fs_device_is_always_there_and_backed_when_asked() {
-        let d = tempfile::tempdir().unwrap();
-        let rt = rt(d.path());
-        let m = Machine::default();
-        let v = Path::new("/v.sock");
-        let plain = vm_config(&rt, &m, &[], v, None, 5, None);
-        assert_eq!(
-            plain["filesystems"],
-            serde_json::json!([{"fs_id": "shared", "tag": "husk-shared"}])
-        );
-        let backed = vm_config(&rt, &m, &[], v, None, 5, Some(7));
-        assert_eq!(
-            backed["filesystems"],
-            serde_json::json!([{"fs_id": "shared", "tag": "husk-shared", "socket_fd": 7}])
-        );
-    }
-
-    #[test]
-    fn slots_map_to_guest_devices() {
-        assert_eq!(slot_device(true, 0), "/dev/vdb");
-        assert_eq!(slot_device(true, RO_SLOTS - 1), "/dev/vde");
-        assert_eq!(slot_device(false, 0), "/dev/vdf");
-        assert_eq!(slot_id(false, 1), "rw1");
     }
 
     #[test]

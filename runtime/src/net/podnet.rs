@@ -23,22 +23,9 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol
 use rtnetlink::packet_route::tc::TcHandle;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-use crate::network::{create_tap, netlink_in, Tap};
-
-/// An IPv4 network: address and prefix length.
-pub type Cidr4 = (Ipv4Addr, u8);
-
-/// What the guest's interface becomes: the veth's identity.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestNet {
-    /// The veth's name in the namespace (CNI's CNI_IFNAME, usually eth0).
-    pub veth: String,
-    pub mac: String,
-    pub mtu: u32,
-    pub addresses: Vec<Cidr4>,
-    /// (destination, or None for the default route; gateway)
-    pub routes: Vec<(Option<Cidr4>, Option<Ipv4Addr>)>,
-}
+use crate::net::identity::GuestNet;
+use crate::net::netlink::{link_index, netlink_in};
+use crate::net::tap::{create_tap, Tap};
 
 /// A pod namespace's veth taken over by a sandbox.
 pub struct PodNet {
@@ -62,7 +49,7 @@ impl PodNet {
     pub fn attach(netns: &Path) -> Result<(PodNet, Tap)> {
         let ns = File::open(netns)
             .with_context(|| format!("opening network namespace {}", netns.display()))?;
-        let tap_name = format!("husk-{}", crate::sandbox::random_hex(4)?);
+        let tap_name = format!("husk-{}", crate::util::random_hex(4)?);
         let (tap, guest, veth_index) = netlink_in(Some(&ns), |h| async move {
             let (veth_index, link) = the_veth(&h).await?;
             let guest = read_identity(&h, veth_index, &link).await?;
@@ -72,7 +59,7 @@ impl PodNet {
                 file,
                 name: tap_name.clone(),
             };
-            let tap_index = crate::network::link_index(&h, &tap_name)
+            let tap_index = link_index(&h, &tap_name)
                 .await?
                 .ok_or_else(|| anyhow!("tap {tap_name} vanished"))?;
             h.link()

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::jail::check;
+use crate::util::check;
 
 /// The VMM's virtio-fs device in templates and sandboxes.
 pub const FS_ID: &str = "shared";
@@ -61,7 +61,7 @@ pub fn guest_source(i: usize) -> String {
 /// A running virtiofsd for one sandbox and the connected socket the VMM
 /// gets (inherited).
 pub struct SharedFs {
-    child: crate::child::Watched,
+    child: crate::util::child::Watched,
     stream: UnixStream,
     log: PathBuf,
     /// The served directory on the host.
@@ -126,7 +126,7 @@ impl SharedFs {
         // (fcntl, unshare, mount) on data prepared before; no allocation.
         unsafe {
             cmd.pre_exec(move || {
-                crate::network::keep_across_exec(lfd)?;
+                crate::util::child::keep_across_exec(lfd)?;
                 enter_namespace(&binds)
             });
         }
@@ -138,7 +138,7 @@ impl SharedFs {
         drop(listener);
         let _ = std::fs::remove_file(&sock);
         let mut fs = SharedFs {
-            child: crate::child::Watched::new(child),
+            child: crate::util::child::Watched::new(child),
             stream: match stream {
                 Ok(s) => s,
                 Err(e) => bail!("connecting to virtiofsd: {e}"),
@@ -268,7 +268,7 @@ impl SharedFs {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "virtiofsd exited ({status}): {}",
-                crate::template::tail(&self.log, 2000)
+                crate::util::tail(&self.log, 2000)
             );
         }
         Ok(())

@@ -1,9 +1,12 @@
 //! Generates the cluster API (tonic) from proto/cluster.proto; needs protoc
-//! (Debian's protobuf-compiler, installed by scripts/setup.sh).
+//! (Debian's protobuf-compiler, installed by scripts/setup.sh). Server stubs
+//! only with the `server` feature (huskd), so clients link no server code.
 
 fn main() {
     println!("cargo:rerun-if-changed=proto/cluster.proto");
+    let server = std::env::var_os("CARGO_FEATURE_SERVER").is_some();
     tonic_prost_build::configure()
+        .build_server(server)
         .compile_protos(&["proto/cluster.proto"], &["proto"])
         .expect("generating the cluster API from proto/cluster.proto");
 }

@@ -5,8 +5,8 @@
 use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use husk_protocol::agent::{
@@ -17,7 +17,7 @@ use husk_protocol::agent_ttrpc::{ContainersClient, NetworkClient, SandboxClient}
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, STREAM_VSOCK_PORT, VERSION_KEY};
 use oci_spec::runtime::Spec;
 
-use crate::vmm::vsock_connect;
+use crate::vmm::{vsock_connect, VmmProcess};
 
 /// A request context with the API version and a deadline
 /// (`Duration::ZERO`: none).
@@ -32,6 +32,38 @@ pub fn rpc_message(e: &ttrpc::Error) -> String {
     match e {
         ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
         other => format!("{other:?}"),
+    }
+}
+
+/// A request the agent refused or that did not reach it: the operation,
+/// the agent's code (None when the call itself failed: the connection
+/// broke, the deadline passed) and its message. Callers decide by `code`.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {}", self.detail())]
+pub struct RpcError {
+    pub op: String,
+    pub code: Option<ttrpc::Code>,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(op: impl Into<String>, e: &ttrpc::Error) -> RpcError {
+        let (code, message) = match e {
+            ttrpc::Error::RpcStatus(s) => (Some(s.code()), s.message().to_string()),
+            other => (None, format!("{other:?}")),
+        };
+        RpcError {
+            op: op.into(),
+            code,
+            message,
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self.code {
+            Some(c) => format!("{c:?}: {}", self.message),
+            None => self.message.clone(),
+        }
     }
 }
 
@@ -138,14 +170,14 @@ impl AgentConn {
         let r = self
             .containers
             .create_container(ctx(SLOW_CALL), &req)
-            .map_err(|e| anyhow::anyhow!("CreateContainer {id}: {}", rpc_message(&e)))?;
+            .map_err(|e| RpcError::new(format!("CreateContainer {id}"), &e))?;
         Ok((r.pid, streams))
     }
 
     pub fn start(&self, id: &str) -> Result<()> {
         self.containers
             .start_container(ctx(SLOW_CALL), &container(id))
-            .map_err(|e| anyhow::anyhow!("StartContainer {id}: {}", rpc_message(&e)))?;
+            .map_err(|e| RpcError::new(format!("StartContainer {id}"), &e))?;
         Ok(())
     }
 
@@ -161,7 +193,7 @@ impl AgentConn {
         };
         self.containers
             .signal_process(ctx(Duration::from_secs(30)), &req)
-            .map_err(|e| anyhow::anyhow!("SignalProcess {id}/{exec_id}: {}", rpc_message(&e)))?;
+            .map_err(|e| RpcError::new(format!("SignalProcess {id}/{exec_id}"), &e))?;
         Ok(())
     }
 
@@ -170,7 +202,7 @@ impl AgentConn {
     pub fn open_streams(&self, io: Io) -> Result<(Stdio, Streams)> {
         let mut stdio = Stdio::new();
         let mut streams = Streams::default();
-        let tag = crate::sandbox::random_hex(8)?;
+        let tag = crate::util::random_hex(8)?;
         let name = |s: &str| format!("{tag}-{s}");
         if io.stdin {
             stdio.stdin = name("in");
@@ -205,7 +237,7 @@ impl AgentConn {
         };
         self.containers
             .exec_process(ctx(SLOW_CALL), &req)
-            .map_err(|e| anyhow::anyhow!("ExecProcess {id}/{exec_id}: {}", rpc_message(&e)))?;
+            .map_err(|e| RpcError::new(format!("ExecProcess {id}/{exec_id}"), &e))?;
         Ok(streams)
     }
 
@@ -219,13 +251,13 @@ impl AgentConn {
         // breaks the connection, which ends the call.
         self.containers
             .wait_process(ctx(Duration::ZERO), &req)
-            .map_err(|e| anyhow::anyhow!("WaitProcess {id}/{exec_id}: {}", rpc_message(&e)))
+            .map_err(|e| RpcError::new(format!("WaitProcess {id}/{exec_id}"), &e).into())
     }
 
     pub fn remove(&self, id: &str) -> Result<()> {
         self.containers
             .remove_container(ctx(SLOW_CALL), &container(id))
-            .map_err(|e| anyhow::anyhow!("RemoveContainer {id}: {}", rpc_message(&e)))?;
+            .map_err(|e| RpcError::new(format!("RemoveContainer {id}"), &e))?;
         Ok(())
     }
 
@@ -233,7 +265,7 @@ impl AgentConn {
         let h = self
             .sandbox
             .health(ctx(Duration::from_secs(30)), &Empty::new())
-            .map_err(|e| anyhow::anyhow!("Health: {}", rpc_message(&e)))?;
+            .map_err(|e| RpcError::new("Health", &e))?;
         if h.status != "SERVING" {
             bail!("agent says {}", h.status);
         }
@@ -291,4 +323,29 @@ pub fn read_all(s: &mut Option<UnixStream>, timeout: Duration) -> Result<String>
     s.read_to_end(&mut out)
         .context("reading a stream to its end")?;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Waits until the agent behind `vmm` answers Health.
+pub(crate) fn wait_for_agent(
+    vmm: &mut VmmProcess,
+    log: &Path,
+    timeout: Duration,
+) -> Result<AgentConn> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no vsock socket yet");
+    loop {
+        vmm.check_alive(log)?;
+        if vmm.vsock.exists() {
+            match AgentConn::connect_within(Endpoint::Vsock(vmm.vsock.clone()), Duration::ZERO)
+                .and_then(|a| a.health().map(|_| a))
+            {
+                Ok(a) => return Ok(a),
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the agent did not answer within {timeout:?}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -138,7 +138,7 @@ impl VolumeStore {
 /// An exclusive lock on a volume's disk; None if another holds it.
 fn lock(path: &Path, wait: bool) -> Result<Option<File>> {
     let f = File::open(path).with_context(|| format!("{}", path.display()))?;
-    crate::flock_exclusive(f, wait).with_context(|| format!("locking {}", path.display()))
+    crate::util::flock_exclusive(f, wait).with_context(|| format!("locking {}", path.display()))
 }
 
 #[cfg(test)]

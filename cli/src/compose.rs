@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use serde_yaml_ng::Value;
 
-use crate::types::*;
+use husk_cluster_api::types::*;
 
 /// The label naming a service's stack (Docker's).
 pub const STACK_LABEL: &str = "com.docker.stack.namespace";
@@ -114,7 +114,7 @@ fn cpus(v: &Value, path: &str) -> Result<i64> {
 
 fn memory(v: &Value, path: &str) -> Result<i64> {
     let t = str_at(v, path)?;
-    husk_runtime::spec::parse_memory(&t).with_context(|| path.to_string())
+    husk_runtime::container::spec::parse_memory(&t).with_context(|| path.to_string())
 }
 
 /// Reports keys of `m` outside `known` under `path`.
@@ -613,7 +613,7 @@ mod tests {
     use super::*;
 
     /// Docker's example voting app stack, images swapped for local ones.
-    const VOTING: &str = include_str!("../examples/voting-stack.yml");
+    const VOTING: &str = include_str!("../../orchestrator/examples/voting-stack.yml");
 
     #[test]
     fn the_voting_app_parses_in_dependency_order() {

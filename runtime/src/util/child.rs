@@ -107,6 +107,17 @@ fn readable(fd: &OwnedFd) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
 }
 
+/// Makes an inherited descriptor usable by a child: clears FD_CLOEXEC in
+/// the child only (called between fork and exec).
+pub(crate) fn keep_across_exec(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) on a descriptor number; async-signal-safe, as
+    // code between fork and exec must be.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,10 @@ pub struct Record {
     pub oom_killed: bool,
     /// Why it ended without an exit code (the VM died, husk failed).
     pub error: Option<String>,
+    /// The exit code husk ended with when the container did not run:
+    /// Docker's 125 (husk's own failure), 126, 127.
+    #[serde(default)]
+    pub failure_code: Option<u8>,
     /// The husk process that owns the sandbox while it runs.
     pub owner_pid: u32,
     pub auto_remove: bool,
@@ -52,7 +56,7 @@ pub struct NetInfo {
     pub prefix: u8,
     pub gateway: String,
     pub mac: String,
-    pub ports: Vec<crate::ports::PortMapping>,
+    pub ports: Vec<crate::net::ports::PortMapping>,
 }
 
 pub fn now() -> u64 {
@@ -241,6 +245,7 @@ mod tests {
             exit_code: None,
             oom_killed: false,
             error: None,
+            failure_code: None,
             owner_pid: std::process::id(),
             auto_remove: false,
             volumes: vec![],

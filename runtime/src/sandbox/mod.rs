@@ -1,0 +1,304 @@
+//! Sandboxes: one microVM each, started by restoring the template for their
+//! machine (the default) or by a cold boot, then given their own identity:
+//! fresh randomness, the host's clock, a hostname and DNS.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::guest::{ctx, rpc_message, AgentConn, Endpoint};
+use crate::net::ports::PortMapping;
+use crate::net::{Attachment, NetworkMode};
+use crate::storage::shared::{HostShare, SharedFs};
+use crate::util::tail;
+use crate::vmm::VmmProcess;
+
+mod identity;
+pub mod machine;
+mod start;
+pub mod template;
+
+pub use machine::{
+    slot_device, slot_id, DriveSpec, Machine, BOOT_ARGS, NET_IFACE, RO_SLOTS, RW_SLOTS,
+};
+pub use template::Template;
+
+/// How a sandbox's VM starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Boot {
+    /// Restore the cached template for the machine (built on first use).
+    #[default]
+    Template,
+    /// Boot the guest kernel.
+    Cold,
+}
+
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    pub id: String,
+    pub machine: Machine,
+    pub drives: Vec<DriveSpec>,
+    pub hostname: String,
+    /// Name servers and search domains; empty: the host's (loopback
+    /// resolvers left out).
+    pub dns_servers: Vec<String>,
+    pub dns_search: Vec<String>,
+    pub network: NetworkMode,
+    /// A network namespace set up by someone else (CRI's pod netns, with
+    /// CNI's veth) whose interface the VM takes over; `network` is then
+    /// not used.
+    pub netns: Option<PathBuf>,
+    /// Host ports relayed to the sandbox (bridge network only).
+    pub ports: Vec<PortMapping>,
+    /// Host paths shared over virtio-fs; share `i` is at
+    /// `shared::guest_source(i)` under the agent's storage directory once
+    /// the storage `Sandbox::shared_storage` names is mounted.
+    pub shares: Vec<HostShare>,
+    pub boot: Boot,
+    /// Keep the guest console in `<sandbox dir>/console.log`.
+    pub console_log: bool,
+}
+
+impl SandboxConfig {
+    /// Sizes the microVM to hold what the container may use: its memory
+    /// limit plus 128 MiB for the guest, if that is more than the default.
+    pub fn fit_memory(&mut self, spec: &oci_spec::runtime::Spec) {
+        let limit = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit());
+        if let Some(m) = limit.filter(|m| *m > 0) {
+            self.machine.mem_mib = self.machine.mem_mib.max((m as u64 >> 20) + 128);
+        }
+    }
+
+    pub fn new(id: &str) -> SandboxConfig {
+        SandboxConfig {
+            id: id.into(),
+            machine: Machine::default(),
+            drives: Vec::new(),
+            hostname: id.into(),
+            dns_servers: Vec::new(),
+            dns_search: Vec::new(),
+            network: NetworkMode::default(),
+            netns: None,
+            ports: Vec::new(),
+            shares: Vec::new(),
+            boot: Boot::default(),
+            console_log: false,
+        }
+    }
+}
+
+/// Where each phase of a start went.
+#[derive(Clone, Debug, Default)]
+pub struct StartTimes {
+    /// Template lookup (or its build, on first use).
+    pub template: Duration,
+    /// VMM spawn until the agent answered Health.
+    pub agent_ready: Duration,
+    /// ReseedRandom, SetTime and CreateSandbox.
+    pub identity: Duration,
+}
+
+/// A running sandbox. Dropping it kills its VM and removes its directory.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub agent: AgentConn,
+    /// The guest device of each of the config's drives, in order.
+    pub devices: Vec<String>,
+    pub boot: Boot,
+    pub times: StartTimes,
+    /// The template restored from, for `Boot::Template`.
+    pub template: Option<Template>,
+    /// Its network: tap, address lease, published ports, or a pod's
+    /// namespace taken over.
+    pub net: Attachment,
+    vmm: VmmProcess,
+    /// virtiofsd, after the VMM (fields drop in order).
+    shared: Option<SharedFs>,
+}
+
+impl Sandbox {
+    /// What the agent mounts for a container started the way `husk run`
+    /// and huskd start one: the image's erofs (drive 0) at `image`, each
+    /// named volume's ext4 (the next drives, in order) at `vol-<name>`,
+    /// and the shares, if any.
+    pub fn container_storage(&self, volumes: &[String]) -> Vec<husk_protocol::agent::Storage> {
+        use husk_protocol::agent::Storage;
+        let mut storage = vec![Storage {
+            source: self.devices[0].clone(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "image".into(),
+            ..Default::default()
+        }];
+        for (name, dev) in volumes.iter().zip(&self.devices[1..]) {
+            storage.push(Storage {
+                source: dev.clone(),
+                fstype: "ext4".into(),
+                mount_point: format!("vol-{name}"),
+                ..Default::default()
+            });
+        }
+        storage.extend(self.shared_storage());
+        storage
+    }
+
+    /// The storage the agent mounts for the config's shares, if it has any.
+    pub fn shared_storage(&self) -> Option<husk_protocol::agent::Storage> {
+        self.shared.as_ref().map(|_| husk_protocol::agent::Storage {
+            source: crate::storage::shared::FS_TAG.into(),
+            fstype: "virtiofs".into(),
+            mount_point: crate::storage::shared::MOUNT_POINT.into(),
+            ..Default::default()
+        })
+    }
+
+    /// Shares `share` into the running sandbox; returns the index for
+    /// `shared::guest_source`. Needs a sandbox started with shares.
+    pub fn add_share(&mut self, share: &HostShare) -> Result<usize> {
+        match self.shared.as_mut() {
+            Some(fs) => fs.add(share),
+            None => bail!("sandbox {} was started without shared host paths", self.id),
+        }
+    }
+
+    /// Stops sharing entry `i`.
+    pub fn remove_share(&mut self, i: usize) -> Result<()> {
+        match self.shared.as_mut() {
+            Some(fs) => fs.remove(i),
+            None => Ok(()),
+        }
+    }
+
+    /// The host pid of the VMM process the runtime holds (the jail's
+    /// keeper when confined).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.child.id()
+    }
+
+    /// Its address: on the bridge, or the pod's (CNI's).
+    pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.net.ip()
+    }
+
+    /// Memory charged to the VMM's cgroup (confined VMMs), bytes.
+    pub fn vmm_memory(&self) -> Option<u64> {
+        self.vmm.cgroup.as_ref().and_then(|c| c.memory())
+    }
+
+    /// The VMM's cgroup directories (confined VMMs).
+    pub fn vmm_cgroup(&self) -> Vec<PathBuf> {
+        self.vmm
+            .cgroup
+            .as_ref()
+            .map(|c| c.dirs.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The hybrid vsock socket in a sandbox's directory.
+pub(crate) const VSOCK_SOCKET: &str = "v.sock";
+
+/// The agent of a running sandbox `id` under `run_dir`, from another
+/// process than the one that started it (`husk exec`, `stop`).
+pub fn connect_running(run_dir: &Path, id: &str, timeout: Duration) -> Result<AgentConn> {
+    check_id(id)?;
+    let uds = run_dir.join(id).join(VSOCK_SOCKET);
+    AgentConn::connect_within(Endpoint::Vsock(uds), timeout)
+}
+
+/// Sandbox ids name directories and sockets: kept short and plain.
+pub fn check_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 64
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        bail!(
+            "sandbox id {id:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        );
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// A new connection to the agent (the first one is `agent`).
+    pub fn connect(&self) -> Result<AgentConn> {
+        AgentConn::connect(Endpoint::Vsock(self.vmm.vsock.clone()))
+    }
+
+    /// What the VMM logged and, with `console_log`, the guest console.
+    pub fn logs(&self) -> String {
+        format!(
+            "vmm: {}\nconsole: {}",
+            tail(&self.dir.join("vmm.log"), 2000),
+            tail(&self.dir.join("console.log"), 4000)
+        )
+    }
+
+    /// Asks the guest to shut down (DestroySandbox) and waits up to
+    /// `timeout` for the VMM to exit; then it is killed. Returns the VMM's
+    /// exit status if it exited on its own.
+    pub fn shutdown(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        // The agent answers, then powers off; on a slow guest the power-off
+        // can overtake the answer. A lost answer followed by the VM's exit
+        // is a shutdown.
+        let asked = self
+            .agent
+            .sandbox
+            .destroy_sandbox(
+                ctx(Duration::from_secs(30)),
+                &husk_protocol::agent::Empty::new(),
+            )
+            .map_err(|e| anyhow::anyhow!("DestroySandbox: {}", rpc_message(&e)));
+        let deadline = Instant::now()
+            + if asked.is_ok() {
+                timeout
+            } else {
+                Duration::from_secs(5)
+            };
+        loop {
+            if let Some(status) = self.vmm.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                asked?;
+                bail!("the VM did not stop within {timeout:?} of DestroySandbox");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the VM and removes the sandbox's files (as dropping it does).
+    pub fn stop(self) {}
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.vmm.child.kill_and_wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("web-1.a_b").is_ok());
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Starting a sandbox, in steps: its directory, its network attached, its
+//! host paths shared, its VM restored from a template (rebuilt once if
+//! refused) or cold-booted, its agent told who it is.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use husk_vmm_api::{DriveBacking, FsBacking, LoadRequest, SerialConfig, TapBacking};
+
+use crate::config::Runtime;
+use crate::guest::{wait_for_agent, AgentConn};
+use crate::net::attach::{Attachment, Request};
+use crate::sandbox::identity::give_identity;
+use crate::sandbox::machine::{
+    assign_slots, drive_shares, slot_id, vm_config, NET_IFACE, RO_SLOTS,
+};
+use crate::sandbox::template::{Template, SNAPSHOT_TIMEOUT};
+use crate::sandbox::{check_id, Boot, Sandbox, SandboxConfig, StartTimes, VSOCK_SOCKET};
+use crate::storage::shared::{SharedFs, FS_ID};
+use crate::vmm::jail::Share;
+use crate::vmm::{VmmClient, VmmProcess};
+
+/// A cold boot's time to agent-ready (emulated guest kernels take tens of
+/// seconds).
+const COLD_BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A VM running with its agent answering.
+struct Started {
+    vmm: VmmProcess,
+    agent: AgentConn,
+    /// The guest device of each of the config's drives.
+    devices: Vec<String>,
+    template: Option<Template>,
+}
+
+/// Where a sandbox's VMM writes and what it inherits.
+struct Plumbing<'a> {
+    dir: &'a Path,
+    console: Option<PathBuf>,
+    log: PathBuf,
+    net: &'a Attachment,
+}
+
+impl Plumbing<'_> {
+    /// [tap, lease?, virtio-fs socket?]: the VMM's config names tap and
+    /// socket by number.
+    fn inherit(&self, shared: &Option<SharedFs>) -> (Vec<i32>, Option<i32>) {
+        let fs_fd = shared.as_ref().map(|s| s.fd());
+        let mut fds = self.net.inherited_fds();
+        fds.extend(fs_fd);
+        (fds, fs_fd)
+    }
+}
+
+impl Runtime {
+    /// Cleans up after sandbox `id` whose holder died without doing so (a
+    /// containerd shim killed with SIGKILL): kills its VMM through its
+    /// cgroup (virtiofsd follows, its socket closed) and removes its
+    /// directory.
+    pub fn clean_sandbox(&self, id: &str) -> Result<()> {
+        check_id(id)?;
+        crate::vmm::cgroup::kill_groups_of(id);
+        let dir = self.run_dir.join(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a sandbox: its VM restored from the template for its machine
+    /// (or cold-booted), its agent ready, its identity set.
+    pub fn start_sandbox(&self, cfg: &SandboxConfig) -> Result<Sandbox> {
+        check_id(&cfg.id)?;
+        let dir = self.run_dir.join(&cfg.id);
+        std::fs::create_dir_all(&self.run_dir)
+            .with_context(|| format!("{}", self.run_dir.display()))?;
+        if let Err(e) = std::fs::create_dir(&dir) {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                bail!("sandbox {} exists ({})", cfg.id, dir.display());
+            }
+            return Err(e).with_context(|| format!("{}", dir.display()));
+        }
+        let r = self.start_in(cfg, &dir);
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        r
+    }
+
+    fn start_in(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Sandbox> {
+        let mut times = StartTimes::default();
+        let net = Attachment::attach(
+            &self.network,
+            &Request {
+                id: &cfg.id,
+                mode: cfg.network,
+                netns: cfg.netns.as_deref(),
+                ports: &cfg.ports,
+            },
+        )?;
+        let mut shared = self.share(cfg, dir)?;
+        let p = Plumbing {
+            dir,
+            console: cfg.console_log.then(|| dir.join("console.log")),
+            log: dir.join("vmm.log"),
+            net: &net,
+        };
+        let t1 = Instant::now();
+        let started = match cfg.boot {
+            Boot::Template => self.start_restored(cfg, &p, &mut shared, &mut times)?,
+            Boot::Cold => self.start_cold(cfg, &p, &shared)?,
+        };
+        times.agent_ready = t1.elapsed() - times.template;
+        let t2 = Instant::now();
+        give_identity(&started.agent, cfg, net.guest(self.network.mtu).as_ref())?;
+        times.identity = t2.elapsed();
+        Ok(Sandbox {
+            id: cfg.id.clone(),
+            dir: dir.to_path_buf(),
+            agent: started.agent,
+            devices: started.devices,
+            boot: cfg.boot,
+            times,
+            template: started.template,
+            net,
+            vmm: started.vmm,
+            shared,
+        })
+    }
+
+    /// virtiofsd for the config's shares, if it has any.
+    fn share(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Option<SharedFs>> {
+        if cfg.shares.is_empty() {
+            return Ok(None);
+        }
+        SharedFs::start(&self.virtiofsd, dir, &cfg.shares)
+            .map(Some)
+            .context("sharing host paths")
+    }
+
+    /// Restores the machine's template; one this VMM or host refuses is
+    /// rebuilt once.
+    fn start_restored(
+        &self,
+        cfg: &SandboxConfig,
+        p: &Plumbing,
+        shared: &mut Option<SharedFs>,
+        times: &mut StartTimes,
+    ) -> Result<Started> {
+        let t0 = Instant::now();
+        let mut t = Template::ensure(self, &cfg.machine)?;
+        times.template = t0.elapsed();
+        let (inherit, fs_fd) = p.inherit(shared);
+        let (vmm, agent, devices) = match self.restore(&t, cfg, p, &inherit, fs_fd) {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(s) = shared.as_mut() {
+                    // The backend failed, not the template.
+                    s.check_alive().context("sharing host paths")?;
+                }
+                // A template this VMM or host refuses (other VMM build, CPU
+                // template, a damaged file) is rebuilt once. The backend's
+                // session is not reused.
+                t.invalidate();
+                t = Template::ensure(self, &cfg.machine)
+                    .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
+                drop(shared.take());
+                *shared = self.share(cfg, p.dir)?;
+                let (inherit, fs_fd) = p.inherit(shared);
+                self.restore(&t, cfg, p, &inherit, fs_fd)
+                    .with_context(|| format!("after rebuilding template {}", t.key))?
+            }
+        };
+        Ok(Started {
+            vmm,
+            agent,
+            devices,
+            template: Some(t),
+        })
+    }
+
+    /// Boots the guest kernel with the config's drives in their slots.
+    fn start_cold(
+        &self,
+        cfg: &SandboxConfig,
+        p: &Plumbing,
+        shared: &Option<SharedFs>,
+    ) -> Result<Started> {
+        let placeholder = p.dir.join("empty.img");
+        std::fs::File::create(&placeholder)?;
+        let (slots, devices) = assign_slots(&cfg.drives, &placeholder)?;
+        let vsock = p.dir.join(VSOCK_SOCKET);
+        let (inherit, fs_fd) = p.inherit(shared);
+        let config = vm_config(
+            self,
+            &cfg.machine,
+            &slots,
+            &vsock,
+            p.console.as_deref(),
+            p.net.tap.fd(),
+            fs_fd,
+        );
+        let file = p.dir.join("vm.json");
+        std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
+        let mut shares = drive_shares(&cfg.drives);
+        shares.push(Share::rw(&placeholder));
+        let jail = self.jail_for(p.dir, &cfg.id, shares, &cfg.machine);
+        let mut vmm = VmmProcess::spawn(
+            &self.vmm,
+            &["--config-file".as_ref(), file.as_os_str()],
+            p.dir.join("api.sock"),
+            vsock,
+            &p.log,
+            &inherit,
+            jail.as_ref(),
+        )?;
+        let agent = wait_for_agent(&mut vmm, &p.log, COLD_BOOT_TIMEOUT)?;
+        Ok(Started {
+            vmm,
+            agent,
+            devices,
+            template: None,
+        })
+    }
+
+    /// Restores `t` for `cfg` and waits for its agent.
+    fn restore(
+        &self,
+        t: &Template,
+        cfg: &SandboxConfig,
+        p: &Plumbing,
+        inherit: &[i32],
+        fs_fd: Option<i32>,
+    ) -> Result<(VmmProcess, AgentConn, Vec<String>)> {
+        let (dir, log) = (p.dir, &p.log);
+        let (slots, devices) = assign_slots(&cfg.drives, &t.placeholder)?;
+        let vsock = dir.join(VSOCK_SOCKET);
+        let api = dir.join("api.sock");
+        let _ = std::fs::remove_file(&vsock);
+        let _ = std::fs::remove_file(&api);
+        let mut shares = drive_shares(&cfg.drives);
+        shares.extend([
+            Share::ro(&t.snapshot),
+            Share::ro(&t.memory),
+            // Writable slots open it read-write (it has no bytes to write).
+            Share::rw(&t.placeholder),
+        ]);
+        let jail = self.jail_for(dir, &cfg.id, shares, &cfg.machine);
+        let mut vmm = VmmProcess::spawn(
+            &self.vmm,
+            &[],
+            api.clone(),
+            vsock.clone(),
+            log,
+            inherit,
+            jail.as_ref(),
+        )?;
+        let drives: Vec<_> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p != t.placeholder)
+            .map(|(i, p)| {
+                let ro = i < RO_SLOTS;
+                let id = slot_id(ro, if ro { i } else { i - RO_SLOTS });
+                DriveBacking {
+                    drive_id: id,
+                    path_on_host: p.clone(),
+                }
+            })
+            .collect();
+        let load = LoadRequest {
+            snapshot_path: t.snapshot.clone(),
+            mem_file_path: t.memory.clone(),
+            resume_vm: true,
+            vsock_uds_path: Some(vsock.clone()),
+            serial: Some(SerialConfig::to_file(p.console.clone())),
+            drives,
+            network_interfaces: vec![TapBacking {
+                iface_id: NET_IFACE.into(),
+                host_dev_name: String::new(),
+                tap_fd: Some(inherit[0]),
+            }],
+            filesystems: fs_fd
+                .map(|fd| FsBacking {
+                    fs_id: FS_ID.into(),
+                    socket_path: None,
+                    socket_fd: Some(fd),
+                })
+                .into_iter()
+                .collect(),
+        };
+        if let Err(e) = VmmClient::new(&api, SNAPSHOT_TIMEOUT).load_snapshot(&load) {
+            // A VMM that died says why in its log.
+            vmm.check_alive(log)?;
+            return Err(anyhow::Error::new(e).context(format!("loading template {}", t.key)));
+        }
+        // Restored guests answer in under a second alone; many restored at
+        // once on few cores take longer, and a timeout here rebuilds the
+        // template, so it is generous.
+        let agent = wait_for_agent(&mut vmm, log, Duration::from_secs(120))
+            .with_context(|| format!("restored from template {}", t.key))?;
+        Ok((vmm, agent, devices))
+    }
+}

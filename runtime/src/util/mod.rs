@@ -1,0 +1,89 @@
+//! Small helpers every part of the runtime uses: randomness for names,
+//! file locks, log tails, errno checks.
+
+pub mod child;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// `bytes` random bytes from the kernel's CSPRNG, as hex (unique names).
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
+    let mut b = vec![0u8; bytes];
+    getrandom(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub fn getrandom(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most buf.len() - done bytes into buf[done..],
+        // which this function borrows mutably.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("getrandom");
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// The last `max` bytes of a log file, for error messages.
+pub(crate) fn tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
+
+/// A libc result as io::Result (errno when negative); async-signal-safe,
+/// for code between fork and exec.
+pub(crate) fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes an exclusive flock(2) on `f`, held until the file is closed; None
+/// if another holds it and `wait` is false.
+pub(crate) fn flock_exclusive(
+    f: std::fs::File,
+    wait: bool,
+) -> std::io::Result<Option<std::fs::File>> {
+    let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
+    // SAFETY: flock on a descriptor owned by `f`; no memory is passed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), op) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if !wait && e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(f))
+}
+
+/// An exclusive lock on a file, released when dropped (flock(2)): the
+/// lock lives as long as the open file.
+pub(crate) struct Lock(#[allow(dead_code)] std::fs::File);
+
+impl Lock {
+    /// The lock on `path` (created if missing); None if another holds it
+    /// and `wait` is false.
+    pub(crate) fn take(path: &Path, wait: bool) -> Result<Option<Lock>> {
+        let f = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(flock_exclusive(f, wait)
+            .with_context(|| format!("locking {}", path.display()))?
+            .map(Lock))
+    }
+}
