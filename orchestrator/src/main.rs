@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use husk_orchestrator::daemon::{Config, Daemon};
+use husk_orchestrator::node::{Config, Daemon};
+use husk_orchestrator::roles;
 
 #[derive(Parser)]
 #[command(
@@ -55,15 +56,18 @@ async fn main() -> Result<()> {
     if a.advertise_addr.is_none() && a.listen_addr.ip().is_unspecified() {
         tracing::warn!("--listen-addr {} is unspecified: pass --advertise-addr so other nodes can reach this one", a.listen_addr);
     }
-    let daemon = Daemon::new(Config {
-        state_dir: a.state_dir,
-        socket: a.socket,
-        listen: a.listen_addr,
-        advertise: a.advertise_addr,
-        etcd: a.etcd,
-        hostname: a.hostname.unwrap_or_else(hostname),
-    })?;
-    husk_orchestrator::server::serve_local(daemon.clone()).await?;
+    let daemon = Daemon::new(
+        Config {
+            state_dir: a.state_dir,
+            socket: a.socket,
+            listen: a.listen_addr,
+            advertise: a.advertise_addr,
+            etcd: a.etcd,
+            hostname: a.hostname.unwrap_or_else(hostname),
+        },
+        Box::new(roles::Huskd),
+    )?;
+    husk_orchestrator::api::serve_local(daemon.clone()).await?;
     daemon
         .start_roles()
         .await

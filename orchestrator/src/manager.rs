@@ -13,9 +13,10 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::ControlError;
-use crate::reconcile::{self, Snapshot, Write};
+use crate::orchestrator::{self as reconcile, Snapshot, Write};
 use crate::store::{self, Store};
 use crate::types::*;
+use crate::util::new_id;
 
 /// The leader's etcd lease: a dead leader is replaced this long after.
 const LEADER_TTL_S: i64 = 3;

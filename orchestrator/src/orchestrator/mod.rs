@@ -12,8 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::sched::{self, Load};
+use crate::scheduler::{self as sched, Load};
 use crate::types::*;
+use crate::util::new_id;
 
 /// Terminal tasks kept per slot (Swarm's task history retention limit).
 pub const HISTORY: usize = 5;

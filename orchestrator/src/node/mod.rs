@@ -2,19 +2,29 @@
 //! the roles it plays (manager, node), and how it gets them — `init`
 //! makes a new cluster, `join` enters one with a token.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::api;
 use crate::error::ControlError;
 use crate::manager::Manager;
-use crate::net::{self, Tls};
+use crate::pb as api;
 use crate::pki;
 use crate::store::{self, Store};
 use crate::types::*;
+use crate::util::{lock, new_id};
+
+pub mod executor;
+pub mod identity;
+pub mod session;
+pub mod transport;
+
+use executor::Executor;
+pub use identity::Identity;
+use transport::{self as net, Tls};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -31,39 +41,27 @@ pub struct Config {
     pub hostname: String,
 }
 
-/// What a node is in its cluster; kept in `<state>/identity.json` (0600:
-/// it holds the node's private key).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Identity {
-    pub node_id: String,
-    pub cluster_id: String,
-    pub role: Role,
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub managers: Vec<String>,
-    pub etcd: Vec<String>,
-    pub advertise: String,
-}
-
-impl Identity {
-    pub fn tls(&self) -> Tls {
-        Tls {
-            ca_pem: self.ca_pem.clone(),
-            identity: Some((self.cert_pem.clone(), self.key_pem.clone())),
-        }
-    }
-}
-
 pub struct Daemon {
     pub cfg: Config,
     pub identity: Mutex<Option<Identity>>,
     pub manager: Mutex<Option<Arc<Manager>>>,
-    pub executor: Mutex<Option<Arc<crate::executor::Executor>>>,
+    pub executor: Mutex<Option<Arc<Executor>>>,
+    roles: Box<dyn Roles>,
+}
+
+/// A future of starting roles.
+pub type RolesFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// What starts a node's roles once it has an identity (the manager, the
+/// node session, the cluster endpoint): huskd's `crate::roles::Huskd`. A seam,
+/// so the daemon (which the API serves) does not depend on the API server
+/// that a role starts.
+pub trait Roles: Send + Sync {
+    fn start(&self, daemon: Arc<Daemon>, id: Identity) -> RolesFuture;
 }
 
 impl Daemon {
-    pub fn new(cfg: Config) -> Result<Arc<Daemon>> {
+    pub fn new(cfg: Config, roles: Box<dyn Roles>) -> Result<Arc<Daemon>> {
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("{}", cfg.state_dir.display()))?;
         let identity = match std::fs::read(cfg.state_dir.join("identity.json")) {
@@ -76,6 +74,7 @@ impl Daemon {
             identity: Mutex::new(identity),
             manager: Mutex::new(None),
             executor: Mutex::new(None),
+            roles,
         }))
     }
 
@@ -117,16 +116,7 @@ impl Daemon {
         let Some(id) = self.identity() else {
             return Ok(());
         };
-        if id.role == Role::Manager {
-            let store = Store::connect(&id.etcd).await?;
-            let m = Manager::start(store, id.node_id.clone()).await?;
-            *lock(&self.manager) = Some(m);
-        }
-        crate::agent::start(self.clone(), id.clone())?;
-        // Every node serves the cluster endpoint: managers for nodes and
-        // joins, all for managers fetching task logs.
-        crate::server::serve_cluster(self.clone(), &id).await?;
-        Ok(())
+        self.roles.start(self.clone(), id).await
     }
 
     /// `husk cluster init`: a new cluster in etcd, this node its first
@@ -419,8 +409,4 @@ pub fn host_resources() -> Resources {
         nano_cpus: cpus * 1_000_000_000,
         memory_bytes: mem,
     }
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -10,10 +10,10 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::api::{self, cluster_server::ClusterServer};
-use crate::daemon::{Daemon, Identity};
 use crate::error::status;
 use crate::manager::Manager;
+use crate::node::{Daemon, Identity};
+use crate::pb::{self as api, cluster_server::ClusterServer};
 use crate::pki;
 use crate::types::*;
 
@@ -393,7 +393,7 @@ impl api::cluster_server::Cluster for Api {
             let (tx, tls, follow) = (tx.clone(), tls.clone(), r.follow);
             tokio::spawn(async move {
                 let r = async {
-                    let ch = crate::net::node_channel(&n.addr, &n.id, &tls).await?;
+                    let ch = crate::node::transport::node_channel(&n.addr, &n.id, &tls).await?;
                     let mut s = api::cluster_client::ClusterClient::new(ch)
                         .task_logs(api::TaskLogsRequest {
                             task_id: t.id.clone(),
@@ -498,7 +498,7 @@ impl api::cluster_server::Cluster for Api {
         }
         let r = req.into_inner();
         check_task_id(&r.task_id)?;
-        let ex = crate::daemon::lock(&self.daemon.executor)
+        let ex = crate::util::lock(&self.daemon.executor)
             .clone()
             .ok_or_else(|| Status::failed_precondition("this node runs no tasks yet"))?;
         let path = ex.log_path(&r.task_id);

@@ -20,6 +20,7 @@ use oci_spec::runtime::MountBuilder;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::types::{Health, Healthcheck, Task, TaskState};
+use crate::util::lock;
 
 /// How long a task has after SIGTERM before SIGKILL (Docker's default).
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -456,10 +457,6 @@ enum TaskError {
     Rejected(String),
     /// It could have, and did not.
     Failed(String),
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn stop(c: &Arc<Mutex<Control>>, id: &str) {

@@ -8,17 +8,19 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
-use crate::api::{self, cluster_client::ClusterClient};
-use crate::daemon::{lock, Daemon, Identity};
-use crate::executor::{Executor, Report};
-use crate::net;
+use crate::node::executor::{Executor, Report};
+use crate::node::transport as net;
+use crate::node::Identity;
+use crate::pb::{self as api, cluster_client::ClusterClient};
 use crate::types::{Health, Task};
 
-pub fn start(daemon: Arc<Daemon>, id: Identity) -> Result<()> {
+/// Starts the session in the background; returns the executor that runs
+/// the tasks it is given (its state, logs and sandboxes under `state_dir`).
+pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
     let (tx, rx) = mpsc::unbounded_channel();
     let rt = match husk_runtime::Runtime::locate() {
         Ok(mut rt) => {
-            rt.run_dir = daemon.cfg.state_dir.join("run");
+            rt.run_dir = state_dir.join("run");
             // Sandboxes of an earlier huskd on this node: their tasks were
             // failed or rescheduled meanwhile; nothing may keep running.
             if let Ok(dir) = std::fs::read_dir(&rt.run_dir) {
@@ -38,10 +40,9 @@ pub fn start(daemon: Arc<Daemon>, id: Identity) -> Result<()> {
             None
         }
     };
-    let ex = Arc::new(Executor::new(rt, &daemon.cfg.state_dir, tx));
-    *lock(&daemon.executor) = Some(ex.clone());
-    tokio::spawn(run(id, ex, rx));
-    Ok(())
+    let ex = Arc::new(Executor::new(rt, state_dir, tx));
+    tokio::spawn(run(id, ex.clone(), rx));
+    ex
 }
 
 async fn run(mut id: Identity, ex: Arc<Executor>, mut reports: mpsc::UnboundedReceiver<Report>) {
