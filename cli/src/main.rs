@@ -4,7 +4,7 @@
 //! drive and runs the container there; its output and exit code are the
 //! container's.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,16 +17,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::os::unix::net::UnixStream;
 
 use husk_protocol::agent::{SignalProcessRequest, TtyWinResizeRequest};
-use husk_runtime::container::record::NetInfo;
 use husk_runtime::container::record::{LogWriter, Record, Records, Status};
-use husk_runtime::container::spec::{container_spec, parse_memory, ProcessOptions};
+use husk_runtime::container::spec::{parse_memory, ProcessOptions};
+use husk_runtime::container::{
+    copy_to_log, ContainerSpec, Mount, MountSource, Net, Plan, Resources,
+};
 use husk_runtime::guest::{ctx, rpc_message, AgentConn, Io};
 use husk_runtime::image::{default_store_dir, normalize, ImageStore};
-use husk_runtime::net::ports::{docker_ports, parse_publish, PortMapping};
-use husk_runtime::storage::shared::HostShare;
+use husk_runtime::net::ports::{docker_ports, parse_publish};
 use husk_runtime::storage::volume::VolumeStore;
-use husk_runtime::{Boot, DriveSpec, NetworkMode, Runtime, SandboxConfig};
-use oci_spec::runtime::MountBuilder;
+use husk_runtime::{Boot, NetworkMode, Runtime};
 
 /// Exit code for husk's own failures, as Docker's 125.
 const HUSK_ERROR: u8 = 125;
@@ -272,14 +272,6 @@ fn env_file(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// What a `-v` or `--mount` mounts: a named volume or a host path (shared
-/// over virtio-fs).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Source {
-    Volume(String),
-    Host(std::path::PathBuf),
-}
-
 /// A host path as Docker takes it: absolute, or relative to the working
 /// directory when it starts with `.`; `create` makes a missing directory
 /// (`-v`), otherwise a missing path is an error (`--mount type=bind`).
@@ -300,14 +292,11 @@ fn host_path(p: &str, create: bool, what: &str) -> Result<std::path::PathBuf> {
 }
 
 fn check_target(what: &str, dst: &str) -> Result<()> {
-    if !dst.starts_with('/') || dst == "/" || dst.split('/').any(|c| c == "..") {
-        bail!("{what}: the container path must be absolute, not / and without ..");
-    }
-    Ok(())
+    husk_runtime::container::lifecycle::check_target(dst).with_context(|| what.to_string())
 }
 
-/// A `-v` argument: (source, path in the container, read-only).
-fn parse_volume(v: &str) -> Result<(Source, String, bool)> {
+/// A `-v` argument: a named volume or a host path (shared over virtio-fs).
+fn parse_volume(v: &str) -> Result<Mount> {
     let parts: Vec<&str> = v.split(':').collect();
     let (src, dst, ro) = match parts.as_slice() {
         [s, d] => (*s, *d, false),
@@ -318,17 +307,21 @@ fn parse_volume(v: &str) -> Result<(Source, String, bool)> {
     };
     check_target(&format!("-v {v}"), dst)?;
     let source = if src.starts_with('/') || src.starts_with('.') {
-        Source::Host(host_path(src, true, &format!("-v {v}"))?)
+        MountSource::Host(host_path(src, true, &format!("-v {v}"))?)
     } else {
         husk_runtime::storage::volume::check_name(src)?;
-        Source::Volume(src.to_string())
+        MountSource::Volume(src.to_string())
     };
-    Ok((source, dst.to_string(), ro))
+    Ok(Mount {
+        source,
+        target: dst.to_string(),
+        read_only: ro,
+    })
 }
 
-/// `--mount type=volume|bind,source=...,target=/path[,readonly]` (a
-/// source), or `type=tmpfs,target=/path` (None for the source).
-fn parse_mount(m: &str) -> Result<(Option<Source>, String, bool)> {
+/// `--mount type=volume|bind,source=...,target=/path[,readonly]`, or
+/// `type=tmpfs,target=/path`.
+fn parse_mount(m: &str) -> Result<Mount> {
     let (mut typ, mut src, mut dst, mut ro) = ("volume", None, None, false);
     for kv in m.split(',') {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -344,19 +337,21 @@ fn parse_mount(m: &str) -> Result<(Option<Source>, String, bool)> {
     let what = format!("--mount {m}");
     check_target(&what, dst)?;
     let src = || src.ok_or_else(|| anyhow::anyhow!("--mount {m}: type {typ} needs a source"));
-    match typ {
+    let source = match typ {
         "volume" => {
             let name = src()?;
             husk_runtime::storage::volume::check_name(name)?;
-            Ok((Some(Source::Volume(name.into())), dst.into(), ro))
+            MountSource::Volume(name.into())
         }
-        "bind" => {
-            let path = host_path(src()?, false, &what)?;
-            Ok((Some(Source::Host(path)), dst.into(), ro))
-        }
-        "tmpfs" => Ok((None, dst.to_string(), ro)),
+        "bind" => MountSource::Host(host_path(src()?, false, &what)?),
+        "tmpfs" => MountSource::Tmpfs,
         other => bail!("--mount {m}: type {other:?} is not volume, bind or tmpfs"),
-    }
+    };
+    Ok(Mount {
+        source,
+        target: dst.into(),
+        read_only: ro,
+    })
 }
 
 /// What a failed create, start or exec means for the exit code: Docker's
@@ -420,7 +415,6 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
             return Err(anyhow::anyhow!("--pull {other:?}: use always, missing or never").into())
         }
     };
-    let config = store.config(&image)?;
     let mut env = Vec::new();
     for f in &a.env_file {
         env.extend(env_file(f)?);
@@ -442,11 +436,9 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     if network == NetworkMode::None && !ports.is_empty() {
         return Err(anyhow::anyhow!("-p needs a network: --network none has none").into());
     }
-    let hostname = a
-        .hostname
-        .clone()
-        .unwrap_or_else(|| id.chars().take(12).collect());
-    let opts = ProcessOptions {
+    let mut spec = ContainerSpec::new(&id, image.clone());
+    spec.hostname = a.hostname.clone();
+    spec.process = ProcessOptions {
         cmd: a.command.clone(),
         entrypoint: a.entrypoint.as_ref().map(|e| {
             if e.is_empty() {
@@ -459,73 +451,23 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         workdir: a.workdir.clone(),
         user: a.user.clone(),
         tty: a.tty,
-        hostname: Some(hostname.clone()),
-        memory: a.memory.as_deref().map(parse_memory).transpose()?,
-        cpus: a.cpus,
-        own_network: network == NetworkMode::None,
+        ..Default::default()
     };
-    let mut spec = container_spec(&config, &opts, "image")?;
-    let mut volumes = Vec::new();
-    let mut mounted = Vec::new();
-    let mut mounts = spec.mounts().clone().unwrap_or_default();
-    let mut requested = Vec::new();
-    for v in &a.volume {
-        let (name, dst, ro) = parse_volume(v)?;
-        requested.push((name, dst, ro));
-    }
-    for m in &a.mount {
-        match parse_mount(m)? {
-            (Some(name), dst, ro) => requested.push((name, dst, ro)),
-            (None, dst, ro) => {
-                let mut opts = vec!["nosuid".to_string(), "nodev".to_string()];
-                if ro {
-                    opts.push("ro".into());
-                }
-                mounts.push(
-                    MountBuilder::default()
-                        .destination(dst)
-                        .typ("tmpfs")
-                        .source("tmpfs")
-                        .options(opts)
-                        .build()?,
-                );
-            }
-        }
-    }
-    let mut shares = Vec::new();
-    for (source, dst, ro) in requested {
-        // Records name a host path by itself (absolute), a volume by name.
-        let (name, in_guest) = match source {
-            Source::Volume(name) => {
-                volumes.push(name.clone());
-                (name.clone(), format!("vol-{name}"))
-            }
-            Source::Host(path) => {
-                shares.push(HostShare {
-                    source: path.clone(),
-                    read_only: ro,
-                });
-                (
-                    path.display().to_string(),
-                    husk_runtime::storage::shared::guest_source(shares.len() - 1),
-                )
-            }
-        };
-        mounted.push((name, dst.clone(), ro));
-        mounts.push(
-            MountBuilder::default()
-                .destination(dst)
-                .typ("bind")
-                .source(in_guest)
-                .options(vec![
-                    "rbind".to_string(),
-                    if ro { "ro" } else { "rw" }.to_string(),
-                ])
-                .build()?,
-        );
-    }
-    spec.set_mounts(Some(mounts));
-    let process = spec.process().clone().unwrap_or_default();
+    spec.mounts = mounts(&a)?;
+    spec.net = match network {
+        NetworkMode::Bridge => Net::Bridge(ports),
+        NetworkMode::None => Net::None,
+    };
+    spec.resources = Resources {
+        memory: a.memory.as_deref().map(parse_memory).transpose()?,
+        nano_cpus: a.cpus.map(|c| (c * 1e9).round() as i64),
+    };
+    spec.boot = match a.boot {
+        BootArg::Template => Boot::Template,
+        BootArg::Cold => Boot::Cold,
+    };
+    let plan = spec.plan(&store)?;
+    let process = plan.oci.process().clone().unwrap_or_default();
     let records = records()?;
     let mut record = Record {
         id: id.clone(),
@@ -541,7 +483,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         failure_code: None,
         owner_pid: std::process::id(),
         auto_remove: a.rm,
-        volumes: mounted,
+        volumes: plan.mounted.clone(),
         network: None,
     };
     if a.detach && child_id.is_none() {
@@ -555,20 +497,7 @@ fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         records.create(&record)?;
     }
     let log = LogWriter::create(&records.log_path(&id))?;
-    let r = run_container(
-        &rt,
-        &a,
-        &id,
-        hostname,
-        (network, ports),
-        &spec,
-        &store,
-        &image,
-        (&volumes, &shares),
-        &log,
-        &records,
-        &mut record,
-    );
+    let r = run_container(&rt, &a, plan, &store, &log, &records, &mut record);
     record.status = Status::Exited;
     match &r {
         Ok(status) => {
@@ -663,55 +592,17 @@ fn detach(records: &Records, mut record: Record) -> Result<u8, Failure> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The container of `plan` run to its end: its exit status.
 fn run_container(
     rt: &Runtime,
     a: &RunArgs,
-    id: &str,
-    hostname: String,
-    (network, ports): (NetworkMode, Vec<PortMapping>),
-    spec: &oci_spec::runtime::Spec,
+    plan: Plan,
     store: &ImageStore,
-    image: &husk_runtime::image::ImageRecord,
-    (volume_names, shares): (&[String], &[HostShare]),
     log: &LogWriter,
     records: &Records,
     record: &mut Record,
 ) -> Result<husk_protocol::agent::WaitProcessResponse, Failure> {
-    let rootfs = store.rootfs(image)?;
-    let volumes = volumes()?;
-    let mut leases = Vec::new();
-    for name in volume_names {
-        leases.push(volumes.lease(name)?);
-    }
-    let mut cfg = SandboxConfig::new(id);
-    cfg.hostname = hostname;
-    cfg.network = network;
-    cfg.ports = ports;
-    cfg.shares = shares.to_vec();
-    cfg.drives = vec![DriveSpec {
-        path: rootfs,
-        read_only: true,
-    }];
-    for lease in &leases {
-        cfg.drives.push(DriveSpec {
-            path: lease.volume.disk.clone(),
-            read_only: false,
-        });
-    }
-    cfg.fit_memory(spec);
-    if let Some(c) = a.cpus {
-        cfg.machine.vcpus = (c.ceil() as u8).clamp(1, 32);
-    }
-    cfg.boot = match a.boot {
-        BootArg::Template => Boot::Template,
-        BootArg::Cold => Boot::Cold,
-    };
-    let t_start = std::time::Instant::now();
-    let sandbox = rt.start_sandbox(&cfg)?;
-    let started = t_start.elapsed();
-    let names: Vec<String> = leases.iter().map(|l| l.volume.name.clone()).collect();
-    let storage = sandbox.container_storage(&names);
+    let starting = plan.acquire(store, &volumes()?)?.start(rt)?;
     let detached = a.detach;
     // A terminal merges stderr into its output, as a pty does.
     let io = Io {
@@ -719,89 +610,74 @@ fn run_container(
         stdout: true,
         stderr: !a.tty,
     };
-    let t_create = std::time::Instant::now();
-    let mut streams = match sandbox.agent.create(id, spec, io, storage, true) {
-        Ok(s) => s,
-        Err(e) => return Err(Failure::starting(e)),
-    };
-    let created = t_create.elapsed();
+    let mut c = starting.create(io).map_err(Failure::starting)?;
     record.status = Status::Running;
-    record.network = sandbox.net.lease.as_ref().map(|l| NetInfo {
-        ip: l.ip.to_string(),
-        prefix: l.prefix,
-        gateway: l.gateway.to_string(),
-        mac: l.mac(),
-        ports: sandbox
-            .net
-            .publisher
-            .as_ref()
-            .map(|p| p.bound.clone())
-            .unwrap_or_default(),
-    });
+    record.network = c.net_info();
     records.save(record)?;
     // Output goes to the log (for `husk logs`) and, unless detached, to
     // this terminal.
-    let copy = |from: Option<UnixStream>, name: &'static str| {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            let Some(mut from) = from else { return };
-            let mut buf = vec![0u8; 32 << 10];
-            loop {
-                let n = match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let _ = log.write(name, &buf[..n]);
-                if !detached {
-                    let _ = if name == "stderr" {
-                        std::io::stderr().write_all(&buf[..n])
-                    } else {
-                        let mut o = std::io::stdout();
-                        o.write_all(&buf[..n]).and_then(|_| o.flush())
-                    };
-                }
-            }
-        })
-    };
-    let out = copy(streams.stdout.take(), "stdout");
-    let err = copy(streams.stderr.take(), "stderr");
-    let _raw = (a.tty && !detached).then(|| Terminal::attach(&sandbox.agent, id, ""));
+    let tee = |t: Box<dyn Write + Send>| (!detached).then_some(t);
+    let mut streams = c.take_streams();
+    let out = copy_to_log(
+        streams.stdout.take(),
+        "stdout",
+        log.clone(),
+        tee(Box::new(std::io::stdout())),
+    );
+    let err = copy_to_log(
+        streams.stderr.take(),
+        "stderr",
+        log.clone(),
+        tee(Box::new(std::io::stderr())),
+    );
+    let _raw = (a.tty && !detached).then(|| Terminal::attach(c.agent(), c.id(), ""));
     if let Some(input) = streams.stdin.take() {
         forward_stdin(input);
     }
     let t_run = std::time::Instant::now();
-    let status = sandbox
-        .agent
-        .wait(id, "")
-        .map_err(|e| anyhow::anyhow!("waiting for the container: {e:#}"))?;
+    let status = c.wait()?;
     let _ = out.join();
     let _ = err.join();
     let ran = t_run.elapsed();
     let t_down = std::time::Instant::now();
-    let times = sandbox.times.clone();
-    if let Err(e) = sandbox.agent.remove(id) {
+    let times = c.timings();
+    let id = c.id().to_string();
+    let down = c.remove(Duration::from_secs(20));
+    if let Err(e) = down.remove {
         eprintln!("husk: removing container {id}: {e:#}");
     }
-    // A clean shutdown: the guest syncs volumes before it goes (a kill
-    // would lose what its page cache still held); killed if it hangs.
-    if let Err(e) = sandbox.shutdown(Duration::from_secs(20)) {
+    if let Err(e) = down.shutdown {
         eprintln!("husk: stopping the sandbox: {e:#}");
     }
-    drop(leases);
     if std::env::var_os("HUSK_TIMINGS").is_some() {
         // For bench/run: where a run's time went, in seconds.
         eprintln!(
             "husk-timings: template={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
-            times.template.as_secs_f64(),
-            times.agent_ready.as_secs_f64(),
-            times.identity.as_secs_f64(),
-            started.as_secs_f64(),
-            created.as_secs_f64(),
+            times.sandbox.template.as_secs_f64(),
+            times.sandbox.agent_ready.as_secs_f64(),
+            times.sandbox.identity.as_secs_f64(),
+            times.sandbox_total.as_secs_f64(),
+            times.create_start.as_secs_f64(),
             ran.as_secs_f64(),
             t_down.elapsed().as_secs_f64()
         );
     }
     Ok(status)
+}
+
+/// `--mount` tmpfs mounts, then `-v`, then the other `--mount`s: host
+/// paths are shared (and numbered) in the order they were given.
+fn mounts(a: &RunArgs) -> Result<Vec<Mount>> {
+    let volumes = a.volume.iter().map(|v| parse_volume(v));
+    let given = a.mount.iter().map(|m| parse_mount(m));
+    let (tmpfs, others): (Vec<_>, Vec<_>) = given
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .partition(|m| m.source == MountSource::Tmpfs);
+    let mut all = tmpfs;
+    all.extend(volumes.collect::<Result<Vec<_>>>()?);
+    all.extend(others);
+    Ok(all)
 }
 
 /// Copies this process's stdin to a process's stdin stream. Detached: the
@@ -1431,11 +1307,16 @@ mod tests {
 
     #[test]
     fn volume_arguments() {
+        let m = |source, target: &str, read_only| Mount {
+            source,
+            target: target.into(),
+            read_only,
+        };
         assert_eq!(
             parse_volume("data:/data:ro").unwrap(),
-            (Source::Volume("data".into()), "/data".into(), true)
+            m(MountSource::Volume("data".into()), "/data", true)
         );
-        assert!(!parse_volume("data:/data").unwrap().2);
+        assert!(!parse_volume("data:/data").unwrap().read_only);
         // -v makes a missing host directory, as Docker does; --mount
         // type=bind refuses one.
         let d = tempfile::tempdir().unwrap();
@@ -1443,9 +1324,9 @@ mod tests {
         let arg = format!("{}:/data:ro", made.display());
         assert_eq!(
             parse_volume(&arg).unwrap(),
-            (
-                Source::Host(made.canonicalize().unwrap()),
-                "/data".into(),
+            m(
+                MountSource::Host(made.canonicalize().unwrap()),
+                "/data",
                 true
             )
         );
@@ -1457,11 +1338,9 @@ mod tests {
             "{e:#}"
         );
         assert!(!missing.exists());
-        let (src, dst, ro) =
-            parse_mount(&format!("type=bind,src={},dst=/x,readonly", made.display())).unwrap();
         assert_eq!(
-            (src, dst.as_str(), ro),
-            (Some(Source::Host(made.canonicalize().unwrap())), "/x", true)
+            parse_mount(&format!("type=bind,src={},dst=/x,readonly", made.display())).unwrap(),
+            m(MountSource::Host(made.canonicalize().unwrap()), "/x", true)
         );
         assert!(parse_mount("type=bind,target=/x").is_err());
         assert!(parse_volume("/data").is_err());

@@ -3,20 +3,19 @@
 //! every change of its state is reported to the managers.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use husk_runtime::container::record::LogWriter;
-use husk_runtime::container::spec::{container_spec, ProcessOptions};
+use husk_runtime::container::spec::ProcessOptions;
+use husk_runtime::container::{copy_to_log, ContainerSpec, Mount, MountSource, Net, Resources};
 use husk_runtime::guest::{AgentConn, Io};
-use husk_runtime::image::ImageStore;
+use husk_runtime::image::{ImageRecord, ImageStore};
 use husk_runtime::net::ports::{PortMapping, Protocol};
 use husk_runtime::storage::volume::VolumeStore;
-use husk_runtime::{DriveSpec, Runtime, SandboxConfig};
-use oci_spec::runtime::MountBuilder;
+use husk_runtime::Runtime;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::types::{Health, Healthcheck, Task, TaskState};
@@ -287,45 +286,83 @@ impl Executor {
         let image = store
             .get(&t.spec.image)
             .map_err(|e| TaskError::Rejected(format!("No such image: {} ({e:#})", t.spec.image)))?;
-        let config = store.config(&image).map_err(reject)?;
-        let limits = t.spec.resources.limits;
-        let opts = ProcessOptions {
-            cmd: t.spec.args.clone(),
-            env: t.spec.env.clone(),
-            hostname: Some(t.id.chars().take(12).collect()),
-            memory: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
-            cpus: (limits.nano_cpus > 0).then(|| limits.nano_cpus as f64 / 1e9),
-            ..Default::default()
-        };
-        let mut spec = container_spec(&config, &opts, "image").map_err(reject)?;
+        let plan = container_spec(t, image).plan(&store).map_err(reject)?;
+        let env = plan
+            .oci
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().clone())
+            .unwrap_or_default();
         let volumes = VolumeStore::open(&self.volumes).map_err(fail)?;
-        let mut mounts = spec.mounts().clone().unwrap_or_default();
-        let mut leases = Vec::new();
-        for m in &t.spec.mounts {
-            let mut options = vec!["rbind".to_string()];
-            let (typ, source) = if m.typ == "tmpfs" {
-                options = vec!["nosuid".into(), "nodev".into()];
-                ("tmpfs", "tmpfs".to_string())
-            } else {
-                leases.push(volumes.lease(&m.source).map_err(fail)?);
-                ("bind", format!("vol-{}", m.source))
-            };
-            options.push(if m.read_only { "ro" } else { "rw" }.into());
-            mounts.push(
-                MountBuilder::default()
-                    .destination(&m.target)
-                    .typ(typ)
-                    .source(source)
-                    .options(options)
-                    .build()
-                    .map_err(|e| fail(e.into()))?,
-            );
+        let prepared = plan.acquire(&store, &volumes).map_err(fail)?;
+        if lock(ctl).stop {
+            return Ok(None);
         }
-        spec.set_mounts(Some(mounts));
-        let mut cfg = SandboxConfig::new(&t.id);
-        cfg.hostname = t.id.chars().take(12).collect();
-        cfg.ports = t
-            .spec
+        self.report(&t.id, TaskState::Starting, "starting", "", None);
+        let starting = prepared.start(rt).map_err(fail)?;
+        let agent = starting.sandbox().connect().map_err(fail)?;
+        if lock(ctl).stop {
+            let _ = starting.abandon(Duration::from_secs(10));
+            return Ok(None);
+        }
+        let mut c = starting.create(Io::OUT_ERR).map_err(fail)?;
+        self.report(&t.id, TaskState::Running, "started", "", None);
+        std::fs::create_dir_all(&self.logs).map_err(|e| fail(e.into()))?;
+        let log = LogWriter::create(&self.log_path(&t.id)).map_err(fail)?;
+        let mut streams = c.take_streams();
+        let out = copy_to_log(streams.stdout.take(), "stdout", log.clone(), None);
+        let err = copy_to_log(streams.stderr.take(), "stderr", log, None);
+        // A stop asked for while it started is carried out now.
+        let stop_now = {
+            let mut ctl = lock(ctl);
+            ctl.agent = Some(Arc::new(agent));
+            ctl.stop
+        };
+        if stop_now {
+            signal_stop(ctl, &t.id);
+        } else if let Some(hc) = t.spec.healthcheck.clone() {
+            let agent = Arc::new(c.sandbox().connect().map_err(fail)?);
+            let (me, id, ctl) = (self.clone(), t.id.clone(), ctl.clone());
+            std::thread::spawn(move || me.watch_health(id, hc, env, agent, ctl));
+        }
+        let status = c.wait().map_err(fail);
+        lock(ctl).agent = None;
+        let _ = out.join();
+        let _ = err.join();
+        if let Err(e) = c.remove(Duration::from_secs(20)).shutdown {
+            tracing::warn!("task {}: stopping its sandbox: {e:#}", t.id);
+        }
+        Ok(Some(status?.status))
+    }
+}
+
+/// A task's container as the runtime's lifecycle takes it: the service's
+/// args, env, mounts, published ports and limits; hostname the task id's
+/// first 12 characters.
+fn container_spec(t: &Task, image: ImageRecord) -> ContainerSpec {
+    let limits = t.spec.resources.limits;
+    let mut c = ContainerSpec::new(&t.id, image);
+    c.process = ProcessOptions {
+        cmd: t.spec.args.clone(),
+        env: t.spec.env.clone(),
+        ..Default::default()
+    };
+    c.mounts = t
+        .spec
+        .mounts
+        .iter()
+        .map(|m| Mount {
+            source: if m.typ == "tmpfs" {
+                MountSource::Tmpfs
+            } else {
+                MountSource::Volume(m.source.clone())
+            },
+            target: m.target.clone(),
+            read_only: m.read_only,
+        })
+        .collect();
+    c.net = Net::Bridge(
+        t.spec
             .ports
             .iter()
             .map(|p| PortMapping {
@@ -338,86 +375,13 @@ impl Executor {
                     Protocol::Tcp
                 },
             })
-            .collect();
-        cfg.drives = vec![DriveSpec {
-            path: store.rootfs(&image).map_err(fail)?,
-            read_only: true,
-        }];
-        for l in &leases {
-            cfg.drives.push(DriveSpec {
-                path: l.volume.disk.clone(),
-                read_only: false,
-            });
-        }
-        cfg.fit_memory(&spec);
-        if limits.nano_cpus > 0 {
-            cfg.machine.vcpus =
-                ((limits.nano_cpus + 999_999_999) / 1_000_000_000).clamp(1, 32) as u8;
-        }
-        if lock(ctl).stop {
-            return Ok(None);
-        }
-        self.report(&t.id, TaskState::Starting, "starting", "", None);
-        let sandbox = rt.start_sandbox(&cfg).map_err(fail)?;
-        let names: Vec<String> = leases.iter().map(|l| l.volume.name.clone()).collect();
-        let storage = sandbox.container_storage(&names);
-        let agent = sandbox.connect().map_err(fail)?;
-        if lock(ctl).stop {
-            let _ = sandbox.shutdown(Duration::from_secs(10));
-            return Ok(None);
-        }
-        let mut streams = sandbox
-            .agent
-            .create(&t.id, &spec, Io::OUT_ERR, storage, true)
-            .map_err(fail)?;
-        self.report(&t.id, TaskState::Running, "started", "", None);
-        std::fs::create_dir_all(&self.logs).map_err(|e| fail(e.into()))?;
-        let log = LogWriter::create(&self.log_path(&t.id)).map_err(fail)?;
-        let copy = |from: Option<std::os::unix::net::UnixStream>, name: &'static str| {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let Some(mut from) = from else { return };
-                let mut buf = vec![0u8; 32 << 10];
-                while let Ok(n @ 1..) = from.read(&mut buf) {
-                    let _ = log.write(name, &buf[..n]);
-                }
-            })
-        };
-        let out = copy(streams.stdout.take(), "stdout");
-        let err = copy(streams.stderr.take(), "stderr");
-        // A stop asked for while it started is carried out now.
-        let stop_now = {
-            let mut c = lock(ctl);
-            c.agent = Some(Arc::new(agent));
-            c.stop
-        };
-        if stop_now {
-            signal_stop(ctl, &t.id);
-        } else if let Some(hc) = t.spec.healthcheck.clone() {
-            let agent = Arc::new(sandbox.connect().map_err(fail)?);
-            let env = spec
-                .process()
-                .as_ref()
-                .and_then(|p| p.env().clone())
-                .unwrap_or_default();
-            let (me, id, ctl) = (self.clone(), t.id.clone(), ctl.clone());
-            std::thread::spawn(move || me.watch_health(id, hc, env, agent, ctl));
-        }
-        let status = sandbox
-            .agent
-            .wait(&t.id, "")
-            .context("waiting for the container")
-            .map_err(fail);
-        lock(ctl).agent = None;
-        let _ = out.join();
-        let _ = err.join();
-        let _ = sandbox.agent.remove(&t.id);
-        if let Err(e) = sandbox.shutdown(Duration::from_secs(20)) {
-            tracing::warn!("task {}: stopping its sandbox: {e:#}", t.id);
-        }
-        drop(leases);
-        Ok(Some(status?.status))
-    }
+            .collect(),
+    );
+    c.resources = Resources {
+        memory: (limits.memory_bytes > 0).then_some(limits.memory_bytes),
+        nano_cpus: (limits.nano_cpus > 0).then_some(limits.nano_cpus),
+    };
+    c
 }
 
 /// One healthcheck run: exit 0 within `timeout`.

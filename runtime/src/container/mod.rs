@@ -1,5 +1,12 @@
-//! Containers: the OCI spec a container gets from its image and the
-//! user's options, and the records that outlive the process that ran it.
+//! Containers: one lifecycle for the front ends that run store images
+//! (`lifecycle`), the OCI spec a container gets from its image and the
+//! user's options (`spec`), and the records that outlive the process that
+//! ran it (`record`).
 
+pub mod lifecycle;
 pub mod record;
 pub mod spec;
+
+pub use lifecycle::{
+    copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, Plan, Resources, Teardown,
+};

@@ -77,6 +77,15 @@ impl SandboxConfig {
         }
     }
 
+    /// Sizes the microVM's vCPUs for a CPU limit of `nano_cpus` billionths
+    /// of a CPU: enough whole vCPUs (at least 1, at most 32).
+    pub fn fit_cpus(&mut self, nano_cpus: i64) {
+        if nano_cpus > 0 {
+            self.machine.vcpus =
+                (nano_cpus.saturating_add(999_999_999) / 1_000_000_000).clamp(1, 32) as u8;
+        }
+    }
+
     pub fn new(id: &str) -> SandboxConfig {
         SandboxConfig {
             id: id.into(),

@@ -1,0 +1,484 @@
+//! One container lifecycle for every front end that runs an image from the
+//! store: `husk run` and huskd's executor translate their input into a
+//! [`ContainerSpec`] and go through the same phases; storage leases, drive
+//! slots, the microVM's size, the container's mounts and the teardown exist
+//! here once.
+//!
+//! Each phase is its own call, so a front end keeps its own steps between
+//! them (the CLI writes its record before anything is leased; huskd checks
+//! for a stop and reports progress) and can tell its errors apart by phase
+//! (a plan refused is huskd's Rejected; a create refused is the CLI's 127):
+//!
+//! ```text
+//! ContainerSpec --plan--> Plan --acquire--> Prepared --start--> Starting --create--> Container
+//!   (pure: OCI spec,         (erofs root,       (the sandbox:     (CreateContainer    wait, remove
+//!    mounts, sizing)          volume leases)     its VM)           + StartContainer)
+//! ```
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use husk_protocol::agent::WaitProcessResponse;
+use oci_spec::runtime::{MountBuilder, Spec};
+
+use crate::config::Runtime;
+use crate::container::record::{LogWriter, NetInfo};
+use crate::container::spec::{container_spec, ProcessOptions};
+use crate::guest::{AgentConn, Io, Streams};
+use crate::image::{ImageRecord, ImageStore};
+use crate::net::ports::PortMapping;
+use crate::net::NetworkMode;
+use crate::sandbox::{check_id, Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes};
+use crate::storage::shared::{guest_source, HostShare};
+use crate::storage::volume::{VolumeLease, VolumeStore};
+
+/// What a mount mounts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountSource {
+    /// A named volume (created on first use): ext4 on a read-write slot.
+    Volume(String),
+    /// A host path, shared over virtio-fs.
+    Host(PathBuf),
+    Tmpfs,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub source: MountSource,
+    /// Absolute, not `/`, without `..`.
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Which network the container's sandbox joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Net {
+    /// The bridge, with these host ports relayed to the container.
+    Bridge(Vec<PortMapping>),
+    /// None: the container has only loopback (a network namespace of its
+    /// own in the guest).
+    None,
+}
+
+/// Limits, which also size the microVM: memory plus room for the guest,
+/// vCPUs enough for the CPU limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub memory: Option<i64>,
+    /// Billionths of a CPU (Docker's NanoCPUs).
+    pub nano_cpus: Option<i64>,
+}
+
+/// A container to run from an image in the store.
+#[derive(Clone, Debug)]
+pub struct ContainerSpec {
+    /// The container's and its sandbox's id.
+    pub id: String,
+    /// Default: the id's first 12 characters, as Docker's.
+    pub hostname: Option<String>,
+    pub image: ImageRecord,
+    /// Command, entrypoint, env, workdir, user, tty; its hostname, memory,
+    /// cpus and network fields are set from this spec.
+    pub process: ProcessOptions,
+    /// In order; host paths are shared in this order.
+    pub mounts: Vec<Mount>,
+    pub net: Net,
+    pub resources: Resources,
+    pub boot: Boot,
+}
+
+impl ContainerSpec {
+    pub fn new(id: &str, image: ImageRecord) -> ContainerSpec {
+        ContainerSpec {
+            id: id.into(),
+            hostname: None,
+            image,
+            process: ProcessOptions::default(),
+            mounts: Vec::new(),
+            net: Net::Bridge(Vec::new()),
+            resources: Resources::default(),
+            boot: Boot::default(),
+        }
+    }
+
+    /// Phase 1, no side effects: the OCI spec (image config, options,
+    /// mounts) and the sandbox's configuration (network, shares, size).
+    pub fn plan(self, store: &ImageStore) -> Result<Plan> {
+        check_id(&self.id)?;
+        let hostname = self
+            .hostname
+            .clone()
+            .unwrap_or_else(|| self.id.chars().take(12).collect());
+        let config = store.config(&self.image)?;
+        let mut opts = self.process.clone();
+        opts.hostname = Some(hostname.clone());
+        opts.memory = self.resources.memory;
+        opts.cpus = self.resources.nano_cpus.map(|n| n as f64 / 1e9);
+        opts.own_network = self.net == Net::None;
+        let mut oci = container_spec(&config, &opts, "image")?;
+        let mounts = plan_mounts(&self.mounts)?;
+        let mut specs = oci.mounts().clone().unwrap_or_default();
+        specs.extend(mounts.oci);
+        oci.set_mounts(Some(specs));
+
+        let mut cfg = SandboxConfig::new(&self.id);
+        cfg.hostname = hostname;
+        cfg.boot = self.boot;
+        cfg.shares = mounts.shares;
+        match self.net {
+            Net::Bridge(ports) => cfg.ports = ports,
+            Net::None => cfg.network = NetworkMode::None,
+        }
+        cfg.fit_memory(&oci);
+        if let Some(n) = self.resources.nano_cpus {
+            cfg.fit_cpus(n);
+        }
+        Ok(Plan {
+            id: self.id,
+            oci,
+            config: cfg,
+            image: self.image,
+            volumes: mounts.volumes,
+            mounted: mounts.mounted,
+        })
+    }
+}
+
+/// What `plan_mounts` makes of a spec's mounts.
+struct Planned {
+    oci: Vec<oci_spec::runtime::Mount>,
+    volumes: Vec<String>,
+    shares: Vec<HostShare>,
+    mounted: Vec<(String, String, bool)>,
+}
+
+/// The OCI mounts of `mounts`: a tmpfs as such; a volume bound from where
+/// the agent mounts its drive (`vol-<name>`); a host path from its share.
+fn plan_mounts(mounts: &[Mount]) -> Result<Planned> {
+    let mut p = Planned {
+        oci: Vec::new(),
+        volumes: Vec::new(),
+        shares: Vec::new(),
+        mounted: Vec::new(),
+    };
+    for m in mounts {
+        check_target(&m.target)?;
+        let (typ, source, mut options) = match &m.source {
+            MountSource::Tmpfs => ("tmpfs", "tmpfs".to_string(), vec!["nosuid", "nodev"]),
+            MountSource::Volume(name) => {
+                crate::storage::volume::check_name(name)?;
+                if p.volumes.contains(name) {
+                    bail!("volume {name} is mounted twice");
+                }
+                p.volumes.push(name.clone());
+                // Records name a volume by name, a host path by itself.
+                p.mounted
+                    .push((name.clone(), m.target.clone(), m.read_only));
+                ("bind", format!("vol-{name}"), vec!["rbind"])
+            }
+            MountSource::Host(path) => {
+                p.shares.push(HostShare {
+                    source: path.clone(),
+                    read_only: m.read_only,
+                });
+                p.mounted
+                    .push((path.display().to_string(), m.target.clone(), m.read_only));
+                ("bind", guest_source(p.shares.len() - 1), vec!["rbind"])
+            }
+        };
+        if m.read_only {
+            options.push("ro");
+        } else if typ == "bind" {
+            options.push("rw");
+        }
+        p.oci.push(
+            MountBuilder::default()
+                .destination(&m.target)
+                .typ(typ)
+                .source(source)
+                .options(options.into_iter().map(String::from).collect::<Vec<_>>())
+                .build()?,
+        );
+    }
+    Ok(p)
+}
+
+/// A mount's path in the container: absolute, not `/`, without `..`.
+pub fn check_target(target: &str) -> Result<()> {
+    if !target.starts_with('/') || target == "/" || target.split('/').any(|c| c == "..") {
+        bail!("mount target {target:?}: the container path must be absolute, not / and without ..");
+    }
+    Ok(())
+}
+
+/// A container planned: nothing on the host touched yet.
+pub struct Plan {
+    pub id: String,
+    /// The container's OCI spec.
+    pub oci: Spec,
+    /// Its sandbox's configuration (drives are added by `acquire`).
+    pub config: SandboxConfig,
+    image: ImageRecord,
+    volumes: Vec<String>,
+    /// (volume name or host path, target, read-only) of its volumes and
+    /// binds, in order: what records and `inspect` show.
+    pub mounted: Vec<(String, String, bool)>,
+}
+
+impl Plan {
+    /// Phase 2: the image's erofs root (built on first use) and a lease on
+    /// each volume (created if missing), in the sandbox's drive slots.
+    pub fn acquire(mut self, store: &ImageStore, volumes: &VolumeStore) -> Result<Prepared> {
+        let rootfs = store.rootfs(&self.image)?;
+        let mut leases = Vec::new();
+        for name in &self.volumes {
+            leases.push(volumes.lease(name)?);
+        }
+        self.config.drives = vec![DriveSpec {
+            path: rootfs,
+            read_only: true,
+        }];
+        self.config.drives.extend(leases.iter().map(|l| DriveSpec {
+            path: l.volume.disk.clone(),
+            read_only: false,
+        }));
+        Ok(Prepared { plan: self, leases })
+    }
+}
+
+/// A container's storage held: its sandbox can start.
+pub struct Prepared {
+    plan: Plan,
+    leases: Vec<VolumeLease>,
+}
+
+impl Prepared {
+    /// Phase 3: the sandbox (its VM restored or booted, its agent ready).
+    pub fn start(self, rt: &Runtime) -> Result<Starting> {
+        let t = Instant::now();
+        let sandbox = rt.start_sandbox(&self.plan.config)?;
+        Ok(Starting {
+            sandbox,
+            leases: self.leases,
+            started: t.elapsed(),
+            plan: self.plan,
+        })
+    }
+}
+
+/// A container's sandbox running, the container not created yet.
+pub struct Starting {
+    // The sandbox first: fields drop in order, and a volume's lease must
+    // outlive the VM that writes it.
+    sandbox: Sandbox,
+    leases: Vec<VolumeLease>,
+    plan: Plan,
+    started: Duration,
+}
+
+impl Starting {
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// A stop that came before the container did: the guest shuts down.
+    pub fn abandon(self, timeout: Duration) -> Result<()> {
+        self.sandbox.shutdown(timeout).map(drop)
+    }
+
+    /// Phase 4: CreateContainer and StartContainer, with `io`'s streams.
+    /// A refusal is the agent's [`crate::guest::RpcError`], with its code.
+    pub fn create(self, io: Io) -> Result<Container> {
+        let storage = self.sandbox.container_storage(&self.plan.volumes);
+        let t = Instant::now();
+        let streams =
+            self.sandbox
+                .agent
+                .create(&self.plan.id, &self.plan.oci, io, storage, true)?;
+        Ok(Container {
+            created: t.elapsed(),
+            sandbox: self.sandbox,
+            leases: self.leases,
+            id: self.plan.id,
+            streams,
+            started: self.started,
+        })
+    }
+}
+
+/// A running container and its sandbox. Dropping it kills the VM; `remove`
+/// stops it cleanly.
+pub struct Container {
+    sandbox: Sandbox,
+    leases: Vec<VolumeLease>,
+    id: String,
+    streams: Streams,
+    started: Duration,
+    created: Duration,
+}
+
+/// Where a container's start went: the sandbox's phases, the sandbox as a
+/// whole, and the create.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    pub sandbox: StartTimes,
+    pub sandbox_total: Duration,
+    pub create_start: Duration,
+}
+
+/// What a clean teardown found.
+pub struct Teardown {
+    pub remove: Result<()>,
+    pub shutdown: Result<std::process::ExitStatus>,
+}
+
+impl Container {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// The first connection to its agent.
+    pub fn agent(&self) -> &AgentConn {
+        &self.sandbox.agent
+    }
+
+    /// The streams `create` opened (taken once).
+    pub fn take_streams(&mut self) -> Streams {
+        std::mem::take(&mut self.streams)
+    }
+
+    pub fn timings(&self) -> Timings {
+        Timings {
+            sandbox: self.sandbox.times.clone(),
+            sandbox_total: self.started,
+            create_start: self.created,
+        }
+    }
+
+    /// Its address and published ports on the bridge.
+    pub fn net_info(&self) -> Option<NetInfo> {
+        let net = &self.sandbox.net;
+        net.lease.as_ref().map(|l| NetInfo {
+            ip: l.ip.to_string(),
+            prefix: l.prefix,
+            gateway: l.gateway.to_string(),
+            mac: l.mac(),
+            ports: net
+                .publisher
+                .as_ref()
+                .map(|p| p.bound.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Until the container's process exits (no deadline: a VM that dies
+    /// ends the call).
+    pub fn wait(&self) -> Result<WaitProcessResponse> {
+        self.sandbox
+            .agent
+            .wait(&self.id, "")
+            .context("waiting for the container")
+    }
+
+    /// RemoveContainer, then a clean shutdown within `timeout` (the guest
+    /// syncs volumes before it goes: a kill would lose what its page cache
+    /// held), then the volumes' leases.
+    pub fn remove(self, timeout: Duration) -> Teardown {
+        let remove = self.sandbox.agent.remove(&self.id);
+        let shutdown = self.sandbox.shutdown(timeout);
+        drop(self.leases);
+        Teardown { remove, shutdown }
+    }
+}
+
+/// Copies a container's output stream to its log, and to `tee` (a
+/// terminal) when given; the thread ends with the stream.
+pub fn copy_to_log(
+    from: Option<UnixStream>,
+    stream: &'static str,
+    log: LogWriter,
+    mut tee: Option<Box<dyn std::io::Write + Send>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(mut from) = from else { return };
+        let mut buf = vec![0u8; 32 << 10];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            let _ = log.write(stream, &buf[..n]);
+            if let Some(t) = tee.as_mut() {
+                let _ = t.write_all(&buf[..n]).and_then(|_| t.flush());
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(source: MountSource, target: &str, read_only: bool) -> Mount {
+        Mount {
+            source,
+            target: target.into(),
+            read_only,
+        }
+    }
+
+    #[test]
+    fn mounts_become_binds_tmpfs_and_shares_in_order() {
+        let p = plan_mounts(&[
+            mount(MountSource::Host("/srv/a".into()), "/a", false),
+            mount(MountSource::Volume("data".into()), "/data", true),
+            mount(MountSource::Tmpfs, "/tmp", false),
+            mount(MountSource::Host("/srv/b".into()), "/b", true),
+        ])
+        .unwrap();
+        assert_eq!(p.volumes, ["data"]);
+        assert_eq!(p.shares.len(), 2);
+        assert!(p.shares[1].read_only);
+        let src: Vec<_> = p.oci.iter().map(|m| m.source().clone().unwrap()).collect();
+        assert_eq!(
+            src,
+            [
+                PathBuf::from(guest_source(0)),
+                "vol-data".into(),
+                "tmpfs".into(),
+                PathBuf::from(guest_source(1))
+            ]
+        );
+        let opts = |i: usize| p.oci[i].options().clone().unwrap().join(",");
+        assert_eq!(opts(1), "rbind,ro");
+        assert_eq!(opts(2), "nosuid,nodev");
+        assert_eq!(p.mounted[0], ("/srv/a".into(), "/a".into(), false));
+        assert_eq!(p.mounted[1], ("data".into(), "/data".into(), true));
+    }
+
+    #[test]
+    fn bad_mounts_are_named() {
+        for (m, want) in [
+            (mount(MountSource::Tmpfs, "rel", false), "absolute"),
+            (mount(MountSource::Tmpfs, "/", false), "absolute"),
+            (mount(MountSource::Tmpfs, "/a/../b", false), "without .."),
+            (
+                mount(MountSource::Volume("x".into()), "/x", false),
+                "volume name",
+            ),
+        ] {
+            let e = plan_mounts(&[m]).err().expect("refused").to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let twice = [
+            mount(MountSource::Volume("data".into()), "/a", false),
+            mount(MountSource::Volume("data".into()), "/b", false),
+        ];
+        let e = plan_mounts(&twice).err().expect("refused").to_string();
+        assert!(e.contains("mounted twice"), "{e}");
+    }
+}
