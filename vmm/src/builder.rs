@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::*;
 use crate::arch::mptable;
 use crate::arch::regs::BootProtocol;
-use crate::config::{Checked, SerialOutput, VmConfig, DEFAULT_BOOT_ARGS};
+use crate::config::{Checked, MachineConfig, SerialOutput, VmConfig, DEFAULT_BOOT_ARGS};
 use crate::cpu_template::{CpuTemplate, HostProfile};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
@@ -353,11 +353,68 @@ fn cpu_identity(profile: &str, kernel_args: &[String], template: &CpuTemplate) -
     )
 }
 
+/// A VM from `config`, in Firecracker's steps: the vCPUs' CPU template,
+/// guest memory (new, or the snapshot's), the VM with its memory and kernel,
+/// the command line, legacy devices, virtio devices; then either the
+/// snapshot's state or the boot setup.
 fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> {
     config.validate()?;
     config.check_files()?;
-    let m = &config.machine_config;
+    let cpu = resolve_cpu_template(&config.machine_config)?;
+    if let Some((snap, _)) = from {
+        if snap.cpu_identity != cpu.identity {
+            bail!(
+                "the snapshot's vCPUs were made with another CPU template or host profile \
+                 ({}); this host resolves {}",
+                snap.cpu_identity,
+                cpu.identity
+            );
+        }
+    }
+    let (mem, mem_file) = create_memory(config, from)?;
+    let (vm, kernel) = create_vm_and_load_kernel(&mem, config, from.is_none())?;
+    let initrd = match (&config.boot_source.initrd_path, &kernel) {
+        (Some(p), Some(k)) => Some(load_initrd(&mem, p, k.result.kernel_end)?),
+        _ => None,
+    };
+    let mut cmdline = kernel_cmdline(config, &cpu.kernel_args)?;
+    let stopper = Arc::new(Stopper::new()?);
+    let (pio, serial) = attach_legacy_devices(&vm, config, from.map(|f| f.0), &stopper)?;
+    let devices = attach_virtio_devices(&vm, &mem, config, &mut cmdline)?;
+    let mut vmm = Vmm {
+        vm,
+        vcpus: Vec::new(),
+        pio: Arc::new(pio),
+        mmio: Arc::new(devices.bus),
+        stopper,
+        mem,
+        _mem_file: mem_file,
+        serial,
+        event_loops: devices.event_loops,
+        transports: devices.transports,
+        config: config.clone(),
+        cpu_identity: cpu.identity.clone(),
+    };
+    match from {
+        Some((snap, _)) => restore_into(&mut vmm, snap)?,
+        None => {
+            let kernel = kernel.context("no kernel loaded")?;
+            configure_system_for_boot(&mut vmm, &kernel, initrd, &cmdline, &cpu.template)?;
+        }
+    }
+    Ok(vmm)
+}
 
+/// What shapes the vCPUs: the host profile's kernel args and CPUID
+/// modifiers, a custom template's on top, and their identity (a snapshot
+/// restores only under the same).
+struct CpuSetup {
+    template: CpuTemplate,
+    kernel_args: Vec<String>,
+    identity: String,
+}
+
+fn resolve_cpu_template(m: &MachineConfig) -> Result<CpuSetup> {
     let mut template = CpuTemplate::default();
     let mut kernel_args: Vec<String> = Vec::new();
     let mut profile_name = String::from("none");
@@ -380,50 +437,54 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         template.cpuid_modifiers.extend(custom.cpuid_modifiers);
         template.msr_modifiers.extend(custom.msr_modifiers);
     }
-
     let identity = cpu_identity(&profile_name, &kernel_args, &template);
-    if let Some((snap, _)) = from {
-        if snap.cpu_identity != identity {
-            bail!(
-                "the snapshot's vCPUs were made with another CPU template or host profile \
-                 ({}); this host resolves {}",
-                snap.cpu_identity,
-                identity
-            );
-        }
-    }
+    Ok(CpuSetup {
+        template,
+        kernel_args,
+        identity,
+    })
+}
 
-    let (mem, mem_file) = match from {
-        None => memory::create(m.mem_size_mib << 20)?,
+/// Guest memory: new, or the snapshot's memory file mapped.
+fn create_memory(
+    config: &VmConfig,
+    from: Option<(&Snapshot, &Path)>,
+) -> Result<(GuestMemoryMmap, File)> {
+    Ok(match from {
+        None => memory::create(config.machine_config.mem_size_mib << 20)?,
         // A vhost-user backend maps guest memory itself: it must be shared
         // memory, not a private copy-on-write mapping of the file.
         Some((snap, mem_path)) if config.filesystems.iter().any(|f| f.has_backend()) => {
             memory::restore_copy(mem_path, snap.mem_size)?
         }
         Some((snap, mem_path)) => memory::restore(mem_path, snap.mem_size)?,
-    };
+    })
+}
+
+/// The VM with `mem` registered and, to boot, the kernel loaded into it.
+fn create_vm_and_load_kernel(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    boot: bool,
+) -> Result<(Vm, Option<LoadedKernel>)> {
     let vm = Vm::new()?;
     // Registering the memory slot and loading the kernel are independent and
     // each take ~10 ms here (KVM_SET_USER_MEMORY_REGION, reading vmlinux):
     // overlap them. A restored guest's kernel is in its memory already.
     let (registered, kernel) = std::thread::scope(|scope| {
-        let reg = scope.spawn(|| vm.register_memory(&mem));
-        let kernel = match from {
-            None => Some(load_kernel(&mem, &config.boot_source.kernel_image_path)),
-            Some(_) => None,
-        };
+        let reg = scope.spawn(|| vm.register_memory(mem));
+        let kernel = boot.then(|| load_kernel(mem, &config.boot_source.kernel_image_path));
         let registered = reg
             .join()
             .unwrap_or(Err(crate::vstate::vm::VmError::Thread));
         (registered, kernel)
     });
     registered?;
-    let kernel = kernel.transpose()?;
-    let initrd = match (&config.boot_source.initrd_path, &kernel) {
-        (Some(p), Some(k)) => Some(load_initrd(&mem, p, k.result.kernel_end)?),
-        _ => None,
-    };
+    Ok((vm, kernel.transpose()?))
+}
 
+/// The boot args, then the host profile's.
+fn kernel_cmdline(config: &VmConfig, kernel_args: &[String]) -> Result<Cmdline> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).context("command line")?;
     cmdline
         .insert_str(
@@ -434,12 +495,20 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
                 .unwrap_or(DEFAULT_BOOT_ARGS),
         )
         .context("boot_args")?;
-    for a in &kernel_args {
+    for a in kernel_args {
         cmdline.insert_str(a).context("host profile kernel args")?;
     }
+    Ok(cmdline)
+}
 
-    // Legacy devices.
-    let stopper = Arc::new(Stopper::new()?);
+/// The port I/O bus: the serial console (its state restored from `snap`)
+/// and the i8042 whose reset stops the VM.
+fn attach_legacy_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    snap: Option<&Snapshot>,
+    stopper: &Stopper,
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>)> {
     let mut pio = Bus::new();
     let serial_evt = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.fd
@@ -452,24 +521,84 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
             File::create(p).with_context(|| format!("console file {}", p.display()))?,
         ),
     };
-    let serial = Arc::new(Mutex::new(match from {
+    let serial = Arc::new(Mutex::new(match snap {
         None => SerialDevice::new(EventFdTrigger(serial_evt), out),
-        Some((snap, _)) => SerialDevice::from_state(&snap.serial, EventFdTrigger(serial_evt), out)
+        Some(snap) => SerialDevice::from_state(&snap.serial, EventFdTrigger(serial_evt), out)
             .map_err(|e| anyhow::anyhow!(e))?,
     }));
     pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
     let i8042 = I8042::new(EventFdTrigger(stopper.evt.try_clone()?));
     pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
+    Ok((pio, serial))
+}
 
-    // virtio-mmio devices, one 4 KiB window and one IRQ each, in the order
-    // the guest enumerates them (the root drive first: /dev/vda).
+/// The virtio-mmio devices on their bus.
+struct VirtioDevices {
+    bus: Bus,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
+}
+
+/// Drives, interfaces, vsock, entropy and filesystems, one 4 KiB window
+/// and one IRQ each, in the order the guest enumerates them (the root
+/// drive first: /dev/vda); their `virtio_mmio.device=` args and the root
+/// drive's on the command line.
+fn attach_virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    cmdline: &mut Cmdline,
+) -> Result<VirtioDevices> {
     let mut slots = MmioSlots {
         bus: Bus::new(),
         next_irq: IRQ_BASE,
         next_addr: MMIO_DEVICES_START,
     };
+    let mut d = VirtioDevices {
+        bus: Bus::new(),
+        transports: Vec::new(),
+        event_loops: Vec::new(),
+    };
+    let root_args = attach_drives(&mut slots, vm, mem, config, cmdline, &mut d)?;
+    // Inherited descriptors first: one this process opens could otherwise
+    // take the number of one it was handed.
+    let (taps, fs_sockets) = adopt_backends(config)?;
+    attach_interfaces(&mut slots, vm, mem, config, cmdline, taps, &mut d)?;
+    if let Some(vc) = &config.vsock {
+        let vsock = Vsock::new(vc.guest_cid, &vc.uds_path)?;
+        let epfd = vsock.epoll_fd();
+        let (t, at) = slots.attach(vm, mem, cmdline, Box::new(vsock))?;
+        d.transports.push(t.clone());
+        tracing::info!(
+            "vsock: guest cid {}, host socket {} at {at}",
+            vc.guest_cid,
+            vc.uds_path.display()
+        );
+        d.event_loops.push(("vsock", epfd, t));
+    }
+    if config.entropy.is_some() {
+        let (t, at) = slots.attach(vm, mem, cmdline, Box::new(Rng::new()))?;
+        d.transports.push(t);
+        tracing::info!("entropy: virtio-rng at {at}");
+    }
+    attach_filesystems(&mut slots, vm, mem, config, cmdline, fs_sockets, &mut d)?;
+    if let Some(r) = root_args {
+        cmdline.insert_str(r).context("command line")?;
+    }
+    d.bus = slots.bus;
+    Ok(d)
+}
+
+/// The drives; the root drive's kernel args.
+fn attach_drives(
+    slots: &mut MmioSlots,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    cmdline: &mut Cmdline,
+    d: &mut VirtioDevices,
+) -> Result<Option<&'static str>> {
     let mut root_args = None;
-    let mut transports = Vec::new();
     for drive in config.ordered_drives() {
         let block = Block::open(&drive.path_on_host, drive.is_read_only, &drive.drive_id)?;
         if drive.is_root_device {
@@ -479,8 +608,8 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
                 "root=/dev/vda rw"
             });
         }
-        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(block))?;
-        transports.push(t);
+        let (t, at) = slots.attach(vm, mem, cmdline, Box::new(block))?;
+        d.transports.push(t);
         tracing::info!(
             "drive {}: {} ({}) at {at}",
             drive.drive_id,
@@ -488,12 +617,17 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
             if drive.is_read_only { "ro" } else { "rw" }
         );
     }
-    let mut event_loops = Vec::new();
-    // Inherited taps first: a tap this process opens could otherwise take
-    // the number of one it was handed.
-    let mut inherited = Vec::new();
+    Ok(root_args)
+}
+
+type Taps = Vec<Option<File>>;
+type FsSockets = Vec<Option<std::os::unix::net::UnixStream>>;
+
+/// The taps and vhost-user sockets the VMM inherited (or connects to).
+fn adopt_backends(config: &VmConfig) -> Result<(Taps, FsSockets)> {
+    let mut taps = Vec::new();
     for n in &config.network_interfaces {
-        inherited.push(n.tap_fd.map(adopt_tap_fd).transpose()?);
+        taps.push(n.tap_fd.map(adopt_tap_fd).transpose()?);
     }
     let mut fs_sockets = Vec::new();
     for f in &config.filesystems {
@@ -509,7 +643,19 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
             (None, None) => None,
         });
     }
-    for (i, (n, tap)) in config.network_interfaces.iter().zip(inherited).enumerate() {
+    Ok((taps, fs_sockets))
+}
+
+fn attach_interfaces(
+    slots: &mut MmioSlots,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    cmdline: &mut Cmdline,
+    taps: Taps,
+    d: &mut VirtioDevices,
+) -> Result<()> {
+    for (i, (n, tap)) in config.network_interfaces.iter().zip(taps).enumerate() {
         // Without a MAC the guest picks a random one; a stable default is kinder.
         let mac = match &n.guest_mac {
             Some(m) => parse_mac(m)?,
@@ -521,37 +667,32 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         };
         let net = Net::new(tap, mac)?;
         let epfd = net.epoll_fd();
-        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(net))?;
-        transports.push(t.clone());
+        let (t, at) = slots.attach(vm, mem, cmdline, Box::new(net))?;
+        d.transports.push(t.clone());
         match n.tap_fd {
             Some(fd) => tracing::info!("interface {}: inherited tap fd {fd} at {at}", n.iface_id),
             None => tracing::info!("interface {}: tap {} at {at}", n.iface_id, n.host_dev_name),
         }
-        event_loops.push(("net", epfd, t));
+        d.event_loops.push(("net", epfd, t));
     }
-    if let Some(vc) = &config.vsock {
-        let vsock = Vsock::new(vc.guest_cid, &vc.uds_path)?;
-        let epfd = vsock.epoll_fd();
-        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(vsock))?;
-        transports.push(t.clone());
-        tracing::info!(
-            "vsock: guest cid {}, host socket {} at {at}",
-            vc.guest_cid,
-            vc.uds_path.display()
-        );
-        event_loops.push(("vsock", epfd, t));
-    }
-    if config.entropy.is_some() {
-        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(Rng::new()))?;
-        transports.push(t);
-        tracing::info!("entropy: virtio-rng at {at}");
-    }
-    for (f, sock) in config.filesystems.iter().zip(fs_sockets) {
+    Ok(())
+}
+
+fn attach_filesystems(
+    slots: &mut MmioSlots,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    cmdline: &mut Cmdline,
+    sockets: FsSockets,
+    d: &mut VirtioDevices,
+) -> Result<()> {
+    for (f, sock) in config.filesystems.iter().zip(sockets) {
         let backed = sock.is_some();
         let dev = fs::Fs::new(&f.tag, sock).with_context(|| format!("filesystem {:?}", f.fs_id))?;
         let epfd = dev.epoll_fd();
-        let (t, at) = slots.attach(&vm, &mem, &mut cmdline, Box::new(dev))?;
-        transports.push(t.clone());
+        let (t, at) = slots.attach(vm, mem, cmdline, Box::new(dev))?;
+        d.transports.push(t.clone());
         tracing::info!(
             "filesystem {}: virtio-fs tag {:?} at {at}, {}",
             f.fs_id,
@@ -562,40 +703,28 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
                 "no backend yet"
             }
         );
-        event_loops.push(("fs", epfd, t));
+        d.event_loops.push(("fs", epfd, t));
     }
-    let mmio = slots.bus;
-    if let Some(r) = root_args {
-        cmdline.insert_str(r).context("command line")?;
-    }
+    Ok(())
+}
 
-    let mut vmm = Vmm {
-        vm,
-        vcpus: Vec::new(),
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        stopper,
-        mem,
-        _mem_file: mem_file,
-        serial,
-        event_loops,
-        transports,
-        config: config.clone(),
-        cpu_identity: identity,
-    };
-    if let Some((snap, _)) = from {
-        restore_into(&mut vmm, snap)?;
-        return Ok(vmm);
-    }
-    let (vm, mem) = (&vmm.vm, &vmm.mem);
-    let kernel = kernel.context("no kernel loaded")?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).context("writing command line")?;
+/// A booting VM's setup: the command line and boot parameters in memory,
+/// the MP table, and its vCPUs configured to enter the kernel.
+fn configure_system_for_boot(
+    vmm: &mut Vmm,
+    kernel: &LoadedKernel,
+    initrd: Option<(u64, u64)>,
+    cmdline: &Cmdline,
+    template: &CpuTemplate,
+) -> Result<()> {
+    let m = &vmm.config.machine_config;
+    let mem = &vmm.mem;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).context("writing command line")?;
     let cmdline_str = cmdline
         .as_cstring()
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_default();
     tracing::info!("kernel command line: {cmdline_str}");
-
     match kernel.protocol {
         BootProtocol::Pvh => write_pvh(mem, initrd)?,
         BootProtocol::Linux64 => {
@@ -603,35 +732,7 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         }
     }
     mptable::setup(mem, m.vcpu_count)?;
-
-    let msr_list = Arc::new(state::msr_indices(&vm.kvm)?);
-    let mut vcpus = Vec::new();
-    for i in 0..m.vcpu_count {
-        let mut v = Vcpu::new(&vm.fd, i)?;
-        v.msr_list = msr_list.clone();
-        let refused = v.configure_cpuid(&vm.kvm, m.vcpu_count, &template)?;
-        if i == 0 {
-            // What the template asked for and did not get matters (warn);
-            // KVM recomputing other registers (XSAVE sizes, ...) is detail.
-            for r in &refused {
-                let masked = template.cpuid_modifiers.iter().any(|m| {
-                    m.leaf == r.leaf
-                        && m.modifiers.iter().any(|x| {
-                            let bits = x.bitmap.mask as u32;
-                            format!("{:?}", x.register).eq_ignore_ascii_case(r.register)
-                                && (r.got ^ r.wanted) & bits != 0
-                        })
-                });
-                if masked {
-                    tracing::warn!("host refused template bits: {r}");
-                } else {
-                    tracing::debug!("host changed: {r}");
-                }
-            }
-        }
-        v.configure_boot(mem, &template, kernel.protocol, kernel.entry)?;
-        vcpus.push(v);
-    }
+    vmm.vcpus = create_vcpus(&vmm.vm, mem, m.vcpu_count, template, kernel)?;
     tracing::info!(
         "boot: {:?} entry {:#x}, {} vCPU(s), {} MiB",
         kernel.protocol,
@@ -639,9 +740,51 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         m.vcpu_count,
         m.mem_size_mib
     );
+    Ok(())
+}
 
-    vmm.vcpus = vcpus;
-    Ok(vmm)
+/// The vCPUs, their CPUID from `template` (what the host refused of it
+/// said once), their registers set to enter the kernel.
+fn create_vcpus(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    count: u8,
+    template: &CpuTemplate,
+    kernel: &LoadedKernel,
+) -> Result<Vec<Vcpu>> {
+    let msr_list = Arc::new(state::msr_indices(&vm.kvm)?);
+    let mut vcpus = Vec::new();
+    for i in 0..count {
+        let mut v = Vcpu::new(&vm.fd, i)?;
+        v.msr_list = msr_list.clone();
+        let refused = v.configure_cpuid(&vm.kvm, count, template)?;
+        if i == 0 {
+            warn_refused(template, &refused);
+        }
+        v.configure_boot(mem, template, kernel.protocol, kernel.entry)?;
+        vcpus.push(v);
+    }
+    Ok(vcpus)
+}
+
+/// What the template asked for and did not get matters (warn); KVM
+/// recomputing other registers (XSAVE sizes, ...) is detail.
+fn warn_refused(template: &CpuTemplate, refused: &[crate::arch::cpuid::Refused]) {
+    for r in refused {
+        let masked = template.cpuid_modifiers.iter().any(|m| {
+            m.leaf == r.leaf
+                && m.modifiers.iter().any(|x| {
+                    let bits = x.bitmap.mask as u32;
+                    format!("{:?}", x.register).eq_ignore_ascii_case(r.register)
+                        && (r.got ^ r.wanted) & bits != 0
+                })
+        });
+        if masked {
+            tracing::warn!("host refused template bits: {r}");
+        } else {
+            tracing::debug!("host changed: {r}");
+        }
+    }
 }
 
 /// The rest of a restore, once memory, buses and devices exist: VM state,
