@@ -5,7 +5,6 @@
 //! container's.
 
 mod cluster;
-mod compose;
 mod container;
 mod error;
 mod image;
