@@ -54,7 +54,7 @@ pub struct SandboxConfig {
     /// Host ports relayed to the sandbox (bridge network only).
     pub ports: Vec<PortMapping>,
     /// Host paths shared over virtio-fs; share `i` is at
-    /// `shared::guest_source(i)` under the agent's storage directory once
+    /// `storage::shared::guest_source(i)` under the agent's storage directory once
     /// the storage `Sandbox::shared_storage` names is mounted.
     pub shares: Vec<HostShare>,
     pub boot: Boot,
@@ -171,7 +171,7 @@ impl Sandbox {
     }
 
     /// Shares `share` into the running sandbox; returns the index for
-    /// `shared::guest_source`. Needs a sandbox started with shares.
+    /// `storage::shared::guest_source`. Needs a sandbox started with shares.
     pub fn add_share(&mut self, share: &HostShare) -> Result<usize> {
         match self.shared.as_mut() {
             Some(fs) => fs.add(share),
