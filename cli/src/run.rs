@@ -101,9 +101,7 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn random_id() -> Result<String> {
-    let mut b = [0u8; 6];
-    husk_runtime::util::getrandom(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    husk_runtime::util::random_hex(6)
 }
 
 pub(crate) fn env_file(path: &Path) -> Result<Vec<String>> {

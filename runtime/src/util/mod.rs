@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// `bytes` random bytes from the kernel's CSPRNG, as hex (unique names).
-pub(crate) fn random_hex(bytes: usize) -> Result<String> {
+pub fn random_hex(bytes: usize) -> Result<String> {
     let mut b = vec![0u8; bytes];
     getrandom(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
