@@ -1,5 +1,7 @@
 //! The connection to the local huskd and the calls the commands share.
 
+use std::collections::HashMap;
+
 use anyhow::{Context, Result};
 use husk_cluster_api::pb as api;
 use husk_cluster_api::pb::cluster_client::ClusterClient;
@@ -53,6 +55,16 @@ impl Conn {
                 Ok((serde_json::from_value(v)?, leader))
             })
             .collect()
+    }
+
+    /// Node id → hostname, for tables.
+    pub(crate) async fn hostnames(&mut self) -> Result<HashMap<String, String>> {
+        Ok(self
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|(n, _)| (n.id, n.hostname))
+            .collect())
     }
 
     pub(crate) async fn services(&mut self) -> Result<Vec<Service>> {

@@ -1,7 +1,5 @@
 //! Tables and times as Docker prints them.
 
-use std::collections::HashMap;
-
 use anyhow::Result;
 use husk_cluster_api::types::*;
 
@@ -50,12 +48,7 @@ pub(crate) async fn print_tasks(
     tasks: Vec<Task>,
     format: Option<&str>,
 ) -> Result<()> {
-    let hosts: HashMap<String, String> = conn
-        .nodes()
-        .await?
-        .into_iter()
-        .map(|(n, _)| (n.id, n.hostname))
-        .collect();
+    let hosts = conn.hostnames().await?;
     if format == Some("json") {
         for t in &tasks {
             let mut v = serde_json::to_value(t)?;

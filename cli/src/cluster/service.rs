@@ -153,12 +153,7 @@ pub fn service(cmd: ServiceCmd) -> Result<()> {
                 println!("{}", s.spec.name);
             }
             ServiceCmd::Logs { follow, service } => {
-                let hosts: HashMap<String, String> = conn
-                    .nodes()
-                    .await?
-                    .into_iter()
-                    .map(|(n, _)| (n.id, n.hostname))
-                    .collect();
+                let hosts = conn.hostnames().await?;
                 let names: HashMap<String, String> = conn
                     .tasks(&service, "", true)
                     .await?
