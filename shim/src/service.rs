@@ -59,10 +59,8 @@ fn internal(e: anyhow::Error) -> TtrpcError {
 /// Takes a container's entries out of the sandbox's share (best effort:
 /// the sandbox may be going).
 fn unshare(sb: &mut Sandbox, entries: &[usize]) {
-    for e in entries {
-        if let Err(e) = sb.remove_share(*e) {
-            warn!("unsharing entry {e}: {e:#}");
-        }
+    for e in sb.remove_shares(entries) {
+        warn!("{e:#}");
     }
 }
 
@@ -344,16 +342,7 @@ impl Service {
             let sandbox = g.sandbox.as_mut().ok_or_else(|| {
                 anyhow::anyhow!("{id} is a pod's container but its pod's sandbox is not running")
             })?;
-            let mut entries = Vec::new();
-            for share in &guest.shares {
-                match sandbox.add_share(share) {
-                    Ok(e) => entries.push(e),
-                    Err(e) => {
-                        unshare(sandbox, &entries);
-                        return Err(e);
-                    }
-                }
-            }
+            let entries = sandbox.add_shares(&guest.shares)?;
             guest.renumber(&entries);
             let agent = sandbox.connect();
             let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
@@ -705,10 +694,9 @@ impl containerd_shim::Task for Service {
                 // The pod goes on: this container leaves the guest, and its
                 // paths the share.
                 if let Some(sb) = g.sandbox.as_mut() {
-                    if let Err(e) = sb.agent.remove(&req.id) {
+                    for e in sb.remove_member(&req.id, &c.shares) {
                         warn!("{}: {e:#}", req.id);
                     }
-                    unshare(sb, &c.shares);
                 }
             }
             (c, if last { g.sandbox.take() } else { None })
@@ -720,10 +708,11 @@ impl containerd_shim::Task for Service {
             // stops on a thread of its own, and Shutdown waits for it.
             let id = req.id.clone();
             let stop = std::thread::spawn(move || {
-                if let Err(e) = sb.agent.remove(&id) {
+                let down = sb.remove_and_shutdown(&id, Duration::from_secs(20));
+                if let Err(e) = down.remove {
                     warn!("{id}: {e:#}");
                 }
-                if let Err(e) = sb.shutdown(Duration::from_secs(20)) {
+                if let Err(e) = down.shutdown {
                     warn!("stopping the sandbox: {e:#}");
                 }
             });

@@ -32,7 +32,7 @@ use crate::guest::{AgentConn, Io, Streams};
 use crate::image::{ImageRecord, ImageStore};
 use crate::net::ports::PortMapping;
 use crate::net::NetworkMode;
-use crate::sandbox::{check_id, Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes};
+use crate::sandbox::{check_id, Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes, Teardown};
 use crate::storage::shared::{guest_source, HostShare};
 use crate::storage::volume::{VolumeLease, VolumeStore};
 
@@ -330,12 +330,6 @@ pub struct Timings {
     pub create_start: Duration,
 }
 
-/// What a clean teardown found.
-pub struct Teardown {
-    pub remove: Result<()>,
-    pub shutdown: Result<std::process::ExitStatus>,
-}
-
 impl Container {
     pub fn id(&self) -> &str {
         &self.id
@@ -392,10 +386,9 @@ impl Container {
     /// syncs volumes before it goes: a kill would lose what its page cache
     /// held), then the volumes' leases.
     pub fn remove(self, timeout: Duration) -> Teardown {
-        let remove = self.sandbox.agent.remove(&self.id);
-        let shutdown = self.sandbox.shutdown(timeout);
+        let down = self.sandbox.remove_and_shutdown(&self.id, timeout);
         drop(self.leases);
-        Teardown { remove, shutdown }
+        down
     }
 }
 

@@ -8,5 +8,5 @@ pub mod record;
 pub mod spec;
 
 pub use lifecycle::{
-    copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, Plan, Resources, Teardown,
+    copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, Plan, Resources,
 };

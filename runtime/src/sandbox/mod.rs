@@ -104,6 +104,12 @@ impl SandboxConfig {
     }
 }
 
+/// What a clean teardown found.
+pub struct Teardown {
+    pub remove: Result<()>,
+    pub shutdown: Result<std::process::ExitStatus>,
+}
+
 /// Where each phase of a start went.
 #[derive(Clone, Debug, Default)]
 pub struct StartTimes {
@@ -185,6 +191,59 @@ impl Sandbox {
             Some(fs) => fs.remove(i),
             None => Ok(()),
         }
+    }
+
+    /// Shares a joining container's host paths, all or none; the entries
+    /// name them (`storage::shared::guest_source`).
+    pub fn add_shares(&mut self, shares: &[HostShare]) -> Result<Vec<usize>> {
+        let mut entries = Vec::with_capacity(shares.len());
+        for share in shares {
+            match self.add_share(share) {
+                Ok(e) => entries.push(e),
+                Err(e) => {
+                    let undo = self.remove_shares(&entries);
+                    if undo.is_empty() {
+                        return Err(e);
+                    }
+                    let undo: Vec<String> = undo.iter().map(|u| format!("{u:#}")).collect();
+                    return Err(e.context(format!(
+                        "and undoing the shares made before failed: {}",
+                        undo.join("; ")
+                    )));
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Stops sharing `entries`, every one even when one fails; the
+    /// failures.
+    pub fn remove_shares(&mut self, entries: &[usize]) -> Vec<anyhow::Error> {
+        entries
+            .iter()
+            .filter_map(|&e| {
+                self.remove_share(e)
+                    .map_err(|err| err.context(format!("unsharing entry {e}")))
+                    .err()
+            })
+            .collect()
+    }
+
+    /// A pod's container leaves and the pod goes on: RemoveContainer, then
+    /// its host paths leave the share. The failures (each step is tried).
+    pub fn remove_member(&mut self, id: &str, entries: &[usize]) -> Vec<anyhow::Error> {
+        let mut errors: Vec<anyhow::Error> = self.agent.remove(id).err().into_iter().collect();
+        errors.extend(self.remove_shares(entries));
+        errors
+    }
+
+    /// The sandbox's last container goes, and the sandbox with it:
+    /// RemoveContainer, then a clean shutdown within `timeout` (the guest
+    /// syncs its file systems before it goes; killed if it hangs).
+    pub fn remove_and_shutdown(self, id: &str, timeout: Duration) -> Teardown {
+        let remove = self.agent.remove(id);
+        let shutdown = self.shutdown(timeout);
+        Teardown { remove, shutdown }
     }
 
     /// The host pid of the VMM process the runtime holds (the jail's
