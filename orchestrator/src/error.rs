@@ -59,10 +59,12 @@ pub fn find(e: &anyhow::Error) -> Option<&ControlError> {
 }
 
 /// The one place an operation's error becomes the API's status: a refusal
-/// by its kind; anything else (etcd unreachable, a lost lease) is the
-/// service being unavailable, which a client may retry.
+/// by its kind; anything else (etcd, a record that does not decode, a
+/// join the remote manager refused) FAILED_PRECONDITION, as before there
+/// were kinds: the cluster's state did not allow it. Not UNAVAILABLE, which
+/// clients retry: some of these are permanent.
 pub fn status(e: anyhow::Error) -> Status {
-    let code = find(&e).map_or(Code::Unavailable, ControlError::code);
+    let code = find(&e).map_or(Code::FailedPrecondition, ControlError::code);
     Status::new(code, format!("{e:#}"))
 }
 
@@ -84,6 +86,6 @@ mod tests {
         assert_eq!(s.message(), "updating: service web not found");
         // Text that merely says "not found" is not a refusal.
         let s = status(anyhow::anyhow!("etcd: key not found in cache"));
-        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.code(), Code::FailedPrecondition);
     }
 }

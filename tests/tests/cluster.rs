@@ -303,7 +303,7 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     assert_eq!(inspect[0]["spec"]["image"], IMAGE);
 
     // ---- a stack: the voting app's shape, dependencies first ----
-    let file = husk_tests::repo_root().join("orchestrator/examples/voting-stack.yml");
+    let file = husk_tests::repo_root().join("cli/examples/voting-stack.yml");
     let out = h1.husk(&["stack", "deploy", "-c", file.to_str().unwrap(), "vote"]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -613,7 +613,7 @@ mod tests {
     use super::*;
 
     /// Docker's example voting app stack, images swapped for local ones.
-    const VOTING: &str = include_str!("../../../orchestrator/examples/voting-stack.yml");
+    const VOTING: &str = include_str!("../../examples/voting-stack.yml");
 
     #[test]
     fn the_voting_app_parses_in_dependency_order() {

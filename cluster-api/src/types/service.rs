@@ -260,15 +260,21 @@ impl ServiceSpec {
         for p in &self.placement.preferences {
             spread_key(p)?;
         }
+        let mut volumes = std::collections::HashSet::new();
         for m in &self.mounts {
             match m.typ.as_str() {
-                "volume" => husk_runtime::storage::volume::check_name(&m.source)?,
+                "volume" => {
+                    husk_runtime::storage::volume::check_name(&m.source)?;
+                    // A volume is leased to one sandbox, once.
+                    if !volumes.insert(m.source.as_str()) {
+                        bail!("volume {} is mounted twice", m.source);
+                    }
+                }
                 "tmpfs" => {}
                 t => bail!("mount type {t:?}: volume or tmpfs"),
             }
-            if !m.target.starts_with('/') {
-                bail!("mount target {:?}: an absolute path", m.target);
-            }
+            // The node refuses what the runtime's lifecycle refuses: say so here.
+            husk_runtime::container::lifecycle::check_target(&m.target)?;
         }
         for p in &self.ports {
             if p.published == 0 || p.target == 0 {
@@ -375,6 +381,17 @@ mod tests {
         });
         assert!(format!("{:#}", s.validate().unwrap_err()).contains("healthcheck"));
         s.healthcheck = None;
+        let vol = |target: &str| MountSpec {
+            typ: "volume".into(),
+            source: "data".into(),
+            target: target.into(),
+            read_only: false,
+        };
+        s.mounts = vec![vol("/a"), vol("/b")];
+        assert!(format!("{:#}", s.validate().unwrap_err()).contains("mounted twice"));
+        s.mounts = vec![vol("/a/../b")];
+        assert!(format!("{:#}", s.validate().unwrap_err()).contains("without .."));
+        s.mounts.clear();
         s.name = "-x".into();
         assert!(s.validate().is_err());
     }

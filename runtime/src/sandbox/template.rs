@@ -38,8 +38,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// How long husk-vmm may take to write or load a snapshot: it writes or
 /// copies the guest's memory (hundreds of MiB), on a host that may be busy
-/// starting many sandboxes.
-pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// starting many sandboxes. Only a hung VMM reaches it (a load that times
+/// out rebuilds the template), so it is generous.
+pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A file input of a template, named precisely enough to see it change.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -30,12 +30,12 @@ const CONNECT_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum VmmApiError {
-    #[error("husk-vmm API socket {path}: {source}")]
+    #[error("husk-vmm API socket {path}")]
     Connect {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{method} {path}: {source}")]
+    #[error("{method} {path}")]
     Http {
         method: Method,
         path: String,
@@ -60,7 +60,7 @@ pub enum VmmApiError {
         path: String,
         reason: String,
     },
-    #[error("starting the API client's I/O: {0}")]
+    #[error("starting the API client's I/O")]
     Io(#[source] std::io::Error),
 }
 
