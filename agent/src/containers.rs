@@ -83,9 +83,6 @@ struct Ctr {
     overlay: bool,
     storages: Vec<String>,
     cgroup: PathBuf,
-    /// Its root and mount points, where an exec's program is looked up.
-    rootfs: PathBuf,
-    mount_points: Vec<PathBuf>,
     init: Proc,
     execs: HashMap<String, Proc>,
     /// Exec ids whose processes are being made (the container's lock is not
@@ -671,14 +668,13 @@ impl ContainersService {
         spec.set_linux(Some(linux));
         self.resolve_bind_sources(&mut spec)?;
         self.add_sandbox_mounts(&mut spec, &rootfs, req.overlay_rootfs);
-        let mount_points: Vec<PathBuf> = spec
-            .mounts()
-            .iter()
-            .flatten()
-            .map(|m| m.destination().clone())
-            .collect();
         if let Some(p) = spec.process() {
-            crate::executable::check(&rootfs, p, &mount_points)?;
+            let mounts = spec.mounts().clone().unwrap_or_default();
+            let scope = crate::executable::Scope::Create {
+                rootfs: &rootfs,
+                mounts: &mounts,
+            };
+            crate::executable::check(&scope, p)?;
         }
         let config = serde_json::to_vec_pretty(&spec).map_err(|e| internal(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), config)
@@ -719,8 +715,6 @@ impl ContainersService {
             overlay: undo.overlay,
             storages: std::mem::take(&mut undo.storages),
             cgroup,
-            rootfs,
-            mount_points,
             init,
             execs: HashMap::new(),
             starting: Default::default(),
@@ -1172,7 +1166,7 @@ impl ContainersService {
         check_version(meta)?;
         let process = check_exec(&req).map_err(invalid)?;
         let arc = self.get(&req.container_id)?;
-        let (bundle, rootfs, mount_points) = {
+        let (bundle, init_pid) = {
             let mut c = lock(&arc);
             if !c.started || !self.reaper.running(c.init.pid) {
                 return Err(status(
@@ -1186,9 +1180,10 @@ impl ContainersService {
                     format!("exec {:?} exists", req.exec_id),
                 ));
             }
-            (c.bundle.clone(), c.rootfs.clone(), c.mount_points.clone())
+            (c.bundle.clone(), c.init.pid)
         };
-        let made = crate::executable::check(&rootfs, &process, &mount_points)
+        let scope = crate::executable::Scope::Running { init_pid };
+        let made = crate::executable::check(&scope, &process)
             .and_then(|()| self.make_exec(&bundle, &req, &process));
         let mut c = lock(&arc);
         c.starting.remove(&req.exec_id);

@@ -5,16 +5,16 @@
 pub(crate) const HUSK_ERROR: u8 = 125;
 
 /// What a failed create, start or exec means for the exit code: Docker's
-/// 127 for a command that is not there, 126 for one that cannot run, by
-/// the agent's code for the refusal.
+/// 127 for a command that is not there, 126 for one that cannot run, as
+/// the agent's refusal says (its detail, not its text).
 pub(crate) fn start_failure_code(e: &anyhow::Error) -> u8 {
-    let code = e
+    use husk_protocol::detail::{PROGRAM_NOT_EXECUTABLE, PROGRAM_NOT_FOUND};
+    let refusal = e
         .chain()
-        .find_map(|c| c.downcast_ref::<husk_runtime::guest::RpcError>())
-        .and_then(|r| r.code);
-    match code {
-        Some(ttrpc::Code::NOT_FOUND) => 127,
-        Some(ttrpc::Code::PERMISSION_DENIED) => 126,
+        .find_map(|c| c.downcast_ref::<husk_runtime::guest::RpcError>());
+    match refusal {
+        Some(r) if r.is(PROGRAM_NOT_FOUND) => 127,
+        Some(r) if r.is(PROGRAM_NOT_EXECUTABLE) => 126,
         _ => HUSK_ERROR,
     }
 }
@@ -41,31 +41,40 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_docker() {
+        use husk_protocol::detail::{PROGRAM_NOT_EXECUTABLE, PROGRAM_NOT_FOUND};
         use husk_runtime::guest::RpcError;
-        let refused = |code, message: &str| {
+        use ttrpc::Code;
+        let refused = |code, detail: Option<&str>, message: &str| {
             anyhow::Error::new(RpcError {
                 op: "CreateContainer c".into(),
                 code,
+                detail: detail.map(String::from),
                 message: message.into(),
             })
             .context("starting c")
         };
         let nope = "exec: \"nope\": executable file not found in $PATH";
+        let found = Some(PROGRAM_NOT_FOUND);
         assert_eq!(
-            start_failure_code(&refused(Some(ttrpc::Code::NOT_FOUND), nope)),
+            start_failure_code(&refused(Some(Code::NOT_FOUND), found, nope)),
             127
         );
+        let not_exec = Some(PROGRAM_NOT_EXECUTABLE);
         assert_eq!(
-            start_failure_code(&refused(Some(ttrpc::Code::PERMISSION_DENIED), "x")),
+            start_failure_code(&refused(Some(Code::PERMISSION_DENIED), not_exec, "x")),
             126
         );
-        // By the code, not the text: an internal error that says "not found"
-        // is husk's own failure, and so is a broken connection.
+        // By the refusal's detail, not its code or text: "no such container"
+        // is NOT_FOUND too, and an internal error may say "not found".
         assert_eq!(
-            start_failure_code(&refused(Some(ttrpc::Code::INTERNAL), nope)),
+            start_failure_code(&refused(Some(Code::NOT_FOUND), None, "no container \"c\"")),
             HUSK_ERROR
         );
-        assert_eq!(start_failure_code(&refused(None, nope)), HUSK_ERROR);
+        assert_eq!(
+            start_failure_code(&refused(Some(Code::INTERNAL), None, nope)),
+            HUSK_ERROR
+        );
+        assert_eq!(start_failure_code(&refused(None, None, nope)), HUSK_ERROR);
         assert_eq!(
             start_failure_code(&anyhow::anyhow!("cgroup: EBUSY")),
             HUSK_ERROR

@@ -20,6 +20,16 @@ pub const API_VERSION: u32 = 1;
 /// ttrpc metadata key carrying the client's API version on every request.
 pub const VERSION_KEY: &str = "husk-api-version";
 
+/// Type URLs of the details the agent attaches to a refusal whose cause a
+/// caller acts on (a ttrpc status's code alone is shared by other causes:
+/// NOT_FOUND is also "no such container").
+pub mod detail {
+    /// The process's program is not there (Docker's exit 127).
+    pub const PROGRAM_NOT_FOUND: &str = "husk.agent.v1.ProgramNotFound";
+    /// The process's program cannot be executed (Docker's exit 126).
+    pub const PROGRAM_NOT_EXECUTABLE: &str = "husk.agent.v1.ProgramNotExecutable";
+}
+
 /// The vsock port the agent serves on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 

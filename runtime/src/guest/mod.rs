@@ -37,29 +37,42 @@ pub fn rpc_message(e: &ttrpc::Error) -> String {
 
 /// A request the agent refused or that did not reach it: the operation,
 /// the agent's code (None when the call itself failed: the connection
-/// broke, the deadline passed) and its message. Callers decide by `code`.
+/// broke, the deadline passed), the type of its first detail
+/// (`husk_protocol::detail`) and its message. Callers decide by code and
+/// detail.
 #[derive(Debug, thiserror::Error)]
-#[error("{op}: {}", self.detail())]
+#[error("{op}: {}", self.describe())]
 pub struct RpcError {
     pub op: String,
     pub code: Option<ttrpc::Code>,
+    pub detail: Option<String>,
     pub message: String,
 }
 
 impl RpcError {
     pub fn new(op: impl Into<String>, e: &ttrpc::Error) -> RpcError {
-        let (code, message) = match e {
-            ttrpc::Error::RpcStatus(s) => (Some(s.code()), s.message().to_string()),
-            other => (None, format!("{other:?}")),
+        let (code, detail, message) = match e {
+            ttrpc::Error::RpcStatus(s) => (
+                Some(s.code()),
+                s.details.first().map(|d| d.type_url.clone()),
+                s.message().to_string(),
+            ),
+            other => (None, None, format!("{other:?}")),
         };
         RpcError {
             op: op.into(),
             code,
+            detail,
             message,
         }
     }
 
-    fn detail(&self) -> String {
+    /// Whether the agent refused with `detail` (a `husk_protocol::detail`).
+    pub fn is(&self, detail: &str) -> bool {
+        self.detail.as_deref() == Some(detail)
+    }
+
+    fn describe(&self) -> String {
         match self.code {
             Some(c) => format!("{c:?}: {}", self.message),
             None => self.message.clone(),
