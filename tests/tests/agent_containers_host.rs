@@ -292,6 +292,25 @@ fn exec_signals_and_remove_leave_nothing_behind() {
     // The same exec id twice is refused.
     let e = a.conn.exec(&id, "e1", &process, Io::default()).unwrap_err();
     assert!(format!("{e:#}").contains("ALREADY_EXISTS"), "{e:#}");
+    // A program that is not there: refused with its detail (what husk's
+    // exit 127 is decided by), through ttrpc, before any process is made.
+    let e = a
+        .conn
+        .exec(
+            &id,
+            "e2",
+            &husk_tests::agent::process(&["no-such-program"]),
+            Io::default(),
+        )
+        .unwrap_err();
+    let refusal = e
+        .downcast_ref::<husk_runtime::guest::RpcError>()
+        .unwrap_or_else(|| panic!("not the agent's refusal: {e:#}"));
+    assert_eq!(refusal.code, Some(ttrpc::Code::NOT_FOUND), "{e:#}");
+    assert!(
+        refusal.is(husk_protocol::detail::PROGRAM_NOT_FOUND),
+        "{e:#}"
+    );
 
     // Stats: this host's cgroup v2 has cpu.stat (core) but no memory
     // controller.
