@@ -276,7 +276,7 @@ pub(crate) fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         BootArg::Template => Boot::Template,
         BootArg::Cold => Boot::Cold,
     };
-    let plan = spec.plan(&store)?;
+    let plan = spec.plan(Some(&store))?;
     let process = plan.oci.process().clone().unwrap_or_default();
     let records = records()?;
     let mut record = Record {
@@ -412,7 +412,7 @@ pub(crate) fn run_container(
     records: &Records,
     record: &mut Record,
 ) -> Result<husk_protocol::agent::WaitProcessResponse, Failure> {
-    let starting = plan.acquire(store, &volumes()?)?.start(rt)?;
+    let starting = plan.acquire(Some(store), Some(&volumes()?))?.start(rt)?;
     let detached = a.detach;
     // A terminal merges stderr into its output, as a pty does.
     let io = Io {

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use husk_runtime::{Runtime, SandboxConfig};
+use husk_runtime::{Machine, Runtime};
 use serde::Deserialize;
 
 const DEFAULT_PATH: &str = "/etc/husk/shim.toml";
@@ -95,18 +95,18 @@ impl ShimConfig {
     }
 
     /// The VM's defaults (before a container's own limits size it up).
-    pub fn apply(&self, cfg: &mut SandboxConfig) {
+    pub fn apply(&self, machine: &mut Machine) {
         if let Some(v) = self.vcpus {
-            cfg.machine.vcpus = v;
+            machine.vcpus = v;
         }
         if let Some(m) = self.memory_mib {
-            cfg.machine.mem_mib = m;
+            machine.mem_mib = m;
         }
         if let Some(p) = &self.host_profile {
-            cfg.machine.host_profile = p.clone();
+            machine.host_profile = p.clone();
         }
         if let Some(t) = &self.cpu_template {
-            cfg.machine.cpu_template = Some(t.clone());
+            machine.cpu_template = Some(t.clone());
         }
     }
 }
@@ -155,9 +155,9 @@ mod tests {
         let p = dir.path().join("shim.toml");
         std::fs::write(&p, "vcpus = 2\nmemory_mib = 512\nkernel = \"/k\"\n").unwrap();
         let c = ShimConfig::load(&p).unwrap();
-        let mut cfg = SandboxConfig::new("x");
-        c.apply(&mut cfg);
-        assert_eq!((cfg.machine.vcpus, cfg.machine.mem_mib), (2, 512));
+        let mut m = Machine::default();
+        c.apply(&mut m);
+        assert_eq!((m.vcpus, m.mem_mib), (2, 512));
         assert_eq!(c.kernel.as_deref(), Some(Path::new("/k")));
         std::fs::write(&p, "vcpu = 2\n").unwrap();
         let e = format!("{:#}", ShimConfig::load(&p).unwrap_err());

@@ -24,8 +24,9 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
+use husk_runtime::container::{ContainerSpec, Net, NotCreated, Root};
 use husk_runtime::guest::{container, ctx as actx, AgentConn};
-use husk_runtime::{NetworkMode, Runtime, Sandbox, SandboxConfig};
+use husk_runtime::{Runtime, Sandbox};
 use log::{info, warn};
 
 use crate::io::{Copies, Stdio};
@@ -251,7 +252,7 @@ impl Service {
                 .map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
             crate::config::ShimConfig::find(type_url, options).and_then(|conf| {
                 let g = crate::spec::for_guest(spec, &rootfs, &[])?;
-                self.start_sandbox(&req.id, &g, netns, &stdio, &conf)
+                self.start_sandbox(&req.id, g, netns, &stdio, &conf)
             })
         };
         if r.is_err() {
@@ -279,11 +280,12 @@ impl Service {
     }
 
     /// Starts the sandbox with this container (a pod's sandbox container,
-    /// or a container of its own) and creates it there.
+    /// or a container of its own) and creates it there, through the
+    /// runtime's lifecycle with the bundle as a shared root.
     fn start_sandbox(
         &self,
         id: &str,
-        guest: &crate::spec::GuestSpec,
+        guest: crate::spec::GuestSpec,
         netns: Option<PathBuf>,
         stdio: &Stdio,
         conf: &crate::config::ShimConfig,
@@ -295,33 +297,44 @@ impl Service {
             );
         }
         let rt = conf.runtime()?;
-        let mut cfg = SandboxConfig::new(id);
-        conf.apply(&mut cfg);
+        let entries = (0..guest.shares.len()).collect();
+        let mut c = ContainerSpec::with_root(
+            id,
+            Root::Shared {
+                spec: Box::new(guest.spec),
+                shares: guest.shares,
+            },
+        );
         // Under CRI the VM takes over the pod's namespace CNI set up; under
         // plain ctr, like runc: loopback only.
-        cfg.network = NetworkMode::None;
-        cfg.netns = netns;
-        cfg.shares = guest.shares.clone();
-        if let Some(h) = guest.spec.hostname() {
-            cfg.hostname = h.clone();
-        }
-        cfg.fit_memory(&guest.spec);
+        c.net = Net::Pod(netns);
+        conf.apply(&mut c.machine);
         // Kept so that a container that cannot be created comes with what
         // the guest printed about it.
-        cfg.console_log = true;
-        let sandbox = rt.start_sandbox(&cfg)?;
-        let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
-        let (pid, mut streams) = sandbox
-            .agent
-            .create_only(id, &guest.spec, stdio.io(), storages, false)
-            .inspect_err(|_| warn!("{id}: not created; the sandbox's {}", sandbox.logs()))?;
+        c.console_log = true;
+        let created = c
+            .plan(None)?
+            .acquire(None, None)?
+            .start(&rt)?
+            .create_only(stdio.io());
+        let container = match created {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(logs) = e.downcast_ref::<NotCreated>().and_then(|n| n.logs.as_ref()) {
+                    warn!("{id}: not created; the sandbox's {logs}");
+                }
+                return Err(e);
+            }
+        };
+        let pid = container.pid();
+        let (sandbox, mut streams, _no_leases) = container.into_parts();
         let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
         info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
         if let Ok(conn) = sandbox.connect() {
             self.watch_oom(conn);
         }
         g.sandbox = Some(sandbox);
-        Ok((pid, (0..guest.shares.len()).collect(), copies))
+        Ok((pid, entries, copies))
     }
 
     /// Creates a container of the pod in its running sandbox: its rootfs

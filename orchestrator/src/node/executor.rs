@@ -286,7 +286,9 @@ impl Executor {
         let image = store
             .get(&t.spec.image)
             .map_err(|e| TaskError::Rejected(format!("No such image: {} ({e:#})", t.spec.image)))?;
-        let plan = container_spec(t, image).plan(&store).map_err(reject)?;
+        let plan = container_spec(t, image)
+            .plan(Some(&store))
+            .map_err(reject)?;
         let env = plan
             .oci
             .process()
@@ -294,7 +296,7 @@ impl Executor {
             .and_then(|p| p.env().clone())
             .unwrap_or_default();
         let volumes = VolumeStore::open(&self.volumes).map_err(fail)?;
-        let prepared = plan.acquire(&store, &volumes).map_err(fail)?;
+        let prepared = plan.acquire(Some(&store), Some(&volumes)).map_err(fail)?;
         if lock(ctl).stop {
             return Ok(None);
         }

@@ -32,7 +32,9 @@ use crate::guest::{AgentConn, Io, Streams};
 use crate::image::{ImageRecord, ImageStore};
 use crate::net::ports::PortMapping;
 use crate::net::NetworkMode;
-use crate::sandbox::{check_id, Boot, DriveSpec, Sandbox, SandboxConfig, StartTimes, Teardown};
+use crate::sandbox::{
+    check_id, Boot, DriveSpec, Machine, Sandbox, SandboxConfig, StartTimes, Teardown,
+};
 use crate::storage::shared::{guest_source, HostShare};
 use crate::storage::volume::{VolumeLease, VolumeStore};
 
@@ -62,6 +64,25 @@ pub enum Net {
     /// None: the container has only loopback (a network namespace of its
     /// own in the guest).
     None,
+    /// A network namespace someone else set up (CRI's pod namespace with
+    /// CNI's veth), taken over by the VM; without one, loopback only (as
+    /// runc under plain `ctr`).
+    Pod(Option<PathBuf>),
+}
+
+/// What a container's root filesystem is.
+#[derive(Clone, Debug)]
+pub enum Root {
+    /// An image from the store: its erofs on a read-only drive slot, with
+    /// a tmpfs overlay in the guest.
+    Image(ImageRecord),
+    /// A complete OCI spec whose root and binds are host paths shared over
+    /// virtio-fs and written in place: a containerd bundle, as the shim
+    /// translates it (its `shares[i]` is `storage::shared::guest_source(i)`).
+    Shared {
+        spec: Box<Spec>,
+        shares: Vec<HostShare>,
+    },
 }
 
 /// Limits, which also size the microVM: memory plus room for the guest,
@@ -73,65 +94,99 @@ pub struct Resources {
     pub nano_cpus: Option<i64>,
 }
 
-/// A container to run from an image in the store.
+/// A container to run, in a sandbox of its own.
 #[derive(Clone, Debug)]
 pub struct ContainerSpec {
     /// The container's and its sandbox's id.
     pub id: String,
-    /// Default: the id's first 12 characters, as Docker's.
+    /// Default: an image's container the id's first 12 characters (as
+    /// Docker's), a shared root's its spec's hostname, else the id.
     pub hostname: Option<String>,
-    pub image: ImageRecord,
-    /// Command, entrypoint, env, workdir, user, tty; its hostname, memory,
-    /// cpus and network fields are set from this spec.
+    pub root: Root,
+    /// Command, entrypoint, env, workdir, user, tty of an image's
+    /// container; its hostname, memory, cpus and network fields are set
+    /// from this spec. A shared root's spec has its own process.
     pub process: ProcessOptions,
-    /// In order; host paths are shared in this order.
+    /// In order; host paths are shared in this order. An image's only (a
+    /// shared root brings its binds as shares).
     pub mounts: Vec<Mount>,
     pub net: Net,
     pub resources: Resources,
+    /// The machine before sizing for `resources` (a shim's configured one).
+    pub machine: Machine,
     pub boot: Boot,
+    /// Keep the guest console in the sandbox's directory.
+    pub console_log: bool,
 }
 
 impl ContainerSpec {
     pub fn new(id: &str, image: ImageRecord) -> ContainerSpec {
+        ContainerSpec::with_root(id, Root::Image(image))
+    }
+
+    pub fn with_root(id: &str, root: Root) -> ContainerSpec {
         ContainerSpec {
             id: id.into(),
             hostname: None,
-            image,
+            root,
             process: ProcessOptions::default(),
             mounts: Vec::new(),
             net: Net::Bridge(Vec::new()),
             resources: Resources::default(),
+            machine: Machine::default(),
             boot: Boot::default(),
+            console_log: false,
         }
     }
 
     /// Phase 1, no side effects: the OCI spec (image config, options,
-    /// mounts) and the sandbox's configuration (network, shares, size).
-    pub fn plan(self, store: &ImageStore) -> Result<Plan> {
+    /// mounts) and the sandbox's configuration (network, shares, size). An
+    /// image's container needs the store.
+    pub fn plan(self, store: Option<&ImageStore>) -> Result<Plan> {
         check_id(&self.id)?;
-        let hostname = self
-            .hostname
-            .clone()
-            .unwrap_or_else(|| self.id.chars().take(12).collect());
-        let config = store.config(&self.image)?;
-        let mut opts = self.process.clone();
-        opts.hostname = Some(hostname.clone());
-        opts.memory = self.resources.memory;
-        opts.cpus = self.resources.nano_cpus.map(|n| n as f64 / 1e9);
-        opts.own_network = self.net == Net::None;
-        let mut oci = container_spec(&config, &opts, "image")?;
-        let mounts = plan_mounts(&self.mounts)?;
-        let mut specs = oci.mounts().clone().unwrap_or_default();
-        specs.extend(mounts.oci);
-        oci.set_mounts(Some(specs));
-
+        let (oci, image, mounts) = match &self.root {
+            Root::Image(image) => {
+                let store = store.context("an image's container needs the image store")?;
+                let hostname = self.hostname.clone();
+                let hostname = hostname.unwrap_or_else(|| self.id.chars().take(12).collect());
+                let mut opts = self.process.clone();
+                opts.hostname = Some(hostname);
+                opts.memory = self.resources.memory;
+                opts.cpus = self.resources.nano_cpus.map(|n| n as f64 / 1e9);
+                opts.own_network = self.net == Net::None;
+                let mut oci = container_spec(&store.config(image)?, &opts, "image")?;
+                let mounts = plan_mounts(&self.mounts)?;
+                let mut specs = oci.mounts().clone().unwrap_or_default();
+                specs.extend(mounts.oci.iter().cloned());
+                oci.set_mounts(Some(specs));
+                (oci, Some(image.clone()), mounts)
+            }
+            Root::Shared { spec, shares } => {
+                if !self.mounts.is_empty() {
+                    bail!("a shared root brings its binds as shares: mounts are an image's");
+                }
+                let mut mounts = plan_mounts(&[])?;
+                mounts.shares = shares.clone();
+                ((**spec).clone(), None, mounts)
+            }
+        };
         let mut cfg = SandboxConfig::new(&self.id);
-        cfg.hostname = hostname;
+        cfg.hostname = match (&self.hostname, &self.root) {
+            (Some(h), _) => h.clone(),
+            (None, Root::Image(_)) => self.id.chars().take(12).collect(),
+            (None, Root::Shared { .. }) => oci.hostname().clone().unwrap_or(self.id.clone()),
+        };
+        cfg.machine = self.machine;
         cfg.boot = self.boot;
+        cfg.console_log = self.console_log;
         cfg.shares = mounts.shares;
         match self.net {
             Net::Bridge(ports) => cfg.ports = ports,
             Net::None => cfg.network = NetworkMode::None,
+            Net::Pod(netns) => {
+                cfg.network = NetworkMode::None;
+                cfg.netns = netns;
+            }
         }
         cfg.fit_memory(&oci);
         if let Some(n) = self.resources.nano_cpus {
@@ -141,7 +196,7 @@ impl ContainerSpec {
             id: self.id,
             oci,
             config: cfg,
-            image: self.image,
+            image,
             volumes: mounts.volumes,
             mounted: mounts.mounted,
         })
@@ -222,7 +277,8 @@ pub struct Plan {
     pub oci: Spec,
     /// Its sandbox's configuration (drives are added by `acquire`).
     pub config: SandboxConfig,
-    image: ImageRecord,
+    /// An image's container: the image (its erofs fills drive slot 0).
+    image: Option<ImageRecord>,
     volumes: Vec<String>,
     /// (volume name or host path, target, read-only) of its volumes and
     /// binds, in order: what records and `inspect` show.
@@ -231,17 +287,28 @@ pub struct Plan {
 
 impl Plan {
     /// Phase 2: the image's erofs root (built on first use) and a lease on
-    /// each volume (created if missing), in the sandbox's drive slots.
-    pub fn acquire(mut self, store: &ImageStore, volumes: &VolumeStore) -> Result<Prepared> {
-        let rootfs = store.rootfs(&self.image)?;
-        let mut leases = Vec::new();
-        for name in &self.volumes {
-            leases.push(volumes.lease(name)?);
+    /// each volume (created if missing), in the sandbox's drive slots. A
+    /// shared root needs neither store.
+    pub fn acquire(
+        mut self,
+        store: Option<&ImageStore>,
+        volumes: Option<&VolumeStore>,
+    ) -> Result<Prepared> {
+        self.config.drives.clear();
+        if let Some(image) = &self.image {
+            let store = store.context("an image's container needs the image store")?;
+            self.config.drives.push(DriveSpec {
+                path: store.rootfs(image)?,
+                read_only: true,
+            });
         }
-        self.config.drives = vec![DriveSpec {
-            path: rootfs,
-            read_only: true,
-        }];
+        let mut leases = Vec::new();
+        if !self.volumes.is_empty() {
+            let volumes = volumes.context("volumes need the volume store")?;
+            for name in &self.volumes {
+                leases.push(volumes.lease(name)?);
+            }
+        }
         self.config.drives.extend(leases.iter().map(|l| DriveSpec {
             path: l.volume.disk.clone(),
             read_only: false,
@@ -293,21 +360,54 @@ impl Starting {
     /// Phase 4: CreateContainer and StartContainer, with `io`'s streams.
     /// A refusal is the agent's [`crate::guest::RpcError`], with its code.
     pub fn create(self, io: Io) -> Result<Container> {
-        let storage = self.sandbox.container_storage(&self.plan.volumes);
         let t = Instant::now();
-        let streams =
+        let mut c = self.create_only(io)?;
+        c.sandbox.agent.start(&c.id)?;
+        c.created = t.elapsed();
+        Ok(c)
+    }
+
+    /// CreateContainer only (containerd starts a task separately): an
+    /// image's root with an overlay, a shared root written in place. A
+    /// refusal is a [`NotCreated`] (with the guest's console when the spec
+    /// kept it), around the agent's [`crate::guest::RpcError`].
+    pub fn create_only(self, io: Io) -> Result<Container> {
+        let (storage, overlay) = match self.plan.image {
+            Some(_) => (self.sandbox.container_storage(&self.plan.volumes), true),
+            None => (self.sandbox.shared_storage().into_iter().collect(), false),
+        };
+        let t = Instant::now();
+        let created =
             self.sandbox
                 .agent
-                .create(&self.plan.id, &self.plan.oci, io, storage, true)?;
+                .create_only(&self.plan.id, &self.plan.oci, io, storage, overlay);
+        let (pid, streams) = match created {
+            Ok(x) => x,
+            Err(error) => {
+                let logs = self.plan.config.console_log.then(|| self.sandbox.logs());
+                return Err(NotCreated { error, logs }.into());
+            }
+        };
         Ok(Container {
             created: t.elapsed(),
             sandbox: self.sandbox,
             leases: self.leases,
             id: self.plan.id,
+            pid,
             streams,
             started: self.started,
         })
     }
+}
+
+/// The agent did not create the container. `logs` has what the VMM and
+/// (with `console_log`) the guest printed, read before the sandbox went.
+#[derive(Debug, thiserror::Error)]
+#[error("creating the container")]
+pub struct NotCreated {
+    #[source]
+    pub error: anyhow::Error,
+    pub logs: Option<String>,
 }
 
 /// A running container and its sandbox. Dropping it kills the VM; `remove`
@@ -316,6 +416,8 @@ pub struct Container {
     sandbox: Sandbox,
     leases: Vec<VolumeLease>,
     id: String,
+    /// Its init process in the guest.
+    pid: u32,
     streams: Streams,
     started: Duration,
     created: Duration,
@@ -337,6 +439,17 @@ impl Container {
 
     pub fn sandbox(&self) -> &Sandbox {
         &self.sandbox
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The sandbox and the container's streams, for a front end that keeps
+    /// the sandbox past this container (a pod's, in the shim). The volume
+    /// leases go with the sandbox's holder: none for a shared root.
+    pub fn into_parts(self) -> (Sandbox, Streams, Vec<VolumeLease>) {
+        (self.sandbox, self.streams, self.leases)
     }
 
     /// The first connection to its agent.

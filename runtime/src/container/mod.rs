@@ -8,5 +8,6 @@ pub mod record;
 pub mod spec;
 
 pub use lifecycle::{
-    copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, Plan, Resources,
+    copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, NotCreated, Plan, Resources,
+    Root,
 };
