@@ -7,6 +7,8 @@ fn main() {
     let server = std::env::var_os("CARGO_FEATURE_SERVER").is_some();
     tonic_prost_build::configure()
         .build_server(server)
+        // Labels are ordered maps in the cluster's objects, as in etcd.
+        .btree_map(".")
         .compile_protos(&["proto/cluster.proto"], &["proto"])
         .expect("generating the cluster API from proto/cluster.proto");
 }

@@ -342,7 +342,10 @@ fn port(p: &Value, path: &str) -> Result<PortSpec> {
             Ok(PortSpec {
                 target: num("target")?,
                 published: num("published")?,
-                protocol: get("protocol").unwrap_or_else(|| "tcp".into()),
+                protocol: get("protocol")
+                    .map(|p| p.parse().with_context(|| format!("{path}.protocol")))
+                    .transpose()?
+                    .unwrap_or_default(),
             })
         }
         _ => {
@@ -357,7 +360,7 @@ fn port(p: &Value, path: &str) -> Result<PortSpec> {
             Ok(PortSpec {
                 published: a.parse().map_err(|_| bad(&t))?,
                 target: b.parse().map_err(|_| bad(&t))?,
-                protocol: proto.to_string(),
+                protocol: proto.parse().with_context(|| path.to_string())?,
             })
         }
     }
@@ -392,11 +395,12 @@ fn mount(stack: &str, v: &Value, path: &str, declared: &[String]) -> Result<Moun
     if typ == "bind" || source.starts_with('/') || source.starts_with('.') {
         bail!("{path}: host paths (bind mounts) are not supported in stacks: tasks move between hosts; use a named volume");
     }
-    if typ == "volume" && !declared.contains(&source) {
+    let typ: MountType = typ.parse().with_context(|| path.to_string())?;
+    if typ == MountType::Volume && !declared.contains(&source) {
         bail!("{path}: volume {source:?} is not declared under the top-level volumes");
     }
     Ok(MountSpec {
-        source: if typ == "volume" {
+        source: if typ == MountType::Volume {
             format!("{stack}_{source}")
         } else {
             source

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use husk_cluster_api::convert::{self, ConvertError};
 use husk_cluster_api::pb as api;
 use husk_cluster_api::pb::cluster_client::ClusterClient;
 use husk_cluster_api::types::*;
@@ -47,12 +48,11 @@ impl Conn {
             .await
             .map_err(msg)?
             .into_inner();
-        r.json
-            .iter()
-            .map(|j| {
-                let v: serde_json::Value = serde_json::from_str(j)?;
-                let leader = v["leader"].as_bool().unwrap_or(false);
-                Ok((serde_json::from_value(v)?, leader))
+        r.nodes
+            .into_iter()
+            .map(|e| {
+                let n = e.node.ok_or(ConvertError::Missing("node"))?;
+                Ok((n.try_into()?, e.leader))
             })
             .collect()
     }
@@ -74,10 +74,7 @@ impl Conn {
             .await
             .map_err(msg)?
             .into_inner();
-        r.json
-            .iter()
-            .map(|j| serde_json::from_str(j).context("service"))
-            .collect()
+        Ok(convert::all(r.services)?)
     }
 
     pub(crate) async fn service(&mut self, name: &str) -> Result<Service> {
@@ -87,7 +84,7 @@ impl Conn {
             .await
             .map_err(msg)?
             .into_inner();
-        serde_json::from_str(&r.json).context("service")
+        Ok(r.try_into()?)
     }
 
     pub(crate) async fn tasks(
@@ -106,10 +103,7 @@ impl Conn {
             .await
             .map_err(msg)?
             .into_inner();
-        r.json
-            .iter()
-            .map(|j| serde_json::from_str(j).context("task"))
-            .collect()
+        Ok(convert::all(r.tasks)?)
     }
 
     pub(crate) async fn update(
@@ -123,17 +117,14 @@ impl Conn {
             .c
             .service_update(api::ServiceUpdateRequest {
                 service: service.into(),
-                spec_json: spec
-                    .map(serde_json::to_string)
-                    .transpose()?
-                    .unwrap_or_default(),
+                spec: spec.cloned().map(Into::into),
                 rollback,
                 force,
             })
             .await
             .map_err(msg)?
             .into_inner();
-        serde_json::from_str(&r.json).context("service")
+        Ok(r.try_into()?)
     }
 }
 

@@ -1,7 +1,9 @@
 //! `husk events`.
 
 use anyhow::Result;
-use husk_cluster_api::pb as api;
+use husk_cluster_api::pb::{self as api, event};
+use husk_cluster_api::types::{Node, Task};
+use serde_json::{json, Value};
 
 use crate::cluster::conn::{block_on, msg, Conn};
 
@@ -16,12 +18,12 @@ pub fn events(format: Option<String>) -> Result<()> {
             .await
             .map_err(msg)?
             .into_inner();
-        while let Some(o) = s.message().await.map_err(msg)? {
+        while let Some(e) = s.message().await.map_err(msg)? {
+            let v = line_of(e)?;
             if format.as_deref() == Some("json") {
-                println!("{}", o.json);
+                println!("{v}");
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(&o.json)?;
             let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
             let mut line = format!("{} {} {}", text("type"), text("action"), text("id"));
             for k in ["name", "state", "desired", "availability"] {
@@ -33,4 +35,95 @@ pub fn events(format: Option<String>) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// An event as the flat object `husk events` prints (`docker events`'
+/// fields: type, action, id, and the object's name and state).
+fn line_of(e: api::Event) -> Result<Value> {
+    let kind = match event::Kind::try_from(e.kind) {
+        Ok(event::Kind::Node) => "node",
+        Ok(event::Kind::Service) => "service",
+        Ok(event::Kind::Task) => "task",
+        _ => anyhow::bail!("event kind {}: not one this husk knows", e.kind),
+    };
+    let action = match event::Action::try_from(e.action) {
+        Ok(event::Action::Create) => "create",
+        Ok(event::Action::Update) => "update",
+        Ok(event::Action::Remove) => "remove",
+        _ => anyhow::bail!("event action {}: not one this husk knows", e.action),
+    };
+    let mut v = json!({ "time_ms": e.time_ms, "type": kind, "action": action, "id": e.id });
+    match e.object {
+        Some(event::Object::Node(n)) => {
+            let n = Node::try_from(n)?;
+            v["name"] = n.hostname.into();
+            v["state"] = serde_json::to_value(n.state)?;
+            v["availability"] = serde_json::to_value(n.availability)?;
+        }
+        Some(event::Object::Service(s)) => {
+            v["name"] = s.spec.map(|s| s.name).unwrap_or_default().into();
+        }
+        Some(event::Object::Task(t)) => {
+            let t = Task::try_from(t)?;
+            v["name"] = t.name().into();
+            v["state"] = t.status.state.as_str().into();
+            v["desired"] = t.desired_state.as_str().into();
+            v["node_id"] = t.node_id.into();
+        }
+        None => {}
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_cluster_api::types::{Availability, NodeState, Role};
+
+    #[test]
+    fn events_print_as_flat_objects() {
+        let node = Node {
+            id: "n1".into(),
+            hostname: "node3".into(),
+            addr: String::new(),
+            role: Role::Worker,
+            availability: Availability::Active,
+            labels: Default::default(),
+            state: NodeState::Down,
+            resources: Default::default(),
+            created_ms: 0,
+            updated_ms: 0,
+        };
+        let e = api::Event {
+            time_ms: 7,
+            kind: event::Kind::Node.into(),
+            action: event::Action::Update.into(),
+            id: "n1".into(),
+            object: Some(event::Object::Node(node.into())),
+        };
+        let v = line_of(e).unwrap();
+        assert_eq!(v["type"], "node");
+        assert_eq!(v["action"], "update");
+        assert_eq!(v["name"], "node3");
+        assert_eq!(v["state"], "down");
+        assert_eq!(v["availability"], "active");
+        let gone = api::Event {
+            time_ms: 8,
+            kind: event::Kind::Task.into(),
+            action: event::Action::Remove.into(),
+            id: "t1".into(),
+            object: None,
+        };
+        let v = line_of(gone).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["action"].as_str()),
+            (Some("task"), Some("remove"))
+        );
+        assert!(v.get("name").is_none());
+        let unknown = api::Event {
+            kind: 42,
+            ..api::Event::default()
+        };
+        assert!(line_of(unknown).is_err());
+    }
 }

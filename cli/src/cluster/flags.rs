@@ -1,7 +1,7 @@
 //! The flags `service create` and `update` share, and a service spec
 //! from them.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use husk_cluster_api::types::*;
 
@@ -135,7 +135,7 @@ pub(crate) fn parse_port(p: &str) -> Result<PortSpec> {
     let mut spec = PortSpec {
         published: 0,
         target: 0,
-        protocol: "tcp".into(),
+        protocol: Protocol::Tcp,
     };
     if p.contains('=') {
         for kv in p.split(',') {
@@ -143,7 +143,7 @@ pub(crate) fn parse_port(p: &str) -> Result<PortSpec> {
             match k {
                 "published" => spec.published = v.parse().map_err(|_| bad())?,
                 "target" => spec.target = v.parse().map_err(|_| bad())?,
-                "protocol" => spec.protocol = v.into(),
+                "protocol" => spec.protocol = v.parse()?,
                 "mode" if v == "host" || v == "ingress" => {}
                 _ => return Err(bad()),
             }
@@ -153,21 +153,21 @@ pub(crate) fn parse_port(p: &str) -> Result<PortSpec> {
         let (a, b) = ports.split_once(':').ok_or_else(bad)?;
         spec.published = a.parse().map_err(|_| bad())?;
         spec.target = b.parse().map_err(|_| bad())?;
-        spec.protocol = proto.into();
+        spec.protocol = proto.parse()?;
     }
     Ok(spec)
 }
 
 pub(crate) fn parse_mount(m: &str) -> Result<MountSpec> {
     let mut spec = MountSpec {
-        typ: "volume".into(),
+        typ: MountType::Volume,
         source: String::new(),
         target: String::new(),
         read_only: false,
     };
     for kv in m.split(',') {
         match kv.split_once('=') {
-            Some(("type", v)) => spec.typ = v.into(),
+            Some(("type", v)) => spec.typ = v.parse().with_context(|| format!("--mount {m:?}"))?,
             Some(("source" | "src", v)) => spec.source = v.into(),
             Some(("target" | "dst" | "destination", v)) => spec.target = v.into(),
             Some(("readonly" | "ro", v)) => spec.read_only = v != "false" && v != "0",
@@ -178,7 +178,7 @@ pub(crate) fn parse_mount(m: &str) -> Result<MountSpec> {
     if spec.target.is_empty() {
         bail!("--mount {m:?}: no target");
     }
-    if spec.typ == "volume" && spec.source.is_empty() {
+    if spec.typ == MountType::Volume && spec.source.is_empty() {
         bail!("--mount {m:?}: a volume needs source=NAME");
     }
     Ok(spec)
@@ -367,7 +367,7 @@ mod tests {
             parse_port("published=53,target=53,protocol=udp")
                 .unwrap()
                 .protocol,
-            "udp"
+            Protocol::Udp
         );
         assert!(parse_port("8080").is_err());
         let m = parse_mount("type=volume,source=db,target=/var/lib/db,readonly").unwrap();

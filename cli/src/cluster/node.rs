@@ -110,7 +110,7 @@ pub fn node(cmd: NodeCmd) -> Result<()> {
                         .await
                         .map_err(msg)?
                         .into_inner();
-                    out.push(serde_json::from_str::<serde_json::Value>(&r.json)?);
+                    out.push(serde_json::to_value(Node::try_from(r)?)?);
                 }
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
@@ -123,10 +123,13 @@ pub fn node(cmd: NodeCmd) -> Result<()> {
                 conn.c
                     .node_update(api::NodeUpdateRequest {
                         node: node.clone(),
-                        availability: availability.unwrap_or_default(),
+                        availability: availability
+                            .map(|a| a.parse::<Availability>())
+                            .transpose()?
+                            .map(|a| api::Availability::from(a).into()),
                         label_add,
                         label_rm,
-                        role: String::new(),
+                        role: None,
                     })
                     .await
                     .map_err(msg)?;

@@ -63,13 +63,11 @@ pub fn service(cmd: ServiceCmd) -> Result<()> {
                 let spec = spec_from_create(&a)?;
                 let r = conn
                     .c
-                    .service_create(api::Object {
-                        json: serde_json::to_string(&spec)?,
-                    })
+                    .service_create(api::ServiceSpec::from(spec))
                     .await
                     .map_err(msg)?
                     .into_inner();
-                let s: Service = serde_json::from_str(&r.json)?;
+                let s = Service::try_from(r)?;
                 println!("{}", s.id);
             }
             ServiceCmd::Ls { quiet, format } => {
@@ -177,7 +175,7 @@ pub fn service(cmd: ServiceCmd) -> Result<()> {
                         .unwrap_or_else(|| c.task_id.clone());
                     let text = String::from_utf8_lossy(&c.data);
                     for line in text.lines() {
-                        if c.stream == "stdout" {
+                        if c.stream == api::LogStream::Stdout as i32 {
                             println!("{who}    | {line}");
                         } else {
                             eprintln!("{who}    | {line}");

@@ -79,9 +79,7 @@ pub fn stack(cmd: StackCmd) -> Result<()> {
                         None => {
                             println!("Creating service {}", spec.name);
                             conn.c
-                                .service_create(api::Object {
-                                    json: serde_json::to_string(spec)?,
-                                })
+                                .service_create(api::ServiceSpec::from(spec.clone()))
                                 .await
                                 .map_err(msg)?;
                         }

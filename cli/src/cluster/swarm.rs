@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use husk_cluster_api::convert::Decode;
 use husk_cluster_api::pb as api;
 use husk_cluster_api::types::*;
 
@@ -100,7 +101,8 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
                     .into_inner();
                 println!(
                     "This node joined a cluster as a {} ({}).",
-                    r.role, r.node_id
+                    Role::decode(r.role)?.as_str(),
+                    r.node_id
                 );
             }
             ClusterCmd::JoinToken {
@@ -111,7 +113,7 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
                 let r = conn
                     .c
                     .join_token(api::JoinTokenRequest {
-                        role: role.clone(),
+                        role: api::Role::from(role.parse::<Role>()?).into(),
                         rotate,
                     })
                     .await
@@ -130,10 +132,12 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
             }
             ClusterCmd::Info => {
                 let i = conn.c.info(api::Empty {}).await.map_err(msg)?.into_inner();
-                if i.role.is_empty() {
+                // Unspecified: this daemon is in no cluster.
+                if i.role == api::Role::Unspecified as i32 {
                     println!("Cluster: inactive");
                 } else {
-                    println!("Cluster: active\n NodeID: {}\n ClusterID: {}\n Role: {}\n Is Leader: {}\n Managers: {}", i.node_id, i.cluster_id, i.role, i.leader, i.managers.join(", "));
+                    let role = Role::decode(i.role)?.as_str();
+                    println!("Cluster: active\n NodeID: {}\n ClusterID: {}\n Role: {role}\n Is Leader: {}\n Managers: {}", i.node_id, i.cluster_id, i.leader, i.managers.join(", "));
                 }
             }
         }

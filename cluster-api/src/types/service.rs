@@ -12,9 +12,8 @@ use crate::types::placement::{spread_key, Constraint};
 /// the node when missing) or a tmpfs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountSpec {
-    /// "volume" or "tmpfs".
     #[serde(rename = "type")]
-    pub typ: String,
+    pub typ: MountType,
     #[serde(default)]
     pub source: String,
     pub target: String,
@@ -27,8 +26,65 @@ pub struct MountSpec {
 pub struct PortSpec {
     pub published: u16,
     pub target: u16,
-    /// "tcp" or "udp".
-    pub protocol: String,
+    pub protocol: Protocol,
+}
+
+/// What a service's mount is (the JSON's "volume" or "tmpfs").
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MountType {
+    #[default]
+    Volume,
+    Tmpfs,
+}
+
+impl MountType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MountType::Volume => "volume",
+            MountType::Tmpfs => "tmpfs",
+        }
+    }
+}
+
+impl std::str::FromStr for MountType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<MountType> {
+        match s {
+            "volume" => Ok(MountType::Volume),
+            "tmpfs" => Ok(MountType::Tmpfs),
+            _ => bail!("mount type {s:?}: volume or tmpfs"),
+        }
+    }
+}
+
+/// A published port's protocol (the JSON's "tcp" or "udp").
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Protocol> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => bail!("port protocol {s:?}: tcp or udp"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -262,16 +318,15 @@ impl ServiceSpec {
         }
         let mut volumes = std::collections::HashSet::new();
         for m in &self.mounts {
-            match m.typ.as_str() {
-                "volume" => {
+            match m.typ {
+                MountType::Volume => {
                     husk_runtime::storage::volume::check_name(&m.source)?;
                     // A volume is leased to one sandbox, once.
                     if !volumes.insert(m.source.as_str()) {
                         bail!("volume {} is mounted twice", m.source);
                     }
                 }
-                "tmpfs" => {}
-                t => bail!("mount type {t:?}: volume or tmpfs"),
+                MountType::Tmpfs => {}
             }
             // The node refuses what the runtime's lifecycle refuses: say so here.
             husk_runtime::container::lifecycle::check_target(&m.target)?;
@@ -279,9 +334,6 @@ impl ServiceSpec {
         for p in &self.ports {
             if p.published == 0 || p.target == 0 {
                 bail!("port {}:{}: both must be 1-65535", p.published, p.target);
-            }
-            if p.protocol != "tcp" && p.protocol != "udp" {
-                bail!("port protocol {:?}: tcp or udp", p.protocol);
             }
         }
         for u in [&self.update_config, &self.rollback_config] {
@@ -382,7 +434,7 @@ mod tests {
         assert!(format!("{:#}", s.validate().unwrap_err()).contains("healthcheck"));
         s.healthcheck = None;
         let vol = |target: &str| MountSpec {
-            typ: "volume".into(),
+            typ: MountType::Volume,
             source: "data".into(),
             target: target.into(),
             read_only: false,

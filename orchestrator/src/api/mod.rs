@@ -16,6 +16,7 @@ use crate::node::{Daemon, Identity};
 use crate::pb::{self as api, cluster_server::ClusterServer};
 use crate::pki;
 use crate::types::*;
+use husk_cluster_api::convert::{ConvertError, Decode};
 
 #[derive(Clone)]
 pub struct Api {
@@ -28,14 +29,6 @@ enum Caller {
     Local,
     Node { id: String, role: Role },
     Anonymous,
-}
-
-fn json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
-    serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))
-}
-
-fn parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, Status> {
-    serde_json::from_str(s).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
 
 impl Api {
@@ -137,7 +130,7 @@ impl api::cluster_server::Cluster for Api {
         Ok(Response::new(api::InfoResponse {
             node_id: id.node_id,
             cluster_id: id.cluster_id,
-            role: id.role.as_str().into(),
+            role: api::Role::from(id.role).into(),
             leader: m.as_ref().is_some_and(|m| m.is_leader()),
             managers: id.managers,
         }))
@@ -183,11 +176,7 @@ impl api::cluster_server::Cluster for Api {
         let rx = m.assignments(node_id);
         let s = tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| match r {
             Ok(tasks) => Ok(api::AssignmentSet {
-                tasks: tasks
-                    .iter()
-                    .map(serde_json::to_string)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| Status::internal(e.to_string()))?,
+                tasks: tasks.into_iter().map(Into::into).collect(),
             }),
             Err(e) => Err(Status::unavailable(format!("{e:#}"))),
         });
@@ -204,20 +193,9 @@ impl api::cluster_server::Cluster for Api {
         };
         let m = self.node(&req, &node_id)?;
         let r = req.into_inner();
-        let st = TaskStatus {
-            state: r
-                .state
-                .parse()
-                .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
-            timestamp_ms: now_ms(),
-            message: r.message,
-            err: r.err,
-            exit_code: r.has_exit_code.then_some(r.exit_code),
-            health: (!r.health.is_empty())
-                .then(|| r.health.parse())
-                .transpose()
-                .map_err(|e: anyhow::Error| Status::invalid_argument(format!("{e:#}")))?,
-        };
+        let mut st = TaskStatus::try_from(r.status.ok_or(ConvertError::Missing("task status"))?)?;
+        // When it arrived is the manager's clock, as every status's is.
+        st.timestamp_ms = now_ms();
         m.report(&node_id, &r.task_id, st).await.map_err(status)?;
         Ok(Response::new(api::Empty {}))
     }
@@ -228,10 +206,7 @@ impl api::cluster_server::Cluster for Api {
     ) -> Result<Response<api::JoinTokenResponse>, Status> {
         self.control(&req)?;
         let r = req.into_inner();
-        let role: Role = r
-            .role
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let role = Role::decode(r.role)?;
         let token = self
             .daemon
             .join_token(role, r.rotate)
@@ -240,48 +215,40 @@ impl api::cluster_server::Cluster for Api {
         Ok(Response::new(api::JoinTokenResponse { token }))
     }
 
-    async fn node_list(&self, req: Request<api::Empty>) -> Result<Response<api::Objects>, Status> {
+    async fn node_list(&self, req: Request<api::Empty>) -> Result<Response<api::Nodes>, Status> {
         let m = self.control(&req)?;
         let nodes = m.nodes().await.map_err(status)?;
         let leader = m.leader_id().await.unwrap_or_default();
         // The leader is marked the way `docker node ls` shows it.
-        let json = nodes
-            .iter()
-            .map(|n| {
-                let mut v = serde_json::to_value(n).map_err(|e| Status::internal(e.to_string()))?;
-                v["leader"] = serde_json::Value::Bool(n.id == leader);
-                Ok(v.to_string())
+        let nodes = nodes
+            .into_iter()
+            .map(|n| api::NodeEntry {
+                leader: n.id == leader,
+                node: Some(n.into()),
             })
-            .collect::<Result<_, Status>>()?;
-        Ok(Response::new(api::Objects { json }))
+            .collect();
+        Ok(Response::new(api::Nodes { nodes }))
     }
 
-    async fn node_inspect(&self, req: Request<api::Ref>) -> Result<Response<api::Object>, Status> {
+    async fn node_inspect(&self, req: Request<api::Ref>) -> Result<Response<api::Node>, Status> {
         let m = self.control(&req)?;
         let n = m.find_node(&req.get_ref().name).await.map_err(status)?;
-        Ok(Response::new(api::Object { json: json(&n)? }))
+        Ok(Response::new(n.into()))
     }
 
     async fn node_update(
         &self,
         req: Request<api::NodeUpdateRequest>,
-    ) -> Result<Response<api::Object>, Status> {
+    ) -> Result<Response<api::Node>, Status> {
         let m = self.control(&req)?;
         let r = req.into_inner();
-        let bad = |e: anyhow::Error| Status::invalid_argument(format!("{e:#}"));
-        let availability = (!r.availability.is_empty())
-            .then(|| r.availability.parse::<Availability>())
-            .transpose()
-            .map_err(bad)?;
-        let role = (!r.role.is_empty())
-            .then(|| r.role.parse::<Role>())
-            .transpose()
-            .map_err(bad)?;
+        let availability = r.availability.map(Availability::decode).transpose()?;
+        let role = r.role.map(Role::decode).transpose()?;
         let n = m
             .update_node(&r.node, availability, &r.label_add, &r.label_rm, role)
             .await
             .map_err(status)?;
-        Ok(Response::new(api::Object { json: json(&n)? }))
+        Ok(Response::new(n.into()))
     }
 
     async fn node_remove(
@@ -296,50 +263,46 @@ impl api::cluster_server::Cluster for Api {
 
     async fn service_create(
         &self,
-        req: Request<api::Object>,
-    ) -> Result<Response<api::Object>, Status> {
+        req: Request<api::ServiceSpec>,
+    ) -> Result<Response<api::Service>, Status> {
         let m = self.control(&req)?;
-        let spec: ServiceSpec = parse(&req.get_ref().json, "service spec")?;
+        let spec = ServiceSpec::try_from(req.into_inner())?;
         let s = m.create_service(spec).await.map_err(status)?;
-        Ok(Response::new(api::Object { json: json(&s)? }))
+        Ok(Response::new(s.into()))
     }
 
     async fn service_list(
         &self,
         req: Request<api::Empty>,
-    ) -> Result<Response<api::Objects>, Status> {
+    ) -> Result<Response<api::Services>, Status> {
         let m = self.control(&req)?;
         let v = m.services().await.map_err(status)?;
-        Ok(Response::new(api::Objects {
-            json: v.iter().map(json).collect::<Result<_, _>>()?,
+        Ok(Response::new(api::Services {
+            services: v.into_iter().map(Into::into).collect(),
         }))
     }
 
     async fn service_inspect(
         &self,
         req: Request<api::Ref>,
-    ) -> Result<Response<api::Object>, Status> {
+    ) -> Result<Response<api::Service>, Status> {
         let m = self.control(&req)?;
         let s = m.find_service(&req.get_ref().name).await.map_err(status)?;
-        Ok(Response::new(api::Object { json: json(&s)? }))
+        Ok(Response::new(s.into()))
     }
 
     async fn service_update(
         &self,
         req: Request<api::ServiceUpdateRequest>,
-    ) -> Result<Response<api::Object>, Status> {
+    ) -> Result<Response<api::Service>, Status> {
         let m = self.control(&req)?;
         let r = req.into_inner();
-        let spec = if r.spec_json.is_empty() {
-            None
-        } else {
-            Some(parse::<ServiceSpec>(&r.spec_json, "service spec")?)
-        };
+        let spec = r.spec.map(ServiceSpec::try_from).transpose()?;
         let s = m
             .update_service(&r.service, spec, r.rollback, r.force)
             .await
             .map_err(status)?;
-        Ok(Response::new(api::Object { json: json(&s)? }))
+        Ok(Response::new(s.into()))
     }
 
     async fn service_remove(&self, req: Request<api::Ref>) -> Result<Response<api::Empty>, Status> {
@@ -353,7 +316,7 @@ impl api::cluster_server::Cluster for Api {
     async fn task_list(
         &self,
         req: Request<api::TaskFilter>,
-    ) -> Result<Response<api::Objects>, Status> {
+    ) -> Result<Response<api::Tasks>, Status> {
         let m = self.control(&req)?;
         let r = req.into_inner();
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
@@ -365,8 +328,8 @@ impl api::cluster_server::Cluster for Api {
         let tasks = tasks.into_iter().filter(|t| {
             r.all || t.desired_state == TaskState::Running || !t.status.state.is_terminal()
         });
-        Ok(Response::new(api::Objects {
-            json: tasks.map(|t| json(&t)).collect::<Result<_, _>>()?,
+        Ok(Response::new(api::Tasks {
+            tasks: tasks.map(Into::into).collect(),
         }))
     }
 
@@ -418,7 +381,7 @@ impl api::cluster_server::Cluster for Api {
                     let _ = tx
                         .send(Ok(api::LogChunk {
                             task_id: t.id.clone(),
-                            stream: "error".into(),
+                            stream: api::LogStream::Error.into(),
                             data: format!(
                                 "logs of task {} from node {}: {e:#}\n",
                                 t.id, n.hostname
@@ -434,7 +397,7 @@ impl api::cluster_server::Cluster for Api {
         )))
     }
 
-    type EventsStream = Stream2<api::Object>;
+    type EventsStream = Stream2<api::Event>;
 
     async fn events(
         &self,
@@ -451,7 +414,7 @@ impl api::cluster_server::Cluster for Api {
             )
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::Object, Status>>(64);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::Event, Status>>(64);
         tokio::spawn(async move {
             // The watch ends only with an error: the client is told why
             // rather than seeing the stream end as if all were said.
@@ -466,10 +429,7 @@ impl api::cluster_server::Cluster for Api {
                 }
                 for e in resp.events() {
                     if let Some(ev) = event_of(e) {
-                        let o = api::Object {
-                            json: ev.to_string(),
-                        };
-                        if tx.send(Ok(o)).await.is_err() {
+                        if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
                     }
@@ -514,7 +474,8 @@ impl api::cluster_server::Cluster for Api {
                         return;
                     }
                 }
-                for (stream, data) in [("stdout", out), ("stderr", err)] {
+                for (stream, data) in [(api::LogStream::Stdout, out), (api::LogStream::Stderr, err)]
+                {
                     if data.is_empty() {
                         continue;
                     }
@@ -539,44 +500,45 @@ impl api::cluster_server::Cluster for Api {
     }
 }
 
-/// What one etcd change means to a user: `husk events`' lines.
-fn event_of(e: &etcd_client::Event) -> Option<serde_json::Value> {
+/// One etcd change as a cluster event: what changed and, unless it was
+/// removed, the object as it is now.
+fn event_of(e: &etcd_client::Event) -> Option<api::Event> {
+    use api::event::{Action, Kind, Object};
     let kv = e.kv()?;
     let key = String::from_utf8_lossy(kv.key()).into_owned();
     let rest = key.strip_prefix(crate::store::ROOT)?;
     let (kind, id) = rest.split_once('/')?;
-    let typ = match kind {
-        "nodes" => "node",
-        "services" => "service",
-        "tasks" => "task",
+    let kind = match kind {
+        "nodes" => Kind::Node,
+        "services" => Kind::Service,
+        "tasks" => Kind::Task,
         _ => return None,
     };
     let action = match e.event_type() {
-        etcd_client::EventType::Delete => "remove",
-        _ if kv.create_revision() == kv.mod_revision() => "create",
-        _ => "update",
+        etcd_client::EventType::Delete => Action::Remove,
+        _ if kv.create_revision() == kv.mod_revision() => Action::Create,
+        _ => Action::Update,
     };
-    let mut ev = serde_json::json!({
-        "time_ms": now_ms(), "type": typ, "action": action, "id": id,
-    });
-    let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
-    match typ {
-        "node" => {
-            ev["name"] = v["hostname"].clone();
-            ev["state"] = v["state"].clone();
-            ev["availability"] = v["availability"].clone();
-        }
-        "service" => ev["name"] = v["spec"]["name"].clone(),
-        _ => {
-            if let Ok(t) = serde_json::from_value::<Task>(v) {
-                ev["name"] = t.name().into();
-                ev["state"] = t.status.state.as_str().into();
-                ev["desired"] = t.desired_state.as_str().into();
-                ev["node_id"] = t.node_id.into();
-            }
-        }
-    }
-    Some(ev)
+    // A value that is not the object its key says (none on a removal) is
+    // an event without one; the change itself is still told.
+    let object = match kind {
+        Kind::Node => serde_json::from_slice::<Node>(kv.value())
+            .ok()
+            .map(|n| Object::Node(n.into())),
+        Kind::Service => serde_json::from_slice::<Service>(kv.value())
+            .ok()
+            .map(|s| Object::Service(s.into())),
+        _ => serde_json::from_slice::<Task>(kv.value())
+            .ok()
+            .map(|t| Object::Task(t.into())),
+    };
+    Some(api::Event {
+        time_ms: now_ms(),
+        kind: kind.into(),
+        action: action.into(),
+        id: id.to_string(),
+        object,
+    })
 }
 
 /// Task ids name log files: plain, or refused.

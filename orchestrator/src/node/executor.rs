@@ -18,7 +18,7 @@ use husk_runtime::storage::volume::VolumeStore;
 use husk_runtime::Runtime;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::types::{Health, Healthcheck, Task, TaskState};
+use crate::types::{Health, Healthcheck, MountType, Task, TaskState};
 use crate::util::lock;
 
 /// How long a task has after SIGTERM before SIGKILL (Docker's default).
@@ -354,10 +354,9 @@ fn container_spec(t: &Task, image: ImageRecord) -> ContainerSpec {
         .mounts
         .iter()
         .map(|m| Mount {
-            source: if m.typ == "tmpfs" {
-                MountSource::Tmpfs
-            } else {
-                MountSource::Volume(m.source.clone())
+            source: match m.typ {
+                MountType::Tmpfs => MountSource::Tmpfs,
+                MountType::Volume => MountSource::Volume(m.source.clone()),
             },
             target: m.target.clone(),
             read_only: m.read_only,
@@ -371,10 +370,9 @@ fn container_spec(t: &Task, image: ImageRecord) -> ContainerSpec {
                 host_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
                 host_port: p.published,
                 container_port: p.target,
-                protocol: if p.protocol == "udp" {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
+                protocol: match p.protocol {
+                    crate::types::Protocol::Udp => Protocol::Udp,
+                    crate::types::Protocol::Tcp => Protocol::Tcp,
                 },
             })
             .collect(),

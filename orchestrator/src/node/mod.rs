@@ -16,6 +16,7 @@ use crate::pki;
 use crate::store::{self, Store};
 use crate::types::*;
 use crate::util::{lock, new_id};
+use husk_cluster_api::convert::Decode;
 
 pub mod executor;
 pub mod identity;
@@ -275,13 +276,12 @@ impl Daemon {
                 csr_pem: csr.into_bytes(),
                 hostname: self.cfg.hostname.clone(),
                 advertise_addr: advertise.clone(),
-                nano_cpus: r.nano_cpus,
-                memory_bytes: r.memory_bytes,
+                resources: Some(r.into()),
             })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        let role: Role = resp.role.parse()?;
+        let role = Role::decode(resp.role)?;
         let cert = String::from_utf8(resp.cert_pem).context("certificate")?;
         self.save(&Identity {
             node_id: resp.node_id.clone(),
@@ -297,7 +297,7 @@ impl Daemon {
         self.start_roles().await?;
         Ok(api::JoinClusterResponse {
             node_id: resp.node_id,
-            role: role.as_str().into(),
+            role: api::Role::from(role).into(),
         })
     }
 
@@ -333,9 +333,12 @@ impl Daemon {
             availability: Availability::Active,
             labels: Default::default(),
             state: NodeState::Unknown,
-            resources: Resources {
-                nano_cpus: req.nano_cpus.max(0),
-                memory_bytes: req.memory_bytes.max(0),
+            resources: {
+                let r = req.resources.unwrap_or_default();
+                Resources {
+                    nano_cpus: r.nano_cpus.max(0),
+                    memory_bytes: r.memory_bytes.max(0),
+                }
             },
             created_ms: now_ms(),
             updated_ms: now_ms(),
@@ -349,7 +352,7 @@ impl Daemon {
         );
         Ok(api::JoinResponse {
             node_id,
-            role: role.as_str().into(),
+            role: api::Role::from(role).into(),
             cert_pem: cert.into_bytes(),
             managers: m.manager_addrs().await?,
             etcd_endpoints: if role == Role::Manager {

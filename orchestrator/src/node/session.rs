@@ -12,7 +12,7 @@ use crate::node::executor::{Executor, Report};
 use crate::node::transport as net;
 use crate::node::Identity;
 use crate::pb::{self as api, cluster_client::ClusterClient};
-use crate::types::{Health, Task};
+use crate::types::{Task, TaskStatus};
 
 /// Starts the session in the background; returns the executor that runs
 /// the tasks it is given (its state, logs and sandboxes under `state_dir`).
@@ -106,8 +106,8 @@ async fn session(
                     Err(s) => bail!("assignments: {}", s.message()),
                 };
                 let mut tasks = Vec::with_capacity(set.tasks.len());
-                for t in &set.tasks {
-                    match serde_json::from_str::<Task>(t) {
+                for t in set.tasks {
+                    match Task::try_from(t) {
                         Ok(t) => tasks.push(t),
                         Err(e) => tracing::warn!("an assigned task does not decode: {e}"),
                     }
@@ -147,12 +147,18 @@ async fn send(
     let r = client
         .report_status(api::StatusReport {
             task_id: r.task_id.clone(),
-            state: r.state.as_str().into(),
-            message: r.message.clone(),
-            err: r.err.clone(),
-            exit_code: r.exit_code.unwrap_or(0),
-            has_exit_code: r.exit_code.is_some(),
-            health: r.health.map_or("", Health::as_str).into(),
+            // The manager stamps the time the report arrived.
+            status: Some(
+                TaskStatus {
+                    state: r.state,
+                    timestamp_ms: 0,
+                    message: r.message.clone(),
+                    err: r.err.clone(),
+                    exit_code: r.exit_code,
+                    health: r.health,
+                }
+                .into(),
+            ),
         })
         .await;
     match r {
