@@ -24,7 +24,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
-use husk_runtime::container::{ContainerSpec, Net, NotCreated, Root};
+use husk_runtime::container::{join, ContainerSpec, Net, NotCreated, Root};
 use husk_runtime::guest::{container, ctx as actx, AgentConn};
 use husk_runtime::{Runtime, Sandbox};
 use log::{info, warn};
@@ -348,40 +348,38 @@ impl Service {
     ) -> anyhow::Result<(u32, Vec<usize>, Copies)> {
         // The shares are added under the lock; the (slow) create runs on a
         // connection of its own, so the pod's other tasks answer meanwhile.
-        let (guest, entries, agent) = {
+        let joining = {
             let mut g = self.lock();
             let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
-            let mut guest = crate::spec::for_guest(spec, rootfs, &pids)?;
+            let guest = crate::spec::for_guest(spec, rootfs, &pids)?;
             let sandbox = g.sandbox.as_mut().ok_or_else(|| {
                 anyhow::anyhow!("{id} is a pod's container but its pod's sandbox is not running")
             })?;
-            let entries = sandbox.add_shares(&guest.shares)?;
-            guest.renumber(&entries);
-            let agent = sandbox.connect();
-            let storages: Vec<_> = sandbox.shared_storage().into_iter().collect();
-            (guest, entries, agent.map(|a| (a, storages)))
+            join(sandbox, id, guest.spec, &guest.shares)?
         };
-        let created = agent.and_then(|(agent, storages)| {
-            let (pid, mut streams) =
-                agent.create_only(id, &guest.spec, stdio.io(), storages, false)?;
-            Ok((pid, Copies::start(stdio, &mut streams, &self.owner(id))?))
-        });
-        match created {
-            Ok((pid, copies)) => {
-                info!("{id}: joined the pod's sandbox as pid {pid}");
-                Ok((pid, entries, copies))
+        let mut m = match joining.create_only(stdio.io()) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(sb) = self.lock().sandbox.as_mut() {
+                    unshare(sb, &e.entries);
+                }
+                return Err(e.into());
+            }
+        };
+        match Copies::start(stdio, &mut m.streams, &self.owner(id)) {
+            Ok(copies) => {
+                info!("{id}: joined the pod's sandbox as pid {}", m.pid);
+                Ok((m.pid, m.entries, copies))
             }
             Err(e) => {
                 if let Some(sb) = self.lock().sandbox.as_mut() {
-                    unshare(sb, &entries);
+                    unshare(sb, &m.entries);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Moves `id`'s init process from `from` to `to` (not if it has
-    /// exited meanwhile).
     fn set_state(&self, id: &str, from: State, to: State) {
         if let Some(c) = self.lock().containers.get_mut(id) {
             if c.init.state == from {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use husk_runtime::storage::shared::{guest_source, HostShare, MOUNT_POINT};
+use husk_runtime::storage::shared::{guest_source, HostShare};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 /// What a container needs from the host: its spec for the guest and the
@@ -21,37 +21,6 @@ fn is_bind(m: &Mount) -> bool {
         || m.options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
-}
-
-impl GuestSpec {
-    /// Points the spec at the sandbox's entries for its shares: share `k`
-    /// was shared as entry `entries[k]` (a container joining a running
-    /// sandbox gets the next free entries, not 0..n).
-    pub fn renumber(&mut self, entries: &[usize]) {
-        let prefix = format!("{MOUNT_POINT}/b");
-        let map = |p: &Path| -> Option<PathBuf> {
-            let k: usize = p.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
-            entries.get(k).map(|e| PathBuf::from(guest_source(*e)))
-        };
-        if let Some(mut root) = self.spec.root().clone() {
-            if let Some(p) = map(root.path()) {
-                root.set_path(p);
-            }
-            self.spec.set_root(Some(root));
-        }
-        if let Some(mounts) = self.spec.mounts().clone() {
-            let mounts = mounts
-                .into_iter()
-                .map(|mut m| {
-                    if let Some(p) = m.source().as_deref().and_then(map) {
-                        m.set_source(Some(p));
-                    }
-                    m
-                })
-                .collect();
-            self.spec.set_mounts(Some(mounts));
-        }
-    }
 }
 
 /// The network namespace containerd put the container in, if a path (CRI's
@@ -221,7 +190,7 @@ mod tests {
         assert!(ns.iter().all(|n| n.path().is_none()));
         assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
         // Joining a running sandbox: its entries 4, 5, 6.
-        g.renumber(&[4, 5, 6]);
+        husk_runtime::storage::shared::renumber(&mut g.spec, &[4, 5, 6]);
         assert_eq!(
             sources(&g),
             paths("shared/b4", ["proc", "shared/b5", "shared/b6"])

@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::Result;
 use husk_runtime::container::record::LogWriter;
 use husk_runtime::container::spec::ProcessOptions;
-use husk_runtime::container::{copy_to_log, ContainerSpec, Mount, MountSource, Net, Resources};
-use husk_runtime::guest::{AgentConn, Io};
+use husk_runtime::container::{
+    copy_to_log, ContainerSpec, Control as ContainerControl, Mount, MountSource, Net, Resources,
+};
+use husk_runtime::guest::Io;
 use husk_runtime::image::{ImageRecord, ImageStore};
 use husk_runtime::net::ports::{PortMapping, Protocol};
 use husk_runtime::storage::volume::VolumeStore;
@@ -38,9 +40,10 @@ pub struct Report {
 #[derive(Default)]
 struct Control {
     stop: bool,
-    /// A second agent connection, to signal while the task thread waits
-    /// (shared so that a signal is sent without holding this lock).
-    agent: Option<Arc<AgentConn>>,
+    /// The container's control handle (its own agent connection), to
+    /// signal while the task thread waits; a clone is taken so that a
+    /// signal is sent without holding this lock.
+    container: Option<ContainerControl>,
     finished: bool,
     /// Stopped by its own healthcheck: a failure, not a shutdown.
     unhealthy: bool,
@@ -124,7 +127,7 @@ impl Executor {
         id: String,
         hc: Healthcheck,
         env: Vec<String>,
-        agent: Arc<AgentConn>,
+        container: ContainerControl,
         ctl: Arc<Mutex<Control>>,
     ) {
         let started = std::time::Instant::now();
@@ -151,7 +154,7 @@ impl Executor {
                     return;
                 }
             }
-            let ok = probe(&agent, &id, &format!("health-{n}"), &process, timeout);
+            let ok = probe(&container, &format!("health-{n}"), &process, timeout);
             if ok {
                 failures = 0;
                 self.report_health(&id, Health::Healthy);
@@ -302,7 +305,7 @@ impl Executor {
         }
         self.report(&t.id, TaskState::Starting, "starting", "", None);
         let starting = prepared.start(rt).map_err(fail)?;
-        let agent = starting.sandbox().connect().map_err(fail)?;
+        let control = starting.control().map_err(fail)?;
         if lock(ctl).stop {
             let _ = starting.abandon(Duration::from_secs(10));
             return Ok(None);
@@ -317,18 +320,17 @@ impl Executor {
         // A stop asked for while it started is carried out now.
         let stop_now = {
             let mut ctl = lock(ctl);
-            ctl.agent = Some(Arc::new(agent));
+            ctl.container = Some(control.clone());
             ctl.stop
         };
         if stop_now {
             signal_stop(ctl, &t.id);
         } else if let Some(hc) = t.spec.healthcheck.clone() {
-            let agent = Arc::new(c.sandbox().connect().map_err(fail)?);
             let (me, id, ctl) = (self.clone(), t.id.clone(), ctl.clone());
-            std::thread::spawn(move || me.watch_health(id, hc, env, agent, ctl));
+            std::thread::spawn(move || me.watch_health(id, hc, env, control, ctl));
         }
         let status = c.wait().map_err(fail);
-        lock(ctl).agent = None;
+        lock(ctl).container = None;
         let _ = out.join();
         let _ = err.join();
         if let Err(e) = c.remove(Duration::from_secs(20)).shutdown {
@@ -386,31 +388,15 @@ fn container_spec(t: &Task, image: ImageRecord) -> ContainerSpec {
 
 /// One healthcheck run: exit 0 within `timeout`.
 fn probe(
-    agent: &Arc<AgentConn>,
-    id: &str,
+    c: &ContainerControl,
     exec_id: &str,
     process: &serde_json::Value,
     timeout: Duration,
 ) -> bool {
-    let io = Io {
-        stdin: false,
-        stdout: false,
-        stderr: false,
-    };
-    if let Err(e) = agent.exec(id, exec_id, process, io) {
-        tracing::debug!("task {id}: healthcheck: {e:#}");
-        return false;
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (a, i, x) = (agent.clone(), id.to_string(), exec_id.to_string());
-    std::thread::spawn(move || {
-        let _ = tx.send(a.wait(&i, &x).map(|s| s.status));
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(0)) => true,
-        Ok(_) => false,
-        Err(_) => {
-            let _ = agent.signal(id, exec_id, libc::SIGKILL as u32, false);
+    match c.exec_within(exec_id, process, timeout) {
+        Ok(status) => status == Some(0),
+        Err(e) => {
+            tracing::debug!("task {}: healthcheck: {e:#}", c.id());
             false
         }
     }
@@ -435,28 +421,22 @@ fn stop(c: &Arc<Mutex<Control>>, id: &str) {
     }
 }
 
-/// SIGTERM now, SIGKILL after the grace period if it still runs. Both are
-/// sent from a thread of their own: a signal is an RPC to a guest that may
-/// take seconds, and the caller (the assignment set being applied) must not
-/// wait for it, or the node's heartbeats stop meanwhile.
+/// The runtime's stop (SIGTERM, SIGKILL after the grace period if it
+/// still runs), from a thread of its own: a signal is an RPC to a guest
+/// that may take seconds, and the caller (the assignment set being applied)
+/// must not wait for it, or the node's heartbeats stop meanwhile.
 fn signal_stop(c: &Arc<Mutex<Control>>, id: &str) {
     let c = c.clone();
     let id = id.to_string();
-    let agent = |c: &Arc<Mutex<Control>>| {
-        let g = lock(c);
-        (!g.finished).then(|| g.agent.clone()).flatten()
+    let Some(container) = ({
+        let g = lock(&c);
+        (!g.finished).then(|| g.container.clone()).flatten()
+    }) else {
+        return;
     };
     std::thread::spawn(move || {
-        if let Some(a) = agent(&c) {
-            if let Err(e) = a.signal(&id, "", libc::SIGTERM as u32, true) {
-                tracing::debug!("task {id}: SIGTERM: {e:#}");
-            }
-        }
-        std::thread::sleep(STOP_GRACE);
-        if let Some(a) = agent(&c) {
-            if let Err(e) = a.signal(&id, "", libc::SIGKILL as u32, true) {
-                tracing::debug!("task {id}: SIGKILL: {e:#}");
-            }
+        for e in container.stop(STOP_GRACE, || !lock(&c).finished) {
+            tracing::debug!("task {id}: {e:#}");
         }
     });
 }

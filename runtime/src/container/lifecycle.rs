@@ -26,6 +26,7 @@ use husk_protocol::agent::WaitProcessResponse;
 use oci_spec::runtime::{MountBuilder, Spec};
 
 use crate::config::Runtime;
+use crate::container::control::Control;
 use crate::container::record::{LogWriter, NetInfo};
 use crate::container::spec::{container_spec, ProcessOptions};
 use crate::guest::{AgentConn, Io, Streams};
@@ -352,6 +353,12 @@ impl Starting {
         &self.sandbox
     }
 
+    /// The container's control handle before it exists, for a stop that
+    /// may come while it is created (its signals are refused until then).
+    pub fn control(&self) -> Result<Control> {
+        Ok(Control::new(self.sandbox.connect()?, &self.plan.id))
+    }
+
     /// A stop that came before the container did: the guest shuts down.
     pub fn abandon(self, timeout: Duration) -> Result<()> {
         self.sandbox.shutdown(timeout).map(drop)
@@ -439,6 +446,11 @@ impl Container {
 
     pub fn sandbox(&self) -> &Sandbox {
         &self.sandbox
+    }
+
+    /// A handle to signal, exec in and stop it from other threads.
+    pub fn control(&self) -> Result<Control> {
+        Ok(Control::new(self.sandbox.connect()?, &self.id))
     }
 
     pub fn pid(&self) -> u32 {

@@ -3,11 +3,15 @@
 //! user's options (`spec`), and the records that outlive the process that
 //! ran it (`record`).
 
+pub mod control;
 pub mod lifecycle;
+pub mod member;
 pub mod record;
 pub mod spec;
 
+pub use control::Control;
 pub use lifecycle::{
     copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, NotCreated, Plan, Resources,
     Root,
 };
+pub use member::{join, Joining, Member, NotJoined};

@@ -302,6 +302,12 @@ pub struct Io {
 }
 
 impl Io {
+    /// No streams (a healthcheck: only its exit status counts).
+    pub const NONE: Io = Io {
+        stdin: false,
+        stdout: false,
+        stderr: false,
+    };
     pub const OUT_ERR: Io = Io {
         stdin: false,
         stdout: true,

@@ -58,6 +58,35 @@ pub fn guest_source(i: usize) -> String {
     format!("{MOUNT_POINT}/b{i}")
 }
 
+/// Points a spec written for shares 0..n (`guest_source(k)`) at the
+/// entries they were given: share `k` became entry `entries[k]` (a
+/// container joining a running sandbox gets the next free entries).
+pub fn renumber(spec: &mut oci_spec::runtime::Spec, entries: &[usize]) {
+    let prefix = format!("{MOUNT_POINT}/b");
+    let map = |p: &Path| -> Option<PathBuf> {
+        let k: usize = p.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+        entries.get(k).map(|e| PathBuf::from(guest_source(*e)))
+    };
+    if let Some(mut root) = spec.root().clone() {
+        if let Some(p) = map(root.path()) {
+            root.set_path(p);
+        }
+        spec.set_root(Some(root));
+    }
+    if let Some(mounts) = spec.mounts().clone() {
+        let mounts = mounts
+            .into_iter()
+            .map(|mut m| {
+                if let Some(p) = m.source().as_deref().and_then(map) {
+                    m.set_source(Some(p));
+                }
+                m
+            })
+            .collect();
+        spec.set_mounts(Some(mounts));
+    }
+}
+
 /// A running virtiofsd for one sandbox and the connected socket the VMM
 /// gets (inherited).
 pub struct SharedFs {
