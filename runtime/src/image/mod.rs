@@ -17,10 +17,85 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::util::{shown, IoContext, IoError};
+
+/// The image store: imports, pulls, root images.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("image {0:?} not found (husk image import FILE, husk image ls)")]
+    NotFound(String),
+    #[error("{0:?} is not an image reference: {1}")]
+    BadReference(String, String),
+    /// A digest husk cannot use to name a file (only sha256 is).
+    #[error("digest {0:?}: not a sha256 digest")]
+    BadDigest(String),
+    /// A blob, layer or manifest that does not match what names it, or an
+    /// archive that is not whole.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Well formed, and not something husk takes (a media type, an
+    /// archive format, a platform).
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{what}")]
+    Spec {
+        what: String,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("mkfs.erofs for {image}: {stderr}")]
+    Mkfs { image: String, stderr: String },
+    /// The registry refused or failed a request.
+    #[error("{what}: {message}")]
+    Registry { what: String, message: String },
+    #[error("importing {what}")]
+    Import {
+        what: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+    #[error("{image}: layer {digest}")]
+    Layer {
+        image: String,
+        digest: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+    #[error("pulling {name}")]
+    Pull {
+        name: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+fn json(what: impl FnOnce() -> String) -> impl FnOnce(serde_json::Error) -> ImageError {
+    move |source| ImageError::Json {
+        what: what(),
+        source,
+    }
+}
+
+fn spec(what: impl FnOnce() -> String) -> impl FnOnce(oci_spec::OciSpecError) -> ImageError {
+    move |source| ImageError::Spec {
+        what: what(),
+        source,
+    }
+}
 
 /// One image in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,11 +149,11 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// The digest of a file's contents, streamed.
 fn file_digest(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut f = File::open(path).at(|| shown(path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).at(|| shown(path))?;
         if n == 0 {
             break;
         }
@@ -91,9 +166,9 @@ fn file_digest(path: &Path) -> Result<String> {
 pub(crate) fn digest_hex(digest: &str) -> Result<&str> {
     let hex = digest
         .strip_prefix("sha256:")
-        .with_context(|| format!("digest {digest:?}: only sha256 is supported"))?;
+        .ok_or_else(|| ImageError::BadDigest(digest.into()))?;
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("digest {digest:?} is not a sha256 digest");
+        return Err(ImageError::BadDigest(digest.into()));
     }
     Ok(hex)
 }
@@ -115,7 +190,7 @@ impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore> {
         for d in ["blobs/sha256", "rootfs", "tmp"] {
             let p = root.join(d);
-            std::fs::create_dir_all(&p).with_context(|| format!("{}", p.display()))?;
+            std::fs::create_dir_all(&p).at(|| shown(&p))?;
         }
         Ok(ImageStore {
             root: root.to_path_buf(),
@@ -129,17 +204,18 @@ impl ImageStore {
     fn index(&self) -> Result<BTreeMap<String, ImageRecord>> {
         let p = self.root.join("images.json");
         match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}", p.display())),
+            Ok(b) => serde_json::from_slice(&b).map_err(json(|| shown(&p))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(e).with_context(|| format!("{}", p.display())),
+            Err(e) => Ok(Err(e).at(|| shown(&p))?),
         }
     }
 
     fn write_index(&self, index: &BTreeMap<String, ImageRecord>) -> Result<()> {
         let p = self.root.join("images.json");
         let tmp = self.root.join("images.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(index)?)?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("{}", p.display()))
+        let bytes = serde_json::to_vec_pretty(index).map_err(json(|| shown(&p)))?;
+        std::fs::write(&tmp, bytes).at(|| shown(&tmp))?;
+        Ok(std::fs::rename(&tmp, &p).at(|| shown(&p))?)
     }
 
     pub fn list(&self) -> Result<Vec<ImageRecord>> {
@@ -163,7 +239,7 @@ impl ImageStore {
                 return Ok((*r).clone());
             }
         }
-        bail!("image {reference:?} not found (husk image import FILE, husk image ls)")
+        Err(ImageError::NotFound(reference.into()))
     }
 
     /// Removes the name; blobs and the root image go with the last name of
@@ -192,7 +268,7 @@ impl ImageStore {
     pub fn config(&self, rec: &ImageRecord) -> Result<ImageConfiguration> {
         let p = self.blob(&rec.config)?;
         ImageConfiguration::from_file(&p)
-            .with_context(|| format!("config of {} ({})", rec.name, p.display()))
+            .map_err(spec(|| format!("config of {} ({})", rec.name, p.display())))
     }
 
     fn rootfs_path(&self, rec: &ImageRecord) -> Result<PathBuf> {
@@ -206,9 +282,12 @@ impl ImageStore {
     pub fn import(&self, archive: &Path) -> Result<Vec<ImageRecord>> {
         let staging = tempfile::Builder::new()
             .prefix("import-")
-            .tempdir_in(self.root.join("tmp"))?;
-        extract_plain(archive, staging.path())
-            .with_context(|| format!("reading {}", archive.display()))?;
+            .tempdir_in(self.root.join("tmp"))
+            .at(|| shown(&self.root.join("tmp")))?;
+        extract_plain(archive, staging.path()).map_err(|e| ImageError::Import {
+            what: archive.display().to_string(),
+            source: Box::new(e),
+        })?;
         self.import_staged(staging.path(), &archive.display().to_string())
     }
 
@@ -217,7 +296,8 @@ impl ImageStore {
     pub(crate) fn staging(&self, prefix: &str) -> Result<tempfile::TempDir> {
         Ok(tempfile::Builder::new()
             .prefix(prefix)
-            .tempdir_in(self.root.join("tmp"))?)
+            .tempdir_in(self.root.join("tmp"))
+            .at(|| shown(&self.root.join("tmp")))?)
     }
 
     /// The stored blob `digest`, if the store has it.
@@ -233,13 +313,18 @@ impl ImageStore {
         } else if s.join("manifest.json").is_file() {
             self.stage_docker(s)
         } else {
-            bail!(
+            Err(ImageError::Unsupported(format!(
                 "{what}: neither an OCI layout (oci-layout, index.json) nor a docker-archive (manifest.json)"
-            )
+            )))
         }
-        .with_context(|| format!("importing {what}"))?;
+        .map_err(|e| ImageError::Import {
+            what: what.into(),
+            source: Box::new(e),
+        })?;
         if found.is_empty() {
-            bail!("{what}: no named image in it");
+            return Err(ImageError::Unsupported(format!(
+                "{what}: no named image in it"
+            )));
         }
         // Everything checked: move blobs in (content-addressed, so an
         // existing one is the same), then name the images.
@@ -249,7 +334,7 @@ impl ImageStore {
                 if !dst.exists() {
                     std::fs::rename(path, &dst)
                         .or_else(|_| std::fs::copy(path, &dst).map(|_| ()))
-                        .with_context(|| format!("{}", dst.display()))?;
+                        .at(|| shown(&dst))?;
                 }
             }
         }
@@ -266,18 +351,23 @@ impl ImageStore {
     /// its descriptor's digest and size.
     #[allow(clippy::type_complexity)]
     fn stage_oci(&self, s: &Path) -> Result<Vec<(ImageRecord, Vec<(String, PathBuf)>)>> {
-        let index = ImageIndex::from_file(s.join("index.json")).context("index.json")?;
+        let index =
+            ImageIndex::from_file(s.join("index.json")).map_err(spec(|| "index.json".into()))?;
         let blob = |digest: &str, size: u64| -> Result<PathBuf> {
             let p = s.join("blobs/sha256").join(digest_hex(digest)?);
             let len = std::fs::metadata(&p)
-                .with_context(|| format!("blob {digest} is missing"))?
+                .at(|| format!("blob {digest} is missing"))?
                 .len();
             if len != size {
-                bail!("blob {digest} is {len} bytes, its descriptor says {size} (truncated?)");
+                return Err(ImageError::Corrupt(format!(
+                    "blob {digest} is {len} bytes, its descriptor says {size} (truncated?)"
+                )));
             }
             let got = file_digest(&p)?;
             if got != digest {
-                bail!("blob {digest} is corrupt: its contents hash to {got}");
+                return Err(ImageError::Corrupt(format!(
+                    "blob {digest} is corrupt: its contents hash to {got}"
+                )));
             }
             Ok(p)
         };
@@ -292,19 +382,19 @@ impl ImageStore {
             };
             let mpath = blob(m.digest().as_ref(), m.size())?;
             let manifest = ImageManifest::from_file(&mpath)
-                .with_context(|| format!("manifest {}", m.digest()))?;
+                .map_err(spec(|| format!("manifest {}", m.digest())))?;
             let cd = manifest.config();
             let cpath = blob(cd.digest().as_ref(), cd.size())?;
             let config = ImageConfiguration::from_file(&cpath)
-                .with_context(|| format!("config {}", cd.digest()))?;
+                .map_err(spec(|| format!("config {}", cd.digest())))?;
             let diff_ids = config.rootfs().diff_ids();
             if diff_ids.len() != manifest.layers().len() {
-                bail!(
+                return Err(ImageError::Corrupt(format!(
                     "manifest {} has {} layers, its config {} diff_ids",
                     m.digest(),
                     manifest.layers().len(),
                     diff_ids.len()
-                );
+                )));
             }
             let mut blobs = vec![
                 (m.digest().to_string(), mpath),
@@ -315,7 +405,10 @@ impl ImageStore {
                 let media = l.media_type().to_string();
                 let gzip = media.ends_with("gzip");
                 if !(gzip || media.ends_with(".tar") || media.ends_with("tar")) {
-                    bail!("layer {}: media type {media} is not supported", l.digest());
+                    return Err(ImageError::Unsupported(format!(
+                        "layer {}: media type {media} is not supported",
+                        l.digest()
+                    )));
                 }
                 let p = blob(l.digest().as_ref(), l.size())?;
                 blobs.push((l.digest().to_string(), p));
@@ -349,35 +442,39 @@ impl ImageStore {
             repo_tags: Option<Vec<String>>,
             layers: Vec<String>,
         }
-        let text = std::fs::read(s.join("manifest.json"))?;
-        let entries: Vec<Entry> = serde_json::from_slice(&text).context("manifest.json")?;
+        let text = std::fs::read(s.join("manifest.json")).at(|| "manifest.json")?;
+        let entries: Vec<Entry> =
+            serde_json::from_slice(&text).map_err(json(|| "manifest.json".into()))?;
         let inside = |rel: &str| -> Result<PathBuf> {
-            let p = archive_path(Path::new(rel))
-                .with_context(|| format!("manifest.json names {rel:?} outside the archive"))?;
+            let p = archive_path(Path::new(rel)).ok_or_else(|| {
+                ImageError::Corrupt(format!("manifest.json names {rel:?} outside the archive"))
+            })?;
             Ok(s.join(p))
         };
         let mut out = Vec::new();
         for e in entries {
             let cpath = inside(&e.config)?;
             let config_bytes =
-                std::fs::read(&cpath).with_context(|| format!("config {} is missing", e.config))?;
+                std::fs::read(&cpath).at(|| format!("config {} is missing", e.config))?;
             let config_digest = format!("sha256:{}", sha256_hex(&config_bytes));
             let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
-                .with_context(|| format!("config {}", e.config))?;
+                .map_err(json(|| format!("config {}", e.config)))?;
             let diff_ids = config.rootfs().diff_ids();
             if diff_ids.len() != e.layers.len() {
-                bail!(
+                return Err(ImageError::Corrupt(format!(
                     "{} lists {} layers, its config {} diff_ids",
                     e.config,
                     e.layers.len(),
                     diff_ids.len()
-                );
+                )));
             }
             let mut blobs = vec![(config_digest.clone(), cpath)];
             let mut layers = Vec::new();
             for (l, diff_id) in e.layers.iter().zip(diff_ids) {
                 let p = inside(l)?;
-                let got = file_digest(&p).with_context(|| format!("layer {l} is missing"))?;
+                let got = file_digest(&p).map_err(|e| {
+                    ImageError::Corrupt(format!("layer {l} is missing: {}", crate::util::chain(&e)))
+                })?;
                 let gzip = is_gzip(&p)?;
                 let uncompressed = if gzip {
                     gunzip_digest(&p)?
@@ -385,7 +482,9 @@ impl ImageStore {
                     got.clone()
                 };
                 if &uncompressed != diff_id {
-                    bail!("layer {l} is corrupt: it hashes to {uncompressed}, the config says {diff_id}");
+                    return Err(ImageError::Corrupt(format!(
+                        "layer {l} is corrupt: it hashes to {uncompressed}, the config says {diff_id}"
+                    )));
                 }
                 blobs.push((got.clone(), p));
                 layers.push(Layer {
@@ -418,12 +517,16 @@ impl ImageStore {
         }
         let work = tempfile::Builder::new()
             .prefix("rootfs-")
-            .tempdir_in(self.root.join("tmp"))?;
+            .tempdir_in(self.root.join("tmp"))
+            .at(|| shown(&self.root.join("tmp")))?;
         let tree = work.path().join("tree");
-        std::fs::create_dir(&tree)?;
+        std::fs::create_dir(&tree).at(|| shown(&tree))?;
         for l in &rec.layers {
-            apply_layer(&self.blob(&l.digest)?, l, &tree)
-                .with_context(|| format!("{}: layer {}", rec.name, l.digest))?;
+            apply_layer(&self.blob(&l.digest)?, l, &tree).map_err(|e| ImageError::Layer {
+                image: rec.name.clone(),
+                digest: l.digest.clone(),
+                source: Box::new(e),
+            })?;
         }
         let img = work.path().join("rootfs.erofs");
         let o = Command::new("mkfs.erofs")
@@ -431,31 +534,32 @@ impl ImageStore {
             .arg(&img)
             .arg(&tree)
             .output()
-            .context("running mkfs.erofs (apt install erofs-utils)")?;
+            .at(|| "running mkfs.erofs (apt install erofs-utils)")?;
         if !o.status.success() {
-            bail!(
-                "mkfs.erofs for {}: {}",
-                rec.name,
-                String::from_utf8_lossy(&o.stderr)
-            );
+            return Err(ImageError::Mkfs {
+                image: rec.name.clone(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            });
         }
-        std::fs::rename(&img, &out).with_context(|| format!("{}", out.display()))?;
+        std::fs::rename(&img, &out).at(|| shown(&out))?;
         Ok(out)
     }
 }
 
 fn is_gzip(p: &Path) -> Result<bool> {
     let mut magic = [0u8; 2];
-    let n = File::open(p)?.read(&mut magic)?;
+    let n = File::open(p)
+        .and_then(|mut f| f.read(&mut magic))
+        .at(|| shown(p))?;
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
 fn gunzip_digest(p: &Path) -> Result<String> {
-    let mut r = flate2::read::GzDecoder::new(BufReader::new(File::open(p)?));
+    let mut r = flate2::read::GzDecoder::new(BufReader::new(File::open(p).at(|| shown(p))?));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = r.read(&mut buf).context("gunzip")?;
+        let n = r.read(&mut buf).at(|| format!("gunzip {}", p.display()))?;
         if n == 0 {
             break;
         }
@@ -467,28 +571,29 @@ fn gunzip_digest(p: &Path) -> Result<String> {
 /// Extracts an archive's regular files and directories (an image tarball
 /// has nothing else) under `dst`, refusing paths that climb out.
 fn extract_plain(archive: &Path, dst: &Path) -> Result<()> {
-    let f = File::open(archive)?;
+    let f = File::open(archive).at(|| shown(archive))?;
     let mut a = tar::Archive::new(BufReader::new(f));
-    for entry in a.entries()? {
-        let mut entry = entry.context("truncated or not a tar archive")?;
-        let path = entry.path()?.into_owned();
+    let broken = || format!("{}: truncated or not a tar archive", archive.display());
+    for entry in a.entries().at(broken)? {
+        let mut entry = entry.at(broken)?;
+        let path = entry.path().at(broken)?.into_owned();
         let Some(rel) = archive_path(&path) else {
             continue;
         };
         let target = dst.join(&rel);
         match entry.header().entry_type() {
-            tar::EntryType::Directory => std::fs::create_dir_all(&target)?,
+            tar::EntryType::Directory => std::fs::create_dir_all(&target).at(|| shown(&target))?,
             tar::EntryType::Regular => {
                 if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)?;
+                    std::fs::create_dir_all(parent).at(|| shown(parent))?;
                 }
-                let mut out = File::create(&target)?;
+                let mut out = File::create(&target).at(|| shown(&target))?;
                 let n = std::io::copy(&mut entry, &mut out)
-                    .with_context(|| format!("{}: truncated", rel.display()))?;
-                if n != entry.header().size()? {
-                    bail!("{}: truncated", rel.display());
+                    .at(|| format!("{}: truncated", rel.display()))?;
+                if n != entry.header().size().at(broken)? {
+                    return Err(ImageError::Corrupt(format!("{}: truncated", rel.display())));
                 }
-                out.flush()?;
+                out.flush().at(|| shown(&target))?;
             }
             _ => {}
         }
@@ -514,7 +619,7 @@ impl<R: Read> Read for Hashing<R> {
 /// there (`.wh.NAME`, and `.wh..wh..opq` for a whole directory's lower
 /// contents), everything else is unpacked with owners and modes.
 fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
-    let file = BufReader::new(File::open(blob)?);
+    let file = BufReader::new(File::open(blob).at(|| shown(blob))?);
     let reader: Box<dyn Read> = if layer.gzip {
         Box::new(flate2::read::GzDecoder::new(file))
     } else {
@@ -532,9 +637,10 @@ fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
         a.set_unpack_xattrs(false);
         // What this layer created: an opaque marker keeps it.
         let mut mine: HashSet<PathBuf> = HashSet::new();
-        for entry in a.entries()? {
-            let mut entry = entry.context("layer tar is truncated or corrupt")?;
-            let Some(rel) = archive_path(&entry.path()?) else {
+        let broken = || "layer tar is truncated or corrupt";
+        for entry in a.entries().at(broken)? {
+            let mut entry = entry.at(broken)?;
+            let Some(rel) = archive_path(&entry.path().at(broken)?) else {
                 continue;
             };
             let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -564,26 +670,26 @@ fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
             }
             entry
                 .unpack_in(tree)
-                .with_context(|| format!("unpacking {}", rel.display()))?;
+                .at(|| format!("unpacking {}", rel.display()))?;
             mine.insert(rel);
         }
     }
     // The rest of the stream (tar padding) counts toward the digest.
-    std::io::copy(&mut hashing, &mut std::io::sink())?;
+    std::io::copy(&mut hashing, &mut std::io::sink()).at(|| "layer tar is truncated or corrupt")?;
     let got = format!("sha256:{:x}", hashing.hash.finalize());
     if got != layer.diff_id {
-        bail!(
+        return Err(ImageError::Corrupt(format!(
             "contents hash to {got}, the config says {} (corrupt layer)",
             layer.diff_id
-        );
+        )));
     }
     Ok(())
 }
 
 fn remove_any(p: &Path) -> Result<()> {
     match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p)?,
-        Ok(_) => std::fs::remove_file(p)?,
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).at(|| shown(p))?,
+        Ok(_) => std::fs::remove_file(p).at(|| shown(p))?,
         Err(_) => {}
     }
     Ok(())
@@ -674,6 +780,6 @@ mod tests {
             gzip: false,
         };
         let e = apply_layer(&p, &bad, &tree).unwrap_err();
-        assert!(format!("{e:#}").contains("corrupt layer"), "{e:#}");
+        assert!(matches!(e, ImageError::Corrupt(_)), "{e:?}");
     }
 }

@@ -15,7 +15,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::image::{ImageError, Result};
+use crate::util::{shown, IoContext};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{
@@ -107,20 +108,23 @@ impl ImageStore {
         let name = normalize(reference);
         let r: Reference = name
             .parse()
-            .map_err(|e| anyhow!("{reference:?} is not an image reference: {e}"))?;
+            .map_err(|e: oci_client::ParseError| ImageError::BadReference(reference.into(), e.to_string()))?;
         let staging = self.staging("pull-")?;
         let dir = staging.path().to_path_buf();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .context("starting the pull's runtime")?;
+            .at(|| "starting the pull's runtime")?;
         rt.block_on(self.fetch(&r, &name, &dir, events))
-            .with_context(|| format!("pulling {name}"))?;
+            .map_err(|e| ImageError::Pull {
+                name: name.clone(),
+                source: Box::new(e),
+            })?;
         let mut records = self.import_staged(&dir, &name)?;
         records
             .pop()
-            .ok_or_else(|| anyhow!("pulling {name}: nothing was imported"))
+            .ok_or_else(|| ImageError::Unsupported(format!("pulling {name}: nothing was imported")))
     }
 
     /// Writes `r`'s manifest, config and layers as an OCI layout in `dir`.
@@ -154,12 +158,22 @@ impl ImageStore {
         let (mut body, _) = client
             .pull_manifest_raw(r, &auth, &accept)
             .await
-            .map_err(|e| anyhow!("manifest from {registry}: {e}"))?;
+            .map_err(|e| ImageError::Registry {
+                what: format!("manifest from {registry}"),
+                message: e.to_string(),
+            })?;
         // An index: the linux/amd64 manifest it lists.
         let top: serde_json::Value =
-            serde_json::from_slice(&body).context("the registry's manifest is not JSON")?;
+            serde_json::from_slice(&body).map_err(|source| ImageError::Json {
+                what: "the registry's manifest is not JSON".into(),
+                source,
+            })?;
         if top.get("manifests").is_some() {
-            let index: ImageIndex = serde_json::from_slice(&body).context("image index")?;
+            let index: ImageIndex =
+                serde_json::from_slice(&body).map_err(|source| ImageError::Json {
+                    what: "image index".into(),
+                    source,
+                })?;
             let m = index
                 .manifests()
                 .iter()
@@ -168,33 +182,46 @@ impl ImageStore {
                         p.os().to_string() == "linux" && p.architecture().to_string() == "amd64"
                     })
                 })
-                .ok_or_else(|| anyhow!("{name} has no linux/amd64 image"))?;
+                .ok_or_else(|| {
+                    ImageError::Unsupported(format!("{name} has no linux/amd64 image"))
+                })?;
             let by_digest = r.clone_with_digest(m.digest().to_string());
             let (b, _) = client
                 .pull_manifest_raw(&by_digest, &auth, &accept)
                 .await
-                .map_err(|e| anyhow!("manifest {}: {e}", m.digest()))?;
+                .map_err(|e| ImageError::Registry {
+                    what: format!("manifest {}", m.digest()),
+                    message: e.to_string(),
+                })?;
             let got = format!("sha256:{:x}", Sha256::digest(&b));
             if got != m.digest().to_string() {
-                bail!(
+                return Err(ImageError::Corrupt(format!(
                     "manifest {} is corrupt: its contents hash to {got}",
                     m.digest()
-                );
+                )));
             }
             body = b;
         }
         let manifest: ImageManifest =
-            serde_json::from_slice(&body).context("the image manifest")?;
+            serde_json::from_slice(&body).map_err(|source| ImageError::Json {
+                what: "the image manifest".into(),
+                source,
+            })?;
         let digest = format!("sha256:{:x}", Sha256::digest(&body));
         if let Some(want) = r.digest() {
             if want != digest {
-                bail!("manifest of {name} hashes to {digest}, not the {want} asked for");
+                return Err(ImageError::Corrupt(format!(
+                    "manifest of {name} hashes to {digest}, not the {want} asked for"
+                )));
             }
         }
         let blobs = dir.join("blobs/sha256");
-        tokio::fs::create_dir_all(&blobs).await?;
+        tokio::fs::create_dir_all(&blobs)
+            .await
+            .at(|| shown(&blobs))?;
         let hex = |d: &str| digest_hex(d).map(String::from);
-        tokio::fs::write(blobs.join(hex(&digest)?), &body).await?;
+        let mpath = blobs.join(hex(&digest)?);
+        tokio::fs::write(&mpath, &body).await.at(|| shown(&mpath))?;
         events(PullEvent::Resolved {
             digest: digest.clone(),
             layers: manifest
@@ -218,13 +245,14 @@ impl ImageStore {
                 if let Some(have) = self.has_blob(&d) {
                     // Same filesystem: a link, not a copy.
                     std::fs::hard_link(&have, &path)
-                        .or_else(|_| std::fs::copy(&have, &path).map(|_| ()))?;
+                        .or_else(|_| std::fs::copy(&have, &path).map(|_| ()))
+                        .at(|| shown(&path))?;
                     if is_layer {
                         events(PullEvent::Exists { digest: d });
                     }
                     return Ok(());
                 }
-                let file = tokio::fs::File::create(&path).await?;
+                let file = tokio::fs::File::create(&path).await.at(|| shown(&path))?;
                 let report = {
                     let (events, d) = (events.clone(), d.clone());
                     Arc::new(move |n| {
@@ -246,11 +274,14 @@ impl ImageStore {
                         },
                     )
                     .await
-                    .map_err(|e| anyhow!("blob {d}: {e}"))?;
+                    .map_err(|e| ImageError::Registry {
+                        what: format!("blob {d}"),
+                        message: e.to_string(),
+                    })?;
                 if is_layer {
                     events(PullEvent::Done { digest: d });
                 }
-                anyhow::Ok(())
+                Ok(())
             }
         });
         let results: Vec<Result<()>> = futures_util::stream::iter(fetches)
@@ -260,7 +291,9 @@ impl ImageStore {
         for r in results {
             r?;
         }
-        tokio::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).await?;
+        tokio::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+            .await
+            .at(|| shown(dir))?;
         let index = serde_json::json!({
             "schemaVersion": 2,
             "manifests": [{
@@ -270,7 +303,9 @@ impl ImageStore {
                 "annotations": {"org.opencontainers.image.ref.name": name},
             }],
         });
-        tokio::fs::write(dir.join("index.json"), index.to_string()).await?;
+        tokio::fs::write(dir.join("index.json"), index.to_string())
+            .await
+            .at(|| shown(dir))?;
         Ok(())
     }
 }

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::net::{NetError, Result};
 
 use crate::net::bridge::{Lease, NetworkConfig};
 use crate::net::identity::GuestNet;
@@ -46,9 +46,7 @@ impl Attachment {
     pub fn attach(bridge: &NetworkConfig, req: &Request) -> Result<Attachment> {
         let bridged = req.mode == NetworkMode::Bridge && req.netns.is_none();
         let lease = if bridged {
-            bridge
-                .ensure_bridge()
-                .context("setting up the bridge network")?;
+            bridge.ensure_bridge()?;
             Some(bridge.lease(req.id)?)
         } else {
             None
@@ -58,14 +56,18 @@ impl Attachment {
             (_, true) => None,
             (Some(l), false) => Some(Publisher::start(req.ports, l.ip)?),
             (None, false) => {
-                bail!("publishing ports needs the bridge network (not --network none)")
+                return Err(NetError::Invalid(
+                    "publishing ports needs the bridge network (not --network none)".into(),
+                ))
             }
         };
         // A pod's namespace (CRI) brings its own tap; else one of ours.
         let (pod, tap) = match req.netns {
             Some(ns) => {
-                let (p, tap) = PodNet::attach(ns)
-                    .with_context(|| format!("taking over the pod network {}", ns.display()))?;
+                let (p, tap) = PodNet::attach(ns).map_err(|e| NetError::Pod {
+                    netns: ns.to_path_buf(),
+                    source: Box::new(e),
+                })?;
                 (Some(p), tap)
             }
             None => (None, bridge.tap(bridged)?),

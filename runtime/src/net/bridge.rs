@@ -18,7 +18,8 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::net::{NetError, NlContext, Result};
+use crate::util::{shown, IoContext};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{LinkBridge, LinkUnspec};
@@ -64,12 +65,14 @@ impl NetworkConfig {
     /// The default network with `$HUSK_BRIDGE` / `$HUSK_SUBNET` applied.
     pub fn from_env() -> Result<Self> {
         let subnet = match std::env::var("HUSK_SUBNET") {
-            Ok(s) => parse_cidr(&s).context("HUSK_SUBNET")?,
+            Ok(s) => parse_cidr(&s).map_err(|e| NetError::Invalid(format!("HUSK_SUBNET: {e}")))?,
             Err(_) => (Ipv4Addr::new(10, 89, 0, 0), 16),
         };
         let bridge = std::env::var("HUSK_BRIDGE").unwrap_or_else(|_| "husk0".into());
         if bridge.is_empty() || bridge.len() > 15 || bridge.contains(['/', ' ', ':']) {
-            bail!("HUSK_BRIDGE {bridge:?} is not an interface name (1-15 characters)");
+            return Err(NetError::Invalid(format!(
+                "HUSK_BRIDGE {bridge:?} is not an interface name (1-15 characters)"
+            )));
         }
         Ok(Self::with(&bridge, subnet))
     }
@@ -80,20 +83,20 @@ impl NetworkConfig {
 pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
     let (ip, len) = s
         .split_once('/')
-        .ok_or_else(|| anyhow!("{s:?}: not an IPv4 CIDR (a.b.c.d/len)"))?;
+        .ok_or_else(|| NetError::Invalid(format!("{s:?}: not an IPv4 CIDR (a.b.c.d/len)")))?;
     let ip: Ipv4Addr = ip
         .parse()
-        .map_err(|_| anyhow!("{s:?}: {ip:?} is not an IPv4 address"))?;
+        .map_err(|_| NetError::Invalid(format!("{s:?}: {ip:?} is not an IPv4 address")))?;
     let len: u8 = len
         .parse()
         .ok()
         .filter(|l| (8..=30).contains(l))
-        .ok_or_else(|| anyhow!("{s:?}: prefix length must be 8 to 30"))?;
+        .ok_or_else(|| NetError::Invalid(format!("{s:?}: prefix length must be 8 to 30")))?;
     if u32::from(ip) & !mask(len) != 0 {
-        bail!(
+        return Err(NetError::Invalid(format!(
             "{s:?}: host bits are set (the network is {}/{len})",
             Ipv4Addr::from(u32::from(ip) & mask(len))
-        );
+        )));
     }
     Ok((ip, len))
 }
@@ -125,8 +128,7 @@ impl NetworkConfig {
     /// The bridge up with the gateway address, forwarding on, NAT for the
     /// range. Idempotent; serialized with other husk processes.
     pub fn ensure_bridge(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.lease_dir)
-            .with_context(|| format!("{}", self.lease_dir.display()))?;
+        std::fs::create_dir_all(&self.lease_dir).at(|| shown(&self.lease_dir))?;
         let _lock = lock(&self.lease_dir.join("lock"))?;
         let (bridge, gw, prefix, mtu) =
             (self.bridge.clone(), self.gateway(), self.prefix, self.mtu);
@@ -138,15 +140,19 @@ impl NetworkConfig {
                         .add(LinkBridge::new(&bridge).mtu(mtu).build())
                         .execute()
                         .await
-                        .with_context(|| format!("creating bridge {bridge}"))?;
+                        .nl(|| format!("creating bridge {bridge}"))?;
                     link_index(&h, &bridge)
                         .await?
-                        .ok_or_else(|| anyhow!("bridge {bridge} vanished after creation"))?
+                        .ok_or_else(|| NetError::LinkGone(bridge.clone()))?
                 }
             };
             let mut addrs = h.address().get().set_link_index_filter(index).execute();
             let mut has = false;
-            while let Some(a) = addrs.try_next().await? {
+            while let Some(a) = addrs
+                .try_next()
+                .await
+                .nl(|| format!("the addresses of {bridge}"))?
+            {
                 has |= a.header.prefix_len == prefix
                     && a.attributes.iter().any(
                         |x| matches!(x, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == gw),
@@ -157,13 +163,13 @@ impl NetworkConfig {
                     .add(index, IpAddr::V4(gw), prefix)
                     .execute()
                     .await
-                    .with_context(|| format!("giving {bridge} the address {gw}/{prefix}"))?;
+                    .nl(|| format!("giving {bridge} the address {gw}/{prefix}"))?;
             }
             h.link()
                 .set(LinkUnspec::new_with_index(index).up().build())
                 .execute()
                 .await
-                .with_context(|| format!("bringing {bridge} up"))?;
+                .nl(|| format!("bringing {bridge} up"))?;
             Ok(())
         })?;
         let fwd = "/proc/sys/net/ipv4/ip_forward";
@@ -171,7 +177,7 @@ impl NetworkConfig {
             .map(|s| s.trim() != "1")
             .unwrap_or(true)
         {
-            std::fs::write(fwd, "1").with_context(|| format!("enabling forwarding ({fwd})"))?;
+            std::fs::write(fwd, "1").at(|| format!("enabling forwarding ({fwd})"))?;
         }
         let cidr = self.cidr();
         let b = self.bridge.as_str();
@@ -203,8 +209,7 @@ impl NetworkConfig {
 
     /// Leases the lowest free address to `holder` (a sandbox id).
     pub fn lease(&self, holder: &str) -> Result<Lease> {
-        std::fs::create_dir_all(&self.lease_dir)
-            .with_context(|| format!("{}", self.lease_dir.display()))?;
+        std::fs::create_dir_all(&self.lease_dir).at(|| shown(&self.lease_dir))?;
         let _lock = lock(&self.lease_dir.join("lock"))?;
         for ip in self.hosts() {
             let path = self.lease_dir.join(ip.to_string());
@@ -214,15 +219,15 @@ impl NetworkConfig {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .with_context(|| format!("{}", path.display()))?;
+                .at(|| shown(&path))?;
             // A lease file nobody holds is free, whoever wrote it.
             let Some(mut f) = crate::util::flock_exclusive(f, false)
-                .with_context(|| format!("locking {}", path.display()))?
+                .at(|| format!("locking {}", path.display()))?
             else {
                 continue;
             };
-            f.set_len(0)?;
-            writeln!(f, "{holder}")?;
+            f.set_len(0).at(|| shown(&path))?;
+            writeln!(f, "{holder}").at(|| shown(&path))?;
             return Ok(Lease {
                 file: f,
                 ip,
@@ -230,11 +235,10 @@ impl NetworkConfig {
                 gateway: self.gateway(),
             });
         }
-        bail!(
-            "network {} ({}) has no free address: every one is leased",
-            self.bridge,
-            self.cidr()
-        )
+        Err(NetError::NoFreeAddress {
+            network: self.bridge.clone(),
+            cidr: self.cidr(),
+        })
     }
 
     /// A new tap, attached to the bridge and up when `attach`, else left
@@ -248,10 +252,10 @@ impl NetworkConfig {
             netlink(move |h| async move {
                 let br = link_index(&h, &bridge)
                     .await?
-                    .ok_or_else(|| anyhow!("no bridge {bridge}"))?;
+                    .ok_or_else(|| NetError::LinkGone(bridge.clone()))?;
                 let index = link_index(&h, &name)
                     .await?
-                    .ok_or_else(|| anyhow!("tap {name} vanished"))?;
+                    .ok_or_else(|| NetError::LinkGone(name.clone()))?;
                 h.link()
                     .set(
                         LinkUnspec::new_with_index(index)
@@ -262,7 +266,7 @@ impl NetworkConfig {
                     )
                     .execute()
                     .await
-                    .with_context(|| format!("attaching {name} to {bridge}"))?;
+                    .nl(|| format!("attaching {name} to {bridge}"))?;
                 Ok(())
             })?;
         }
@@ -320,25 +324,30 @@ fn ensure_rule(table: &str, chain: &str, rule: &[&str]) -> Result<()> {
             .args(rule)
             .output()
     };
-    let check = run("-C").context(
-        "running iptables (install the iptables package; husk uses it for NAT like Docker)",
-    )?;
+    let check = run("-C").at(|| {
+        "running iptables (install the iptables package; husk uses it for NAT like Docker)"
+    })?;
     if check.status.success() {
         return Ok(());
     }
-    let add = run("-A")?;
+    let add = run("-A").at(|| "running iptables")?;
     if !add.status.success() {
-        bail!(
-            "iptables -t {table} -A {chain} {}: {}",
-            rule.join(" "),
-            String::from_utf8_lossy(&add.stderr).trim()
-        );
+        return Err(NetError::Iptables {
+            rule: format!("-t {table} -A {chain} {}", rule.join(" ")),
+            stderr: String::from_utf8_lossy(&add.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
 
 fn lock(path: &Path) -> Result<Lock> {
-    Lock::take(path, true)?.ok_or_else(|| anyhow!("locking {}", path.display()))
+    Lock::take(path, true)?.ok_or_else(|| {
+        crate::util::IoError {
+            what: format!("locking {}", path.display()),
+            source: std::io::ErrorKind::WouldBlock.into(),
+        }
+        .into()
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,5 @@
 //! Which network a sandbox joins.
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// How a sandbox is networked (`husk run --network`).
@@ -15,15 +14,16 @@ pub enum NetworkMode {
 }
 
 impl std::str::FromStr for NetworkMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+    type Err = crate::net::NetError;
+    fn from_str(s: &str) -> crate::net::Result<Self> {
+        use crate::net::NetError::Invalid;
         match s {
             "bridge" | "default" | "husk0" => Ok(NetworkMode::Bridge),
             "none" => Ok(NetworkMode::None),
-            "host" => bail!(
-                "--network host: a husk container runs in its own VM and cannot share the host's network stack; publish ports with -p"
-            ),
-            other => bail!("--network {other:?}: husk has the networks \"bridge\" and \"none\""),
+            "host" => Err(Invalid(
+                "--network host: a husk container runs in its own VM and cannot share the host's network stack; publish ports with -p".into()
+            )),
+            other => Err(Invalid(format!("--network {other:?}: husk has the networks \"bridge\" and \"none\""))),
         }
     }
 }

@@ -4,9 +4,11 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-use anyhow::{anyhow, Context, Result};
 use futures_util::TryStreamExt;
 use rtnetlink::Handle;
+
+use crate::net::{NetError, NlContext, Result};
+use crate::util::{IoContext, IoError};
 
 /// Runs `f` with a netlink handle on a runtime of its own, on a thread of
 /// its own (callers may themselves be inside an async runtime).
@@ -32,17 +34,20 @@ where
                 // SAFETY: setns with an open namespace fd; a network
                 // namespace can be entered by one thread of a process.
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .context("entering the network namespace");
+                    return Err(IoError {
+                        what: "entering the network namespace".into(),
+                        source: std::io::Error::last_os_error(),
+                    }
+                    .into());
                 }
             }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
-                .context("netlink runtime")?;
+                .at(|| "netlink runtime")?;
             rt.block_on(async {
                 let (conn, handle, _) =
-                    rtnetlink::new_connection().context("opening a netlink socket")?;
+                    rtnetlink::new_connection().at(|| "opening a netlink socket")?;
                 let task = tokio::spawn(conn);
                 let r = f(handle).await;
                 task.abort();
@@ -50,7 +55,7 @@ where
             })
         })
         .join()
-        .map_err(|_| anyhow!("the netlink thread panicked"))?
+        .map_err(|_| NetError::NetlinkThread)?
     })
 }
 
@@ -60,6 +65,6 @@ pub(crate) async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>> {
         Ok(Some(l)) => Ok(Some(l.header.index)),
         Ok(None) => Ok(None),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        Err(e) => Err(e).nl(|| format!("looking up link {name}")),
     }
 }

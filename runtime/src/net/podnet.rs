@@ -15,7 +15,8 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::net::{NetError, NlContext, Result};
+use crate::util::{shown, IoContext};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
@@ -47,8 +48,7 @@ impl PodNet {
     /// `netns` (a bind-mounted namespace file, as CRI makes); returns it
     /// with the tap made there for the VMM.
     pub fn attach(netns: &Path) -> Result<(PodNet, Tap)> {
-        let ns = File::open(netns)
-            .with_context(|| format!("opening network namespace {}", netns.display()))?;
+        let ns = File::open(netns).at(|| format!("opening network namespace {}", shown(netns)))?;
         let tap_name = format!("husk-{}", crate::util::random_hex(4)?);
         let (tap, guest, veth_index) = netlink_in(Some(&ns), |h| async move {
             let (veth_index, link) = the_veth(&h).await?;
@@ -61,7 +61,7 @@ impl PodNet {
             };
             let tap_index = link_index(&h, &tap_name)
                 .await?
-                .ok_or_else(|| anyhow!("tap {tap_name} vanished"))?;
+                .ok_or_else(|| NetError::LinkGone(tap_name.clone()))?;
             h.link()
                 .set(
                     LinkUnspec::new_with_index(tap_index)
@@ -71,13 +71,13 @@ impl PodNet {
                 )
                 .execute()
                 .await
-                .with_context(|| format!("setting {tap_name} up"))?;
+                .nl(|| format!("setting {tap_name} up"))?;
             redirect(&h, veth_index, tap_index)
                 .await
-                .with_context(|| format!("redirecting {} to {tap_name}", guest.veth))?;
+                .nl(|| format!("redirecting {} to {tap_name}", guest.veth))?;
             redirect(&h, tap_index, veth_index)
                 .await
-                .with_context(|| format!("redirecting {tap_name} to {}", guest.veth))?;
+                .nl(|| format!("redirecting {tap_name} to {}", guest.veth))?;
             Ok((tap, guest, veth_index))
         })?;
         let pod = PodNet {
@@ -98,7 +98,7 @@ impl Drop for PodNet {
             let mut q = h.qdisc().del(index as i32);
             q.message_mut().header.parent = TcHandle::INGRESS;
             q.message_mut().header.handle = TcHandle::from(INGRESS);
-            q.execute().await.map_err(anyhow::Error::from)
+            q.execute().await.nl(|| "removing the ingress qdisc")
         });
         // Fails when CNI already deleted the veth (or the namespace went):
         // then there is nothing left to remove.
@@ -108,13 +108,8 @@ impl Drop for PodNet {
 
 /// Ingress qdisc on `from` and a match-all filter that redirects each
 /// frame to `to`'s egress.
-async fn redirect(h: &Handle, from: u32, to: u32) -> Result<()> {
-    h.qdisc()
-        .add(from as i32)
-        .ingress()
-        .execute()
-        .await
-        .context("adding the ingress qdisc")?;
+async fn redirect(h: &Handle, from: u32, to: u32) -> std::result::Result<(), rtnetlink::Error> {
+    h.qdisc().add(from as i32).ingress().execute().await?;
     h.traffic_filter(from as i32)
         .add()
         .parent(INGRESS)
@@ -122,12 +117,16 @@ async fn redirect(h: &Handle, from: u32, to: u32) -> Result<()> {
         .redirect(to)?
         .execute()
         .await
-        .context("adding the redirect filter")?;
-    Ok(())
 }
 
 async fn the_veth(h: &Handle) -> Result<(u32, LinkMessage)> {
-    let links: Vec<LinkMessage> = h.link().get().execute().try_collect().await?;
+    let links: Vec<LinkMessage> = h
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .nl(|| "listing the pod's links")?;
     let mut found: Vec<(u32, LinkMessage)> = links
         .into_iter()
         .filter(|l| l.header.link_layer_type != LinkLayerType::Loopback)
@@ -135,15 +134,17 @@ async fn the_veth(h: &Handle) -> Result<(u32, LinkMessage)> {
         .collect();
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => bail!("the pod's network namespace has no interface besides loopback (did CNI run?)"),
-        n => bail!(
+        0 => Err(NetError::PodInterfaces(
+            "the pod's network namespace has no interface besides loopback (did CNI run?)".into(),
+        )),
+        n => Err(NetError::PodInterfaces(format!(
             "the pod's network namespace has {n} interfaces besides loopback ({}); husk hands exactly one to the VM",
             found
                 .iter()
                 .map(|(_, l)| link_name(l).unwrap_or("?"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        ),
+        ))),
     }
 }
 
@@ -172,10 +173,15 @@ async fn read_identity(h: &Handle, index: u32, link: &LinkMessage) -> Result<Gue
             _ => {}
         }
     }
-    let mac = mac.ok_or_else(|| anyhow!("{veth} has no Ethernet address"))?;
+    let mac =
+        mac.ok_or_else(|| NetError::PodInterfaces(format!("{veth} has no Ethernet address")))?;
     let mut addresses = Vec::new();
     let mut addrs = h.address().get().set_link_index_filter(index).execute();
-    while let Some(a) = addrs.try_next().await? {
+    while let Some(a) = addrs
+        .try_next()
+        .await
+        .nl(|| format!("the addresses of {veth}"))?
+    {
         for attr in &a.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
                 addresses.push((*ip, a.header.prefix_len));
@@ -183,13 +189,15 @@ async fn read_identity(h: &Handle, index: u32, link: &LinkMessage) -> Result<Gue
         }
     }
     if addresses.is_empty() {
-        bail!("{veth} in the pod's namespace has no IPv4 address (did CNI's IPAM run?)");
+        return Err(NetError::PodInterfaces(format!(
+            "{veth} in the pod's namespace has no IPv4 address (did CNI's IPAM run?)"
+        )));
     }
     addresses.dedup();
     let mut routes = Vec::new();
     let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let mut rs = h.route().get(req).execute();
-    while let Some(r) = rs.try_next().await? {
+    while let Some(r) = rs.try_next().await.nl(|| "the pod's routes")? {
         // The kernel's own routes for connected subnets come back in the
         // guest from the addresses.
         if r.header.protocol == RouteProtocol::Kernel || r.header.scope == RouteScope::Host {

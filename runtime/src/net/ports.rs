@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use crate::net::{NetError, Result};
+use crate::util::IoContext;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +45,7 @@ pub struct PortMapping {
 /// Docker's `-p` forms: `CPORT`, `HPORT:CPORT`, `IP:HPORT:CPORT`,
 /// `IP::CPORT`, each with an optional `/tcp` or `/udp`.
 pub fn parse_publish(s: &str) -> Result<PortMapping> {
-    let bad = |why: &str| anyhow!("-p {s:?}: {why} (HOST:CONTAINER[/tcp|/udp])");
+    let bad = |why: &str| NetError::Invalid(format!("-p {s:?}: {why} (HOST:CONTAINER[/tcp|/udp])"));
     let (spec, protocol) = match s.rsplit_once('/') {
         Some((p, "tcp")) => (p, Protocol::Tcp),
         Some((p, "udp")) => (p, Protocol::Udp),
@@ -104,24 +105,28 @@ impl Publisher {
             let addr = SocketAddr::new(m.host_ip, m.host_port);
             let taken = |e: std::io::Error| {
                 if e.kind() == ErrorKind::AddrInUse {
-                    anyhow!(
-                        "publishing {addr}/{}: the port is already in use",
-                        m.protocol
-                    )
+                    NetError::PortTaken {
+                        addr,
+                        protocol: m.protocol,
+                    }
                 } else {
-                    anyhow!("publishing {addr}/{}: {e}", m.protocol)
+                    crate::util::IoError {
+                        what: format!("publishing {addr}/{}", m.protocol),
+                        source: e,
+                    }
+                    .into()
                 }
             };
             let mut b = m.clone();
             match m.protocol {
                 Protocol::Tcp => {
                     let l = TcpListener::bind(addr).map_err(taken)?;
-                    b.host_port = l.local_addr()?.port();
+                    b.host_port = l.local_addr().at(|| format!("publishing {addr}"))?.port();
                     tcp.push((l, m.container_port));
                 }
                 Protocol::Udp => {
                     let u = UdpSocket::bind(addr).map_err(taken)?;
-                    b.host_port = u.local_addr()?.port();
+                    b.host_port = u.local_addr().at(|| format!("publishing {addr}"))?.port();
                     udp.push((u, m.container_port));
                 }
             }
@@ -131,7 +136,7 @@ impl Publisher {
         let mut threads = Vec::new();
         let mut wake = Vec::new();
         for (l, port) in tcp {
-            let mut at = l.local_addr()?;
+            let mut at = l.local_addr().at(|| "a published port's address")?;
             if at.ip().is_unspecified() {
                 at.set_ip(if at.is_ipv4() {
                     IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -145,7 +150,8 @@ impl Publisher {
             threads.push(std::thread::spawn(move || accept_loop(l, to, &stop)));
         }
         for (u, port) in udp {
-            u.set_read_timeout(Some(Duration::from_millis(200)))?;
+            u.set_read_timeout(Some(Duration::from_millis(200)))
+                .at(|| "a published UDP port")?;
             let to = SocketAddr::new(IpAddr::V4(target), port);
             let stop = stop.clone();
             threads.push(std::thread::spawn(move || udp_loop(u, to, &stop)));
@@ -287,11 +293,10 @@ pub fn check_mappings(maps: &[PortMapping]) -> Result<()> {
                         || a.host_ip.is_unspecified())
             })
         {
-            bail!(
+            return Err(NetError::Invalid(format!(
                 "host port {}/{} is published twice",
-                a.host_port,
-                a.protocol
-            );
+                a.host_port, a.protocol
+            )));
         }
     }
     Ok(())

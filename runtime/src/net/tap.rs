@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-use anyhow::{bail, Context, Result};
+use crate::net::Result;
+use crate::util::{IoContext, IoError};
 
 /// A tap this process created; it disappears when the last descriptor of
 /// it (here and in the VMM that inherited it) is closed.
@@ -33,7 +34,7 @@ pub(crate) fn create_tap(name: &str) -> Result<File> {
         .read(true)
         .write(true)
         .open("/dev/net/tun")
-        .context("opening /dev/net/tun (is the tun module available?)")?;
+        .at(|| "opening /dev/net/tun (is the tun module available?)")?;
     let mut ifr = [0u8; 40];
     ifr[..name.len()].copy_from_slice(name.as_bytes());
     ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL).to_ne_bytes());
@@ -46,7 +47,11 @@ pub(crate) fn create_tap(name: &str) -> Result<File> {
         } else {
             ""
         };
-        bail!("creating tap {name}: {e}{hint}");
+        return Err(IoError {
+            what: format!("creating tap {name}{hint}"),
+            source: e,
+        }
+        .into());
     }
     Ok(f)
 }

@@ -180,7 +180,7 @@ impl Sandbox {
     /// `storage::shared::guest_source`. Needs a sandbox started with shares.
     pub fn add_share(&mut self, share: &HostShare) -> Result<usize> {
         match self.shared.as_mut() {
-            Some(fs) => fs.add(share),
+            Some(fs) => Ok(fs.add(share)?),
             None => bail!("sandbox {} was started without shared host paths", self.id),
         }
     }
@@ -188,7 +188,7 @@ impl Sandbox {
     /// Stops sharing entry `i`.
     pub fn remove_share(&mut self, i: usize) -> Result<()> {
         match self.shared.as_mut() {
-            Some(fs) => fs.remove(i),
+            Some(fs) => Ok(fs.remove(i)?),
             None => Ok(()),
         }
     }

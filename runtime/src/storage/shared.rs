@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::storage::{Result, StorageError};
+use crate::util::{shown, IoContext, IoError};
 
 use crate::util::check;
 
@@ -111,32 +112,29 @@ impl SharedFs {
     /// Starts virtiofsd serving `<dir>/shared` with `shares` bound into it.
     pub fn start(virtiofsd: &Path, dir: &Path, shares: &[HostShare]) -> Result<SharedFs> {
         if !virtiofsd.exists() {
-            bail!(
-                "sharing host paths needs virtiofsd, not found at {} (Debian: qemu-system-common; or set HUSK_VIRTIOFSD)",
-                virtiofsd.display()
-            );
+            return Err(StorageError::NoVirtiofsd(virtiofsd.to_path_buf()));
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            bail!("sharing host paths (virtio-fs) needs root: virtiofsd and its bind mounts do");
+            return Err(StorageError::NeedsRoot);
         }
         let root = dir.join("shared");
-        std::fs::create_dir_all(&root).with_context(|| root.display().to_string())?;
+        std::fs::create_dir_all(&root).at(|| shown(&root))?;
         let mut binds = Vec::new();
         for (i, s) in shares.iter().enumerate() {
             let target = root.join(format!("b{i}"));
             mount_point(&s.source, &target)?;
             binds.push(Bind {
-                source: CString::new(s.source.as_os_str().as_bytes())?,
-                target: CString::new(target.as_os_str().as_bytes())?,
+                source: c_path(&s.source)?,
+                target: c_path(&target)?,
                 read_only: s.read_only,
             });
         }
         let sock = dir.join("virtiofsd.sock");
         let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).with_context(|| sock.display().to_string())?;
+        let listener = UnixListener::bind(&sock).at(|| shown(&sock))?;
         let log = dir.join("virtiofsd.log");
-        let out = File::create(&log).with_context(|| log.display().to_string())?;
+        let out = File::create(&log).at(|| shown(&log))?;
         let lfd = listener.as_raw_fd();
         let mut cmd = Command::new(virtiofsd);
         cmd.arg(format!("--fd={lfd}"))
@@ -149,7 +147,7 @@ impl SharedFs {
             .arg("-o")
             .arg("log_level=warn")
             .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
+            .stdout(out.try_clone().at(|| shown(&log))?)
             .stderr(out);
         // SAFETY: between fork and exec only async-signal-safe calls
         // (fcntl, unshare, mount) on data prepared before; no allocation.
@@ -161,7 +159,7 @@ impl SharedFs {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {}", virtiofsd.display()))?;
+            .at(|| format!("starting {}", virtiofsd.display()))?;
         // Queued in the backlog until virtiofsd accepts it.
         let stream = UnixStream::connect(&sock);
         drop(listener);
@@ -170,7 +168,13 @@ impl SharedFs {
             child: crate::util::child::Watched::new(child),
             stream: match stream {
                 Ok(s) => s,
-                Err(e) => bail!("connecting to virtiofsd: {e}"),
+                Err(source) => {
+                    return Err(IoError {
+                        what: "connecting to virtiofsd".into(),
+                        source,
+                    }
+                    .into())
+                }
             },
             log,
             root,
@@ -193,11 +197,9 @@ impl SharedFs {
         if r.is_err() {
             let _ = remove_entry(&target);
         }
-        r.with_context(|| {
-            format!(
-                "sharing {} into the running sandbox",
-                share.source.display()
-            )
+        r.map_err(|e| StorageError::Share {
+            path: share.source.clone(),
+            source: Box::new(e),
         })?;
         Ok(i)
     }
@@ -208,7 +210,7 @@ impl SharedFs {
         let name = format!("b{i}");
         if self.check_alive().is_ok() {
             let ns = self.namespace()?;
-            let path = CString::new(format!("/{name}"))?;
+            let path = c_path(Path::new(&format!("/{name}")))?;
             std::thread::scope(|s| {
                 s.spawn(|| -> std::io::Result<()> {
                     enter(&ns)?;
@@ -219,31 +221,32 @@ impl SharedFs {
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("unmount thread panicked")))
             })
-            .with_context(|| format!("unmounting share {name} in virtiofsd's namespace"))?;
+            .at(|| format!("unmounting share {name} in virtiofsd's namespace"))?;
         }
-        remove_entry(&self.root.join(&name)).with_context(|| format!("removing share {name}"))
+        Ok(remove_entry(&self.root.join(&name)).at(|| format!("removing share {name}"))?)
     }
 
     /// virtiofsd's mount namespace, once it has made the served directory
     /// its root (it sets up its sandbox after starting).
     fn namespace(&mut self) -> Result<File> {
         use std::os::unix::fs::MetadataExt;
-        let want = std::fs::metadata(&self.root)?;
+        let want = std::fs::metadata(&self.root).at(|| shown(&self.root))?;
         let pid = self.child.id();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let ns = File::open(format!("/proc/{pid}/ns/mnt"))
-                .with_context(|| format!("virtiofsd (pid {pid})'s mount namespace"))?;
-            let root = std::fs::metadata(format!("/proc/{pid}/root"))?;
+                .at(|| format!("virtiofsd (pid {pid})'s mount namespace"))?;
+            let root = std::fs::metadata(format!("/proc/{pid}/root"))
+                .at(|| format!("virtiofsd (pid {pid})'s root"))?;
             if (root.dev(), root.ino()) == (want.dev(), want.ino()) {
                 return Ok(ns);
             }
             self.check_alive()?;
             if std::time::Instant::now() > deadline {
-                bail!(
-                    "virtiofsd (pid {pid}) has not made {} its root: is it one that sandboxes itself in a mount namespace?",
-                    self.root.display()
-                );
+                return Err(StorageError::NotItsRoot {
+                    pid,
+                    root: self.root.clone(),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -253,13 +256,13 @@ impl SharedFs {
     /// virtiofsd's namespace.
     fn in_namespace(&mut self, share: &HostShare, name: &str) -> Result<()> {
         let ns = self.namespace()?;
-        let source = CString::new(share.source.as_os_str().as_bytes())?;
-        let target = CString::new(format!("/{name}"))?;
+        let source = c_path(&share.source)?;
+        let target = c_path(Path::new(&format!("/{name}")))?;
         let read_only = share.read_only;
         std::thread::scope(|s| {
             s.spawn(|| -> Result<()> {
-                let tree = clone_tree(&source, read_only).context("cloning the mount")?;
-                enter(&ns).context("entering virtiofsd's mount namespace")?;
+                let tree = clone_tree(&source, read_only).at(|| "cloning the mount")?;
+                enter(&ns).at(|| "entering virtiofsd's mount namespace")?;
                 // SAFETY: a detached tree's fd, an empty path (F_EMPTY_PATH:
                 // the fd itself) and a NUL-terminated target path.
                 let r = unsafe {
@@ -273,12 +276,16 @@ impl SharedFs {
                     )
                 };
                 if r < 0 {
-                    return Err(std::io::Error::last_os_error()).context("move_mount");
+                    return Err(IoError {
+                        what: "move_mount".into(),
+                        source: std::io::Error::last_os_error(),
+                    }
+                    .into());
                 }
                 Ok(())
             })
             .join()
-            .unwrap_or_else(|_| bail!("the mount thread panicked"))
+            .unwrap_or(Err(StorageError::MountThread))
         })
     }
 
@@ -294,11 +301,11 @@ impl SharedFs {
 
     /// Fails with what virtiofsd said if it has exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "virtiofsd exited ({status}): {}",
-                crate::util::tail(&self.log, 2000)
-            );
+        if let Some(status) = self.child.try_wait().at(|| "waiting for virtiofsd")? {
+            return Err(StorageError::VirtiofsdExited {
+                status,
+                log: crate::util::tail(&self.log, 2000),
+            });
         }
         Ok(())
     }
@@ -394,14 +401,17 @@ fn enter(ns: &File) -> std::io::Result<()> {
 /// Makes `target`, the mount point for `source`, of the source's kind: a
 /// bind of a file needs a file.
 fn mount_point(source: &Path, target: &Path) -> Result<()> {
-    let meta =
-        std::fs::metadata(source).with_context(|| format!("shared path {}", source.display()))?;
-    if meta.is_dir() {
+    let meta = std::fs::metadata(source).at(|| format!("shared path {}", source.display()))?;
+    Ok(if meta.is_dir() {
         std::fs::create_dir_all(target)
     } else {
         File::create(target).map(drop)
     }
-    .with_context(|| target.display().to_string())
+    .at(|| shown(target))?)
+}
+
+fn c_path(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| StorageError::NulInPath(p.to_path_buf()))
 }
 
 fn remove_entry(p: &Path) -> std::io::Result<()> {

@@ -7,7 +7,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use crate::storage::{Result, StorageError};
+use crate::util::{shown, IoContext};
 use serde::{Deserialize, Serialize};
 
 /// Size of a new volume's (sparse) file system.
@@ -40,14 +41,14 @@ pub fn check_name(name: &str) -> Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !ok {
-        bail!("volume name {name:?}: use [a-zA-Z0-9][a-zA-Z0-9_.-], 2-64 characters");
+        return Err(StorageError::InvalidName(name.into()));
     }
     Ok(())
 }
 
 impl VolumeStore {
     pub fn open(root: &Path) -> Result<VolumeStore> {
-        std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
+        std::fs::create_dir_all(root).at(|| shown(root))?;
         Ok(VolumeStore {
             root: root.to_path_buf(),
         })
@@ -60,8 +61,15 @@ impl VolumeStore {
     pub fn get(&self, name: &str) -> Result<Volume> {
         check_name(name)?;
         let meta = self.dir(name).join("volume.json");
-        let bytes = std::fs::read(&meta).with_context(|| format!("volume {name:?} not found"))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{}", meta.display()))
+        let bytes = match std::fs::read(&meta) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NotFound(name.into()))
+            }
+            Err(e) => return Err(e).at(|| shown(&meta))?,
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|source| StorageError::Corrupt { path: meta, source })
     }
 
     /// Creates `name` (an existing one is returned as it is, as Docker).
@@ -73,27 +81,31 @@ impl VolumeStore {
         let dir = self.dir(name);
         let tmp = self.root.join(format!(".{name}.new"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
+        std::fs::create_dir_all(&tmp).at(|| shown(&tmp))?;
         let disk = tmp.join("disk.ext4");
-        File::create(&disk)?.set_len(size)?;
+        File::create(&disk)
+            .and_then(|f| f.set_len(size))
+            .at(|| shown(&disk))?;
         let out = Command::new("mkfs.ext4")
             .args(["-q", "-F", "-E", "root_owner=0:0", "-L"])
             .arg(&name[..name.len().min(16)])
             .arg(&disk)
             .output()
-            .context("running mkfs.ext4 (apt install e2fsprogs)")?;
+            .at(|| "running mkfs.ext4 (apt install e2fsprogs)")?;
         if !out.status.success() {
-            bail!(
-                "mkfs.ext4 for volume {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            return Err(StorageError::Mkfs {
+                name: name.into(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
         }
         let v = Volume {
             name: name.into(),
             disk: dir.join("disk.ext4"),
             size,
         };
-        std::fs::write(tmp.join("volume.json"), serde_json::to_vec_pretty(&v)?)?;
+        // A Volume (strings and a number) always serializes.
+        let record = serde_json::to_vec_pretty(&v).unwrap_or_default();
+        std::fs::write(tmp.join("volume.json"), record).at(|| shown(&tmp))?;
         if std::fs::rename(&tmp, &dir).is_err() {
             // Created meanwhile by another husk: theirs stands.
             let _ = std::fs::remove_dir_all(&tmp);
@@ -104,7 +116,10 @@ impl VolumeStore {
 
     pub fn list(&self) -> Result<Vec<Volume>> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.root)?.flatten() {
+        for e in std::fs::read_dir(&self.root)
+            .at(|| shown(&self.root))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
                 continue;
@@ -120,8 +135,7 @@ impl VolumeStore {
     /// Takes `name` for one sandbox, creating it if missing.
     pub fn lease(&self, name: &str) -> Result<VolumeLease> {
         let volume = self.create(name, DEFAULT_SIZE)?;
-        let lock = lock(&volume.disk, false)?
-            .with_context(|| format!("volume {name} is in use by another sandbox"))?;
+        let lock = lock(&volume.disk, false)?.ok_or_else(|| StorageError::InUse(name.into()))?;
         Ok(VolumeLease {
             volume,
             _lock: lock,
@@ -130,15 +144,15 @@ impl VolumeStore {
 
     pub fn remove(&self, name: &str) -> Result<()> {
         let v = self.get(name)?;
-        let _held = lock(&v.disk, false)?.with_context(|| format!("volume {name} is in use"))?;
-        std::fs::remove_dir_all(self.dir(name)).with_context(|| format!("removing volume {name}"))
+        let _held = lock(&v.disk, false)?.ok_or_else(|| StorageError::InUse(name.into()))?;
+        Ok(std::fs::remove_dir_all(self.dir(name)).at(|| format!("removing volume {name}"))?)
     }
 }
 
 /// An exclusive lock on a volume's disk; None if another holds it.
 fn lock(path: &Path, wait: bool) -> Result<Option<File>> {
-    let f = File::open(path).with_context(|| format!("{}", path.display()))?;
-    crate::util::flock_exclusive(f, wait).with_context(|| format!("locking {}", path.display()))
+    let f = File::open(path).at(|| shown(path))?;
+    Ok(crate::util::flock_exclusive(f, wait).at(|| format!("locking {}", path.display()))?)
 }
 
 #[cfg(test)]

@@ -5,17 +5,57 @@ pub mod child;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+/// A system call that failed, and what it was doing: the io part of every
+/// module's error (each has an `Io` variant of this).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct IoError {
+    pub what: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// `.at(|| what)` on an io result: the error says what was being done.
+pub trait IoContext<T> {
+    fn at<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T, IoError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T, IoError> {
+        self.map_err(|source| IoError {
+            what: what().into(),
+            source,
+        })
+    }
+}
+
+/// An error and its causes on one line, as anyhow's `{:#}` shows them:
+/// for an error folded into another's text.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// A path as an error's "what".
+pub fn shown(p: &Path) -> String {
+    p.display().to_string()
+}
 
 /// `bytes` random bytes from the kernel's CSPRNG, as hex (unique names).
-pub fn random_hex(bytes: usize) -> Result<String> {
+pub fn random_hex(bytes: usize) -> Result<String, IoError> {
     let mut b = vec![0u8; bytes];
     getrandom(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Fills `buf` from the kernel's CSPRNG.
-pub fn getrandom(buf: &mut [u8]) -> Result<()> {
+pub fn getrandom(buf: &mut [u8]) -> Result<(), IoError> {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: writes at most buf.len() - done bytes into buf[done..],
@@ -26,7 +66,7 @@ pub fn getrandom(buf: &mut [u8]) -> Result<()> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(e).context("getrandom");
+            return Err(e).at(|| "getrandom");
         }
         done += n as usize;
     }
@@ -75,15 +115,15 @@ pub(crate) struct Lock(#[allow(dead_code)] std::fs::File);
 impl Lock {
     /// The lock on `path` (created if missing); None if another holds it
     /// and `wait` is false.
-    pub(crate) fn take(path: &Path, wait: bool) -> Result<Option<Lock>> {
+    pub(crate) fn take(path: &Path, wait: bool) -> Result<Option<Lock>, IoError> {
         let f = std::fs::File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
-            .with_context(|| format!("{}", path.display()))?;
+            .at(|| shown(path))?;
         Ok(flock_exclusive(f, wait)
-            .with_context(|| format!("locking {}", path.display()))?
+            .at(|| format!("locking {}", path.display()))?
             .map(Lock))
     }
 }

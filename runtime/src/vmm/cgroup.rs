@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::util::{shown, IoContext};
+use crate::vmm::Result;
 
 /// A VMM's cgroup: v2 (`/sys/fs/cgroup/husk/<name>`) where the unified
 /// hierarchy has the memory controller, else v1 memory and cpu
@@ -29,10 +30,10 @@ impl Cgroup {
             .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
         let parents: Vec<PathBuf> = if v2 {
             let husk = root.join("husk");
-            std::fs::create_dir_all(&husk).with_context(|| format!("{}", husk.display()))?;
+            std::fs::create_dir_all(&husk).at(|| shown(&husk))?;
             // Controllers reach the sandboxes' groups through husk's.
             std::fs::write(husk.join("cgroup.subtree_control"), "+memory +cpu")
-                .with_context(|| format!("enabling memory and cpu in {}", husk.display()))?;
+                .at(|| format!("enabling memory and cpu in {}", husk.display()))?;
             vec![husk]
         } else {
             ["memory", "cpu"]
@@ -47,12 +48,11 @@ impl Cgroup {
         }
         for p in parents {
             let d = p.join(name);
-            std::fs::create_dir_all(&d)
-                .with_context(|| format!("creating cgroup {}", d.display()))?;
+            std::fs::create_dir_all(&d).at(|| format!("creating cgroup {}", d.display()))?;
             let f = File::options()
                 .write(true)
                 .open(d.join("cgroup.procs"))
-                .with_context(|| format!("{}", d.join("cgroup.procs").display()))?;
+                .at(|| shown(&d.join("cgroup.procs")))?;
             dirs.push(d);
             procs.push(f);
         }

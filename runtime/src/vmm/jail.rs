@@ -20,7 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use crate::util::{shown, IoContext};
+use crate::vmm::{Result, VmmError};
 
 use crate::util::check;
 use crate::vmm::cgroup::Cgroup;
@@ -87,7 +88,7 @@ pub struct Plan {
 }
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("{} has a NUL byte", p.display()))
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| VmmError::NulInPath(p.to_path_buf()))
 }
 
 /// Under `root`, the place where host path `p` is mirrored.
@@ -100,7 +101,7 @@ impl Plan {
     /// libraries and /sys/module, read-only) and the plan to enter it.
     pub fn new(root: &Path, shares: &[Share], cgroup: Option<&Cgroup>) -> Result<Plan> {
         let uid = vmm_uid();
-        std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
+        std::fs::create_dir_all(root).at(|| shown(&root))?;
         let mut all: Vec<Share> = shares.to_vec();
         // The VMM links glibc: its loader and libraries, read-only. /lib
         // and /lib64 are links into /usr on merged-/usr systems.
@@ -108,11 +109,10 @@ impl Plan {
             let p = Path::new(lib);
             match std::fs::symlink_metadata(p) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    let target = std::fs::read_link(p)?;
+                    let target = std::fs::read_link(p).at(|| shown(p))?;
                     let at = inside(root, p);
                     if std::fs::symlink_metadata(&at).is_err() {
-                        std::os::unix::fs::symlink(&target, &at)
-                            .with_context(|| format!("{}", at.display()))?;
+                        std::os::unix::fs::symlink(&target, &at).at(|| shown(&at))?;
                     }
                 }
                 Ok(_) => all.push(Share::ro(p)),
@@ -125,32 +125,31 @@ impl Plan {
         }
         let mut binds = Vec::new();
         for s in &mut all {
-            s.path =
-                std::path::absolute(&s.path).with_context(|| format!("{}", s.path.display()))?;
+            s.path = std::path::absolute(&s.path).at(|| shown(&s.path))?;
         }
         for s in &all {
             let meta = std::fs::metadata(&s.path)
-                .with_context(|| format!("{} (for the VMM's jail)", s.path.display()))?;
+                .at(|| format!("{} (for the VMM's jail)", s.path.display()))?;
             let at = inside(root, &s.path);
             if meta.is_dir() {
-                std::fs::create_dir_all(&at)?;
+                std::fs::create_dir_all(&at).at(|| shown(&at))?;
             } else {
                 if let Some(parent) = at.parent() {
-                    std::fs::create_dir_all(parent)?;
+                    std::fs::create_dir_all(parent).at(|| shown(parent))?;
                 }
                 if !at.exists() {
-                    File::create(&at).with_context(|| format!("{}", at.display()))?;
+                    File::create(&at).at(|| shown(&at))?;
                 }
             }
             if s.writable {
                 std::os::unix::fs::chown(&s.path, Some(uid), Some(uid))
-                    .with_context(|| format!("giving {} to the VMM's uid", s.path.display()))?;
+                    .at(|| format!("giving {} to the VMM's uid", s.path.display()))?;
             }
             binds.push((cstr(&s.path)?, cstr(&at)?, s.writable));
         }
         let dev = root.join("dev");
-        std::fs::create_dir_all(&dev)?;
-        let kvm_rdev = std::fs::metadata("/dev/kvm").context("/dev/kvm")?.rdev();
+        std::fs::create_dir_all(&dev).at(|| shown(&dev))?;
+        let kvm_rdev = std::fs::metadata("/dev/kvm").at(|| "/dev/kvm")?.rdev();
         Ok(Plan {
             root: cstr(root)?,
             binds,

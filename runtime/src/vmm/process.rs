@@ -6,7 +6,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use crate::util::{shown, IoContext};
+use crate::vmm::{Result, VmmError};
 
 use crate::util::child::{keep_across_exec, Watched};
 use crate::util::tail;
@@ -35,14 +36,13 @@ impl VmmProcess {
         inherit: &[i32],
         jail: Option<&JailSpec>,
     ) -> Result<VmmProcess> {
-        let out = File::create(log).with_context(|| format!("{}", log.display()))?;
+        let out = File::create(log).at(|| shown(log))?;
         let mut cmd = Command::new(vmm);
         let fds = inherit.to_vec();
         let (cgroup, plan) = match jail {
             Some(j) => {
                 let cg = Cgroup::create(&j.cgroup)?;
-                let plan =
-                    Plan::new(&j.root, &j.shares, Some(&cg)).context("preparing the VMM's jail")?;
+                let plan = Plan::new(&j.root, &j.shares, Some(&cg))?;
                 (Some(cg), Some(plan))
             }
             None => (None, None),
@@ -67,10 +67,10 @@ impl VmmProcess {
             .arg("--api-sock")
             .arg(&api)
             .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
+            .stdout(out.try_clone().at(|| shown(log))?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("starting {}", vmm.display()))?;
+            .at(|| format!("starting {}", vmm.display()))?;
         Ok(VmmProcess {
             child: Watched::new(child),
             api,
@@ -81,8 +81,11 @@ impl VmmProcess {
 
     /// Fails with what the VMM said if it has exited.
     pub fn check_alive(&mut self, log: &Path) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("husk-vmm exited ({status}): {}", tail(log, 2000));
+        if let Some(status) = self.child.try_wait().at(|| "waiting for husk-vmm")? {
+            return Err(VmmError::Exited {
+                status,
+                log: tail(log, 2000),
+            });
         }
         Ok(())
     }

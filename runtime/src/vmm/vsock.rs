@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use crate::util::IoContext;
+use crate::vmm::{Result, VmmError};
 
 /// Connects to guest vsock `port` through husk-vmm's hybrid vsock socket:
 /// `CONNECT <port>\n`, `OK <host port>\n`, then the stream is the connection.
@@ -17,15 +18,16 @@ pub fn vsock_connect(
     let deadline = Instant::now() + timeout;
     loop {
         let attempt = (|| -> Result<std::os::unix::net::UnixStream> {
-            let mut s = std::os::unix::net::UnixStream::connect(uds)?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+            let io = || format!("vsock port {port} through {}", uds.display());
+            let mut s = std::os::unix::net::UnixStream::connect(uds).at(io)?;
+            s.set_read_timeout(Some(Duration::from_secs(30))).at(io)?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes()).at(io)?;
             // Byte by byte: what follows the line belongs to the connection.
             let mut line = Vec::new();
             let mut b = [0u8; 1];
             while line.len() < 64 {
-                if s.read(&mut b)? == 0 {
-                    bail!("vsock port {port}: closed before OK (nothing listening?)");
+                if s.read(&mut b).at(io)? == 0 {
+                    return Err(VmmError::VsockClosed { port });
                 }
                 if b[0] == b'\n' {
                     break;
@@ -34,9 +36,9 @@ pub fn vsock_connect(
             }
             let line = String::from_utf8_lossy(&line).into_owned();
             if !line.starts_with("OK ") {
-                bail!("vsock port {port}: answer {line:?}");
+                return Err(VmmError::VsockAnswer { port, answer: line });
             }
-            s.set_read_timeout(None)?;
+            s.set_read_timeout(None).at(io)?;
             Ok(s)
         })();
         match attempt {
