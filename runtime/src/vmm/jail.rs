@@ -101,7 +101,7 @@ impl Plan {
     /// libraries and /sys/module, read-only) and the plan to enter it.
     pub fn new(root: &Path, shares: &[Share], cgroup: Option<&Cgroup>) -> Result<Plan> {
         let uid = vmm_uid();
-        std::fs::create_dir_all(root).at(|| shown(&root))?;
+        std::fs::create_dir_all(root).at(|| shown(root))?;
         let mut all: Vec<Share> = shares.to_vec();
         // The VMM links glibc: its loader and libraries, read-only. /lib
         // and /lib64 are links into /usr on merged-/usr systems.
