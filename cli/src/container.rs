@@ -294,5 +294,7 @@ pub(crate) fn logs(follow: bool, container: &str) -> Result<()> {
 }
 
 pub(crate) fn records() -> Result<Records> {
-    Records::open(&husk_runtime::default_data_dir().join("containers"))
+    Ok(Records::open(
+        &husk_runtime::default_data_dir().join("containers"),
+    )?)
 }

@@ -9,9 +9,7 @@ pub(crate) const HUSK_ERROR: u8 = 125;
 /// the agent's refusal says (its detail, not its text).
 pub(crate) fn start_failure_code(e: &anyhow::Error) -> u8 {
     use husk_protocol::detail::{PROGRAM_NOT_EXECUTABLE, PROGRAM_NOT_FOUND};
-    let refusal = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<husk_runtime::guest::RpcError>());
+    let refusal = e.chain().find_map(husk_runtime::guest::find_rpc);
     match refusal {
         Some(r) if r.is(PROGRAM_NOT_FOUND) => 127,
         Some(r) if r.is(PROGRAM_NOT_EXECUTABLE) => 126,
@@ -24,7 +22,8 @@ pub(crate) struct Failure(pub(crate) u8, pub(crate) anyhow::Error);
 
 impl Failure {
     /// A create or start that failed: its exit code says why (127, 126).
-    pub(crate) fn starting(e: anyhow::Error) -> Failure {
+    pub(crate) fn starting(e: impl Into<anyhow::Error>) -> Failure {
+        let e = e.into();
         Failure(start_failure_code(&e), e)
     }
 }

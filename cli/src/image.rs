@@ -86,7 +86,7 @@ pub(crate) fn pull(
             b.abandon_with_message("Failed");
         }
     }
-    r
+    Ok(r?)
 }
 
 pub(crate) fn image(cmd: ImageCmd) -> Result<()> {

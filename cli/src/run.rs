@@ -101,7 +101,7 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn random_id() -> Result<String> {
-    husk_runtime::util::random_hex(6)
+    Ok(husk_runtime::util::random_hex(6)?)
 }
 
 pub(crate) fn env_file(path: &Path) -> Result<Vec<String>> {
@@ -242,7 +242,7 @@ pub(crate) fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
         .publish
         .iter()
         .map(|p| parse_publish(p))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     if network == NetworkMode::None && !ports.is_empty() {
         return Err(anyhow::anyhow!("-p needs a network: --network none has none").into());
     }

@@ -20,7 +20,9 @@ pub(crate) enum VolumeCmd {
 }
 
 pub(crate) fn volumes() -> Result<VolumeStore> {
-    VolumeStore::open(&husk_runtime::default_data_dir().join("volumes"))
+    Ok(VolumeStore::open(
+        &husk_runtime::default_data_dir().join("volumes"),
+    )?)
 }
 
 pub(crate) fn volume(cmd: VolumeCmd) -> Result<()> {

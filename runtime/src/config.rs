@@ -29,16 +29,27 @@ pub struct Runtime {
     pub virtiofsd: PathBuf,
 }
 
+/// Finding what a runtime runs.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Io(#[from] crate::util::IoError),
+    #[error("{what} not found (build it with `make guest kernel`, or set {env})")]
+    NotFound { what: String, env: String },
+    #[error("the network settings")]
+    Net(#[from] net::NetError),
+}
+
 impl Runtime {
     /// A runtime whose artifacts are found the way husk's binaries find
     /// them: `HUSK_VMM`, `HUSK_KERNEL`, `HUSK_GUEST_IMAGE`, else beside the
     /// running binary (a build tree: `husk-vmm`, `../guest/vmlinux`,
     /// `../guest/rootfs.erofs`), else installed under /usr/lib/husk.
-    pub fn locate() -> anyhow::Result<Runtime> {
-        use anyhow::Context;
-        let exe = std::env::current_exe().context("finding the running binary")?;
+    pub fn locate() -> Result<Runtime, ConfigError> {
+        use crate::util::IoContext;
+        let exe = std::env::current_exe().at(|| "finding the running binary")?;
         let dir = exe.parent().unwrap_or(std::path::Path::new("/"));
-        let find = |env: &str, beside: PathBuf, installed: &str| -> anyhow::Result<PathBuf> {
+        let find = |env: &str, beside: PathBuf, installed: &str| -> Result<PathBuf, ConfigError> {
             if let Some(p) = std::env::var_os(env) {
                 return Ok(PathBuf::from(p));
             }
@@ -47,7 +58,10 @@ impl Runtime {
                     return Ok(p);
                 }
             }
-            anyhow::bail!("{installed} not found (build it with `make guest kernel`, or set {env})")
+            Err(ConfigError::NotFound {
+                what: installed.into(),
+                env: env.into(),
+            })
         };
         let mut rt = Runtime::new(
             find("HUSK_VMM", dir.join("husk-vmm"), "/usr/lib/husk/husk-vmm")?,

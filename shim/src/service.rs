@@ -24,7 +24,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
-use husk_runtime::container::{join, ContainerSpec, Net, NotCreated, Root};
+use husk_runtime::container::{join, ContainerError, ContainerSpec, Net, NotCreated, Root};
 use husk_runtime::guest::{container, ctx as actx, AgentConn};
 use husk_runtime::{Runtime, Sandbox};
 use log::{info, warn};
@@ -48,10 +48,11 @@ fn err(code: Code, msg: impl Into<String>) -> TtrpcError {
 /// A failure as containerd sees it: an agent's refusal keeps the agent's
 /// code (NOT_FOUND, FAILED_PRECONDITION, ... which containerd maps to its
 /// errdefs); anything else is the shim's own, INTERNAL.
-fn internal(e: anyhow::Error) -> TtrpcError {
+fn internal(e: impl Into<anyhow::Error>) -> TtrpcError {
+    let e = e.into();
     let code = e
         .chain()
-        .find_map(|c| c.downcast_ref::<husk_runtime::guest::RpcError>())
+        .find_map(husk_runtime::guest::find_rpc)
         .and_then(|r| r.code)
         .unwrap_or(Code::INTERNAL);
     err(code, format!("{e:#}"))
@@ -320,10 +321,13 @@ impl Service {
         let container = match created {
             Ok(c) => c,
             Err(e) => {
-                if let Some(logs) = e.downcast_ref::<NotCreated>().and_then(|n| n.logs.as_ref()) {
+                if let ContainerError::NotCreated(NotCreated {
+                    logs: Some(logs), ..
+                }) = &e
+                {
                     warn!("{id}: not created; the sandbox's {logs}");
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         let pid = container.pid();

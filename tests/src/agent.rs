@@ -7,7 +7,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use husk_protocol::agent::Storage;
-pub use husk_runtime::guest::*;
+pub use husk_runtime::guest::{
+    container, ctx, find_rpc, read_all, rpc_message, AgentConn, Endpoint, GuestError, Io, RpcError,
+    Streams, SLOW_CALL,
+};
 use husk_runtime::{DriveSpec, Runtime, Sandbox, SandboxConfig};
 use oci_spec::runtime::Spec;
 

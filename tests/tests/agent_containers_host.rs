@@ -303,13 +303,13 @@ fn exec_signals_and_remove_leave_nothing_behind() {
             Io::default(),
         )
         .unwrap_err();
-    let refusal = e
-        .downcast_ref::<husk_runtime::guest::RpcError>()
-        .unwrap_or_else(|| panic!("not the agent's refusal: {e:#}"));
-    assert_eq!(refusal.code, Some(ttrpc::Code::NOT_FOUND), "{e:#}");
+    let husk_runtime::guest::GuestError::Rpc(refusal) = &e else {
+        panic!("not the agent's refusal: {e:?}");
+    };
+    assert_eq!(refusal.code, Some(ttrpc::Code::NOT_FOUND), "{e:?}");
     assert!(
         refusal.is(husk_protocol::detail::PROGRAM_NOT_FOUND),
-        "{e:#}"
+        "{e:?}"
     );
 
     // Stats: this host's cgroup v2 has cpu.stat (core) but no memory

@@ -327,7 +327,7 @@ fn containers_in_the_guest(sb: &Sandbox) {
     let start = Instant::now();
     let mut s = a
         .create("c1", &spec, Io::OUT_ERR, storage(), false)
-        .unwrap_or_else(|e| fail(e));
+        .unwrap_or_else(|e| fail(e.into()));
     let created = start.elapsed();
     a.containers
         .start_container(actx(t), &container("c1"))
@@ -373,7 +373,7 @@ fn containers_in_the_guest(sb: &Sandbox) {
         })
     };
     a.create("oom", &spec, Io::default(), storage(), true)
-        .unwrap_or_else(|e| fail(e));
+        .unwrap_or_else(|e| fail(e.into()));
     let w = a.wait("oom", "").or_logs(sb);
     assert_eq!((w.status, w.oom_killed), (137, true), "{w:?}");
     let ev = oom_waiter.join().or_logs(sb).or_logs(sb);
@@ -401,7 +401,7 @@ fn containers_in_the_guest(sb: &Sandbox) {
     linux.set_namespaces(Some(ns));
     spec.set_linux(Some(linux));
     a.create("long", &spec, Io::default(), storage(), true)
-        .unwrap_or_else(|e| fail(e));
+        .unwrap_or_else(|e| fail(e.into()));
     let mut es = a
         .exec(
             "long",

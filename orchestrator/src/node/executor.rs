@@ -17,6 +17,7 @@ use husk_runtime::guest::Io;
 use husk_runtime::image::{ImageRecord, ImageStore};
 use husk_runtime::net::ports::{PortMapping, Protocol};
 use husk_runtime::storage::volume::VolumeStore;
+use husk_runtime::util::chain;
 use husk_runtime::Runtime;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -277,43 +278,45 @@ impl Executor {
         t: &Task,
         ctl: &Arc<Mutex<Control>>,
     ) -> Result<Option<i32>, TaskError> {
-        let reject = |e: anyhow::Error| TaskError::Rejected(format!("{e:#}"));
-        let fail = |e: anyhow::Error| TaskError::Failed(format!("{e:#}"));
+        let reject = |e: &dyn std::error::Error| TaskError::Rejected(chain(e));
+        let fail = |e: &dyn std::error::Error| TaskError::Failed(chain(e));
         let rt = self.rt.as_ref().ok_or_else(|| {
             TaskError::Rejected(
                 "this node cannot run sandboxes: husk-vmm, the guest kernel or image not found"
                     .into(),
             )
         })?;
-        let store = ImageStore::open(&self.images).map_err(reject)?;
-        let image = store
-            .get(&t.spec.image)
-            .map_err(|e| TaskError::Rejected(format!("No such image: {} ({e:#})", t.spec.image)))?;
+        let store = ImageStore::open(&self.images).map_err(|e| reject(&e))?;
+        let image = store.get(&t.spec.image).map_err(|e| {
+            TaskError::Rejected(format!("No such image: {} ({})", t.spec.image, chain(&e)))
+        })?;
         let plan = container_spec(t, image)
             .plan(Some(&store))
-            .map_err(reject)?;
+            .map_err(|e| reject(&e))?;
         let env = plan
             .oci
             .process()
             .as_ref()
             .and_then(|p| p.env().clone())
             .unwrap_or_default();
-        let volumes = VolumeStore::open(&self.volumes).map_err(fail)?;
-        let prepared = plan.acquire(Some(&store), Some(&volumes)).map_err(fail)?;
+        let volumes = VolumeStore::open(&self.volumes).map_err(|e| fail(&e))?;
+        let prepared = plan
+            .acquire(Some(&store), Some(&volumes))
+            .map_err(|e| fail(&e))?;
         if lock(ctl).stop {
             return Ok(None);
         }
         self.report(&t.id, TaskState::Starting, "starting", "", None);
-        let starting = prepared.start(rt).map_err(fail)?;
-        let control = starting.control().map_err(fail)?;
+        let starting = prepared.start(rt).map_err(|e| fail(&e))?;
+        let control = starting.control().map_err(|e| fail(&e))?;
         if lock(ctl).stop {
             let _ = starting.abandon(Duration::from_secs(10));
             return Ok(None);
         }
-        let mut c = starting.create(Io::OUT_ERR).map_err(fail)?;
+        let mut c = starting.create(Io::OUT_ERR).map_err(|e| fail(&e))?;
         self.report(&t.id, TaskState::Running, "started", "", None);
-        std::fs::create_dir_all(&self.logs).map_err(|e| fail(e.into()))?;
-        let log = LogWriter::create(&self.log_path(&t.id)).map_err(fail)?;
+        std::fs::create_dir_all(&self.logs).map_err(|e| fail(&e))?;
+        let log = LogWriter::create(&self.log_path(&t.id)).map_err(|e| fail(&e))?;
         let mut streams = c.take_streams();
         let out = copy_to_log(streams.stdout.take(), "stdout", log.clone(), None);
         let err = copy_to_log(streams.stderr.take(), "stderr", log, None);
@@ -329,12 +332,12 @@ impl Executor {
             let (me, id, ctl) = (self.clone(), t.id.clone(), ctl.clone());
             std::thread::spawn(move || me.watch_health(id, hc, env, control, ctl));
         }
-        let status = c.wait().map_err(fail);
+        let status = c.wait().map_err(|e| fail(&e));
         lock(ctl).container = None;
         let _ = out.join();
         let _ = err.join();
         if let Err(e) = c.remove(Duration::from_secs(20)).shutdown {
-            tracing::warn!("task {}: stopping its sandbox: {e:#}", t.id);
+            tracing::warn!("task {}: stopping its sandbox: {}", t.id, chain(&e));
         }
         Ok(Some(status?.status))
     }
@@ -396,7 +399,7 @@ fn probe(
     match c.exec_within(exec_id, process, timeout) {
         Ok(status) => status == Some(0),
         Err(e) => {
-            tracing::debug!("task {}: healthcheck: {e:#}", c.id());
+            tracing::debug!("task {}: healthcheck: {}", c.id(), chain(&e));
             false
         }
     }
@@ -436,7 +439,7 @@ fn signal_stop(c: &Arc<Mutex<Control>>, id: &str) {
     };
     std::thread::spawn(move || {
         for e in container.stop(STOP_GRACE, || !lock(&c).finished) {
-            tracing::debug!("task {id}: {e:#}");
+            tracing::debug!("task {id}: {}", chain(&e));
         }
     });
 }

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
 use husk_protocol::agent::WaitProcessResponse;
 
+use crate::container::Result;
 use crate::guest::{AgentConn, Io, Streams};
 
 /// Cheap to clone; every clone shares one connection.
@@ -31,17 +31,17 @@ impl Control {
 
     /// `sig` to every process of the container (`docker kill`).
     pub fn signal(&self, sig: i32) -> Result<()> {
-        self.agent.signal(&self.id, "", sig as u32, true)
+        Ok(self.agent.signal(&self.id, "", sig as u32, true)?)
     }
 
     /// Runs `process` (OCI process JSON) in the container as `exec_id`.
     pub fn exec(&self, exec_id: &str, process: &serde_json::Value, io: Io) -> Result<Streams> {
-        self.agent.exec(&self.id, exec_id, process, io)
+        Ok(self.agent.exec(&self.id, exec_id, process, io)?)
     }
 
     /// Until exec `exec_id` exits.
     pub fn wait_exec(&self, exec_id: &str) -> Result<WaitProcessResponse> {
-        self.agent.wait(&self.id, exec_id)
+        Ok(self.agent.wait(&self.id, exec_id)?)
     }
 
     /// Runs `process` to its end within `timeout`: its exit status, or
@@ -73,10 +73,14 @@ impl Control {
     /// (`running` says whether it does: the caller's waiter knows). Errors
     /// are the caller's to log: a container that already exited refuses a
     /// signal.
-    pub fn stop(&self, grace: Duration, running: impl Fn() -> bool) -> Vec<anyhow::Error> {
+    pub fn stop(
+        &self,
+        grace: Duration,
+        running: impl Fn() -> bool,
+    ) -> Vec<crate::container::ContainerError> {
         let mut errors = Vec::new();
         if let Err(e) = self.signal(libc::SIGTERM) {
-            errors.push(e.context("SIGTERM"));
+            errors.push(e);
         }
         let deadline = std::time::Instant::now() + grace;
         while running() && std::time::Instant::now() < deadline {
@@ -84,7 +88,7 @@ impl Control {
         }
         if running() {
             if let Err(e) = self.signal(libc::SIGKILL) {
-                errors.push(e.context("SIGKILL"));
+                errors.push(e);
             }
         }
         errors

@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use husk_protocol::agent::WaitProcessResponse;
 use oci_spec::runtime::{MountBuilder, Spec};
 
@@ -29,6 +28,8 @@ use crate::config::Runtime;
 use crate::container::control::Control;
 use crate::container::record::{LogWriter, NetInfo};
 use crate::container::spec::{container_spec, ProcessOptions};
+use crate::container::{ContainerError, Result};
+use crate::guest::GuestError;
 use crate::guest::{AgentConn, Io, Streams};
 use crate::image::{ImageRecord, ImageStore};
 use crate::net::ports::PortMapping;
@@ -147,7 +148,9 @@ impl ContainerSpec {
         check_id(&self.id)?;
         let (oci, image, mounts) = match &self.root {
             Root::Image(image) => {
-                let store = store.context("an image's container needs the image store")?;
+                let store = store.ok_or(ContainerError::NeedsStore(
+                    "an image's container needs the image store",
+                ))?;
                 let hostname = self.hostname.clone();
                 let hostname = hostname.unwrap_or_else(|| self.id.chars().take(12).collect());
                 let mut opts = self.process.clone();
@@ -164,7 +167,9 @@ impl ContainerSpec {
             }
             Root::Shared { spec, shares } => {
                 if !self.mounts.is_empty() {
-                    bail!("a shared root brings its binds as shares: mounts are an image's");
+                    return Err(ContainerError::Invalid(
+                        "a shared root brings its binds as shares: mounts are an image's".into(),
+                    ));
                 }
                 let mut mounts = plan_mounts(&[])?;
                 mounts.shares = shares.clone();
@@ -228,7 +233,9 @@ fn plan_mounts(mounts: &[Mount]) -> Result<Planned> {
             MountSource::Volume(name) => {
                 crate::storage::volume::check_name(name)?;
                 if p.volumes.contains(name) {
-                    bail!("volume {name} is mounted twice");
+                    return Err(ContainerError::Invalid(format!(
+                        "volume {name} is mounted twice"
+                    )));
                 }
                 p.volumes.push(name.clone());
                 // Records name a volume by name, a host path by itself.
@@ -266,7 +273,9 @@ fn plan_mounts(mounts: &[Mount]) -> Result<Planned> {
 /// A mount's path in the container: absolute, not `/`, without `..`.
 pub fn check_target(target: &str) -> Result<()> {
     if !target.starts_with('/') || target == "/" || target.split('/').any(|c| c == "..") {
-        bail!("mount target {target:?}: the container path must be absolute, not / and without ..");
+        return Err(ContainerError::Invalid(format!(
+            "mount target {target:?}: the container path must be absolute, not / and without .."
+        )));
     }
     Ok(())
 }
@@ -297,7 +306,9 @@ impl Plan {
     ) -> Result<Prepared> {
         self.config.drives.clear();
         if let Some(image) = &self.image {
-            let store = store.context("an image's container needs the image store")?;
+            let store = store.ok_or(ContainerError::NeedsStore(
+                "an image's container needs the image store",
+            ))?;
             self.config.drives.push(DriveSpec {
                 path: store.rootfs(image)?,
                 read_only: true,
@@ -305,7 +316,8 @@ impl Plan {
         }
         let mut leases = Vec::new();
         if !self.volumes.is_empty() {
-            let volumes = volumes.context("volumes need the volume store")?;
+            let volumes =
+                volumes.ok_or(ContainerError::NeedsStore("volumes need the volume store"))?;
             for name in &self.volumes {
                 leases.push(volumes.lease(name)?);
             }
@@ -361,7 +373,7 @@ impl Starting {
 
     /// A stop that came before the container did: the guest shuts down.
     pub fn abandon(self, timeout: Duration) -> Result<()> {
-        self.sandbox.shutdown(timeout).map(drop)
+        Ok(self.sandbox.shutdown(timeout).map(drop)?)
     }
 
     /// Phase 4: CreateContainer and StartContainer, with `io`'s streams.
@@ -413,7 +425,7 @@ impl Starting {
 #[error("creating the container")]
 pub struct NotCreated {
     #[source]
-    pub error: anyhow::Error,
+    pub error: GuestError,
     pub logs: Option<String>,
 }
 
@@ -501,10 +513,7 @@ impl Container {
     /// Until the container's process exits (no deadline: a VM that dies
     /// ends the call).
     pub fn wait(&self) -> Result<WaitProcessResponse> {
-        self.sandbox
-            .agent
-            .wait(&self.id, "")
-            .context("waiting for the container")
+        Ok(self.sandbox.agent.wait(&self.id, "")?)
     }
 
     /// RemoveContainer, then a clean shutdown within `timeout` (the guest
@@ -589,7 +598,7 @@ mod tests {
                 "volume name",
             ),
         ] {
-            let e = plan_mounts(&[m]).err().expect("refused").to_string();
+            let e = crate::util::chain(&plan_mounts(&[m]).err().expect("refused"));
             assert!(e.contains(want), "{e}");
         }
         let twice = [

@@ -4,10 +4,10 @@
 //! entries they got, and the (slow) create runs on a connection of its own,
 //! so a front end can hold its lock over the first step only.
 
-use anyhow::Result;
 use oci_spec::runtime::Spec;
 
-use crate::guest::{AgentConn, Io, Streams};
+use crate::container::Result;
+use crate::guest::{AgentConn, GuestError, Io, Streams};
 use crate::sandbox::Sandbox;
 use crate::storage::shared::{renumber, HostShare};
 
@@ -37,7 +37,7 @@ pub struct NotJoined {
     pub id: String,
     pub entries: Vec<usize>,
     #[source]
-    pub error: anyhow::Error,
+    pub error: GuestError,
 }
 
 /// Step 1: shares `shares` (a spec written for entries 0..n, as
@@ -57,15 +57,16 @@ pub fn join(
             let undo: Vec<String> = sandbox
                 .remove_shares(&entries)
                 .iter()
-                .map(|u| format!("{u:#}"))
+                .map(|u| crate::util::chain(u))
                 .collect();
             if undo.is_empty() {
-                return Err(e);
+                return Err(e.into());
             }
-            return Err(e.context(format!(
-                "and undoing its shares failed: {}",
-                undo.join("; ")
-            )));
+            return Err(crate::sandbox::SandboxError::SharesUndone {
+                undo: undo.join("; "),
+                source: Box::new(e),
+            }
+            .into());
         }
     };
     Ok(Joining {
@@ -79,7 +80,7 @@ pub fn join(
 
 impl Joining {
     /// Step 2: CreateContainer (containerd starts it separately).
-    pub fn create_only(self, io: Io) -> Result<Member, NotJoined> {
+    pub fn create_only(self, io: Io) -> std::result::Result<Member, NotJoined> {
         match self
             .agent
             .create_only(&self.id, &self.spec, io, self.storage, false)

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use crate::container::{ContainerError, Result};
+use crate::util::{shown, IoContext};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,7 +78,7 @@ pub struct Records {
 
 impl Records {
     pub fn open(root: &Path) -> Result<Records> {
-        std::fs::create_dir_all(root).with_context(|| format!("{}", root.display()))?;
+        std::fs::create_dir_all(root).at(|| shown(root))?;
         Ok(Records {
             root: root.to_path_buf(),
         })
@@ -96,11 +97,10 @@ impl Records {
         let dir = self.dir(&r.id);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-                "the name {:?} is in use by another container (husk rm {0})",
-                r.id
-            ),
-            Err(e) => return Err(e).with_context(|| format!("{}", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(ContainerError::NameInUse(r.id.clone()))
+            }
+            Err(e) => return Err(e).at(|| shown(&dir))?,
         }
         self.save(r)
     }
@@ -108,17 +108,24 @@ impl Records {
     pub fn save(&self, r: &Record) -> Result<()> {
         let dir = self.dir(&r.id);
         let tmp = dir.join("record.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r)?)?;
-        std::fs::rename(&tmp, dir.join("record.json")).with_context(|| format!("{}", dir.display()))
+        let json = serde_json::to_vec_pretty(r).map_err(|source| ContainerError::Json {
+            what: format!("the record of {}", r.id),
+            source,
+        })?;
+        std::fs::write(&tmp, json).at(|| shown(&tmp))?;
+        Ok(std::fs::rename(&tmp, dir.join("record.json")).at(|| shown(&dir))?)
     }
 
     /// The record of `id` (a full id or name, or a unique prefix of 3+).
     pub fn get(&self, id: &str) -> Result<Record> {
         let read = |name: &str| -> Result<Record> {
             let p = self.dir(name).join("record.json");
-            let b = std::fs::read(&p)?;
+            let b = std::fs::read(&p).at(|| shown(&p))?;
             let mut r: Record =
-                serde_json::from_slice(&b).with_context(|| format!("{}", p.display()))?;
+                serde_json::from_slice(&b).map_err(|source| ContainerError::Json {
+                    what: shown(&p),
+                    source,
+                })?;
             // Its owner died without saying how it ended.
             if r.status != Status::Exited && !alive(r.owner_pid) {
                 r.status = Status::Exited;
@@ -139,15 +146,18 @@ impl Records {
             match all.len() {
                 1 => return Ok(all[0].clone()),
                 0 => {}
-                _ => bail!("{id:?} names more than one container"),
+                _ => return Err(ContainerError::Ambiguous(id.into())),
             }
         }
-        bail!("no such container: {id}")
+        Err(ContainerError::NoSuchContainer(id.into()))
     }
 
     pub fn list(&self) -> Result<Vec<Record>> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.root)?.flatten() {
+        for e in std::fs::read_dir(&self.root)
+            .at(|| shown(&self.root))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if e.path().join("record.json").exists() {
                 if let Ok(r) = self.get(&name) {
@@ -160,7 +170,7 @@ impl Records {
     }
 
     pub fn remove(&self, id: &str) -> Result<()> {
-        std::fs::remove_dir_all(self.dir(id)).with_context(|| format!("removing container {id}"))
+        Ok(std::fs::remove_dir_all(self.dir(id)).at(|| format!("removing container {id}"))?)
     }
 }
 
@@ -183,7 +193,7 @@ impl LogWriter {
             .create(true)
             .append(true)
             .open(path)
-            .with_context(|| format!("{}", path.display()))?;
+            .at(|| shown(path))?;
         Ok(LogWriter {
             file: Arc::new(Mutex::new(f)),
         })
@@ -209,22 +219,24 @@ pub fn replay(path: &Path, offset: u64, out: &mut dyn Write, err: &mut dyn Write
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(offset),
-        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+        Err(e) => return Err(e).at(|| shown(path))?,
     };
-    f.seek(std::io::SeekFrom::Start(offset))?;
+    f.seek(std::io::SeekFrom::Start(offset))
+        .at(|| shown(path))?;
     let mut r = std::io::BufReader::new(f);
     let mut pos = offset;
     let mut line = String::new();
     loop {
         line.clear();
-        let n = r.read_line(&mut line)?;
+        let n = r.read_line(&mut line).at(|| shown(path))?;
         if n == 0 || !line.ends_with('\n') {
             return Ok(pos);
         }
         pos += n as u64;
         if let Ok(l) = serde_json::from_str::<LogLine>(&line) {
             let w: &mut dyn Write = if l.stream == "stderr" { err } else { out };
-            w.write_all(l.log.as_bytes())?;
+            w.write_all(l.log.as_bytes())
+                .at(|| "writing a log's lines")?;
         }
     }
 }

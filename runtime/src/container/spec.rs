@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use crate::container::{ContainerError::Invalid, Result};
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
@@ -44,9 +44,9 @@ pub fn parse_memory(s: &str) -> Result<i64> {
     };
     let n: i64 = num
         .parse()
-        .map_err(|_| anyhow::anyhow!("memory {s:?}: a number with b, k, m or g"))?;
+        .map_err(|_| Invalid(format!("memory {s:?}: a number with b, k, m or g")))?;
     let bytes = n.checked_mul(mult).filter(|b| *b >= 6 << 20);
-    bytes.ok_or_else(|| anyhow::anyhow!("memory {s:?}: at least 6m"))
+    bytes.ok_or_else(|| Invalid(format!("memory {s:?}: at least 6m")))
 }
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -97,9 +97,13 @@ fn docker_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities> {
         "CAP_AUDIT_WRITE",
     ];
     let set = serde_json::json!(CAPS);
-    Ok(serde_json::from_value(serde_json::json!({
+    serde_json::from_value(serde_json::json!({
         "bounding": set, "effective": set, "permitted": set,
-    }))?)
+    }))
+    .map_err(|source| crate::container::ContainerError::Json {
+        what: "the default capabilities".into(),
+        source,
+    })
 }
 
 /// `uid[:gid]` (numbers) or `root`.
@@ -110,7 +114,9 @@ fn parse_user(u: &str) -> Result<(u32, u32)> {
     let (uid, gid) = u.split_once(':').unwrap_or((u, u));
     match (uid.parse(), gid.parse()) {
         (Ok(a), Ok(b)) => Ok((a, b)),
-        _ => bail!("user {u:?}: give a numeric uid[:gid] (user names are not looked up yet)"),
+        _ => Err(Invalid(format!(
+            "user {u:?}: give a numeric uid[:gid] (user names are not looked up yet)"
+        ))),
     }
 }
 
@@ -135,7 +141,9 @@ pub fn container_spec(
     };
     let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
     if args.is_empty() {
-        bail!("no command: the image has no Entrypoint or Cmd, and none was given");
+        return Err(Invalid(
+            "no command: the image has no Entrypoint or Cmd, and none was given".into(),
+        ));
     }
     let mut env: Vec<String> = Vec::new();
     for e in cfg
@@ -146,10 +154,10 @@ pub fn container_spec(
         .chain(&opts.env)
     {
         let Some((key, _)) = e.split_once('=') else {
-            bail!("environment {e:?} is not KEY=VALUE");
+            return Err(Invalid(format!("environment {e:?} is not KEY=VALUE")));
         };
         if key.is_empty() {
-            bail!("environment {e:?} has no name");
+            return Err(Invalid(format!("environment {e:?} has no name")));
         }
         env.retain(|x| x.split_once('=').map(|(k, _)| k) != Some(key));
         env.push(e.clone());
@@ -166,7 +174,9 @@ pub fn container_spec(
         .or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     if !cwd.starts_with('/') {
-        bail!("working directory {cwd:?} is not absolute");
+        return Err(Invalid(format!(
+            "working directory {cwd:?} is not absolute"
+        )));
     }
     let user = opts
         .user
@@ -202,13 +212,18 @@ pub fn container_spec(
         }
         if let Some(c) = opts.cpus {
             if !(c > 0.0 && c <= 256.0) {
-                bail!("cpus {c}: between 0 and 256");
+                return Err(Invalid(format!("cpus {c}: between 0 and 256")));
             }
             resources["cpu"] =
                 serde_json::json!({"quota": (c * 100_000.0) as i64, "period": 100_000});
         }
         let mut linux = spec.linux().clone().unwrap_or_default();
-        linux.set_resources(Some(serde_json::from_value(resources)?));
+        linux.set_resources(Some(serde_json::from_value(resources).map_err(
+            |source| crate::container::ContainerError::Json {
+                what: "the resource limits".into(),
+                source,
+            },
+        )?));
         spec.set_linux(Some(linux));
     }
     Ok(spec)

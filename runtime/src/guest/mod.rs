@@ -8,7 +8,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use husk_protocol::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest, Stdio,
     Storage, WaitProcessResponse,
@@ -17,7 +16,67 @@ use husk_protocol::agent_ttrpc::{ContainersClient, NetworkClient, SandboxClient}
 use husk_protocol::{AGENT_VSOCK_PORT, API_VERSION, STREAM_VSOCK_PORT, VERSION_KEY};
 use oci_spec::runtime::Spec;
 
-use crate::vmm::{vsock_connect, VmmProcess};
+use crate::util::{IoContext, IoError};
+use crate::vmm::{vsock_connect, VmmError, VmmProcess};
+
+/// Talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The agent refused the call, or the call did not reach it: see
+    /// [`find_rpc`] for finding it in a chain of errors.
+    /// Boxed: the refusal's text is long, and every call's result
+    /// carries this type.
+    #[error(transparent)]
+    Rpc(Box<RpcError>),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("{what}")]
+    Ttrpc {
+        what: &'static str,
+        #[source]
+        source: Box<ttrpc::Error>,
+    },
+    #[error("reaching the agent")]
+    Vmm(#[source] Box<VmmError>),
+    #[error("agent says {0}")]
+    NotServing(String),
+    #[error("encoding the request")]
+    Encode(#[from] serde_json::Error),
+    #[error("no such stream")]
+    NoStream,
+    #[error("the agent did not answer within {timeout:?}: {last}")]
+    NoAnswer { timeout: Duration, last: String },
+}
+
+pub type Result<T> = std::result::Result<T, GuestError>;
+
+impl From<VmmError> for GuestError {
+    fn from(e: VmmError) -> GuestError {
+        GuestError::Vmm(Box::new(e))
+    }
+}
+
+impl From<RpcError> for GuestError {
+    fn from(e: RpcError) -> GuestError {
+        GuestError::Rpc(Box::new(e))
+    }
+}
+
+/// The agent's refusal among `e` and its causes, whichever module's
+/// error carries it: what callers decide exit codes and ttrpc codes by.
+pub fn find_rpc<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a RpcError> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<RpcError>() {
+            return Some(r);
+        }
+        if let Some(GuestError::Rpc(r)) = c.downcast_ref::<GuestError>() {
+            return Some(r);
+        }
+        cur = c.source();
+    }
+    None
+}
 
 /// A request context with the API version and a deadline
 /// (`Duration::ZERO`: none).
@@ -113,10 +172,16 @@ impl AgentConn {
     pub fn connect_within(endpoint: Endpoint, timeout: Duration) -> Result<AgentConn> {
         let client = match &endpoint {
             Endpoint::Unix(p) => ttrpc::Client::connect(&format!("unix://{}", p.display()))
-                .context("connecting to the agent")?,
+                .map_err(|source| GuestError::Ttrpc {
+                    what: "connecting to the agent",
+                    source: Box::new(source),
+                })?,
             Endpoint::Vsock(uds) => {
                 let s = vsock_connect(uds, AGENT_VSOCK_PORT, timeout)?;
-                ttrpc::Client::new(s.into_raw_fd()).context("ttrpc client")?
+                ttrpc::Client::new(s.into_raw_fd()).map_err(|source| GuestError::Ttrpc {
+                    what: "ttrpc client",
+                    source: Box::new(source),
+                })?
             }
         };
         Ok(AgentConn {
@@ -131,11 +196,12 @@ impl AgentConn {
     pub fn stream(&self, name: &str) -> Result<UnixStream> {
         let mut s = match &self.endpoint {
             Endpoint::Unix(p) => {
-                UnixStream::connect(format!("{}.stdio", p.display())).context("stream socket")?
+                UnixStream::connect(format!("{}.stdio", p.display())).at(|| "stream socket")?
             }
             Endpoint::Vsock(uds) => vsock_connect(uds, STREAM_VSOCK_PORT, Duration::from_secs(60))?,
         };
-        s.write_all(format!("{name}\n").as_bytes())?;
+        s.write_all(format!("{name}\n").as_bytes())
+            .at(|| format!("naming stream {name}"))?;
         Ok(s)
     }
 
@@ -280,7 +346,7 @@ impl AgentConn {
             .health(ctx(Duration::from_secs(30)), &Empty::new())
             .map_err(|e| RpcError::new("Health", &e))?;
         if h.status != "SERVING" {
-            bail!("agent says {}", h.status);
+            return Err(GuestError::NotServing(h.status));
         }
         Ok(())
     }
@@ -335,12 +401,12 @@ pub struct Streams {
 /// Reads a stream to its end (the process closed it), with a timeout.
 pub fn read_all(s: &mut Option<UnixStream>, timeout: Duration) -> Result<String> {
     let Some(s) = s.as_mut() else {
-        bail!("no such stream")
+        return Err(GuestError::NoStream);
     };
-    s.set_read_timeout(Some(timeout))?;
+    let what = || "reading a stream to its end";
+    s.set_read_timeout(Some(timeout)).at(what)?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .context("reading a stream to its end")?;
+    s.read_to_end(&mut out).at(what)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
@@ -363,7 +429,7 @@ pub(crate) fn wait_for_agent(
             }
         }
         if Instant::now() >= deadline {
-            bail!("the agent did not answer within {timeout:?}: {last}");
+            return Err(GuestError::NoAnswer { timeout, last });
         }
         std::thread::sleep(Duration::from_millis(10));
     }

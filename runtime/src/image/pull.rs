@@ -106,9 +106,9 @@ impl ImageStore {
         events: Arc<dyn Fn(PullEvent) + Send + Sync>,
     ) -> Result<ImageRecord> {
         let name = normalize(reference);
-        let r: Reference = name
-            .parse()
-            .map_err(|e: oci_client::ParseError| ImageError::BadReference(reference.into(), e.to_string()))?;
+        let r: Reference = name.parse().map_err(|e: oci_client::ParseError| {
+            ImageError::BadReference(reference.into(), e.to_string())
+        })?;
         let staging = self.staging("pull-")?;
         let dir = staging.path().to_path_buf();
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,16 +2,15 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Result};
 use husk_protocol::agent::{
     CreateSandboxRequest, IPAddress, Interface, ReseedRandomRequest, Route, SetTimeRequest,
 };
 
-use crate::guest::{ctx, rpc_message, AgentConn};
+use crate::guest::{ctx, AgentConn, GuestError, RpcError};
 use crate::net::dns::dns_from_host;
 use crate::net::GuestNet;
 use crate::sandbox::machine::NET_IFACE;
-use crate::sandbox::SandboxConfig;
+use crate::sandbox::{Result, SandboxConfig, SandboxError};
 use crate::util::getrandom;
 
 /// What every started guest is told: new randomness (a restored one shares
@@ -29,7 +28,7 @@ pub(super) fn give_identity(
     agent
         .sandbox
         .create_sandbox(ctx(timeout), &sandbox_request(cfg, net))
-        .map_err(|e| anyhow!("CreateSandbox: {}", rpc_message(&e)))?;
+        .map_err(|e| GuestError::from(RpcError::new("CreateSandbox", &e)))?;
     Ok(())
 }
 
@@ -43,20 +42,23 @@ fn reseed_and_set_time(agent: &AgentConn, timeout: Duration) -> Result<()> {
     agent
         .sandbox
         .reseed_random(ctx(timeout), &seed)
-        .map_err(|e| anyhow!("ReseedRandom: {}", rpc_message(&e)))?;
+        .map_err(|e| GuestError::from(RpcError::new("ReseedRandom", &e)))?;
     // The time reaches the guest one trip after it is read: a busy guest
     // takes hundreds of milliseconds to take a request. The trip just made
     // (ReseedRandom does next to no work) measures it; half its round trip
     // is the one-way delay NTP assumes.
     let one_way = sent.elapsed() / 2;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)? + one_way;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| SandboxError::Clock)?
+        + one_way;
     let mut t = SetTimeRequest::new();
     t.sec = now.as_secs() as i64;
     t.nsec = now.subsec_nanos();
     agent
         .sandbox
         .set_time(ctx(timeout), &t)
-        .map_err(|e| anyhow!("SetTime: {}", rpc_message(&e)))?;
+        .map_err(|e| GuestError::from(RpcError::new("SetTime", &e)))?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use crate::sandbox::{Result, SandboxError};
 use husk_vmm_api::{
     BootSource, Drive, EntropyConfig, FsConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
     VsockConfig,
@@ -143,13 +143,16 @@ pub(crate) fn assign_slots(
             (&mut rw, RW_SLOTS, RO_SLOTS)
         };
         if *n == limit {
-            bail!(
+            return Err(SandboxError::Drives(format!(
                 "more than {limit} {} drives: a sandbox has {RO_SLOTS} read-only and {RW_SLOTS} read-write drive slots",
                 if d.read_only { "read-only" } else { "read-write" }
-            );
+            )));
         }
         if !d.path.is_file() {
-            bail!("drive {}: not a file", d.path.display());
+            return Err(SandboxError::Drives(format!(
+                "drive {}: not a file",
+                d.path.display()
+            )));
         }
         slots[base + *n] = d.path.clone();
         devices.push(slot_device(d.read_only, *n));

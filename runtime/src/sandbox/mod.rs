@@ -5,15 +5,95 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::guest::{ctx, rpc_message, AgentConn, Endpoint};
+use crate::guest::{ctx, AgentConn, Endpoint, GuestError, RpcError};
 use crate::net::ports::PortMapping;
-use crate::net::{Attachment, NetworkMode};
+use crate::net::{Attachment, NetError, NetworkMode};
 use crate::storage::shared::{HostShare, SharedFs};
-use crate::util::tail;
-use crate::vmm::VmmProcess;
+use crate::storage::StorageError;
+use crate::util::{tail, IoContext, IoError};
+use crate::vmm::{VmmApiError, VmmError, VmmProcess};
+
+/// Starting, changing and stopping a sandbox. Another module's error is
+/// kept whole as the source, under the step it failed in.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("sandbox id {0:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'")]
+    InvalidId(String),
+    #[error("sandbox {id} exists ({})", .dir.display())]
+    Exists { id: String, dir: PathBuf },
+    #[error("sandbox {0} was started without shared host paths")]
+    NoShares(String),
+    /// Drives that do not fit the machine's slots, or are not files.
+    #[error("{0}")]
+    Drives(String),
+    #[error("attaching the network")]
+    Net(#[from] NetError),
+    #[error("sharing host paths")]
+    Share(#[from] StorageError),
+    #[error("unsharing entry {entry}")]
+    Unshare {
+        entry: usize,
+        #[source]
+        source: StorageError,
+    },
+    #[error("and undoing the shares made before failed: {undo}")]
+    SharesUndone {
+        undo: String,
+        #[source]
+        source: Box<SandboxError>,
+    },
+    #[error("the VMM")]
+    Vmm(#[from] VmmError),
+    #[error("the agent")]
+    Guest(#[from] GuestError),
+    #[error("loading template {key}")]
+    Load {
+        key: String,
+        #[source]
+        source: VmmApiError,
+    },
+    #[error("restored from template {key}")]
+    Restored {
+        key: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error("restore refused ({refused}); rebuilding")]
+    Rebuild {
+        refused: String,
+        #[source]
+        source: Box<SandboxError>,
+    },
+    #[error("after rebuilding template {key}")]
+    AfterRebuild {
+        key: String,
+        #[source]
+        source: Box<SandboxError>,
+    },
+    #[error("template {key}: the guest did not get to agent-ready; console: {console}")]
+    TemplateBoot {
+        key: String,
+        console: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error("encoding {what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the VM did not stop within {0:?} of DestroySandbox")]
+    StopTimeout(Duration),
+    #[error("the host's clock is before 1970")]
+    Clock,
+}
+
+pub type Result<T> = std::result::Result<T, SandboxError>;
 
 mod identity;
 pub mod machine;
@@ -181,7 +261,7 @@ impl Sandbox {
     pub fn add_share(&mut self, share: &HostShare) -> Result<usize> {
         match self.shared.as_mut() {
             Some(fs) => Ok(fs.add(share)?),
-            None => bail!("sandbox {} was started without shared host paths", self.id),
+            None => Err(SandboxError::NoShares(self.id.clone())),
         }
     }
 
@@ -205,11 +285,11 @@ impl Sandbox {
                     if undo.is_empty() {
                         return Err(e);
                     }
-                    let undo: Vec<String> = undo.iter().map(|u| format!("{u:#}")).collect();
-                    return Err(e.context(format!(
-                        "and undoing the shares made before failed: {}",
-                        undo.join("; ")
-                    )));
+                    let undo: Vec<String> = undo.iter().map(|u| crate::util::chain(u)).collect();
+                    return Err(SandboxError::SharesUndone {
+                        undo: undo.join("; "),
+                        source: Box::new(e),
+                    });
                 }
             }
         }
@@ -218,21 +298,29 @@ impl Sandbox {
 
     /// Stops sharing `entries`, every one even when one fails; the
     /// failures.
-    pub fn remove_shares(&mut self, entries: &[usize]) -> Vec<anyhow::Error> {
+    pub fn remove_shares(&mut self, entries: &[usize]) -> Vec<SandboxError> {
         entries
             .iter()
-            .filter_map(|&e| {
-                self.remove_share(e)
-                    .map_err(|err| err.context(format!("unsharing entry {e}")))
-                    .err()
+            .filter_map(|&entry| match self.shared.as_mut() {
+                Some(fs) => fs
+                    .remove(entry)
+                    .map_err(|source| SandboxError::Unshare { entry, source })
+                    .err(),
+                None => None,
             })
             .collect()
     }
 
     /// A pod's container leaves and the pod goes on: RemoveContainer, then
     /// its host paths leave the share. The failures (each step is tried).
-    pub fn remove_member(&mut self, id: &str, entries: &[usize]) -> Vec<anyhow::Error> {
-        let mut errors: Vec<anyhow::Error> = self.agent.remove(id).err().into_iter().collect();
+    pub fn remove_member(&mut self, id: &str, entries: &[usize]) -> Vec<SandboxError> {
+        let mut errors: Vec<SandboxError> = self
+            .agent
+            .remove(id)
+            .err()
+            .into_iter()
+            .map(SandboxError::Guest)
+            .collect();
         errors.extend(self.remove_shares(entries));
         errors
     }
@@ -241,7 +329,7 @@ impl Sandbox {
     /// RemoveContainer, then a clean shutdown within `timeout` (the guest
     /// syncs its file systems before it goes; killed if it hangs).
     pub fn remove_and_shutdown(self, id: &str, timeout: Duration) -> Teardown {
-        let remove = self.agent.remove(id);
+        let remove = self.agent.remove(id).map_err(SandboxError::Guest);
         let shutdown = self.shutdown(timeout);
         Teardown { remove, shutdown }
     }
@@ -280,7 +368,7 @@ pub(crate) const VSOCK_SOCKET: &str = "v.sock";
 pub fn connect_running(run_dir: &Path, id: &str, timeout: Duration) -> Result<AgentConn> {
     check_id(id)?;
     let uds = run_dir.join(id).join(VSOCK_SOCKET);
-    AgentConn::connect_within(Endpoint::Vsock(uds), timeout)
+    Ok(AgentConn::connect_within(Endpoint::Vsock(uds), timeout)?)
 }
 
 /// Sandbox ids name directories and sockets: kept short and plain.
@@ -292,9 +380,7 @@ pub fn check_id(id: &str) -> Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
-        bail!(
-            "sandbox id {id:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
-        );
+        return Err(SandboxError::InvalidId(id.into()));
     }
     Ok(())
 }
@@ -302,7 +388,7 @@ pub fn check_id(id: &str) -> Result<()> {
 impl Sandbox {
     /// A new connection to the agent (the first one is `agent`).
     pub fn connect(&self) -> Result<AgentConn> {
-        AgentConn::connect(Endpoint::Vsock(self.vmm.vsock.clone()))
+        Ok(AgentConn::connect(Endpoint::Vsock(self.vmm.vsock.clone()))?)
     }
 
     /// What the VMM logged and, with `console_log`, the guest console.
@@ -328,7 +414,7 @@ impl Sandbox {
                 ctx(Duration::from_secs(30)),
                 &husk_protocol::agent::Empty::new(),
             )
-            .map_err(|e| anyhow::anyhow!("DestroySandbox: {}", rpc_message(&e)));
+            .map_err(|e| SandboxError::Guest(RpcError::new("DestroySandbox", &e).into()));
         let deadline = Instant::now()
             + if asked.is_ok() {
                 timeout
@@ -336,12 +422,12 @@ impl Sandbox {
                 Duration::from_secs(5)
             };
         loop {
-            if let Some(status) = self.vmm.child.try_wait()? {
+            if let Some(status) = self.vmm.child.try_wait().at(|| "waiting for the VMM")? {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
                 asked?;
-                bail!("the VM did not stop within {timeout:?} of DestroySandbox");
+                return Err(SandboxError::StopTimeout(timeout));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::sandbox::{Result, SandboxError};
+use crate::util::{shown, IoContext};
 use husk_vmm_api::{DriveBacking, FsBacking, LoadRequest, SerialConfig, TapBacking};
 
 use crate::config::Runtime;
@@ -63,7 +64,7 @@ impl Runtime {
         crate::vmm::cgroup::kill_groups_of(id);
         let dir = self.run_dir.join(id);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir).at(|| format!("removing {}", dir.display()))?;
         }
         Ok(())
     }
@@ -73,13 +74,15 @@ impl Runtime {
     pub fn start_sandbox(&self, cfg: &SandboxConfig) -> Result<Sandbox> {
         check_id(&cfg.id)?;
         let dir = self.run_dir.join(&cfg.id);
-        std::fs::create_dir_all(&self.run_dir)
-            .with_context(|| format!("{}", self.run_dir.display()))?;
+        std::fs::create_dir_all(&self.run_dir).at(|| shown(&self.run_dir))?;
         if let Err(e) = std::fs::create_dir(&dir) {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                bail!("sandbox {} exists ({})", cfg.id, dir.display());
+                return Err(SandboxError::Exists {
+                    id: cfg.id.clone(),
+                    dir,
+                });
             }
-            return Err(e).with_context(|| format!("{}", dir.display()));
+            return Err(Err::<(), _>(e).at(|| shown(&dir)).unwrap_err().into());
         }
         let r = self.start_in(cfg, &dir);
         if r.is_err() {
@@ -134,9 +137,7 @@ impl Runtime {
         if cfg.shares.is_empty() {
             return Ok(None);
         }
-        SharedFs::start(&self.virtiofsd, dir, &cfg.shares)
-            .map(Some)
-            .context("sharing host paths")
+        Ok(SharedFs::start(&self.virtiofsd, dir, &cfg.shares).map(Some)?)
     }
 
     /// Restores the machine's template; one this VMM or host refuses is
@@ -157,19 +158,26 @@ impl Runtime {
             Err(e) => {
                 if let Some(s) = shared.as_mut() {
                     // The backend failed, not the template.
-                    s.check_alive().context("sharing host paths")?;
+                    s.check_alive()?;
                 }
                 // A template this VMM or host refuses (other VMM build, CPU
                 // template, a damaged file) is rebuilt once. The backend's
                 // session is not reused.
                 t.invalidate();
-                t = Template::ensure(self, &cfg.machine)
-                    .with_context(|| format!("restore refused ({e:#}); rebuilding"))?;
+                t = Template::ensure(self, &cfg.machine).map_err(|source| {
+                    SandboxError::Rebuild {
+                        refused: crate::util::chain(&e),
+                        source: Box::new(source),
+                    }
+                })?;
                 drop(shared.take());
                 *shared = self.share(cfg, p.dir)?;
                 let (inherit, fs_fd) = p.inherit(shared);
                 self.restore(&t, cfg, p, &inherit, fs_fd)
-                    .with_context(|| format!("after rebuilding template {}", t.key))?
+                    .map_err(|source| SandboxError::AfterRebuild {
+                        key: t.key.clone(),
+                        source: Box::new(source),
+                    })?
             }
         };
         Ok(Started {
@@ -188,7 +196,7 @@ impl Runtime {
         shared: &Option<SharedFs>,
     ) -> Result<Started> {
         let placeholder = p.dir.join("empty.img");
-        std::fs::File::create(&placeholder)?;
+        std::fs::File::create(&placeholder).at(|| shown(&placeholder))?;
         let (slots, devices) = assign_slots(&cfg.drives, &placeholder)?;
         let vsock = p.dir.join(VSOCK_SOCKET);
         let (inherit, fs_fd) = p.inherit(shared);
@@ -202,7 +210,11 @@ impl Runtime {
             fs_fd,
         );
         let file = p.dir.join("vm.json");
-        std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
+        let json = serde_json::to_vec_pretty(&config).map_err(|source| SandboxError::Encode {
+            what: "the VM config",
+            source,
+        })?;
+        std::fs::write(&file, json).at(|| shown(&file))?;
         let mut shares = drive_shares(&cfg.drives);
         shares.push(Share::rw(&placeholder));
         let jail = self.jail_for(p.dir, &cfg.id, shares, &cfg.machine);
@@ -293,13 +305,20 @@ impl Runtime {
         if let Err(e) = VmmClient::new(&api, SNAPSHOT_TIMEOUT).load_snapshot(&load) {
             // A VMM that died says why in its log.
             vmm.check_alive(log)?;
-            return Err(anyhow::Error::new(e).context(format!("loading template {}", t.key)));
+            return Err(SandboxError::Load {
+                key: t.key.clone(),
+                source: e,
+            });
         }
         // Restored guests answer in under a second alone; many restored at
         // once on few cores take longer, and a timeout here rebuilds the
         // template, so it is generous.
-        let agent = wait_for_agent(&mut vmm, log, Duration::from_secs(120))
-            .with_context(|| format!("restored from template {}", t.key))?;
+        let agent = wait_for_agent(&mut vmm, log, Duration::from_secs(120)).map_err(|source| {
+            SandboxError::Restored {
+                key: t.key.clone(),
+                source,
+            }
+        })?;
         Ok((vmm, agent, devices))
     }
 }

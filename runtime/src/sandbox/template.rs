@@ -18,7 +18,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use crate::sandbox::{Result, SandboxError};
+use crate::util::{shown, IoContext};
 use husk_vmm_api::{CreateRequest, VmState};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -28,7 +29,7 @@ use crate::sandbox::machine::{vm_config, Machine, BOOT_ARGS, RO_SLOTS, RW_SLOTS}
 use crate::util::tail;
 use crate::util::Lock;
 use crate::vmm::jail::Share;
-use crate::vmm::{VmmClient, VmmProcess};
+use crate::vmm::{VmmClient, VmmError, VmmProcess};
 
 /// Bumped when what a template holds, or how it is booted, changes.
 pub const FORMAT: u32 = 3;
@@ -54,10 +55,8 @@ struct FileId {
 
 impl FileId {
     fn of(path: &Path) -> Result<FileId> {
-        let path = path
-            .canonicalize()
-            .with_context(|| format!("{}", path.display()))?;
-        let m = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?;
+        let path = path.canonicalize().at(|| shown(path))?;
+        let m = std::fs::metadata(&path).at(|| shown(&path))?;
         Ok(FileId {
             len: m.len(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
@@ -149,7 +148,7 @@ impl Template {
         let key = inputs.key();
         let root = rt.cache_dir.join("templates");
         let dir = root.join(&key);
-        std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+        std::fs::create_dir_all(&dir).at(|| shown(&dir))?;
         let _lock = Lock::take(&dir.join("lock"), true)?;
         let mut t = Template {
             snapshot: dir.join("vm.snap"),
@@ -173,8 +172,11 @@ impl Template {
         }
         let _ = std::fs::remove_file(&ready);
         t.boot_time = Some(t.build(rt, machine)?);
-        std::fs::write(&ready, serde_json::to_vec_pretty(&inputs)?)
-            .with_context(|| format!("{}", ready.display()))?;
+        let json = serde_json::to_vec_pretty(&inputs).map_err(|source| SandboxError::Encode {
+            what: "the template's inputs",
+            source,
+        })?;
+        std::fs::write(&ready, json).at(|| shown(&ready))?;
         t.built = true;
         remove_superseded(&root, &t.key, &inputs);
         Ok(t)
@@ -192,9 +194,8 @@ impl Template {
     fn build(&self, rt: &Runtime, machine: &Machine) -> Result<Duration> {
         let work = self.dir.join("build");
         let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work)?;
-        File::create(&self.placeholder)
-            .with_context(|| format!("{}", self.placeholder.display()))?;
+        std::fs::create_dir_all(&work).at(|| shown(&work))?;
+        File::create(&self.placeholder).at(|| shown(&self.placeholder))?;
         let slots = vec![self.placeholder.clone(); RO_SLOTS + RW_SLOTS];
         let console = work.join("boot.log");
         // The template's NIC is backed by a tap on nothing; each restored
@@ -210,7 +211,11 @@ impl Template {
             None,
         );
         let cfg = work.join("vm.json");
-        std::fs::write(&cfg, serde_json::to_vec_pretty(&config)?)?;
+        let json = serde_json::to_vec_pretty(&config).map_err(|source| SandboxError::Encode {
+            what: "the VM config",
+            source,
+        })?;
+        std::fs::write(&cfg, json).at(|| shown(&cfg))?;
         let log = self.dir.join("vmm.log");
         let started = Instant::now();
         let mut vmm = VmmProcess::spawn(
@@ -229,33 +234,38 @@ impl Template {
             )
             .as_ref(),
         )?;
-        crate::guest::wait_for_agent(&mut vmm, &log, BOOT_TIMEOUT).with_context(|| {
-            format!(
-                "template {}: the guest did not get to agent-ready; console: {}",
-                self.key,
-                tail(&console, 2000)
-            )
+        crate::guest::wait_for_agent(&mut vmm, &log, BOOT_TIMEOUT).map_err(|source| {
+            SandboxError::TemplateBoot {
+                key: self.key.clone(),
+                console: tail(&console, 2000),
+                source,
+            }
         })?;
         let boot = started.elapsed();
         let tmp_snap = work.join("vm.snap");
         let tmp_mem = work.join("vm.mem");
         let api = VmmClient::new(&vmm.api, SNAPSHOT_TIMEOUT);
-        api.set_state(VmState::Paused)?;
+        api.set_state(VmState::Paused).map_err(VmmError::from)?;
         api.create_snapshot(&CreateRequest {
             snapshot_path: tmp_snap.clone(),
             mem_file_path: tmp_mem.clone(),
-        })?;
+        })
+        .map_err(VmmError::from)?;
         drop(vmm);
-        std::fs::rename(&tmp_mem, &self.memory)?;
-        std::fs::rename(&tmp_snap, &self.snapshot)?;
+        std::fs::rename(&tmp_mem, &self.memory).at(|| shown(&self.memory))?;
+        std::fs::rename(&tmp_snap, &self.snapshot).at(|| shown(&self.snapshot))?;
         let _ = std::fs::rename(&console, self.dir.join("boot.log"));
         let _ = std::fs::remove_dir_all(&work);
-        let mut note = File::create(self.dir.join("built"))?;
-        writeln!(
-            note,
-            "cold boot to agent-ready: {:.2} s",
-            boot.as_secs_f64()
-        )?;
+        let built = self.dir.join("built");
+        File::create(&built)
+            .and_then(|mut note| {
+                writeln!(
+                    note,
+                    "cold boot to agent-ready: {:.2} s",
+                    boot.as_secs_f64()
+                )
+            })
+            .at(|| shown(&built))?;
         Ok(boot)
     }
 }
