@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -18,10 +17,24 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// huskd's control socket did not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to huskd at {} (is it running? HUSK_HOST names another socket)", .socket.display())]
+pub struct ConnectError {
+    pub socket: PathBuf,
+    #[source]
+    pub source: tonic::transport::Error,
+}
+
 /// A client of the huskd listening on `socket`.
-pub async fn local_client(socket: &Path) -> Result<ClusterClient<Channel>> {
+pub async fn local_client(socket: &Path) -> Result<ClusterClient<Channel>, ConnectError> {
     let path = socket.to_path_buf();
-    let ch = Endpoint::try_from("http://huskd.local")?
+    let failed = |source| ConnectError {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let ch = Endpoint::try_from("http://huskd.local")
+        .map_err(failed)?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = path.clone();
             async move {
@@ -29,11 +42,6 @@ pub async fn local_client(socket: &Path) -> Result<ClusterClient<Channel>> {
             }
         }))
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to huskd at {} (is it running? HUSK_HOST names another socket)",
-                socket.display()
-            )
-        })?;
+        .map_err(failed)?;
     Ok(ClusterClient::new(ch).max_decoding_message_size(64 << 20))
 }

@@ -1,8 +1,7 @@
 //! What a control or node operation refuses, typed, so the API answers
 //! with the right gRPC code (`NotFound`, `InvalidArgument`, ...) and
-//! callers decide by kind, never by an error's text. Failures underneath
-//! (etcd, encoding) stay `anyhow` errors; this one rides inside them and is
-//! found again by [`find`].
+//! callers decide by kind, never by an error's text. Other modules' errors
+//! carry it as a variant or source; [`find`] finds it again.
 
 use tonic::{Code, Status};
 
@@ -35,6 +34,18 @@ pub enum ControlError {
     InvalidJoinToken,
     #[error("this node is not a manager")]
     NotManager,
+    /// The state store failed (after retrying what is transient).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("etcd holds no husk cluster")]
+    NoCluster,
+    /// Leadership was lost, or the campaign for it failed.
+    #[error("{what}")]
+    Election {
+        what: &'static str,
+        #[source]
+        source: Option<etcd_client::Error>,
+    },
 }
 
 impl ControlError {
@@ -49,43 +60,60 @@ impl ControlError {
             | ControlError::NotAssigned { .. }
             | ControlError::NotManager => Code::FailedPrecondition,
             ControlError::InvalidJoinToken => Code::Unauthenticated,
+            // Not UNAVAILABLE, which clients retry: some are permanent.
+            ControlError::Store(_) | ControlError::NoCluster | ControlError::Election { .. } => {
+                Code::FailedPrecondition
+            }
         }
     }
 }
 
-/// The refusal inside `e`, if it is one.
-pub fn find(e: &anyhow::Error) -> Option<&ControlError> {
-    e.chain().find_map(|c| c.downcast_ref::<ControlError>())
+/// The refusal in `e` or its causes, if it is one (itself, or inside a
+/// node's error).
+pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ControlError> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<ControlError>() {
+            return Some(r);
+        }
+        if let Some(crate::node::NodeError::Control(r)) = c.downcast_ref::<crate::node::NodeError>()
+        {
+            return Some(r);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// The one place an operation's error becomes the API's status: a refusal
-/// by its kind; anything else (etcd, a record that does not decode, a
-/// join the remote manager refused) FAILED_PRECONDITION, as before there
-/// were kinds: the cluster's state did not allow it. Not UNAVAILABLE, which
-/// clients retry: some of these are permanent.
-pub fn status(e: anyhow::Error) -> Status {
+/// by its kind; anything else (a join the remote manager refused, a
+/// certificate that does not parse) FAILED_PRECONDITION: the cluster's
+/// state did not allow it. Not UNAVAILABLE, which clients retry: some of
+/// these are permanent. The message is the error and its causes.
+pub fn status<E: std::error::Error + 'static>(e: E) -> Status {
     let code = find(&e).map_or(Code::FailedPrecondition, ControlError::code);
-    Status::new(code, format!("{e:#}"))
+    Status::new(code, husk_runtime::util::chain(&e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyhow::Context;
 
     #[test]
-    fn a_refusal_keeps_its_code_under_context() {
-        let e = Err::<(), _>(ControlError::NotFound {
+    fn a_refusal_keeps_its_code_inside_another_error() {
+        let e = crate::node::NodeError::Control(ControlError::NotFound {
             kind: "service",
             name: "web".into(),
-        })
-        .context("updating")
-        .unwrap_err();
+        });
         let s = status(e);
         assert_eq!(s.code(), Code::NotFound);
-        assert_eq!(s.message(), "updating: service web not found");
-        // Text that merely says "not found" is not a refusal.
-        let s = status(anyhow::anyhow!("etcd: key not found in cache"));
+        assert_eq!(s.message(), "service web not found");
+        assert_eq!(
+            status(ControlError::InvalidJoinToken).code(),
+            Code::Unauthenticated
+        );
+        // A store's failure is not a refusal, whatever its text says.
+        let s = status(crate::store::StoreError::Contended("key not found".into()));
         assert_eq!(s.code(), Code::FailedPrecondition);
     }
 }

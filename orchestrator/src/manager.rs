@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+type Result<T, E = ControlError> = std::result::Result<T, E>;
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
@@ -36,7 +36,7 @@ impl Manager {
         let (cluster, _) = store
             .get::<ClusterInfo>(&store::cluster_key())
             .await?
-            .context("etcd holds no husk cluster")?;
+            .ok_or(ControlError::NoCluster)?;
         let m = Arc::new(Manager {
             store,
             node_id,
@@ -80,8 +80,21 @@ impl Manager {
         let mut c = Store::connect_with(&self.cluster.etcd_endpoints, None)
             .await?
             .client;
-        let lease = c.lease_grant(LEADER_TTL_S, None).await?.id();
-        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+        let election = |what| {
+            move |e| ControlError::Election {
+                what,
+                source: Some(e),
+            }
+        };
+        let lease = c
+            .lease_grant(LEADER_TTL_S, None)
+            .await
+            .map_err(election("granting the election lease"))?
+            .id();
+        let (mut keeper, mut acks) = c
+            .lease_keep_alive(lease)
+            .await
+            .map_err(election("keeping the election lease"))?;
         let (lost_tx, lost) = watch::channel(false);
         // Keep the lease alive while campaigning and leading; when it
         // cannot be, leadership is lost.
@@ -101,12 +114,15 @@ impl Manager {
             r = c.campaign(store::leader_key(), self.node_id.clone(), lease) => r,
             _ = lost_c.changed() => {
                 ka.abort();
-                bail!("the election lease expired while campaigning");
+                return Err(ControlError::Election {
+                    what: "the election lease expired while campaigning",
+                    source: None,
+                });
             }
         };
         if let Err(e) = won {
             ka.abort();
-            return Err(e).context("campaigning");
+            return Err(election("campaigning")(e));
         }
         tracing::info!("node {} leads the cluster", self.node_id);
         self.leader.store(true, Ordering::SeqCst);
@@ -124,7 +140,10 @@ impl Manager {
         let _ = lost.changed().await;
         mon.abort();
         rec.abort();
-        bail!("lost the leader lease")
+        Err(ControlError::Election {
+            what: "lost the leader lease",
+            source: None,
+        })
     }
 
     /// Node liveness: a heartbeat (a put the leader watches, timed by the
@@ -194,7 +213,7 @@ impl Manager {
                     tracing::info!("node {} ({}) is {:?}", n.id, n.hostname, want);
                     let r = self
                         .store
-                        .update::<Node, _>(&store::node_key(&n.id), |n| {
+                        .update::<Node, _, ControlError>(&store::node_key(&n.id), |n| {
                             n.state = want;
                             n.updated_ms = now_ms();
                             Ok(true)
@@ -300,13 +319,7 @@ impl Manager {
     /// A node by id, unique id prefix or hostname.
     pub async fn find_node(&self, name: &str) -> Result<Node> {
         let nodes = self.nodes().await?;
-        Ok(pick(
-            nodes,
-            name,
-            |n| &n.id,
-            |n| n.hostname == name,
-            "node",
-        )?)
+        pick(nodes, name, |n| &n.id, |n| n.hostname == name, "node")
     }
 
     pub async fn update_node(
@@ -322,8 +335,7 @@ impl Manager {
             if r != n.role {
                 return Err(ControlError::Precondition(
                     "changing a node's role (promote/demote) is not supported yet: its certificate names its role".into(),
-                )
-                .into());
+                ));
             }
         }
         for l in label_rm {
@@ -331,19 +343,18 @@ impl Manager {
                 return Err(ControlError::Invalid(format!(
                     "label {l:?} is not on node {}",
                     n.hostname
-                ))
-                .into());
+                )));
             }
         }
         self.store
-            .update::<Node, _>(&store::node_key(&n.id), |n| {
+            .update::<Node, _, ControlError>(&store::node_key(&n.id), |n| {
                 if let Some(a) = availability {
                     n.availability = a;
                 }
                 for l in label_add {
                     let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
                     if k.is_empty() {
-                        return Err(ControlError::Invalid(format!("label {l:?}: key=value")).into());
+                        return Err(ControlError::Invalid(format!("label {l:?}: key=value")));
                     }
                     n.labels.insert(k.to_string(), v.to_string());
                 }
@@ -354,7 +365,10 @@ impl Manager {
                 Ok(true)
             })
             .await?
-            .context("node removed meanwhile")
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "node",
+                name: name.into(),
+            })
     }
 
     pub async fn remove_node(&self, name: &str, force: bool) -> Result<()> {
@@ -363,18 +377,16 @@ impl Manager {
             return Err(ControlError::Precondition(format!(
                 "node {} is not down and can't be removed (stop its huskd, or use --force)",
                 n.hostname
-            ))
-            .into());
+            )));
         }
         if n.role == Role::Manager && self.node_id == n.id {
             return Err(ControlError::Precondition(format!(
                 "node {} is this manager: it cannot remove itself",
                 n.hostname
-            ))
-            .into());
+            )));
         }
         self.store.delete(&store::node_key(&n.id)).await?;
-        self.store.delete(&store::heartbeat_key(&n.id)).await
+        Ok(self.store.delete(&store::heartbeat_key(&n.id)).await?)
     }
 
     pub async fn services(&self) -> Result<Vec<Service>> {
@@ -391,13 +403,7 @@ impl Manager {
 
     pub async fn find_service(&self, name: &str) -> Result<Service> {
         let v = self.services().await?;
-        Ok(pick(
-            v,
-            name,
-            |s| &s.id,
-            |s| s.spec.name == name,
-            "service",
-        )?)
+        pick(v, name, |s| &s.id, |s| s.spec.name == name, "service")
     }
 
     pub async fn create_service(&self, spec: ServiceSpec) -> Result<Service> {
@@ -408,7 +414,10 @@ impl Manager {
             .create_raw(&store::name_key(&spec.name), id.clone().into_bytes())
             .await?
         {
-            return Err(ControlError::AlreadyExists(format!("service {}", spec.name)).into());
+            return Err(ControlError::AlreadyExists(format!(
+                "service {}",
+                spec.name
+            )));
         }
         let now = now_ms();
         let svc = Service {
@@ -422,7 +431,7 @@ impl Manager {
         };
         if let Err(e) = self.store.put(&store::service_key(&id), &svc).await {
             let _ = self.store.delete(&store::name_key(&svc.spec.name)).await;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(svc)
     }
@@ -443,24 +452,27 @@ impl Manager {
                 return Err(ControlError::Invalid(format!(
                     "a service cannot be renamed ({} → {})",
                     svc.spec.name, s.name
-                ))
-                .into());
+                )));
             }
         }
         if rollback && svc.previous_spec.is_none() {
             return Err(ControlError::Precondition(format!(
                 "service {} has no previous spec to roll back to",
                 svc.spec.name
-            ))
-            .into());
+            )));
         }
         self.store
-            .update::<Service, _>(&store::service_key(&svc.id), |s| {
+            .update::<Service, _, ControlError>(&store::service_key(&svc.id), |s| {
                 let now = now_ms();
                 let new = if rollback {
-                    s.previous_spec.clone().context("no previous spec")?
+                    s.previous_spec.clone().ok_or_else(|| {
+                        ControlError::Precondition(format!(
+                            "service {name} has no previous spec to roll back to"
+                        ))
+                    })?
                 } else {
-                    spec.clone().context("no spec")?
+                    spec.clone()
+                        .ok_or_else(|| ControlError::Invalid("an update needs a spec".into()))?
                 };
                 // Only replica count changed: a scale, not an update.
                 let mut same = new.clone();
@@ -491,13 +503,16 @@ impl Manager {
                 Ok(true)
             })
             .await?
-            .context("service removed meanwhile")
+            .ok_or_else(|| ControlError::NotFound {
+                kind: "service",
+                name: name.into(),
+            })
     }
 
     pub async fn remove_service(&self, name: &str) -> Result<()> {
         let svc = self.find_service(name).await?;
         self.store.delete(&store::service_key(&svc.id)).await?;
-        self.store.delete(&store::name_key(&svc.spec.name)).await
+        Ok(self.store.delete(&store::name_key(&svc.spec.name)).await?)
     }
 
     pub async fn tasks(&self, service: Option<&str>, node: Option<&str>) -> Result<Vec<Task>> {
@@ -539,13 +554,12 @@ impl Manager {
     /// report it, states only move forward, and a finished task stays so.
     pub async fn report(&self, node_id: &str, task_id: &str, st: TaskStatus) -> Result<()> {
         self.store
-            .update::<Task, _>(&store::task_key(task_id), |t| {
+            .update::<Task, _, ControlError>(&store::task_key(task_id), |t| {
                 if t.node_id != node_id {
                     return Err(ControlError::NotAssigned {
                         task: task_id.into(),
                         node: node_id.into(),
-                    }
-                    .into());
+                    });
                 }
                 if t.status.state.is_terminal() || st.state < t.status.state {
                     return Ok(false);
@@ -570,14 +584,15 @@ impl Manager {
             .await?
             .is_none()
         {
-            return Err(ControlError::NodeRemoved(node_id.into()).into());
+            return Err(ControlError::NodeRemoved(node_id.into()));
         }
-        self.store
+        Ok(self
+            .store
             .put_raw(
                 &store::heartbeat_key(node_id),
                 now_ms().to_string().into_bytes(),
             )
-            .await
+            .await?)
     }
 
     /// The cluster endpoints of the managers, for nodes to fail over to.
@@ -602,7 +617,11 @@ impl Manager {
                     .client
                     .clone()
                     .watch(store::tasks(), Some(WatchOptions::new().with_prefix()))
-                    .await?;
+                    .await
+                    .map_err(|e| ControlError::Election {
+                        what: "watching tasks",
+                        source: Some(e),
+                    })?;
                 let mut last: Option<Vec<Task>> = None;
                 loop {
                     let mut mine: Vec<Task> = me
@@ -622,8 +641,20 @@ impl Manager {
                     }
                     tokio::select! {
                         m = w.message() => {
-                            if m?.is_none() {
-                                bail!("task watch ended");
+                            match m {
+                                Ok(Some(_)) => {}
+                                Ok(None) => {
+                                    return Err(ControlError::Election {
+                                        what: "the task watch ended",
+                                        source: None,
+                                    })
+                                }
+                                Err(e) => {
+                                    return Err(ControlError::Election {
+                                        what: "watching tasks",
+                                        source: Some(e),
+                                    })
+                                }
                             }
                         }
                         _ = tx.closed() => return Ok(()),
@@ -677,6 +708,6 @@ fn pick<T>(
 }
 
 /// A spec the API crate refuses is the caller's mistake.
-fn invalid(r: Result<()>) -> Result<(), ControlError> {
-    r.map_err(|e| ControlError::Invalid(format!("{e:#}")))
+fn invalid(r: Result<(), crate::types::Invalid>) -> Result<(), ControlError> {
+    r.map_err(|e| ControlError::Invalid(e.0))
 }

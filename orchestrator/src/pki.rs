@@ -4,7 +4,35 @@
 //! node can tell it reached the right cluster) and carries a secret (so
 //! the cluster can tell the node was invited).
 
-use anyhow::{bail, Context, Result};
+/// The cluster's certificates and join tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Making or signing a key or certificate failed.
+    #[error("{what}")]
+    Rcgen {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the signing request is not valid: {0}")]
+    BadCsr(String),
+    /// A certificate a peer presented, or a PEM given, is not what a husk
+    /// node's is.
+    #[error("{0}")]
+    BadCertificate(String),
+    #[error("join token: expected HUSKTKN-1-<CA digest>-<secret>")]
+    TokenForm,
+    #[error("join token: malformed (the CA digest and the secret are 64 hex digits each)")]
+    TokenDigits,
+    #[error(transparent)]
+    Io(#[from] husk_runtime::util::IoError),
+}
+
+pub type Result<T> = std::result::Result<T, PkiError>;
+
+fn rcgen(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+    move |source| PkiError::Rcgen { what, source }
+}
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -25,7 +53,7 @@ const NODE_CERT_DAYS: i64 = 365;
 
 /// A new CA: (certificate PEM, key PEM).
 pub fn new_ca(cluster_id: &str) -> Result<(String, String)> {
-    let key = KeyPair::generate().context("generating the CA key")?;
+    let key = KeyPair::generate().map_err(rcgen("generating the CA key"))?;
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name
@@ -37,7 +65,7 @@ pub fn new_ca(cluster_id: &str) -> Result<(String, String)> {
     let now = time_now();
     p.not_before = now - std::time::Duration::from_secs(3600);
     p.not_after = now + std::time::Duration::from_secs(20 * 365 * 86400);
-    let cert = p.self_signed(&key).context("signing the CA")?;
+    let cert = p.self_signed(&key).map_err(rcgen("signing the CA"))?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
@@ -47,13 +75,13 @@ fn time_now() -> time::OffsetDateTime {
 
 /// A key and a signing request for it: what a joining node sends.
 pub fn new_key_and_csr() -> Result<(String, String)> {
-    let key = KeyPair::generate().context("generating the node key")?;
+    let key = KeyPair::generate().map_err(rcgen("generating the node key"))?;
     let csr = CertificateParams::default()
         .serialize_request(&key)
-        .context("making the signing request")?;
+        .map_err(rcgen("making the signing request"))?;
     Ok((
         key.serialize_pem(),
-        csr.pem().context("encoding the request")?,
+        csr.pem().map_err(rcgen("encoding the request"))?,
     ))
 }
 
@@ -68,9 +96,9 @@ pub fn sign_node(
     role: Role,
 ) -> Result<String> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| anyhow::anyhow!("the signing request is not valid: {e}"))?;
-    let key = KeyPair::from_pem(ca_key).context("the CA key")?;
-    let issuer = Issuer::from_ca_cert_pem(ca_cert, key).context("the CA certificate")?;
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    let key = KeyPair::from_pem(ca_key).map_err(rcgen("the CA key"))?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert, key).map_err(rcgen("the CA certificate"))?;
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, node_id);
@@ -86,11 +114,12 @@ pub fn sign_node(
     // Every node certificate works both ways (it serves and it calls);
     // managers also answer to the shared manager name.
     p.subject_alt_names = vec![SanType::DnsName(
-        node_dns(node_id).try_into().context("node name")?,
+        node_dns(node_id).try_into().map_err(rcgen("node name"))?,
     )];
     if role == Role::Manager {
-        p.subject_alt_names
-            .push(SanType::DnsName(MANAGER_NAME.try_into().context("name")?));
+        p.subject_alt_names.push(SanType::DnsName(
+            MANAGER_NAME.try_into().map_err(rcgen("name"))?,
+        ));
     }
     p.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
@@ -102,7 +131,7 @@ pub fn sign_node(
     p.not_after = now + std::time::Duration::from_secs(NODE_CERT_DAYS as u64 * 86400);
     let cert = p
         .signed_by(&csr.public_key, &issuer)
-        .context("signing the node certificate")?;
+        .map_err(rcgen("signing the node certificate"))?;
     Ok(cert.pem())
 }
 
@@ -114,22 +143,26 @@ pub fn node_dns(node_id: &str) -> String {
 /// Who a peer certificate (DER) says it is: (node id, role).
 pub fn peer_identity(der: &[u8]) -> Result<(String, Role)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| anyhow::anyhow!("peer certificate: {e}"))?;
+        .map_err(|e| PkiError::BadCertificate(format!("peer certificate: {e}")))?;
     let subject = cert.subject();
     let cn = subject
         .iter_common_name()
         .next()
         .and_then(|a| a.as_str().ok())
-        .context("peer certificate has no CN")?;
+        .ok_or_else(|| PkiError::BadCertificate("peer certificate has no CN".into()))?;
     let ou = subject
         .iter_organizational_unit()
         .next()
         .and_then(|a| a.as_str().ok())
-        .context("peer certificate has no OU")?;
+        .ok_or_else(|| PkiError::BadCertificate("peer certificate has no OU".into()))?;
     let role = match ou {
         OU_MANAGER => Role::Manager,
         OU_WORKER => Role::Worker,
-        _ => bail!("peer certificate OU {ou:?} is no husk role"),
+        _ => {
+            return Err(PkiError::BadCertificate(format!(
+                "peer certificate OU {ou:?} is no husk role"
+            )))
+        }
     };
     Ok((cn.to_string(), role))
 }
@@ -144,7 +177,7 @@ pub fn cert_digest(pem: &str) -> Result<String> {
 pub fn pem_der(pem: &str) -> Result<Vec<u8>> {
     use rustls::pki_types::pem::PemObject;
     let c = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+        .map_err(|e| PkiError::BadCertificate(format!("not a PEM certificate: {e}")))?;
     Ok(c.to_vec())
 }
 
@@ -175,13 +208,11 @@ pub fn parse_token(t: &str) -> Result<(String, String)> {
         .trim()
         .strip_prefix(TOKEN_PREFIX)
         .and_then(|r| r.strip_prefix('-'))
-        .context("join token: expected HUSKTKN-1-<CA digest>-<secret>")?;
-    let (ca, secret) = rest
-        .split_once('-')
-        .context("join token: expected HUSKTKN-1-<CA digest>-<secret>")?;
+        .ok_or(PkiError::TokenForm)?;
+    let (ca, secret) = rest.split_once('-').ok_or(PkiError::TokenForm)?;
     let hex64 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
     if !hex64(ca) || !hex64(secret) {
-        bail!("join token: malformed (the CA digest and the secret are 64 hex digits each)");
+        return Err(PkiError::TokenDigits);
     }
     Ok((ca.to_string(), secret.to_string()))
 }

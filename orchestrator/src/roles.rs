@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::manager::Manager;
-use crate::node::{session, Daemon, Identity, Roles, RolesFuture};
+use crate::node::{session, Daemon, Identity, NodeError, Roles, RolesFuture};
 use crate::store::Store;
 use crate::types::Role;
 use crate::util::lock;
@@ -24,7 +24,9 @@ impl Roles for Huskd {
             }
             let ex = session::start(&daemon.cfg.state_dir, id.clone());
             *lock(&daemon.executor) = Some(ex);
-            crate::api::serve_cluster(daemon.clone(), &id).await
+            crate::api::serve_cluster(daemon.clone(), &id)
+                .await
+                .map_err(|e| NodeError::Roles(Box::new(e)))
         })
     }
 }

@@ -6,8 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::Result;
-
 use crate::types::{Availability, Node, NodeState, ServiceSpec};
 pub use husk_cluster_api::types::placement::{spread_key, Constraint};
 

@@ -18,7 +18,43 @@
 //! Writes that may race (two managers, a node's report and the leader)
 //! compare the key's mod revision and retry.
 
-use anyhow::{bail, Context, Result};
+/// The cluster's state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no etcd endpoints")]
+    NoEndpoints,
+    /// etcd refused or could not be reached (after retrying what is
+    /// transient).
+    #[error("{what}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("decoding {key}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encoding {key}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0} kept changing under this update")]
+    Contended(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|source| StoreError::Encode {
+        key: key.into(),
+        source,
+    })
+}
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -99,7 +135,12 @@ where
                 tracing::debug!("{what}: {e}; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             }
-            Err(e) => return Err(e).context(what.to_string()),
+            Err(source) => {
+                return Err(StoreError::Etcd {
+                    what: what.to_string(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -124,7 +165,7 @@ impl Store {
         timeout: Option<std::time::Duration>,
     ) -> Result<Store> {
         if endpoints.is_empty() {
-            bail!("no etcd endpoints");
+            return Err(StoreError::NoEndpoints);
         }
         let mut opts =
             ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
@@ -137,7 +178,10 @@ impl Store {
         );
         let client = Client::connect(endpoints, Some(opts))
             .await
-            .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+            .map_err(|source| StoreError::Etcd {
+                what: format!("connecting to etcd at {}", endpoints.join(",")),
+                source,
+            })?;
         Ok(Store { client })
     }
 
@@ -156,7 +200,10 @@ impl Store {
         match self.get_raw(key).await? {
             None => Ok(None),
             Some((v, rev)) => Ok(Some((
-                serde_json::from_slice(&v).with_context(|| format!("decoding {key}"))?,
+                serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                    key: key.into(),
+                    source,
+                })?,
                 rev,
             ))),
         }
@@ -189,7 +236,7 @@ impl Store {
     }
 
     pub async fn put<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
-        self.put_raw(key, serde_json::to_vec(v)?).await
+        self.put_raw(key, encode(key, v)?).await
     }
 
     pub async fn put_raw(&self, key: &str, v: Vec<u8>) -> Result<()> {
@@ -222,7 +269,7 @@ impl Store {
 
     /// Writes `key` if its mod revision is still `rev`; false if not.
     pub async fn cas<T: Serialize>(&self, key: &str, v: &T, rev: i64) -> Result<bool> {
-        let body = serde_json::to_vec(v)?;
+        let body = encode(key, v)?;
         let txn = || {
             Txn::new()
                 .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
@@ -240,10 +287,11 @@ impl Store {
 
     /// Reads, changes and writes `key` until no one else wrote between;
     /// `f` returns false to leave it as is. None if the key is gone.
-    pub async fn update<T, F>(&self, key: &str, mut f: F) -> Result<Option<T>>
+    pub async fn update<T, F, E>(&self, key: &str, mut f: F) -> std::result::Result<Option<T>, E>
     where
         T: Serialize + DeserializeOwned,
-        F: FnMut(&mut T) -> Result<bool>,
+        F: FnMut(&mut T) -> std::result::Result<bool, E>,
+        E: From<StoreError>,
     {
         for _ in 0..50 {
             let Some((mut v, rev)) = self.get::<T>(key).await? else {
@@ -256,7 +304,7 @@ impl Store {
                 return Ok(Some(v));
             }
         }
-        bail!("{key} kept changing under this update")
+        Err(StoreError::Contended(key.into()).into())
     }
 
     /// Puts many objects, a transaction per hundred.
@@ -264,7 +312,7 @@ impl Store {
         for chunk in items.chunks(TXN_OPS) {
             let ops = chunk
                 .iter()
-                .map(|(k, v)| Ok(TxnOp::put(k.as_str(), serde_json::to_vec(v)?, None)))
+                .map(|(k, v)| Ok(TxnOp::put(k.as_str(), encode(k, v)?, None)))
                 .collect::<Result<Vec<_>>>()?;
             retrying("etcd batch put", || {
                 let (mut c, t) = (self.client.clone(), Txn::new().and_then(ops.clone()));

@@ -8,6 +8,14 @@ pub mod service;
 pub mod task;
 pub mod time;
 
+/// A value the cluster's objects cannot take, and why (a spec, a flag, a
+/// constraint): what the API answers INVALID_ARGUMENT with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+pub(crate) type Result<T> = std::result::Result<T, Invalid>;
+
 pub use node::*;
 pub use service::*;
 pub use task::*;

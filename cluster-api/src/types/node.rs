@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use crate::types::{Invalid, Result};
 use serde::{Deserialize, Serialize};
 
 /// The cluster itself: one per etcd keyspace.
@@ -35,12 +35,12 @@ impl Role {
 }
 
 impl std::str::FromStr for Role {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Role> {
         match s {
             "manager" => Ok(Role::Manager),
             "worker" => Ok(Role::Worker),
-            _ => bail!("role {s:?}: manager or worker"),
+            _ => Err(Invalid(format!("role {s:?}: manager or worker"))),
         }
     }
 }
@@ -58,13 +58,15 @@ pub enum Availability {
 }
 
 impl std::str::FromStr for Availability {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Availability> {
         match s {
             "active" => Ok(Availability::Active),
             "pause" => Ok(Availability::Pause),
             "drain" => Ok(Availability::Drain),
-            _ => bail!("availability {s:?}: active, pause or drain"),
+            _ => Err(Invalid(format!(
+                "availability {s:?}: active, pause or drain"
+            ))),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (a spec is checked where it is written, by the CLI, and where it is
 //! kept, by huskd); the scheduler applies them.
 
-use anyhow::{bail, Result};
+use crate::types::{Invalid, Result};
 
 use crate::types::node::Node;
 
@@ -29,27 +29,29 @@ impl Constraint {
         } else if let Some((l, r)) = s.split_once("!=") {
             (l, r, false)
         } else {
-            bail!("constraint {s:?}: expected node.<field>==<value> or !=");
+            return Err(Invalid(format!(
+                "constraint {s:?}: expected node.<field>==<value> or !="
+            )));
         };
         let lhs = lhs.trim();
         let value = value.trim();
         if value.is_empty() {
-            bail!("constraint {s:?}: no value");
+            return Err(Invalid(format!("constraint {s:?}: no value")));
         }
         let field = match lhs {
             "node.id" => Field::Id,
             "node.hostname" => Field::Hostname,
             "node.role" => {
                 if value != "manager" && value != "worker" {
-                    bail!("constraint {s:?}: node.role is manager or worker");
+                    return Err(Invalid(format!("constraint {s:?}: node.role is manager or worker")));
                 }
                 Field::Role
             }
             l => match l.strip_prefix("node.labels.") {
                 Some(k) if !k.is_empty() => Field::Label(k.to_string()),
-                _ => bail!(
+                _ => return Err(Invalid(format!(
                     "constraint {s:?}: {l:?} is not node.id, node.hostname, node.role or node.labels.<key>"
-                ),
+                ))),
             },
         };
         Ok(Constraint {
@@ -78,6 +80,8 @@ pub fn spread_key(pref: &str) -> Result<String> {
         .and_then(|d| d.strip_prefix("node.labels."))
     {
         Some(k) if !k.is_empty() => Ok(k.to_string()),
-        _ => bail!("placement preference {pref:?}: expected spread=node.labels.<key>"),
+        _ => Err(Invalid(format!(
+            "placement preference {pref:?}: expected spread=node.labels.<key>"
+        ))),
     }
 }

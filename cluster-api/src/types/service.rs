@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use crate::types::{Invalid, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::types::node::Resources;
@@ -48,12 +48,12 @@ impl MountType {
 }
 
 impl std::str::FromStr for MountType {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<MountType> {
         match s {
             "volume" => Ok(MountType::Volume),
             "tmpfs" => Ok(MountType::Tmpfs),
-            _ => bail!("mount type {s:?}: volume or tmpfs"),
+            _ => Err(Invalid(format!("mount type {s:?}: volume or tmpfs"))),
         }
     }
 }
@@ -77,12 +77,12 @@ impl std::fmt::Display for Protocol {
 }
 
 impl std::str::FromStr for Protocol {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Protocol> {
         match s {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
-            _ => bail!("port protocol {s:?}: tcp or udp"),
+            _ => Err(Invalid(format!("port protocol {s:?}: tcp or udp"))),
         }
     }
 }
@@ -123,13 +123,15 @@ pub enum RestartCondition {
 }
 
 impl std::str::FromStr for RestartCondition {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<RestartCondition> {
         match s {
             "any" => Ok(RestartCondition::Any),
             "on-failure" => Ok(RestartCondition::OnFailure),
             "none" => Ok(RestartCondition::None),
-            _ => bail!("restart condition {s:?}: none, on-failure or any"),
+            _ => Err(Invalid(format!(
+                "restart condition {s:?}: none, on-failure or any"
+            ))),
         }
     }
 }
@@ -169,13 +171,15 @@ pub enum FailureAction {
 }
 
 impl std::str::FromStr for FailureAction {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<FailureAction> {
         match s {
             "pause" => Ok(FailureAction::Pause),
             "continue" => Ok(FailureAction::Continue),
             "rollback" => Ok(FailureAction::Rollback),
-            _ => bail!("failure action {s:?}: pause, continue or rollback"),
+            _ => Err(Invalid(format!(
+                "failure action {s:?}: pause, continue or rollback"
+            ))),
         }
     }
 }
@@ -189,12 +193,14 @@ pub enum UpdateOrder {
 }
 
 impl std::str::FromStr for UpdateOrder {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<UpdateOrder> {
         match s {
             "stop-first" => Ok(UpdateOrder::StopFirst),
             "start-first" => Ok(UpdateOrder::StartFirst),
-            _ => bail!("update order {s:?}: stop-first or start-first"),
+            _ => Err(Invalid(format!(
+                "update order {s:?}: stop-first or start-first"
+            ))),
         }
     }
 }
@@ -308,7 +314,7 @@ impl ServiceSpec {
     pub fn validate(&self) -> Result<()> {
         check_name(&self.name)?;
         if self.image.trim().is_empty() {
-            bail!("service {}: no image", self.name);
+            return Err(Invalid(format!("service {}: no image", self.name)));
         }
         for c in &self.placement.constraints {
             Constraint::parse(c)?;
@@ -320,37 +326,47 @@ impl ServiceSpec {
         for m in &self.mounts {
             match m.typ {
                 MountType::Volume => {
-                    husk_runtime::storage::volume::check_name(&m.source)?;
+                    husk_runtime::storage::volume::check_name(&m.source)
+                        .map_err(|e| Invalid(e.to_string()))?;
                     // A volume is leased to one sandbox, once.
                     if !volumes.insert(m.source.as_str()) {
-                        bail!("volume {} is mounted twice", m.source);
+                        return Err(Invalid(format!("volume {} is mounted twice", m.source)));
                     }
                 }
                 MountType::Tmpfs => {}
             }
             // The node refuses what the runtime's lifecycle refuses: say so here.
-            husk_runtime::container::lifecycle::check_target(&m.target)?;
+            husk_runtime::container::lifecycle::check_target(&m.target)
+                .map_err(|e| Invalid(e.to_string()))?;
         }
         for p in &self.ports {
             if p.published == 0 || p.target == 0 {
-                bail!("port {}:{}: both must be 1-65535", p.published, p.target);
+                return Err(Invalid(format!(
+                    "port {}:{}: both must be 1-65535",
+                    p.published, p.target
+                )));
             }
         }
         for u in [&self.update_config, &self.rollback_config] {
             if !(0.0..=1.0).contains(&u.max_failure_ratio) {
-                bail!("max failure ratio {}: 0 to 1", u.max_failure_ratio);
+                return Err(Invalid(format!(
+                    "max failure ratio {}: 0 to 1",
+                    u.max_failure_ratio
+                )));
             }
         }
         if let Some(h) = &self.healthcheck {
             let kind = h.test.first().map(String::as_str);
             if !matches!(kind, Some("CMD" | "CMD-SHELL")) || h.test.len() < 2 {
-                bail!(
+                return Err(Invalid(format!(
                     "healthcheck test {:?}: [\"CMD\", args...] or [\"CMD-SHELL\", command]",
                     h.test
-                );
+                )));
             }
             if h.interval_ms == 0 || h.timeout_ms == 0 {
-                bail!("healthcheck interval and timeout must be more than 0");
+                return Err(Invalid(
+                    "healthcheck interval and timeout must be more than 0".to_string(),
+                ));
             }
         }
         Ok(())
@@ -369,7 +385,9 @@ pub fn check_name(name: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !ok {
-        bail!("name {name:?}: 1-63 of [a-zA-Z0-9_.-], starting with a letter or digit");
+        return Err(Invalid(format!(
+            "name {name:?}: 1-63 of [a-zA-Z0-9_.-], starting with a letter or digit"
+        )));
     }
     Ok(())
 }

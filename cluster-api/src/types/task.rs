@@ -1,7 +1,7 @@
 //! Tasks: one container in one sandbox on one node, for one slot of a
 //! service, and the states it goes through.
 
-use anyhow::{bail, Result};
+use crate::types::{Invalid, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::types::service::ServiceSpec;
@@ -47,10 +47,10 @@ impl TaskState {
 }
 
 impl std::str::FromStr for TaskState {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<TaskState> {
         serde_json::from_value(serde_json::Value::String(s.to_string()))
-            .map_err(|_| anyhow::anyhow!("task state {s:?} unknown"))
+            .map_err(|_| Invalid(format!("task state {s:?} unknown")))
     }
 }
 
@@ -88,13 +88,15 @@ impl Health {
 }
 
 impl std::str::FromStr for Health {
-    type Err = anyhow::Error;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Health> {
         match s {
             "starting" => Ok(Health::Starting),
             "healthy" => Ok(Health::Healthy),
             "unhealthy" => Ok(Health::Unhealthy),
-            _ => bail!("health {s:?}: starting, healthy or unhealthy"),
+            _ => Err(Invalid(format!(
+                "health {s:?}: starting, healthy or unhealthy"
+            ))),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! Durations as Docker writes them, and the clock objects carry.
 
-use anyhow::Result;
+use crate::types::{Invalid, Result};
 
 /// Docker's (and compose's) durations: 300ms, 10s, 1m30s, 1h; a bare number is
 /// seconds.
 pub fn parse_duration(t: &str) -> Result<u64> {
-    let bad = || anyhow::anyhow!("duration {t:?}: e.g. 500ms, 10s, 1m30s");
+    let bad = || Invalid(format!("duration {t:?}: e.g. 500ms, 10s, 1m30s"));
     if let Ok(n) = t.parse::<u64>() {
         return Ok(n * 1000);
     }

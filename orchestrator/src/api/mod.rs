@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use anyhow::Context;
+use husk_runtime::util::{chain, shown, IoContext, IoError};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
@@ -355,26 +355,25 @@ impl api::cluster_server::Cluster for Api {
             };
             let (tx, tls, follow) = (tx.clone(), tls.clone(), r.follow);
             tokio::spawn(async move {
-                let r = async {
-                    let ch = crate::node::transport::node_channel(&n.addr, &n.id, &tls).await?;
+                // Why this node's logs stopped, as the line the client sees.
+                let r: Result<(), String> = async {
+                    let ch = crate::node::transport::node_channel(&n.addr, &n.id, &tls)
+                        .await
+                        .map_err(|e| chain(&e))?;
                     let mut s = api::cluster_client::ClusterClient::new(ch)
                         .task_logs(api::TaskLogsRequest {
                             task_id: t.id.clone(),
                             follow,
                         })
                         .await
-                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                        .map_err(|s| s.message().to_string())?
                         .into_inner();
-                    while let Some(c) = s
-                        .message()
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                    {
+                    while let Some(c) = s.message().await.map_err(|s| s.message().to_string())? {
                         if tx.send(Ok(c)).await.is_err() {
                             break;
                         }
                     }
-                    anyhow::Ok(())
+                    Ok(())
                 }
                 .await;
                 if let Err(e) = r {
@@ -382,11 +381,8 @@ impl api::cluster_server::Cluster for Api {
                         .send(Ok(api::LogChunk {
                             task_id: t.id.clone(),
                             stream: api::LogStream::Error.into(),
-                            data: format!(
-                                "logs of task {} from node {}: {e:#}\n",
-                                t.id, n.hostname
-                            )
-                            .into_bytes(),
+                            data: format!("logs of task {} from node {}: {e}\n", t.id, n.hostname)
+                                .into_bytes(),
                         }))
                         .await;
                 }
@@ -549,17 +545,26 @@ fn check_task_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Serving the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("TLS configuration")]
+    Tls(#[from] tonic::transport::Error),
+}
+
 /// The control socket, served until the process ends.
-pub async fn serve_local(daemon: Arc<Daemon>) -> anyhow::Result<()> {
+pub async fn serve_local(daemon: Arc<Daemon>) -> Result<(), ServeError> {
     use std::os::unix::fs::PermissionsExt;
     let path = daemon.cfg.socket.clone();
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        std::fs::create_dir_all(dir).at(|| shown(dir))?;
     }
     let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener =
+        tokio::net::UnixListener::bind(&path).at(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).at(|| shown(&path))?;
     let api = Api {
         daemon,
         local: true,
@@ -579,7 +584,7 @@ pub async fn serve_local(daemon: Arc<Daemon>) -> anyhow::Result<()> {
 /// The cluster endpoint (managers): TLS with this node's certificate and
 /// the CA behind it (a joining node checks that CA against its token);
 /// client certificates optional, and checked per call.
-pub async fn serve_cluster(daemon: Arc<Daemon>, id: &Identity) -> anyhow::Result<()> {
+pub async fn serve_cluster(daemon: Arc<Daemon>, id: &Identity) -> Result<(), ServeError> {
     let chain = format!("{}{}", id.cert_pem, id.ca_pem);
     let tls = ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(chain, &id.key_pem))
@@ -587,14 +592,13 @@ pub async fn serve_cluster(daemon: Arc<Daemon>, id: &Identity) -> anyhow::Result
         .client_auth_optional(true);
     let listener = tokio::net::TcpListener::bind(daemon.cfg.listen)
         .await
-        .with_context(|| format!("listening on {}", daemon.cfg.listen))?;
+        .at(|| format!("listening on {}", daemon.cfg.listen))?;
     let api = Api {
         daemon,
         local: false,
     };
     let server = Server::builder()
-        .tls_config(tls)
-        .context("TLS configuration")?
+        .tls_config(tls)?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(2)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
         .add_service(ClusterServer::new(api).max_decoding_message_size(64 << 20));

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
 use husk_runtime::container::record::LogWriter;
 use husk_runtime::container::spec::ProcessOptions;
 use husk_runtime::container::{

@@ -7,12 +7,14 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use husk_runtime::util::{shown, IoContext, IoError};
 
 use crate::error::ControlError;
 use crate::manager::Manager;
 use crate::pb as api;
 use crate::pki;
+use crate::pki::PkiError;
+use crate::store::StoreError;
 use crate::store::{self, Store};
 use crate::types::*;
 use crate::util::{lock, new_id};
@@ -50,6 +52,37 @@ pub struct Daemon {
     roles: Box<dyn Roles>,
 }
 
+/// What a node's daemon refuses or fails at: joining, initializing,
+/// admitting, its identity file. A control refusal rides inside as itself
+/// (`crate::error::find` finds it for the API's status).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("identity.json")]
+    Identity(#[source] serde_json::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error(transparent)]
+    Convert(#[from] husk_cluster_api::convert::ConvertError),
+    /// The manager asked to admit this node said no.
+    #[error("the manager refused the join: {0}")]
+    JoinRefused(String),
+    /// The cluster's state in etcd lacks what it must have.
+    #[error("{0}")]
+    Missing(&'static str),
+    #[error("starting this node's roles")]
+    Roles(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+type Result<T, E = NodeError> = std::result::Result<T, E>;
+
 /// A future of starting roles.
 pub type RolesFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 
@@ -63,12 +96,11 @@ pub trait Roles: Send + Sync {
 
 impl Daemon {
     pub fn new(cfg: Config, roles: Box<dyn Roles>) -> Result<Arc<Daemon>> {
-        std::fs::create_dir_all(&cfg.state_dir)
-            .with_context(|| format!("{}", cfg.state_dir.display()))?;
+        std::fs::create_dir_all(&cfg.state_dir).at(|| shown(&cfg.state_dir))?;
         let identity = match std::fs::read(cfg.state_dir.join("identity.json")) {
-            Ok(b) => Some(serde_json::from_slice(&b).context("identity.json")?),
+            Ok(b) => Some(serde_json::from_slice(&b).map_err(NodeError::Identity)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e).context("identity.json"),
+            Err(e) => return Err(e).at(|| "identity.json")?,
         };
         Ok(Arc::new(Daemon {
             cfg,
@@ -104,10 +136,12 @@ impl Daemon {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .with_context(|| format!("{}", tmp.display()))?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(id)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+            .at(|| shown(&tmp))?;
+        let json = serde_json::to_vec_pretty(id).map_err(NodeError::Identity)?;
+        std::io::Write::write_all(&mut f, &json)
+            .and_then(|()| f.sync_all())
+            .at(|| shown(&tmp))?;
+        std::fs::rename(&tmp, &path).at(|| shown(&path))?;
         *lock(&self.identity) = Some(id.clone());
         Ok(())
     }
@@ -166,13 +200,16 @@ impl Daemon {
             etcd_endpoints: etcd.clone(),
         };
         if !store
-            .create_raw(&store::cluster_key(), serde_json::to_vec(&info)?)
+            .create_raw(
+                &store::cluster_key(),
+                serde_json::to_vec(&info).map_err(NodeError::Identity)?,
+            )
             .await?
         {
             let (other, _) = store
                 .get::<ClusterInfo>(&store::cluster_key())
                 .await?
-                .context("cluster key vanished")?;
+                .ok_or(NodeError::Missing("the cluster key vanished from etcd"))?;
             return Err(ControlError::Precondition(format!(
                 "etcd at {} already holds cluster {}: join it (husk cluster join) instead",
                 etcd.join(","),
@@ -279,10 +316,12 @@ impl Daemon {
                 resources: Some(r.into()),
             })
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .map_err(|s| NodeError::JoinRefused(s.message().to_string()))?
             .into_inner();
         let role = Role::decode(resp.role)?;
-        let cert = String::from_utf8(resp.cert_pem).context("certificate")?;
+        let cert = String::from_utf8(resp.cert_pem).map_err(|_| {
+            NodeError::Missing("the manager's certificate for this node is not text")
+        })?;
         self.save(&Identity {
             node_id: resp.node_id.clone(),
             cluster_id: resp.cluster_id,
@@ -321,8 +360,9 @@ impl Daemon {
         let ca_key = store
             .get_string(&store::ca_key_key())
             .await?
-            .context("the CA key is missing from etcd")?;
-        let csr = String::from_utf8(req.csr_pem).context("signing request: not UTF-8")?;
+            .ok_or(NodeError::Missing("the CA key is missing from etcd"))?;
+        let csr =
+            String::from_utf8(req.csr_pem).map_err(|_| PkiError::BadCsr("not UTF-8".into()))?;
         let node_id = new_id();
         let cert = pki::sign_node(&id.ca_pem, &ca_key, &csr, &node_id, &id.cluster_id, role)?;
         let node = Node {
@@ -379,7 +419,7 @@ impl Daemon {
             .store
             .get_string(&key)
             .await?
-            .context("no join token in etcd")?;
+            .ok_or(NodeError::Missing("no join token in etcd"))?;
         Ok(pki::token(&pki::cert_digest(&id.ca_pem)?, &secret))
     }
 }

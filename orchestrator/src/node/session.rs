@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use husk_runtime::util::chain;
 use tokio::sync::mpsc;
 
 use crate::node::executor::{Executor, Report};
@@ -13,6 +13,28 @@ use crate::node::transport as net;
 use crate::node::Identity;
 use crate::pb::{self as api, cluster_client::ClusterClient};
 use crate::types::{Task, TaskStatus};
+
+/// Why a session with a manager ended (the node then tries the next).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] net::TransportError),
+    #[error("{what}: {}", .status.message())]
+    Call { what: String, status: tonic::Status },
+    #[error("the manager ended the assignment stream")]
+    StreamEnded,
+    #[error("the executor is gone")]
+    ExecutorGone,
+    #[error("applying the assignment set")]
+    Apply(#[from] tokio::task::JoinError),
+}
+
+type Result<T> = std::result::Result<T, SessionError>;
+
+fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> SessionError {
+    let what = what.into();
+    move |status| SessionError::Call { what, status }
+}
 
 /// Starts the session in the background; returns the executor that runs
 /// the tasks it is given (its state, logs and sandboxes under `state_dir`).
@@ -28,7 +50,7 @@ pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
                     if let Some(id) = e.file_name().to_str() {
                         tracing::info!("removing sandbox {id} left by an earlier huskd");
                         if let Err(e) = rt.clean_sandbox(id) {
-                            tracing::warn!("sandbox {id}: {e:#}");
+                            tracing::warn!("sandbox {id}: {}", chain(&e));
                         }
                     }
                 }
@@ -36,7 +58,7 @@ pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
             Some(rt)
         }
         Err(e) => {
-            tracing::warn!("this node cannot run tasks: {e:#}");
+            tracing::warn!("this node cannot run tasks: {}", chain(&e));
             None
         }
     };
@@ -57,7 +79,7 @@ async fn run(mut id: Identity, ex: Arc<Executor>, mut reports: mpsc::UnboundedRe
         let addr = addrs[i % addrs.len()].clone();
         match session(&addr, &mut id, &ex, &mut reports).await {
             Ok(()) => {}
-            Err(e) => tracing::warn!("session with manager {addr}: {e:#}"),
+            Err(e) => tracing::warn!("session with manager {addr}: {}", chain(&e)),
         }
         i += 1;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -78,7 +100,7 @@ async fn session(
             node_id: node_id.clone(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("heartbeat: {}", s.message()))?
+        .map_err(call("heartbeat"))?
         .into_inner();
     let mut period = Duration::from_millis(hb.period_ms.max(100));
     if !hb.managers.is_empty() {
@@ -90,7 +112,7 @@ async fn session(
             node_id: node_id.clone(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("assignments: {}", s.message()))?
+        .map_err(call("assignments"))?
         .into_inner();
     // What the last manager may have missed.
     for r in ex.all_reports() {
@@ -102,8 +124,8 @@ async fn session(
             m = stream.message() => {
                 let set = match m {
                     Ok(Some(set)) => set,
-                    Ok(None) => bail!("the manager ended the assignment stream"),
-                    Err(s) => bail!("assignments: {}", s.message()),
+                    Ok(None) => return Err(SessionError::StreamEnded),
+                    Err(s) => return Err(call("assignments")(s)),
                 };
                 let mut tasks = Vec::with_capacity(set.tasks.len());
                 for t in set.tasks {
@@ -117,14 +139,14 @@ async fn session(
                 tokio::task::spawn_blocking(move || ex.apply(tasks)).await?;
             }
             r = reports.recv() => {
-                let Some(r) = r else { bail!("executor gone") };
+                let Some(r) = r else { return Err(SessionError::ExecutorGone) };
                 send(&mut client, &r).await?;
             }
             _ = beat.tick() => {
                 let hb = client
                     .heartbeat(api::HeartbeatRequest { node_id: node_id.clone() })
                     .await
-                    .map_err(|s| anyhow::anyhow!("heartbeat: {}", s.message()))?
+                    .map_err(call("heartbeat"))?
                     .into_inner();
                 if !hb.managers.is_empty() {
                     id.managers = hb.managers;
@@ -173,6 +195,6 @@ async fn send(
             tracing::debug!("report of task {}: {}", report.task_id, s.message());
             Ok(())
         }
-        Err(s) => bail!("report of task {}: {}", report.task_id, s.message()),
+        Err(s) => Err(call(format!("report of task {}", report.task_id))(s)),
     }
 }

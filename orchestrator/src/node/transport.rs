@@ -5,11 +5,40 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::pki;
 pub use husk_cluster_api::client::{default_socket, local_client};
+
+/// Reaching a manager or a node over the cluster endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{what}")]
+    Grpc {
+        what: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: timed out")]
+    Timeout { what: String },
+    #[error("TLS")]
+    Tls(#[from] rustls::Error),
+    /// The manager's certificates are not what the join token names.
+    #[error("{0}")]
+    WrongCluster(String),
+}
+
+pub type Result<T> = std::result::Result<T, TransportError>;
+
+fn grpc(what: String) -> impl FnOnce(tonic::transport::Error) -> TransportError {
+    move |source| TransportError::Grpc { what, source }
+}
 
 /// What a node knows to reach managers: the CA, and its own certificate
 /// once it has one.
@@ -29,15 +58,16 @@ pub async fn manager_channel(addr: &str, tls: &Tls) -> Result<Channel> {
         cfg = cfg.identity(Identity::from_pem(cert, key));
     }
     let ch = Endpoint::from_shared(format!("https://{addr}"))
-        .with_context(|| format!("manager address {addr:?}"))?
-        .tls_config(cfg)?
+        .map_err(grpc(format!("manager address {addr:?}")))?
+        .tls_config(cfg)
+        .map_err(grpc(format!("TLS for manager {addr}")))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .with_context(|| format!("connecting to manager {addr}"))?;
+        .map_err(grpc(format!("connecting to manager {addr}")))?;
     Ok(ch)
 }
 
@@ -51,12 +81,13 @@ pub async fn node_channel(addr: &str, node_id: &str, tls: &Tls) -> Result<Channe
         cfg = cfg.identity(Identity::from_pem(cert, key));
     }
     Endpoint::from_shared(format!("https://{addr}"))
-        .with_context(|| format!("node address {addr:?}"))?
-        .tls_config(cfg)?
+        .map_err(grpc(format!("node address {addr:?}")))?
+        .tls_config(cfg)
+        .map_err(grpc(format!("TLS for node {node_id}")))?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .with_context(|| format!("connecting to node {node_id} at {addr}"))
+        .map_err(grpc(format!("connecting to node {node_id} at {addr}")))
 }
 
 /// The CA a manager presents, checked against a join token's digest
@@ -71,27 +102,40 @@ pub async fn fetch_ca(addr: &str, want_digest: &str) -> Result<String> {
         .with_no_client_auth();
     let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
-        .with_context(|| format!("connecting to {addr}: timed out"))?
-        .with_context(|| format!("connecting to {addr}"))?;
-    let name = rustls::pki_types::ServerName::try_from(pki::MANAGER_NAME)?;
+        .map_err(|_| TransportError::Timeout {
+            what: format!("connecting to {addr}"),
+        })?
+        .map_err(|source| TransportError::Io {
+            what: format!("connecting to {addr}"),
+            source,
+        })?;
+    let name = rustls::pki_types::ServerName::try_from(pki::MANAGER_NAME)
+        .map_err(|e| TransportError::WrongCluster(format!("manager name: {e}")))?;
     let tls = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
     )
     .await
-    .with_context(|| format!("TLS handshake with {addr}: timed out"))?
-    .with_context(|| format!("TLS handshake with {addr}"))?;
-    let chain = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .context("the manager sent no certificate")?;
+    .map_err(|_| TransportError::Timeout {
+        what: format!("TLS handshake with {addr}"),
+    })?
+    .map_err(|source| TransportError::Io {
+        what: format!("TLS handshake with {addr}"),
+        source,
+    })?;
+    let chain = tls.get_ref().1.peer_certificates().ok_or_else(|| {
+        TransportError::WrongCluster(format!("{addr}: the manager sent no certificate"))
+    })?;
     let Some(ca) = chain.last().filter(|_| chain.len() >= 2) else {
-        bail!("{addr} did not present a husk manager's certificate chain");
+        return Err(TransportError::WrongCluster(format!(
+            "{addr} did not present a husk manager's certificate chain"
+        )));
     };
     let digest = pki::hex(&<sha2::Sha256 as sha2::Digest>::digest(ca.as_ref()));
     if digest != want_digest {
-        bail!("{addr} belongs to another cluster: its CA does not match the join token");
+        return Err(TransportError::WrongCluster(format!(
+            "{addr} belongs to another cluster: its CA does not match the join token"
+        )));
     }
     Ok(pem_encode("CERTIFICATE", ca.as_ref()))
 }
@@ -113,7 +157,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         _server_name: &rustls::pki_types::ServerName<'_>,
         _ocsp_response: &[u8],
         _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
@@ -122,7 +166,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         message: &[u8],
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
@@ -136,7 +180,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         message: &[u8],
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(
             message,
             cert,
