@@ -16,7 +16,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Result, ShimError};
+use husk_runtime::util::{shown, IoContext};
 use husk_runtime::{Machine, Runtime};
 use serde::Deserialize;
 
@@ -39,11 +40,13 @@ impl ShimConfig {
     /// CreateTaskRequest.options: type URL and bytes).
     pub fn find(type_url: &str, options: &[u8]) -> Result<ShimConfig> {
         let named = if type_url.ends_with("runtimeoptions.v1.Options") {
-            config_path(options).context("containerd's runtime options")?
+            config_path(options)?
         } else if type_url.is_empty() {
             None
         } else {
-            bail!("runtime options of type {type_url:?}: husk takes runtimeoptions.v1.Options (ConfigPath)");
+            return Err(ShimError::Config(format!(
+                "runtime options of type {type_url:?}: husk takes runtimeoptions.v1.Options (ConfigPath)"
+            )));
         };
         let path = named
             .map(PathBuf::from)
@@ -61,20 +64,22 @@ impl ShimConfig {
 
     pub fn load(path: &Path) -> Result<ShimConfig> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the shim configuration {}", path.display()))?;
-        let c: ShimConfig = toml::from_str(&text)
-            .with_context(|| format!("shim configuration {}", path.display()))?;
+            .at(|| format!("reading the shim configuration {}", shown(path)))?;
+        let c: ShimConfig = toml::from_str(&text).map_err(|source| ShimError::ConfigFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if c.vcpus == Some(0) {
-            bail!(
+            return Err(ShimError::Config(format!(
                 "shim configuration {}: vcpus must be at least 1",
                 path.display()
-            );
+            )));
         }
         if c.memory_mib.is_some_and(|m| m < 128) {
-            bail!(
+            return Err(ShimError::Config(format!(
                 "shim configuration {}: memory_mib must be at least 128",
                 path.display()
-            );
+            )));
         }
         Ok(c)
     }
@@ -121,8 +126,13 @@ fn config_path(bytes: &[u8]) -> Result<Option<String>> {
         match (tag >> 3, tag & 7) {
             (2, 2) => path = Some(s.read_string()?),
             (_, wire) => {
-                let wt = containerd_shim::protos::protobuf::rt::WireType::new(wire)
-                    .ok_or_else(|| anyhow::anyhow!("bad wire type {wire}"))?;
+                let wt = containerd_shim::protos::protobuf::rt::WireType::new(wire).ok_or_else(
+                    || {
+                        ShimError::Config(format!(
+                            "containerd's runtime options: bad wire type {wire}"
+                        ))
+                    },
+                )?;
                 s.skip_field(wt)?;
             }
         }

@@ -9,8 +9,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Result, ShimError};
 use husk_runtime::guest::{Io, Streams};
+use husk_runtime::util::{IoContext, IoError};
 
 /// The stdio a task was created with (paths as containerd gave them).
 #[derive(Clone, Debug, Default)]
@@ -40,9 +41,9 @@ fn path_of(uri: &str) -> Result<&str> {
         return Ok(p);
     }
     if let Some((scheme, _)) = uri.split_once("://") {
-        bail!(
+        return Err(ShimError::Unsupported(format!(
             "stdio {uri:?}: {scheme}:// is not supported (FIFO paths, file:// and binary:// are)"
-        );
+        )));
     }
     Ok(uri)
 }
@@ -82,11 +83,13 @@ fn unescape(s: &str) -> String {
 fn logger_command(uri: &str) -> Result<(String, Vec<String>)> {
     let rest = uri
         .strip_prefix("binary://")
-        .ok_or_else(|| anyhow::anyhow!("{uri:?} is not a binary:// URI"))?;
+        .ok_or_else(|| ShimError::Unsupported(format!("{uri:?} is not a binary:// URI")))?;
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let path = unescape(path);
     if !path.starts_with('/') {
-        bail!("log URI {uri:?}: the logger's path must be absolute");
+        return Err(ShimError::Unsupported(format!(
+            "log URI {uri:?}: the logger's path must be absolute"
+        )));
     }
     let mut args = Vec::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
@@ -109,7 +112,11 @@ fn start_logger(uri: &str, owner: &Owner) -> Result<(File, File)> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two-element array with new descriptors.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-            return Err(std::io::Error::last_os_error()).context("pipe2");
+            return Err(IoError {
+                what: "pipe2".into(),
+                source: std::io::Error::last_os_error(),
+            }
+            .into());
         }
         // SAFETY: both descriptors were just returned to us, owned by no one.
         Ok(unsafe {
@@ -151,7 +158,7 @@ fn start_logger(uri: &str, owner: &Owner) -> Result<(File, File)> {
     }
     let child = cmd
         .spawn()
-        .with_context(|| format!("starting the logger {program}"))?;
+        .at(|| format!("starting the logger {program}"))?;
     drop((out_r, err_r, ready_w));
     // Ready when it closes fd 5 (EOF here); one that exits first is too.
     let mut b = [0u8; 1];
@@ -195,7 +202,7 @@ impl Copies {
                     OpenOptions::new()
                         .append(true)
                         .open(p)
-                        .with_context(|| format!("opening {p}"))?
+                        .at(|| format!("opening {p}"))?
                 }
             };
             c.out.push(std::thread::spawn(move || copy_out(stream, to)));

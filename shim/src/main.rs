@@ -4,6 +4,7 @@
 //! `io.kubernetes.cri.sandbox-id`), else a single container.
 
 mod config;
+mod error;
 mod io;
 mod service;
 mod spec;

@@ -29,7 +29,9 @@ use husk_runtime::guest::{container, ctx as actx, AgentConn};
 use husk_runtime::{Runtime, Sandbox};
 use log::{info, warn};
 
+use crate::error::ShimError;
 use crate::io::{Copies, Stdio};
+use husk_runtime::util::{shown, IoContext};
 
 /// CRI's annotation naming the pod a container belongs to.
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -48,14 +50,11 @@ fn err(code: Code, msg: impl Into<String>) -> TtrpcError {
 /// A failure as containerd sees it: an agent's refusal keeps the agent's
 /// code (NOT_FOUND, FAILED_PRECONDITION, ... which containerd maps to its
 /// errdefs); anything else is the shim's own, INTERNAL.
-fn internal(e: impl Into<anyhow::Error>) -> TtrpcError {
-    let e = e.into();
-    let code = e
-        .chain()
-        .find_map(husk_runtime::guest::find_rpc)
+fn internal(e: impl std::error::Error + 'static) -> TtrpcError {
+    let code = husk_runtime::guest::find_rpc(&e)
         .and_then(|r| r.code)
         .unwrap_or(Code::INTERNAL);
-    err(code, format!("{e:#}"))
+    err(code, husk_runtime::util::chain(&e))
 }
 
 /// Takes a container's entries out of the sandbox's share (best effort:
@@ -208,12 +207,10 @@ impl Service {
         });
     }
 
-    fn create_task(&self, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
-        use anyhow::Context as _;
+    fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
         let bundle = PathBuf::from(&req.bundle);
         let spec: oci_spec::runtime::Spec =
-            oci_spec::runtime::Spec::load(bundle.join("config.json"))
-                .context("reading the bundle's config.json")?;
+            oci_spec::runtime::Spec::load(bundle.join("config.json"))?;
         let joins = spec
             .annotations()
             .as_ref()
@@ -221,7 +218,7 @@ impl Service {
             .is_some_and(|t| t == "container");
         let netns = crate::spec::netns_path(&spec).filter(|p| !p.starts_with("/proc"));
         let rootfs = bundle.join("rootfs");
-        std::fs::create_dir_all(&rootfs)?;
+        std::fs::create_dir_all(&rootfs).at(|| shown(&rootfs))?;
         for m in &req.rootfs {
             containerd_shim::mount::mount_rootfs(
                 Some(m.type_.as_str()).filter(|t| !t.is_empty()),
@@ -229,7 +226,10 @@ impl Service {
                 &m.options,
                 &rootfs,
             )
-            .map_err(|e| anyhow::anyhow!("mounting the rootfs ({}): {e}", m.type_))?;
+            .map_err(|e| ShimError::Rootfs {
+                typ: m.type_.clone(),
+                message: e.to_string(),
+            })?;
         }
         let mounted = !req.rootfs.is_empty();
         // Undone when the container is not created.
@@ -290,12 +290,12 @@ impl Service {
         netns: Option<PathBuf>,
         stdio: &Stdio,
         conf: &crate::config::ShimConfig,
-    ) -> anyhow::Result<(u32, Vec<usize>, Copies)> {
+    ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
         let mut g = self.lock();
         if g.sandbox.is_some() {
-            anyhow::bail!(
+            return Err(ShimError::Pod(format!(
                 "this shim's sandbox already runs; only containers of its CRI pod ({CONTAINER_TYPE}=container) can join it"
-            );
+            )));
         }
         let rt = conf.runtime()?;
         let entries = (0..guest.shares.len()).collect();
@@ -349,7 +349,7 @@ impl Service {
         spec: oci_spec::runtime::Spec,
         rootfs: &Path,
         stdio: &Stdio,
-    ) -> anyhow::Result<(u32, Vec<usize>, Copies)> {
+    ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
         // The shares are added under the lock; the (slow) create runs on a
         // connection of its own, so the pod's other tasks answer meanwhile.
         let joining = {
@@ -357,7 +357,9 @@ impl Service {
             let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
             let guest = crate::spec::for_guest(spec, rootfs, &pids)?;
             let sandbox = g.sandbox.as_mut().ok_or_else(|| {
-                anyhow::anyhow!("{id} is a pod's container but its pod's sandbox is not running")
+                ShimError::Pod(format!(
+                    "{id} is a pod's container but its pod's sandbox is not running"
+                ))
             })?;
             join(sandbox, id, guest.spec, &guest.shares)?
         };

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use crate::error::{Result, ShimError};
 use husk_runtime::storage::shared::{guest_source, HostShare};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
@@ -78,11 +78,11 @@ pub fn for_guest(mut spec: Spec, rootfs: &Path, guest_pids: &[u32]) -> Result<Gu
             continue;
         };
         if !src.is_absolute() {
-            bail!(
+            return Err(ShimError::Unsupported(format!(
                 "mount {}: bind source {} is not absolute",
                 m.destination().display(),
                 src.display()
-            );
+            )));
         }
         let read_only = m
             .options()
