@@ -64,7 +64,7 @@ fn main() {
     let spawner = match Spawner::start() {
         Ok(s) => s,
         Err(e) => {
-            say(&e);
+            say(&e.to_string());
             if is_guest {
                 reboot_guest();
             }
@@ -78,7 +78,7 @@ fn main() {
         kmsg::forward_reports();
         // Containers share the guest's network namespace: their localhost.
         if let Err(e) = husk_agent::network::loopback_up() {
-            say(&e);
+            say(&husk_agent::rpc::causes(&e));
         }
     }
     let root = if is_guest {
@@ -117,7 +117,7 @@ fn main() {
         on_destroy,
     });
     if let Err(e) = husk_agent::server::start(&listen, sandbox, containers, network) {
-        say(&e);
+        say(&husk_agent::rpc::causes(&e));
         if is_guest {
             reboot_guest();
         }

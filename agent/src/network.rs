@@ -38,33 +38,82 @@ pub struct Netlink {
 }
 
 /// A netlink request that failed: the kernel's errno, or the socket.
-#[derive(Debug)]
-enum NlError {
+#[derive(Debug, thiserror::Error)]
+pub enum NlError {
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
     Kernel(i32),
-    Io(String),
+    #[error("{what}")]
+    Socket {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("netlink reply: {0}")]
+    Reply(String),
 }
 
-impl std::fmt::Display for NlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NlError::Kernel(errno) => std::io::Error::from_raw_os_error(*errno).fmt(f),
-            NlError::Io(m) => f.write_str(m),
+/// Configuring the sandbox's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The request is not valid (INVALID_ARGUMENT): a MAC, an address, a
+    /// route, an interface name or MTU.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: NlError,
+    },
+    #[error("no interface {0:?}")]
+    NoInterface(String),
+    #[error("no lo in this network namespace")]
+    NoLoopback,
+    #[error("{what}")]
+    Namespace {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the loopback thread panicked")]
+    Thread,
+}
+
+impl From<NlError> for NetError {
+    fn from(source: NlError) -> NetError {
+        NetError::Netlink {
+            what: "netlink".into(),
+            source,
         }
     }
 }
 
-impl From<NlError> for String {
-    fn from(e: NlError) -> String {
-        e.to_string()
+/// The one mapping to ttrpc codes: a request that is not valid is the
+/// caller's; the rest is the agent's own failure.
+impl From<NetError> for ttrpc::Error {
+    fn from(e: NetError) -> ttrpc::Error {
+        match e {
+            NetError::Invalid(m) => invalid(m),
+            e => internal(crate::rpc::causes(&e)),
+        }
     }
 }
 
+fn failed(what: impl Into<String>) -> impl FnOnce(NlError) -> NetError {
+    let what = what.into();
+    move |source| NetError::Netlink { what, source }
+}
+
+fn socket(what: &'static str) -> impl FnOnce(std::io::Error) -> NlError {
+    move |source| NlError::Socket { what, source }
+}
+
 impl Netlink {
-    pub fn new() -> Result<Self, String> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| format!("netlink socket: {e}"))?;
-        sock.bind_auto().map_err(|e| format!("netlink bind: {e}"))?;
+    pub fn new() -> Result<Self, NlError> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(socket("netlink socket"))?;
+        sock.bind_auto().map_err(socket("netlink bind"))?;
         sock.connect(&netlink_sys::SocketAddr::new(0, 0))
-            .map_err(|e| format!("netlink connect: {e}"))?;
+            .map_err(socket("netlink connect"))?;
         Ok(Self { sock, seq: 0 })
     }
 
@@ -83,20 +132,18 @@ impl Netlink {
         m.finalize();
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
-        self.sock
-            .send(&buf, 0)
-            .map_err(|e| NlError::Io(format!("netlink send: {e}")))?;
+        self.sock.send(&buf, 0).map_err(socket("netlink send"))?;
         let mut out = Vec::new();
         let mut rx = vec![0u8; 64 * 1024];
         loop {
             let n = self
                 .sock
                 .recv(&mut &mut rx[..], 0)
-                .map_err(|e| NlError::Io(format!("netlink recv: {e}")))?;
+                .map_err(socket("netlink recv"))?;
             let mut off = 0;
             while off < n {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..n])
-                    .map_err(|e| NlError::Io(format!("netlink reply: {e}")))?;
+                    .map_err(|e| NlError::Reply(e.to_string()))?;
                 let len = reply.header.length as usize;
                 if reply.header.sequence_number == self.seq {
                     match reply.payload {
@@ -124,7 +171,7 @@ impl Netlink {
         &mut self,
         req: RouteNetlinkMessage,
         pick: impl Fn(RouteNetlinkMessage) -> Option<T>,
-    ) -> Result<Vec<T>, String> {
+    ) -> Result<Vec<T>, NlError> {
         Ok(self
             .request(req, NLM_F_DUMP)?
             .into_iter()
@@ -132,7 +179,7 @@ impl Netlink {
             .collect())
     }
 
-    pub fn links(&mut self) -> Result<Vec<LinkMessage>, String> {
+    pub fn links(&mut self) -> Result<Vec<LinkMessage>, NlError> {
         self.dump(
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
             |m| match m {
@@ -142,7 +189,7 @@ impl Netlink {
         )
     }
 
-    pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, String> {
+    pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, NlError> {
         self.dump(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
             |m| match m {
@@ -153,7 +200,7 @@ impl Netlink {
     }
 
     /// The main table's routes, IPv4 and IPv6.
-    pub fn routes(&mut self) -> Result<Vec<RouteMessage>, String> {
+    pub fn routes(&mut self) -> Result<Vec<RouteMessage>, NlError> {
         self.dump(
             RouteNetlinkMessage::GetRoute(RouteMessage::default()),
             |m| match m {
@@ -183,20 +230,23 @@ fn format_mac(b: &[u8]) -> String {
 }
 
 /// "06:00:0a:58:00:02" → bytes; a unicast MAC only.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
     let parts: Vec<_> = s.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(format!("mac {s:?} is not six hex bytes"));
+        return Err(NetError::Invalid(format!("mac {s:?} is not six hex bytes")));
     }
     for (i, p) in parts.iter().enumerate() {
         if p.len() != 2 {
-            return Err(format!("mac {s:?} is not six hex bytes"));
+            return Err(NetError::Invalid(format!("mac {s:?} is not six hex bytes")));
         }
-        mac[i] = u8::from_str_radix(p, 16).map_err(|_| format!("mac {s:?} is not hex"))?;
+        mac[i] = u8::from_str_radix(p, 16)
+            .map_err(|_| NetError::Invalid(format!("mac {s:?} is not hex")))?;
     }
     if mac[0] & 1 == 1 || mac == [0; 6] {
-        return Err(format!("mac {s:?} is not a unicast address"));
+        return Err(NetError::Invalid(format!(
+            "mac {s:?} is not a unicast address"
+        )));
     }
     Ok(mac)
 }
@@ -211,14 +261,17 @@ fn valid_ifname(n: &str) -> bool {
 }
 
 /// A checked address: the IP and a prefix that fits it.
-pub fn parse_address(a: &IPAddress) -> Result<(IpAddr, u8), String> {
+pub fn parse_address(a: &IPAddress) -> Result<(IpAddr, u8), NetError> {
     let ip: IpAddr = a
         .address
         .parse()
-        .map_err(|_| format!("address {:?} is not an IP address", a.address))?;
+        .map_err(|_| NetError::Invalid(format!("address {:?} is not an IP address", a.address)))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     if a.prefix_len > max {
-        return Err(format!("prefix_len {} is too long for {ip}", a.prefix_len));
+        return Err(NetError::Invalid(format!(
+            "prefix_len {} is too long for {ip}",
+            a.prefix_len
+        )));
     }
     Ok((ip, a.prefix_len as u8))
 }
@@ -227,14 +280,14 @@ pub fn parse_address(a: &IPAddress) -> Result<(IpAddr, u8), String> {
 pub type Cidr = (IpAddr, u8);
 
 /// A checked route: destination (None = default) with prefix, gateway.
-pub fn parse_route(r: &Route) -> Result<(Option<Cidr>, Option<IpAddr>), String> {
+pub fn parse_route(r: &Route) -> Result<(Option<Cidr>, Option<IpAddr>), NetError> {
     let dest = match r.destination.as_str() {
         "" | "default" => None,
         d => {
             let (ip, len) = d.split_once('/').unwrap_or((d, ""));
             let ip: IpAddr = ip
                 .parse()
-                .map_err(|_| format!("route destination {d:?} is not a CIDR"))?;
+                .map_err(|_| NetError::Invalid(format!("route destination {d:?} is not a CIDR")))?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let len = if len.is_empty() {
                 max
@@ -242,45 +295,55 @@ pub fn parse_route(r: &Route) -> Result<(Option<Cidr>, Option<IpAddr>), String> 
                 len.parse::<u8>()
                     .ok()
                     .filter(|l| *l <= max)
-                    .ok_or_else(|| format!("route destination {d:?}: bad prefix length"))?
+                    .ok_or_else(|| {
+                        NetError::Invalid(format!("route destination {d:?}: bad prefix length"))
+                    })?
             };
             Some((ip, len))
         }
     };
-    let gw = match r.gateway.as_str() {
-        "" => None,
-        g => Some(
-            g.parse::<IpAddr>()
-                .map_err(|_| format!("route gateway {g:?} is not an IP address"))?,
-        ),
-    };
+    let gw =
+        match r.gateway.as_str() {
+            "" => None,
+            g => Some(g.parse::<IpAddr>().map_err(|_| {
+                NetError::Invalid(format!("route gateway {g:?} is not an IP address"))
+            })?),
+        };
     if dest.is_none() && gw.is_none() {
-        return Err("a default route needs a gateway".into());
+        return Err(NetError::Invalid("a default route needs a gateway".into()));
     }
     if !r.device.is_empty() && !valid_ifname(&r.device) {
-        return Err(format!(
+        return Err(NetError::Invalid(format!(
             "route device {:?} is not an interface name",
             r.device
-        ));
+        )));
     }
     if let (Some((d, _)), Some(g)) = (dest, gw) {
         if d.is_ipv4() != g.is_ipv4() {
-            return Err("route destination and gateway are of different families".into());
+            return Err(NetError::Invalid(
+                "route destination and gateway are of different families".into(),
+            ));
         }
     }
     Ok((dest, gw))
 }
 
 /// Checks a whole interface request before anything is changed.
-pub fn check_interface(i: &Interface) -> Result<(), String> {
+pub fn check_interface(i: &Interface) -> Result<(), NetError> {
     if !valid_ifname(&i.name) {
-        return Err(format!("interface name {:?} is not valid", i.name));
+        return Err(NetError::Invalid(format!(
+            "interface name {:?} is not valid",
+            i.name
+        )));
     }
     if !i.mac.is_empty() {
         parse_mac(&i.mac)?;
     }
     if i.mtu != 0 && !(68..=65535).contains(&i.mtu) {
-        return Err(format!("mtu {} is out of range (68-65535)", i.mtu));
+        return Err(NetError::Invalid(format!(
+            "mtu {} is out of range (68-65535)",
+            i.mtu
+        )));
     }
     for a in &i.addresses {
         parse_address(a)?;
@@ -292,39 +355,43 @@ pub fn check_interface(i: &Interface) -> Result<(), String> {
 /// container with a namespace of its own: the kernel creates it down, and
 /// runtimes below Docker's network layer leave it so). Done from a thread
 /// that enters the namespace and then ends.
-pub fn loopback_up_in(pid: i32) -> Result<(), String> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| format!("network namespace of {pid}: {e}"))?;
-    std::thread::spawn(move || -> Result<(), String> {
+pub fn loopback_up_in(pid: i32) -> Result<(), NetError> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| {
+        NetError::Namespace {
+            what: format!("network namespace of {pid}"),
+            source,
+        }
+    })?;
+    std::thread::spawn(move || -> Result<(), NetError> {
         use std::os::fd::AsRawFd;
         // SAFETY: setns on a namespace fd we hold; it changes only this
         // thread's network namespace, and the thread ends right after.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "entering the network namespace of {pid}: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(NetError::Namespace {
+                what: format!("entering the network namespace of {pid}"),
+                source: std::io::Error::last_os_error(),
+            });
         }
         loopback_up()
     })
     .join()
-    .map_err(|_| "the loopback thread panicked".to_string())?
+    .map_err(|_| NetError::Thread)?
 }
 
 /// Brings up loopback in this thread's network namespace.
-pub fn loopback_up() -> Result<(), String> {
+pub fn loopback_up() -> Result<(), NetError> {
     let mut nl = Netlink::new()?;
     let lo = nl
         .links()?
         .into_iter()
         .find(|l| link_name(l) == Some("lo"))
-        .ok_or("no lo in this network namespace")?;
+        .ok_or(NetError::NoLoopback)?;
     let mut set = LinkMessage::default();
     set.header.index = lo.header.index;
     set.header.flags = LinkFlags::Up;
     set.header.change_mask = LinkFlags::Up;
     nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
-        .map_err(|e| format!("bringing lo up: {e}"))?;
+        .map_err(failed("bringing lo up"))?;
     Ok(())
 }
 
@@ -359,14 +426,14 @@ impl NetworkService {
     }
 
     /// Configures one interface: MAC, MTU, exactly these addresses, up.
-    pub fn apply_interface(&self, i: &Interface) -> Result<(), String> {
+    pub fn apply_interface(&self, i: &Interface) -> Result<(), NetError> {
         check_interface(i)?;
         let mut nl = Netlink::new()?;
         let link = nl
             .links()?
             .into_iter()
             .find(|l| link_name(l) == Some(i.name.as_str()))
-            .ok_or_else(|| format!("no interface {:?}", i.name))?;
+            .ok_or_else(|| NetError::NoInterface(i.name.clone()))?;
         let index = link.header.index;
         let mut set = LinkMessage::default();
         set.header.index = index;
@@ -380,7 +447,7 @@ impl NetworkService {
             set.attributes.push(LinkAttribute::Mtu(i.mtu));
         }
         nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
-            .map_err(|e| format!("configuring {}: {e}", i.name))?;
+            .map_err(failed(format!("configuring {}", i.name)))?;
         let want: Vec<(IpAddr, u8)> = i
             .addresses
             .iter()
@@ -406,7 +473,7 @@ impl NetworkService {
             };
             if !keep {
                 nl.request(RouteNetlinkMessage::DelAddress(a.clone()), NLM_F_ACK)
-                    .map_err(|e| format!("removing an address of {}: {e}", i.name))?;
+                    .map_err(failed(format!("removing an address of {}", i.name)))?;
             }
         }
         for (ip, len) in want {
@@ -427,7 +494,7 @@ impl NetworkService {
                 Ok(_) => {}
                 // Already there: what was asked for holds.
                 Err(NlError::Kernel(libc::EEXIST)) => {}
-                Err(e) => return Err(format!("adding {ip}/{len} to {}: {e}", i.name)),
+                Err(e) => return Err(failed(format!("adding {ip}/{len} to {}", i.name))(e)),
             }
         }
         Ok(())
@@ -435,7 +502,7 @@ impl NetworkService {
 
     /// Replaces the main table's static routes with `routes` (the kernel's
     /// own routes for connected subnets stay).
-    pub fn apply_routes(&self, routes: &[Route]) -> Result<(), String> {
+    pub fn apply_routes(&self, routes: &[Route]) -> Result<(), NetError> {
         let parsed: Vec<_> = routes.iter().map(parse_route).collect::<Result<_, _>>()?;
         let mut nl = Netlink::new()?;
         let links = nl.links()?;
@@ -444,7 +511,7 @@ impl NetworkService {
                 .iter()
                 .find(|l| link_name(l) == Some(name))
                 .map(|l| l.header.index)
-                .ok_or_else(|| format!("route device {name:?}: no such interface"))
+                .ok_or_else(|| NetError::NoInterface(name.to_string()))
         };
         let mut add = Vec::new();
         for (r, (dest, gw)) in routes.iter().zip(parsed) {
@@ -485,7 +552,7 @@ impl NetworkService {
         for r in nl.routes()? {
             if r.header.protocol != RouteProtocol::Kernel {
                 nl.request(RouteNetlinkMessage::DelRoute(r), NLM_F_ACK)
-                    .map_err(|e| format!("removing a route: {e}"))?;
+                    .map_err(failed("removing a route"))?;
             }
         }
         // Routes through a gateway need the gateway's subnet first: add
@@ -493,12 +560,12 @@ impl NetworkService {
         add.sort_by_key(|m| m.header.scope != RouteScope::Link);
         for m in add {
             nl.request(RouteNetlinkMessage::NewRoute(m), NLM_F_ACK | NLM_F_CREATE)
-                .map_err(|e| format!("adding a route: {e}"))?;
+                .map_err(failed("adding a route"))?;
         }
         Ok(())
     }
 
-    pub fn interfaces(&self) -> Result<Vec<Interface>, String> {
+    pub fn interfaces(&self) -> Result<Vec<Interface>, NetError> {
         let mut nl = Netlink::new()?;
         let addrs = nl.addresses()?;
         Ok(nl
@@ -533,7 +600,7 @@ impl NetworkService {
             .collect())
     }
 
-    pub fn list_routes(&self) -> Result<Vec<Route>, String> {
+    pub fn list_routes(&self) -> Result<Vec<Route>, NetError> {
         let mut nl = Netlink::new()?;
         let links = nl.links()?;
         Ok(nl
@@ -583,11 +650,10 @@ impl NetworkService {
             .interface
             .into_option()
             .ok_or_else(|| invalid("interface is missing"))?;
-        check_interface(&i).map_err(invalid)?;
+        check_interface(&i)?;
         self.guard()?;
-        self.apply_interface(&i).map_err(internal)?;
-        self.interfaces()
-            .map_err(internal)?
+        self.apply_interface(&i)?;
+        self.interfaces()?
             .into_iter()
             .find(|x| x.name == i.name)
             .ok_or_else(|| internal(format!("interface {:?} vanished", i.name)))
@@ -600,12 +666,12 @@ impl NetworkService {
     ) -> ttrpc::Result<UpdateRoutesRequest> {
         check_version(meta)?;
         for r in &req.routes {
-            parse_route(r).map_err(invalid)?;
+            parse_route(r)?;
         }
         self.guard()?;
-        self.apply_routes(&req.routes).map_err(internal)?;
+        self.apply_routes(&req.routes)?;
         Ok(UpdateRoutesRequest {
-            routes: self.list_routes().map_err(internal)?,
+            routes: self.list_routes()?,
             ..Default::default()
         })
     }
@@ -617,7 +683,7 @@ impl NetworkService {
     ) -> ttrpc::Result<ListInterfacesResponse> {
         check_version(meta)?;
         Ok(ListInterfacesResponse {
-            interfaces: self.interfaces().map_err(internal)?,
+            interfaces: self.interfaces()?,
             ..Default::default()
         })
     }
@@ -664,7 +730,7 @@ mod tests {
         };
         assert!(check_interface(&i).is_ok());
         i.mtu = 10;
-        assert!(check_interface(&i).unwrap_err().contains("mtu"));
+        assert!(check_interface(&i).unwrap_err().to_string().contains("mtu"));
         i.mtu = 0;
         i.name = "a/b".into();
         assert!(check_interface(&i).is_err());

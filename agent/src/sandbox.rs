@@ -59,23 +59,28 @@ pub fn valid_hostname(h: &str) -> bool {
 }
 
 /// The files the sandbox request describes, validated.
-pub fn sandbox_files(req: &CreateSandboxRequest) -> Result<Vec<(&'static str, String)>, String> {
+pub fn sandbox_files(
+    req: &CreateSandboxRequest,
+) -> Result<Vec<(&'static str, String)>, crate::containers::Invalid> {
     if !valid_hostname(&req.hostname) {
-        return Err(format!(
+        return Err(crate::containers::Invalid(format!(
             "hostname {:?} is not a valid host name",
             req.hostname
-        ));
+        )));
     }
     let mut resolv = String::new();
     for s in &req.dns_servers {
-        s.parse::<IpAddr>()
-            .map_err(|_| format!("dns_servers: {s:?} is not an IP address"))?;
+        s.parse::<IpAddr>().map_err(|_| {
+            crate::containers::Invalid(format!("dns_servers: {s:?} is not an IP address"))
+        })?;
         resolv.push_str(&format!("nameserver {s}\n"));
     }
     if !req.dns_search.is_empty() {
         for d in &req.dns_search {
             if !valid_hostname(d) {
-                return Err(format!("dns_search: {d:?} is not a valid domain"));
+                return Err(crate::containers::Invalid(format!(
+                    "dns_search: {d:?} is not a valid domain"
+                )));
             }
         }
         resolv.push_str(&format!("search {}\n", req.dns_search.join(" ")));
@@ -84,9 +89,9 @@ pub fn sandbox_files(req: &CreateSandboxRequest) -> Result<Vec<(&'static str, St
         String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     for line in &req.hosts {
         if line.contains(['\n', '\r', '\0']) || line.len() > 1024 {
-            return Err(format!(
+            return Err(crate::containers::Invalid(format!(
                 "hosts: line {line:?} is not a single hosts(5) line"
-            ));
+            )));
         }
         hosts.push_str(line);
         hosts.push('\n');
@@ -106,12 +111,12 @@ impl SandboxService {
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
         check_version(meta)?;
-        let files = sandbox_files(&req).map_err(invalid)?;
+        let files = sandbox_files(&req)?;
         for i in &req.interfaces {
-            crate::network::check_interface(i).map_err(invalid)?;
+            crate::network::check_interface(i)?;
         }
         for r in &req.routes {
-            crate::network::parse_route(r).map_err(invalid)?;
+            crate::network::parse_route(r)?;
         }
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| internal(format!("creating {}: {e}", self.state_dir.display())))?;
@@ -134,9 +139,9 @@ impl SandboxService {
                 ));
             }
             for i in &req.interfaces {
-                self.network.apply_interface(i).map_err(internal)?;
+                self.network.apply_interface(i)?;
             }
-            self.network.apply_routes(&req.routes).map_err(internal)?;
+            self.network.apply_routes(&req.routes)?;
         }
         Ok(Empty::new())
     }
@@ -237,12 +242,12 @@ mod tests {
 
         let mut bad = r.clone();
         bad.dns_servers = vec!["8.8.8".into()];
-        assert!(sandbox_files(&bad).unwrap_err().contains("dns_servers"));
+        assert!(sandbox_files(&bad).unwrap_err().0.contains("dns_servers"));
         let mut bad = r.clone();
         bad.hosts = vec!["1.2.3.4 a\n5.6.7.8 b".into()];
-        assert!(sandbox_files(&bad).unwrap_err().contains("hosts"));
+        assert!(sandbox_files(&bad).unwrap_err().0.contains("hosts"));
         let mut bad = r;
         bad.hostname = "no spaces".into();
-        assert!(sandbox_files(&bad).unwrap_err().contains("hostname"));
+        assert!(sandbox_files(&bad).unwrap_err().0.contains("hostname"));
     }
 }

@@ -117,12 +117,31 @@ const MAX_BLOCKING: usize = 256;
 
 /// Binds `listen` and serves on a new thread. Returns once the server
 /// listens (or failed to), so the caller can report either.
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Ttrpc {
+        what: String,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("the server thread ended before serving")]
+    Ended,
+}
+
 pub fn start(
     listen: &str,
     sandbox: Arc<SandboxService>,
     containers: Arc<ContainersService>,
     network: Arc<NetworkService>,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(MAX_BLOCKING)
@@ -131,7 +150,10 @@ pub fn start(
         // template is snapshotted come back in every restored sandbox.
         .thread_keep_alive(Duration::from_secs(24 * 3600))
         .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
+        .map_err(|source| ServeError::Io {
+            what: "tokio runtime".into(),
+            source,
+        })?;
     let (tx, rx) = std::sync::mpsc::channel();
     let listen = listen.to_string();
     let serve = move || {
@@ -144,12 +166,18 @@ pub fn start(
             let mut server = match server {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = tx.send(Err(format!("cannot listen on {listen}: {e}")));
+                    let _ = tx.send(Err(ServeError::Ttrpc {
+                        what: format!("cannot listen on {listen}"),
+                        source: e,
+                    }));
                     return;
                 }
             };
             if let Err(e) = server.start().await {
-                let _ = tx.send(Err(format!("cannot serve on {listen}: {e}")));
+                let _ = tx.send(Err(ServeError::Ttrpc {
+                    what: format!("cannot serve on {listen}"),
+                    source: e,
+                }));
                 return;
             }
             // One pool thread up front, so the first request that needs one
@@ -162,7 +190,9 @@ pub fn start(
     std::thread::Builder::new()
         .name("ttrpc".into())
         .spawn(serve)
-        .map_err(|e| format!("starting the server thread: {e}"))?;
-    rx.recv()
-        .unwrap_or_else(|_| Err("the server thread ended before serving".into()))
+        .map_err(|source| ServeError::Io {
+            what: "starting the server thread".into(),
+            source,
+        })?;
+    rx.recv().unwrap_or(Err(ServeError::Ended))
 }

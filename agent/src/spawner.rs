@@ -68,17 +68,65 @@ pub struct Spawner {
     sock: Mutex<(OwnedFd, u64)>,
 }
 
+/// A build that did not give a pid, on the agent's side of the spawner.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The socket to the spawner, or the fork of it, failed.
+    #[error("{what}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: Errno,
+    },
+    #[error("the spawner is gone")]
+    Gone,
+    #[error("the builder did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the spawner answered {0:?}")]
+    BadAnswer(String),
+    /// What the builder (libcontainer) said: text, as it crossed from
+    /// another process.
+    #[error("{0}")]
+    Builder(String),
+}
+
+fn sys(what: &'static str) -> impl FnOnce(Errno) -> SpawnError {
+    move |source| SpawnError::Sys { what, source }
+}
+
+/// A request the builder could not carry out (sent to the agent as text).
+#[derive(Debug, thiserror::Error)]
+enum BuildError {
+    #[error("a request without {0}")]
+    Missing(&'static str),
+    #[error("a request with {0} descriptors")]
+    Descriptors(usize),
+    #[error("{what}: {message}")]
+    Libcontainer { what: &'static str, message: String },
+    #[error("{}: {source}", .path.display())]
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("libcontainer made the container but its state has no pid (status {status}) and its pid file gives none ({from_file}); state.json: {raw:?}")]
+    NoPid {
+        status: String,
+        from_file: String,
+        raw: String,
+    },
+}
+
 impl Spawner {
     /// Forks the spawner. Call before the agent starts any thread: the
     /// spawner is a copy of this process as it is now.
-    pub fn start() -> Result<Self, String> {
+    pub fn start() -> Result<Self, SpawnError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_CLOEXEC,
         )
-        .map_err(|e| format!("spawner socketpair: {e}"))?;
+        .map_err(sys("spawner socketpair"))?;
         // SAFETY: called while the process has one thread (see above), so
         // the child may run any code; it never returns from serve().
         match unsafe { fork() } {
@@ -89,7 +137,7 @@ impl Spawner {
             Ok(ForkResult::Parent { .. }) => Ok(Self {
                 sock: Mutex::new((ours, 0)),
             }),
-            Err(e) => Err(format!("forking the spawner: {e}")),
+            Err(e) => Err(sys("forking the spawner")(e)),
         }
     }
 
@@ -98,7 +146,7 @@ impl Spawner {
     /// builder. Call with the reaper's spawn lock held: the process becomes
     /// the agent's child when the builder exits, and must be watched before
     /// the reaper may take its status.
-    pub fn build(&self, b: Build, timeout: Duration) -> Result<i32, String> {
+    pub fn build(&self, b: Build, timeout: Duration) -> Result<i32, SpawnError> {
         let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
         guard.1 += 1;
         let seq = guard.1;
@@ -118,7 +166,7 @@ impl Spawner {
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
         let iov = [std::io::IoSlice::new(req.as_bytes())];
         sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
-            .map_err(|e| format!("asking the spawner: {e}"))?;
+            .map_err(sys("asking the spawner"))?;
         // Sent: the spawner has its own copies; ours close now, so the
         // streams end when the process does.
         drop(b.stdio);
@@ -150,15 +198,12 @@ impl Spawner {
                     if let Some(p) = builder {
                         let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
                     }
-                    return Err(r.err().unwrap_or_else(|| {
-                        format!("the builder did not answer within {timeout:?}")
-                    }));
+                    return Err(r.err().unwrap_or(SpawnError::Timeout(timeout)));
                 }
             };
             let Ok(v) = serde_json::from_slice::<Value>(&msg) else {
-                return Err(format!(
-                    "the spawner answered {:?}",
-                    String::from_utf8_lossy(&msg)
+                return Err(SpawnError::BadAnswer(
+                    String::from_utf8_lossy(&msg).into_owned(),
                 ));
             };
             // An answer to an earlier build that timed out: not ours.
@@ -170,12 +215,12 @@ impl Spawner {
                 continue;
             }
             if let Some(pid) = v["pid"].as_i64() {
-                return i32::try_from(pid).map_err(|_| format!("the builder answered pid {pid}"));
+                return i32::try_from(pid).map_err(|_| SpawnError::BadAnswer(format!("pid {pid}")));
             }
-            return Err(v["error"]
-                .as_str()
-                .unwrap_or("the builder answered neither a pid nor an error")
-                .to_string());
+            return Err(match v["error"].as_str() {
+                Some(e) => SpawnError::Builder(e.to_string()),
+                None => SpawnError::BadAnswer("neither a pid nor an error".into()),
+            });
         }
     }
 }
@@ -232,7 +277,7 @@ fn stat_after_comm(pid: i32) -> Option<String> {
 }
 
 /// The next message; None if none came within `left`.
-fn recv_until(sock: &OwnedFd, left: Duration) -> Result<Option<Vec<u8>>, String> {
+fn recv_until(sock: &OwnedFd, left: Duration) -> Result<Option<Vec<u8>>, SpawnError> {
     let deadline = Instant::now() + left;
     loop {
         let ms = deadline
@@ -244,18 +289,18 @@ fn recv_until(sock: &OwnedFd, left: Duration) -> Result<Option<Vec<u8>>, String>
             Ok(0) if Instant::now() >= deadline => return Ok(None),
             Ok(0) | Err(Errno::EINTR) => continue,
             Ok(_) => {}
-            Err(e) => return Err(format!("waiting for the spawner: {e}")),
+            Err(e) => return Err(sys("waiting for the spawner")(e)),
         }
         let mut buf = vec![0u8; MESSAGE_MAX];
         let mut iov = [IoSliceMut::new(&mut buf)];
         match recvmsg::<()>(sock.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT) {
-            Ok(m) if m.bytes == 0 => return Err("the spawner is gone".into()),
+            Ok(m) if m.bytes == 0 => return Err(SpawnError::Gone),
             Ok(m) => {
                 let n = m.bytes;
                 return Ok(Some(buf[..n].to_vec()));
             }
             Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(format!("reading the spawner's answer: {e}")),
+            Err(e) => return Err(sys("reading the spawner's answer")(e)),
         }
     }
 }
@@ -301,7 +346,7 @@ fn serve(sock: OwnedFd) -> ! {
             Ok(ForkResult::Child) => {
                 let answer = match build(&req, fds) {
                     Ok(pid) => json!({"seq": seq, "pid": pid}),
-                    Err(e) => json!({"seq": seq, "error": e}),
+                    Err(e) => json!({"seq": seq, "error": e.to_string()}),
                 };
                 send(&sock, &answer);
                 unsafe_exit(0)
@@ -326,7 +371,7 @@ fn unsafe_exit(code: i32) -> ! {
 type Message = (Vec<u8>, Vec<OwnedFd>);
 
 /// One request and the descriptors that came with it; None at EOF.
-fn receive(sock: &OwnedFd) -> Result<Option<Message>, String> {
+fn receive(sock: &OwnedFd) -> Result<Option<Message>, SpawnError> {
     let mut buf = vec![0u8; MESSAGE_MAX];
     let mut space = nix::cmsg_space!([RawFd; 3]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -338,14 +383,11 @@ fn receive(sock: &OwnedFd) -> Result<Option<Message>, String> {
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Err(Errno::EINTR) => continue,
-            r => break r.map_err(|e| format!("reading a request: {e}"))?,
+            r => break r.map_err(sys("reading a request"))?,
         }
     };
     let mut fds = Vec::new();
-    for c in m
-        .cmsgs()
-        .map_err(|e| format!("a request's descriptors: {e}"))?
-    {
+    for c in m.cmsgs().map_err(sys("a request's descriptors"))? {
         if let ControlMessageOwned::ScmRights(rs) = c {
             // SAFETY: descriptors the kernel just installed for us.
             fds.extend(rs.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
@@ -359,12 +401,12 @@ fn receive(sock: &OwnedFd) -> Result<Option<Message>, String> {
 }
 
 /// In the builder: libcontainer makes the process; returns its pid.
-fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
+fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, BuildError> {
     let text = |k: &str| req[k].as_str().map(str::to_string);
     let path = |k: &str| req[k].as_str().map(PathBuf::from);
-    let id = text("id").ok_or("a request without an id")?;
-    let root = path("root").ok_or("a request without a state root")?;
-    let bundle = path("bundle").ok_or("a request without a bundle")?;
+    let id = text("id").ok_or(BuildError::Missing("an id"))?;
+    let root = path("root").ok_or(BuildError::Missing("a state root"))?;
+    let bundle = path("bundle").ok_or(BuildError::Missing("a bundle"))?;
     let base = ContainerBuilder::new(id, SyscallType::Linux);
     let base = match <[OwnedFd; 3]>::try_from(fds) {
         Ok([stdin, stdout, stderr]) => base
@@ -372,11 +414,11 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
             .with_stdout(stdout)
             .with_stderr(stderr),
         Err(v) if v.is_empty() => base,
-        Err(v) => return Err(format!("a request with {} descriptors", v.len())),
+        Err(v) => return Err(BuildError::Descriptors(v.len())),
     };
     let base = base
         .with_root_path(root)
-        .map_err(|e| format!("libcontainer root: {}", causes(&e)))?
+        .map_err(|e| libcontainer("libcontainer root", &e))?
         .with_console_socket(path("console_socket"));
     // libcontainer's main process writes the init's pid here as soon as
     // it has it, apart from the container's state file (see init_pid).
@@ -384,12 +426,12 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
     match path("exec") {
         None => base
             .with_pid_file(Some(&pid_file))
-            .map_err(|e| format!("pid file: {}", causes(&e)))?
+            .map_err(|e| libcontainer("pid file", &e))?
             .as_init(bundle)
             .with_systemd(false)
             .with_detach(true)
             .build()
-            .map_err(|e| causes(&e))
+            .map_err(|e| libcontainer("creating the container", &e))
             .and_then(|c| init_pid(c, &pid_file)),
         Some(process) => base
             .as_tenant()
@@ -397,7 +439,14 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
             .with_process(Some(process))
             .build()
             .map(|pid| pid.as_raw())
-            .map_err(|e| causes(&e)),
+            .map_err(|e| libcontainer("creating the process", &e)),
+    }
+}
+
+fn libcontainer(what: &'static str, e: &dyn std::error::Error) -> BuildError {
+    BuildError::Libcontainer {
+        what,
+        message: causes(e),
     }
 }
 
@@ -406,9 +455,13 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
 /// pid the same call wrote with it. Then the pid comes from the pid file
 /// (written from the same value), the state is mended if it can be, and
 /// the console says what was found.
-fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, String> {
+fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, BuildError> {
     let from_file = std::fs::read_to_string(pid_file)
-        .map_err(|e| format!("{}: {e}", pid_file.display()))
+        .map_err(|source| BuildError::PidFile {
+            path: pid_file.to_path_buf(),
+            source,
+        })
+        .map_err(|e| e.to_string())
         .and_then(|t| t.trim().parse::<i32>().map_err(|e| format!("{t:?}: {e}")));
     let _ = std::fs::remove_file(pid_file);
     if let Some(p) = c.pid() {
@@ -434,10 +487,11 @@ fn init_pid(mut c: Container, pid_file: &Path) -> Result<i32, String> {
             );
             Ok(pid)
         }
-        r => Err(format!(
-            "libcontainer made the container but its state has no pid (status {status:?}) \
-             and its pid file gives none ({r:?}); state.json: {raw:?}"
-        )),
+        r => Err(BuildError::NoPid {
+            status: format!("{status:?}"),
+            from_file: format!("{r:?}"),
+            raw,
+        }),
     }
 }
 
@@ -449,9 +503,9 @@ mod tests {
     fn an_agent_less_request_fails_with_the_reason() {
         // A builder given nonsense answers with an error; nothing panics.
         let e = build(&json!({"seq": 1}), Vec::new()).unwrap_err();
-        assert!(e.contains("without an id"), "{e}");
+        assert!(matches!(e, BuildError::Missing("an id")), "{e}");
         let (a, _b) = nix::unistd::pipe().unwrap();
         let e = build(&json!({"id": "x", "root": "/r", "bundle": "/b"}), vec![a]).unwrap_err();
-        assert!(e.contains("1 descriptors"), "{e}");
+        assert!(matches!(e, BuildError::Descriptors(1)), "{e}");
     }
 }

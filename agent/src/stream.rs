@@ -140,9 +140,9 @@ impl Streams {
     }
 
     /// Takes the stream called `name`, waiting up to `timeout` for it.
-    pub fn claim(&self, name: &str, timeout: Duration) -> Result<OwnedFd, String> {
+    pub fn claim(&self, name: &str, timeout: Duration) -> Result<OwnedFd, StreamError> {
         if !valid_stream_name(name) {
-            return Err(format!("{name:?} is not a valid stream name"));
+            return Err(StreamError::BadName(name.into()));
         }
         let start = Instant::now();
         let deadline = start + timeout;
@@ -159,11 +159,11 @@ impl Streams {
                 return Ok(fd);
             }
             let Some(mut left) = deadline.checked_duration_since(Instant::now()) else {
-                return Err(format!(
-                    "no stream named {name:?} connected within {timeout:?} \
-                     ({} others unclaimed)",
-                    p.len()
-                ));
+                return Err(StreamError::NotConnected {
+                    name: name.into(),
+                    timeout,
+                    unclaimed: p.len(),
+                });
             };
             // Once, after a while: on the console, while the caller waits.
             if !reported && start.elapsed() >= SLOW_REPORT {
@@ -187,31 +187,75 @@ impl Streams {
 
 struct UnixOrVsock(OwnedFd);
 
+/// A stream that cannot be claimed, or one that did not name itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0:?} is not a valid stream name")]
+    BadName(String),
+    #[error(
+        "no stream named {name:?} connected within {timeout:?} ({unclaimed} others unclaimed)"
+    )]
+    NotConnected {
+        name: String,
+        timeout: Duration,
+        unclaimed: usize,
+    },
+    #[error("closed before naming itself")]
+    Closed,
+    #[error("name longer than {MAX_STREAM_NAME} bytes")]
+    TooLong,
+    #[error("name is not UTF-8")]
+    NotUtf8,
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Reads "<name>\n" a byte at a time, so no data after it is consumed.
-fn read_name(fd: &OwnedFd) -> Result<String, String> {
+fn read_name(fd: &OwnedFd) -> Result<String, StreamError> {
     let timeout = nix::sys::time::TimeVal::new(HEADER_TIMEOUT.as_secs() as i64, 0);
     let set = |t| {
-        nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &t)
-            .map_err(|e| format!("setsockopt: {e}"))
+        nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &t).map_err(
+            |e| StreamError::Io {
+                what: "setsockopt",
+                source: e.into(),
+            },
+        )
     };
     set(timeout)?;
-    let mut f = UnixStream::from(fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?);
+    let mut f =
+        UnixStream::from(
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| StreamError::Io {
+                    what: "duplicating the stream",
+                    source,
+                })?,
+        );
     let mut name = Vec::new();
     let mut b = [0u8; 1];
     loop {
         match f.read(&mut b) {
-            Ok(0) => return Err("closed before naming itself".into()),
+            Ok(0) => return Err(StreamError::Closed),
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) if name.len() < MAX_STREAM_NAME => name.push(b[0]),
-            Ok(_) => return Err(format!("name longer than {MAX_STREAM_NAME} bytes")),
+            Ok(_) => return Err(StreamError::TooLong),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading its name: {e}")),
+            Err(source) => {
+                return Err(StreamError::Io {
+                    what: "reading its name",
+                    source,
+                })
+            }
         }
     }
     set(nix::sys::time::TimeVal::new(0, 0))?;
-    let name = String::from_utf8(name).map_err(|_| "name is not UTF-8".to_string())?;
+    let name = String::from_utf8(name).map_err(|_| StreamError::NotUtf8)?;
     if !valid_stream_name(&name) {
-        return Err(format!("{name:?} is not a valid stream name"));
+        return Err(StreamError::BadName(name));
     }
     Ok(name)
 }

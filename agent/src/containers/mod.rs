@@ -11,17 +11,16 @@
 //! undoes what it did. Nothing here may panic: it runs in PID 1.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Component, Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
     ContainerInfo, ContainerRequest, CpuStats, CreateContainerRequest, CreateContainerResponse,
     Empty, ExecProcessRequest, ExecProcessResponse, ListContainersResponse, MemoryStats, OOMEvent,
-    ProcessRequest, SignalProcessRequest, StatsContainerResponse, Stdio, Storage,
-    TtyWinResizeRequest, UpdateContainerRequest, WaitProcessResponse,
+    ProcessRequest, SignalProcessRequest, StatsContainerResponse, Storage, TtyWinResizeRequest,
+    UpdateContainerRequest, WaitProcessResponse,
 };
 use libcontainer::container::Container;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -35,6 +34,14 @@ use crate::rpc::{causes, check_version, internal, invalid, status, time_left, Me
 use crate::spawner::{self, Spawner};
 use crate::stream::Streams;
 
+mod check;
+mod stats;
+mod stdio;
+
+pub use check::*;
+use stats::*;
+use stdio::*;
+
 /// How long a create or exec waits for its stdio streams to connect, and
 /// RemoveContainer for a killed container to exit, when the caller set no
 /// deadline (with one, until just before it: `rpc::time_left`).
@@ -42,8 +49,6 @@ const STREAM_WAIT: Duration = Duration::from_secs(10);
 const REMOVE_WAIT: Duration = Duration::from_secs(10);
 /// A container's or exec's processes being made, without a deadline.
 const BUILD_WAIT: Duration = Duration::from_secs(300);
-/// Filesystem types a Storage may name.
-const FSTYPES: &[&str] = &["erofs", "ext4", "virtiofs", "tmpfs"];
 
 /// Where the agent keeps things.
 #[derive(Clone, Debug)]
@@ -154,370 +159,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// libcontainer's id rules: letters, digits, `_+-.`, not `.`/`..`, ≤ 128.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-' | b'.'))
-}
-
-/// A relative path of plain components: it cannot leave the directory it is
-/// joined to, and it is safe in an overlay option string.
-pub fn relative_path(field: &str, p: &str) -> Result<PathBuf, String> {
-    let path = Path::new(p);
-    if p.is_empty()
-        || p.len() > 1024
-        || p.contains([',', ':', '\0'])
-        || !path.components().all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(format!(
-            "{field}: {p:?} must be a relative path of plain names (no '..', ',' or ':')"
-        ));
-    }
-    Ok(path.to_path_buf())
-}
-
-/// Checks a Storage and returns its mount flags and data.
-pub fn check_storage(s: &Storage) -> Result<(MsFlags, String), String> {
-    if !FSTYPES.contains(&s.fstype.as_str()) {
-        return Err(format!(
-            "storage fstype {:?} is not one of {FSTYPES:?}",
-            s.fstype
-        ));
-    }
-    relative_path("storage mount_point", &s.mount_point)?;
-    let ok_source = match s.fstype.as_str() {
-        "erofs" | "ext4" => {
-            s.source.starts_with("/dev/")
-                && relative_path("source", &s.source["/dev/".len()..]).is_ok()
-        }
-        "virtiofs" => {
-            !s.source.is_empty()
-                && s.source.len() <= 36
-                && s.source
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
-        }
-        _ => s.source == "tmpfs",
-    };
-    if !ok_source {
-        return Err(format!(
-            "storage source {:?} does not fit fstype {}",
-            s.source, s.fstype
-        ));
-    }
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    for o in &s.options {
-        match o.as_str() {
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "rw" => flags &= !MsFlags::MS_RDONLY,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            o if !o.is_empty()
-                && o.len() <= 256
-                && o.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"=_-.".contains(&b)) =>
-            {
-                data.push(o.to_string())
-            }
-            o => return Err(format!("storage option {o:?} is not allowed")),
-        }
-    }
-    Ok((flags, data.join(",")))
-}
-
-fn stdio_names(s: &Stdio, terminal: bool) -> Result<(), String> {
-    for (field, n) in [
-        ("stdin", &s.stdin),
-        ("stdout", &s.stdout),
-        ("stderr", &s.stderr),
-    ] {
-        if !n.is_empty() && !husk_protocol::valid_stream_name(n) {
-            return Err(format!("stdio.{field}: {n:?} is not a valid stream name"));
-        }
-    }
-    if terminal && !s.stderr.is_empty() {
-        return Err("stdio.stderr must be empty with a terminal: its output is on stdout".into());
-    }
-    Ok(())
-}
-
-/// A cgroups path: absolute, plain names.
-fn cgroups_path(p: &Path) -> Result<PathBuf, String> {
-    let s = p.to_string_lossy();
-    match s.strip_prefix('/') {
-        Some(rel) => relative_path("linux.cgroupsPath", rel).map(|_| p.to_path_buf()),
-        None => Err(format!("linux.cgroupsPath {s:?} must be an absolute path")),
-    }
-}
-
-/// Parses and checks what a CreateContainer request carries, before any
-/// side effect: the spec, the storages, the rootfs path, the stdio names.
-pub fn check_create(req: &CreateContainerRequest) -> Result<Spec, String> {
-    if !valid_id(&req.container_id) {
-        return Err(format!(
-            "container_id {:?}: 1-128 of [A-Za-z0-9_+-.], not '.' or '..'",
-            req.container_id
-        ));
-    }
-    let spec: Spec = serde_json::from_slice(&req.oci_spec).map_err(|e| format!("oci_spec: {e}"))?;
-    let process = spec.process().as_ref().ok_or("oci_spec: no process")?;
-    if !matches!(process.args(), Some(a) if !a.is_empty()) {
-        return Err("oci_spec: process.args is empty".into());
-    }
-    let root = spec.root().as_ref().ok_or("oci_spec: no root")?;
-    relative_path("oci_spec root.path", &root.path().to_string_lossy())?;
-    if let Some(p) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
-        cgroups_path(&p)?;
-    }
-    for m in spec.mounts().iter().flatten() {
-        if is_bind(m) {
-            let src = m
-                .source()
-                .as_ref()
-                .map(|s| s.to_string_lossy().into_owned());
-            relative_path(
-                &format!("bind mount on {}: source", m.destination().display()),
-                src.as_deref().unwrap_or(""),
-            )?;
-        }
-    }
-    let mut points = Vec::new();
-    for s in &req.storages {
-        check_storage(s)?;
-        if points.contains(&&s.mount_point) {
-            return Err(format!(
-                "storage mount_point {:?} given twice",
-                s.mount_point
-            ));
-        }
-        points.push(&s.mount_point);
-    }
-    let stdio = req.stdio.as_ref().cloned().unwrap_or_default();
-    stdio_names(&stdio, process.terminal().unwrap_or(false))?;
-    Ok(spec)
-}
-
-/// A bind mount, by type or by option (runc accepts either).
-fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
-}
-
-/// Parses and checks an exec request's process.
-pub fn check_exec(req: &ExecProcessRequest) -> Result<Process, String> {
-    if !valid_id(&req.container_id) {
-        return Err(format!("container_id {:?} is not valid", req.container_id));
-    }
-    if !valid_id(&req.exec_id) {
-        return Err(format!(
-            "exec_id {:?}: 1-128 of [A-Za-z0-9_+-.]",
-            req.exec_id
-        ));
-    }
-    let p: Process = serde_json::from_slice(&req.process).map_err(|e| format!("process: {e}"))?;
-    if !matches!(p.args(), Some(a) if !a.is_empty()) {
-        return Err("process.args is empty".into());
-    }
-    if !p.cwd().is_absolute() {
-        return Err(format!("process.cwd {:?} must be absolute", p.cwd()));
-    }
-    let stdio = req.stdio.as_ref().cloned().unwrap_or_default();
-    stdio_names(&stdio, p.terminal().unwrap_or(false))?;
-    Ok(p)
-}
-
 fn not_found(what: &str, id: &str) -> ttrpc::Error {
     status(Code::NOT_FOUND, format!("no {what} {id:?}"))
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// A cgroup "key value" file as a map (missing file: empty).
-fn read_keyed(path: &Path) -> HashMap<String, u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-fn oom_kills(cgroup: &Path) -> u64 {
-    read_keyed(&cgroup.join("memory.events"))
-        .get("oom_kill")
-        .copied()
-        .unwrap_or(0)
-}
-
-fn unix_nanos(t: std::time::SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-fn dev_null(write: bool) -> Result<OwnedFd, String> {
-    std::fs::OpenOptions::new()
-        .read(!write)
-        .write(write)
-        .open("/dev/null")
-        .map(OwnedFd::from)
-        .map_err(|e| format!("/dev/null: {e}"))
-}
-
-/// The streams a process gets, claimed by name; /dev/null for "".
-struct ProcStdio {
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    has_stdin: bool,
-}
-
-impl ProcStdio {
-    fn claim(streams: &Streams, s: &Stdio) -> Result<Self, String> {
-        let get = |name: &str, write: bool| {
-            if name.is_empty() {
-                dev_null(write)
-            } else {
-                streams.claim(name, crate::rpc::time_left(STREAM_WAIT))
-            }
-        };
-        Ok(Self {
-            stdin: get(&s.stdin, false)?,
-            stdout: get(&s.stdout, true)?,
-            stderr: get(&s.stderr, true)?,
-            has_stdin: !s.stdin.is_empty(),
-        })
-    }
-}
-
-/// Receives a terminal's master side from libcontainer on a console socket.
-struct ConsoleSocket {
-    path: PathBuf,
-    accept: std::thread::JoinHandle<Result<OwnedFd, String>>,
-}
-
-impl ConsoleSocket {
-    fn listen(path: PathBuf) -> Result<Self, String> {
-        let _ = std::fs::remove_file(&path);
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|e| format!("console socket {}: {e}", path.display()))?;
-        let accept = std::thread::spawn(move || {
-            let (c, _) = l.accept().map_err(|e| format!("console socket: {e}"))?;
-            c.set_read_timeout(Some(Duration::from_secs(60)))
-                .map_err(|e| e.to_string())?;
-            recv_fd(&c)
-        });
-        Ok(Self { path, accept })
-    }
-
-    fn master(self) -> Result<OwnedFd, String> {
-        let r = self
-            .accept
-            .join()
-            .unwrap_or_else(|_| Err("console socket thread failed".into()));
-        let _ = std::fs::remove_file(&self.path);
-        r
-    }
-
-    /// Unblocks the accept when the build failed before connecting.
-    fn abandon(self) {
-        let _ = std::os::unix::net::UnixStream::connect(&self.path);
-        let _ = self.master();
-    }
-}
-
-fn recv_fd(c: &std::os::unix::net::UnixStream) -> Result<OwnedFd, String> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut buf = [0u8; 256];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        c.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(|e| format!("console socket: {e}"))?;
-    for m in msg.cmsgs().map_err(|e| format!("console socket: {e}"))? {
-        if let ControlMessageOwned::ScmRights(fds) = m {
-            let mut owned = fds.into_iter().map(|fd| {
-                // SAFETY: SCM_RIGHTS delivered this descriptor to us; nothing
-                // else owns it.
-                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-            });
-            if let Some(fd) = owned.next() {
-                return Ok(fd);
-            }
-        }
-    }
-    Err("console socket: no terminal descriptor received".into())
-}
-
-/// Copies the terminal's output to `out` and `input` into the terminal.
-fn relay_tty(master: Arc<OwnedFd>, out: OwnedFd, input: Option<OwnedFd>) {
-    let m = master.clone();
-    std::thread::spawn(move || {
-        let mut r = std::fs::File::from(match m.as_fd().try_clone_to_owned() {
-            Ok(fd) => fd,
-            Err(_) => return,
-        });
-        let mut w = std::fs::File::from(out);
-        let mut buf = [0u8; 16 * 1024];
-        // EIO once the last process holding the terminal exits.
-        while let Ok(n @ 1..) = r.read(&mut buf) {
-            if w.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
-    if let Some(input) = input {
-        std::thread::spawn(move || {
-            let Ok(fd) = master.as_fd().try_clone_to_owned() else {
-                return;
-            };
-            let mut w = std::fs::File::from(fd);
-            let mut r = std::fs::File::from(input);
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = r.read(&mut buf) {
-                if w.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            // The host closed stdin: end of input for a canonical-mode reader.
-            let _ = w.write_all(&[4]);
-        });
-    }
-}
-
-fn set_winsize(fd: &OwnedFd, rows: u16, cols: u16) -> Result<(), String> {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which is valid
-    // for the call; the fd is an open terminal we own.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-    if r < 0 {
-        return Err(format!("TIOCSWINSZ: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// How long a block device may take to show its capacity.
@@ -529,7 +172,40 @@ const CAPACITY_WAIT: Duration = Duration::from_secs(10);
 /// interrupt handled on a workqueue, which may still be pending when the
 /// first CreateContainer arrives. Sources without a sysfs size (not a block
 /// device) are not waited for.
-fn wait_for_capacity(source: &str) -> Result<(), String> {
+/// A storage the host asked for that could not be mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{source_dev} has no capacity after {CAPACITY_WAIT:?}: no drive backs it")]
+    NoCapacity { source_dev: String },
+    #[error("{}", .path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {source_dev} ({fstype}) on {}", .target.display())]
+    Mount {
+        source_dev: String,
+        fstype: String,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl From<StorageError> for ttrpc::Error {
+    fn from(e: StorageError) -> ttrpc::Error {
+        let code = match e {
+            StorageError::Invalid(_) => Code::INVALID_ARGUMENT,
+            _ => Code::INTERNAL,
+        };
+        status(code, causes(&e))
+    }
+}
+
+fn wait_for_capacity(source: &str) -> Result<(), StorageError> {
     let Some(name) = source.strip_prefix("/dev/") else {
         return Ok(());
     };
@@ -540,9 +216,9 @@ fn wait_for_capacity(source: &str) -> Result<(), String> {
             Err(_) => return Ok(()),
             Ok(s) if s.trim() != "0" => return Ok(()),
             Ok(_) if Instant::now() >= deadline => {
-                return Err(format!(
-                    "{source} has no capacity after {CAPACITY_WAIT:?}: no drive backs it"
-                ))
+                return Err(StorageError::NoCapacity {
+                    source_dev: source.into(),
+                })
             }
             Ok(_) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -585,7 +261,7 @@ impl ContainersService {
     }
 
     /// Mounts a storage, or counts one more user of it.
-    fn take_storage(&self, s: &Storage) -> Result<(), String> {
+    fn take_storage(&self, s: &Storage) -> Result<(), StorageError> {
         let (flags, data) = check_storage(s)?;
         let mut st = lock(&self.storages);
         if let Some(n) = st.get_mut(&s.mount_point) {
@@ -593,7 +269,10 @@ impl ContainersService {
             return Ok(());
         }
         let target = self.dirs.storage().join(&s.mount_point);
-        std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        std::fs::create_dir_all(&target).map_err(|source| StorageError::Dir {
+            path: target.clone(),
+            source,
+        })?;
         wait_for_capacity(&s.source)?;
         mount(
             Some(s.source.as_str()),
@@ -602,13 +281,11 @@ impl ContainersService {
             flags,
             (!data.is_empty()).then_some(data.as_str()),
         )
-        .map_err(|e| {
-            format!(
-                "mount {} ({}) on {}: {e}",
-                s.source,
-                s.fstype,
-                target.display()
-            )
+        .map_err(|source| StorageError::Mount {
+            source_dev: s.source.clone(),
+            fstype: s.fstype.clone(),
+            target: target.clone(),
+            source,
         })?;
         st.insert(s.mount_point.clone(), 1);
         Ok(())
@@ -629,7 +306,7 @@ impl ContainersService {
     }
 
     fn create(&self, req: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
-        let mut spec = check_create(req).map_err(invalid)?;
+        let mut spec = check_create(req)?;
         let _one = lock(&self.creating);
         let id = &req.container_id;
         if lock(&self.containers).contains_key(id) {
@@ -654,7 +331,7 @@ impl ContainersService {
         let _ = std::fs::remove_dir_all(&undo.lc_state);
         std::fs::create_dir_all(&bundle).map_err(|e| internal(format!("bundle: {e}")))?;
         for s in &req.storages {
-            self.take_storage(s).map_err(internal)?;
+            self.take_storage(s)?;
             undo.storages.push(s.mount_point.clone());
         }
         let rootfs = self.prepare_rootfs(&mut spec, req.overlay_rootfs, &mut undo)?;
@@ -686,7 +363,7 @@ impl ContainersService {
             .and_then(|p| p.terminal())
             .unwrap_or(false);
         let stdio_req = req.stdio.clone().unwrap_or_default();
-        let stdio = ProcStdio::claim(&self.streams, &stdio_req).map_err(invalid)?;
+        let stdio = ProcStdio::claim(&self.streams, &stdio_req)?;
         let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal)?;
         let own_netns = spec
             .linux()
@@ -700,7 +377,7 @@ impl ContainersService {
             if let Err(e) = crate::network::loopback_up_in(init.pid) {
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(init.pid), Signal::SIGKILL);
-                return Err(internal(e));
+                return Err(internal(causes(&e)));
             }
         }
         let cgroup = self
@@ -860,7 +537,7 @@ impl ContainersService {
                     p.file_stem().unwrap_or_default().to_string_lossy()
                 ),
             };
-            Some(ConsoleSocket::listen(bundle.join(name)).map_err(internal)?)
+            Some(ConsoleSocket::listen(bundle.join(name))?)
         } else {
             None
         };
@@ -885,6 +562,7 @@ impl ContainersService {
         let built = self
             .spawner
             .build(build, time_left(BUILD_WAIT))
+            .map_err(|e| causes(&e))
             .and_then(|pid| {
                 Container::load(self.dirs.libcontainer().join(id))
                     .map(|c| (c, pid))
@@ -905,7 +583,7 @@ impl ContainersService {
         let tty = match console {
             None => None,
             Some(c) => {
-                let master = Arc::new(c.master().map_err(internal)?);
+                let master = Arc::new(c.master()?);
                 if let Some(out) = tty_out {
                     relay_tty(master.clone(), out, tty_in);
                 }
@@ -1164,7 +842,7 @@ impl ContainersService {
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
         check_version(meta)?;
-        let process = check_exec(&req).map_err(invalid)?;
+        let process = check_exec(&req)?;
         let arc = self.get(&req.container_id)?;
         let (bundle, init_pid) = {
             let mut c = lock(&arc);
@@ -1209,7 +887,7 @@ impl ContainersService {
         let terminal = process.terminal().unwrap_or(false);
         let t = Instant::now();
         let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())
-            .map_err(invalid);
+            .map_err(ttrpc::Error::from);
         slow(t, &format!("exec {}: its streams", req.exec_id));
         let t = Instant::now();
         let r = stdio
@@ -1340,7 +1018,7 @@ impl ContainersService {
             .tty
             .as_ref()
             .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the process has no terminal"))?;
-        set_winsize(tty, rows, cols).map_err(internal)?;
+        set_winsize(tty, rows, cols)?;
         Ok(Empty::new())
     }
 
@@ -1400,74 +1078,5 @@ impl ContainersService {
             containers,
             ..Default::default()
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn storage(source: &str, fstype: &str, point: &str) -> Storage {
-        Storage {
-            source: source.into(),
-            fstype: fstype.into(),
-            mount_point: point.into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn paths_cannot_escape() {
-        assert!(relative_path("f", "images/busybox").is_ok());
-        for bad in ["", "/abs", "../x", "a/../../b", "a,b", "a:b", "./a"] {
-            assert!(relative_path("f", bad).is_err(), "{bad}");
-        }
-        assert!(cgroups_path(Path::new("/husk/c1")).is_ok());
-        assert!(cgroups_path(Path::new("husk/c1")).is_err());
-        assert!(cgroups_path(Path::new("/husk/../..")).is_err());
-    }
-
-    #[test]
-    fn storages_are_checked() {
-        assert!(check_storage(&storage("/dev/vdb", "erofs", "img")).is_ok());
-        assert!(check_storage(&storage("/dev/../etc", "erofs", "img")).is_err());
-        assert!(check_storage(&storage("/dev/vdb", "nfs", "img")).is_err());
-        assert!(check_storage(&storage("/dev/vdb", "ext4", "/img")).is_err());
-        assert!(check_storage(&storage("tag1", "virtiofs", "img")).is_ok());
-        let mut s = storage("tmpfs", "tmpfs", "t");
-        s.options = vec!["ro".into(), "size=64m".into()];
-        let (flags, data) = check_storage(&s).unwrap();
-        assert!(flags.contains(MsFlags::MS_RDONLY));
-        assert_eq!(data, "size=64m");
-        s.options = vec!["lowerdir=/,x".into()];
-        assert!(check_storage(&s).is_err());
-    }
-
-    #[test]
-    fn create_requests_are_checked() {
-        let spec = br#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"img/rootfs"}}"#;
-        let mut req = CreateContainerRequest {
-            container_id: "c1".into(),
-            oci_spec: spec.to_vec(),
-            ..Default::default()
-        };
-        check_create(&req).unwrap();
-        req.container_id = "../c1".into();
-        assert!(check_create(&req).unwrap_err().contains("container_id"));
-        req.container_id = "c1".into();
-        req.oci_spec = b"{not json".to_vec();
-        assert!(check_create(&req).unwrap_err().starts_with("oci_spec"));
-        req.oci_spec = spec.to_vec();
-        req.stdio = Some(Stdio {
-            stdout: "a/b".into(),
-            ..Default::default()
-        })
-        .into();
-        assert!(check_create(&req).unwrap_err().contains("stdio.stdout"));
-        req.stdio = None.into();
-        req.oci_spec =
-            br#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"/"}}"#
-                .to_vec();
-        assert!(check_create(&req).unwrap_err().contains("root.path"));
     }
 }
