@@ -1,0 +1,196 @@
+//! Creating a task: the sandbox with its first container, or a pod's
+//! container joining the running sandbox (the runtime's lifecycle).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use containerd_shim::api::{self};
+use husk_runtime::container::{join, ContainerError, ContainerSpec, Net, NotCreated, Root};
+use log::{info, warn};
+
+use crate::error::ShimError;
+use crate::io::{Copies, Stdio};
+use husk_runtime::util::{shown, IoContext};
+
+use super::*;
+
+impl Service {
+    pub(super) fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
+        let bundle = PathBuf::from(&req.bundle);
+        let spec: oci_spec::runtime::Spec =
+            oci_spec::runtime::Spec::load(bundle.join("config.json"))?;
+        let joins = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(CONTAINER_TYPE))
+            .is_some_and(|t| t == "container");
+        let netns = crate::spec::netns_path(&spec).filter(|p| !p.starts_with("/proc"));
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs).at(|| shown(&rootfs))?;
+        for m in &req.rootfs {
+            containerd_shim::mount::mount_rootfs(
+                Some(m.type_.as_str()).filter(|t| !t.is_empty()),
+                Some(m.source.as_str()).filter(|s| !s.is_empty()),
+                &m.options,
+                &rootfs,
+            )
+            .map_err(|e| ShimError::Rootfs {
+                typ: m.type_.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let mounted = !req.rootfs.is_empty();
+        // Undone when the container is not created.
+        let unmount = || {
+            if mounted {
+                let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
+            }
+        };
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let r = if joins {
+            self.join_sandbox(&req.id, spec, &rootfs, &stdio)
+        } else {
+            let (type_url, options) = req
+                .options
+                .as_ref()
+                .map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
+            crate::config::ShimConfig::find(type_url, options).and_then(|conf| {
+                let g = crate::spec::for_guest(spec, &rootfs, &[])?;
+                self.start_sandbox(&req.id, g, netns, &stdio, &conf)
+            })
+        };
+        if r.is_err() {
+            unmount();
+        }
+        let (pid, shares, copies) = r?;
+        self.lock().containers.insert(
+            req.id.clone(),
+            Container {
+                bundle,
+                rootfs: mounted.then_some(rootfs),
+                shares,
+                init: Process {
+                    pid,
+                    state: State::Created,
+                    stdio,
+                    exit: None,
+                    exec_spec: None,
+                },
+                execs: HashMap::new(),
+            },
+        );
+        self.watch(req.id.clone(), String::new(), copies);
+        Ok(pid)
+    }
+
+    /// Starts the sandbox with this container (a pod's sandbox container,
+    /// or a container of its own) and creates it there, through the
+    /// runtime's lifecycle with the bundle as a shared root.
+    pub(super) fn start_sandbox(
+        &self,
+        id: &str,
+        guest: crate::spec::GuestSpec,
+        netns: Option<PathBuf>,
+        stdio: &Stdio,
+        conf: &crate::config::ShimConfig,
+    ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
+        let mut g = self.lock();
+        if g.sandbox.is_some() {
+            return Err(ShimError::Pod(format!(
+                "this shim's sandbox already runs; only containers of its CRI pod ({CONTAINER_TYPE}=container) can join it"
+            )));
+        }
+        let rt = conf.runtime()?;
+        let entries = (0..guest.shares.len()).collect();
+        let mut c = ContainerSpec::with_root(
+            id,
+            Root::Shared {
+                spec: Box::new(guest.spec),
+                shares: guest.shares,
+            },
+        );
+        // Under CRI the VM takes over the pod's namespace CNI set up; under
+        // plain ctr, like runc: loopback only.
+        c.net = Net::Pod(netns);
+        conf.apply(&mut c.machine);
+        // Kept so that a container that cannot be created comes with what
+        // the guest printed about it.
+        c.console_log = true;
+        let created = c
+            .plan(None)?
+            .acquire(None, None)?
+            .start(&rt)?
+            .create_only(stdio.io());
+        let container = match created {
+            Ok(c) => c,
+            Err(e) => {
+                if let ContainerError::NotCreated(NotCreated {
+                    logs: Some(logs), ..
+                }) = &e
+                {
+                    warn!("{id}: not created; the sandbox's {logs}");
+                }
+                return Err(e.into());
+            }
+        };
+        let pid = container.pid();
+        let (sandbox, mut streams, _no_leases) = container.into_parts();
+        let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
+        info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
+        if let Ok(conn) = sandbox.connect() {
+            self.watch_oom(conn);
+        }
+        g.sandbox = Some(sandbox);
+        Ok((pid, entries, copies))
+    }
+
+    /// Creates a container of the pod in its running sandbox: its rootfs
+    /// and binds are added to the sandbox's share first.
+    pub(super) fn join_sandbox(
+        &self,
+        id: &str,
+        spec: oci_spec::runtime::Spec,
+        rootfs: &Path,
+        stdio: &Stdio,
+    ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
+        // The shares are added under the lock; the (slow) create runs on a
+        // connection of its own, so the pod's other tasks answer meanwhile.
+        let joining = {
+            let mut g = self.lock();
+            let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
+            let guest = crate::spec::for_guest(spec, rootfs, &pids)?;
+            let sandbox = g.sandbox.as_mut().ok_or_else(|| {
+                ShimError::Pod(format!(
+                    "{id} is a pod's container but its pod's sandbox is not running"
+                ))
+            })?;
+            join(sandbox, id, guest.spec, &guest.shares)?
+        };
+        let mut m = match joining.create_only(stdio.io()) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(sb) = self.lock().sandbox.as_mut() {
+                    unshare(sb, &e.entries);
+                }
+                return Err(e.into());
+            }
+        };
+        match Copies::start(stdio, &mut m.streams, &self.owner(id)) {
+            Ok(copies) => {
+                info!("{id}: joined the pod's sandbox as pid {}", m.pid);
+                Ok((m.pid, m.entries, copies))
+            }
+            Err(e) => {
+                if let Some(sb) = self.lock().sandbox.as_mut() {
+                    unshare(sb, &m.entries);
+                }
+                Err(e)
+            }
+        }
+    }
+}
