@@ -102,12 +102,19 @@ fn lookup(scope: &Scope, process: &Process) -> Verdict {
     let Some(candidates) = candidates(process) else {
         return Verdict::Unknown;
     };
+    // The root is opened once for all of $PATH's candidates (each open is
+    // guest-kernel work); one that cannot be opened decides nothing.
+    let root = match scope {
+        Scope::Running { init_pid } => proc_root(*init_pid),
+        Scope::Create { rootfs, .. } => Root::open(rootfs).ok(),
+    };
+    let Some(root) = root else {
+        return Verdict::Unknown;
+    };
     for c in candidates {
         let found = match scope {
-            Scope::Running { init_pid } => {
-                proc_root(*init_pid).and_then(|root| examine(&root, &c, true))
-            }
-            Scope::Create { rootfs, mounts } => in_created(rootfs, mounts, &c),
+            Scope::Running { .. } => examine(&root, &c, true),
+            Scope::Create { mounts, .. } => in_created(&root, mounts, &c),
         };
         match found {
             Some(Found::Missing) => continue,
@@ -128,13 +135,13 @@ fn proc_root(pid: i32) -> Option<Root> {
 
 /// A candidate of a container being created: in the rootfs, or in the
 /// mount it will be under (the innermost, as the container will see it).
-fn in_created(rootfs: &Path, mounts: &[Mount], c: &Path) -> Option<Found> {
+fn in_created(rootfs: &Root, mounts: &[Mount], c: &Path) -> Option<Found> {
     let inner = mounts
         .iter()
         .filter_map(|m| strip(c, m.destination()).map(|rest| (m, rest)))
         .max_by_key(|(m, _)| normal(m.destination()).len());
     let Some((m, rest)) = inner else {
-        return examine(&Root::open(rootfs).ok()?, c, false);
+        return examine(rootfs, c, false);
     };
     if rest.as_os_str().is_empty() {
         // The mount point itself: a directory.
