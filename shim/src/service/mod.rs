@@ -13,15 +13,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use containerd_shim::event::Event;
-use containerd_shim::protos::events::task::{
-    TaskExit, TaskOOM,
-};
+use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::ttrpc::{Code, Error as TtrpcError, Status as RpcStatus};
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{
-    Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcResult,
-};
+use containerd_shim::{Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcResult};
 use husk_runtime::guest::{ctx as actx, AgentConn};
 use husk_runtime::{Runtime, Sandbox};
 use log::warn;

@@ -5,14 +5,12 @@ use std::time::Duration;
 
 use containerd_shim::api::{self, Status};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused,
-    TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::ttrpc::Code;
-use containerd_shim::{
-    TtrpcContext, TtrpcResult,
-};
+use containerd_shim::{TtrpcContext, TtrpcResult};
 use husk_runtime::guest::{container, ctx as actx};
 use log::{info, warn};
 
