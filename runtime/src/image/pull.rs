@@ -10,7 +10,7 @@
 //! plain HTTP, as Docker does; `$HUSK_INSECURE_REGISTRIES` (comma-separated
 //! host:port) adds others.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -127,7 +127,9 @@ impl ImageStore {
             .ok_or_else(|| ImageError::Unsupported(format!("pulling {name}: nothing was imported")))
     }
 
-    /// Writes `r`'s manifest, config and layers as an OCI layout in `dir`.
+    /// Writes `r`'s manifest, config and layers as an OCI layout in `dir`:
+    /// the manifest resolved (through an index to linux/amd64) and checked,
+    /// the blobs fetched (or linked from the store), the layout's index.
     async fn fetch(
         &self,
         r: &Reference,
@@ -138,8 +140,7 @@ impl ImageStore {
         // ring as rustls's crypto: installed once per process (a second
         // install reports the first, which is as good).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let registry = r.resolve_registry().to_string();
-        let protocol = if registry_is_insecure(&registry) {
+        let protocol = if registry_is_insecure(r.resolve_registry()) {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
@@ -148,79 +149,12 @@ impl ImageStore {
             protocol,
             ..Default::default()
         });
-        let auth = RegistryAuth::Anonymous;
-        let accept = [
-            OCI_IMAGE_MEDIA_TYPE,
-            IMAGE_MANIFEST_MEDIA_TYPE,
-            OCI_IMAGE_INDEX_MEDIA_TYPE,
-            IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-        ];
-        let (mut body, _) = client
-            .pull_manifest_raw(r, &auth, &accept)
-            .await
-            .map_err(|e| ImageError::Registry {
-                what: format!("manifest from {registry}"),
-                message: e.to_string(),
-            })?;
-        // An index: the linux/amd64 manifest it lists.
-        let top: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|source| ImageError::Json {
-                what: "the registry's manifest is not JSON".into(),
-                source,
-            })?;
-        if top.get("manifests").is_some() {
-            let index: ImageIndex =
-                serde_json::from_slice(&body).map_err(|source| ImageError::Json {
-                    what: "image index".into(),
-                    source,
-                })?;
-            let m = index
-                .manifests()
-                .iter()
-                .find(|m| {
-                    m.platform().as_ref().is_some_and(|p| {
-                        p.os().to_string() == "linux" && p.architecture().to_string() == "amd64"
-                    })
-                })
-                .ok_or_else(|| {
-                    ImageError::Unsupported(format!("{name} has no linux/amd64 image"))
-                })?;
-            let by_digest = r.clone_with_digest(m.digest().to_string());
-            let (b, _) = client
-                .pull_manifest_raw(&by_digest, &auth, &accept)
-                .await
-                .map_err(|e| ImageError::Registry {
-                    what: format!("manifest {}", m.digest()),
-                    message: e.to_string(),
-                })?;
-            let got = format!("sha256:{:x}", Sha256::digest(&b));
-            if got != m.digest().to_string() {
-                return Err(ImageError::Corrupt(format!(
-                    "manifest {} is corrupt: its contents hash to {got}",
-                    m.digest()
-                )));
-            }
-            body = b;
-        }
-        let manifest: ImageManifest =
-            serde_json::from_slice(&body).map_err(|source| ImageError::Json {
-                what: "the image manifest".into(),
-                source,
-            })?;
-        let digest = format!("sha256:{:x}", Sha256::digest(&body));
-        if let Some(want) = r.digest() {
-            if want != digest {
-                return Err(ImageError::Corrupt(format!(
-                    "manifest of {name} hashes to {digest}, not the {want} asked for"
-                )));
-            }
-        }
+        let (body, manifest, digest) = resolve_manifest(&client, r, name).await?;
         let blobs = dir.join("blobs/sha256");
         tokio::fs::create_dir_all(&blobs)
             .await
             .at(|| shown(&blobs))?;
-        let hex = |d: &str| digest_hex(d).map(String::from);
-        let mpath = blobs.join(hex(&digest)?);
+        let mpath = blobs.join(digest_hex(&digest)?);
         tokio::fs::write(&mpath, &body).await.at(|| shown(&mpath))?;
         events(PullEvent::Resolved {
             digest: digest.clone(),
@@ -230,6 +164,21 @@ impl ImageStore {
                 .map(|l| (l.digest().to_string(), l.size()))
                 .collect(),
         });
+        self.fetch_blobs(&client, r, &manifest, &blobs, events)
+            .await?;
+        write_layout(dir, name, &manifest, &digest, body.len()).await
+    }
+
+    /// The config and every layer into `blobs`, CONCURRENT_LAYERS at a time;
+    /// one the store has is linked, not fetched.
+    async fn fetch_blobs(
+        &self,
+        client: &Client,
+        r: &Reference,
+        manifest: &ImageManifest,
+        blobs: &Path,
+        events: Arc<dyn Fn(PullEvent) + Send + Sync>,
+    ) -> Result<()> {
         let mut wanted: Vec<(String, bool)> = vec![(manifest.config().digest().to_string(), false)];
         wanted.extend(
             manifest
@@ -238,8 +187,8 @@ impl ImageStore {
                 .map(|l| (l.digest().to_string(), true)),
         );
         let fetches = wanted.into_iter().map(|(d, is_layer)| {
-            let (client, events) = (&client, events.clone());
-            let path: Result<PathBuf> = hex(&d).map(|h| blobs.join(h));
+            let events = events.clone();
+            let path = digest_hex(&d).map(|h| blobs.join(h));
             async move {
                 let path = path?;
                 if let Some(have) = self.has_blob(&d) {
@@ -288,26 +237,103 @@ impl ImageStore {
             .buffer_unordered(CONCURRENT_LAYERS)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
-        tokio::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
-            .await
-            .at(|| shown(dir))?;
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": manifest.media_type().as_ref().map(|m| m.to_string()).unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.into()),
-                "digest": digest,
-                "size": body.len(),
-                "annotations": {"org.opencontainers.image.ref.name": name},
-            }],
-        });
-        tokio::fs::write(dir.join("index.json"), index.to_string())
-            .await
-            .at(|| shown(dir))?;
-        Ok(())
+        results.into_iter().collect()
     }
+}
+
+/// `r`'s image manifest: its bytes, parsed, and its digest (checked against
+/// the reference's). An index leads to its linux/amd64 manifest, whose
+/// bytes are checked against the digest the index gives.
+async fn resolve_manifest(
+    client: &Client,
+    r: &Reference,
+    name: &str,
+) -> Result<(Vec<u8>, ImageManifest, String)> {
+    let auth = RegistryAuth::Anonymous;
+    let accept = [
+        OCI_IMAGE_MEDIA_TYPE,
+        IMAGE_MANIFEST_MEDIA_TYPE,
+        OCI_IMAGE_INDEX_MEDIA_TYPE,
+        IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+    ];
+    let json = |what: &str| {
+        let what = what.to_string();
+        move |source| ImageError::Json { what, source }
+    };
+    let (mut body, _) = client
+        .pull_manifest_raw(r, &auth, &accept)
+        .await
+        .map_err(|e| ImageError::Registry {
+            what: format!("manifest from {}", r.resolve_registry()),
+            message: e.to_string(),
+        })?;
+    let top: serde_json::Value =
+        serde_json::from_slice(&body).map_err(json("the registry's manifest is not JSON"))?;
+    if top.get("manifests").is_some() {
+        let index: ImageIndex = serde_json::from_slice(&body).map_err(json("image index"))?;
+        let m = index
+            .manifests()
+            .iter()
+            .find(|m| {
+                m.platform().as_ref().is_some_and(|p| {
+                    p.os().to_string() == "linux" && p.architecture().to_string() == "amd64"
+                })
+            })
+            .ok_or_else(|| ImageError::Unsupported(format!("{name} has no linux/amd64 image")))?;
+        let by_digest = r.clone_with_digest(m.digest().to_string());
+        let (b, _) = client
+            .pull_manifest_raw(&by_digest, &auth, &accept)
+            .await
+            .map_err(|e| ImageError::Registry {
+                what: format!("manifest {}", m.digest()),
+                message: e.to_string(),
+            })?;
+        let got = format!("sha256:{:x}", Sha256::digest(&b));
+        if got != m.digest().to_string() {
+            return Err(ImageError::Corrupt(format!(
+                "manifest {} is corrupt: its contents hash to {got}",
+                m.digest()
+            )));
+        }
+        body = b;
+    }
+    let manifest: ImageManifest =
+        serde_json::from_slice(&body).map_err(json("the image manifest"))?;
+    let digest = format!("sha256:{:x}", Sha256::digest(&body));
+    if let Some(want) = r.digest() {
+        if want != digest {
+            return Err(ImageError::Corrupt(format!(
+                "manifest of {name} hashes to {digest}, not the {want} asked for"
+            )));
+        }
+    }
+    Ok((body.to_vec(), manifest, digest))
+}
+
+/// The OCI layout's marker and index, naming the manifest `name`.
+async fn write_layout(
+    dir: &Path,
+    name: &str,
+    manifest: &ImageManifest,
+    digest: &str,
+    size: usize,
+) -> Result<()> {
+    tokio::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+        .await
+        .at(|| shown(dir))?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": manifest.media_type().as_ref().map(|m| m.to_string()).unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.into()),
+            "digest": digest,
+            "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }],
+    });
+    tokio::fs::write(dir.join("index.json"), index.to_string())
+        .await
+        .at(|| shown(dir))?;
+    Ok(())
 }
 
 #[cfg(test)]
