@@ -58,34 +58,8 @@ impl std::str::FromStr for MountType {
     }
 }
 
-/// A published port's protocol (the JSON's "tcp" or "udp").
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    #[default]
-    Tcp,
-    Udp,
-}
-
-impl std::fmt::Display for Protocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        })
-    }
-}
-
-impl std::str::FromStr for Protocol {
-    type Err = Invalid;
-    fn from_str(s: &str) -> Result<Protocol> {
-        match s {
-            "tcp" => Ok(Protocol::Tcp),
-            "udp" => Ok(Protocol::Udp),
-            _ => Err(Invalid(format!("port protocol {s:?}: tcp or udp"))),
-        }
-    }
-}
+/// A published port's protocol: the runtime's, which runs it.
+pub use husk_runtime::net::ports::Protocol;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase", tag = "kind")]

@@ -17,11 +17,27 @@ use crate::net::{NetError, Result};
 use crate::util::IoContext;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A published port's protocol; the same type is huskd's services' (the
+/// JSON's "tcp" or "udp").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Protocol> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(NetError::Invalid(format!(
+                "port protocol {s:?}: tcp or udp"
+            ))),
+        }
+    }
 }
 
 impl std::fmt::Display for Protocol {

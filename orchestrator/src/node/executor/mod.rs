@@ -14,7 +14,7 @@ use husk_runtime::container::{
 };
 use husk_runtime::guest::Io;
 use husk_runtime::image::{ImageRecord, ImageStore};
-use husk_runtime::net::ports::{PortMapping, Protocol};
+use husk_runtime::net::ports::PortMapping;
 use husk_runtime::storage::volume::VolumeStore;
 use husk_runtime::util::chain;
 use husk_runtime::Runtime;
@@ -310,10 +310,7 @@ fn container_spec(t: &Task, image: ImageRecord) -> ContainerSpec {
                 host_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
                 host_port: p.published,
                 container_port: p.target,
-                protocol: match p.protocol {
-                    crate::types::Protocol::Udp => Protocol::Udp,
-                    crate::types::Protocol::Tcp => Protocol::Tcp,
-                },
+                protocol: p.protocol,
             })
             .collect(),
     );
