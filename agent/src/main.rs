@@ -64,7 +64,7 @@ fn main() {
     let spawner = match Spawner::start() {
         Ok(s) => s,
         Err(e) => {
-            say(&e.to_string());
+            say(&husk_agent::rpc::causes(&e));
             if is_guest {
                 reboot_guest();
             }

@@ -117,7 +117,7 @@ impl Streams {
         }
         let spawned = std::thread::Builder::new().spawn(move || match read_name(&conn.0) {
             Ok(name) => counted.0.add(name, conn.0),
-            Err(e) => eprintln!("husk-agent: stream dropped: {e}"),
+            Err(e) => eprintln!("husk-agent: stream dropped: {}", crate::rpc::causes(&e)),
         });
         if let Err(e) = spawned {
             eprintln!("husk-agent: stream dropped: no thread to read its name: {e}");

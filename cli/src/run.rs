@@ -15,6 +15,7 @@ use husk_runtime::container::{
 use husk_runtime::guest::Io;
 use husk_runtime::image::{default_store_dir, normalize, ImageStore};
 use husk_runtime::net::ports::parse_publish;
+use husk_runtime::util::chain;
 use husk_runtime::{Boot, NetworkMode, Runtime};
 
 use crate::container::records;
@@ -454,10 +455,10 @@ pub(crate) fn run_container(
     let id = c.id().to_string();
     let down = c.remove(Duration::from_secs(20));
     if let Err(e) = down.remove {
-        eprintln!("husk: removing container {id}: {e:#}");
+        eprintln!("husk: removing container {id}: {}", chain(&e));
     }
     if let Err(e) = down.shutdown {
-        eprintln!("husk: stopping the sandbox: {e:#}");
+        eprintln!("husk: stopping the sandbox: {}", chain(&e));
     }
     if std::env::var_os("HUSK_TIMINGS").is_some() {
         // For bench/run: where a run's time went, in seconds.

@@ -170,10 +170,10 @@ mod tests {
         assert_eq!((m.vcpus, m.mem_mib), (2, 512));
         assert_eq!(c.kernel.as_deref(), Some(Path::new("/k")));
         std::fs::write(&p, "vcpu = 2\n").unwrap();
-        let e = format!("{:#}", ShimConfig::load(&p).unwrap_err());
+        let e = husk_runtime::util::chain(&ShimConfig::load(&p).unwrap_err());
         assert!(e.contains("vcpu"), "{e}");
         std::fs::write(&p, "memory_mib = 64\n").unwrap();
-        let e = format!("{:#}", ShimConfig::load(&p).unwrap_err());
+        let e = husk_runtime::util::chain(&ShimConfig::load(&p).unwrap_err());
         assert!(e.contains("at least 128"), "{e}");
     }
 }

@@ -19,7 +19,7 @@ pub fn events(format: Option<String>) -> Result<()> {
             .map_err(msg)?
             .into_inner();
         while let Some(e) = s.message().await.map_err(msg)? {
-            let v = line_of(e)?;
+            let v = line_of(e);
             if format.as_deref() == Some("json") {
                 println!("{v}");
                 continue;
@@ -38,41 +38,52 @@ pub fn events(format: Option<String>) -> Result<()> {
 }
 
 /// An event as the flat object `husk events` prints (`docker events`'
-/// fields: type, action, id, and the object's name and state).
-fn line_of(e: api::Event) -> Result<Value> {
+/// fields: type, action, id, and the object's name and state). A kind,
+/// action or object this build does not know is printed as far as it is
+/// known: one odd event does not end the stream.
+fn line_of(e: api::Event) -> Value {
     let kind = match event::Kind::try_from(e.kind) {
         Ok(event::Kind::Node) => "node",
         Ok(event::Kind::Service) => "service",
         Ok(event::Kind::Task) => "task",
-        _ => anyhow::bail!("event kind {}: not one this husk knows", e.kind),
+        _ => "unknown",
     };
     let action = match event::Action::try_from(e.action) {
         Ok(event::Action::Create) => "create",
         Ok(event::Action::Update) => "update",
         Ok(event::Action::Remove) => "remove",
-        _ => anyhow::bail!("event action {}: not one this husk knows", e.action),
+        _ => "unknown",
     };
     let mut v = json!({ "time_ms": e.time_ms, "type": kind, "action": action, "id": e.id });
     match e.object {
         Some(event::Object::Node(n)) => {
-            let n = Node::try_from(n)?;
-            v["name"] = n.hostname.into();
-            v["state"] = serde_json::to_value(n.state)?;
-            v["availability"] = serde_json::to_value(n.availability)?;
+            if let Ok(n) = Node::try_from(n) {
+                v["name"] = n.hostname.into();
+                v["state"] = serde_json::to_value(n.state).unwrap_or_default();
+                v["availability"] = serde_json::to_value(n.availability).unwrap_or_default();
+            }
         }
         Some(event::Object::Service(s)) => {
             v["name"] = s.spec.map(|s| s.name).unwrap_or_default().into();
         }
         Some(event::Object::Task(t)) => {
-            let t = Task::try_from(t)?;
-            v["name"] = t.name().into();
-            v["state"] = t.status.state.as_str().into();
-            v["desired"] = t.desired_state.as_str().into();
-            v["node_id"] = t.node_id.into();
+            if let Ok(t) = Task::try_from(t) {
+                v["name"] = t.name().into();
+                v["state"] = t.status.state.as_str().into();
+                v["desired"] = t.desired_state.as_str().into();
+                v["node_id"] = t.node_id.into();
+            }
         }
+        // A removed node or service: its keys, empty (as before v2).
+        None if kind == "node" => {
+            for k in ["name", "state", "availability"] {
+                v[k] = Value::Null;
+            }
+        }
+        None if kind == "service" => v["name"] = Value::Null,
         None => {}
     }
-    Ok(v)
+    v
 }
 
 #[cfg(test)]
@@ -101,7 +112,7 @@ mod tests {
             id: "n1".into(),
             object: Some(event::Object::Node(node.into())),
         };
-        let v = line_of(e).unwrap();
+        let v = line_of(e);
         assert_eq!(v["type"], "node");
         assert_eq!(v["action"], "update");
         assert_eq!(v["name"], "node3");
@@ -114,16 +125,25 @@ mod tests {
             id: "t1".into(),
             object: None,
         };
-        let v = line_of(gone).unwrap();
+        let v = line_of(gone);
         assert_eq!(
             (v["type"].as_str(), v["action"].as_str()),
             (Some("task"), Some("remove"))
         );
         assert!(v.get("name").is_none());
+        // A removed node keeps its keys, empty.
+        let node_gone = api::Event {
+            kind: event::Kind::Node.into(),
+            action: event::Action::Remove.into(),
+            id: "n1".into(),
+            ..api::Event::default()
+        };
+        let v = line_of(node_gone);
+        assert!(v["name"].is_null() && v.get("availability").is_some());
         let unknown = api::Event {
             kind: 42,
             ..api::Event::default()
         };
-        assert!(line_of(unknown).is_err());
+        assert_eq!(line_of(unknown)["type"], "unknown");
     }
 }

@@ -178,7 +178,7 @@ impl api::cluster_server::Cluster for Api {
             Ok(tasks) => Ok(api::AssignmentSet {
                 tasks: tasks.into_iter().map(Into::into).collect(),
             }),
-            Err(e) => Err(Status::unavailable(format!("{e:#}"))),
+            Err(e) => Err(Status::unavailable(chain(&e))),
         });
         Ok(Response::new(Box::pin(s)))
     }
@@ -466,7 +466,7 @@ impl api::cluster_server::Cluster for Api {
                 match husk_runtime::container::record::replay(&path, offset, &mut out, &mut err) {
                     Ok(o) => offset = o,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("{e:#}"))));
+                        let _ = tx.blocking_send(Err(Status::internal(chain(&e))));
                         return;
                     }
                 }

@@ -16,6 +16,7 @@ use crate::error::ControlError;
 use crate::orchestrator::{self as reconcile, Snapshot, Write};
 use crate::store::{self, Store};
 use crate::types::*;
+use husk_runtime::util::chain;
 
 mod control;
 mod dispatcher;
@@ -70,7 +71,7 @@ impl Manager {
     async fn campaign(self: Arc<Self>) {
         loop {
             if let Err(e) = self.clone().campaign_once().await {
-                tracing::warn!("leadership: {e:#}");
+                tracing::warn!("leadership: {}", chain(&e));
             }
             self.leader.store(false, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -195,7 +196,7 @@ impl Manager {
             let nodes = match self.store.list::<Node>(&store::nodes()).await {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!("{e:#}");
+                    tracing::warn!("{}", chain(&e));
                     continue;
                 }
             };
@@ -222,7 +223,7 @@ impl Manager {
                         })
                         .await;
                     if let Err(e) = r {
-                        tracing::warn!("{e:#}");
+                        tracing::warn!("{}", chain(&e));
                     }
                 }
             }
@@ -253,7 +254,7 @@ impl Manager {
         });
         loop {
             if let Err(e) = self.reconcile_once().await {
-                tracing::warn!("reconcile: {e:#}");
+                tracing::warn!("reconcile: {}", chain(&e));
             }
             tokio::select! {
                 _ = wake.recv() => {}

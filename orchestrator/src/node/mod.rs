@@ -61,6 +61,8 @@ pub enum NodeError {
     Io(#[from] IoError),
     #[error("identity.json")]
     Identity(#[source] serde_json::Error),
+    #[error("encoding the cluster's record")]
+    Encode(#[source] serde_json::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -202,7 +204,7 @@ impl Daemon {
         if !store
             .create_raw(
                 &store::cluster_key(),
-                serde_json::to_vec(&info).map_err(NodeError::Identity)?,
+                serde_json::to_vec(&info).map_err(NodeError::Encode)?,
             )
             .await?
         {

@@ -425,7 +425,7 @@ pub(crate) fn wait_for_agent(
                 .and_then(|a| a.health().map(|_| a))
             {
                 Ok(a) => return Ok(a),
-                Err(e) => last = format!("{e:#}"),
+                Err(e) => last = crate::util::chain(&e),
             }
         }
         if Instant::now() >= deadline {

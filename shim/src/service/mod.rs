@@ -19,6 +19,7 @@ use containerd_shim::protos::ttrpc::{Code, Error as TtrpcError, Status as RpcSta
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Context, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcResult};
 use husk_runtime::guest::{ctx as actx, AgentConn};
+use husk_runtime::util::chain;
 use husk_runtime::{Runtime, Sandbox};
 use log::warn;
 
@@ -55,7 +56,7 @@ fn internal(e: impl std::error::Error + 'static) -> TtrpcError {
 /// the sandbox may be going).
 fn unshare(sb: &mut Sandbox, entries: &[usize]) {
     for e in sb.remove_shares(entries) {
-        warn!("{e:#}");
+        warn!("{}", chain(&e));
     }
 }
 
@@ -161,7 +162,7 @@ impl Service {
             let status = match svc.agent().map(|a| a.wait(&id, &exec_id)) {
                 Ok(Ok(r)) => r.status as u32,
                 Ok(Err(e)) => {
-                    warn!("{id}/{exec_id}: {e:#}; counted as killed");
+                    warn!("{id}/{exec_id}: {}; counted as killed", chain(&e));
                     137
                 }
                 Err(e) => {
@@ -275,10 +276,10 @@ impl containerd_shim::Shim for Service {
         match Runtime::locate() {
             Ok(rt) => {
                 if let Err(e) = rt.clean_sandbox(&self.id) {
-                    warn!("cleaning sandbox {}: {e:#}", self.id);
+                    warn!("cleaning sandbox {}: {}", self.id, chain(&e));
                 }
             }
-            Err(e) => warn!("{e:#}"),
+            Err(e) => warn!("{}", chain(&e)),
         }
         let rootfs = Path::new("rootfs");
         if rootfs.exists() {

@@ -244,7 +244,7 @@ impl containerd_shim::Task for Service {
                 // paths the share.
                 if let Some(sb) = g.sandbox.as_mut() {
                     for e in sb.remove_member(&req.id, &c.shares) {
-                        warn!("{}: {e:#}", req.id);
+                        warn!("{}: {}", req.id, chain(&e));
                     }
                 }
             }
@@ -259,10 +259,10 @@ impl containerd_shim::Task for Service {
             let stop = std::thread::spawn(move || {
                 let down = sb.remove_and_shutdown(&id, Duration::from_secs(20));
                 if let Err(e) = down.remove {
-                    warn!("{id}: {e:#}");
+                    warn!("{id}: {}", chain(&e));
                 }
                 if let Err(e) = down.shutdown {
-                    warn!("stopping the sandbox: {e:#}");
+                    warn!("stopping the sandbox: {}", chain(&e));
                 }
             });
             self.lock().stopping = Some(stop);

@@ -354,7 +354,13 @@ fn signal_stop(c: &Arc<Mutex<Control>>, id: &str) {
         return;
     };
     std::thread::spawn(move || {
-        for e in container.stop(STOP_GRACE, || !lock(&c).finished) {
+        // Running while the task thread still holds the handle: it lets go
+        // as soon as the container's wait returns.
+        let running = || {
+            let g = lock(&c);
+            !g.finished && g.container.is_some()
+        };
+        for e in container.stop(STOP_GRACE, running) {
             tracing::debug!("task {id}: {}", chain(&e));
         }
     });
