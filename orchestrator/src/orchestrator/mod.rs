@@ -16,7 +16,14 @@ use crate::scheduler::{self as sched, Load};
 use crate::types::*;
 use crate::util::new_id;
 
+mod dependencies;
+mod restart;
 mod service;
+mod slots;
+mod update;
+
+use dependencies::*;
+use restart::*;
 use service::reconcile_service;
 
 /// Terminal tasks kept per slot (Swarm's task history retention limit).
@@ -173,69 +180,6 @@ pub fn reconcile(s: &Snapshot) -> Vec<Write> {
     }
     out.extend(new_tasks.into_iter().map(|t| Write::Task(Box::new(t))));
     out
-}
-
-/// Whether the services `spec` depends on are up as its conditions say;
-/// its tasks wait until they are.
-fn dependencies_up(s: &Snapshot, spec: &ServiceSpec, tasks: &[Task]) -> Result<(), String> {
-    for d in &spec.depends_on {
-        let Some(dep) = s.services.iter().find(|x| x.spec.name == d.service) else {
-            return Err(format!(
-                "waiting for service {} (it does not exist)",
-                d.service
-            ));
-        };
-        let mut of_dep = tasks.iter().filter(|t| t.service_id == dep.id);
-        let up = match d.condition {
-            DependCondition::Started => {
-                of_dep.any(|t| t.is_live() && t.status.state == TaskState::Running)
-            }
-            DependCondition::Healthy => of_dep.any(|t| {
-                t.is_live()
-                    && t.status.state == TaskState::Running
-                    && t.status.health == Some(Health::Healthy)
-            }),
-            DependCondition::Completed => of_dep
-                .any(|t| t.status.state == TaskState::Complete && t.status.exit_code == Some(0)),
-        };
-        if !up {
-            return Err(format!(
-                "waiting for service {} ({:?})",
-                d.service, d.condition
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn restart_allowed(
-    s: &Snapshot,
-    spec: &ServiceSpec,
-    t: &Task,
-    slot: &[usize],
-    tasks: &[Task],
-) -> bool {
-    let p = &spec.restart_policy;
-    match p.condition {
-        RestartCondition::None => return false,
-        RestartCondition::OnFailure if !failed(t) => return false,
-        _ => {}
-    }
-    if p.max_attempts == 0 {
-        return true;
-    }
-    // Restarts so far (in the window): tasks of the slot that ended by
-    // themselves, less the first run.
-    let since = if p.window_ms == 0 {
-        0
-    } else {
-        s.now_ms.saturating_sub(p.window_ms)
-    };
-    let ended = slot
-        .iter()
-        .filter(|&&i| ended_by_itself(&tasks[i]) && tasks[i].status.timestamp_ms >= since)
-        .count() as u64;
-    ended <= p.max_attempts
 }
 
 fn status(state: TaskState, now: u64, message: &str) -> TaskStatus {

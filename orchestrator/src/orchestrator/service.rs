@@ -7,31 +7,34 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::orchestrator::{
-    dependencies_up, ended_by_itself, failed, new_task, restart_allowed, slot_of, status, Slot,
-    Snapshot,
+    dependencies_up, ended_by_itself, new_task, restart_allowed, slot_of, status, Slot, Snapshot,
 };
 use crate::scheduler::{self as sched, Load};
 use crate::types::*;
 
+use super::restart::*;
+use super::slots::*;
+use super::update::*;
+
 /// What one service's pass works from.
-struct Pass<'a> {
-    s: &'a Snapshot<'a>,
-    nodes: &'a HashMap<&'a str, &'a Node>,
+pub(super) struct Pass<'a> {
+    pub(super) s: &'a Snapshot<'a>,
+    pub(super) nodes: &'a HashMap<&'a str, &'a Node>,
     /// The spec its tasks should have.
-    spec: ServiceSpec,
+    pub(super) spec: ServiceSpec,
     /// Indices of its tasks in the pass's task list.
-    mine: Vec<usize>,
-    updating: bool,
-    rolling_back: bool,
+    pub(super) mine: Vec<usize>,
+    pub(super) updating: bool,
+    pub(super) rolling_back: bool,
     /// The update (or rollback) config in force.
-    ucfg: UpdateConfig,
+    pub(super) ucfg: UpdateConfig,
     /// When the update began (0: none).
-    update_started: u64,
-    version: u64,
+    pub(super) update_started: u64,
+    pub(super) version: u64,
 }
 
 impl Pass<'_> {
-    fn constraints_ok(&self, n: &Node) -> bool {
+    pub(super) fn constraints_ok(&self, n: &Node) -> bool {
         self.spec
             .placement
             .constraints
@@ -40,19 +43,19 @@ impl Pass<'_> {
     }
 
     /// A task of this version, made since the update began.
-    fn is_new(&self, t: &Task) -> bool {
+    pub(super) fn is_new(&self, t: &Task) -> bool {
         t.version == self.version && t.created_ms >= self.update_started
     }
 
     /// Running past the update's monitor period.
-    fn monitored(&self, t: &Task) -> bool {
+    pub(super) fn monitored(&self, t: &Task) -> bool {
         t.status.state == TaskState::Running
             && t.status.timestamp_ms + self.ucfg.monitor_ms <= self.s.now_ms
     }
 
     /// A task stopping because the spec changed (stop-first: its
     /// successor waits for it, they must not race for ports).
-    fn stopping_outdated(&self, t: &Task) -> bool {
+    pub(super) fn stopping_outdated(&self, t: &Task) -> bool {
         t.desired_state != TaskState::Running
             && !t.status.state.is_terminal()
             && t.spec != self.spec
@@ -64,14 +67,14 @@ impl Pass<'_> {
 
     /// The slot's last task is done for good: it ended by itself and its
     /// restart policy lets it rest.
-    fn at_rest(&self, t: &Task, idx: &[usize], tasks: &[Task]) -> bool {
+    pub(super) fn at_rest(&self, t: &Task, idx: &[usize], tasks: &[Task]) -> bool {
         t.desired_state == TaskState::Running
             && ended_by_itself(t)
             && !restart_allowed(self.s, &self.spec, t, idx, tasks)
     }
 }
 
-fn latest_of(idx: &[usize], tasks: &[Task]) -> Option<usize> {
+pub(super) fn latest_of(idx: &[usize], tasks: &[Task]) -> Option<usize> {
     idx.iter()
         .copied()
         .max_by_key(|&i| (tasks[i].created_ms, tasks[i].id.clone()))
@@ -150,187 +153,6 @@ fn pass<'a>(
     }
 }
 
-/// Live tasks on drained nodes, or nodes that no longer meet the
-/// constraints, stop (the emptied slot is filled later in the pass).
-fn enforce_constraints(p: &Pass, tasks: &mut [Task]) {
-    for &i in &p.mine {
-        let t = &mut tasks[i];
-        if !t.is_live() || t.node_id.is_empty() {
-            continue;
-        }
-        let keep = p
-            .nodes
-            .get(t.node_id.as_str())
-            .is_some_and(|n| n.availability != Availability::Drain && p.constraints_ok(n));
-        if !keep {
-            t.desired_state = TaskState::Shutdown;
-        }
-    }
-}
-
-/// The slots there should be: 1..=replicas, or one per ready, undrained
-/// node that meets the constraints (a paused node keeps its global task).
-fn wanted_slots(p: &Pass) -> Vec<Slot> {
-    match &p.spec.mode {
-        Mode::Replicated { replicas } => (1..=*replicas).map(Slot::Index).collect(),
-        Mode::Global => {
-            let mut v: Vec<Slot> = p
-                .nodes
-                .values()
-                .filter(|n| {
-                    n.state == NodeState::Ready
-                        && n.availability != Availability::Drain
-                        && p.constraints_ok(n)
-                })
-                .map(|n| Slot::Node(n.id.clone()))
-                .collect();
-            v.sort();
-            v
-        }
-    }
-}
-
-/// Slots past the count stop.
-fn scale_down(p: &Pass, tasks: &mut [Task], wanted: &[Slot]) {
-    for &i in &p.mine {
-        let t = &mut tasks[i];
-        if t.is_live() && !wanted.contains(&slot_of(t)) {
-            t.desired_state = TaskState::Shutdown;
-        }
-    }
-}
-
-/// An update's new tasks so far.
-struct Progress {
-    updated: u64,
-    failures: u64,
-    /// When the last new task finished its monitor period.
-    last_done: u64,
-}
-
-/// New tasks (this version, since the update began) that failed, or ran
-/// past the monitor period.
-fn update_progress(p: &Pass, tasks: &[Task]) -> Progress {
-    let mut g = Progress {
-        updated: 0,
-        failures: 0,
-        last_done: 0,
-    };
-    for &i in &p.mine {
-        let t = &tasks[i];
-        if !p.is_new(t) {
-            continue;
-        }
-        g.updated += 1;
-        if failed(t) {
-            g.failures += 1;
-        } else if t.is_live() && p.monitored(t) {
-            g.last_done = g.last_done.max(t.status.timestamp_ms + p.ucfg.monitor_ms);
-        }
-    }
-    g
-}
-
-/// Too many failures: roll back (to the previous spec, as a new version)
-/// or pause, as the update config says. True when the service changed.
-fn apply_failure_action(p: &Pass, svc: &mut Service, g: &Progress) -> bool {
-    let u = &p.ucfg;
-    if !p.updating || g.failures == 0 || u.failure_action == FailureAction::Continue {
-        return false;
-    }
-    let ratio = g.failures as f64 / g.updated as f64;
-    if ratio <= u.max_failure_ratio {
-        return false;
-    }
-    let now = p.s.now_ms;
-    let what = format!("{} of {} updated tasks failed", g.failures, g.updated);
-    if u.failure_action == FailureAction::Rollback && !p.rolling_back {
-        if let Some(prev) = svc.previous_spec.take() {
-            svc.previous_spec = Some(std::mem::replace(&mut svc.spec, prev));
-            svc.version += 1;
-            svc.updated_ms = now;
-            svc.update_status = Some(UpdateStatus {
-                state: UpdateState::RollbackStarted,
-                started_ms: now,
-                completed_ms: 0,
-                message: format!("update rolled back: {what}"),
-            });
-            // The next pass works from the rolled-back spec.
-            return true;
-        }
-    }
-    svc.update_status = Some(UpdateStatus {
-        state: if p.rolling_back {
-            UpdateState::RollbackPaused
-        } else {
-            UpdateState::Paused
-        },
-        started_ms: p.update_started,
-        completed_ms: 0,
-        message: format!("update paused: {what}"),
-    });
-    true
-}
-
-/// Slots mid-replacement, and slots with an outdated task left.
-struct Flight {
-    in_flight: u64,
-    outdated_left: u64,
-}
-
-/// A slot is in flight while an outdated task stops, while its successor
-/// has not been monitored long enough, or while it is empty and its last
-/// task not at rest.
-fn in_flight(
-    p: &Pass,
-    tasks: &[Task],
-    wanted: &[Slot],
-    slots: &BTreeMap<Slot, Vec<usize>>,
-) -> Flight {
-    let mut f = Flight {
-        in_flight: 0,
-        outdated_left: 0,
-    };
-    for slot in wanted {
-        let idx = slots.get(slot).cloned().unwrap_or_default();
-        let live: Vec<&Task> = idx
-            .iter()
-            .map(|&i| &tasks[i])
-            .filter(|t| t.is_live())
-            .collect();
-        if live.iter().any(|t| t.spec != p.spec) {
-            f.outdated_left += 1;
-        }
-        let successor_pending = live.iter().any(|t| p.is_new(t) && !p.monitored(t));
-        let handover = live.is_empty()
-            && latest_of(&idx, tasks).is_none_or(|l| !p.at_rest(&tasks[l], &idx, tasks));
-        if successor_pending || handover || idx.iter().any(|&i| p.stopping_outdated(&tasks[i])) {
-            f.in_flight += 1;
-        }
-    }
-    f
-}
-
-/// How many outdated slots may be replaced now: the parallelism left,
-/// after the delay since the last batch finished; none while a batch with
-/// a delay is in flight.
-fn update_budget(p: &Pass, in_flight: u64, last_done: u64) -> u64 {
-    let u = &p.ucfg;
-    let parallelism = if u.parallelism == 0 {
-        u64::MAX
-    } else {
-        u.parallelism
-    };
-    if in_flight > 0 && u.delay_ms > 0 {
-        return 0;
-    }
-    if p.updating && in_flight < parallelism && p.s.now_ms >= last_done + u.delay_ms {
-        parallelism - in_flight
-    } else {
-        0
-    }
-}
-
 /// One wanted slot: settles a slot with a current task, replaces an
 /// outdated one within the budget, refills an empty one as its restart
 /// policy says. True when the slot needs a new task.
@@ -380,40 +202,6 @@ fn settle_current(tasks: &mut [Task], current: &[usize], outdated: &[usize]) {
     }
 }
 
-/// The restart supervisor: an empty slot gets a task unless an outdated
-/// one is still stopping there, its node is paused (global), or its last
-/// task rests or waits out the restart delay. A finished last task is
-/// retired (the slot's history keeps it).
-fn refill_empty(p: &Pass, tasks: &mut [Task], slot: &Slot, idx: &[usize]) -> bool {
-    if idx.iter().any(|&i| p.stopping_outdated(&tasks[i])) {
-        return false;
-    }
-    if let Slot::Node(id) = slot {
-        if p.nodes
-            .get(id.as_str())
-            .is_some_and(|n| n.availability != Availability::Active)
-        {
-            return false;
-        }
-    }
-    // The newest task of the slot says whether it restarts.
-    if let Some(l) = latest_of(idx, tasks) {
-        let t = &tasks[l];
-        if t.desired_state == TaskState::Running && t.status.state.is_terminal() {
-            if p.at_rest(t, idx, tasks) {
-                return false;
-            }
-            if ended_by_itself(t)
-                && p.s.now_ms < t.status.timestamp_ms + p.spec.restart_policy.delay_ms
-            {
-                return false;
-            }
-            tasks[l].desired_state = TaskState::Shutdown;
-        }
-    }
-    true
-}
-
 /// Pending tasks (no node fitted before): placed if one fits now.
 fn place_pending(p: &Pass, tasks: &mut [Task], load: &mut Load) {
     for &i in &p.mine {
@@ -426,27 +214,4 @@ fn place_pending(p: &Pass, tasks: &mut [Task], load: &mut Load) {
             }
         }
     }
-}
-
-/// Done when nothing outdated is left and every new task has run past the
-/// monitor period. True when the service changed.
-fn complete_update(p: &Pass, svc: &mut Service, f: &Flight) -> bool {
-    if !(p.updating && f.outdated_left == 0 && f.in_flight == 0) {
-        return false;
-    }
-    let Some(u) = svc.update_status.as_mut() else {
-        return false;
-    };
-    u.state = if p.rolling_back {
-        UpdateState::RollbackCompleted
-    } else {
-        UpdateState::Completed
-    };
-    u.completed_ms = p.s.now_ms;
-    u.message = if p.rolling_back {
-        "rollback completed".into()
-    } else {
-        "update completed".into()
-    };
-    true
 }
