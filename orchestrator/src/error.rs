@@ -44,7 +44,7 @@ pub enum ControlError {
     Election {
         what: &'static str,
         #[source]
-        source: Option<etcd_client::Error>,
+        source: Option<crate::store::StoreError>,
     },
 }
 

@@ -402,29 +402,20 @@ impl api::cluster_server::Cluster for Api {
         let m = self.control(&req)?;
         let mut w = m
             .store
-            .client
-            .clone()
-            .watch(
-                crate::store::ROOT,
-                Some(etcd_client::WatchOptions::new().with_prefix()),
-            )
+            .watch_prefix(crate::store::ROOT)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| Status::unavailable(chain(&e)))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::Event, Status>>(64);
         tokio::spawn(async move {
             // The watch ends only with an error: the client is told why
             // rather than seeing the stream end as if all were said.
             let why = loop {
-                let resp = match w.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break "etcd closed the watch".to_string(),
-                    Err(e) => break format!("etcd watch: {e}"),
+                let changes = match w.next().await {
+                    Ok(c) => c,
+                    Err(e) => break chain(&e),
                 };
-                if resp.canceled() {
-                    break format!("etcd canceled the watch: {}", resp.cancel_reason());
-                }
-                for e in resp.events() {
-                    if let Some(ev) = event_of(e) {
+                for c in &changes {
+                    if let Some(ev) = event_of(c) {
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
@@ -496,13 +487,12 @@ impl api::cluster_server::Cluster for Api {
     }
 }
 
-/// One etcd change as a cluster event: what changed and, unless it was
-/// removed, the object as it is now.
-fn event_of(e: &etcd_client::Event) -> Option<api::Event> {
+/// One change in etcd as a cluster event: what changed and, unless it
+/// was removed, the object as it is now.
+fn event_of(c: &crate::store::Change) -> Option<api::Event> {
+    use crate::store::ChangeKind;
     use api::event::{Action, Kind, Object};
-    let kv = e.kv()?;
-    let key = String::from_utf8_lossy(kv.key()).into_owned();
-    let rest = key.strip_prefix(crate::store::ROOT)?;
+    let rest = c.key.strip_prefix(crate::store::ROOT)?;
     let (kind, id) = rest.split_once('/')?;
     let kind = match kind {
         "nodes" => Kind::Node,
@@ -510,21 +500,21 @@ fn event_of(e: &etcd_client::Event) -> Option<api::Event> {
         "tasks" => Kind::Task,
         _ => return None,
     };
-    let action = match e.event_type() {
-        etcd_client::EventType::Delete => Action::Remove,
-        _ if kv.create_revision() == kv.mod_revision() => Action::Create,
-        _ => Action::Update,
+    let action = match c.kind {
+        ChangeKind::Deleted => Action::Remove,
+        ChangeKind::Created => Action::Create,
+        ChangeKind::Updated => Action::Update,
     };
     // A value that is not the object its key says (none on a removal) is
     // an event without one; the change itself is still told.
     let object = match kind {
-        Kind::Node => serde_json::from_slice::<Node>(kv.value())
+        Kind::Node => serde_json::from_slice::<Node>(&c.value)
             .ok()
             .map(|n| Object::Node(n.into())),
-        Kind::Service => serde_json::from_slice::<Service>(kv.value())
+        Kind::Service => serde_json::from_slice::<Service>(&c.value)
             .ok()
             .map(|s| Object::Service(s.into())),
-        _ => serde_json::from_slice::<Task>(kv.value())
+        _ => serde_json::from_slice::<Task>(&c.value)
             .ok()
             .map(|t| Object::Task(t.into())),
     };

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::WatchOptions;
 use tokio::sync::mpsc;
 
 use crate::error::ControlError;
@@ -75,16 +74,7 @@ impl Manager {
         let me = self.clone();
         tokio::spawn(async move {
             let r = async {
-                let mut w = me
-                    .store
-                    .client
-                    .clone()
-                    .watch(store::tasks(), Some(WatchOptions::new().with_prefix()))
-                    .await
-                    .map_err(|e| ControlError::Election {
-                        what: "watching tasks",
-                        source: Some(e),
-                    })?;
+                let mut w = me.store.watch_prefix(&store::tasks()).await?;
                 let mut last: Option<Vec<Task>> = None;
                 loop {
                     let mut mine: Vec<Task> = me
@@ -103,22 +93,8 @@ impl Manager {
                         last = Some(mine);
                     }
                     tokio::select! {
-                        m = w.message() => {
-                            match m {
-                                Ok(Some(_)) => {}
-                                Ok(None) => {
-                                    return Err(ControlError::Election {
-                                        what: "the task watch ended",
-                                        source: None,
-                                    })
-                                }
-                                Err(e) => {
-                                    return Err(ControlError::Election {
-                                        what: "watching tasks",
-                                        source: Some(e),
-                                    })
-                                }
-                            }
+                        m = w.next() => {
+                            m?;
                         }
                         _ = tx.closed() => return Ok(()),
                         // A resend now and then: a lost update heals.

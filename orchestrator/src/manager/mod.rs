@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type Result<T, E = ControlError> = std::result::Result<T, E>;
-use etcd_client::{EventType, WatchOptions};
+use crate::store::ChangeKind;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::ControlError;
@@ -56,15 +56,7 @@ impl Manager {
 
     /// The leader's node id, as etcd's election says.
     pub async fn leader_id(&self) -> Option<String> {
-        let r = self
-            .store
-            .client
-            .clone()
-            .leader(store::leader_key())
-            .await
-            .ok()?;
-        r.kv()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        self.store.leader().await
     }
 
     /// Campaigns for leadership for ever: leads while the lease lives.
@@ -80,59 +72,25 @@ impl Manager {
 
     async fn campaign_once(self: Arc<Self>) -> Result<()> {
         // No request timeout: a campaign waits as long as another leads.
-        let mut c = Store::connect_with(&self.cluster.etcd_endpoints, None)
-            .await?
-            .client;
-        let election = |what| {
-            move |e| ControlError::Election {
-                what,
-                source: Some(e),
-            }
-        };
-        let lease = c
-            .lease_grant(LEADER_TTL_S, None)
-            .await
-            .map_err(election("granting the election lease"))?
-            .id();
-        let (mut keeper, mut acks) = c
-            .lease_keep_alive(lease)
-            .await
-            .map_err(election("keeping the election lease"))?;
-        let (lost_tx, lost) = watch::channel(false);
-        // Keep the lease alive while campaigning and leading; when it
-        // cannot be, leadership is lost.
-        let ka = tokio::spawn(async move {
-            loop {
-                let ok = keeper.keep_alive().await.is_ok()
-                    && matches!(acks.message().await, Ok(Some(r)) if r.ttl() > 0);
-                if !ok {
-                    let _ = lost_tx.send(true);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(LEADER_TTL_S as u64 * 1000 / 3)).await;
-            }
-        });
-        let mut lost_c = lost.clone();
-        let won = tokio::select! {
-            r = c.campaign(store::leader_key(), self.node_id.clone(), lease) => r,
-            _ = lost_c.changed() => {
-                ka.abort();
+        let store = Store::connect_with(&self.cluster.etcd_endpoints, None).await?;
+        // Kept alive while campaigning and leading; when it cannot be,
+        // leadership is lost.
+        let lease = store.lease(LEADER_TTL_S).await?;
+        let mut lost = lease.lost.clone();
+        tokio::select! {
+            r = store.campaign(self.node_id.clone(), &lease) => r?,
+            _ = lost.changed() => {
                 return Err(ControlError::Election {
                     what: "the election lease expired while campaigning",
                     source: None,
                 });
             }
         };
-        if let Err(e) = won {
-            ka.abort();
-            return Err(election("campaigning")(e));
-        }
         tracing::info!("node {} leads the cluster", self.node_id);
         self.leader.store(true, Ordering::SeqCst);
-        let r = self.clone().lead(lost).await;
+        let r = self.clone().lead(lease.lost.clone()).await;
         self.leader.store(false, Ordering::SeqCst);
-        ka.abort();
-        let _ = c.lease_revoke(lease).await;
+        lease.revoke().await;
         r
     }
 
@@ -157,16 +115,10 @@ impl Manager {
         let mut seen: HashMap<String, Instant> = HashMap::new();
         let start = Instant::now();
         let mut stream = loop {
-            match self
-                .store
-                .client
-                .clone()
-                .watch(store::heartbeats(), Some(WatchOptions::new().with_prefix()))
-                .await
-            {
+            match self.store.watch_prefix(&store::heartbeats()).await {
                 Ok(w) => break w,
                 Err(e) => {
-                    tracing::warn!("watching heartbeats: {e}");
+                    tracing::warn!("{}", chain(&e));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -174,20 +126,17 @@ impl Manager {
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                m = stream.message() => {
-                    let Ok(Some(m)) = m else {
-                        tracing::warn!("heartbeat watch ended");
-                        return;
-                    };
-                    for e in m.events() {
-                        if e.event_type() != EventType::Put {
-                            continue;
+                m = stream.next() => {
+                    let changes = match m {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!("heartbeat watch: {}", chain(&e));
+                            return;
                         }
-                        if let Some(kv) = e.kv() {
-                            let key = String::from_utf8_lossy(kv.key()).into_owned();
-                            if let Some(id) = key.strip_prefix(&store::heartbeats()) {
-                                seen.insert(id.to_string(), Instant::now());
-                            }
+                    };
+                    for c in changes.iter().filter(|c| c.kind != ChangeKind::Deleted) {
+                        if let Some(id) = c.key.strip_prefix(&store::heartbeats()) {
+                            seen.insert(id.to_string(), Instant::now());
                         }
                     }
                 }
@@ -232,21 +181,17 @@ impl Manager {
 
     async fn reconcile_loop(self: Arc<Self>) {
         let (wake_tx, mut wake) = mpsc::channel::<()>(1);
-        let client = self.store.client.clone();
-        // Any change to nodes, services or tasks wakes the reconciler.
+        let st = self.store.clone();
+        // Any change to nodes, services or tasks wakes the reconciler (the
+        // tick runs it anyway when the watch is gone).
         tokio::spawn(async move {
-            let mut c = client;
-            let Ok(mut s) = c
-                .watch(store::ROOT, Some(WatchOptions::new().with_prefix()))
-                .await
-            else {
+            let Ok(mut s) = st.watch_prefix(store::ROOT).await else {
                 return;
             };
-            while let Ok(Some(m)) = s.message().await {
-                let relevant = m.events().iter().any(|e| {
-                    e.kv()
-                        .is_some_and(|kv| !kv.key().starts_with(store::heartbeats().as_bytes()))
-                });
+            while let Ok(changes) = s.next().await {
+                let relevant = changes
+                    .iter()
+                    .any(|c| !c.key.starts_with(&store::heartbeats()));
                 if relevant {
                     let _ = wake_tx.try_send(());
                 }

@@ -45,9 +45,24 @@ pub enum StoreError {
     },
     #[error("{0} kept changing under this update")]
     Contended(String),
+    /// A watch ended: etcd closed or canceled it (a compaction, a lost
+    /// connection).
+    #[error("{0}")]
+    WatchEnded(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+mod election;
+mod watch;
+
+pub use election::Lease;
+pub use watch::{Change, ChangeKind, Watch};
+
+fn etcd(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Etcd { what, source }
+}
 
 fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|source| StoreError::Encode {
@@ -148,9 +163,11 @@ where
 /// Most puts one transaction carries (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
+/// etcd, through this module only: its keys, retried reads and writes,
+/// compare-and-swap, watches and the leader election.
 #[derive(Clone)]
 pub struct Store {
-    pub client: Client,
+    client: Client,
 }
 
 impl Store {
