@@ -192,11 +192,6 @@ pub fn new_secret() -> Result<String> {
     Ok(hex(&b))
 }
 
-/// What etcd keeps of a secret: its digest, never the secret.
-pub fn secret_digest(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
-}
-
 /// `HUSKTKN-1-<CA digest>-<secret>`.
 pub fn token(ca_digest: &str, secret: &str) -> String {
     format!("{TOKEN_PREFIX}-{ca_digest}-{secret}")

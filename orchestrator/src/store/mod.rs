@@ -4,7 +4,8 @@
 //! ```text
 //! /husk/v1/cluster                 ClusterInfo (created once, by init)
 //! /husk/v1/ca/cert, /ca/key        the cluster CA (PEM)
-//! /husk/v1/tokens/{worker,manager} SHA-256 of the join secrets
+//! /husk/v1/tokens/{worker,manager} the join secrets (kept, as Swarm keeps
+//!                                  them, so `join-token` can print them)
 //! /husk/v1/nodes/<node id>         Node
 //! /husk/v1/heartbeats/<node id>    a counter each heartbeat bumps (the
 //!                                  leader times the puts it watches)
