@@ -69,10 +69,18 @@ kernel: setup
 	  ln -sfn "$$dir/bzImage" $(GUEST)/bzImage; \
 	  ln -sfn "$$dir/build-info" $(GUEST)/kernel-build-info
 
+# The guest profile unwinds (Cargo.toml). The agent is built twice: first
+# with the test-only panic requests (kept as husk-agent-panic-test, for
+# tests/tests/agent_panics.rs), then as it ships; the second build reuses
+# every dependency of the first.
+GUEST_BUILD := RUSTFLAGS="$(STATIC_RUSTFLAGS)" LIBSECCOMP_LINK_TYPE=static \
+	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	$(CARGO) build --locked --profile guest --target $(TRIPLE)
 guest: setup
-	RUSTFLAGS="$(STATIC_RUSTFLAGS)" LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-	    $(CARGO) build --locked --release --target $(TRIPLE) -p husk-test-init -p husk-agent
-	images/build-rootfs.sh $(GUEST)/rootfs.erofs target/$(TRIPLE)/release/husk-test-init target/$(TRIPLE)/release/husk-agent
+	$(GUEST_BUILD) -p husk-agent --features panic-test
+	cp target/$(TRIPLE)/guest/husk-agent target/$(TRIPLE)/guest/husk-agent-panic-test
+	$(GUEST_BUILD) -p husk-test-init -p husk-agent
+	images/build-rootfs.sh $(GUEST)/rootfs.erofs target/$(TRIPLE)/guest/husk-test-init target/$(TRIPLE)/guest/husk-agent
 
 images: setup
 	$(CARGO) build --locked --release -p husk-mkimage

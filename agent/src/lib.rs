@@ -6,6 +6,7 @@ pub mod executable;
 pub mod init;
 pub mod kmsg;
 pub mod network;
+pub mod panics;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;

@@ -28,6 +28,11 @@ fn reboot_guest() -> ! {
     init::reap_forever()
 }
 
+/// A host agent (tests) whose part panicked: gone, as a guest's would be.
+fn exit_now() -> ! {
+    std::process::abort()
+}
+
 fn usage() -> ! {
     say("usage: husk-agent [--listen vsock://-1:PORT | unix:///PATH] [--own-netns]");
     std::process::exit(2)
@@ -35,6 +40,7 @@ fn usage() -> ! {
 
 fn main() {
     let is_guest = std::process::id() == 1;
+    husk_agent::panics::install(if is_guest { reboot_guest } else { exit_now });
     let mut listen = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let mut own_netns = false;
     let mut args = std::env::args().skip(1);

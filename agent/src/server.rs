@@ -30,15 +30,40 @@ use crate::sandbox::SandboxService;
 /// A service shared with the blocking pool's threads.
 pub struct Served<T>(pub Arc<T>);
 
-/// Runs `f` on the blocking pool; a panic there becomes an INTERNAL error
-/// for this request instead of taking the server down.
+/// Runs `f` on the blocking pool as a handler (`handler`).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ttrpc::Result<T> + Send + 'static,
 ) -> ttrpc::Result<T> {
-    tokio::task::spawn_blocking(f)
+    tokio::task::spawn_blocking(|| handler(f))
         .await
         .unwrap_or_else(|e| Err(internal(format!("request handler failed: {e}"))))
 }
+
+/// Runs one request's handler: a panic in it is answered INTERNAL and the
+/// agent serves on (panics.rs; the guest build unwinds).
+fn handler<T>(f: impl FnOnce() -> ttrpc::Result<T>) -> ttrpc::Result<T> {
+    crate::panics::in_handler(f)
+        .unwrap_or_else(|msg| Err(internal(format!("request handler panicked: {msg}"))))
+}
+
+/// Test builds only (feature `panic-test`): a request whose metadata has
+/// `husk-test-panic` panics in its handler, and one with
+/// `husk-test-panic-outside` panics on a thread of its own, so a test can
+/// show what each does to the agent that ships in the guest.
+#[cfg(feature = "panic-test")]
+fn test_panics(meta: &crate::rpc::Metadata) {
+    if meta.contains_key("husk-test-panic-outside") {
+        let _ = std::thread::Builder::new()
+            .name("panic-test".into())
+            .spawn(|| panic!("husk-test-panic-outside asked for a panic outside a handler"));
+    }
+    if meta.contains_key("husk-test-panic") {
+        panic!("husk-test-panic asked for a panic in this handler");
+    }
+}
+
+#[cfg(not(feature = "panic-test"))]
+fn test_panics(_: &crate::rpc::Metadata) {}
 
 /// Implements a generated async service trait on `Served<$svc>` by calling
 /// the synchronous method of the same name: `pool` methods on the blocking
@@ -56,6 +81,7 @@ macro_rules! serve {
                     let meta = ctx.metadata.clone();
                     let timeout = ctx.timeout_nano;
                     blocking(move || {
+                        test_panics(&meta);
                         crate::rpc::with_deadline(timeout, || svc.$m(&meta, req))
                     })
                     .await
@@ -63,7 +89,10 @@ macro_rules! serve {
             )*
             $(
                 async fn $i(&self, ctx: &TtrpcContext, req: $ireq) -> ttrpc::Result<$iresp> {
-                    self.0.$i(&ctx.metadata, req)
+                    handler(|| {
+                        test_panics(&ctx.metadata);
+                        self.0.$i(&ctx.metadata, req)
+                    })
                 }
             )*
         }

@@ -72,7 +72,17 @@ pub fn guest_rootfs() -> Result<PathBuf> {
 pub fn guest_init_binary() -> Result<PathBuf> {
     artifact(
         "HUSK_TEST_INIT",
-        "target/x86_64-unknown-linux-gnu/release/husk-test-init",
+        "target/x86_64-unknown-linux-gnu/guest/husk-test-init",
+        "guest",
+    )
+}
+
+/// The guest's agent as `make guest` builds it, with the test-only panic
+/// requests of its `panic-test` feature.
+pub fn guest_agent_panic_test_binary() -> Result<PathBuf> {
+    artifact(
+        "HUSK_AGENT_PANIC_TEST",
+        "target/x86_64-unknown-linux-gnu/guest/husk-agent-panic-test",
         "guest",
     )
 }
