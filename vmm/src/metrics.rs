@@ -52,7 +52,10 @@ macro_rules! metrics {
 metrics! {
     vcpu { exits_io, exits_mmio, exits_other, failures }
     block { requests, read_bytes, write_bytes, flushes, errors }
-    vsock { host_connections, guest_connections, rx_bytes, tx_bytes, resets, bad_packets }
+    vsock {
+        host_connections, guest_connections, rx_bytes, tx_bytes, resets, bad_packets,
+        refused, dropped_rsts, killed, over_budget
+    }
     rng { bytes }
     net { rx_bytes, tx_bytes, rx_dropped, tx_dropped }
     api { requests, errors }

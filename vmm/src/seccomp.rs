@@ -132,6 +132,8 @@ const VMM: &[&str] = &[
     "epoll_ctl",
     "epoll_wait",
     "epoll_pwait",
+    // vsock's kill timer
+    "timerfd_create",
 ];
 
 /// Host sockets: vsock connections (both thread kinds touch them) and taps.
@@ -148,6 +150,8 @@ const SOCKETS: &[&str] = &[
     "epoll_ctl",
     "epoll_wait",
     "epoll_pwait",
+    // vsock's kill timer
+    "timerfd_settime",
 ];
 
 const VCPU: &[&str] = &[
