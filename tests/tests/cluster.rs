@@ -373,6 +373,48 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
             && c.hosts.iter().map(Host::vmms).sum::<usize>() == 2
     });
 
+    // ---- a task that ignores SIGTERM: stopping it takes the whole grace
+    // period (10 s), and its node stays ready throughout (heartbeats
+    // never wait behind task work; the grace here is 4 s) ----
+    h1.ok(&[
+        "service",
+        "create",
+        "--name",
+        "stubborn",
+        IMAGE,
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 1; done",
+    ]);
+    c.wait("stubborn running", 300, || {
+        running(h1, "stubborn").len() == 1
+    });
+    let before = c.hosts.iter().map(Host::vmms).sum::<usize>();
+    h1.ok(&["service", "rm", "stubborn"]);
+    let stopping = Instant::now();
+    let mut not_ready = Vec::new();
+    while c.hosts.iter().map(Host::vmms).sum::<usize>() == before {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(90),
+            "stubborn's sandbox is still there"
+        );
+        for r in node_rows(h1) {
+            if r["state"] != "ready" {
+                not_ready.push(format!("{:?}: {r}", stopping.elapsed()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        stopping.elapsed() >= Duration::from_secs(9),
+        "stubborn stopped in {:?}: SIGTERM was not ignored, or no grace was given",
+        stopping.elapsed()
+    );
+    assert!(
+        not_ready.is_empty(),
+        "nodes not ready while stubborn stopped: {not_ready:#?}"
+    );
+
     // ---- drain: every task leaves the node ----
     // Three replicas: one on each node (the new one goes where web has none).
     h1.ok(&["service", "scale", "web=3"]);

@@ -25,8 +25,8 @@ enum SessionError {
     StreamEnded,
     #[error("the executor is gone")]
     ExecutorGone,
-    #[error("applying the assignment set")]
-    Apply(#[from] tokio::task::JoinError),
+    #[error("the heartbeat task ended")]
+    Heartbeats(#[source] tokio::task::JoinError),
 }
 
 type Result<T> = std::result::Result<T, SessionError>;
@@ -63,11 +63,18 @@ pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
         }
     };
     let ex = Arc::new(Executor::new(rt, state_dir, tx));
-    tokio::spawn(run(id, ex.clone(), rx));
+    // Assignment sets are applied on a thread of their own (apply blocks);
+    // sessions only hand them over.
+    match Applier::start(ex.clone()) {
+        Ok(applier) => {
+            tokio::spawn(run(id, applier, rx));
+        }
+        Err(e) => tracing::error!("starting the assignment thread: {e}; this node runs nothing"),
+    }
     ex
 }
 
-async fn run(mut id: Identity, ex: Arc<Executor>, mut reports: mpsc::UnboundedReceiver<Report>) {
+async fn run(mut id: Identity, applier: Applier, mut reports: mpsc::UnboundedReceiver<Report>) {
     let mut i = 0usize;
     loop {
         let addrs = id.managers.clone();
@@ -77,7 +84,7 @@ async fn run(mut id: Identity, ex: Arc<Executor>, mut reports: mpsc::UnboundedRe
             continue;
         }
         let addr = addrs[i % addrs.len()].clone();
-        match session(&addr, &mut id, &ex, &mut reports).await {
+        match session(&addr, &mut id, &applier, &mut reports).await {
             Ok(()) => {}
             Err(e) => tracing::warn!("session with manager {addr}: {}", chain(&e)),
         }
@@ -89,7 +96,7 @@ async fn run(mut id: Identity, ex: Arc<Executor>, mut reports: mpsc::UnboundedRe
 async fn session(
     addr: &str,
     id: &mut Identity,
-    ex: &Arc<Executor>,
+    applier: &Applier,
     reports: &mut mpsc::UnboundedReceiver<Report>,
 ) -> Result<()> {
     let ch = net::manager_channel(addr, &id.tls()).await?;
@@ -102,7 +109,7 @@ async fn session(
         .await
         .map_err(call("heartbeat"))?
         .into_inner();
-    let mut period = Duration::from_millis(hb.period_ms.max(100));
+    let period = Duration::from_millis(hb.period_ms.max(100));
     if !hb.managers.is_empty() {
         id.managers = hb.managers;
     }
@@ -115,10 +122,19 @@ async fn session(
         .map_err(call("assignments"))?
         .into_inner();
     // What the last manager may have missed.
-    for r in ex.all_reports() {
+    for r in applier.ex.all_reports() {
         send(&mut client, &r).await?;
     }
-    let mut beat = tokio::time::interval(period);
+    // Heartbeats go on a task of their own, so nothing this session waits
+    // for (a report, an assignment set being applied) ever delays one: a
+    // node busy with its tasks must not look dead to the managers.
+    let (managers_tx, mut managers) = mpsc::unbounded_channel();
+    let mut beats = AbortOnDrop(tokio::spawn(heartbeats(
+        client.clone(),
+        node_id.clone(),
+        period,
+        managers_tx,
+    )));
     loop {
         tokio::select! {
             m = stream.message() => {
@@ -134,30 +150,106 @@ async fn session(
                         Err(e) => tracing::warn!("an assigned task does not decode: {e}"),
                     }
                 }
-                let ex = ex.clone();
-                // apply may signal containers (blocking RPCs).
-                tokio::task::spawn_blocking(move || ex.apply(tasks)).await?;
+                applier.apply(tasks);
             }
             r = reports.recv() => {
                 let Some(r) = r else { return Err(SessionError::ExecutorGone) };
                 send(&mut client, &r).await?;
             }
-            _ = beat.tick() => {
-                let hb = client
-                    .heartbeat(api::HeartbeatRequest { node_id: node_id.clone() })
-                    .await
-                    .map_err(call("heartbeat"))?
-                    .into_inner();
-                if !hb.managers.is_empty() {
-                    id.managers = hb.managers;
-                }
-                let p = Duration::from_millis(hb.period_ms.max(100));
-                if p != period {
-                    period = p;
-                    beat = tokio::time::interval(period);
+            m = managers.recv() => {
+                if let Some(m) = m {
+                    id.managers = m;
                 }
             }
+            ended = &mut beats.0 => {
+                return match ended {
+                    Ok(e) => Err(e),
+                    Err(e) => Err(SessionError::Heartbeats(e)),
+                };
+            }
         }
+    }
+}
+
+/// A task aborted when its handle goes (the session ended).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends a heartbeat every `period` (the manager may change it) until one
+/// fails; the managers it names go to `managers`.
+async fn heartbeats(
+    mut client: ClusterClient<tonic::transport::Channel>,
+    node_id: String,
+    mut period: Duration,
+    managers: mpsc::UnboundedSender<Vec<String>>,
+) -> SessionError {
+    let mut beat = tokio::time::interval(period);
+    beat.tick().await; // the first tick is now; the session just beat
+    loop {
+        beat.tick().await;
+        let hb = match client
+            .heartbeat(api::HeartbeatRequest {
+                node_id: node_id.clone(),
+            })
+            .await
+        {
+            Ok(hb) => hb.into_inner(),
+            Err(s) => return call("heartbeat")(s),
+        };
+        if !hb.managers.is_empty() {
+            let _ = managers.send(hb.managers);
+        }
+        let p = Duration::from_millis(hb.period_ms.max(100));
+        if p != period {
+            period = p;
+            beat = tokio::time::interval(period);
+            beat.tick().await;
+        }
+    }
+}
+
+/// Applies assignment sets in the order they came, on one thread for the
+/// node's life (sessions come and go; two appliers could undo each
+/// other). Only the newest set waiting matters: each names everything the
+/// node should run.
+struct Applier {
+    ex: Arc<Executor>,
+    next: Arc<(std::sync::Mutex<Option<Vec<Task>>>, std::sync::Condvar)>,
+}
+
+impl Applier {
+    fn start(ex: Arc<Executor>) -> std::io::Result<Applier> {
+        let next = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
+        let shared = next.clone();
+        let runner = ex.clone();
+        std::thread::Builder::new()
+            .name("assignments".into())
+            .spawn(move || loop {
+                let (slot, cv) = &*shared;
+                let mut g = crate::util::lock(slot);
+                let tasks = loop {
+                    if let Some(t) = g.take() {
+                        break t;
+                    }
+                    g = cv
+                        .wait(g)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                };
+                drop(g);
+                runner.apply(tasks);
+            })?;
+        Ok(Applier { ex, next })
+    }
+
+    fn apply(&self, tasks: Vec<Task>) {
+        let (slot, cv) = &*self.next;
+        *crate::util::lock(slot) = Some(tasks);
+        cv.notify_one();
     }
 }
 
