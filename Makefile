@@ -9,7 +9,7 @@ IMAGES := target/images
 # Guest binaries are static: the guest root image has no libc.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static
 
-.PHONY: run test setup kernel guest images lint fuzz bench stress clean
+.PHONY: run test setup kernel guest images lint fuzz fuzz-long bench stress clean
 
 # The main job: busybox in a microVM, like `docker run --rm`. The first run
 # boots and snapshots the template (tens of seconds where the guest kernel
@@ -27,20 +27,23 @@ test: setup kernel guest images lint
 	$(CARGO) test --workspace --locked
 	$(MAKE) fuzz
 
-# Each guest-facing parser, fuzzed briefly (FUZZ_SECONDS each); a crash fails.
+# Every guest- or client-facing parser: the virtio devices and the mmio
+# transport (the guest), the agent's requests (the host, through a
+# compromised runtime), the compose parser and the cluster API's decoding
+# (users and clients). `make test` runs each briefly (FUZZ_SECONDS);
+# `make fuzz-long` for FUZZ_LONG_SECONDS each (10 min by default), not
+# part of `make test`. A crash fails either.
 FUZZ_SECONDS ?= 15
+FUZZ_LONG_SECONDS ?= 600
 FUZZ_TARGETS := vmm/fuzz:virtio_blk vmm/fuzz:vsock_tx vmm/fuzz:mmio_transport \
-	agent/fuzz:sandbox_request agent/fuzz:container_request
+	vmm/fuzz:virtio_rng vmm/fuzz:virtio_net \
+	agent/fuzz:sandbox_request agent/fuzz:container_request \
+	cli/fuzz:compose cli/fuzz:cluster_decode
 fuzz: setup
-	mkdir -p target
-	for spec in $(FUZZ_TARGETS); do \
-	  dir=$${spec%%:*}; t=$${spec#*:}; \
-	  log=$(CURDIR)/target/fuzz-$$t.log; \
-	  if ! (cd $$dir && cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS)) > $$log 2>&1; then \
-	    tail -n 80 $$log; echo "fuzz target $$t failed (log: target/fuzz-$$t.log)"; exit 1; \
-	  fi; \
-	  echo "fuzz $$t: $$(grep -E '^Done' $$log)"; \
-	done
+	scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-long: setup
+	scripts/fuzz.sh $(FUZZ_LONG_SECONDS) $(FUZZ_TARGETS)
 
 # Benchmarks print figures next to a peer's; not part of `make test`.
 bench: setup kernel guest images
