@@ -9,7 +9,7 @@ IMAGES := target/images
 # Guest binaries are static: the guest root image has no libc.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static
 
-.PHONY: run test setup kernel guest images lint fuzz fuzz-long bench stress clean
+.PHONY: run test setup kernel guest images hostile-guest lint fuzz fuzz-long bench stress clean
 
 # The main job: busybox in a microVM, like `docker run --rm`. The first run
 # boots and snapshots the template (tens of seconds where the guest kernel
@@ -20,7 +20,7 @@ run: setup kernel guest images
 	target/release/husk run --rm husk.local/busybox:latest \
 	    sh -c 'echo "hello from $$(uname -sr) in a husk microVM, $$(grep -c ^processor /proc/cpuinfo) vCPU"'
 
-test: setup kernel guest images lint
+test: setup kernel guest images hostile-guest lint
 	# The end-to-end tests run the workspace's binaries (husk, husk-vmm,
 	# husk-agent); cargo builds a package's binaries only for its own tests.
 	$(CARGO) build --workspace --locked --bins
@@ -46,7 +46,7 @@ fuzz-long: setup
 	scripts/fuzz.sh $(FUZZ_LONG_SECONDS) $(FUZZ_TARGETS)
 
 # Benchmarks print figures next to a peer's; not part of `make test`.
-bench: setup kernel guest images
+bench: setup kernel guest images hostile-guest
 	$(CARGO) build --locked --release -p husk-vmm -p husk-cli -p husk-shim -p husk-orchestrator
 	$(CARGO) build --locked --release -p husk-tests --example cri_pods --example cluster_bench
 	bench/boot
@@ -84,6 +84,13 @@ guest: setup
 	cp target/$(TRIPLE)/guest/husk-agent target/$(TRIPLE)/guest/husk-agent-panic-test
 	$(GUEST_BUILD) -p husk-test-init -p husk-agent
 	images/build-rootfs.sh $(GUEST)/rootfs.erofs target/$(TRIPLE)/guest/husk-test-init target/$(TRIPLE)/guest/husk-agent
+
+# A bare-metal guest that attacks the VMM (tests/tests/hostile_guest.rs,
+# bench/hostile); its own workspace and flags (images/hostile-guest).
+hostile-guest: setup
+	cd images/hostile-guest && $(CARGO) build --locked --release
+	mkdir -p $(GUEST)
+	cp images/hostile-guest/target/release/husk-hostile-guest $(GUEST)/hostile-guest
 
 images: setup
 	$(CARGO) build --locked --release -p husk-mkimage

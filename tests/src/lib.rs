@@ -18,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod agent;
 pub mod cluster;
 pub mod containerd;
+pub mod hostile;
 mod netns;
 pub mod programs;
 mod vm;
@@ -198,6 +199,16 @@ impl Guest {
             console,
             name: name.to_string(),
         })
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How the VMM ended, if it has.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     /// The last console lines, for error messages.

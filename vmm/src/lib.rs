@@ -10,6 +10,7 @@ pub mod builder;
 pub mod config;
 pub mod cpu_template;
 pub mod devices;
+pub mod logging;
 pub mod metrics;
 pub mod seccomp;
 mod seccomp_table;

@@ -59,6 +59,9 @@ pub(super) struct Conn {
     pub host_gone: bool,
     /// Guest will send no more: shut the host stream's write side once flushed.
     pub guest_send_done: bool,
+    /// That shutdown is done (once: each one is a new epoll event, and
+    /// shutting down again on it spun the event loop).
+    pub host_write_shut: bool,
     /// The guest closed; the conn lives only until `to_host` is flushed.
     pub closing: bool,
     /// `owed` flags, and the flags of the owed SHUTDOWN.
@@ -89,6 +92,7 @@ impl Conn {
             host_eof: false,
             host_gone: false,
             guest_send_done: false,
+            host_write_shut: false,
             closing: false,
             owed: 0,
             shutdown_flags: 0,

@@ -38,6 +38,9 @@ pub(super) const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line we wait for.
 const MAX_CONNECT_LINE: usize = 32;
 
+/// Batches of 64 host events handled per poll.
+const MAX_EVENT_BATCHES: usize = 16;
+
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_TIMER: u64 = u64::MAX - 1;
 
@@ -318,7 +321,10 @@ impl Muxer {
     pub fn poll_host(&mut self) {
         let mut events = [EpollEvent::default(); 64];
         let mut fired = false;
-        loop {
+        // A bounded number of batches: events that keep coming (a busy
+        // host, or a bug that makes its own events) are left for the next
+        // wake-up instead of holding the guest's vCPU here.
+        for _ in 0..MAX_EVENT_BATCHES {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -514,7 +520,8 @@ impl Muxer {
                 // Everything the guest sent has reached the host: close.
                 return self.remove(key);
             }
-            if c.guest_send_done {
+            if c.guest_send_done && !c.host_write_shut {
+                c.host_write_shut = true;
                 let _ = c.stream.shutdown(std::net::Shutdown::Write);
             }
         }
@@ -655,9 +662,12 @@ impl Muxer {
             return self.push_rst(self.rst_for(h));
         }
         let path = format!("{}_{}", self.uds_path.display(), h.dst_port);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => return self.push_rst(self.rst_for(h)),
+        let stream = match connect_nonblocking(Path::new(&path)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("vsock: guest connection to {path}: {e}");
+                return self.push_rst(self.rst_for(h));
+            }
         };
         let mut c = Conn::new(stream, State::Established, h.dst_port, h.src_port);
         c.peer_buf_alloc = h.buf_alloc;
@@ -756,6 +766,51 @@ impl Muxer {
             self.buffered,
         )
     }
+}
+
+/// Connects to a host Unix socket without waiting: a listener whose
+/// backlog is full refuses (EAGAIN) instead of stalling the thread that
+/// runs the guest's device, which a guest could otherwise do at will by
+/// connecting faster than the host program accepts.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a plain socket(2) call; the fd is owned by the UnixStream
+    // below (or closed by it on error).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just created and nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un for the length given.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 impl Drop for Muxer {

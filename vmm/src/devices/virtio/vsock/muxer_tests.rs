@@ -327,3 +327,30 @@ fn a_guest_half_close_flushes_then_shuts_the_host_write_side() {
         "{rx:?}"
     );
 }
+
+#[test]
+fn many_guest_half_closes_do_not_spin_the_event_loop() {
+    // Shutting a host stream's write side is itself an epoll event; once
+    // it was done again on every such event, and a guest that half-closed
+    // many connections kept the VMM's vCPU thread in poll_host forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut t = muxer(Limits::default());
+        let l = t.listen(5000);
+        let mut hosts = Vec::new();
+        for src in 1..=200 {
+            t.guest_connects(src, 5000);
+            hosts.push(l.accept().unwrap().0);
+            t.mux
+                .send(from_guest(OP_SHUTDOWN, src, 5000, 0, SHUTDOWN_SEND), &[]);
+        }
+        for _ in 0..10 {
+            t.mux.poll_host();
+        }
+        let _ = tx.send(t.mux.stats().0);
+    });
+    let conns = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("poll_host returned");
+    assert_eq!(conns, 200, "half-closed connections stay until they end");
+}
