@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use husk_tests::agent::{busybox_guest, busybox_sandbox};
-use husk_tests::hostile::{run_attack, ATTACKS, GUEST_MIB};
+use husk_tests::hostile::{header, run_attack, ATTACKS, GUEST_MIB};
 use husk_tests::kvm_unavailable;
 
 fn main() {
@@ -30,25 +30,12 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let conn = neighbour.connect().unwrap_or_else(|e| panic!("{e:#}"));
     let answers = || conn.health().is_ok();
-    println!(
-        "{:<22} {:>6} {:>10} {:>10} {:>9} {:>8} {:>12}",
-        "attack", "alive", "rss0-kib", "peak-kib", "grew-mib", "rounds", "neighbour"
-    );
+    println!("{}", header());
     let (mut alive, mut neighbour_ok, mut worst) = (true, true, 0.0f64);
     for attack in ATTACKS {
         let o = run_attack(&vmm, attack, Duration::from_secs(secs), &answers)
             .unwrap_or_else(|e| panic!("{attack}: {e:#}"));
-        println!(
-            "{:<22} {:>6} {:>10} {:>10} {:>9.1} {:>8} {:>5} ok {:>2} bad",
-            attack,
-            o.alive,
-            o.baseline_rss_kib,
-            o.peak_rss_kib,
-            o.growth_mib(),
-            o.rounds,
-            o.neighbour_ok,
-            o.neighbour_failed
-        );
+        println!("{}", o.row());
         if let Some(e) = &o.ended {
             println!("  husk-vmm ended: {e}");
         }

@@ -70,6 +70,29 @@ impl Outcome {
     pub fn growth_mib(&self) -> f64 {
         self.peak_rss_kib.saturating_sub(self.baseline_rss_kib) as f64 / 1024.0
     }
+
+    /// One row of a table under `header()`.
+    pub fn row(&self) -> String {
+        format!(
+            "{:<22} {:>6} {:>10} {:>10} {:>9.1} {:>8} {:>5} ok {:>2} bad",
+            self.attack,
+            self.alive,
+            self.baseline_rss_kib,
+            self.peak_rss_kib,
+            self.growth_mib(),
+            self.rounds,
+            self.neighbour_ok,
+            self.neighbour_failed
+        )
+    }
+}
+
+/// The header of `Outcome::row`s.
+pub fn header() -> String {
+    format!(
+        "{:<22} {:>6} {:>10} {:>10} {:>9} {:>8} {:>12}",
+        "attack", "alive", "rss0-kib", "peak-kib", "grew-mib", "rounds", "neighbour"
+    )
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

@@ -143,6 +143,17 @@ struct ConsoleState {
     eof: bool,
 }
 
+/// Waits until something listens on the Unix socket `sock` (not just
+/// bound: the file appears a moment before listen()); panics after
+/// `timeout` naming `what`.
+pub fn wait_listening(sock: &Path, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A running VMM whose stdout is the guest's serial console.
 pub struct Guest {
     child: Child,

@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_protocol::agent::{
     CreateContainerRequest, Empty, IPAddress, Interface, ProcessRequest, Route,
@@ -19,7 +19,7 @@ use husk_tests::agent::{
     busybox_spec, container, ctx, process, read_all, rpc_message, unpack_busybox, AgentConn,
     Endpoint, Io,
 };
-use husk_tests::{husk_agent_binary, root_unavailable, skip};
+use husk_tests::{husk_agent_binary, root_unavailable, skip, wait_listening};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -71,12 +71,7 @@ impl HostAgent {
             .env("HUSK_AGENT_STATE", &state)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Listening, not just bound: the file appears a moment before listen().
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "agent did not start listening");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_listening(&sock, "the agent", Duration::from_secs(10));
         let conn = AgentConn::connect(Endpoint::Unix(sock.clone())).unwrap();
         Some(HostAgent {
             child,

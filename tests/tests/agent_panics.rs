@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use husk_protocol::agent::Empty;
 use husk_tests::agent::{ctx, rpc_message, AgentConn, Endpoint};
-use husk_tests::guest_agent_panic_test_binary;
+use husk_tests::{guest_agent_panic_test_binary, wait_listening};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -27,11 +27,7 @@ fn start(dir: &Path) -> (Child, AgentConn) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "agent did not start listening");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(&sock, "the agent", Duration::from_secs(10));
     (child, AgentConn::connect(Endpoint::Unix(sock)).unwrap())
 }
 
@@ -41,32 +37,34 @@ fn asking(key: &str) -> ttrpc::context::Context {
     c
 }
 
+/// The panicking request `what` failed INTERNAL, naming the panic.
+fn answered_internal(what: &str, r: ttrpc::Result<()>) {
+    let e = r.expect_err("a panic-test request must fail");
+    let msg = rpc_message(&e);
+    assert!(
+        msg.starts_with("INTERNAL") && msg.contains("panicked"),
+        "{what}: {msg}"
+    );
+}
+
 #[test]
 fn a_panicking_request_fails_alone_and_the_agent_serves_on() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, conn) = start(dir.path());
     // An inline handler (on the server's thread) and a pool one, each twice.
     for _ in 0..2 {
-        let e = conn
+        let health = conn
             .sandbox
             .health(asking("husk-test-panic"), &Empty::new())
-            .expect_err("the panic-test Health must fail");
-        let msg = rpc_message(&e);
-        assert!(
-            msg.starts_with("INTERNAL") && msg.contains("panicked"),
-            "Health: {msg}"
-        );
+            .map(drop);
+        answered_internal("Health", health);
         conn.health()
             .expect("the agent serves after a handler panic");
-        let e = conn
+        let list = conn
             .containers
             .list_containers(asking("husk-test-panic"), &Empty::new())
-            .expect_err("the panic-test ListContainers must fail");
-        let msg = rpc_message(&e);
-        assert!(
-            msg.starts_with("INTERNAL") && msg.contains("panicked"),
-            "ListContainers: {msg}"
-        );
+            .map(drop);
+        answered_internal("ListContainers", list);
         conn.containers
             .list_containers(ctx(T), &Empty::new())
             .expect("ListContainers after a handler panic");

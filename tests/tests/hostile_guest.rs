@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use husk_tests::agent::{busybox_guest, busybox_sandbox};
-use husk_tests::hostile::{run_attack, ATTACKS};
+use husk_tests::hostile::{header, run_attack, ATTACKS};
 use husk_tests::{husk_vmm_binary, kvm_unavailable};
 
 #[test]
@@ -26,19 +26,11 @@ fn every_attack_leaves_the_vmm_up_bounded_and_its_neighbour_answering() {
     let conn = neighbour.connect().unwrap_or_else(|e| panic!("{e:#}"));
     let answers = || conn.health().is_ok();
     let mut failures = Vec::new();
+    println!("{}", header());
     for attack in ATTACKS {
         let o = run_attack(&vmm, attack, Duration::from_secs(4), &answers)
             .unwrap_or_else(|e| panic!("{attack}: {e:#}"));
-        println!(
-            "{attack}: alive={} rss {} -> {} KiB (+{:.1} MiB), {} round lines, neighbour {} ok {} failed",
-            o.alive,
-            o.baseline_rss_kib,
-            o.peak_rss_kib,
-            o.growth_mib(),
-            o.rounds,
-            o.neighbour_ok,
-            o.neighbour_failed
-        );
+        println!("{}", o.row());
         if !o.alive {
             failures.push(format!(
                 "{attack}: husk-vmm ended: {}",
