@@ -97,7 +97,8 @@ pub(super) struct Muxer {
     rxq: VecDeque<Key>,
     /// RSTs for connections that are gone.
     orphan_rsts: VecDeque<Header>,
-    /// Guest data held across all connections (`Conn::to_host`).
+    /// Memory held for guest data across all connections: the capacity of
+    /// every `Conn::to_host`, not only what is in them.
     buffered: usize,
     /// The earliest `kill_at` of any connection (the timer is set to it).
     next_kill: Option<Instant>,
@@ -287,7 +288,7 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
-            self.buffered -= c.to_host.len();
+            self.buffered -= c.to_host.capacity();
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
                 c.stream.as_raw_fd(),
@@ -504,7 +505,6 @@ impl Muxer {
                 Ok(n) => {
                     add(&METRICS.vsock.tx_bytes, n as u64);
                     c.to_host.drain(..n);
-                    self.buffered -= n;
                     c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
                     progress = true;
                 }
@@ -513,9 +513,16 @@ impl Muxer {
                 Err(_) => return self.reset_conn(key),
             }
         }
+        // Give memory back: a burst must not stay resident, neither in an
+        // empty buffer nor in one the host has mostly read.
+        let before = c.to_host.capacity();
         if c.to_host.is_empty() {
-            // Give the memory back: a burst must not stay resident.
             c.to_host = VecDeque::new();
+        } else if before > 2 * c.to_host.len() + 4096 {
+            c.to_host.shrink_to_fit();
+        }
+        self.buffered = self.buffered - before + c.to_host.capacity();
+        if c.to_host.is_empty() {
             if c.closing {
                 // Everything the guest sent has reached the host: close.
                 return self.remove(key);
@@ -563,7 +570,14 @@ impl Muxer {
                 Err(_) => return self.reset_conn(key),
             }
         }
-        if self.buffered + payload.len() > self.limits.max_buffered {
+        // What the connection's buffer will take: its capacity, which is
+        // what holds memory (a buffer mostly drained still holds it all).
+        let before = c.to_host.capacity();
+        let after = before.max(c.to_host.len() + payload.len());
+        if payload.is_empty() {
+            return self.flush_to_host(key);
+        }
+        if self.buffered - before + after > self.limits.max_buffered {
             tracing::warn!(
                 "vsock: host streams hold {} bytes of guest data, the most allowed; \
                  connection to host port {} reset",
@@ -573,8 +587,9 @@ impl Muxer {
             inc(&METRICS.vsock.over_budget);
             return self.reset_conn(key);
         }
+        c.to_host.reserve_exact(payload.len());
         c.to_host.extend(payload);
-        self.buffered += payload.len();
+        self.buffered = self.buffered - before + c.to_host.capacity();
         self.flush_to_host(key);
     }
 
