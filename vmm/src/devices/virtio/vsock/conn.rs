@@ -38,6 +38,8 @@ pub(super) mod owed {
 
 pub(super) struct Conn {
     pub stream: UnixStream,
+    /// The stream's token in the muxer's epoll.
+    pub token: u64,
     pub state: State,
     pub local_port: u32,
     pub peer_port: u32,
@@ -79,6 +81,7 @@ impl Conn {
     pub fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Conn {
         Conn {
             stream,
+            token: 0,
             state,
             local_port,
             peer_port,

@@ -275,30 +275,39 @@ impl Muxer {
         self.next_token
     }
 
-    fn insert(&mut self, key: Key, c: Conn) {
-        let fd = c.stream.as_raw_fd();
-        self.conns.insert(key, c);
-        let t = self.token();
-        let ev = EpollEvent::new(EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED, t);
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
+    fn insert(&mut self, key: Key, mut c: Conn) {
+        c.token = self.token();
+        let ev = EpollEvent::new(
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            c.token,
+        );
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, c.stream.as_raw_fd(), ev)
+        {
             tracing::warn!("vsock: epoll add: {e}");
         }
-        self.tokens.insert(t, key);
+        self.tokens.insert(c.token, key);
+        self.conns.insert(key, c);
     }
 
     fn remove(&mut self, key: Key) {
-        if let Some(c) = self.conns.remove(&key) {
-            self.buffered -= c.to_host.capacity();
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+        let Some(c) = self.conns.remove(&key) else {
+            return;
+        };
+        self.buffered -= c.to_host.capacity();
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            c.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        self.tokens.remove(&c.token);
+        if c.queued {
+            // A connection of the same ports may come next; it must not
+            // find this one's place (the queue would grow with every
+            // reconnect).
+            self.rxq.retain(|k| *k != key);
         }
-        self.tokens.retain(|_, k| *k != key);
-        // A connection of the same ports may come next; it must not find
-        // this one's place (the queue would grow with every reconnect).
-        self.rxq.retain(|k| *k != key);
     }
 
     fn free_local_port(&mut self) -> u32 {
@@ -744,14 +753,17 @@ impl Muxer {
                 // reads EOF but may still send; if the host end is fully
                 // gone, it has `shutdown_timeout` to finish.
                 c.host_eof = true;
-                let mut flags = SHUTDOWN_SEND;
-                if c.host_gone {
-                    flags |= SHUTDOWN_RCV;
-                    let h = c.hdr(cid, OP_SHUTDOWN, 0, flags);
+                let gone = c.host_gone;
+                let flags = if gone {
+                    SHUTDOWN_SEND | SHUTDOWN_RCV
+                } else {
+                    SHUTDOWN_SEND
+                };
+                let h = c.hdr(cid, OP_SHUTDOWN, 0, flags);
+                if gone {
                     self.kill_after(key, self.limits.shutdown_timeout);
-                    return Some((h, 0));
                 }
-                Some((c.hdr(cid, OP_SHUTDOWN, 0, flags), 0))
+                Some((h, 0))
             }
             Ok(n) => {
                 add(&METRICS.vsock.rx_bytes, n as u64);
