@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
@@ -157,8 +158,7 @@ impl Block {
                 } else if data.iter().any(|d| d.is_write_only() == writing) {
                     Err(ReqError::Malformed("data descriptor direction"))
                 } else {
-                    let segments: Vec<_> = data.iter().map(|d| (d.addr(), d.len())).collect();
-                    self.rw(sector, &segments, writing, mem)
+                    self.rw(sector, data, writing, mem)
                 }
             }
             T_FLUSH => {
@@ -190,11 +190,11 @@ impl Block {
     fn rw(
         &mut self,
         sector: u64,
-        segments: &[(GuestAddress, u32)],
+        segments: &[Descriptor],
         writing: bool,
         mem: &GuestMemoryMmap,
     ) -> Result<u32, ReqError> {
-        let total: u64 = segments.iter().map(|(_, len)| u64::from(*len)).sum();
+        let total: u64 = segments.iter().map(|d| u64::from(d.len())).sum();
         if !total.is_multiple_of(SECTOR_SIZE) {
             return Err(ReqError::Malformed("data length not a multiple of 512"));
         }
@@ -205,8 +205,8 @@ impl Block {
         if end > self.capacity_sectors * SECTOR_SIZE {
             return Err(ReqError::OutOfRange);
         }
-        for &(addr, len) in segments {
-            for slice in mem.get_slices(addr, len as usize) {
+        for d in segments {
+            for slice in mem.get_slices(d.addr(), d.len() as usize) {
                 let slice =
                     slice.map_err(|_| ReqError::Malformed("buffer outside guest memory"))?;
                 self.transfer(&slice, offset, writing)?;
