@@ -4,6 +4,7 @@
 //! gets a burst of lines and then a few a second; what is dropped is
 //! counted, and the count is written when lines flow again.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -42,19 +43,16 @@ impl RateLimit {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (target.to_string(), level);
-        if !buckets.contains_key(&key) {
-            if buckets.len() >= MAX_KEYS {
-                return false;
-            }
-            let fresh = Bucket {
+        let full = buckets.len() >= MAX_KEYS;
+        let b = match buckets.entry((target.to_string(), level)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(_) if full => return false,
+            Entry::Vacant(e) => e.insert(Bucket {
                 tokens: BURST,
                 last: now,
                 dropped: 0,
-            };
-            buckets.insert(key.clone(), fresh);
-        }
-        let b = buckets.get_mut(&key).expect("inserted above");
+            }),
+        };
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * PER_SECOND).min(BURST);
         b.last = now;
