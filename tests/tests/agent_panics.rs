@@ -37,6 +37,14 @@ fn asking(key: &str) -> ttrpc::context::Context {
     c
 }
 
+/// What the agent wrote on stderr, to its end (it has ended or been killed).
+fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    let mut pipe = child.stderr.take().expect("stderr is piped");
+    pipe.read_to_string(&mut err).unwrap();
+    err
+}
+
 /// The panicking request `what` failed INTERNAL, naming the panic.
 fn answered_internal(what: &str, r: ttrpc::Result<()>) {
     let e = r.expect_err("a panic-test request must fail");
@@ -70,13 +78,7 @@ fn a_panicking_request_fails_alone_and_the_agent_serves_on() {
             .expect("ListContainers after a handler panic");
     }
     let _ = child.kill();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut child);
     let _ = child.wait();
     assert!(
         err.contains("request handler panicked") && err.contains("husk-test-panic asked"),
@@ -100,13 +102,7 @@ fn a_panic_outside_a_handler_is_logged_and_ends_the_agent() {
         assert!(Instant::now() < deadline, "the agent did not end");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut child);
     assert!(!status.success(), "the agent ended with {status}:\n{err}");
     assert!(
         err.contains("panic outside a request handler")
