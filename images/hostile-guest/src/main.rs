@@ -188,7 +188,6 @@ type Attack = fn(&mut State, u64);
 struct State {
     q: [Option<Queue>; 3],
     rng: u64,
-    dev: Option<Device>,
 }
 
 impl State {
@@ -230,7 +229,6 @@ extern "C" fn hostile_main(zero_page: usize) -> ! {
     let mut st = State {
         q: [None, None, None],
         rng: 0x9e37_79b9_7f4a_7c15,
-        dev: None,
     };
     log("hostile: attack ");
     log(label);
@@ -249,19 +247,31 @@ extern "C" fn hostile_main(zero_page: usize) -> ! {
     }
 }
 
-/// The block device, set up once, with its queue.
-fn blk(st: &mut State) -> &mut Queue {
+/// The device of `dev_type`, or the guest ends saying it has none.
+fn need(dev_type: u32, name: &str) -> Device {
+    let Some(d) = find(dev_type) else {
+        log("hostile: no ");
+        log(name);
+        log(" device\n");
+        reboot()
+    };
+    d
+}
+
+/// A device with one queue of `size`, set up on first use.
+fn one_queue<'a>(st: &'a mut State, dev_type: u32, name: &str, size: u16) -> &'a mut Queue {
     if st.q[0].is_none() {
-        let Some(d) = find(TYPE_BLOCK) else {
-            log("hostile: no block device\n");
-            reboot()
-        };
+        let d = need(dev_type, name);
         d.init();
-        st.q[0] = Some(d.queue(0, 256, RINGS));
+        st.q[0] = Some(d.queue(0, size, RINGS));
         d.driver_ok();
-        st.dev = Some(d);
     }
     st.q[0].as_mut().expect("set up above")
+}
+
+/// The block device, set up once, with its queue.
+fn blk(st: &mut State) -> &mut Queue {
+    one_queue(st, TYPE_BLOCK, "block", 256)
 }
 
 /// A block request header at `at`.
@@ -360,10 +370,7 @@ fn vsock(st: &mut State, rx_buffers: bool) {
     if st.q[1].is_some() {
         return;
     }
-    let Some(d) = find(TYPE_VSOCK) else {
-        log("hostile: no vsock device\n");
-        reboot()
-    };
+    let d = need(TYPE_VSOCK, "vsock");
     d.init();
     let mut rx = d.queue(0, 256, RINGS);
     let tx = d.queue(1, 256, RINGS + 0x4000);
@@ -382,7 +389,6 @@ fn vsock(st: &mut State, rx_buffers: bool) {
     }
     d.driver_ok();
     st.q = [Some(rx), Some(tx), Some(evt)];
-    st.dev = Some(d);
 }
 
 /// A vsock packet header at `at` from our port `src` to host port `dst`.
@@ -460,16 +466,7 @@ fn vsock_half_closed(st: &mut State, round: u64) {
 }
 
 fn rng_4gib(st: &mut State, round: u64) {
-    if st.q[0].is_none() {
-        let Some(d) = find(TYPE_RNG) else {
-            log("hostile: no rng device\n");
-            reboot()
-        };
-        d.init();
-        st.q[0] = Some(d.queue(0, 64, RINGS));
-        d.driver_ok();
-    }
-    let q = st.q[0].as_mut().expect("set up above");
+    let q = one_queue(st, TYPE_RNG, "rng", 64);
     let addr = if round % 2 == 0 {
         BUFS as u64
     } else {
