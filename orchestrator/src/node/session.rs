@@ -102,16 +102,9 @@ async fn session(
     let ch = net::manager_channel(addr, &id.tls()).await?;
     let mut client = ClusterClient::new(ch).max_decoding_message_size(64 << 20);
     let node_id = id.node_id.clone();
-    let hb = client
-        .heartbeat(api::HeartbeatRequest {
-            node_id: node_id.clone(),
-        })
-        .await
-        .map_err(call("heartbeat"))?
-        .into_inner();
-    let period = Duration::from_millis(hb.period_ms.max(100));
-    if !hb.managers.is_empty() {
-        id.managers = hb.managers;
+    let (period, managers_now) = heartbeat(&mut client, &node_id).await?;
+    if let Some(m) = managers_now {
+        id.managers = m;
     }
     tracing::info!("node {node_id}: session with manager {addr}");
     let mut stream = client
@@ -180,6 +173,23 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// One heartbeat: the period the manager asks for, and the managers it
+/// names (None when it names none).
+async fn heartbeat(
+    client: &mut ClusterClient<tonic::transport::Channel>,
+    node_id: &str,
+) -> Result<(Duration, Option<Vec<String>>)> {
+    let hb = client
+        .heartbeat(api::HeartbeatRequest {
+            node_id: node_id.to_string(),
+        })
+        .await
+        .map_err(call("heartbeat"))?
+        .into_inner();
+    let period = Duration::from_millis(hb.period_ms.max(100));
+    Ok((period, (!hb.managers.is_empty()).then_some(hb.managers)))
+}
+
 /// Sends a heartbeat every `period` (the manager may change it) until one
 /// fails; the managers it names go to `managers`.
 async fn heartbeats(
@@ -192,19 +202,13 @@ async fn heartbeats(
     beat.tick().await; // the first tick is now; the session just beat
     loop {
         beat.tick().await;
-        let hb = match client
-            .heartbeat(api::HeartbeatRequest {
-                node_id: node_id.clone(),
-            })
-            .await
-        {
-            Ok(hb) => hb.into_inner(),
-            Err(s) => return call("heartbeat")(s),
+        let (p, named) = match heartbeat(&mut client, &node_id).await {
+            Ok(hb) => hb,
+            Err(e) => return e,
         };
-        if !hb.managers.is_empty() {
-            let _ = managers.send(hb.managers);
+        if let Some(m) = named {
+            let _ = managers.send(m);
         }
-        let p = Duration::from_millis(hb.period_ms.max(100));
         if p != period {
             period = p;
             beat = tokio::time::interval(period);
@@ -219,37 +223,27 @@ async fn heartbeats(
 /// node should run.
 struct Applier {
     ex: Arc<Executor>,
-    next: Arc<(std::sync::Mutex<Option<Vec<Task>>>, std::sync::Condvar)>,
+    sets: std::sync::mpsc::Sender<Vec<Task>>,
 }
 
 impl Applier {
     fn start(ex: Arc<Executor>) -> std::io::Result<Applier> {
-        let next = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
-        let shared = next.clone();
+        let (sets, waiting) = std::sync::mpsc::channel::<Vec<Task>>();
         let runner = ex.clone();
         std::thread::Builder::new()
             .name("assignments".into())
-            .spawn(move || loop {
-                let (slot, cv) = &*shared;
-                let mut g = crate::util::lock(slot);
-                let tasks = loop {
-                    if let Some(t) = g.take() {
-                        break t;
-                    }
-                    g = cv
-                        .wait(g)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                };
-                drop(g);
-                runner.apply(tasks);
+            .spawn(move || {
+                while let Ok(set) = waiting.recv() {
+                    let newest = waiting.try_iter().last().unwrap_or(set);
+                    runner.apply(newest);
+                }
             })?;
-        Ok(Applier { ex, next })
+        Ok(Applier { ex, sets })
     }
 
     fn apply(&self, tasks: Vec<Task>) {
-        let (slot, cv) = &*self.next;
-        *crate::util::lock(slot) = Some(tasks);
-        cv.notify_one();
+        // The thread lives as long as the node; a send cannot fail.
+        let _ = self.sets.send(tasks);
     }
 }
 
