@@ -39,7 +39,7 @@ fn main() {
         if let Some(e) = &o.ended {
             println!("  husk-vmm ended: {e}");
         }
-        alive &= o.alive;
+        alive &= o.alive();
         neighbour_ok &= o.neighbour_failed == 0 && o.neighbour_ok > 0;
         worst = worst.max(o.growth_mib());
     }

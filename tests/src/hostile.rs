@@ -53,9 +53,8 @@ pub fn hostile_guest_binary() -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct Outcome {
     pub attack: String,
-    /// husk-vmm was still running when the attack's time was up.
-    pub alive: bool,
-    /// How it ended, if it did, and its last log lines.
+    /// How husk-vmm ended, if it did before the attack's time was up, and
+    /// its last log lines.
     pub ended: Option<String>,
     pub baseline_rss_kib: u64,
     pub peak_rss_kib: u64,
@@ -67,6 +66,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// husk-vmm was still running when the attack's time was up.
+    pub fn alive(&self) -> bool {
+        self.ended.is_none()
+    }
+
     pub fn growth_mib(&self) -> f64 {
         self.peak_rss_kib.saturating_sub(self.baseline_rss_kib) as f64 / 1024.0
     }
@@ -76,7 +80,7 @@ impl Outcome {
         format!(
             "{:<22} {:>6} {:>10} {:>10} {:>9.1} {:>8} {:>5} ok {:>2} bad",
             self.attack,
-            self.alive,
+            self.alive(),
             self.baseline_rss_kib,
             self.peak_rss_kib,
             self.growth_mib(),
@@ -167,7 +171,7 @@ pub fn run_attack(
         .wait_for_line("hostile: attack", Duration::from_secs(60))
         .with_context(|| format!("the hostile guest did not start {attack}"))?;
     let baseline = rss_kib(pid).context("the VMM's RSS")?;
-    let peak = AtomicU64::new(baseline);
+    let mut peak = baseline;
     let (ok, failed) = (AtomicU64::new(0), AtomicU64::new(0));
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -181,7 +185,7 @@ pub fn run_attack(
         let start = Instant::now();
         while start.elapsed() < time {
             if let Some(r) = rss_kib(pid) {
-                peak.fetch_max(r, Ordering::Relaxed);
+                peak = peak.max(r);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -200,10 +204,9 @@ pub fn run_attack(
     let _ = listener.join();
     Ok(Outcome {
         attack: attack.to_string(),
-        alive: ended.is_none(),
         ended,
         baseline_rss_kib: baseline,
-        peak_rss_kib: peak.into_inner(),
+        peak_rss_kib: peak,
         rounds,
         neighbour_ok: ok.into_inner(),
         neighbour_failed: failed.into_inner(),

@@ -31,7 +31,7 @@ fn every_attack_leaves_the_vmm_up_bounded_and_its_neighbour_answering() {
         let o = run_attack(&vmm, attack, Duration::from_secs(4), &answers)
             .unwrap_or_else(|e| panic!("{attack}: {e:#}"));
         println!("{}", o.row());
-        if !o.alive {
+        if !o.alive() {
             failures.push(format!(
                 "{attack}: husk-vmm ended: {}",
                 o.ended.as_deref().unwrap_or_default()
