@@ -42,8 +42,17 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // huskd run as a task's log copier (it outlives this huskd).
+    if let Some(code) = husk_runtime::container::logcopy::run_if_asked() {
+        std::process::exit(code);
+    }
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(daemon())
+}
+
+async fn daemon() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSKD_LOG")

@@ -226,6 +226,28 @@ impl Host {
         }
     }
 
+    /// Only its huskd dies (SIGKILL): the sandboxes it started, their
+    /// keepers and log copiers run on, for the next huskd to find.
+    pub fn kill_huskd(&mut self) {
+        if let Some(mut c) = self.huskd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The ids of the sandboxes in its run directory, sorted.
+    pub fn sandboxes(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.dir.join("state/run"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
     /// Cuts its network (the host's link to the bridge goes down).
     pub fn unplug(&self) {
         let _ = Command::new("ip")
@@ -242,6 +264,11 @@ impl Host {
 
     /// husk-vmm processes of this host's sandboxes.
     pub fn vmms(&self) -> usize {
+        self.vmm_pids().len()
+    }
+
+    /// The pids of those husk-vmm processes, sorted.
+    pub fn vmm_pids(&self) -> Vec<u32> {
         let run = self.dir.join("state/run");
         let run = run.to_string_lossy().into_owned();
         std::fs::read_dir("/proc")
@@ -255,9 +282,14 @@ impl Host {
                         std::fs::read_to_string(e.path().join("comm"))
                             .is_ok_and(|c| c.trim() == "husk-vmm")
                     })
-                    .count()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect::<Vec<u32>>()
             })
-            .unwrap_or(0)
+            .map(|mut pids| {
+                pids.sort();
+                pids
+            })
+            .unwrap_or_default()
     }
 
     /// `husk ARGS` against this host's huskd.

@@ -427,6 +427,72 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     });
     h1.ok(&["node", "update", "--availability", "active", "node2"]);
 
+    // ---- huskd restarts on a node: its tasks go on in the same
+    // sandboxes (same VMM processes), their output still logged ----
+    h1.ok(&[
+        "service",
+        "create",
+        "--name",
+        "ticker",
+        "--constraint",
+        "node.hostname==node3",
+        IMAGE,
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo tick $i; sleep 1; done",
+    ]);
+    c.wait("ticker running", 300, || running(h1, "ticker").len() == 1);
+    let ticks = |h: &Host| -> Vec<u64> {
+        h.ok(&["service", "logs", "ticker"])
+            .lines()
+            .filter_map(|l| l.rsplit_once("| tick ")?.1.trim().parse().ok())
+            .collect()
+    };
+    c.wait("ticker ticking", 60, || ticks(h1).len() >= 2);
+    let on_node3 = |h: &Host| -> Vec<String> {
+        let mut ids: Vec<String> = ["web", "ticker"]
+            .iter()
+            .flat_map(|s| tasks(h, s))
+            .filter(|t| t["node"] == "node3" && t["status"]["state"] == "running")
+            .map(|t| t["id"].as_str().unwrap_or("").to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let tasks_before = on_node3(h1);
+    let sandboxes_before = c.hosts[2].sandboxes();
+    let vmms_before = c.hosts[2].vmm_pids();
+    assert_eq!(tasks_before.len(), 2, "web and ticker on node3");
+    assert_eq!(sandboxes_before, tasks_before, "a sandbox per task, named by it");
+    let ticked = ticks(h1).into_iter().max().unwrap_or(0);
+    let restarted = Instant::now();
+    c.hosts[2].kill_huskd();
+    let mut h3 = c.hosts.remove(2);
+    c.start_huskd(&mut h3).unwrap();
+    c.hosts.insert(2, h3);
+    let h1 = &c.hosts[0];
+    c.wait("ticker logged past the restart", 60, || {
+        ticks(h1).into_iter().max().unwrap_or(0) >= ticked + 5
+    });
+    eprintln!(
+        "node3's huskd restarted; its tasks {tasks_before:?} in sandboxes \
+         {sandboxes_before:?} (VMMs {vmms_before:?}); ticking again after {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(on_node3(h1), tasks_before, "node3's tasks after the restart");
+    assert_eq!(c.hosts[2].sandboxes(), sandboxes_before);
+    assert_eq!(c.hosts[2].vmm_pids(), vmms_before, "the same VMM processes");
+    // One process from the start: its count never began again.
+    let all = ticks(h1);
+    assert_eq!(all.iter().filter(|t| **t == 1).count(), 1, "{all:?}");
+    assert!(
+        node_rows(h1).iter().all(|r| r["state"] == "ready"),
+        "{:?}",
+        node_rows(h1)
+    );
+    h1.ok(&["service", "rm", "ticker"]);
+    c.wait("ticker's sandbox gone", 120, || c.hosts[2].vmms() == 1);
+
     // ---- node loss: its tasks are rescheduled within 10 s ----
     // node3, the worker: after the drain web runs on node1 and node3.
     let victim = "node3".to_string();

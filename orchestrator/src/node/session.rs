@@ -42,19 +42,9 @@ pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
     let (tx, rx) = mpsc::unbounded_channel();
     let rt = match husk_runtime::Runtime::locate() {
         Ok(mut rt) => {
+            // Sandboxes an earlier huskd on this node left are kept until
+            // the first assignment set says which tasks they serve.
             rt.run_dir = state_dir.join("run");
-            // Sandboxes of an earlier huskd on this node: their tasks were
-            // failed or rescheduled meanwhile; nothing may keep running.
-            if let Ok(dir) = std::fs::read_dir(&rt.run_dir) {
-                for e in dir.flatten() {
-                    if let Some(id) = e.file_name().to_str() {
-                        tracing::info!("removing sandbox {id} left by an earlier huskd");
-                        if let Err(e) = rt.clean_sandbox(id) {
-                            tracing::warn!("sandbox {id}: {}", chain(&e));
-                        }
-                    }
-                }
-            }
             Some(rt)
         }
         Err(e) => {

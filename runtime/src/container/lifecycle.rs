@@ -328,6 +328,32 @@ impl Plan {
         }));
         Ok(Prepared { plan: self, leases })
     }
+
+    /// The container this plan started, found again after the process
+    /// that started it went (huskd restarted): its sandbox held again
+    /// ([`Runtime::find_sandbox`]) and its volumes leased again. It has no
+    /// streams: its output goes where its start sent it. On an error the
+    /// sandbox is left for [`Runtime::remove_left`].
+    pub fn find(self, rt: &Runtime, volumes: Option<&VolumeStore>) -> Result<Container> {
+        let mut leases = Vec::new();
+        if !self.volumes.is_empty() {
+            let volumes =
+                volumes.ok_or(ContainerError::NeedsStore("volumes need the volume store"))?;
+            for name in &self.volumes {
+                leases.push(volumes.lease(name)?);
+            }
+        }
+        let sandbox = rt.find_sandbox(&self.config.id)?;
+        Ok(Container {
+            sandbox,
+            leases,
+            id: self.id,
+            pid: 0,
+            streams: Streams::default(),
+            started: Duration::ZERO,
+            created: Duration::ZERO,
+        })
+    }
 }
 
 /// A container's storage held: its sandbox can start.

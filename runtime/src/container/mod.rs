@@ -59,6 +59,7 @@ impl From<SandboxError> for ContainerError {
 
 pub mod control;
 pub mod lifecycle;
+pub mod logcopy;
 pub mod member;
 pub mod record;
 pub mod spec;

@@ -20,8 +20,11 @@ use crate::net::tap::Tap;
 /// A sandbox's network, attached; released when dropped (the tap and the
 /// lease also live as long as the VMM that inherited them).
 pub struct Attachment {
-    /// Backs the guest's NIC.
-    pub tap: Tap,
+    /// Backs the guest's NIC; None for a sandbox found again (its VMM
+    /// holds the tap, and the lease).
+    pub tap: Option<Tap>,
+    /// The address of a sandbox found again, whose lease its VMM holds.
+    found_ip: Option<Ipv4Addr>,
     /// Its address on the bridge (bridge driver only).
     pub lease: Option<Lease>,
     /// Its published ports, bound.
@@ -73,17 +76,40 @@ impl Attachment {
             None => (None, bridge.tap(bridged)?),
         };
         Ok(Attachment {
-            tap,
+            tap: Some(tap),
+            found_ip: None,
             lease,
             publisher,
             pod,
         })
     }
 
+    /// The network of a sandbox found again (started by an earlier process
+    /// of ours): its VMM still holds the tap and the address lease; the
+    /// published ports, which lived in that process, are bound again.
+    pub fn found(ip: Option<Ipv4Addr>, ports: &[PortMapping]) -> Result<Attachment> {
+        let publisher = match (ip, ports.is_empty()) {
+            (_, true) => None,
+            (Some(ip), false) => Some(Publisher::start(ports, ip)?),
+            (None, false) => {
+                return Err(NetError::Invalid(
+                    "publishing ports needs the bridge network (not --network none)".into(),
+                ))
+            }
+        };
+        Ok(Attachment {
+            tap: None,
+            found_ip: ip,
+            lease: None,
+            publisher,
+            pod: None,
+        })
+    }
+
     /// The descriptors the VMM inherits: the tap, then the lease (so the
     /// address stays taken while the VM lives).
     pub fn inherited_fds(&self) -> Vec<i32> {
-        let mut fds = vec![self.tap.fd()];
+        let mut fds: Vec<i32> = self.tap.iter().map(Tap::fd).collect();
         fds.extend(self.lease.as_ref().map(Lease::fd));
         fds
     }
@@ -99,7 +125,7 @@ impl Attachment {
 
     /// Its address: on the bridge, or the pod's (CNI's).
     pub fn ip(&self) -> Option<Ipv4Addr> {
-        self.lease.as_ref().map(|l| l.ip).or_else(|| {
+        self.lease.as_ref().map(|l| l.ip).or(self.found_ip).or_else(|| {
             self.pod
                 .as_ref()
                 .and_then(|p| p.guest.addresses.first().map(|a| a.0))

@@ -91,18 +91,29 @@ pub enum SandboxError {
     StopTimeout(Duration),
     #[error("the host's clock is before 1970")]
     Clock,
+    #[error("{}: {reason}", .path.display())]
+    Record { path: PathBuf, reason: String },
+    #[error("sandbox {id} cannot be found again")]
+    NotFound {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, SandboxError>;
 
+mod found;
 mod identity;
 pub mod machine;
+pub mod record;
 mod start;
 pub mod template;
 
 pub use machine::{
     slot_device, slot_id, DriveSpec, Machine, BOOT_ARGS, NET_IFACE, RO_SLOTS, RW_SLOTS,
 };
+pub use record::SandboxRecord;
 pub use template::Template;
 
 /// How a sandbox's VM starts.

@@ -17,7 +17,9 @@ use crate::sandbox::machine::{
     assign_slots, drive_shares, slot_id, vm_config, NET_IFACE, RO_SLOTS,
 };
 use crate::sandbox::template::{Template, SNAPSHOT_TIMEOUT};
-use crate::sandbox::{check_id, Boot, Sandbox, SandboxConfig, StartTimes, VSOCK_SOCKET};
+use crate::sandbox::{
+    check_id, Boot, Sandbox, SandboxConfig, SandboxRecord, StartTimes, VSOCK_SOCKET,
+};
 use crate::storage::shared::{SharedFs, FS_ID};
 use crate::vmm::jail::Share;
 use crate::vmm::{VmmClient, VmmProcess};
@@ -118,6 +120,29 @@ impl Runtime {
         let t2 = Instant::now();
         give_identity(&started.agent, cfg, net.guest(self.network.mtu).as_ref())?;
         times.identity = t2.elapsed();
+        let pid = started.vmm.child.id();
+        SandboxRecord {
+            id: cfg.id.clone(),
+            vmm_pid: pid,
+            // The VMM was just spawned and is ours; 0 only if /proc is gone,
+            // and then the sandbox cannot be found again (it is refused).
+            vmm_start_ticks: crate::util::child::start_ticks(pid).unwrap_or(0),
+            cgroup: started
+                .vmm
+                .cgroup
+                .as_ref()
+                .map(|c| c.dirs.clone())
+                .unwrap_or_default(),
+            devices: started.devices.clone(),
+            ip: net.ip(),
+            ports: net
+                .publisher
+                .as_ref()
+                .map(|p| p.bound.clone())
+                .unwrap_or_default(),
+            shared: shared.is_some(),
+        }
+        .save(dir)?;
         Ok(Sandbox {
             id: cfg.id.clone(),
             dir: dir.to_path_buf(),
@@ -206,7 +231,7 @@ impl Runtime {
             &slots,
             &vsock,
             p.console.as_deref(),
-            p.net.tap.fd(),
+            inherit[0],
             fs_fd,
         );
         let file = p.dir.join("vm.json");

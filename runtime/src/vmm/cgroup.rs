@@ -59,6 +59,15 @@ impl Cgroup {
         Ok(Cgroup { dirs, procs })
     }
 
+    /// The groups of a VMM started by an earlier process (a sandbox found
+    /// again): removed, with what runs in them, when this is dropped.
+    pub fn existing(dirs: Vec<PathBuf>) -> Cgroup {
+        Cgroup {
+            dirs,
+            procs: Vec::new(),
+        }
+    }
+
     /// Memory charged to the group (the VMM: guest RAM it touched, its own
     /// heap, page cache of its files), bytes.
     pub fn memory(&self) -> Option<u64> {

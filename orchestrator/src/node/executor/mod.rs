@@ -3,20 +3,21 @@
 //! every change of its state is reported to the managers.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use husk_runtime::container::record::LogWriter;
 use husk_runtime::container::spec::ProcessOptions;
 use husk_runtime::container::{
-    copy_to_log, ContainerSpec, Control as ContainerControl, Mount, MountSource, Net, Resources,
+    logcopy, Container, ContainerSpec, Control as ContainerControl, Mount, MountSource, Net,
+    Resources,
 };
 use husk_runtime::guest::Io;
 use husk_runtime::image::{ImageRecord, ImageStore};
 use husk_runtime::net::ports::PortMapping;
 use husk_runtime::storage::volume::VolumeStore;
 use husk_runtime::util::chain;
+use husk_runtime::util::child::Watched;
 use husk_runtime::Runtime;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -27,6 +28,10 @@ mod health;
 
 /// How long a task has after SIGTERM before SIGKILL (Docker's default).
 const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a log copier has to write what a task printed once its
+/// streams end.
+const COPIER_GRACE: Duration = Duration::from_secs(5);
 
 /// A task's state as this node saw it.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,6 +62,10 @@ pub struct Executor {
     volumes: PathBuf,
     logs: PathBuf,
     tasks: Mutex<HashMap<String, Arc<Mutex<Control>>>>,
+    /// Sandboxes an earlier huskd on this node left running, until the
+    /// first assignment set says which tasks they still serve; the rest
+    /// are removed then.
+    left: Mutex<Option<HashSet<String>>>,
     /// The last report of each task, sent again to a new manager session.
     last: Mutex<HashMap<String, Report>>,
     reports: UnboundedSender<Report>,
@@ -71,12 +80,23 @@ impl Executor {
         reports: UnboundedSender<Report>,
     ) -> Executor {
         let data = husk_runtime::default_data_dir();
+        let left: HashSet<String> = rt
+            .as_ref()
+            .map(|rt| rt.sandbox_ids().into_iter().collect())
+            .unwrap_or_default();
+        if !left.is_empty() {
+            tracing::info!(
+                "{} sandboxes left by an earlier huskd: kept for the tasks they serve",
+                left.len()
+            );
+        }
         Executor {
             rt,
             images: husk_runtime::image::default_store_dir(),
             volumes: data.join("volumes"),
             logs: state_dir.join("logs"),
             tasks: Mutex::new(HashMap::new()),
+            left: Mutex::new(Some(left)),
             last: Mutex::new(HashMap::new()),
             reports,
         }
@@ -113,6 +133,8 @@ impl Executor {
     /// Brings what runs here in line with the assignment set.
     pub fn apply(self: &Arc<Self>, assigned: Vec<Task>) {
         let ids: HashSet<String> = assigned.iter().map(|t| t.id.clone()).collect();
+        // Only the first set decides what an earlier huskd left.
+        let mut left = lock(&self.left).take();
         let mut known = lock(&self.tasks);
         for t in assigned {
             if let Some(c) = known.get(&t.id) {
@@ -122,20 +144,17 @@ impl Executor {
                 continue;
             }
             let st = t.status.state;
+            let found = left.as_mut().is_some_and(|l| l.remove(&t.id));
             if t.desired_state == TaskState::Running && st <= TaskState::Assigned {
-                let c = Arc::new(Mutex::new(Control::default()));
-                known.insert(t.id.clone(), c.clone());
-                let me = self.clone();
-                let name = format!("task-{}", t.id.chars().take(8).collect::<String>());
-                let spawned = std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || me.run(t, c));
-                if let Err(e) = spawned {
-                    tracing::error!("starting a task thread: {e}");
-                }
+                // A sandbox of it while the manager still has it assigned:
+                // the earlier huskd died before its report arrived.
+                self.spawn_task(&mut known, t, false, found, Executor::run);
+            } else if found && !st.is_terminal() && st >= TaskState::Preparing {
+                // Started by an earlier huskd on this node: held again, and
+                // stopped if that is what is asked now.
+                let stop = t.desired_state != TaskState::Running;
+                self.spawn_task(&mut known, t, stop, false, Executor::resume);
             } else if !st.is_terminal() && st >= TaskState::Preparing {
-                // Started by an earlier huskd on this node: its sandbox
-                // went with it.
                 let why = if t.desired_state == TaskState::Running {
                     TaskState::Failed
                 } else {
@@ -144,7 +163,7 @@ impl Executor {
                 self.report(
                     &t.id,
                     why,
-                    "task lost: huskd restarted on this node",
+                    "task lost: huskd restarted on this node and its sandbox was not there",
                     "",
                     None,
                 );
@@ -158,6 +177,10 @@ impl Executor {
                 );
             }
         }
+        // What an earlier huskd left that serves no task assigned here.
+        for id in left.into_iter().flatten() {
+            self.remove_left(id, "no task assigned to this node owns it");
+        }
         // Tasks no longer assigned here: stop; forget finished ones.
         known.retain(|id, c| {
             if ids.contains(id) {
@@ -169,17 +192,76 @@ impl Executor {
         lock(&self.last).retain(|id, _| ids.contains(id));
     }
 
+    /// Runs `body` for task `t` on a thread of its own, known from now
+    /// on; `stop` already asked for; `clear` first removes a sandbox of
+    /// the same id an earlier huskd left.
+    fn spawn_task(
+        self: &Arc<Self>,
+        known: &mut HashMap<String, Arc<Mutex<Control>>>,
+        t: Task,
+        stop: bool,
+        clear: bool,
+        body: fn(Arc<Executor>, Task, Arc<Mutex<Control>>),
+    ) {
+        let c = Arc::new(Mutex::new(Control {
+            stop,
+            ..Control::default()
+        }));
+        known.insert(t.id.clone(), c.clone());
+        let me = self.clone();
+        let name = format!("task-{}", t.id.chars().take(8).collect::<String>());
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            if clear {
+                if let Some(rt) = &me.rt {
+                    if let Err(e) = rt.remove_left(&t.id) {
+                        tracing::warn!("task {}: removing its earlier sandbox: {}", t.id, chain(&e));
+                    }
+                }
+            }
+            body(me, t, c)
+        });
+        if let Err(e) = spawned {
+            tracing::error!("starting a task thread: {e}");
+        }
+    }
+
+    /// Removes a sandbox an earlier huskd left, on a thread of its own (a
+    /// VM's end takes a moment).
+    fn remove_left(self: &Arc<Self>, id: String, why: &'static str) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let Some(rt) = &me.rt else { return };
+            tracing::info!("removing sandbox {id} left by an earlier huskd: {why}");
+            if let Err(e) = rt.remove_left(&id) {
+                tracing::warn!("sandbox {id}: {}", chain(&e));
+            }
+        });
+    }
+
     fn run(self: Arc<Self>, t: Task, ctl: Arc<Mutex<Control>>) {
         self.report(&t.id, TaskState::Preparing, "preparing", "", None);
-        let (state, message, err, code) = match self.run_sandbox(&t, &ctl) {
-            Ok(_) if lock(&ctl).unhealthy => (
+        let r = self.run_sandbox(&t, &ctl);
+        self.finish(&t, &ctl, r);
+    }
+
+    /// A task an earlier huskd on this node started: its sandbox found
+    /// again and followed to its end as if this huskd had started it.
+    fn resume(self: Arc<Self>, t: Task, ctl: Arc<Mutex<Control>>) {
+        let r = self.found_sandbox(&t, &ctl);
+        self.finish(&t, &ctl, r);
+    }
+
+    /// Reports how the task ended.
+    fn finish(&self, t: &Task, ctl: &Arc<Mutex<Control>>, r: Result<Option<i32>, TaskError>) {
+        let (state, message, err, code) = match r {
+            Ok(_) if lock(ctl).unhealthy => (
                 TaskState::Failed,
                 "failed".into(),
                 "task: unhealthy container".into(),
                 None,
             ),
             Ok(code) => {
-                let stopped = lock(&ctl).stop;
+                let stopped = lock(ctl).stop;
                 match (stopped, code) {
                     (true, _) => (
                         TaskState::Shutdown,
@@ -202,7 +284,7 @@ impl Executor {
             Err(TaskError::Rejected(e)) => (TaskState::Rejected, "rejected".into(), e, None),
             Err(TaskError::Failed(e)) => (TaskState::Failed, "failed".into(), e, None),
         };
-        lock(&ctl).finished = true;
+        lock(ctl).finished = true;
         self.report(&t.id, state, &message, &err, code);
     }
 
@@ -228,12 +310,7 @@ impl Executor {
         let plan = container_spec(t, image)
             .plan(Some(&store))
             .map_err(|e| reject(&e))?;
-        let env = plan
-            .oci
-            .process()
-            .as_ref()
-            .and_then(|p| p.env().clone())
-            .unwrap_or_default();
+        let env = process_env(&plan);
         let volumes = VolumeStore::open(&self.volumes).map_err(|e| fail(&e))?;
         let prepared = plan
             .acquire(Some(&store), Some(&volumes))
@@ -251,10 +328,77 @@ impl Executor {
         let mut c = starting.create(Io::OUT_ERR).map_err(|e| fail(&e))?;
         self.report(&t.id, TaskState::Running, "started", "", None);
         std::fs::create_dir_all(&self.logs).map_err(|e| fail(&e))?;
-        let log = LogWriter::create(&self.log_path(&t.id)).map_err(|e| fail(&e))?;
-        let mut streams = c.take_streams();
-        let out = copy_to_log(streams.stdout.take(), "stdout", log.clone(), None);
-        let err = copy_to_log(streams.stderr.take(), "stderr", log, None);
+        // Its output is copied by a process of its own, which outlives
+        // this huskd as the container does.
+        let copier = logcopy::spawn(
+            Path::new("/proc/self/exe"),
+            &mut c.take_streams(),
+            &self.log_path(&t.id),
+        )
+        .map_err(|e| TaskError::Failed(format!("starting its log copier: {e}")))?;
+        self.follow(t, ctl, c, control, env, Some(copier))
+    }
+
+    /// The container of a task an earlier huskd started, found again (its
+    /// log copier still runs).
+    fn found_sandbox(
+        self: &Arc<Self>,
+        t: &Task,
+        ctl: &Arc<Mutex<Control>>,
+    ) -> Result<Option<i32>, TaskError> {
+        let lost = |e: &dyn std::error::Error| {
+            TaskError::Failed(format!(
+                "task lost: huskd restarted on this node and its sandbox could not be held \
+                 again: {}",
+                chain(e)
+            ))
+        };
+        let Some(rt) = self.rt.as_ref() else {
+            return Err(TaskError::Failed("this node cannot run sandboxes".into()));
+        };
+        let found = (|| {
+            let store = ImageStore::open(&self.images)?;
+            let image = store.get(&t.spec.image)?;
+            let plan = container_spec(t, image).plan(Some(&store))?;
+            let env = process_env(&plan);
+            let volumes = VolumeStore::open(&self.volumes)?;
+            let c = plan.find(rt, Some(&volumes))?;
+            let control = c.control()?;
+            Ok::<_, husk_runtime::container::ContainerError>((c, control, env))
+        })();
+        let (c, control, env) = match found {
+            Ok(x) => x,
+            Err(e) => {
+                if let Err(r) = rt.remove_left(&t.id) {
+                    tracing::warn!("task {}: removing its sandbox: {}", t.id, chain(&r));
+                }
+                return Err(lost(&e));
+            }
+        };
+        tracing::info!("task {}: its sandbox held again after huskd restarted", t.id);
+        self.report(
+            &t.id,
+            TaskState::Running,
+            "running (held again after huskd restarted)",
+            "",
+            None,
+        );
+        self.follow(t, ctl, c, control, env, None)
+    }
+
+    /// A running container followed to its end: a stop that came while it
+    /// started carried out, its healthcheck run, its exit waited for, its
+    /// sandbox removed. Its exit code.
+    fn follow(
+        self: &Arc<Self>,
+        t: &Task,
+        ctl: &Arc<Mutex<Control>>,
+        c: Container,
+        control: ContainerControl,
+        env: Vec<String>,
+        copier: Option<Watched>,
+    ) -> Result<Option<i32>, TaskError> {
+        let fail = |e: &dyn std::error::Error| TaskError::Failed(chain(e));
         // A stop asked for while it started is carried out now.
         let stop_now = {
             let mut ctl = lock(ctl);
@@ -269,13 +413,33 @@ impl Executor {
         }
         let status = c.wait().map_err(|e| fail(&e));
         lock(ctl).container = None;
-        let _ = out.join();
-        let _ = err.join();
+        // Its output up to the exit logged first (its streams end with its
+        // processes; one a left-behind child holds ends with the VM).
+        let mut copier = copier;
+        if let Some(cp) = copier.as_mut() {
+            let _ = cp.wait_timeout(COPIER_GRACE);
+        }
         if let Err(e) = c.remove(Duration::from_secs(20)).shutdown {
             tracing::warn!("task {}: stopping its sandbox: {}", t.id, chain(&e));
         }
+        if let Some(mut cp) = copier {
+            if !matches!(cp.wait_timeout(COPIER_GRACE), Ok(Some(_))) {
+                tracing::warn!("task {}: its log copier did not end with its VM", t.id);
+                cp.kill_and_wait();
+            }
+        }
         Ok(Some(status?.status))
     }
+}
+
+/// The environment of the container's process (its healthcheck runs
+/// with it).
+fn process_env(plan: &husk_runtime::container::Plan) -> Vec<String> {
+    plan.oci
+        .process()
+        .as_ref()
+        .and_then(|p| p.env().clone())
+        .unwrap_or_default()
 }
 
 /// A task's container as the runtime's lifecycle takes it: the service's

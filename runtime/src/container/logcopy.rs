@@ -1,0 +1,98 @@
+//! A container's output copied to its log by a process of its own, as a
+//! containerd shim holds a container's pipes: the process that started the
+//! container (huskd) may restart while it runs, and the container's
+//! stdout and stderr are its vsock streams, whose host end must stay open
+//! or its next write fails (EPIPE, SIGPIPE). The copier is the same binary
+//! run as `<exe> copy-logs <log>`, the streams as its descriptors 3 and 4;
+//! it ends when both streams end (the container's processes closed them,
+//! or its VM went).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::container::lifecycle::copy_to_log;
+use crate::container::record::LogWriter;
+use crate::guest::Streams;
+use crate::util::child::Watched;
+
+/// The first argument that makes a binary the copier ([`run_if_asked`]).
+pub const SUBCOMMAND: &str = "copy-logs";
+
+/// Starts `exe copy-logs log` with the output streams taken from `streams`
+/// (a missing one reads as empty), in a session of its own so that a
+/// signal to the starter's process group does not reach it.
+pub fn spawn(exe: &Path, streams: &mut Streams, log: &Path) -> std::io::Result<Watched> {
+    let null = || std::fs::File::open("/dev/null");
+    let out: std::os::fd::OwnedFd = match streams.stdout.take() {
+        Some(s) => s.into(),
+        None => null()?.into(),
+    };
+    let err: std::os::fd::OwnedFd = match streams.stderr.take() {
+        Some(s) => s.into(),
+        None => null()?.into(),
+    };
+    let (out_fd, err_fd) = (out.as_raw_fd(), err.as_raw_fd());
+    // Going through numbers above both keeps one dup2 from overwriting
+    // the other's source (what they replace in the child is not used).
+    let hi = out_fd.max(err_fd).max(4) + 1;
+    let mut cmd = Command::new(exe);
+    cmd.arg(SUBCOMMAND)
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: between fork and exec: only dup2 and setsid, which are
+    // async-signal-safe, on descriptors that live until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears FD_CLOEXEC on the copy.
+            for (from, to) in [(out_fd, hi), (err_fd, hi + 1), (hi, 3), (hi + 1, 4)] {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::close(hi);
+            libc::close(hi + 1);
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok(Watched::new(child))
+}
+
+/// When the process was started as the copier (`copy-logs <log>`), copies
+/// descriptors 3 (stdout) and 4 (stderr) to the log until both end and
+/// returns the exit code; otherwise None.
+pub fn run_if_asked() -> Option<i32> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != SUBCOMMAND {
+        return None;
+    }
+    let Some(log) = args.next() else {
+        eprintln!("usage: {SUBCOMMAND} <log file>, its streams as descriptors 3 and 4");
+        return Some(2);
+    };
+    let log = match LogWriter::create(Path::new(&log)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{SUBCOMMAND}: {}", crate::util::chain(&e));
+            return Some(1);
+        }
+    };
+    // SAFETY: descriptors 3 and 4 were set up for this process by `spawn`
+    // and nothing else in it owns them.
+    let (out, err) = unsafe {
+        use std::os::fd::FromRawFd;
+        (UnixStream::from_raw_fd(3), UnixStream::from_raw_fd(4))
+    };
+    let out = copy_to_log(Some(out), "stdout", log.clone(), None);
+    let err = copy_to_log(Some(err), "stderr", log, None);
+    let _ = out.join();
+    let _ = err.join();
+    Some(0)
+}
