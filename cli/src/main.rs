@@ -4,6 +4,7 @@
 //! drive and runs the container there; its output and exit code are the
 //! container's.
 
+mod adopt;
 mod cluster;
 mod container;
 mod error;
@@ -20,7 +21,7 @@ use husk_runtime::image::default_store_dir;
 use husk_runtime::Runtime;
 
 use crate::container::{exec, inspect, logs, parse_signal, ps, rm, signal, stop};
-use crate::error::Failure;
+use crate::error::{Failure, HUSK_ERROR};
 use crate::image::{image, ImageCmd};
 use crate::run::{run, RunArgs};
 use crate::system::info;
@@ -128,7 +129,29 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // husk run as a detached container's log copier, or as the adopter of
+    // a container whose owner died: internal modes, not commands.
+    if let Some(code) = husk_runtime::container::logcopy::run_if_asked() {
+        return ExitCode::from(u8::try_from(code).unwrap_or(HUSK_ERROR));
+    }
+    if let Ok(id) = std::env::var(adopt::ADOPT_ENV) {
+        return exit(adopt::adopted(&id));
+    }
     let cli = Cli::parse();
+    if matches!(
+        cli.cmd,
+        Cmd::Run(_)
+            | Cmd::Ps { .. }
+            | Cmd::Exec { .. }
+            | Cmd::Logs { .. }
+            | Cmd::Stop { .. }
+            | Cmd::Kill { .. }
+            | Cmd::Inspect { .. }
+            | Cmd::Rm { .. }
+            | Cmd::Info
+    ) {
+        adopt::adopt_orphans();
+    }
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Ps { all } => ps(all).map(|_| 0).map_err(Failure::from),
@@ -178,6 +201,10 @@ fn main() -> ExitCode {
             })
             .map_err(Failure::from),
     };
+    exit(r)
+}
+
+fn exit(r: Result<u8, Failure>) -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, e)) => {

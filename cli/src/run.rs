@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use husk_runtime::container::record::{LogWriter, Record, Records, Status};
 use husk_runtime::container::spec::{parse_memory, ProcessOptions};
 use husk_runtime::container::{
-    copy_to_log, ContainerSpec, Mount, MountSource, Net, Plan, Resources,
+    copy_to_log, logcopy, ContainerSpec, Mount, MountSource, Net, Plan, Resources,
 };
 use husk_runtime::guest::Io;
 use husk_runtime::image::{default_store_dir, normalize, ImageStore};
@@ -426,29 +426,41 @@ pub(crate) fn run_container(
     record.network = c.net_info();
     records.save(record)?;
     // Output goes to the log (for `husk logs`) and, unless detached, to
-    // this terminal.
-    let tee = |t: Box<dyn Write + Send>| (!detached).then_some(t);
+    // this terminal. Detached, a process of its own copies it: the
+    // container outlives this husk if it dies (another adopts it).
     let mut streams = c.take_streams();
-    let out = copy_to_log(
-        streams.stdout.take(),
-        "stdout",
-        log.clone(),
-        tee(Box::new(std::io::stdout())),
-    );
-    let err = copy_to_log(
-        streams.stderr.take(),
-        "stderr",
-        log.clone(),
-        tee(Box::new(std::io::stderr())),
-    );
+    let copied = if detached {
+        let copier = logcopy::spawn(
+            Path::new("/proc/self/exe"),
+            &mut streams,
+            &records.log_path(&record.id),
+        )
+        .context("starting the log copier")?;
+        Copied::Process(copier)
+    } else {
+        let tee = |t: Box<dyn Write + Send>| Some(t);
+        Copied::Threads(
+            copy_to_log(
+                streams.stdout.take(),
+                "stdout",
+                log.clone(),
+                tee(Box::new(std::io::stdout())),
+            ),
+            copy_to_log(
+                streams.stderr.take(),
+                "stderr",
+                log.clone(),
+                tee(Box::new(std::io::stderr())),
+            ),
+        )
+    };
     let _raw = (a.tty && !detached).then(|| Terminal::attach(c.agent(), c.id(), ""));
     if let Some(input) = streams.stdin.take() {
         forward_stdin(input);
     }
     let t_run = std::time::Instant::now();
     let status = c.wait()?;
-    let _ = out.join();
-    let _ = err.join();
+    copied.finish();
     let ran = t_run.elapsed();
     let t_down = std::time::Instant::now();
     let times = c.timings();
@@ -474,6 +486,29 @@ pub(crate) fn run_container(
         );
     }
     Ok(status)
+}
+
+/// Where a container's output is being copied to its log.
+enum Copied {
+    Threads(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>),
+    Process(husk_runtime::util::child::Watched),
+}
+
+impl Copied {
+    /// Waits for what the container printed to be logged (its streams end
+    /// with its processes; a copier still going after a few seconds is
+    /// left to end with the VM).
+    fn finish(self) {
+        match self {
+            Copied::Threads(out, err) => {
+                let _ = out.join();
+                let _ = err.join();
+            }
+            Copied::Process(mut p) => {
+                let _ = p.wait_timeout(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// `--mount` tmpfs mounts, then `-v`, then the other `--mount`s: host

@@ -405,6 +405,30 @@ fn husk_run_busybox_like_docker_run() {
     );
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(text(&out.stdout), "in exec\nweb\n");
+    // Its husk dies (SIGKILL): the next husk command adopts it. The same
+    // VMM runs on, and what it prints still reaches its log (below).
+    let owner_of = || -> i64 {
+        let info: serde_json::Value =
+            serde_json::from_slice(&h.run(&["inspect", "web"], "").stdout).unwrap();
+        info[0]["State"]["Pid"].as_i64().unwrap_or(0)
+    };
+    let owner = owner_of();
+    let vmms = h.vmm_pids();
+    assert!(owner > 0 && vmms.len() == 1, "owner {owner}, VMMs {vmms:?}");
+    // SAFETY: a signal to a process this test started (through husk).
+    assert_eq!(unsafe { libc::kill(owner as i32, libc::SIGKILL) }, 0);
+    // SAFETY: signal 0 only asks whether it exists.
+    while unsafe { libc::kill(owner as i32, 0) } == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ps = text(&h.run(&["ps"], "").stdout);
+    assert!(ps.contains("web") && ps.contains("Up"), "adopted: {ps}");
+    let adopter = owner_of();
+    assert!(
+        adopter > 0 && adopter != owner,
+        "owner {owner}, then {adopter}"
+    );
+    assert_eq!(h.vmm_pids(), vmms, "the same VMM");
     let out = h.run(&["rm", "web"], "");
     assert_eq!(out.status.code(), Some(125), "rm of a running container");
     assert!(text(&out.stderr).contains("running"));

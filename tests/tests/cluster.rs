@@ -463,7 +463,10 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     let sandboxes_before = c.hosts[2].sandboxes();
     let vmms_before = c.hosts[2].vmm_pids();
     assert_eq!(tasks_before.len(), 2, "web and ticker on node3");
-    assert_eq!(sandboxes_before, tasks_before, "a sandbox per task, named by it");
+    assert_eq!(
+        sandboxes_before, tasks_before,
+        "a sandbox per task, named by it"
+    );
     let ticked = ticks(h1).into_iter().max().unwrap_or(0);
     let restarted = Instant::now();
     c.hosts[2].kill_huskd();
@@ -479,7 +482,11 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
          {sandboxes_before:?} (VMMs {vmms_before:?}); ticking again after {:?}",
         restarted.elapsed()
     );
-    assert_eq!(on_node3(h1), tasks_before, "node3's tasks after the restart");
+    assert_eq!(
+        on_node3(h1),
+        tasks_before,
+        "node3's tasks after the restart"
+    );
     assert_eq!(c.hosts[2].sandboxes(), sandboxes_before);
     assert_eq!(c.hosts[2].vmm_pids(), vmms_before, "the same VMM processes");
     // One process from the start: its count never began again.
@@ -490,8 +497,18 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         "{:?}",
         node_rows(h1)
     );
-    h1.ok(&["service", "rm", "ticker"]);
-    c.wait("ticker's sandbox gone", 120, || c.hosts[2].vmms() == 1);
+    // Removed while node3's huskd is down: the next one stops it, since
+    // no task assigned there owns it any more.
+    c.hosts[2].kill_huskd();
+    c.hosts[0].ok(&["service", "rm", "ticker"]);
+    let mut h3 = c.hosts.remove(2);
+    c.start_huskd(&mut h3).unwrap();
+    c.hosts.insert(2, h3);
+    c.wait("ticker's sandbox gone after the restart", 60, || {
+        c.hosts[2].vmms() == 1 && c.hosts[2].sandboxes().len() == 1
+    });
+    assert_eq!(c.hosts[2].vmm_pids().len(), 1);
+    let h1 = &c.hosts[0];
 
     // ---- node loss: its tasks are rescheduled within 10 s ----
     // node3, the worker: after the drain web runs on node1 and node3.

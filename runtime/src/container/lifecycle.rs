@@ -343,16 +343,7 @@ impl Plan {
                 leases.push(volumes.lease(name)?);
             }
         }
-        let sandbox = rt.find_sandbox(&self.config.id)?;
-        Ok(Container {
-            sandbox,
-            leases,
-            id: self.id,
-            pid: 0,
-            streams: Streams::default(),
-            started: Duration::ZERO,
-            created: Duration::ZERO,
-        })
+        Container::find(rt, &self.id, leases)
     }
 }
 
@@ -478,6 +469,23 @@ pub struct Timings {
 }
 
 impl Container {
+    /// Container `id` in its sandbox of the same id, started by an earlier
+    /// process of ours that is gone (`husk run -d`'s owner, huskd), held
+    /// again with its volumes' `leases` taken anew ([`Plan::find`] takes
+    /// them from the plan). No streams; its pid reads 0.
+    pub fn find(rt: &Runtime, id: &str, leases: Vec<VolumeLease>) -> Result<Container> {
+        let sandbox = rt.find_sandbox(id)?;
+        Ok(Container {
+            sandbox,
+            leases,
+            id: id.into(),
+            pid: 0,
+            streams: Streams::default(),
+            started: Duration::ZERO,
+            created: Duration::ZERO,
+        })
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }

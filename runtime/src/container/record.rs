@@ -116,16 +116,56 @@ impl Records {
         Ok(std::fs::rename(&tmp, dir.join("record.json")).at(|| shown(&dir))?)
     }
 
+    /// The record of `name` as written, whether its owner lives or not.
+    pub fn read(&self, name: &str) -> Result<Record> {
+        let p = self.dir(name).join("record.json");
+        let b = std::fs::read(&p).at(|| shown(&p))?;
+        serde_json::from_slice(&b).map_err(|source| ContainerError::Json {
+            what: shown(&p),
+            source,
+        })
+    }
+
+    /// Containers created or running whose owner died without saying how
+    /// they ended: theirs to adopt.
+    pub fn orphans(&self) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.root)
+            .at(|| shown(&self.root))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(r) = self.read(&name) {
+                if r.status != Status::Exited && !alive(r.owner_pid) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The right to change who owns container `id`, held until the file is
+    /// closed (one adopter at a time).
+    pub fn claim(&self, id: &str) -> Result<File> {
+        let path = self.dir(id).join("owner.lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at(|| shown(&path))?;
+        let held =
+            crate::util::flock_exclusive(f, true).at(|| format!("locking {}", path.display()))?;
+        // A wait for the lock cannot come back without it.
+        held.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::WouldBlock))
+            .at(|| shown(&path))
+            .map_err(Into::into)
+    }
+
     /// The record of `id` (a full id or name, or a unique prefix of 3+).
     pub fn get(&self, id: &str) -> Result<Record> {
         let read = |name: &str| -> Result<Record> {
-            let p = self.dir(name).join("record.json");
-            let b = std::fs::read(&p).at(|| shown(&p))?;
-            let mut r: Record =
-                serde_json::from_slice(&b).map_err(|source| ContainerError::Json {
-                    what: shown(&p),
-                    source,
-                })?;
+            let mut r = self.read(name)?;
             // Its owner died without saying how it ended.
             if r.status != Status::Exited && !alive(r.owner_pid) {
                 r.status = Status::Exited;

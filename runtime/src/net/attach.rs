@@ -125,10 +125,14 @@ impl Attachment {
 
     /// Its address: on the bridge, or the pod's (CNI's).
     pub fn ip(&self) -> Option<Ipv4Addr> {
-        self.lease.as_ref().map(|l| l.ip).or(self.found_ip).or_else(|| {
-            self.pod
-                .as_ref()
-                .and_then(|p| p.guest.addresses.first().map(|a| a.0))
-        })
+        self.lease
+            .as_ref()
+            .map(|l| l.ip)
+            .or(self.found_ip)
+            .or_else(|| {
+                self.pod
+                    .as_ref()
+                    .and_then(|p| p.guest.addresses.first().map(|a| a.0))
+            })
     }
 }

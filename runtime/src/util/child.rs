@@ -208,7 +208,10 @@ mod tests {
         assert!(found.try_wait().unwrap().is_none());
         found.signal(libc::SIGKILL);
         own.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
-        assert!(found.wait_timeout(Duration::from_secs(1)).unwrap().is_some());
+        assert!(found
+            .wait_timeout(Duration::from_secs(1))
+            .unwrap()
+            .is_some());
     }
 
     #[test]

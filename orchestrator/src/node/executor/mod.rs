@@ -214,7 +214,11 @@ impl Executor {
             if clear {
                 if let Some(rt) = &me.rt {
                     if let Err(e) = rt.remove_left(&t.id) {
-                        tracing::warn!("task {}: removing its earlier sandbox: {}", t.id, chain(&e));
+                        tracing::warn!(
+                            "task {}: removing its earlier sandbox: {}",
+                            t.id,
+                            chain(&e)
+                        );
                     }
                 }
             }
@@ -375,7 +379,10 @@ impl Executor {
                 return Err(lost(&e));
             }
         };
-        tracing::info!("task {}: its sandbox held again after huskd restarted", t.id);
+        tracing::info!(
+            "task {}: its sandbox held again after huskd restarted",
+            t.id
+        );
         self.report(
             &t.id,
             TaskState::Running,
