@@ -564,6 +564,32 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         let r = running(h2, "web");
         r.len() == 3 && r.iter().all(|(_, n)| n == "node2")
     });
+
+    // ---- a node removed from the cluster stops what it runs ----
+    // node3 comes back (its link, a new huskd: the sandboxes of the one
+    // killed with it are removed) and takes a replica.
+    c.hosts[2].plug();
+    let mut h3 = c.hosts.remove(2);
+    c.start_huskd(&mut h3).unwrap();
+    c.hosts.insert(2, h3);
+    let h2 = &c.hosts[1];
+    c.wait("node3 ready again", 90, || {
+        node_rows(h2)
+            .iter()
+            .any(|r| r["hostname"] == "node3" && r["state"] == "ready")
+    });
+    h2.ok(&["service", "scale", "web=4"]);
+    c.wait("web: a replica on node3", 300, || {
+        running(h2, "web").iter().any(|(_, n)| n == "node3") && c.hosts[2].vmms() == 1
+    });
+    h2.ok(&["node", "rm", "--force", "node3"]);
+    c.wait("node3's sandbox stopped", 60, || {
+        c.hosts[2].vmms() == 0 && c.hosts[2].sandboxes().is_empty()
+    });
+    c.wait("web: 4 running on node2", 300, || {
+        let r = running(h2, "web");
+        r.len() == 4 && r.iter().all(|(_, n)| n == "node2")
+    });
     let _ = ev_child.kill();
     let _ = ev_child.wait();
     h2.ok(&["service", "rm", "web"]);

@@ -31,6 +31,14 @@ enum SessionError {
 
 type Result<T> = std::result::Result<T, SessionError>;
 
+impl SessionError {
+    /// The manager no longer knows this node (`husk node rm`).
+    fn node_removed(&self) -> bool {
+        matches!(self, SessionError::Call { what, status }
+            if what == "heartbeat" && status.code() == tonic::Code::NotFound)
+    }
+}
+
 fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> SessionError {
     let what = what.into();
     move |status| SessionError::Call { what, status }
@@ -66,6 +74,7 @@ pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
 
 async fn run(mut id: Identity, applier: Applier, mut reports: mpsc::UnboundedReceiver<Report>) {
     let mut i = 0usize;
+    let mut removed = false;
     loop {
         let addrs = id.managers.clone();
         if addrs.is_empty() {
@@ -76,6 +85,19 @@ async fn run(mut id: Identity, applier: Applier, mut reports: mpsc::UnboundedRec
         let addr = addrs[i % addrs.len()].clone();
         match session(&addr, &mut id, &applier, &mut reports).await {
             Ok(()) => {}
+            Err(e) if e.node_removed() => {
+                // `husk node rm`: no manager will assign this node anything
+                // again, and its tasks run elsewhere now. Nothing it runs
+                // may go on without an owner.
+                if !removed {
+                    tracing::warn!(
+                        "this node was removed from the cluster ({}): stopping its tasks",
+                        chain(&e)
+                    );
+                    removed = true;
+                }
+                applier.apply(Vec::new());
+            }
             Err(e) => tracing::warn!("session with manager {addr}: {}", chain(&e)),
         }
         i += 1;
