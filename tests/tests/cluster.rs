@@ -453,7 +453,11 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         let mut ids: Vec<String> = ["web", "ticker"]
             .iter()
             .flat_map(|s| tasks(h, s))
-            .filter(|t| t["node"] == "node3" && t["status"]["state"] == "running")
+            .filter(|t| {
+                t["node"] == "node3"
+                    && t["desired_state"] == "running"
+                    && t["status"]["state"] == "running"
+            })
             .map(|t| t["id"].as_str().unwrap_or("").to_string())
             .collect();
         ids.sort();
@@ -462,7 +466,11 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     let tasks_before = on_node3(h1);
     let sandboxes_before = c.hosts[2].sandboxes();
     let vmms_before = c.hosts[2].vmm_pids();
-    assert_eq!(tasks_before.len(), 2, "web and ticker on node3");
+    // ticker, and web's replicas there (one or two after the drain).
+    assert!(
+        tasks_before.len() >= 2,
+        "web and ticker on node3: {tasks_before:?}"
+    );
     assert_eq!(
         sandboxes_before, tasks_before,
         "a sandbox per task, named by it"
@@ -504,10 +512,10 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
     let mut h3 = c.hosts.remove(2);
     c.start_huskd(&mut h3).unwrap();
     c.hosts.insert(2, h3);
+    let webs = tasks_before.len() - 1;
     c.wait("ticker's sandbox gone after the restart", 60, || {
-        c.hosts[2].vmms() == 1 && c.hosts[2].sandboxes().len() == 1
+        c.hosts[2].vmms() == webs && c.hosts[2].sandboxes().len() == webs
     });
-    assert_eq!(c.hosts[2].vmm_pids().len(), 1);
     let h1 = &c.hosts[0];
 
     // ---- node loss: its tasks are rescheduled within 10 s ----
