@@ -57,6 +57,7 @@ metrics! {
         refused, dropped_rsts, killed, over_budget
     }
     rng { bytes }
+    virtio { queue_notifies, notify_exits }
     net { rx_bytes, tx_bytes, rx_dropped, tx_dropped }
     api { requests, errors }
 }

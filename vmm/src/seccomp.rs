@@ -166,8 +166,9 @@ const VCPU: &[&str] = &[
     "tgkill",
 ];
 
-/// Device event loops: host sockets (SOCKETS) and FIONBIO.
-const DEVICE: &[&str] = &["ioctl"];
+/// Device event loops: host sockets (SOCKETS), FIONBIO, and the queues
+/// drivers notify (block I/O).
+const DEVICE: &[&str] = &["ioctl", "pread64", "pwrite64", "fdatasync", "fsync"];
 
 fn number(name: &str) -> Option<i64> {
     SYSCALLS.iter().find(|(_, n)| *n == name).map(|(nr, _)| *nr)

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,7 +16,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{ConsoleOut, EventFdTrigger, SerialDevice, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs;
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::net::{adopt_tap_fd, open_tap, parse_mac, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -29,6 +30,16 @@ pub(super) struct MmioSlots {
     pub(super) bus: Bus,
     pub(super) next_irq: u32,
     pub(super) next_addr: u64,
+    pub(super) notifiers: Vec<QueueEvent>,
+}
+
+/// A queue's notification: KVM signals `evt` when the driver writes the
+/// queue's index to its transport's QueueNotify register, without a VM
+/// exit; a device event loop then lets the device process the queue.
+pub(crate) struct QueueEvent {
+    pub(crate) evt: EventFd,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+    pub(crate) queue: u32,
 }
 
 impl MmioSlots {
@@ -50,7 +61,21 @@ impl MmioSlots {
         vm.fd.register_irqfd(&evt, irq).context("virtio irqfd")?;
         let t = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(evt)))
             .map_err(|e| anyhow::anyhow!("virtio queue: {e:?}"))?;
+        let queues = t.queue_count();
         let t = Arc::new(Mutex::new(t));
+        for q in 0..queues as u32 {
+            let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+            // A 4-byte write of exactly the index: anything else still
+            // exits to the transport, which refuses it.
+            vm.fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(addr + QUEUE_NOTIFY), q)
+                .with_context(|| format!("ioeventfd for queue {q} at {addr:#x}"))?;
+            self.notifiers.push(QueueEvent {
+                evt,
+                transport: t.clone(),
+                queue: q,
+            });
+        }
         self.bus.insert(t.clone(), addr, MMIO_DEVICE_SIZE)?;
         cmdline
             .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(addr), irq, None)
@@ -97,6 +122,8 @@ pub(super) struct VirtioDevices {
     pub(super) bus: Bus,
     pub(super) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(super) event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
+    /// Every queue's notification, for the queue event loop.
+    pub(super) notifiers: Vec<QueueEvent>,
 }
 
 /// Drives, interfaces, vsock, entropy and filesystems, one 4 KiB window
@@ -113,11 +140,13 @@ pub(super) fn attach_virtio_devices(
         bus: Bus::new(),
         next_irq: IRQ_BASE,
         next_addr: MMIO_DEVICES_START,
+        notifiers: Vec::new(),
     };
     let mut d = VirtioDevices {
         bus: Bus::new(),
         transports: Vec::new(),
         event_loops: Vec::new(),
+        notifiers: Vec::new(),
     };
     let root_args = attach_drives(&mut slots, vm, mem, config, cmdline, &mut d)?;
     // Inherited descriptors first: one this process opens could otherwise
@@ -146,6 +175,7 @@ pub(super) fn attach_virtio_devices(
         cmdline.insert_str(r).context("command line")?;
     }
     d.bus = slots.bus;
+    d.notifiers = slots.notifiers;
     Ok(d)
 }
 

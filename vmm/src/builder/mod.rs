@@ -52,6 +52,8 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     /// Devices with host-side event sources: (fd to wait on, transport).
     event_loops: Vec<(&'static str, std::os::fd::RawFd, Arc<Mutex<MmioTransport>>)>,
+    /// Every virtio queue's notification (ioeventfds).
+    notifiers: Vec<devices::QueueEvent>,
     /// Every virtio transport, in bus order (snapshots).
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     config: VmConfig,
@@ -185,6 +187,7 @@ fn build_vm(config: &VmConfig, from: Option<(&Snapshot, &Path)>) -> Result<Vmm> 
         _mem_file: mem_file,
         serial,
         event_loops: devices.event_loops,
+        notifiers: devices.notifiers,
         transports: devices.transports,
         config: config.clone(),
         cpu_identity: cpu.identity.clone(),

@@ -47,6 +47,10 @@ pub struct TransportState {
     pub interrupt_status: u32,
 }
 
+/// The QueueNotify register: the driver writes a queue's index there when
+/// it has made buffers available.
+pub const QUEUE_NOTIFY: u64 = 0x50;
+
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
@@ -286,6 +290,18 @@ impl MmioTransport {
         }
     }
 
+    /// The driver notified queue `index` (its ioeventfd fired): the
+    /// device processes it on the caller's thread, a device event loop,
+    /// not the vCPU's.
+    pub fn queue_notified(&mut self, index: u32) {
+        self.notify(index);
+    }
+
+    /// How many queues the device has (one ioeventfd each).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Lets a device's own event source (a host socket, a tap, a backend)
     /// run.
     pub fn process_host_events(&mut self) {
@@ -359,7 +375,12 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => self.notify(v),
+            // Notifies of a queue this transport has are ioeventfds (see
+            // `queue_notified`); a write KVM did not match lands here.
+            QUEUE_NOTIFY => {
+                crate::metrics::inc(&crate::metrics::METRICS.virtio.notify_exits);
+                self.notify(v)
+            }
             0x64 => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
             }
