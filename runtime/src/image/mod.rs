@@ -510,6 +510,20 @@ impl ImageStore {
     /// The image's read-only root image (erofs), built on first use: the
     /// layers applied in order, whiteouts honoured, each layer's contents
     /// checked against its diff_id as it is read.
+    /// Applies the image's layers, in order, to the empty directory
+    /// `tree`: whiteouts remove, and nothing is written outside `tree`
+    /// (a layer is input husk does not control).
+    pub fn unpack(&self, rec: &ImageRecord, tree: &Path) -> Result<()> {
+        for l in &rec.layers {
+            apply_layer(&self.blob(&l.digest)?, l, tree).map_err(|e| ImageError::Layer {
+                image: rec.name.clone(),
+                digest: l.digest.clone(),
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn rootfs(&self, rec: &ImageRecord) -> Result<PathBuf> {
         let out = self.rootfs_path(rec)?;
         if out.exists() {
@@ -521,13 +535,7 @@ impl ImageStore {
             .at(|| shown(&self.root.join("tmp")))?;
         let tree = work.path().join("tree");
         std::fs::create_dir(&tree).at(|| shown(&tree))?;
-        for l in &rec.layers {
-            apply_layer(&self.blob(&l.digest)?, l, &tree).map_err(|e| ImageError::Layer {
-                image: rec.name.clone(),
-                digest: l.digest.clone(),
-                source: Box::new(e),
-            })?;
-        }
+        self.unpack(rec, &tree)?;
         let img = work.path().join("rootfs.erofs");
         let o = Command::new("mkfs.erofs")
             .arg("--quiet")
@@ -645,9 +653,16 @@ fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
             };
             let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let parent = rel.parent().unwrap_or(Path::new(""));
+            // What this entry removes is found with its directories
+            // resolved inside the tree: a layer's symlinks are followed
+            // only within the image (as tar's unpack_in and containerd
+            // do), never to the host's files.
             if name == ".wh..wh..opq" {
-                let dir = tree.join(parent);
-                if let Ok(children) = std::fs::read_dir(&dir) {
+                let Some(dir) = resolve_in(tree, &rel)? else {
+                    continue;
+                };
+                let dir = dir.parent().unwrap_or(tree);
+                if let Ok(children) = std::fs::read_dir(dir) {
                     for c in children.flatten() {
                         if !mine.contains(&parent.join(c.file_name())) {
                             remove_any(&c.path())?;
@@ -657,15 +672,18 @@ fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
                 continue;
             }
             if let Some(hidden) = name.strip_prefix(".wh.") {
-                remove_any(&tree.join(parent).join(hidden))?;
+                if let Some(gone) = resolve_in(tree, &parent.join(hidden))? {
+                    remove_any(&gone)?;
+                }
                 continue;
             }
-            let target = tree.join(&rel);
             // A file replacing a directory (or the reverse) from below.
-            if let Ok(m) = std::fs::symlink_metadata(&target) {
-                let is_dir = entry.header().entry_type() == tar::EntryType::Directory;
-                if !(is_dir && m.is_dir()) {
-                    remove_any(&target)?;
+            if let Some(target) = resolve_in(tree, &rel)? {
+                if let Ok(m) = std::fs::symlink_metadata(&target) {
+                    let is_dir = entry.header().entry_type() == tar::EntryType::Directory;
+                    if !(is_dir && m.is_dir()) {
+                        remove_any(&target)?;
+                    }
                 }
             }
             entry
@@ -684,6 +702,28 @@ fn apply_layer(blob: &Path, layer: &Layer, tree: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `tree/rel` with the directories above it resolved: None when one of
+/// them does not exist, an error when they lead outside `tree` (through a
+/// symlink the layer made). The last component is not followed.
+fn resolve_in(tree: &Path, rel: &Path) -> Result<Option<PathBuf>> {
+    let root = tree.canonicalize().at(|| shown(tree))?;
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let Ok(dir) = tree.join(parent).canonicalize() else {
+        return Ok(None);
+    };
+    if !dir.starts_with(&root) {
+        return Err(ImageError::Corrupt(format!(
+            "layer entry {}: its directory leads outside the image (through a symlink to {})",
+            rel.display(),
+            dir.display()
+        )));
+    }
+    Ok(Some(match rel.file_name() {
+        Some(n) => dir.join(n),
+        None => dir,
+    }))
 }
 
 fn remove_any(p: &Path) -> Result<()> {
@@ -781,5 +821,73 @@ mod tests {
         };
         let e = apply_layer(&p, &bad, &tree).unwrap_err();
         assert!(matches!(e, ImageError::Corrupt(_)), "{e:?}");
+    }
+
+    /// A layer that plants a symlink to a host directory and then names
+    /// paths through it (a whiteout, an opaque marker, a file replacing
+    /// what is "there") must not touch the host.
+    #[test]
+    fn a_layer_cannot_reach_through_its_own_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let host = d.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        for f in ["victim", "other", "replaced"] {
+            std::fs::write(host.join(f), f).unwrap();
+        }
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_link(&mut h, "evil", &host).unwrap();
+        let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        file(&mut b, "evil/.wh.victim", b"");
+        file(&mut b, "evil/.wh..wh..opq", b"");
+        file(&mut b, "evil/replaced", b"from the image");
+        let t = b.into_inner().unwrap();
+        let p = d.path().join("layer");
+        std::fs::write(&p, &t).unwrap();
+        let l = Layer {
+            digest: String::new(),
+            diff_id: format!("sha256:{}", sha256_hex(&t)),
+            gzip: false,
+        };
+        let r = apply_layer(&p, &l, &tree);
+        for f in ["victim", "other", "replaced"] {
+            assert_eq!(
+                std::fs::read_to_string(host.join(f)).ok().as_deref(),
+                Some(f),
+                "host file {f} touched through the layer's symlink ({r:?})"
+            );
+        }
+        let e = crate::util::chain(&r.expect_err("the layer is refused"));
+        assert!(e.contains("leads outside the image"), "{e}");
+
+        // A symlink within the image (merged /usr: lib -> usr/lib) is
+        // followed, as Docker does.
+        let tree = d.path().join("tree2");
+        std::fs::create_dir_all(tree.join("usr/lib")).unwrap();
+        std::fs::write(tree.join("usr/lib/old.so"), "old").unwrap();
+        std::os::unix::fs::symlink("usr/lib", tree.join("lib")).unwrap();
+        let t = layer_tar(&[("lib/.wh.old.so", Some(""))]);
+        std::fs::write(&p, &t).unwrap();
+        let l = Layer {
+            digest: String::new(),
+            diff_id: format!("sha256:{}", sha256_hex(&t)),
+            gzip: false,
+        };
+        apply_layer(&p, &l, &tree).unwrap();
+        assert!(!tree.join("usr/lib/old.so").exists());
     }
 }
