@@ -38,7 +38,7 @@ FUZZ_LONG_SECONDS ?= 600
 FUZZ_TARGETS := vmm/fuzz:virtio_blk vmm/fuzz:vsock_tx vmm/fuzz:mmio_transport \
 	vmm/fuzz:virtio_rng vmm/fuzz:virtio_net \
 	agent/fuzz:sandbox_request agent/fuzz:container_request \
-	cli/fuzz:compose cli/fuzz:cluster_decode
+	cli/fuzz:compose cli/fuzz:cluster_decode cli/fuzz:image_import
 fuzz: setup
 	scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 

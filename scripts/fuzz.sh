@@ -18,7 +18,14 @@ for spec in "$@"; do
     t=${spec#*:}
     log=$root/target/fuzz-$t.log
     rc=0
-    (cd "$root/$dir" && cargo +nightly fuzz run "$t" -- \
+    # Committed seeds (inputs a mutation alone rarely reaches) join the
+    # working corpus, which gets what the run finds.
+    corpus=()
+    if [ -d "$root/$dir/seeds/$t" ]; then
+        mkdir -p "$root/$dir/corpus/$t"
+        corpus=("corpus/$t" "seeds/$t")
+    fi
+    (cd "$root/$dir" && cargo +nightly fuzz run "$t" "${corpus[@]}" -- \
         -max_total_time="$seconds" -print_final_stats=1) >"$log" 2>&1 || rc=$?
     execs=$(grep -oP 'stat::number_of_executed_units:\s*\K[0-9]+' "$log" | tail -1 || true)
     cov=$(grep -oP '(DONE|pulse|NEW|REDUCE)\s+cov: \K[0-9]+' "$log" | tail -1 || true)

@@ -144,14 +144,24 @@ impl Executor {
                 continue;
             }
             let st = t.status.state;
-            let found = left.as_mut().is_some_and(|l| l.remove(&t.id));
+            // A sandbox an earlier huskd left for this task is taken out of
+            // `left` only by the branch that deals with it; one of an ended
+            // task stays there and is removed below.
+            let found = left.as_ref().is_some_and(|l| l.contains(&t.id));
+            let mut take = || {
+                if let Some(l) = left.as_mut() {
+                    l.remove(&t.id);
+                }
+            };
             if t.desired_state == TaskState::Running && st <= TaskState::Assigned {
                 // A sandbox of it while the manager still has it assigned:
                 // the earlier huskd died before its report arrived.
+                take();
                 self.spawn_task(&mut known, t, false, found, Executor::run);
             } else if found && !st.is_terminal() && st >= TaskState::Preparing {
                 // Started by an earlier huskd on this node: held again, and
                 // stopped if that is what is asked now.
+                take();
                 let stop = t.desired_state != TaskState::Running;
                 self.spawn_task(&mut known, t, stop, false, Executor::resume);
             } else if !st.is_terminal() && st >= TaskState::Preparing {
