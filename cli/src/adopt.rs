@@ -49,7 +49,7 @@ fn adopt(records: &Records, id: &str) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        // Its own session: the terminal's signals are not its.
+        // Its own process group: the terminal's signals are not its.
         .process_group(0)
         .spawn()
         .context("starting a husk to hold it")?;

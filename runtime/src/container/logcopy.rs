@@ -34,27 +34,37 @@ pub fn spawn(exe: &Path, streams: &mut Streams, log: &Path) -> std::io::Result<W
         Some(s) => s.into(),
         None => null()?.into(),
     };
+    // Copies at 5 and up (close-on-exec, like every descriptor here), so
+    // the child's dup2 to 3 and 4 never lands on the other's source, nor on
+    // the pipe std uses to report a failed exec.
+    let high = |fd: &std::os::fd::OwnedFd| -> std::io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we own; the result
+        // is a new descriptor owned by no one else.
+        let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 5) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: just returned to us.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(n) })
+    };
+    let (out, err) = (high(&out)?, high(&err)?);
     let (out_fd, err_fd) = (out.as_raw_fd(), err.as_raw_fd());
-    // Going through numbers above both keeps one dup2 from overwriting
-    // the other's source (what they replace in the child is not used).
-    let hi = out_fd.max(err_fd).max(4) + 1;
     let mut cmd = Command::new(exe);
     cmd.arg(SUBCOMMAND)
         .arg(log)
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: between fork and exec: only dup2 and setsid, which are
     // async-signal-safe, on descriptors that live until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
             // dup2 clears FD_CLOEXEC on the copy.
-            for (from, to) in [(out_fd, hi), (err_fd, hi + 1), (hi, 3), (hi + 1, 4)] {
+            for (from, to) in [(out_fd, 3), (err_fd, 4)] {
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            libc::close(hi);
-            libc::close(hi + 1);
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -77,6 +87,19 @@ pub fn run_if_asked() -> Option<i32> {
         eprintln!("usage: {SUBCOMMAND} <log file>, its streams as descriptors 3 and 4");
         return Some(2);
     };
+    // Checked before anything here opens a file (which could take 3).
+    // Only what `spawn` hands over: a stream (a socket) or /dev/null.
+    for fd in [3, 4] {
+        // SAFETY: a zeroed stat is a valid value of the plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into `st`, which we own, for any fd number.
+        let ok = unsafe { libc::fstat(fd, &mut st) } == 0
+            && matches!(st.st_mode & libc::S_IFMT, libc::S_IFSOCK | libc::S_IFCHR);
+        if !ok {
+            eprintln!("{SUBCOMMAND}: descriptor {fd} is not a stream: this mode is husk's own");
+            return Some(2);
+        }
+    }
     let log = match LogWriter::create(Path::new(&log)) {
         Ok(l) => l,
         Err(e) => {
@@ -85,7 +108,7 @@ pub fn run_if_asked() -> Option<i32> {
         }
     };
     // SAFETY: descriptors 3 and 4 were set up for this process by `spawn`
-    // and nothing else in it owns them.
+    // (checked first) and nothing else in it owns them.
     let (out, err) = unsafe {
         use std::os::fd::FromRawFd;
         (UnixStream::from_raw_fd(3), UnixStream::from_raw_fd(4))

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::config::Runtime;
 use crate::guest::{AgentConn, Endpoint};
 use crate::net::attach::Attachment;
+use crate::net::ports::check_mappings;
 use crate::sandbox::{
     check_id, Boot, Result, Sandbox, SandboxError, SandboxRecord, StartTimes, VSOCK_SOCKET,
 };
@@ -39,16 +40,11 @@ impl Runtime {
     pub fn find_sandbox(&self, id: &str) -> Result<Sandbox> {
         check_id(id)?;
         let dir = self.run_dir.join(id);
-        let rec = SandboxRecord::load(&dir)?;
-        if rec.id != id {
-            return Err(SandboxError::Record {
-                path: dir.join("sandbox.json"),
-                reason: format!("it names sandbox {:?}", rec.id),
-            });
-        }
+        let rec = SandboxRecord::load(&self.run_dir, id)?;
+        self.check_record(&rec)?;
         if rec.shared {
             return Err(SandboxError::Record {
-                path: dir.join("sandbox.json"),
+                path: dir.clone(),
                 reason: "it shared host paths, and their virtio-fs daemon went with the \
                          process that started it"
                     .into(),
@@ -88,13 +84,59 @@ impl Runtime {
     /// removed.
     pub fn remove_left(&self, id: &str) -> Result<()> {
         check_id(id)?;
-        let dir = self.run_dir.join(id);
-        if let Ok(rec) = SandboxRecord::load(&dir) {
-            if let Ok(mut vmm) = Watched::find(rec.vmm_pid, rec.vmm_start_ticks) {
-                vmm.kill_and_wait();
+        if let Ok(rec) = SandboxRecord::load(&self.run_dir, id) {
+            if self.check_record(&rec).is_ok() {
+                if let Ok(mut vmm) = Watched::find(rec.vmm_pid, rec.vmm_start_ticks) {
+                    vmm.kill_and_wait();
+                }
+                drop(Cgroup::existing(rec.cgroup));
             }
-            drop(Cgroup::existing(rec.cgroup));
         }
         self.clean_sandbox(id)
+    }
+
+    /// What a record names must be what a sandbox of ours could have: its
+    /// own cgroups (`husk/<id>-<8 hex>`), a real start time, ports that can
+    /// be published, an address on the bridge. The record is root's, but
+    /// a check costs little against acting on a wrong one as root.
+    fn check_record(&self, rec: &SandboxRecord) -> Result<()> {
+        let bad = |reason: String| SandboxError::Record {
+            path: self.run_dir.join(".records"),
+            reason: format!("sandbox {}: {reason}", rec.id),
+        };
+        if rec.vmm_start_ticks == 0 {
+            return Err(bad("no start time for its VMM".into()));
+        }
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let parents = [
+            root.join("husk"),
+            root.join("memory/husk"),
+            root.join("cpu/husk"),
+        ];
+        for g in &rec.cgroup {
+            let ours = parents.iter().any(|p| g.parent() == Some(p.as_path()))
+                && g.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(rec.id.as_str()))
+                    .and_then(|r| r.strip_prefix('-'))
+                    .is_some_and(|r| r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ours {
+                return Err(bad(format!("cgroup {} is not one of its own", g.display())));
+            }
+        }
+        check_mappings(&rec.ports).map_err(|e| bad(crate::util::chain(&e)))?;
+        if let Some(ip) = rec.ip {
+            let net = &self.network;
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(net.prefix))
+                .unwrap_or(0);
+            if u32::from(ip) & mask != u32::from(net.subnet) & mask {
+                return Err(bad(format!(
+                    "address {ip} is not on the bridge's {}/{}",
+                    net.subnet, net.prefix
+                )));
+            }
+        }
+        Ok(())
     }
 }

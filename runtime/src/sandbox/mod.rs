@@ -452,6 +452,9 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.vmm.child.kill_and_wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(run_dir) = self.dir.parent() {
+            SandboxRecord::remove(run_dir, &self.id);
+        }
     }
 }
 

@@ -1,7 +1,10 @@
-//! A sandbox's record, `<sandbox dir>/sandbox.json`: what another process
-//! of ours needs to find the sandbox again after the one that started it
-//! is gone (huskd restarted): which process is its VMM, its cgroups, the
-//! guest devices of its drives, its address and published ports.
+//! A sandbox's record, `<run dir>/.records/<id>.json`: what another
+//! process of ours needs to find the sandbox again after the one that
+//! started it is gone (huskd restarted): which process is its VMM, its
+//! cgroups, the guest devices of its drives, its address and published
+//! ports. It is kept outside the sandbox's directory, which the confined
+//! VMM can write (its sockets live there): a VMM must not be able to name
+//! the processes, cgroups or ports that a restarted huskd acts on.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,13 @@ use crate::net::ports::PortMapping;
 use crate::sandbox::{Result, SandboxError};
 use crate::util::{shown, IoContext};
 
-const FILE: &str = "sandbox.json";
+/// The records' directory under the run directory (its name is not a
+/// sandbox id: ids do not start with '.').
+const DIR: &str = ".records";
+
+fn path(run_dir: &Path, id: &str) -> PathBuf {
+    run_dir.join(DIR).join(format!("{id}.json"))
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
@@ -33,28 +42,55 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
-    /// Written once the sandbox is up (replaced atomically).
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Written once the sandbox is up (replaced atomically; root's, 0600).
+    pub fn save(&self, run_dir: &Path) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let json = serde_json::to_vec_pretty(self).map_err(|source| SandboxError::Encode {
             what: "the sandbox record",
             source,
         })?;
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        std::fs::write(&tmp, json).at(|| shown(&tmp))?;
-        Ok(std::fs::rename(&tmp, dir.join(FILE)).at(|| shown(dir))?)
+        let dir = run_dir.join(DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .at(|| shown(&dir))?;
+        let tmp = dir.join(format!("{}.json.tmp", self.id));
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&json))
+            .at(|| shown(&tmp))?;
+        let to = path(run_dir, &self.id);
+        Ok(std::fs::rename(&tmp, &to).at(|| shown(&to))?)
     }
 
-    /// The record in `dir`; an error names a missing or unreadable one.
-    pub fn load(dir: &Path) -> Result<SandboxRecord> {
-        let path = dir.join(FILE);
+    /// The record of sandbox `id`; an error names a missing or unreadable
+    /// one.
+    pub fn load(run_dir: &Path, id: &str) -> Result<SandboxRecord> {
+        let path = path(run_dir, id);
         let bytes = std::fs::read(&path).at(|| shown(&path))?;
-        // Written by us, but a record is a file anyone with the run
-        // directory could have changed: it is parsed, never trusted blindly
-        // (the pid must still be the process that started then).
-        serde_json::from_slice(&bytes).map_err(|source| SandboxError::Record {
-            path,
-            reason: source.to_string(),
-        })
+        let r: SandboxRecord =
+            serde_json::from_slice(&bytes).map_err(|source| SandboxError::Record {
+                path: path.clone(),
+                reason: source.to_string(),
+            })?;
+        if r.id != id {
+            return Err(SandboxError::Record {
+                path,
+                reason: format!("it names sandbox {:?}", r.id),
+            });
+        }
+        Ok(r)
+    }
+
+    /// Removes the record of `id`, if there is one.
+    pub fn remove(run_dir: &Path, id: &str) {
+        let _ = std::fs::remove_file(path(run_dir, id));
     }
 }
 
@@ -76,11 +112,12 @@ mod tests {
             shared: false,
         };
         r.save(d.path()).unwrap();
-        assert_eq!(SandboxRecord::load(d.path()).unwrap(), r);
-        std::fs::write(d.path().join(FILE), b"{\"id\": 1}").unwrap();
-        let e = crate::util::chain(&SandboxRecord::load(d.path()).unwrap_err());
-        assert!(e.contains("sandbox.json"), "{e}");
-        let none = tempfile::tempdir().unwrap();
-        assert!(SandboxRecord::load(none.path()).is_err());
+        assert_eq!(SandboxRecord::load(d.path(), "t1").unwrap(), r);
+        assert!(SandboxRecord::load(d.path(), "t2").is_err());
+        std::fs::write(path(d.path(), "t1"), b"{\"id\": 1}").unwrap();
+        let e = crate::util::chain(&SandboxRecord::load(d.path(), "t1").unwrap_err());
+        assert!(e.contains("t1.json"), "{e}");
+        SandboxRecord::remove(d.path(), "t1");
+        assert!(SandboxRecord::load(d.path(), "t1").is_err());
     }
 }

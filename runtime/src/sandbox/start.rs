@@ -65,6 +65,7 @@ impl Runtime {
         check_id(id)?;
         crate::vmm::cgroup::kill_groups_of(id);
         let dir = self.run_dir.join(id);
+        SandboxRecord::remove(&self.run_dir, id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).at(|| format!("removing {}", dir.display()))?;
         }
@@ -142,7 +143,7 @@ impl Runtime {
                 .unwrap_or_default(),
             shared: shared.is_some(),
         }
-        .save(dir)?;
+        .save(&self.run_dir)?;
         Ok(Sandbox {
             id: cfg.id.clone(),
             dir: dir.to_path_buf(),

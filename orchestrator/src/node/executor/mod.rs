@@ -158,9 +158,11 @@ impl Executor {
                 // the earlier huskd died before its report arrived.
                 take();
                 self.spawn_task(&mut known, t, false, found, Executor::run);
-            } else if found && !st.is_terminal() && st >= TaskState::Preparing {
+            } else if found && st == TaskState::Running {
                 // Started by an earlier huskd on this node: held again, and
-                // stopped if that is what is asked now.
+                // stopped if that is what is asked now. (One that was still
+                // preparing or starting has no container to follow: it is
+                // lost, below, and its sandbox removed.)
                 take();
                 let stop = t.desired_state != TaskState::Running;
                 self.spawn_task(&mut known, t, stop, false, Executor::resume);
