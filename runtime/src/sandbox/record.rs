@@ -58,13 +58,25 @@ impl SandboxRecord {
             .at(|| shown(&dir))?;
         let tmp = dir.join(format!("{}.json.tmp", self.id));
         let _ = std::fs::remove_file(&tmp);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&json))
-            .at(|| shown(&tmp))?;
+        let write = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&json))
+        };
+        // The directory goes when its last record does (`remove`): made
+        // again if that happened just now.
+        let wrote = match write() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .and_then(|_| write()),
+            other => other,
+        };
+        wrote.at(|| shown(&tmp))?;
         let to = path(run_dir, &self.id);
         Ok(std::fs::rename(&tmp, &to).at(|| shown(&to))?)
     }
@@ -88,9 +100,12 @@ impl SandboxRecord {
         Ok(r)
     }
 
-    /// Removes the record of `id`, if there is one.
+    /// Removes the record of `id`, if there is one, and the records'
+    /// directory once it is empty (a run directory with no sandboxes is
+    /// empty).
     pub fn remove(run_dir: &Path, id: &str) {
         let _ = std::fs::remove_file(path(run_dir, id));
+        let _ = std::fs::remove_dir(run_dir.join(DIR));
     }
 }
 
@@ -119,5 +134,10 @@ mod tests {
         assert!(e.contains("t1.json"), "{e}");
         SandboxRecord::remove(d.path(), "t1");
         assert!(SandboxRecord::load(d.path(), "t1").is_err());
+        assert!(
+            !d.path().join(DIR).exists(),
+            "an empty records directory goes"
+        );
+        r.save(d.path()).unwrap();
     }
 }
