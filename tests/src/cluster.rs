@@ -241,6 +241,8 @@ impl Host {
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    // Not a sandbox: the records' directory.
+                    .filter(|n| !n.starts_with('.'))
                     .collect()
             })
             .unwrap_or_default();
