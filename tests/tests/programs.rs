@@ -73,8 +73,12 @@ fn started_programs() -> BTreeSet<String> {
         }
     }
     // Literals that name no program (the markers quoted in comments).
+    // /proc/self/exe is the running binary itself (huskd's and husk's log
+    // copier and adopter), which no package provides.
     found.retain(|p| {
-        p.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '/') && !p.contains(' ')
+        p.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '/')
+            && !p.contains(' ')
+            && p != "/proc/self/exe"
     });
     found
 }
