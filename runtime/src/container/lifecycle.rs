@@ -314,19 +314,25 @@ impl Plan {
                 read_only: true,
             });
         }
-        let mut leases = Vec::new();
-        if !self.volumes.is_empty() {
-            let volumes =
-                volumes.ok_or(ContainerError::NeedsStore("volumes need the volume store"))?;
-            for name in &self.volumes {
-                leases.push(volumes.lease(name)?);
-            }
-        }
+        let leases = self.lease_volumes(volumes)?;
         self.config.drives.extend(leases.iter().map(|l| DriveSpec {
             path: l.volume.disk.clone(),
             read_only: false,
         }));
         Ok(Prepared { plan: self, leases })
+    }
+
+    /// A lease on each of the plan's named volumes, in order.
+    fn lease_volumes(&self, volumes: Option<&VolumeStore>) -> Result<Vec<VolumeLease>> {
+        if self.volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let volumes = volumes.ok_or(ContainerError::NeedsStore("volumes need the volume store"))?;
+        Ok(self
+            .volumes
+            .iter()
+            .map(|name| volumes.lease(name))
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     /// The container this plan started, found again after the process
@@ -335,14 +341,7 @@ impl Plan {
     /// streams: its output goes where its start sent it. On an error the
     /// sandbox is left for [`Runtime::remove_left`].
     pub fn find(self, rt: &Runtime, volumes: Option<&VolumeStore>) -> Result<Container> {
-        let mut leases = Vec::new();
-        if !self.volumes.is_empty() {
-            let volumes =
-                volumes.ok_or(ContainerError::NeedsStore("volumes need the volume store"))?;
-            for name in &self.volumes {
-                leases.push(volumes.lease(name)?);
-            }
-        }
+        let leases = self.lease_volumes(volumes)?;
         Container::find(rt, &self.id, leases)
     }
 }
