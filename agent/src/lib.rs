@@ -7,6 +7,7 @@ pub mod init;
 pub mod kmsg;
 pub mod network;
 pub mod panics;
+pub mod profile;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;

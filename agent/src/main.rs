@@ -121,6 +121,7 @@ fn main() {
         state_dir: dirs.sandbox(),
         is_guest,
         on_destroy,
+        cgroup: dirs.cgroup.clone(),
     });
     if let Err(e) = husk_agent::server::start(&listen, sandbox, containers, network) {
         say(&husk_agent::rpc::causes(&e));

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use husk_protocol::agent::{
-    CreateSandboxRequest, Empty, HealthResponse, ReseedRandomRequest, SetTimeRequest,
+    CreateSandboxRequest, Empty, HealthResponse, ProfileRequest, ProfileResponse,
+    ReseedRandomRequest, SetTimeRequest, StartSandboxRequest,
 };
 
 use crate::rpc::{check_version, internal, invalid, Metadata};
@@ -30,6 +31,9 @@ pub struct SandboxService {
     pub network: Arc<crate::network::NetworkService>,
     /// Called after DestroySandbox has been answered.
     pub on_destroy: Arc<dyn Fn() + Send + Sync>,
+    /// The cgroup v2 mount: DestroySandbox kills every process in the
+    /// cgroups below it (the containers'; the agent is in the root).
+    pub cgroup: PathBuf,
 }
 
 /// Forces the kernel's CRNG to reseed from its input pool.
@@ -111,6 +115,7 @@ impl SandboxService {
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
         check_version(meta)?;
+        let _step = crate::profile::step("sandbox.create");
         let files = sandbox_files(&req)?;
         for i in &req.interfaces {
             crate::network::check_interface(i)?;
@@ -148,7 +153,16 @@ impl SandboxService {
 
     pub fn destroy_sandbox(&self, meta: &Metadata, _: Empty) -> ttrpc::Result<Empty> {
         check_version(meta)?;
-        // Answer first, then go: the caller learns the request was taken.
+        if self.is_guest {
+            // Nothing may write after the sync below: every container
+            // process goes first. Then what they wrote reaches the drives
+            // (the VMM writes a flushed request through before it
+            // completes it), so the host may kill the VM on this answer
+            // instead of waiting for the guest kernel's power-off path.
+            kill_cgroups_below(&self.cgroup);
+            nix::unistd::sync();
+        }
+        // Answer, then go: the caller learns the request was taken.
         let f = self.on_destroy.clone();
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -168,6 +182,7 @@ impl SandboxService {
 
     pub fn set_time(&self, meta: &Metadata, req: SetTimeRequest) -> ttrpc::Result<Empty> {
         check_version(meta)?;
+        let _step = crate::profile::step("sandbox.set-time");
         if req.sec < 0 || req.nsec >= 1_000_000_000 {
             return Err(invalid(format!(
                 "time {}.{:09} is out of range",
@@ -187,6 +202,7 @@ impl SandboxService {
 
     pub fn reseed_random(&self, meta: &Metadata, req: ReseedRandomRequest) -> ttrpc::Result<Empty> {
         check_version(meta)?;
+        let _step = crate::profile::step("sandbox.reseed");
         if req.data.is_empty() || req.data.len() > MAX_SEED {
             return Err(invalid(format!(
                 "seed of {} bytes; send 1 to {MAX_SEED}",
@@ -210,6 +226,96 @@ impl SandboxService {
         }
         Ok(Empty::new())
     }
+
+    /// SetTime, ReseedRandom and CreateSandbox in one trip. The time goes
+    /// first, moved on by how long this handler has had the request (the
+    /// host read it just before sending); nothing in between draws random
+    /// numbers. Every part is checked before any is applied.
+    pub fn start_sandbox(&self, meta: &Metadata, req: StartSandboxRequest) -> ttrpc::Result<Empty> {
+        let got = std::time::Instant::now();
+        check_version(meta)?;
+        let (Some(seed), Some(mut time), Some(sandbox)) = (
+            req.seed.into_option(),
+            req.time.into_option(),
+            req.sandbox.into_option(),
+        ) else {
+            return Err(invalid("StartSandbox needs a seed, a time and a sandbox"));
+        };
+        if seed.data.is_empty() || seed.data.len() > MAX_SEED {
+            return Err(invalid(format!(
+                "seed of {} bytes; send 1 to {MAX_SEED}",
+                seed.data.len()
+            )));
+        }
+        sandbox_files(&sandbox)?;
+        if time.sec < 0 || time.nsec >= 1_000_000_000 {
+            return Err(invalid(format!(
+                "time {}.{:09} is out of range",
+                time.sec, time.nsec
+            )));
+        }
+        let held = got.elapsed();
+        let nsec = u64::from(time.nsec) + u64::from(held.subsec_nanos());
+        time.sec = time
+            .sec
+            .saturating_add(held.as_secs() as i64)
+            .saturating_add((nsec / 1_000_000_000) as i64);
+        time.nsec = (nsec % 1_000_000_000) as u32;
+        self.set_time(meta, time)?;
+        self.reseed_random(meta, seed)?;
+        self.create_sandbox(meta, sandbox)
+    }
+
+    /// The steps recorded since the last call; counts from now on if asked.
+    pub fn profile(&self, meta: &Metadata, req: ProfileRequest) -> ttrpc::Result<ProfileResponse> {
+        check_version(meta)?;
+        Ok(crate::profile::PROFILE.take(req.count))
+    }
+}
+
+/// How long DestroySandbox waits for killed containers to be gone.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Kills every process in the cgroups directly below `root` (and theirs):
+/// the containers'. The agent and its spawner stay in the root cgroup.
+/// Returns once they are gone (cgroup.events says unpopulated), or after
+/// KILL_WAIT with a report: a process in a write when it was killed may
+/// finish it, and what it wrote must be there for the sync.
+fn kill_cgroups_below(root: &std::path::Path) {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return;
+    };
+    let groups: Vec<PathBuf> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.kill").exists())
+        .collect();
+    for g in &groups {
+        if let Err(err) = std::fs::write(g.join("cgroup.kill"), "1") {
+            eprintln!("husk-agent: {}/cgroup.kill: {err}", g.display());
+        }
+    }
+    let deadline = std::time::Instant::now() + KILL_WAIT;
+    for g in &groups {
+        while populated(g) {
+            if std::time::Instant::now() >= deadline {
+                eprintln!(
+                    "husk-agent: {} still has processes {KILL_WAIT:?} after cgroup.kill",
+                    g.display()
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// Whether cgroup `g` or one below it has a process (a cgroup that cannot
+/// be read has none that matter).
+fn populated(g: &std::path::Path) -> bool {
+    std::fs::read_to_string(g.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -249,5 +355,52 @@ mod tests {
         let mut bad = r;
         bad.hostname = "no spaces".into();
         assert!(sandbox_files(&bad).unwrap_err().0.contains("hostname"));
+    }
+
+    #[test]
+    fn start_sandbox_checks_every_part_before_applying_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = SandboxService {
+            state_dir: dir.path().join("sandbox"),
+            is_guest: false,
+            network: Arc::new(crate::network::NetworkService::new(false, false)),
+            on_destroy: Arc::new(|| {}),
+            cgroup: dir.path().join("cgroup"),
+        };
+        let mut meta = Metadata::new();
+        // The version every request carries.
+        meta.insert(
+            husk_protocol::VERSION_KEY.into(),
+            vec![husk_protocol::API_VERSION.to_string()],
+        );
+        let good = || {
+            let mut r = StartSandboxRequest::new();
+            let mut seed = ReseedRandomRequest::new();
+            seed.data = vec![1; 64];
+            r.seed = Some(seed).into();
+            r.time = Some(SetTimeRequest::new()).into();
+            let mut sb = CreateSandboxRequest::new();
+            sb.hostname = "web".into();
+            r.sandbox = Some(sb).into();
+            r
+        };
+        let refused = |r: StartSandboxRequest| svc.start_sandbox(&meta, r).unwrap_err();
+        let mut r = good();
+        r.time = None.into();
+        assert!(format!("{:?}", refused(r)).contains("needs a seed, a time and a sandbox"));
+        let mut r = good();
+        r.seed.as_mut().unwrap().data = vec![0; MAX_SEED + 1];
+        assert!(format!("{:?}", refused(r)).contains("seed of"));
+        let mut r = good();
+        r.sandbox.as_mut().unwrap().hostname = "a b".into();
+        assert!(format!("{:?}", refused(r)).contains("hostname"));
+        let mut r = good();
+        r.time.as_mut().unwrap().nsec = 2_000_000_000;
+        assert!(format!("{:?}", refused(r)).contains("out of range"));
+        // Nothing was written for any of them.
+        assert!(!svc.state_dir.exists());
+        // A good one reaches the clock, which a host's agent refuses.
+        assert!(format!("{:?}", refused(good())).contains("refused outside a guest"));
+        assert!(!svc.state_dir.exists());
     }
 }

@@ -115,6 +115,7 @@ serve!(Containers for ContainersService {
         close_stdin(ProcessRequest) -> Empty;
         get_oom_event(Empty) -> OOMEvent;
         list_containers(Empty) -> ListContainersResponse;
+        bare_exec(BareExecRequest) -> BareExecResponse;
     }
     inline {}
 });
@@ -132,11 +133,13 @@ serve!(Sandbox for SandboxService {
     pool {
         create_sandbox(CreateSandboxRequest) -> Empty;
         destroy_sandbox(Empty) -> Empty;
+        start_sandbox(StartSandboxRequest) -> Empty;
     }
     inline {
         health(Empty) -> HealthResponse;
         set_time(SetTimeRequest) -> Empty;
         reseed_random(ReseedRandomRequest) -> Empty;
+        profile(ProfileRequest) -> ProfileResponse;
     }
 });
 

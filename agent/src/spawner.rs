@@ -165,6 +165,7 @@ impl Spawner {
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
         let iov = [std::io::IoSlice::new(req.as_bytes())];
+        let sent = monotonic_ns();
         sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
             .map_err(sys("asking the spawner"))?;
         // Sent: the spawner has its own copies; ours close now, so the
@@ -215,11 +216,83 @@ impl Spawner {
                 continue;
             }
             if let Some(pid) = v["pid"].as_i64() {
+                record_parts(sent, &v);
                 return i32::try_from(pid).map_err(|_| SpawnError::BadAnswer(format!("pid {pid}")));
             }
             return Err(match v["error"].as_str() {
                 Some(e) => SpawnError::Builder(e.to_string()),
                 None => SpawnError::BadAnswer("neither a pid nor an error".into()),
+            });
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for the agent, the spawner
+/// and its builders, so a build's parts can be told apart.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// A build's parts in the agent's profile, from the builder's timestamps:
+/// the spawner's fork of the builder, libcontainer's create (its
+/// intermediate and init processes, the container's mounts, cgroup,
+/// namespaces), and the answer's way back.
+fn record_parts(sent: u64, answer: &Value) {
+    let (Some(forked), Some(built)) = (answer["forked_ns"].as_u64(), answer["built_ns"].as_u64())
+    else {
+        return;
+    };
+    let now = monotonic_ns();
+    let us = |a: u64, b: u64| b.saturating_sub(a) / 1000;
+    let p = &crate::profile::PROFILE;
+    p.record("build.fork-builder", us(sent, forked));
+    p.record("build.libcontainer", us(forked, built));
+    p.record("build.answer", us(built, now));
+}
+
+impl Spawner {
+    /// One fork+exec of `args` in `root` outside any container (see
+    /// `bare_exec`): its status and fork-to-reaped time in microseconds.
+    pub fn bare(
+        &self,
+        root: &Path,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<(i32, u64), SpawnError> {
+        let mut guard = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        guard.1 += 1;
+        let seq = guard.1;
+        let sock = &guard.0;
+        let timeout = timeout.min(BARE_MAX);
+        let req = json!({
+            "seq": seq,
+            "bare": {"root": root, "args": args, "timeout_ms": timeout.as_millis() as u64},
+        })
+        .to_string();
+        let iov = [std::io::IoSlice::new(req.as_bytes())];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::empty(), None)
+            .map_err(sys("asking the spawner"))?;
+        // The spawner kills the process at `timeout`; a little more for
+        // its answer.
+        let deadline = Instant::now() + timeout + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(msg) = recv_until(sock, left)? else {
+                return Err(SpawnError::Timeout(timeout));
+            };
+            let v: Value = serde_json::from_slice(&msg)
+                .map_err(|_| SpawnError::BadAnswer(String::from_utf8_lossy(&msg).into_owned()))?;
+            if v["seq"].as_u64() != Some(seq) {
+                continue;
+            }
+            if let (Some(st), Some(us)) = (v["status"].as_i64(), v["micros"].as_u64()) {
+                return Ok((st as i32, us));
+            }
+            return Err(match v["error"].as_str() {
+                Some(e) => SpawnError::Builder(e.to_string()),
+                None => SpawnError::BadAnswer("neither a status nor an error".into()),
             });
         }
     }
@@ -340,12 +413,27 @@ fn serve(sock: OwnedFd) -> ! {
         };
         let req: Value = serde_json::from_slice(&msg).unwrap_or(Value::Null);
         let seq = req["seq"].clone();
+        if req.get("bare").is_some() {
+            drop(fds);
+            let answer = match bare_exec(&req["bare"]) {
+                Ok((status, micros)) => json!({"seq": seq, "status": status, "micros": micros}),
+                Err(e) => json!({"seq": seq, "error": e}),
+            };
+            send(&sock, &answer);
+            continue;
+        }
         // SAFETY: the spawner is single-threaded; the builder runs build()
         // and `_exit`s.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
+                let forked = monotonic_ns();
                 let answer = match build(&req, fds) {
-                    Ok(pid) => json!({"seq": seq, "pid": pid}),
+                    Ok(pid) => json!({
+                        "seq": seq,
+                        "pid": pid,
+                        "forked_ns": forked,
+                        "built_ns": monotonic_ns(),
+                    }),
                     Err(e) => json!({"seq": seq, "error": e.to_string()}),
                 };
                 send(&sock, &answer);
@@ -359,6 +447,67 @@ fn serve(sock: OwnedFd) -> ! {
             Err(e) => send(&sock, &json!({"seq": seq, "error": format!("fork: {e}")})),
         }
     }
+}
+
+/// Longest a bare exec may run before it is killed (the spawner waits for
+/// it, and builds wait for the spawner).
+pub const BARE_MAX: Duration = Duration::from_secs(60);
+
+/// In the spawner: one fork+exec of `args` chrooted into `root`, stdio on
+/// /dev/null, waited for (killed after `timeout_ms`, at most BARE_MAX).
+/// Returns its status (runc's convention) and the time from fork to reaped.
+fn bare_exec(v: &Value) -> Result<(i32, u64), String> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let root = v["root"].as_str().ok_or("a bare exec without a root")?;
+    let root = std::ffi::CString::new(root).map_err(|_| "a root with a NUL byte")?;
+    let args: Vec<&str> = v["args"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let (prog, rest) = args.split_first().ok_or("a bare exec without args")?;
+    let timeout = Duration::from_millis(v["timeout_ms"].as_u64().unwrap_or(0)).min(BARE_MAX);
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(rest)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: runs in the forked child before exec: chroot and chdir are
+    // async-signal-safe system calls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let t = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    // One poll on a pidfd: no waking up to look (polling is guest-kernel
+    // work, which this measures).
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if pidfd >= 0 {
+        // SAFETY: a descriptor the kernel just gave us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        if let Ok(0) = poll(&mut fds, PollTimeout::from(ms)) {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+    let st = child
+        .wait()
+        .map_err(|e| format!("waiting for {prog}: {e}"))?;
+    let micros = t.elapsed().as_micros() as u64;
+    let status = st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+    Ok((status, micros))
 }
 
 fn unsafe_exit(code: i32) -> ! {

@@ -91,8 +91,7 @@ pub(crate) fn adopted(id: &str) -> Result<u8, Failure> {
         }
     };
     let status = c.wait();
-    let down = c.remove(Duration::from_secs(20));
-    if let Err(e) = down.shutdown {
+    if let Err(e) = c.remove(Duration::from_secs(20)) {
         eprintln!("husk: stopping the sandbox of {id}: {}", chain(&e));
     }
     let mut r = records.read(id)?;

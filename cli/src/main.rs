@@ -126,6 +126,15 @@ enum Cmd {
     /// Show system-wide information: containers, images, network,
     /// confinement, where things are.
     Info,
+    /// For bench/run: one fork+exec of a command in an image's root in a
+    /// new sandbox, outside any container (the floor a container start is
+    /// measured against). Prints `bare-exec: status=… host-s=… guest-s=…`.
+    #[command(hide = true)]
+    BareExec {
+        image: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -189,6 +198,9 @@ fn main() -> ExitCode {
         Cmd::Stack(c) => cluster::stack(c).map(|_| 0).map_err(Failure::from),
         Cmd::Events { format } => cluster::events(format).map(|_| 0).map_err(Failure::from),
         Cmd::Info => info().map(|_| 0).map_err(Failure::from),
+        Cmd::BareExec { image, command } => {
+            system::bare_exec(&image, &command).map_err(Failure::from)
+        }
         Cmd::Version => Runtime::locate()
             .map(|rt| {
                 println!("husk {}", env!("CARGO_PKG_VERSION"));

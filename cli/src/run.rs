@@ -462,17 +462,19 @@ pub(crate) fn run_container(
     let status = c.wait()?;
     copied.finish();
     let ran = t_run.elapsed();
+    let steps = timings_asked().then(|| c.guest_profile());
     let t_down = std::time::Instant::now();
     let times = c.timings();
     let id = c.id().to_string();
-    let down = c.remove(Duration::from_secs(20));
-    if let Err(e) = down.remove {
-        eprintln!("husk: removing container {id}: {}", chain(&e));
+    if let Err(e) = c.remove(Duration::from_secs(20)) {
+        eprintln!("husk: ending container {id} and its sandbox: {}", chain(&e));
     }
-    if let Err(e) = down.shutdown {
-        eprintln!("husk: stopping the sandbox: {}", chain(&e));
+    match steps {
+        Some(Ok(p)) => eprintln!("husk-guest-steps: {}", guest_steps(&p)),
+        Some(Err(e)) => eprintln!("husk: reading the guest's steps: {}", chain(&e)),
+        None => {}
     }
-    if std::env::var_os("HUSK_TIMINGS").is_some() {
+    if timings_asked() {
         // For bench/run: where a run's time went, in seconds.
         eprintln!(
             "husk-timings: template={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
@@ -486,6 +488,39 @@ pub(crate) fn run_container(
         );
     }
     Ok(status)
+}
+
+fn timings_asked() -> bool {
+    std::env::var_os("HUSK_TIMINGS").is_some()
+}
+
+/// The agent's steps as `name=seconds[/forks/context switches/page
+/// faults]`, space-separated, in the order they ended.
+fn guest_steps(p: &husk_protocol::agent::ProfileResponse) -> String {
+    let mut out: Vec<String> = p
+        .steps
+        .iter()
+        .map(|s| {
+            let secs = s.micros as f64 / 1e6;
+            if s.counted {
+                let faults = if s.page_faults_counted {
+                    s.page_faults.to_string()
+                } else {
+                    "-".into()
+                };
+                format!(
+                    "{}={secs:.4}/{}/{}/{faults}",
+                    s.name, s.forks, s.context_switches
+                )
+            } else {
+                format!("{}={secs:.4}", s.name)
+            }
+        })
+        .collect();
+    if p.dropped > 0 {
+        out.push(format!("dropped={}", p.dropped));
+    }
+    out.join(" ")
 }
 
 /// Where a container's output is being copied to its log.

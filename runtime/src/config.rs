@@ -27,6 +27,10 @@ pub struct Runtime {
     pub confine: bool,
     /// The virtio-fs backend for shared host paths.
     pub virtiofsd: PathBuf,
+    /// Have each sandbox's agent count guest work per step from its start
+    /// (`HUSK_PROFILE=1`): counting is guest work itself, so it is off by
+    /// default; the steps' times are kept either way.
+    pub profile: bool,
 }
 
 /// Finding what a runtime runs.
@@ -77,6 +81,7 @@ impl Runtime {
             )?,
         );
         rt.network = net::NetworkConfig::from_env()?;
+        rt.profile = std::env::var_os("HUSK_PROFILE").is_some_and(|v| !v.is_empty() && v != "0");
         Ok(rt)
     }
 
@@ -91,6 +96,7 @@ impl Runtime {
             network: net::NetworkConfig::default(),
             confine: vmm::jail::enabled(),
             virtiofsd: storage::shared::default_virtiofsd(),
+            profile: false,
         }
     }
 }

@@ -15,6 +15,4 @@ pub mod vmm;
 
 pub use config::{default_cache_dir, default_data_dir, default_run_dir, Runtime};
 pub use net::NetworkMode;
-pub use sandbox::{
-    Boot, DriveSpec, Machine, Sandbox, SandboxConfig, StartTimes, Teardown, Template,
-};
+pub use sandbox::{Boot, DriveSpec, Machine, Sandbox, SandboxConfig, StartTimes, Template};

@@ -4,8 +4,8 @@
 //! is mounted or spawned.
 #![no_main]
 
-use husk_agent::containers::{check_create, check_exec, check_storage, relative_path};
-use husk_protocol::agent::{CreateContainerRequest, ExecProcessRequest};
+use husk_agent::containers::{check_bare, check_create, check_exec, check_storage, relative_path};
+use husk_protocol::agent::{BareExecRequest, CreateContainerRequest, ExecProcessRequest};
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message;
 
@@ -23,6 +23,12 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(req) = ExecProcessRequest::parse_from_bytes(data) {
         let _ = check_exec(&req);
+    }
+    if let Ok(req) = BareExecRequest::parse_from_bytes(data) {
+        if check_bare(&req).is_ok() {
+            assert!(relative_path("root", &req.root).is_ok());
+            assert!(!req.args.is_empty() && req.args.iter().all(|a| !a.contains('\0')));
+        }
     }
     // The spec JSON straight, as most inputs fail protobuf decoding.
     let req = CreateContainerRequest {

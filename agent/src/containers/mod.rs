@@ -34,10 +34,12 @@ use crate::rpc::{causes, check_version, internal, invalid, status, time_left, Me
 use crate::spawner::{self, Spawner};
 use crate::stream::Streams;
 
+mod bare;
 mod check;
 mod stats;
 mod stdio;
 
+pub use bare::check_bare;
 pub use check::*;
 use stats::*;
 use stdio::*;
@@ -94,6 +96,9 @@ struct Ctr {
     /// held meanwhile: WaitProcess, stats and signals go on).
     starting: std::collections::HashSet<String>,
     started: bool,
+    /// When StartContainer ran the init, until its exit is reported (the
+    /// profile's "run" step).
+    started_at: Option<Instant>,
     paused: bool,
 }
 
@@ -306,6 +311,7 @@ impl ContainersService {
     }
 
     fn create(&self, req: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
+        let _create = crate::profile::step("create");
         let mut spec = check_create(req)?;
         let _one = lock(&self.creating);
         let id = &req.container_id;
@@ -330,11 +336,16 @@ impl ContainersService {
         }
         let _ = std::fs::remove_dir_all(&undo.lc_state);
         std::fs::create_dir_all(&bundle).map_err(|e| internal(format!("bundle: {e}")))?;
+        let step = crate::profile::step("create.storage");
         for s in &req.storages {
             self.take_storage(s)?;
             undo.storages.push(s.mount_point.clone());
         }
+        step.end();
+        let step = crate::profile::step("create.rootfs");
         let rootfs = self.prepare_rootfs(&mut spec, req.overlay_rootfs, &mut undo)?;
+        step.end();
+        let step = crate::profile::step("create.spec");
         let cgroup_rel = spec
             .linux()
             .as_ref()
@@ -356,6 +367,7 @@ impl ContainersService {
         let config = serde_json::to_vec_pretty(&spec).map_err(|e| internal(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), config)
             .map_err(|e| internal(format!("config.json: {e}")))?;
+        step.end();
 
         let terminal = spec
             .process()
@@ -363,8 +375,12 @@ impl ContainersService {
             .and_then(|p| p.terminal())
             .unwrap_or(false);
         let stdio_req = req.stdio.clone().unwrap_or_default();
+        let step = crate::profile::step("create.streams");
         let stdio = ProcStdio::claim(&self.streams, &stdio_req)?;
+        step.end();
+        let step = crate::profile::step("create.build");
         let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal)?;
+        step.end();
         let own_netns = spec
             .linux()
             .as_ref()
@@ -374,6 +390,7 @@ impl ContainersService {
                     .any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
             });
         if own_netns {
+            let _step = crate::profile::step("create.loopback");
             if let Err(e) = crate::network::loopback_up_in(init.pid) {
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(init.pid), Signal::SIGKILL);
@@ -396,6 +413,7 @@ impl ContainersService {
             execs: HashMap::new(),
             starting: Default::default(),
             started: false,
+            started_at: None,
             paused: false,
         };
         undo.disarm();
@@ -673,6 +691,7 @@ impl ContainersService {
     }
 
     fn remove(&self, id: &str) -> ttrpc::Result<()> {
+        let _step = crate::profile::step("remove");
         let arc = self.get(id)?;
         let mut c = lock(&arc);
         // Kill whatever is left, frozen or not (SIGKILL ends frozen tasks).
@@ -824,9 +843,12 @@ impl ContainersService {
                 format!("container {:?} was started already", req.container_id),
             ));
         }
+        let step = crate::profile::step("start");
         c.lc.start()
             .map_err(|e| internal(format!("start {:?}: {e}", req.container_id)))?;
+        step.end();
         c.started = true;
+        c.started_at = Some(Instant::now());
         Ok(Empty::new())
     }
 
@@ -938,6 +960,12 @@ impl ContainersService {
             .reaper
             .wait(pid, None)
             .ok_or_else(|| not_found("process of", &req.container_id))?;
+        if req.exec_id.is_empty() {
+            if let Some(at) = lock(&arc).started_at.take() {
+                // Start to exit as this handler learned it.
+                crate::profile::PROFILE.record("run", at.elapsed().as_micros() as u64);
+            }
+        }
         Ok(WaitProcessResponse {
             status: exit.status,
             oom_killed: exit.status == 128 + libc::SIGKILL && oom_kills(&cgroup) > 0,

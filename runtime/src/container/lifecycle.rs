@@ -34,9 +34,7 @@ use crate::guest::{AgentConn, Io, Streams};
 use crate::image::{ImageRecord, ImageStore};
 use crate::net::ports::PortMapping;
 use crate::net::NetworkMode;
-use crate::sandbox::{
-    check_id, Boot, DriveSpec, Machine, Sandbox, SandboxConfig, StartTimes, Teardown,
-};
+use crate::sandbox::{check_id, Boot, DriveSpec, Machine, Sandbox, SandboxConfig, StartTimes};
 use crate::storage::shared::{guest_source, HostShare};
 use crate::storage::volume::{VolumeLease, VolumeStore};
 
@@ -387,9 +385,34 @@ impl Starting {
         Ok(Control::new(self.sandbox.connect()?, &self.plan.id))
     }
 
+    /// One fork+exec of `args` in the image's root, outside any container
+    /// (no namespaces, cgroup, overlay, seccomp): the floor bench/run
+    /// measures a container's start against. Its status, the host's time
+    /// for the call, and the guest's fork-to-reaped time.
+    pub fn bare_exec(&self, args: &[String]) -> Result<(i32, Duration, Duration)> {
+        if self.plan.image.is_none() {
+            return Err(ContainerError::Invalid(
+                "a bare exec needs an image's root".into(),
+            ));
+        }
+        let root = self
+            .plan
+            .oci
+            .root()
+            .as_ref()
+            .map(|r| r.path().display().to_string())
+            .unwrap_or_default();
+        let t = Instant::now();
+        let (status, guest) =
+            self.sandbox
+                .agent
+                .bare_exec(self.sandbox.container_storage(&[]), &root, args)?;
+        Ok((status, t.elapsed(), guest))
+    }
+
     /// A stop that came before the container did: the guest shuts down.
     pub fn abandon(self, timeout: Duration) -> Result<()> {
-        Ok(self.sandbox.shutdown(timeout).map(drop)?)
+        Ok(self.sandbox.end(timeout)?)
     }
 
     /// Phase 4: CreateContainer and StartContainer, with `io`'s streams.
@@ -527,6 +550,12 @@ impl Container {
         }
     }
 
+    /// The agent's steps since the sandbox started (see
+    /// `Runtime::profile`), read and cleared.
+    pub fn guest_profile(&self) -> Result<husk_protocol::agent::ProfileResponse> {
+        Ok(self.sandbox.agent.profile(false)?)
+    }
+
     /// Its address and published ports on the bridge.
     pub fn net_info(&self) -> Option<NetInfo> {
         let net = &self.sandbox.net;
@@ -549,13 +578,13 @@ impl Container {
         Ok(self.sandbox.agent.wait(&self.id, "")?)
     }
 
-    /// RemoveContainer, then a clean shutdown within `timeout` (the guest
-    /// syncs volumes before it goes: a kill would lose what its page cache
-    /// held), then the volumes' leases.
-    pub fn remove(self, timeout: Duration) -> Teardown {
-        let down = self.sandbox.remove_and_shutdown(&self.id, timeout);
+    /// The container and its sandbox end ([`Sandbox::end`]: the guest
+    /// kills what is left and syncs what was written to volumes before it
+    /// answers, within `timeout`), then the volumes' leases go.
+    pub fn remove(self, timeout: Duration) -> Result<()> {
+        let ended = self.sandbox.end(timeout);
         drop(self.leases);
-        down
+        Ok(ended?)
     }
 }
 

@@ -340,6 +340,41 @@ impl AgentConn {
         Ok(())
     }
 
+    /// The agent's steps since the last call (see agent/src/profile.rs);
+    /// with `count`, it counts guest work per step from now on.
+    pub fn profile(&self, count: bool) -> Result<husk_protocol::agent::ProfileResponse> {
+        let req = husk_protocol::agent::ProfileRequest {
+            count,
+            ..Default::default()
+        };
+        Ok(self
+            .sandbox
+            .profile(ctx(Duration::from_secs(30)), &req)
+            .map_err(|e| RpcError::new("Profile", &e))?)
+    }
+
+    /// One fork+exec of `args` in `root` (relative to the agent's storage
+    /// directory, on `storages`), outside any container: its status and
+    /// the guest's fork-to-reaped time.
+    pub fn bare_exec(
+        &self,
+        storages: Vec<Storage>,
+        root: &str,
+        args: &[String],
+    ) -> Result<(i32, Duration)> {
+        let req = husk_protocol::agent::BareExecRequest {
+            storages,
+            root: root.into(),
+            args: args.to_vec(),
+            ..Default::default()
+        };
+        let r = self
+            .containers
+            .bare_exec(ctx(SLOW_CALL), &req)
+            .map_err(|e| RpcError::new("BareExec", &e))?;
+        Ok((r.status, Duration::from_micros(r.micros)))
+    }
+
     pub fn health(&self) -> Result<()> {
         let h = self
             .sandbox

@@ -1,9 +1,10 @@
 //! What every started guest is told before it runs containers.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use husk_protocol::agent::{
     CreateSandboxRequest, IPAddress, Interface, ReseedRandomRequest, Route, SetTimeRequest,
+    StartSandboxRequest,
 };
 
 use crate::guest::{ctx, AgentConn, GuestError, RpcError};
@@ -13,52 +14,39 @@ use crate::sandbox::machine::NET_IFACE;
 use crate::sandbox::{Result, SandboxConfig, SandboxError};
 use crate::util::getrandom;
 
-/// What every started guest is told: new randomness (a restored one shares
-/// its CRNG state with every other clone of its template until now), the
-/// time, its name and DNS.
+/// What every started guest is told, in one trip (StartSandbox): new
+/// randomness (a restored one shares its CRNG state with every other clone
+/// of its template until now), the time, its name, DNS and network.
 pub(super) fn give_identity(
     agent: &AgentConn,
     cfg: &SandboxConfig,
     net: Option<&GuestNet>,
 ) -> Result<()> {
-    // CreateSandbox configures the network in the guest: slow when many
-    // sandboxes start at once (see guest::SLOW_CALL).
-    let timeout = crate::guest::SLOW_CALL;
-    reseed_and_set_time(agent, timeout)?;
-    agent
-        .sandbox
-        .create_sandbox(ctx(timeout), &sandbox_request(cfg, net))
-        .map_err(|e| GuestError::from(RpcError::new("CreateSandbox", &e)))?;
-    Ok(())
-}
-
-/// New randomness first (a restored guest shares its CRNG state with every
-/// other clone of its template until then), then the time.
-fn reseed_and_set_time(agent: &AgentConn, timeout: Duration) -> Result<()> {
     let mut seed = ReseedRandomRequest::new();
     seed.data = vec![0; 64];
     getrandom(&mut seed.data)?;
-    let sent = std::time::Instant::now();
-    agent
-        .sandbox
-        .reseed_random(ctx(timeout), &seed)
-        .map_err(|e| GuestError::from(RpcError::new("ReseedRandom", &e)))?;
-    // The time reaches the guest one trip after it is read: a busy guest
-    // takes hundreds of milliseconds to take a request. The trip just made
-    // (ReseedRandom does next to no work) measures it; half its round trip
-    // is the one-way delay NTP assumes.
-    let one_way = sent.elapsed() / 2;
+    // The time is read last: it reaches the guest one trip later, which
+    // on a guest that is not busy is milliseconds (the agent sets the
+    // clock first and adds its own delay in handling the request).
+    let sandbox = sandbox_request(cfg, net);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| SandboxError::Clock)?
-        + one_way;
+        .map_err(|_| SandboxError::Clock)?;
     let mut t = SetTimeRequest::new();
     t.sec = now.as_secs() as i64;
     t.nsec = now.subsec_nanos();
+    let req = StartSandboxRequest {
+        seed: Some(seed).into(),
+        time: Some(t).into(),
+        sandbox: Some(sandbox).into(),
+        ..Default::default()
+    };
+    // CreateSandbox configures the network in the guest: slow when many
+    // sandboxes start at once (see guest::SLOW_CALL).
     agent
         .sandbox
-        .set_time(ctx(timeout), &t)
-        .map_err(|e| GuestError::from(RpcError::new("SetTime", &e)))?;
+        .start_sandbox(ctx(crate::guest::SLOW_CALL), &req)
+        .map_err(|e| GuestError::from(RpcError::new("StartSandbox", &e)))?;
     Ok(())
 }
 

@@ -195,12 +195,6 @@ impl SandboxConfig {
     }
 }
 
-/// What a clean teardown found.
-pub struct Teardown {
-    pub remove: Result<()>,
-    pub shutdown: Result<std::process::ExitStatus>,
-}
-
 /// Where each phase of a start went.
 #[derive(Clone, Debug, Default)]
 pub struct StartTimes {
@@ -336,13 +330,22 @@ impl Sandbox {
         errors
     }
 
-    /// The sandbox's last container goes, and the sandbox with it:
-    /// RemoveContainer, then a clean shutdown within `timeout` (the guest
-    /// syncs its file systems before it goes; killed if it hangs).
-    pub fn remove_and_shutdown(self, id: &str, timeout: Duration) -> Teardown {
-        let remove = self.agent.remove(id).map_err(SandboxError::Guest);
-        let shutdown = self.shutdown(timeout);
-        Teardown { remove, shutdown }
+    /// Ends the sandbox (its last container with it: a RemoveContainer
+    /// first would only tidy a guest about to go; the container's writable
+    /// layer is in guest memory) without waiting for the guest kernel's power-off:
+    /// DestroySandbox (answered once every container process is gone and
+    /// the guest's file systems are synced), then the VMM is killed. A
+    /// guest that does not answer within `timeout` is killed as well, and
+    /// the error says so: what it had not synced is lost.
+    pub fn end(mut self, timeout: Duration) -> Result<()> {
+        let asked = self
+            .agent
+            .sandbox
+            .destroy_sandbox(ctx(timeout), &husk_protocol::agent::Empty::new())
+            .map_err(|e| SandboxError::Guest(RpcError::new("DestroySandbox", &e).into()));
+        // Whatever the answer, the VM goes now (dropping does the rest).
+        self.vmm.child.kill_and_wait();
+        asked.map(drop)
     }
 
     /// The host pid of the VMM process the runtime holds (the jail's

@@ -118,6 +118,10 @@ impl Runtime {
             Boot::Cold => self.start_cold(cfg, &p, &shared)?,
         };
         times.agent_ready = t1.elapsed() - times.template;
+        if self.profile {
+            // Steps from here on, counted (the template's own are dropped).
+            started.agent.profile(true)?;
+        }
         let t2 = Instant::now();
         give_identity(&started.agent, cfg, net.guest(self.network.mtu).as_ref())?;
         times.identity = t2.elapsed();

@@ -315,6 +315,7 @@ pub(crate) mod tests {
             network: crate::net::NetworkConfig::default(),
             confine: false,
             virtiofsd: "/nonexistent".into(),
+            profile: false,
         }
     }
 

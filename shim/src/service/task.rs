@@ -257,12 +257,8 @@ impl containerd_shim::Task for Service {
             // stops on a thread of its own, and Shutdown waits for it.
             let id = req.id.clone();
             let stop = std::thread::spawn(move || {
-                let down = sb.remove_and_shutdown(&id, Duration::from_secs(20));
-                if let Err(e) = down.remove {
-                    warn!("{id}: {}", chain(&e));
-                }
-                if let Err(e) = down.shutdown {
-                    warn!("stopping the sandbox: {}", chain(&e));
+                if let Err(e) = sb.end(Duration::from_secs(20)) {
+                    warn!("{id}: ending its sandbox: {}", chain(&e));
                 }
             });
             self.lock().stopping = Some(stop);

@@ -438,7 +438,7 @@ impl Executor {
         if let Some(cp) = copier.as_mut() {
             let _ = cp.wait_timeout(COPIER_GRACE);
         }
-        if let Err(e) = c.remove(Duration::from_secs(20)).shutdown {
+        if let Err(e) = c.remove(Duration::from_secs(20)) {
             tracing::warn!("task {}: stopping its sandbox: {}", t.id, chain(&e));
         }
         if let Some(mut cp) = copier {

@@ -1,0 +1,119 @@
+//! BareExec: one fork+exec of a command in an image's root, outside any
+//! container. bench/run measures a container's start against it (the
+//! floor: what starting the same program costs with no container around
+//! it). The image's storages are mounted as for a create and released
+//! after.
+
+use std::time::Duration;
+
+use husk_protocol::agent::{BareExecRequest, BareExecResponse};
+
+use super::{check_storage, relative_path, ContainersService, Invalid};
+use crate::rpc::{causes, internal, invalid, time_left};
+
+/// Most arguments, and the longest one, a BareExec may carry.
+const MAX_ARGS: usize = 64;
+const MAX_ARG: usize = 4096;
+
+/// What a BareExec must be before anything is mounted.
+pub fn check_bare(req: &BareExecRequest) -> Result<(), Invalid> {
+    relative_path("root", &req.root)?;
+    if req.args.is_empty() || req.args.len() > MAX_ARGS {
+        return Err(Invalid(format!(
+            "{} args; send 1 to {MAX_ARGS}",
+            req.args.len()
+        )));
+    }
+    if let Some(a) = req
+        .args
+        .iter()
+        .find(|a| a.len() > MAX_ARG || a.contains('\0'))
+    {
+        return Err(Invalid(format!(
+            "arg {:?}…: longer than {MAX_ARG} bytes or holds a NUL byte",
+            a.chars().take(32).collect::<String>()
+        )));
+    }
+    if req.args[0].is_empty() {
+        return Err(Invalid("args[0] is empty".into()));
+    }
+    for s in &req.storages {
+        check_storage(s)?;
+    }
+    Ok(())
+}
+
+impl ContainersService {
+    pub fn bare_exec(
+        &self,
+        meta: &crate::rpc::Metadata,
+        req: BareExecRequest,
+    ) -> ttrpc::Result<BareExecResponse> {
+        crate::rpc::check_version(meta)?;
+        check_bare(&req)?;
+        let _step = crate::profile::step("bare-exec");
+        let mut taken = Vec::new();
+        let r = (|| {
+            for s in &req.storages {
+                self.take_storage(s)?;
+                taken.push(s.mount_point.clone());
+            }
+            let storage = self.dirs.storage();
+            let storage_real = storage.canonicalize().unwrap_or_else(|_| storage.clone());
+            let root = storage
+                .join(&req.root)
+                .canonicalize()
+                .map_err(|e| invalid(format!("root {}: {e}", req.root)))?;
+            if !root.starts_with(&storage_real) || !root.is_dir() {
+                return Err(invalid(format!(
+                    "root {} is not a directory inside the storage directory",
+                    req.root
+                )));
+            }
+            let timeout = time_left(Duration::from_secs(30));
+            let (status, micros) = self
+                .spawner
+                .bare(&root, &req.args, timeout)
+                .map_err(|e| internal(format!("bare exec of {:?}: {}", req.args[0], causes(&e))))?;
+            Ok(BareExecResponse {
+                status,
+                micros,
+                ..Default::default()
+            })
+        })();
+        for point in taken {
+            self.release_storage(&point);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(root: &str, args: &[&str]) -> BareExecRequest {
+        BareExecRequest {
+            root: root.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_the_reason() {
+        assert!(check_bare(&req("img/rootfs", &["true"])).is_ok());
+        for (r, why) in [
+            (req("../etc", &["true"]), "relative path"),
+            (req("/abs", &["true"]), "relative path"),
+            (req("img", &[]), "send 1 to"),
+            (req("img", &[""]), "args[0] is empty"),
+            (req("img", &["a\0b"]), "NUL"),
+        ] {
+            let e = check_bare(&r).unwrap_err();
+            assert!(e.0.contains(why), "{e}");
+        }
+        let many: Vec<&str> = vec!["x"; MAX_ARGS + 1];
+        assert!(check_bare(&req("img", &many)).is_err());
+    }
+}
