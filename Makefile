@@ -48,13 +48,14 @@ fuzz-long: setup
 # Benchmarks print figures next to a peer's; not part of `make test`.
 bench: setup kernel guest images hostile-guest
 	$(CARGO) build --locked --release -p husk-vmm -p husk-cli -p husk-shim -p husk-orchestrator
-	$(CARGO) build --locked --release -p husk-tests --example cri_pods --example cluster_bench --example hostile
+	$(CARGO) build --locked --release -p husk-tests --example cri_pods --example cluster_bench --example scale_bench --example hostile
 	bench/boot
 	bench/snapshot
 	bench/run
 	bench/rootfs
 	bench/ctr
 	bench/cluster
+	bench/scale
 	bench/hostile
 
 # The guest-path tests N times (default 5) beside a CPU hog; not part of

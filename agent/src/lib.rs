@@ -14,3 +14,4 @@ pub mod sandbox;
 pub mod server;
 pub mod spawner;
 pub mod stream;
+pub mod trace;

@@ -105,6 +105,12 @@ impl Profile {
         }
     }
 
+    /// Whether the host asked for guest work to be counted (and builds
+    /// traced, trace.rs).
+    pub fn counting(&self) -> bool {
+        self.lock().count
+    }
+
     /// Records a step timed elsewhere (the spawner's parts of a build).
     pub fn record(&self, name: &str, micros: u64) {
         let mut s = Step::new();

@@ -60,6 +60,9 @@ pub struct Build {
     pub console_socket: Option<PathBuf>,
     /// stdin, stdout, stderr; None for a process with a terminal.
     pub stdio: Option<[OwnedFd; 3]>,
+    /// Where libcontainer's events go, timed, while the host profiles
+    /// (trace.rs).
+    pub trace: Option<PathBuf>,
 }
 
 /// The agent's end of the spawner.
@@ -159,6 +162,7 @@ impl Spawner {
             "bundle": b.bundle,
             "exec": b.exec,
             "console_socket": b.console_socket,
+            "trace": b.trace,
         })
         .to_string();
         let fds: Vec<RawFd> = b.stdio.iter().flatten().map(|f| f.as_raw_fd()).collect();
@@ -217,6 +221,9 @@ impl Spawner {
             }
             if let Some(pid) = v["pid"].as_i64() {
                 record_parts(sent, &v);
+                if let Some(t) = &b.trace {
+                    crate::trace::record(t);
+                }
                 return i32::try_from(pid).map_err(|_| SpawnError::BadAnswer(format!("pid {pid}")));
             }
             return Err(match v["error"].as_str() {
@@ -229,7 +236,7 @@ impl Spawner {
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for the agent, the spawner
 /// and its builders, so a build's parts can be told apart.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
         .unwrap_or(0)
@@ -556,6 +563,9 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, BuildError> {
     let id = text("id").ok_or(BuildError::Missing("an id"))?;
     let root = path("root").ok_or(BuildError::Missing("a state root"))?;
     let bundle = path("bundle").ok_or(BuildError::Missing("a bundle"))?;
+    if let Some(t) = path("trace") {
+        crate::trace::install(&t);
+    }
     let base = ContainerBuilder::new(id, SyscallType::Linux);
     let base = match <[OwnedFd; 3]>::try_from(fds) {
         Ok([stdin, stdout, stderr]) => base

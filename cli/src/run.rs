@@ -502,6 +502,19 @@ fn guest_steps(p: &husk_protocol::agent::ProfileResponse) -> String {
         .iter()
         .map(|s| {
             let secs = s.micros as f64 / 1e6;
+            // One token per step: a name's blanks and '=' (libcontainer's
+            // messages) become '_'.
+            let name: String = s
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_whitespace() || c == '=' {
+                        '_'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
             if s.counted {
                 let faults = if s.page_faults_counted {
                     s.page_faults.to_string()
@@ -509,11 +522,11 @@ fn guest_steps(p: &husk_protocol::agent::ProfileResponse) -> String {
                     "-".into()
                 };
                 format!(
-                    "{}={secs:.4}/{}/{}/{faults}",
-                    s.name, s.forks, s.context_switches
+                    "{name}={secs:.4}/{}/{}/{faults}",
+                    s.forks, s.context_switches
                 )
             } else {
-                format!("{}={secs:.4}", s.name)
+                format!("{name}={secs:.4}")
             }
         })
         .collect();

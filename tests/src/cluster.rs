@@ -226,6 +226,33 @@ impl Host {
         }
     }
 
+    /// Its huskd's pid, while it runs.
+    pub fn huskd_pid(&self) -> Option<u32> {
+        self.huskd.as_ref().map(Child::id)
+    }
+
+    /// The pids of every process of this host: its huskd and what it
+    /// started (keepers, VMMs, log copiers: their command lines name its
+    /// state directory).
+    pub fn pids(&self) -> Vec<u32> {
+        let mark = self.dir.join("state").to_string_lossy().into_owned();
+        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|p| {
+                        std::fs::read(format!("/proc/{p}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pids.extend(self.huskd_pid());
+        pids.sort();
+        pids.dedup();
+        pids
+    }
+
     /// Only its huskd dies (SIGKILL): the sandboxes it started, their
     /// keepers and log copiers run on, for the next huskd to find.
     pub fn kill_huskd(&mut self) {

@@ -573,6 +573,15 @@ impl ContainersService {
             exec: exec.map(Path::to_path_buf),
             console_socket: console.as_ref().map(|c| c.path.clone()),
             stdio,
+            trace: crate::profile::PROFILE.counting().then(|| {
+                bundle.join(match exec {
+                    None => "init.trace".to_string(),
+                    Some(p) => format!(
+                        "{}.trace",
+                        p.file_stem().unwrap_or_default().to_string_lossy()
+                    ),
+                })
+            }),
         };
         let t = Instant::now();
         let spawn = self.reaper.spawn_lock();

@@ -1,0 +1,122 @@
+//! bench/scale's measurements (a benchmark, not a test): huskd on one node
+//! (etcd and one huskd in a network namespace, the test helpers' cluster),
+//! a busybox service scaled from 1 to 20 replicas:
+//!
+//! - the time from `service scale` until `service ps` shows 20 running;
+//! - the host CPU-seconds the node spent meanwhile: user + system time of
+//!   huskd (the runtime is in it) and every process it started (keepers,
+//!   VMMs, log copiers), from /proc, the difference between the two
+//!   moments (a process that ended in between is not counted);
+//! - the summed PSS of the 20 sandboxes' VMMs (smaps_rollup).
+//!
+//! Last line: key=value pairs.
+
+use std::time::Instant;
+
+use husk_tests::cluster::{cluster_unavailable, Cluster, Host};
+use husk_tests::sample_image;
+use serde_json::Value;
+
+const REPLICAS: usize = 20;
+
+/// utime + stime + cutime + cstime of `pid`, in seconds (0 if it is gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the command: state is field 3, utime 14 … cstime 17.
+            let ticks: u64 = f
+                .get(11..15)?
+                .iter()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum();
+            Some(ticks as f64 / hz)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Proportional set size of `pid`, bytes.
+fn pss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn running(h: &Host) -> usize {
+    h.json(&["service", "ps", "scaled"])
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t["status"]["state"] == "running" && t["desired_state"] == "running")
+        .count()
+}
+
+fn main() {
+    if let Some(why) = cluster_unavailable() {
+        eprintln!("scale_bench: {why}");
+        std::process::exit(2);
+    }
+    let image = sample_image("busybox.oci.tar").expect("make images");
+    let c = Cluster::new("sc", 1, &[image]).expect("cluster");
+    let h = &c.hosts[0];
+    h.ok(&["cluster", "init"]);
+    c.wait("the node ready", 30, || {
+        let n = h.json(&["node", "ls"]).unwrap_or_default();
+        n.len() == 1 && n[0]["state"] == "ready"
+    });
+    h.ok(&[
+        "service",
+        "create",
+        "--name",
+        "scaled",
+        "--replicas",
+        "1",
+        "husk.local/busybox",
+        "sleep",
+        "36000",
+    ]);
+    let first = Instant::now();
+    c.wait("1 task running", 300, || running(h) == 1);
+    println!(
+        "1 replica running after {:.2} s (template built if missing)",
+        first.elapsed().as_secs_f64()
+    );
+
+    let before: f64 = h.pids().iter().map(|p| cpu_seconds(*p)).sum();
+    let t = Instant::now();
+    h.ok(&["service", "scale", &format!("scaled={REPLICAS}")]);
+    c.wait("20 tasks running", 1200, || running(h) == REPLICAS);
+    let wall = t.elapsed().as_secs_f64();
+    let after: f64 = h.pids().iter().map(|p| cpu_seconds(*p)).sum();
+    let vmms = h.vmm_pids();
+    let pss_total: u64 = vmms.iter().map(|p| pss(*p)).sum();
+    let tasks: Vec<Value> = h.json(&["service", "ps", "scaled"]).unwrap_or_default();
+    assert_eq!(
+        vmms.len(),
+        REPLICAS,
+        "{} VMMs for {} tasks",
+        vmms.len(),
+        tasks.len()
+    );
+    let cpu = after - before;
+    let mib = pss_total as f64 / (1024.0 * 1024.0);
+    println!(
+        "scaled 1 -> {REPLICAS}: all running after {wall:.2} s; host CPU {cpu:.1} s (huskd, keepers, VMMs); PSS of the {REPLICAS} VMMs {mib:.1} MiB ({:.1} MiB each)",
+        mib / REPLICAS as f64
+    );
+    println!(
+        "scale-wall-s={wall:.2} scale-cpu-s={cpu:.1} scale-pss-mib={mib:.1} pss-per-sandbox-mib={:.1} replicas={REPLICAS}",
+        mib / REPLICAS as f64
+    );
+    h.ok(&["service", "rm", "scaled"]);
+    drop(c);
+}
