@@ -1052,3 +1052,82 @@ fn pull_from_a_registry_checks_every_digest() {
     // A second pull fetches nothing new and succeeds.
     assert!(h.run(&["image", "pull", &name], "").status.success());
 }
+
+/// bench/run's instruments on the real path: a profiled run's guest steps
+/// (counted, with libcontainer's own events), and the floor's bare
+/// fork+exec with its status and a clear error for a missing program.
+#[test]
+fn the_guest_steps_and_the_floor_are_measured() {
+    let Some(h) = Husk::for_test("the_guest_steps_and_the_floor_are_measured") else {
+        return;
+    };
+    let archive = sample_image("busybox.oci.tar").unwrap();
+    assert!(h
+        .run(&["image", "import", archive.to_str().unwrap()], "")
+        .status
+        .success());
+    let img = "husk.local/busybox";
+    let out = h
+        .cmd(&["run", "--rm", img, "true"])
+        .env("HUSK_TIMINGS", "1")
+        .env("HUSK_PROFILE", "1")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let steps: std::collections::HashMap<&str, &str> = err
+        .lines()
+        .find_map(|l| l.strip_prefix("husk-guest-steps: "))
+        .unwrap_or_else(|| panic!("no guest steps: {err}"))
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    // name=seconds/forks/context switches/page faults ("-": not kept).
+    let build: Vec<&str> = steps["create.build"].split('/').collect();
+    assert_eq!(build.len(), 4, "{steps:?}");
+    assert!(build[0].parse::<f64>().unwrap() > 0.0, "{steps:?}");
+    // The builder, the intermediate process and the container's init.
+    assert!(build[1].parse::<u64>().unwrap() >= 3, "{steps:?}");
+    for s in [
+        "sandbox.create",
+        "create",
+        "start",
+        "run",
+        "build.libcontainer",
+    ] {
+        assert!(steps.contains_key(s), "no {s}: {steps:?}");
+    }
+    assert!(
+        steps
+            .keys()
+            .any(|k| k.starts_with("lc.") && k.contains("mounting")),
+        "libcontainer's events: {steps:?}"
+    );
+    assert!(err.contains("husk-timings: "), "{err}");
+
+    let out = h.run(&["bare-exec", img, "sh", "-c", "exit 3"], "");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    let guest: f64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("guest-s="))
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    assert!(
+        line.starts_with("bare-exec: status=3 ") && guest > 0.0,
+        "{line}"
+    );
+
+    let out = h.run(&["bare-exec", img, "no-such-program"], "");
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no-such-program") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(
+        h.leftover_sandboxes().is_empty(),
+        "{:?}",
+        h.leftover_sandboxes()
+    );
+}
