@@ -202,25 +202,14 @@ impl Host {
         }
         // Keepers are forks of huskd (its command line, so its state
         // directory); VMMs name their sockets under it.
-        let mark = self.dir.join("state").to_string_lossy().into_owned();
         for _ in 0..50 {
-            let pids: Vec<i32> = std::fs::read_dir("/proc")
-                .map(|d| {
-                    d.flatten()
-                        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                        .filter(|p| {
-                            std::fs::read(format!("/proc/{p}/cmdline"))
-                                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let pids = self.pids();
             if pids.is_empty() {
                 return;
             }
             for p in pids {
                 // SAFETY: kill(2) with a pid and a signal number.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
             }
             std::thread::sleep(Duration::from_millis(100));
         }
