@@ -55,7 +55,13 @@ fn test_panics(meta: &crate::rpc::Metadata) {
     if meta.contains_key("husk-test-panic-outside") {
         let _ = std::thread::Builder::new()
             .name("panic-test".into())
-            .spawn(|| panic!("husk-test-panic-outside asked for a panic outside a handler"));
+            .spawn(|| {
+                // After the request's answer is out (the test checks it
+                // came): a panic that ends the agent at once could
+                // otherwise beat the server thread to the socket.
+                std::thread::sleep(Duration::from_millis(500));
+                panic!("husk-test-panic-outside asked for a panic outside a handler")
+            });
     }
     if meta.contains_key("husk-test-panic") {
         panic!("husk-test-panic asked for a panic in this handler");

@@ -219,11 +219,13 @@ impl Spawner {
                 builder = i32::try_from(p).ok();
                 continue;
             }
+            // The build is over, whichever way: its trace is read (and
+            // removed) either way.
+            if let Some(t) = &b.trace {
+                crate::trace::record(t);
+            }
             if let Some(pid) = v["pid"].as_i64() {
                 record_parts(sent, &v);
-                if let Some(t) = &b.trace {
-                    crate::trace::record(t);
-                }
                 return i32::try_from(pid).map_err(|_| SpawnError::BadAnswer(format!("pid {pid}")));
             }
             return Err(match v["error"].as_str() {
