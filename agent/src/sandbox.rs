@@ -153,13 +153,14 @@ impl SandboxService {
 
     pub fn destroy_sandbox(&self, meta: &Metadata, _: Empty) -> ttrpc::Result<Empty> {
         check_version(meta)?;
+        let mut left = Ok(());
         if self.is_guest {
             // Nothing may write after the sync below: every container
             // process goes first. Then what they wrote reaches the drives
             // (the VMM writes a flushed request through before it
             // completes it), so the host may kill the VM on this answer
             // instead of waiting for the guest kernel's power-off path.
-            kill_cgroups_below(&self.cgroup);
+            left = kill_cgroups_below(&self.cgroup, KILL_WAIT);
             nix::unistd::sync();
         }
         // Answer, then go: the caller learns the request was taken.
@@ -168,6 +169,11 @@ impl SandboxService {
             std::thread::sleep(std::time::Duration::from_millis(50));
             f();
         });
+        left.map_err(|e| {
+            internal(format!(
+                "{e}: what they write after the sync is lost (the guest powers off all the same)"
+            ))
+        })?;
         Ok(Empty::new())
     }
 
@@ -177,6 +183,7 @@ impl SandboxService {
         r.status = "SERVING".into();
         r.api_version = husk_protocol::API_VERSION;
         r.agent_version = env!("CARGO_PKG_VERSION").into();
+        r.destroy_syncs = true;
         Ok(r)
     }
 
@@ -248,6 +255,12 @@ impl SandboxService {
             )));
         }
         sandbox_files(&sandbox)?;
+        for i in &sandbox.interfaces {
+            crate::network::check_interface(i)?;
+        }
+        for r in &sandbox.routes {
+            crate::network::parse_route(r)?;
+        }
         if time.sec < 0 || time.nsec >= 1_000_000_000 {
             return Err(invalid(format!(
                 "time {}.{:09} is out of range",
@@ -278,35 +291,37 @@ const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Kills every process in the cgroups directly below `root` (and theirs):
 /// the containers'. The agent and its spawner stay in the root cgroup.
-/// Returns once they are gone (cgroup.events says unpopulated), or after
-/// KILL_WAIT with a report: a process in a write when it was killed may
+/// Returns once none is populated (cgroup.events), listing them again each
+/// time (a create under way may add one), or an error naming those still
+/// populated after KILL_WAIT: a process in a write when it was killed may
 /// finish it, and what it wrote must be there for the sync.
-fn kill_cgroups_below(root: &std::path::Path) {
-    let Ok(dir) = std::fs::read_dir(root) else {
-        return;
-    };
-    let groups: Vec<PathBuf> = dir
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("cgroup.kill").exists())
-        .collect();
-    for g in &groups {
-        if let Err(err) = std::fs::write(g.join("cgroup.kill"), "1") {
-            eprintln!("husk-agent: {}/cgroup.kill: {err}", g.display());
+fn kill_cgroups_below(root: &std::path::Path, wait: std::time::Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let Ok(dir) = std::fs::read_dir(root) else {
+            return Ok(());
+        };
+        let busy: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("cgroup.kill").exists() && populated(p))
+            .collect();
+        if busy.is_empty() {
+            return Ok(());
         }
-    }
-    let deadline = std::time::Instant::now() + KILL_WAIT;
-    for g in &groups {
-        while populated(g) {
-            if std::time::Instant::now() >= deadline {
-                eprintln!(
-                    "husk-agent: {} still has processes {KILL_WAIT:?} after cgroup.kill",
-                    g.display()
-                );
-                return;
+        if std::time::Instant::now() >= deadline {
+            let names: Vec<String> = busy.iter().map(|g| g.display().to_string()).collect();
+            return Err(format!(
+                "processes still in {} {wait:?} after cgroup.kill",
+                names.join(", ")
+            ));
+        }
+        for g in &busy {
+            if let Err(err) = std::fs::write(g.join("cgroup.kill"), "1") {
+                eprintln!("husk-agent: {}/cgroup.kill: {err}", g.display());
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -358,6 +373,31 @@ mod tests {
     }
 
     #[test]
+    fn destroy_kills_every_populated_cgroup_and_names_those_left() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, events) in [
+            ("idle", "populated 0\nfrozen 0\n"),
+            ("busy", "populated 1\n"),
+        ] {
+            let g = dir.path().join(name);
+            std::fs::create_dir(&g).unwrap();
+            std::fs::write(g.join("cgroup.kill"), "").unwrap();
+            std::fs::write(g.join("cgroup.events"), events).unwrap();
+        }
+        // Not a cgroup (no cgroup.kill): left alone.
+        std::fs::create_dir(dir.path().join("other")).unwrap();
+        let wait = std::time::Duration::from_millis(50);
+        let e = kill_cgroups_below(dir.path(), wait).unwrap_err();
+        assert!(e.contains("busy") && !e.contains("idle"), "{e}");
+        let kill = |n: &str| std::fs::read_to_string(dir.path().join(n).join("cgroup.kill"));
+        assert_eq!(kill("busy").unwrap(), "1");
+        assert_eq!(kill("idle").unwrap(), "");
+        // Once it is empty, the kill is done.
+        std::fs::write(dir.path().join("busy/cgroup.events"), "populated 0\n").unwrap();
+        assert_eq!(kill_cgroups_below(dir.path(), wait), Ok(()));
+    }
+
+    #[test]
     fn start_sandbox_checks_every_part_before_applying_any() {
         let dir = tempfile::tempdir().unwrap();
         let svc = SandboxService {
@@ -394,6 +434,11 @@ mod tests {
         let mut r = good();
         r.sandbox.as_mut().unwrap().hostname = "a b".into();
         assert!(format!("{:?}", refused(r)).contains("hostname"));
+        let mut r = good();
+        let mut route = husk_protocol::agent::Route::new();
+        route.destination = "not-a-network".into();
+        r.sandbox.as_mut().unwrap().routes = vec![route];
+        assert!(format!("{:?}", refused(r)).contains("not-a-network"));
         let mut r = good();
         r.time.as_mut().unwrap().nsec = 2_000_000_000;
         assert!(format!("{:?}", refused(r)).contains("out of range"));

@@ -498,17 +498,34 @@ fn bare_exec(v: &Value) -> Result<(i32, u64), String> {
     let t = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
     let pid = Pid::from_raw(child.id() as i32);
-    // One poll on a pidfd: no waking up to look (polling is guest-kernel
-    // work, which this measures).
+    let deadline = t + timeout;
+    // A poll on a pidfd: no waking up to look (polling is guest-kernel
+    // work, which this measures). Without a pidfd, a look every 10 ms.
+    // Either way the process is killed at the deadline: the spawner must
+    // not wait for ever (every build waits for it).
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if pidfd >= 0 {
-        // SAFETY: a descriptor the kernel just gave us.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        if let Ok(0) = poll(&mut fds, PollTimeout::from(ms)) {
+    // SAFETY: a descriptor the kernel just gave us, when it gave one.
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             let _ = kill(pid, Signal::SIGKILL);
+            break;
+        }
+        let ended = match &pidfd {
+            Some(fd) => {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+            }
+            None => {
+                std::thread::sleep(left.min(Duration::from_millis(10)));
+                matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+            }
+        };
+        if ended {
+            break;
         }
     }
     let st = child

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
@@ -160,6 +161,10 @@ pub struct AgentConn {
     pub sandbox: SandboxClient,
     pub containers: ContainersClient,
     pub network: NetworkClient,
+    /// What the last Health answer said: whether DestroySandbox syncs
+    /// before it answers, and the call's round trip in microseconds.
+    destroy_syncs: AtomicBool,
+    health_rtt_us: AtomicU64,
 }
 
 impl AgentConn {
@@ -189,6 +194,8 @@ impl AgentConn {
             sandbox: SandboxClient::new(client.clone()),
             containers: ContainersClient::new(client.clone()),
             network: NetworkClient::new(client),
+            destroy_syncs: AtomicBool::new(false),
+            health_rtt_us: AtomicU64::new(0),
         })
     }
 
@@ -376,14 +383,31 @@ impl AgentConn {
     }
 
     pub fn health(&self) -> Result<()> {
+        let sent = Instant::now();
         let h = self
             .sandbox
             .health(ctx(Duration::from_secs(30)), &Empty::new())
             .map_err(|e| RpcError::new("Health", &e))?;
+        self.health_rtt_us
+            .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.destroy_syncs.store(h.destroy_syncs, Ordering::Relaxed);
         if h.status != "SERVING" {
             return Err(GuestError::NotServing(h.status));
         }
         Ok(())
+    }
+
+    /// Whether the agent, as its last Health said, ends the containers'
+    /// processes and syncs before it answers DestroySandbox (an agent of
+    /// an older guest image answers first and syncs as it powers off).
+    pub fn destroy_syncs(&self) -> bool {
+        self.destroy_syncs.load(Ordering::Relaxed)
+    }
+
+    /// The round trip of the last Health call: an estimate of a request's
+    /// way there and back.
+    pub fn health_rtt(&self) -> Duration {
+        Duration::from_micros(self.health_rtt_us.load(Ordering::Relaxed))
     }
 }
 

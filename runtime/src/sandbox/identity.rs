@@ -25,13 +25,16 @@ pub(super) fn give_identity(
     let mut seed = ReseedRandomRequest::new();
     seed.data = vec![0; 64];
     getrandom(&mut seed.data)?;
-    // The time is read last: it reaches the guest one trip later, which
-    // on a guest that is not busy is milliseconds (the agent sets the
-    // clock first and adds its own delay in handling the request).
+    // The time is read last and reaches the guest one way later: half the
+    // round trip of the Health call that found the agent ready (a busy
+    // guest takes hundreds of milliseconds to take a request; half a
+    // round trip is the one-way delay NTP assumes). The agent adds its own
+    // delay in handling the request.
     let sandbox = sandbox_request(cfg, net);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| SandboxError::Clock)?;
+        .map_err(|_| SandboxError::Clock)?
+        + agent.health_rtt() / 2;
     let mut t = SetTimeRequest::new();
     t.sec = now.as_secs() as i64;
     t.nsec = now.subsec_nanos();

@@ -202,7 +202,7 @@ pub struct StartTimes {
     pub template: Duration,
     /// VMM spawn until the agent answered Health.
     pub agent_ready: Duration,
-    /// ReseedRandom, SetTime and CreateSandbox.
+    /// StartSandbox (randomness, clock, hostname and network).
     pub identity: Duration,
 }
 
@@ -338,6 +338,11 @@ impl Sandbox {
     /// guest that does not answer within `timeout` is killed as well, and
     /// the error says so: what it had not synced is lost.
     pub fn end(mut self, timeout: Duration) -> Result<()> {
+        if !self.agent.destroy_syncs() {
+            // An older guest image's agent (a sandbox started before an
+            // upgrade, found again): it syncs only as it powers off.
+            return self.shutdown(timeout).map(drop);
+        }
         let asked = self
             .agent
             .sandbox
