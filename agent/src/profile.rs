@@ -77,6 +77,17 @@ impl Counters {
     }
 }
 
+/// Cuts a step's name to MAX_NAME bytes, on a character boundary.
+fn cut(name: &mut String) {
+    if name.len() > MAX_NAME {
+        let mut at = MAX_NAME;
+        while !name.is_char_boundary(at) {
+            at -= 1;
+        }
+        name.truncate(at);
+    }
+}
+
 /// A step under way; recorded when dropped (or `end`ed).
 pub struct Running<'a> {
     profile: &'a Profile,
@@ -90,13 +101,7 @@ impl Profile {
     pub fn step(&self, name: impl Into<String>) -> Running<'_> {
         let count = self.lock().count;
         let mut name = name.into();
-        if name.len() > MAX_NAME {
-            let mut cut = MAX_NAME;
-            while !name.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            name.truncate(cut);
-        }
+        cut(&mut name);
         Running {
             profile: self,
             name,
@@ -114,7 +119,8 @@ impl Profile {
     /// Records a step timed elsewhere (the spawner's parts of a build).
     pub fn record(&self, name: &str, micros: u64) {
         let mut s = Step::new();
-        s.name = name.chars().take(MAX_NAME).collect();
+        s.name = name.to_string();
+        cut(&mut s.name);
         s.micros = micros;
         self.push(s);
     }

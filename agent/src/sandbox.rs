@@ -116,13 +116,7 @@ impl SandboxService {
     ) -> ttrpc::Result<Empty> {
         check_version(meta)?;
         let _step = crate::profile::step("sandbox.create");
-        let files = sandbox_files(&req)?;
-        for i in &req.interfaces {
-            crate::network::check_interface(i)?;
-        }
-        for r in &req.routes {
-            crate::network::parse_route(r)?;
-        }
+        let files = check_sandbox(&req)?;
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| internal(format!("creating {}: {e}", self.state_dir.display())))?;
         for (name, content) in files {
@@ -190,12 +184,7 @@ impl SandboxService {
     pub fn set_time(&self, meta: &Metadata, req: SetTimeRequest) -> ttrpc::Result<Empty> {
         check_version(meta)?;
         let _step = crate::profile::step("sandbox.set-time");
-        if req.sec < 0 || req.nsec >= 1_000_000_000 {
-            return Err(invalid(format!(
-                "time {}.{:09} is out of range",
-                req.sec, req.nsec
-            )));
-        }
+        check_time(&req)?;
         if !self.is_guest {
             return Err(invalid(
                 "SetTime is refused outside a guest: it would set the host clock",
@@ -210,12 +199,7 @@ impl SandboxService {
     pub fn reseed_random(&self, meta: &Metadata, req: ReseedRandomRequest) -> ttrpc::Result<Empty> {
         check_version(meta)?;
         let _step = crate::profile::step("sandbox.reseed");
-        if req.data.is_empty() || req.data.len() > MAX_SEED {
-            return Err(invalid(format!(
-                "seed of {} bytes; send 1 to {MAX_SEED}",
-                req.data.len()
-            )));
-        }
+        check_seed(&req)?;
         // Writing mixes the bytes into the pool (without crediting entropy);
         // on a host it is harmless too.
         let f = std::fs::OpenOptions::new()
@@ -248,25 +232,9 @@ impl SandboxService {
         ) else {
             return Err(invalid("StartSandbox needs a seed, a time and a sandbox"));
         };
-        if seed.data.is_empty() || seed.data.len() > MAX_SEED {
-            return Err(invalid(format!(
-                "seed of {} bytes; send 1 to {MAX_SEED}",
-                seed.data.len()
-            )));
-        }
-        sandbox_files(&sandbox)?;
-        for i in &sandbox.interfaces {
-            crate::network::check_interface(i)?;
-        }
-        for r in &sandbox.routes {
-            crate::network::parse_route(r)?;
-        }
-        if time.sec < 0 || time.nsec >= 1_000_000_000 {
-            return Err(invalid(format!(
-                "time {}.{:09} is out of range",
-                time.sec, time.nsec
-            )));
-        }
+        check_seed(&seed)?;
+        check_sandbox(&sandbox)?;
+        check_time(&time)?;
         let held = got.elapsed();
         let nsec = u64::from(time.nsec) + u64::from(held.subsec_nanos());
         time.sec = time
@@ -284,6 +252,41 @@ impl SandboxService {
         check_version(meta)?;
         Ok(crate::profile::PROFILE.take(req.count))
     }
+}
+
+/// A ReseedRandom's payload: 1 to MAX_SEED bytes.
+fn check_seed(req: &ReseedRandomRequest) -> ttrpc::Result<()> {
+    if req.data.is_empty() || req.data.len() > MAX_SEED {
+        return Err(invalid(format!(
+            "seed of {} bytes; send 1 to {MAX_SEED}",
+            req.data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A SetTime's time: not before 1970, nanoseconds below a second.
+fn check_time(req: &SetTimeRequest) -> ttrpc::Result<()> {
+    if req.sec < 0 || req.nsec >= 1_000_000_000 {
+        return Err(invalid(format!(
+            "time {}.{:09} is out of range",
+            req.sec, req.nsec
+        )));
+    }
+    Ok(())
+}
+
+/// All of a CreateSandbox checked (files, interfaces, routes): the files
+/// it writes.
+fn check_sandbox(req: &CreateSandboxRequest) -> ttrpc::Result<Vec<(&'static str, String)>> {
+    let files = sandbox_files(req)?;
+    for i in &req.interfaces {
+        crate::network::check_interface(i)?;
+    }
+    for r in &req.routes {
+        crate::network::parse_route(r)?;
+    }
+    Ok(files)
 }
 
 /// How long DestroySandbox waits for killed containers to be gone.
