@@ -157,10 +157,19 @@ impl SandboxService {
             left = kill_cgroups_below(&self.cgroup, KILL_WAIT);
             nix::unistd::sync();
         }
-        // Answer, then go: the caller learns the request was taken.
+        // Answer, then go: the caller learns the request was taken. The
+        // answer is written by the server after this returns; nothing
+        // here can wait for that, so the power-off is timed. A caller that
+        // kills the VM on the answer gets a wide margin (CI saw a 50 ms
+        // power-off overtake the answer on a loaded, emulated guest).
+        let wait = if meta.contains_key(husk_protocol::HOST_KILLS_KEY) {
+            HOST_KILLS_FALLBACK
+        } else {
+            std::time::Duration::from_millis(50)
+        };
         let f = self.on_destroy.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(wait);
             f();
         });
         left.map_err(|e| {
@@ -289,6 +298,11 @@ fn check_sandbox(req: &CreateSandboxRequest) -> ttrpc::Result<Vec<(&'static str,
     Ok(files)
 }
 
+/// When a guest whose caller kills it (HOST_KILLS_KEY) powers off on its
+/// own: only if that caller is gone. Longer than any caller waits for the
+/// answer.
+const HOST_KILLS_FALLBACK: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long DestroySandbox waits for killed containers to be gone.
 const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -398,6 +412,44 @@ mod tests {
         // Once it is empty, the kill is done.
         std::fs::write(dir.path().join("busy/cgroup.events"), "populated 0\n").unwrap();
         assert_eq!(kill_cgroups_below(dir.path(), wait), Ok(()));
+    }
+
+    #[test]
+    fn a_caller_that_kills_the_vm_gets_its_answer_before_the_power_off() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let off = Arc::new(AtomicBool::new(false));
+        let seen = off.clone();
+        let svc = SandboxService {
+            state_dir: dir.path().join("sandbox"),
+            is_guest: false,
+            network: Arc::new(crate::network::NetworkService::new(false, false)),
+            on_destroy: Arc::new(move || seen.store(true, Ordering::SeqCst)),
+            cgroup: dir.path().join("cgroup"),
+        };
+        let mut meta = Metadata::new();
+        meta.insert(
+            husk_protocol::VERSION_KEY.into(),
+            vec![husk_protocol::API_VERSION.to_string()],
+        );
+        let mut kills = meta.clone();
+        kills.insert(husk_protocol::HOST_KILLS_KEY.into(), vec!["1".into()]);
+        svc.destroy_sandbox(&kills, Empty::new()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(
+            !off.load(Ordering::SeqCst),
+            "powered off under a caller that kills"
+        );
+        // A caller that waits for the VM's exit is not kept waiting.
+        svc.destroy_sandbox(&meta, Empty::new()).unwrap();
+        let t = std::time::Instant::now();
+        while !off.load(Ordering::SeqCst) {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "never powered off"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

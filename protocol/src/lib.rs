@@ -20,6 +20,15 @@ pub const API_VERSION: u32 = 1;
 /// ttrpc metadata key carrying the client's API version on every request.
 pub const VERSION_KEY: &str = "husk-api-version";
 
+/// DestroySandbox metadata key: the caller kills the VM itself once it has
+/// the answer (`Sandbox::end`). The guest then powers off on its own only
+/// as a fallback for a caller gone meanwhile, late enough that it cannot
+/// overtake the answer: a power-off that did would lose the answer, and
+/// with it the caller's proof that the guest synced. Without the key the
+/// guest powers off right after answering (a caller that waits for the
+/// VM's exit).
+pub const HOST_KILLS_KEY: &str = "husk-host-kills";
+
 /// Type URLs of the details the agent attaches to a refusal whose cause a
 /// caller acts on (a ttrpc status's code alone is shared by other causes:
 /// NOT_FOUND is also "no such container").

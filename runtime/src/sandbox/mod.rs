@@ -343,10 +343,14 @@ impl Sandbox {
             // upgrade, found again): it syncs only as it powers off.
             return self.shutdown(timeout).map(drop);
         }
+        // The VM is killed here on the answer: the guest must not power
+        // off first, or the answer (the proof of the sync) is lost.
+        let mut c = ctx(timeout);
+        c.add(husk_protocol::HOST_KILLS_KEY.to_string(), "1".to_string());
         let asked = self
             .agent
             .sandbox
-            .destroy_sandbox(ctx(timeout), &husk_protocol::agent::Empty::new())
+            .destroy_sandbox(c, &husk_protocol::agent::Empty::new())
             .map_err(|e| SandboxError::Guest(RpcError::new("DestroySandbox", &e).into()));
         // Whatever the answer, the VM goes now (dropping does the rest).
         self.vmm.child.kill_and_wait();
