@@ -120,11 +120,12 @@ impl SandboxService {
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| internal(format!("creating {}: {e}", self.state_dir.display())))?;
         for (name, content) in files {
+            // In place, not by rename, as Docker writes them: a container
+            // created before (a template's parked one) has this file
+            // bind-mounted, and would keep a renamed-over one.
             let path = self.state_dir.join(name);
-            let tmp = self.state_dir.join(format!(".{name}.tmp"));
-            std::fs::File::create(&tmp)
+            std::fs::File::create(&path)
                 .and_then(|mut f| f.write_all(content.as_bytes()))
-                .and_then(|_| std::fs::rename(&tmp, &path))
                 .map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
         }
         if self.is_guest {

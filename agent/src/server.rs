@@ -109,6 +109,7 @@ serve!(Containers for ContainersService {
     pool {
         create_container(CreateContainerRequest) -> CreateContainerResponse;
         start_container(ContainerRequest) -> Empty;
+        launch_container(LaunchContainerRequest) -> Empty;
         remove_container(ContainerRequest) -> Empty;
         exec_process(ExecProcessRequest) -> ExecProcessResponse;
         signal_process(SignalProcessRequest) -> Empty;

@@ -60,6 +60,8 @@ pub struct Build {
     pub console_socket: Option<PathBuf>,
     /// stdin, stdout, stderr; None for a process with a terminal.
     pub stdio: Option<[OwnedFd; 3]>,
+    /// A parked container's init's end of its socket (parked.rs).
+    pub parked: Option<OwnedFd>,
     /// Where libcontainer's events go, timed, while the host profiles
     /// (trace.rs).
     pub trace: Option<PathBuf>,
@@ -163,9 +165,16 @@ impl Spawner {
             "exec": b.exec,
             "console_socket": b.console_socket,
             "trace": b.trace,
+            "parked": b.parked.is_some(),
         })
         .to_string();
-        let fds: Vec<RawFd> = b.stdio.iter().flatten().map(|f| f.as_raw_fd()).collect();
+        let fds: Vec<RawFd> = b
+            .stdio
+            .iter()
+            .flatten()
+            .chain(&b.parked)
+            .map(|f| f.as_raw_fd())
+            .collect();
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
         let iov = [std::io::IoSlice::new(req.as_bytes())];
@@ -175,6 +184,7 @@ impl Spawner {
         // Sent: the spawner has its own copies; ours close now, so the
         // streams end when the process does.
         drop(b.stdio);
+        drop(b.parked);
         let start = Instant::now();
         let deadline = start + timeout;
         let mut builder = None;
@@ -548,7 +558,7 @@ type Message = (Vec<u8>, Vec<OwnedFd>);
 /// One request and the descriptors that came with it; None at EOF.
 fn receive(sock: &OwnedFd) -> Result<Option<Message>, SpawnError> {
     let mut buf = vec![0u8; MESSAGE_MAX];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let m = loop {
         match recvmsg::<()>(
@@ -576,7 +586,13 @@ fn receive(sock: &OwnedFd) -> Result<Option<Message>, SpawnError> {
 }
 
 /// In the builder: libcontainer makes the process; returns its pid.
-fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, BuildError> {
+fn build(req: &Value, mut fds: Vec<OwnedFd>) -> Result<i32, BuildError> {
+    // The parked socket comes last, after the stdio; it stays open here
+    // until the init (which inherits it) exists.
+    let parked = match req["parked"].as_bool() {
+        Some(true) => Some(fds.pop().ok_or(BuildError::Missing("a parked socket"))?),
+        _ => None,
+    };
     let text = |k: &str| req[k].as_str().map(str::to_string);
     let path = |k: &str| req[k].as_str().map(PathBuf::from);
     let id = text("id").ok_or(BuildError::Missing("an id"))?;
@@ -593,6 +609,12 @@ fn build(req: &Value, fds: Vec<OwnedFd>) -> Result<i32, BuildError> {
             .with_stderr(stderr),
         Err(v) if v.is_empty() => base,
         Err(v) => return Err(BuildError::Descriptors(v.len())),
+    };
+    let base = match &parked {
+        Some(s) => base.with_executor(crate::containers::ParkedExecutor {
+            sock: s.as_raw_fd(),
+        }),
+        None => base,
     };
     let base = base
         .with_root_path(root)

@@ -15,6 +15,7 @@ use husk_runtime::container::{
 use husk_runtime::guest::Io;
 use husk_runtime::image::{default_store_dir, normalize, ImageStore};
 use husk_runtime::net::ports::parse_publish;
+use husk_runtime::sandbox::Parked;
 use husk_runtime::util::chain;
 use husk_runtime::{Boot, NetworkMode, Runtime};
 
@@ -31,6 +32,9 @@ pub(crate) enum BootArg {
     Template,
     /// Boot the guest kernel.
     Cold,
+    /// Restore a template with the container already created (built by
+    /// the first run of the same image and options).
+    Parked,
 }
 
 #[derive(Args)]
@@ -276,6 +280,7 @@ pub(crate) fn run(a: Box<RunArgs>) -> Result<u8, Failure> {
     spec.boot = match a.boot {
         BootArg::Template => Boot::Template,
         BootArg::Cold => Boot::Cold,
+        BootArg::Parked => Boot::Parked,
     };
     let plan = spec.plan(Some(&store))?;
     let process = plan.oci.process().clone().unwrap_or_default();
@@ -476,9 +481,17 @@ pub(crate) fn run_container(
     }
     if timings_asked() {
         // For bench/run: where a run's time went, in seconds.
+        match &times.parked {
+            Parked::Failed(why) | Parked::NotSnapshotted { why, .. } => {
+                eprintln!("husk: the container template was not made: {why}")
+            }
+            _ => {}
+        }
         eprintln!(
-            "husk-timings: template={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
+            "husk-timings: parked={} template={:.4} park={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
+            times.parked.word(),
             times.sandbox.template.as_secs_f64(),
+            times.sandbox.park.as_secs_f64(),
             times.sandbox.agent_ready.as_secs_f64(),
             times.sandbox.identity.as_secs_f64(),
             times.sandbox_total.as_secs_f64(),

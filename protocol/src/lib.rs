@@ -29,6 +29,10 @@ pub const VERSION_KEY: &str = "husk-api-version";
 /// VM's exit).
 pub const HOST_KILLS_KEY: &str = "husk-host-kills";
 
+/// The most bytes of args and environment a LaunchContainer carries (each
+/// string counted with 4 more): one message to the parked init.
+pub const MAX_LAUNCH_BYTES: usize = 128 * 1024;
+
 /// Type URLs of the details the agent attaches to a refusal whose cause a
 /// caller acts on (a ttrpc status's code alone is shared by other causes:
 /// NOT_FOUND is also "no such container").

@@ -15,6 +15,7 @@ use husk_protocol::agent::{
     CreateContainerRequest, Empty, IPAddress, Interface, ProcessRequest, Route,
     SignalProcessRequest, Stdio, TtyWinResizeRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
+use husk_runtime::guest::Launch;
 use husk_tests::agent::{
     busybox_spec, container, ctx, process, read_all, rpc_message, unpack_busybox, AgentConn,
     Endpoint, Io,
@@ -514,6 +515,93 @@ fn bad_requests_get_clear_errors_and_the_agent_stays_up() {
     let mut g = a.conn.stream("ok-name").unwrap();
     g.write_all(&[0xff; 4096]).unwrap();
     a.conn.health().unwrap();
+}
+
+/// A parked container: created in full with a placeholder process, then
+/// launched with its real args, environment, streams and host name. The
+/// launch's program is looked up as a create's is (Docker's 127), a refused
+/// launch leaves it parked, and StartContainer and LaunchContainer each
+/// refuse the other's containers.
+#[test]
+fn a_parked_container_is_launched_with_its_process() {
+    let Some(a) = HostAgent::start("a_parked_container_is_launched_with_its_process") else {
+        return;
+    };
+    let c = &a.conn.containers;
+    let id = unique("parked");
+    let mut spec = busybox_spec("busybox", &["placeholder-never-run"], false);
+    let mut p = spec.process().clone().unwrap();
+    p.set_cwd("/etc".into());
+    spec.set_process(Some(p));
+    let pid = a.conn.park(&id, &spec, Vec::new(), true).unwrap();
+    assert!(pid > 0);
+    // A parked container is not started with StartContainer.
+    let e = rpc_message(&c.start_container(ctx(T), &container(&id)).unwrap_err());
+    assert!(
+        e.contains("FAILED_PRECONDITION") && e.contains("parked"),
+        "{e}"
+    );
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // A missing program is refused as at create, and it stays parked.
+    let mut l = Launch {
+        args: strings(&["no-such-program"]),
+        env: strings(&["PATH=/bin:/usr/bin", "GREETING=hello"]),
+        ..Default::default()
+    };
+    let e = a.conn.launch(&id, &l, Io::default()).unwrap_err();
+    let refused = husk_runtime::guest::find_rpc(&e).expect("an RPC error");
+    assert!(
+        refused.is(husk_protocol::detail::PROGRAM_NOT_FOUND),
+        "{e:#}"
+    );
+    // Launched under a new id (a template's container becoming a run's).
+    l.args = strings(&[
+        "sh",
+        "-c",
+        "echo $GREETING from $(hostname) in $(pwd) home=$HOME; echo to-err >&2; exit 4",
+    ]);
+    l.hostname = "web-1".into();
+    l.new_id = unique("launched");
+    let mut s = a.conn.launch(&id, &l, Io::OUT_ERR).unwrap();
+    assert_eq!(
+        read_all(&mut s.stdout, T).unwrap(),
+        "hello from web-1 in /etc home=/root\n"
+    );
+    assert_eq!(read_all(&mut s.stderr, T).unwrap(), "to-err\n");
+    assert_eq!(a.conn.wait(&l.new_id, "").unwrap().status, 4);
+    // The first id is gone, and not free while its state is in use.
+    let e = rpc_message(&c.start_container(ctx(T), &container(&id)).unwrap_err());
+    assert!(e.contains("NOT_FOUND"), "{e}");
+    let e = a.conn.park(&id, &spec, Vec::new(), true).unwrap_err();
+    assert!(format!("{e:#}").contains("ALREADY_EXISTS"), "{e:#}");
+    // Launched once only.
+    let e = a.conn.launch(&l.new_id, &l, Io::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("started already"), "{e:#}");
+    a.conn.remove(&l.new_id).unwrap();
+    assert!(!host_cgroup(&id).exists());
+    // Removed, its first id is free again.
+    a.conn.park(&id, &spec, Vec::new(), true).unwrap();
+    a.conn.remove(&id).unwrap();
+
+    // A container created the usual way is not launched.
+    let id = unique("unparked");
+    let sleep = busybox_spec("busybox", &["sleep", "100"], false);
+    a.conn.run(&id, &sleep, Io::default(), false).unwrap();
+    l.new_id.clear();
+    let e = a.conn.launch(&id, &l, Io::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("not parked"), "{e:#}");
+    a.conn.remove(&id).unwrap();
+
+    // A parked container is created without stdio or a terminal.
+    let req = CreateContainerRequest {
+        container_id: "parked-tty".into(),
+        oci_spec: serde_json::to_vec(&busybox_spec("busybox", &["sh"], true)).unwrap(),
+        overlay_rootfs: true,
+        parked: true,
+        ..Default::default()
+    };
+    let e = rpc_message(&c.create_container(ctx(T), &req).unwrap_err());
+    assert!(e.contains("terminal"), "{e}");
 }
 
 #[test]

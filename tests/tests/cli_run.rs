@@ -1131,3 +1131,96 @@ fn the_guest_steps_and_the_floor_are_measured() {
         h.leftover_sandboxes()
     );
 }
+
+/// `--boot parked`: the first run of an image and its options builds a
+/// template with the container already created and parked; the next runs
+/// restore it and only launch their own process, with their own args,
+/// environment, streams, working directory and host name. What a user sees
+/// is what the usual path gives: output, exit status, Docker's 127 for a
+/// missing program.
+#[test]
+fn a_parked_container_template_is_built_once_and_launched_after() {
+    let Some(h) = Husk::for_test("a_parked_container_template_is_built_once_and_launched_after")
+    else {
+        return;
+    };
+    let archive = sample_image("busybox.oci.tar").unwrap();
+    assert!(h
+        .run(&["image", "import", archive.to_str().unwrap()], "")
+        .status
+        .success());
+    let img = "husk.local/busybox";
+    let run = |name: &str, args: &[&str], stdin: &str| {
+        let mut cmd = h.cmd(&["run", "--rm", "-i", "--boot", "parked", "--hostname", name]);
+        let mut child = cmd
+            .args(args)
+            .env("HUSK_TIMINGS", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        println!(
+            "husk run {name}: {}\nstdout: {:?}\nstderr: {err}",
+            out.status,
+            text(&out.stdout)
+        );
+        // A run whose container was refused prints no timings.
+        let parked = err
+            .lines()
+            .find_map(|l| l.strip_prefix("husk-timings: parked="))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("none")
+            .to_string();
+        (out, parked, err)
+    };
+    let script = "read x; echo $GREETING $x from $(hostname) in $(pwd); echo to-stderr >&2; exit 3";
+    let (out, parked, err) = run(
+        "parked-a",
+        &[
+            "-e",
+            "GREETING=hello",
+            "-w",
+            "/etc",
+            img,
+            "sh",
+            "-c",
+            script,
+        ],
+        "there\n",
+    );
+    assert_eq!(parked, "built", "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(text(&out.stdout), "hello there from parked-a in /etc\n");
+    assert!(err.starts_with("to-stderr\n"), "{err}");
+    // Another process, environment and name, the same template.
+    let (out, parked, err) = run(
+        "parked-b",
+        &["-e", "GREETING=hi", "-w", "/etc", img, "sh", "-c", script],
+        "again\n",
+    );
+    assert_eq!(parked, "restored", "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(text(&out.stdout), "hi again from parked-b in /etc\n");
+    // A missing program: Docker's 127 and its message, as without parking
+    // (refused by the launch: the container was restored parked).
+    let (out, _, err) = run("parked-c", &["-w", "/etc", img, "no-such-program"], "");
+    assert_eq!(out.status.code(), Some(127), "{err}");
+    assert!(
+        err.contains("LaunchContainer")
+            && err.contains("\"no-such-program\": executable file not found"),
+        "{err}"
+    );
+    // Another working directory is another template.
+    let (out, parked, err) = run("parked-d", &["-w", "/tmp", img, "pwd"], "");
+    assert_eq!(parked, "built", "{err}");
+    assert_eq!(text(&out.stdout), "/tmp\n", "{err}");
+    // Nothing is left running.
+    let ps = text(&h.run(&["ps", "-a"], "").stdout);
+    assert_eq!(ps.lines().count(), 1, "{ps}");
+}

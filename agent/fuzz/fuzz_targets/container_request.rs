@@ -4,8 +4,12 @@
 //! is mounted or spawned.
 #![no_main]
 
-use husk_agent::containers::{check_bare, check_create, check_exec, check_storage, relative_path};
-use husk_protocol::agent::{BareExecRequest, CreateContainerRequest, ExecProcessRequest};
+use husk_agent::containers::{
+    check_bare, check_create, check_exec, check_launch, check_storage, relative_path,
+};
+use husk_protocol::agent::{
+    BareExecRequest, CreateContainerRequest, ExecProcessRequest, LaunchContainerRequest,
+};
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message;
 
@@ -28,6 +32,17 @@ fuzz_target!(|data: &[u8]| {
         if check_bare(&req).is_ok() {
             assert!(relative_path("root", &req.root).is_ok());
             assert!(!req.args.is_empty() && req.args.iter().all(|a| !a.contains('\0')));
+        }
+    }
+    if let Ok(req) = LaunchContainerRequest::parse_from_bytes(data) {
+        if check_launch(&req).is_ok() {
+            // What passes can be set as the init's environment and argv
+            // without a panic there.
+            assert!(req.args.iter().all(|a| !a.contains('\0')));
+            assert!(req.env.iter().all(|e| matches!(
+                e.split_once('='),
+                Some((k, _)) if !k.is_empty() && !e.contains('\0')
+            )));
         }
     }
     // The spec JSON straight, as most inputs fail protobuf decoding.

@@ -183,8 +183,35 @@ pub fn check_create(req: &CreateContainerRequest) -> Result<Spec, Invalid> {
         points.push(&s.mount_point);
     }
     let stdio = req.stdio.as_ref().cloned().unwrap_or_default();
-    stdio_names(&stdio, process.terminal().unwrap_or(false))?;
+    let terminal = process.terminal().unwrap_or(false);
+    stdio_names(&stdio, terminal)?;
+    if req.parked {
+        check_parked(&spec, &stdio, terminal)?;
+    }
     Ok(spec)
+}
+
+/// What a parked container cannot have: stdio (its launch gives it), a
+/// terminal (not relayed to a launched process yet) or a seccomp filter
+/// (its init receives its process under the filter, which may forbid
+/// that).
+fn check_parked(spec: &Spec, stdio: &Stdio, terminal: bool) -> Result<(), Invalid> {
+    if stdio != &Stdio::default() {
+        return Err(Invalid(
+            "parked: stdio must be empty (LaunchContainer gives the streams)".into(),
+        ));
+    }
+    if terminal {
+        return Err(Invalid(
+            "parked: a process with a terminal cannot be parked yet".into(),
+        ));
+    }
+    if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
+        return Err(Invalid(
+            "parked: a container with a seccomp filter cannot be parked yet".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A bind mount, by type or by option (runc accepts either).

@@ -36,11 +36,13 @@ use crate::stream::Streams;
 
 mod bare;
 mod check;
+mod parked;
 mod stats;
 mod stdio;
 
 pub use bare::check_bare;
 pub use check::*;
+pub use parked::{check_launch, ParkedExecutor};
 use stats::*;
 use stdio::*;
 
@@ -96,6 +98,10 @@ struct Ctr {
     /// held meanwhile: WaitProcess, stats and signals go on).
     starting: std::collections::HashSet<String>,
     started: bool,
+    /// A parked container's end of its init's socket, until its launch.
+    parked: Option<OwnedFd>,
+    /// The process's working directory (a launch's program lookup).
+    cwd: PathBuf,
     /// When StartContainer ran the init, until its exit is reported (the
     /// profile's "run" step).
     started_at: Option<Instant>,
@@ -139,6 +145,10 @@ pub struct ContainersService {
     containers: Mutex<HashMap<String, Arc<Mutex<Ctr>>>>,
     /// Serializes creates, so ids and storages are checked and taken at once.
     creating: Mutex<()>,
+    /// The first ids of renamed containers (LaunchContainer's new_id):
+    /// their bundles and libcontainer state keep those names, so a create
+    /// may not take them.
+    renamed: Mutex<std::collections::HashSet<String>>,
     /// mount point (relative to storage/) → containers using it.
     storages: Mutex<HashMap<String, usize>>,
     oom: Mutex<Oom>,
@@ -244,6 +254,7 @@ impl ContainersService {
             streams,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(()),
+            renamed: Mutex::default(),
             storages: Mutex::new(HashMap::new()),
             oom: Mutex::new(Oom::default()),
             oom_changed: Condvar::new(),
@@ -315,7 +326,7 @@ impl ContainersService {
         let mut spec = check_create(req)?;
         let _one = lock(&self.creating);
         let id = &req.container_id;
-        if lock(&self.containers).contains_key(id) {
+        if lock(&self.containers).contains_key(id) || lock(&self.renamed).contains(id) {
             return Err(status(
                 Code::ALREADY_EXISTS,
                 format!("container {id:?} exists"),
@@ -346,6 +357,11 @@ impl ContainersService {
         let rootfs = self.prepare_rootfs(&mut spec, req.overlay_rootfs, &mut undo)?;
         step.end();
         let step = crate::profile::step("create.spec");
+        let cwd = spec
+            .process()
+            .as_ref()
+            .map(|p| p.cwd().clone())
+            .unwrap_or_else(|| PathBuf::from("/"));
         let cgroup_rel = spec
             .linux()
             .as_ref()
@@ -356,7 +372,7 @@ impl ContainersService {
         spec.set_linux(Some(linux));
         self.resolve_bind_sources(&mut spec)?;
         self.add_sandbox_mounts(&mut spec, &rootfs, req.overlay_rootfs);
-        if let Some(p) = spec.process() {
+        if let Some(p) = spec.process().as_ref().filter(|_| !req.parked) {
             let mounts = spec.mounts().clone().unwrap_or_default();
             let scope = crate::executable::Scope::Create {
                 rootfs: &rootfs,
@@ -379,7 +395,11 @@ impl ContainersService {
         let stdio = ProcStdio::claim(&self.streams, &stdio_req)?;
         step.end();
         let step = crate::profile::step("create.build");
-        let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal)?;
+        let (parked, init_end) = match req.parked {
+            true => parked::socket().map(|(a, b)| (Some(a), Some(b)))?,
+            false => (None, None),
+        };
+        let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal, init_end)?;
         step.end();
         let own_netns = spec
             .linux()
@@ -413,6 +433,8 @@ impl ContainersService {
             execs: HashMap::new(),
             starting: Default::default(),
             started: false,
+            parked,
+            cwd,
             started_at: None,
             paused: false,
         };
@@ -541,6 +563,7 @@ impl ContainersService {
         exec: Option<&Path>,
         stdio: ProcStdio,
         terminal: bool,
+        parked: Option<OwnedFd>,
     ) -> ttrpc::Result<(Container, Proc)> {
         let stdin_handle = if stdio.has_stdin && !terminal {
             stdio.stdin.try_clone().ok()
@@ -573,6 +596,7 @@ impl ContainersService {
             exec: exec.map(Path::to_path_buf),
             console_socket: console.as_ref().map(|c| c.path.clone()),
             stdio,
+            parked,
             trace: crate::profile::PROFILE.counting().then(|| {
                 bundle.join(match exec {
                     None => "init.trace".to_string(),
@@ -715,7 +739,7 @@ impl ContainersService {
         // pid, and its kill-all only walks the cgroup.
         if let Err(e) = c.lc.delete(true) {
             eprintln!("husk-agent: libcontainer delete {id}: {e}");
-            let _ = std::fs::remove_dir_all(self.dirs.libcontainer().join(id));
+            let _ = std::fs::remove_dir_all(self.dirs.libcontainer().join(c.lc.id()));
             let _ = std::fs::remove_dir(&c.cgroup);
         }
         if c.overlay {
@@ -733,6 +757,7 @@ impl ContainersService {
             self.reaper.forget(p.pid);
         }
         self.unwatch_oom_of(id);
+        lock(&self.renamed).remove(c.lc.id());
         drop(c);
         lock(&self.containers).remove(id);
         Ok(())
@@ -852,6 +877,15 @@ impl ContainersService {
                 format!("container {:?} was started already", req.container_id),
             ));
         }
+        if c.parked.is_some() {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "container {:?} is parked: LaunchContainer gives it its process",
+                    req.container_id
+                ),
+            ));
+        }
         let step = crate::profile::step("start");
         c.lc.start()
             .map_err(|e| internal(format!("start {:?}: {e}", req.container_id)))?;
@@ -875,7 +909,7 @@ impl ContainersService {
         check_version(meta)?;
         let process = check_exec(&req)?;
         let arc = self.get(&req.container_id)?;
-        let (bundle, init_pid) = {
+        let (bundle, init_pid, lc_id) = {
             let mut c = lock(&arc);
             if !c.started || !self.reaper.running(c.init.pid) {
                 return Err(status(
@@ -889,11 +923,11 @@ impl ContainersService {
                     format!("exec {:?} exists", req.exec_id),
                 ));
             }
-            (c.bundle.clone(), c.init.pid)
+            (c.bundle.clone(), c.init.pid, c.lc.id().to_string())
         };
         let scope = crate::executable::Scope::Running { init_pid };
         let made = crate::executable::check(&scope, &process)
-            .and_then(|()| self.make_exec(&bundle, &req, &process));
+            .and_then(|()| self.make_exec(&bundle, &lc_id, &req, &process));
         let mut c = lock(&arc);
         c.starting.remove(&req.exec_id);
         let proc_ = made?;
@@ -909,6 +943,7 @@ impl ContainersService {
     fn make_exec(
         &self,
         bundle: &Path,
+        lc_id: &str,
         req: &ExecProcessRequest,
         process: &Process,
     ) -> ttrpc::Result<Proc> {
@@ -921,8 +956,8 @@ impl ContainersService {
             .map_err(ttrpc::Error::from);
         slow(t, &format!("exec {}: its streams", req.exec_id));
         let t = Instant::now();
-        let r = stdio
-            .and_then(|stdio| self.spawn(bundle, &req.container_id, Some(&path), stdio, terminal));
+        let r =
+            stdio.and_then(|stdio| self.spawn(bundle, lc_id, Some(&path), stdio, terminal, None));
         slow(t, &format!("exec {}: its process", req.exec_id));
         let _ = std::fs::remove_file(&path);
         r.map(|(_, p)| p)

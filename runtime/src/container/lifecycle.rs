@@ -30,11 +30,13 @@ use crate::container::record::{LogWriter, NetInfo};
 use crate::container::spec::{container_spec, ProcessOptions};
 use crate::container::{ContainerError, Result};
 use crate::guest::GuestError;
-use crate::guest::{AgentConn, Io, Streams};
+use crate::guest::{AgentConn, Io, Launch, Streams};
 use crate::image::{ImageRecord, ImageStore};
 use crate::net::ports::PortMapping;
 use crate::net::NetworkMode;
-use crate::sandbox::{check_id, Boot, DriveSpec, Machine, Sandbox, SandboxConfig, StartTimes};
+use crate::sandbox::{
+    check_id, Boot, DriveSpec, Machine, Park, Sandbox, SandboxConfig, StartTimes, PARKED_ID,
+};
 use crate::storage::shared::{guest_source, HostShare};
 use crate::storage::volume::{VolumeLease, VolumeStore};
 
@@ -307,8 +309,10 @@ impl Plan {
             let store = store.ok_or(ContainerError::NeedsStore(
                 "an image's container needs the image store",
             ))?;
+            let rootfs = store.rootfs(image)?;
+            self.config.park = self.parkable().then(|| Park::new(&self.oci, &rootfs));
             self.config.drives.push(DriveSpec {
-                path: store.rootfs(image)?,
+                path: rootfs,
                 read_only: true,
             });
         }
@@ -318,6 +322,32 @@ impl Plan {
             read_only: false,
         }));
         Ok(Prepared { plan: self, leases })
+    }
+
+    /// Whether its container can be parked (`Boot::Parked`): an image's,
+    /// without volumes or host paths (drives and shares are the run's own),
+    /// a terminal, a seccomp filter, or more args and environment than a
+    /// launch carries. Resource limits are applied at create, and are part
+    /// of the template's key like the rest of the spec.
+    fn parkable(&self) -> bool {
+        let Some(p) = self.oci.process() else {
+            return false;
+        };
+        let launch: usize = p
+            .args()
+            .iter()
+            .flatten()
+            .chain(p.env().iter().flatten())
+            .map(|s| s.len() + 4)
+            .sum();
+        let linux = self.oci.linux().as_ref();
+        self.config.boot == Boot::Parked
+            && self.image.is_some()
+            && self.volumes.is_empty()
+            && self.config.shares.is_empty()
+            && !p.terminal().unwrap_or(false)
+            && linux.is_none_or(|l| l.seccomp().is_none())
+            && launch <= husk_protocol::MAX_LAUNCH_BYTES
     }
 
     /// A lease on each of the plan's named volumes, in order.
@@ -415,14 +445,47 @@ impl Starting {
         Ok(self.sandbox.end(timeout)?)
     }
 
-    /// Phase 4: CreateContainer and StartContainer, with `io`'s streams.
-    /// A refusal is the agent's [`crate::guest::RpcError`], with its code.
+    /// Phase 4: CreateContainer and StartContainer, with `io`'s streams
+    /// (a parked container: LaunchContainer). A refusal is the agent's
+    /// [`crate::guest::RpcError`], with its code.
     pub fn create(self, io: Io) -> Result<Container> {
+        if let Some(pid) = self.sandbox.parked.pid() {
+            return self.launch(pid, io);
+        }
         let t = Instant::now();
         let mut c = self.create_only(io)?;
         c.sandbox.agent.start(&c.id)?;
         c.created = t.elapsed();
         Ok(c)
+    }
+
+    /// The parked container's process given and started, and its id made
+    /// the plan's.
+    fn launch(self, pid: u32, io: Io) -> Result<Container> {
+        let process = self.plan.oci.process().clone().unwrap_or_default();
+        let launch = Launch {
+            args: process.args().clone().unwrap_or_default(),
+            env: process.env().clone().unwrap_or_default(),
+            hostname: self.plan.oci.hostname().clone().unwrap_or_default(),
+            new_id: self.plan.id.clone(),
+        };
+        let t = Instant::now();
+        let streams = match self.sandbox.agent.launch(PARKED_ID, &launch, io) {
+            Ok(s) => s,
+            Err(error) => {
+                let logs = self.plan.config.console_log.then(|| self.sandbox.logs());
+                return Err(NotCreated { error, logs }.into());
+            }
+        };
+        Ok(Container {
+            created: t.elapsed(),
+            sandbox: self.sandbox,
+            leases: self.leases,
+            id: self.plan.id,
+            pid,
+            streams,
+            started: self.started,
+        })
     }
 
     /// CreateContainer only (containerd starts a task separately): an
@@ -486,6 +549,8 @@ pub struct Container {
 #[derive(Clone, Debug)]
 pub struct Timings {
     pub sandbox: StartTimes,
+    /// Whether its container was parked, and how.
+    pub parked: crate::sandbox::Parked,
     pub sandbox_total: Duration,
     pub create_start: Duration,
 }
@@ -545,6 +610,7 @@ impl Container {
     pub fn timings(&self) -> Timings {
         Timings {
             sandbox: self.sandbox.times.clone(),
+            parked: self.sandbox.parked.clone(),
             sandbox_total: self.started,
             create_start: self.created,
         }

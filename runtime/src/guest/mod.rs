@@ -260,6 +260,50 @@ impl AgentConn {
         Ok((r.pid, streams))
     }
 
+    /// Creates `id` parked (see the agent's containers/parked.rs): set up
+    /// in full, its init waiting for `launch` to give it its process.
+    /// `spec`'s args are a placeholder. Returns the init's pid.
+    pub fn park(
+        &self,
+        id: &str,
+        spec: &Spec,
+        storages: Vec<Storage>,
+        overlay_rootfs: bool,
+    ) -> Result<u32> {
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec: serde_json::to_vec(spec)?,
+            storages,
+            overlay_rootfs,
+            parked: true,
+            ..Default::default()
+        };
+        let r = self
+            .containers
+            .create_container(ctx(SLOW_CALL), &req)
+            .map_err(|e| RpcError::new(format!("CreateContainer {id} (parked)"), &e))?;
+        Ok(r.pid)
+    }
+
+    /// Gives parked container `id` its process (`l`, with the streams
+    /// `io` asks for) and starts it.
+    pub fn launch(&self, id: &str, l: &Launch, io: Io) -> Result<Streams> {
+        let (stdio, streams) = self.open_streams(io)?;
+        let req = husk_protocol::agent::LaunchContainerRequest {
+            container_id: id.into(),
+            args: l.args.clone(),
+            env: l.env.clone(),
+            hostname: l.hostname.clone(),
+            new_id: l.new_id.clone(),
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.containers
+            .launch_container(ctx(SLOW_CALL), &req)
+            .map_err(|e| RpcError::new(format!("LaunchContainer {id}"), &e))?;
+        Ok(streams)
+    }
+
     pub fn start(&self, id: &str) -> Result<()> {
         self.containers
             .start_container(ctx(SLOW_CALL), &container(id))
@@ -409,6 +453,18 @@ impl AgentConn {
     pub fn health_rtt(&self) -> Duration {
         Duration::from_micros(self.health_rtt_us.load(Ordering::Relaxed))
     }
+}
+
+/// A parked container's process (`AgentConn::launch`).
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    pub args: Vec<String>,
+    /// KEY=VALUE, the whole environment.
+    pub env: Vec<String>,
+    /// Set in the container's UTS namespace first ("" keeps its own).
+    pub hostname: String,
+    /// The container's id from then on ("" keeps it).
+    pub new_id: String,
 }
 
 pub fn container(id: &str) -> ContainerRequest {

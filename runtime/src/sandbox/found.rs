@@ -73,6 +73,7 @@ impl Runtime {
             boot: Boot::Template,
             times: StartTimes::default(),
             template: None,
+            parked: crate::sandbox::Parked::No,
             net,
             vmm,
             shared: None,

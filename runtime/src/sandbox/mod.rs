@@ -106,6 +106,7 @@ pub type Result<T> = std::result::Result<T, SandboxError>;
 mod found;
 mod identity;
 pub mod machine;
+pub mod parked;
 pub mod record;
 mod start;
 pub mod template;
@@ -113,6 +114,7 @@ pub mod template;
 pub use machine::{
     slot_device, slot_id, DriveSpec, Machine, BOOT_ARGS, NET_IFACE, RO_SLOTS, RW_SLOTS,
 };
+pub use parked::{Park, Parked, PARKED_ID};
 pub use record::SandboxRecord;
 pub use template::Template;
 
@@ -123,6 +125,10 @@ pub enum Boot {
     /// Restore the cached template for the machine (built on first use).
     #[default]
     Template,
+    /// Restore a template with the container already created and parked
+    /// (parked.rs; built by the first start of the same image and spec);
+    /// a container that cannot be parked starts as with `Template`.
+    Parked,
     /// Boot the guest kernel.
     Cold,
 }
@@ -151,6 +157,8 @@ pub struct SandboxConfig {
     pub boot: Boot,
     /// Keep the guest console in `<sandbox dir>/console.log`.
     pub console_log: bool,
+    /// A container to park before the identity is given (`Boot::Parked`).
+    pub park: Option<Park>,
 }
 
 impl SandboxConfig {
@@ -191,6 +199,7 @@ impl SandboxConfig {
             shares: Vec::new(),
             boot: Boot::default(),
             console_log: false,
+            park: None,
         }
     }
 }
@@ -204,6 +213,9 @@ pub struct StartTimes {
     pub agent_ready: Duration,
     /// StartSandbox (randomness, clock, hostname and network).
     pub identity: Duration,
+    /// Parking the container and snapshotting it (a container template's
+    /// first start).
+    pub park: Duration,
 }
 
 /// A running sandbox. Dropping it kills its VM and removes its directory.
@@ -217,6 +229,8 @@ pub struct Sandbox {
     pub times: StartTimes,
     /// The template restored from, for `Boot::Template`.
     pub template: Option<Template>,
+    /// Its parked container, if it was asked for one (`SandboxConfig::park`).
+    pub parked: Parked,
     /// Its network: tap, address lease, published ports, or a pod's
     /// namespace taken over.
     pub net: Attachment,

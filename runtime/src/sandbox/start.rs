@@ -16,6 +16,7 @@ use crate::sandbox::identity::give_identity;
 use crate::sandbox::machine::{
     assign_slots, drive_shares, slot_id, vm_config, NET_IFACE, RO_SLOTS,
 };
+use crate::sandbox::parked::{self, Park, Parked};
 use crate::sandbox::template::{Template, SNAPSHOT_TIMEOUT};
 use crate::sandbox::{
     check_id, Boot, Sandbox, SandboxConfig, SandboxRecord, StartTimes, VSOCK_SOCKET,
@@ -35,6 +36,7 @@ struct Started {
     /// The guest device of each of the config's drives.
     devices: Vec<String>,
     template: Option<Template>,
+    parked: Parked,
 }
 
 /// Where a sandbox's VMM writes and what it inherits.
@@ -114,10 +116,12 @@ impl Runtime {
         };
         let t1 = Instant::now();
         let started = match cfg.boot {
-            Boot::Template => self.start_restored(cfg, &p, &mut shared, &mut times)?,
+            Boot::Template | Boot::Parked => {
+                self.start_restored(cfg, &p, &mut shared, &mut times)?
+            }
             Boot::Cold => self.start_cold(cfg, &p, &shared)?,
         };
-        times.agent_ready = t1.elapsed() - times.template;
+        times.agent_ready = t1.elapsed() - times.template - times.park;
         if self.profile {
             // Steps from here on, counted (the template's own are dropped).
             started.agent.profile(true)?;
@@ -156,6 +160,7 @@ impl Runtime {
             boot: cfg.boot,
             times,
             template: started.template,
+            parked: started.parked,
             net,
             vmm: started.vmm,
             shared,
@@ -182,6 +187,29 @@ impl Runtime {
         let t0 = Instant::now();
         let mut t = Template::ensure(self, &cfg.machine)?;
         times.template = t0.elapsed();
+        let park = match (&cfg.park, cfg.boot) {
+            (Some(park), Boot::Parked) => Some((park, park.key(&t)?)),
+            _ => None,
+        };
+        if let Some((_, key)) = &park {
+            if let Some((ct, pid)) = parked::find(&t, key) {
+                let (inherit, fs_fd) = p.inherit(shared);
+                match self.restore(&ct, cfg, p, &inherit, fs_fd) {
+                    Ok((vmm, agent, devices)) => {
+                        return Ok(Started {
+                            vmm,
+                            agent,
+                            devices,
+                            template: Some(ct),
+                            parked: Parked::Restored { pid },
+                        })
+                    }
+                    // Refused (a damaged file, another VMM build): built
+                    // again below, from the base.
+                    Err(_) => parked::invalidate(&ct),
+                }
+            }
+        }
         let (inherit, fs_fd) = p.inherit(shared);
         let (vmm, agent, devices) = match self.restore(&t, cfg, p, &inherit, fs_fd) {
             Ok(x) => x,
@@ -210,11 +238,21 @@ impl Runtime {
                     })?
             }
         };
+        let parked = match park {
+            Some((park, key)) => {
+                let t1 = Instant::now();
+                let parked = park_in(&t, &key, park, &vmm, &agent, &devices, p.dir);
+                times.park = t1.elapsed();
+                parked
+            }
+            None => Parked::No,
+        };
         Ok(Started {
             vmm,
             agent,
             devices,
             template: Some(t),
+            parked,
         })
     }
 
@@ -263,6 +301,7 @@ impl Runtime {
             agent,
             devices,
             template: None,
+            parked: Parked::No,
         })
     }
 
@@ -350,5 +389,38 @@ impl Runtime {
             }
         })?;
         Ok((vmm, agent, devices))
+    }
+}
+
+/// Parks `park` in the VM restored from base template `t` and snapshots
+/// it as container template `key` (parked.rs). A container that could not
+/// be parked is created the usual way later, which reports the problem if
+/// it is the spec's.
+fn park_in(
+    t: &Template,
+    key: &str,
+    park: &Park,
+    vmm: &VmmProcess,
+    agent: &AgentConn,
+    devices: &[String],
+    staging: &Path,
+) -> Parked {
+    let Some(image) = devices.first() else {
+        return Parked::Failed("no image drive".into());
+    };
+    let pid = match parked::park(agent, park, image) {
+        Ok(pid) => pid,
+        Err(e) => return Parked::Failed(crate::util::chain(&e)),
+    };
+    match parked::snapshot(t, key, vmm, staging, pid) {
+        Ok(true) => Parked::Built { pid },
+        Ok(false) => Parked::NotSnapshotted {
+            pid,
+            why: "another start is building it".into(),
+        },
+        Err(e) => Parked::NotSnapshotted {
+            pid,
+            why: crate::util::chain(&e),
+        },
     }
 }

@@ -45,7 +45,7 @@ pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A file input of a template, named precisely enough to see it change.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct FileId {
+pub(super) struct FileId {
     path: PathBuf,
     len: u64,
     mtime_ns: i128,
@@ -54,7 +54,7 @@ struct FileId {
 }
 
 impl FileId {
-    fn of(path: &Path) -> Result<FileId> {
+    pub(super) fn of(path: &Path) -> Result<FileId> {
         let path = path.canonicalize().at(|| shown(path))?;
         let m = std::fs::metadata(&path).at(|| shown(&path))?;
         Ok(FileId {

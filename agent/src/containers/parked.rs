@@ -1,0 +1,447 @@
+//! Parked containers: created with everything the spec asks for applied
+//! (namespaces, mounts, cgroup, user, capabilities, cwd), their init
+//! waiting for its process. LaunchContainer gives it the args, the
+//! environment and the stdio, and starts it.
+//!
+//! Why: creating a container is most of a start in a guest whose kernel is
+//! emulated (~4.4 s of libcontainer's create against ~0.2 s of start,
+//! docs/warm-starts.md). A VM snapshotted with its container parked
+//! restores to a container that only has to exec (container-ready
+//! templates).
+//!
+//! How: libcontainer's init does all of its setup before it waits for
+//! "start", then runs its executor. A parked container's executor is
+//! `ParkedExecutor`: it reads one message from a socket whose other end the
+//! agent holds (the args and environment as JSON, the three stdio
+//! descriptors with SCM_RIGHTS), puts the descriptors on 0-2 and execs. The
+//! socket is close-on-exec, so the exec closes the init's end. The agent
+//! sends before it starts the container, so the message is waiting when the
+//! init wakes. The program is looked up by the agent in the parked
+//! container's root first, so a missing or non-executable one is refused
+//! with Docker's 127/126 details as at create.
+
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use husk_protocol::agent::{Empty, LaunchContainerRequest};
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use oci_spec::runtime::Spec;
+use serde_json::{json, Value};
+use ttrpc::Code;
+
+use super::{lock, stdio_names, valid_id, ContainersService, Invalid, ProcStdio};
+use crate::rpc::{causes, check_version, internal, status, Metadata};
+
+/// The most bytes of args and environment a launch carries (one
+/// SOCK_SEQPACKET message; the default socket buffer holds ~200 KiB). A
+/// caller with more creates the container the usual way.
+pub const MAX_LAUNCH: usize = husk_protocol::MAX_LAUNCH_BYTES;
+
+/// What a LaunchContainer must be before anything is done for it.
+pub fn check_launch(req: &LaunchContainerRequest) -> Result<(), Invalid> {
+    if !valid_id(&req.container_id) {
+        return Err(Invalid(format!(
+            "container_id {:?} is not valid",
+            req.container_id
+        )));
+    }
+    if !req.new_id.is_empty() && !valid_id(&req.new_id) {
+        return Err(Invalid(format!(
+            "new_id {:?}: 1-128 of [A-Za-z0-9_+-.], not '.' or '..'",
+            req.new_id
+        )));
+    }
+    if req.args.first().is_none_or(String::is_empty) {
+        return Err(Invalid("args: give the program as args[0]".into()));
+    }
+    if let Some(a) = req.args.iter().find(|a| a.contains('\0')) {
+        return Err(Invalid(format!("arg {:?} holds a NUL byte", cut(a))));
+    }
+    for e in &req.env {
+        match e.split_once('=') {
+            Some((k, _)) if !k.is_empty() && !e.contains('\0') => {}
+            _ => {
+                return Err(Invalid(format!(
+                    "env {:?}: KEY=VALUE with a non-empty key and no NUL byte",
+                    cut(e)
+                )))
+            }
+        }
+    }
+    let bytes: usize = req.args.iter().chain(&req.env).map(|s| s.len() + 4).sum();
+    if bytes > MAX_LAUNCH {
+        return Err(Invalid(format!(
+            "args and env of {bytes} bytes: a launch carries at most {MAX_LAUNCH}"
+        )));
+    }
+    if !req.hostname.is_empty() && !crate::sandbox::valid_hostname(&req.hostname) {
+        return Err(Invalid(format!(
+            "hostname {:?} is not a valid host name",
+            cut(&req.hostname)
+        )));
+    }
+    stdio_names(&req.stdio.clone().unwrap_or_default(), false)
+}
+
+fn cut(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// The agent's end and the init's end of a parked container's socket.
+pub(super) fn socket() -> ttrpc::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| internal(format!("a parked container's socket: {e}")))
+}
+
+/// The message to the parked init, with the stdio as SCM_RIGHTS.
+fn send(sock: &OwnedFd, req: &LaunchContainerRequest, stdio: &ProcStdio) -> ttrpc::Result<()> {
+    let msg = json!({"args": req.args, "env": req.env}).to_string();
+    let fds = [
+        stdio.stdin.as_raw_fd(),
+        stdio.stdout.as_raw_fd(),
+        stdio.stderr.as_raw_fd(),
+    ];
+    let iov = [std::io::IoSlice::new(msg.as_bytes())];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            // The init died while parked (or was killed): its end is closed.
+            Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    "the parked container's init is gone",
+                ))
+            }
+            Err(e) => return Err(internal(format!("sending the process to its init: {e}"))),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Sets `name` as the host name of `pid`'s UTS namespace, from a thread
+/// of its own that joins it and ends (the agent's other threads keep
+/// theirs). Refused when that namespace is the agent's: its name is the
+/// sandbox's, set by StartSandbox.
+fn set_hostname_of(pid: i32, name: &str) -> ttrpc::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = format!("/proc/{pid}/ns/uts");
+    let theirs = std::fs::metadata(&ns).map_err(|e| internal(format!("{ns}: {e}")))?;
+    let ours = std::fs::metadata("/proc/self/ns/uts")
+        .map_err(|e| internal(format!("/proc/self/ns/uts: {e}")))?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Err(status(
+            Code::FAILED_PRECONDITION,
+            "the container shares the sandbox's UTS namespace: its host name is the sandbox's",
+        ));
+    }
+    let file = std::fs::File::open(&ns).map_err(|e| internal(format!("{ns}: {e}")))?;
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name("hostname".into())
+        .spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWUTS)
+                .map_err(|e| format!("joining its UTS namespace: {e}"))?;
+            nix::unistd::sethostname(&name).map_err(|e| format!("sethostname: {e}"))
+        })
+        .map_err(|e| internal(format!("a thread for the host name: {e}")))?
+        .join()
+        .map_err(|_| internal("the host name's thread panicked"))?
+        .map_err(|e| internal(format!("the container's host name: {e}")))
+}
+
+impl ContainersService {
+    pub fn launch_container(
+        &self,
+        meta: &Metadata,
+        req: LaunchContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        check_version(meta)?;
+        check_launch(&req)?;
+        let renamed = !req.new_id.is_empty() && req.new_id != req.container_id;
+        // A rename is checked and done under the create lock, so no create
+        // takes the new id meanwhile.
+        let _one = renamed.then(|| lock(&self.creating));
+        if renamed && lock(&self.containers).contains_key(&req.new_id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {:?} exists", req.new_id),
+            ));
+        }
+        let arc = self.get(&req.container_id)?;
+        let mut c = lock(&arc);
+        if c.started {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {:?} was started already", req.container_id),
+            ));
+        }
+        let Some(sock) = c.parked.as_ref() else {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "container {:?} is not parked: StartContainer starts it",
+                    req.container_id
+                ),
+            ));
+        };
+        let _step = crate::profile::step("launch");
+        // The program, looked up in the root the init already has.
+        let mut process = oci_spec::runtime::Process::default();
+        process.set_args(Some(req.args.clone()));
+        process.set_env(Some(req.env.clone()));
+        process.set_cwd(c.cwd.clone());
+        let scope = crate::executable::Scope::Running {
+            init_pid: c.init.pid,
+        };
+        crate::executable::check(&scope, &process)?;
+        if !req.hostname.is_empty() {
+            set_hostname_of(c.init.pid, &req.hostname)?;
+        }
+        let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())?;
+        let stdin = stdio
+            .has_stdin
+            .then(|| stdio.stdin.try_clone().ok())
+            .flatten();
+        send(sock, &req, &stdio)?;
+        // Sent: the init has its own copies.
+        drop(stdio);
+        c.parked = None;
+        c.init.stdin = stdin;
+        c.lc.start()
+            .map_err(|e| internal(format!("start {:?}: {}", req.container_id, causes(&e))))?;
+        c.started = true;
+        c.started_at = Some(Instant::now());
+        drop(c);
+        if renamed {
+            self.rename(&req.container_id, &req.new_id, arc);
+        }
+        Ok(Empty::new())
+    }
+}
+
+impl ContainersService {
+    /// Files container `arc` under `new` instead of `old` (its OOM watch
+    /// too). The caller holds the create lock and checked `new` is free.
+    fn rename(&self, old: &str, new: &str, arc: std::sync::Arc<std::sync::Mutex<super::Ctr>>) {
+        let mut all = lock(&self.containers);
+        all.remove(old);
+        all.insert(new.to_string(), arc);
+        drop(all);
+        lock(&self.renamed).insert(old.to_string());
+        for (cid, ..) in lock(&self.oom).watched.values_mut() {
+            if cid == old {
+                *cid = new.to_string();
+            }
+        }
+    }
+}
+
+/// The executor of a parked container's init (it runs there, after
+/// libcontainer's setup and its wait for "start").
+#[derive(Clone)]
+pub struct ParkedExecutor {
+    /// The init's end of the socket (inherited through the clones; closed
+    /// by the exec).
+    pub sock: RawFd,
+}
+
+impl Executor for ParkedExecutor {
+    fn validate(&self, _: &Spec) -> Result<(), ExecutorValidationError> {
+        // The spec's args are a placeholder; the launch's are checked by
+        // the agent before it sends them.
+        Ok(())
+    }
+
+    fn setup_envs(&self, envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
+        // Only HOME is kept (what libcontainer found for the user when the
+        // spec had none): the launch's environment replaces the rest.
+        let home = envs.get("HOME").cloned().unwrap_or_default();
+        replace_environ(&[format!("HOME={home}")]);
+        Ok(())
+    }
+
+    fn exec(&self, _: &Spec) -> Result<(), ExecutorError> {
+        let (args, env, fds) = receive(self.sock).map_err(ExecutorError::Other)?;
+        for (target, fd) in fds.iter().enumerate() {
+            // Received descriptors are above 2: 0-2 are open (the parked
+            // init's /dev/null), so none is overwritten before it is used.
+            nix::unistd::dup2(fd.as_raw_fd(), target as RawFd)
+                .map_err(|e| ExecutorError::Other(format!("stdio {target}: {e}")))?;
+        }
+        drop(fds);
+        // libcontainer's rule: HOME from the user's passwd entry when the
+        // environment has none (or an empty one).
+        let found = std::env::var("HOME").ok().filter(|h| !h.is_empty());
+        replace_environ(&env);
+        let has_home = std::env::var_os("HOME").is_some_and(|h| !h.is_empty());
+        if let (false, Some(h)) = (has_home, found) {
+            // SAFETY: the container's init is single-threaded (a clone
+            // of the single-threaded builder).
+            unsafe { std::env::set_var("HOME", h) };
+        }
+        let c: Result<Vec<std::ffi::CString>, _> = args
+            .iter()
+            .map(|a| std::ffi::CString::new(a.as_bytes()))
+            .collect();
+        let c = c.map_err(|_| ExecutorError::Other("an arg with a NUL byte".into()))?;
+        let Some(prog) = c.first() else {
+            return Err(ExecutorError::Other("no args".into()));
+        };
+        let Err(e) = nix::unistd::execvp(prog, &c);
+        // On the container's stderr: the agent's lookup passed, so the
+        // program changed since, or its interpreter is missing.
+        eprintln!("husk: exec {:?}: {e}", args[0]);
+        Err(ExecutorError::Other(format!("exec {:?}: {e}", args[0])))
+    }
+}
+
+/// Replaces the process's environment with `env` (KEY=VALUE; entries that
+/// are not are skipped: set_var would panic on them).
+fn replace_environ(env: &[String]) {
+    let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for k in keys {
+        // SAFETY: the container's init is single-threaded (see above).
+        unsafe { std::env::remove_var(k) };
+    }
+    for e in env {
+        if let Some((k, v)) = e.split_once('=') {
+            if !k.is_empty() && !e.contains('\0') {
+                // SAFETY: as above.
+                unsafe { std::env::set_var(k, v) };
+            }
+        }
+    }
+}
+
+/// Args, environment and stdio of a launch (in the init).
+type Launch = (Vec<String>, Vec<String>, Vec<OwnedFd>);
+
+/// The launch message, blocking until it comes.
+fn receive(sock: RawFd) -> Result<Launch, String> {
+    let mut buf = vec![0u8; MAX_LAUNCH + 4096];
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let m = loop {
+        match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(Errno::EINTR) => continue,
+            r => break r.map_err(|e| format!("waiting for the process: {e}"))?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in m
+        .cmsgs()
+        .map_err(|e| format!("the launch's descriptors: {e}"))?
+    {
+        if let ControlMessageOwned::ScmRights(rs) = c {
+            // SAFETY: descriptors the kernel just installed for us.
+            fds.extend(rs.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    let n = m.bytes;
+    if n == 0 {
+        return Err("the agent closed the socket without a launch".into());
+    }
+    if fds.len() != 3 || fds.iter().any(|f| f.as_raw_fd() < 3) {
+        return Err(format!("a launch with descriptors {fds:?}"));
+    }
+    let v: Value = serde_json::from_slice(&buf[..n]).map_err(|e| format!("the launch: {e}"))?;
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let args = strings("args");
+    if args.is_empty() {
+        return Err("a launch without args".into());
+    }
+    Ok((args, strings("env"), fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch() -> LaunchContainerRequest {
+        LaunchContainerRequest {
+            container_id: "c1".into(),
+            args: vec!["sh".into(), "-c".into(), "true".into()],
+            env: vec!["PATH=/bin".into(), "A=b=c".into()],
+            hostname: "web-1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn launches_are_checked() {
+        check_launch(&launch()).unwrap();
+        let refused = |f: &dyn Fn(&mut LaunchContainerRequest)| {
+            let mut r = launch();
+            f(&mut r);
+            check_launch(&r).unwrap_err().0
+        };
+        assert!(refused(&|r| r.container_id = "../x".into()).contains("container_id"));
+        assert!(refused(&|r| r.args.clear()).contains("args[0]"));
+        assert!(refused(&|r| r.args[0] = String::new()).contains("args[0]"));
+        assert!(refused(&|r| r.args[1] = "a\0b".into()).contains("NUL"));
+        assert!(refused(&|r| r.env.push("NOVALUE".into())).contains("KEY=VALUE"));
+        assert!(refused(&|r| r.env.push("=x".into())).contains("KEY=VALUE"));
+        assert!(refused(&|r| r.hostname = "a b".into()).contains("hostname"));
+        assert!(
+            refused(&|r| r.env.push(format!("BIG={}", "x".repeat(MAX_LAUNCH)))).contains("at most")
+        );
+        assert!(refused(&|r| {
+            r.stdio = Some(husk_protocol::agent::Stdio {
+                stdout: "a/b".into(),
+                ..Default::default()
+            })
+            .into()
+        })
+        .contains("stdio.stdout"));
+    }
+
+    #[test]
+    fn a_launch_crosses_the_socket_with_its_stdio() {
+        let (ours, theirs) = socket().unwrap();
+        let null = |w| super::super::dev_null(w).unwrap();
+        let stdio = ProcStdio {
+            stdin: null(false),
+            stdout: null(true),
+            stderr: null(true),
+            has_stdin: false,
+        };
+        send(&ours, &launch(), &stdio).unwrap();
+        let (args, env, fds) = receive(theirs.as_raw_fd()).unwrap();
+        assert_eq!(args, launch().args);
+        assert_eq!(env, launch().env);
+        assert_eq!(fds.len(), 3);
+        // The init gone: the agent is told so, by name.
+        drop(theirs);
+        let e = send(&ours, &launch(), &stdio).unwrap_err();
+        assert!(format!("{e:?}").contains("init is gone"), "{e:?}");
+    }
+}
