@@ -97,8 +97,11 @@ pub(crate) struct RunArgs {
     /// Pull the image: missing (when not in the store), always, never.
     #[arg(long, default_value = "missing")]
     pull: String,
-    /// How the microVM starts.
-    #[arg(long, value_enum, default_value = "template")]
+    /// How the microVM starts: parked (a template with the container
+    /// already created, made by the first run of the same image and
+    /// options; containers that cannot be parked start as with template),
+    /// template, or cold.
+    #[arg(long, value_enum, default_value = "parked")]
     boot: BootArg,
     image: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -1067,8 +1067,9 @@ fn the_guest_steps_and_the_floor_are_measured() {
         .status
         .success());
     let img = "husk.local/busybox";
+    // The base template's path: its container is created in the run.
     let out = h
-        .cmd(&["run", "--rm", img, "true"])
+        .cmd(&["run", "--rm", "--boot", "template", img, "true"])
         .env("HUSK_TIMINGS", "1")
         .env("HUSK_PROFILE", "1")
         .output()
