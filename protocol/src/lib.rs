@@ -29,8 +29,9 @@ pub const VERSION_KEY: &str = "husk-api-version";
 /// VM's exit).
 pub const HOST_KILLS_KEY: &str = "husk-host-kills";
 
-/// The most bytes of args and environment a LaunchContainer carries (each
-/// string counted with 4 more): one message to the parked init.
+/// The most bytes a LaunchContainer's args and environment may take as
+/// the JSON object `{"args": [...], "env": [...]}` (serde_json's encoding):
+/// one message to the parked init, within a socket's default buffer.
 pub const MAX_LAUNCH_BYTES: usize = 128 * 1024;
 
 /// Type URLs of the details the agent attaches to a refusal whose cause a

@@ -109,6 +109,22 @@ struct Ctr {
 }
 
 impl Ctr {
+    /// Whether container `id` may be started now: not yet, and by
+    /// LaunchContainer if and only if it is parked.
+    fn may_start(&self, id: &str, launch: bool) -> ttrpc::Result<()> {
+        let refused = |why: String| Err(status(Code::FAILED_PRECONDITION, why));
+        match (self.started, self.parked.is_some(), launch) {
+            (true, ..) => refused(format!("container {id:?} was started already")),
+            (false, true, false) => refused(format!(
+                "container {id:?} is parked: LaunchContainer gives it its process"
+            )),
+            (false, false, true) => refused(format!(
+                "container {id:?} is not parked: StartContainer starts it"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The container's init process ("") or an exec'd one.
     fn process(&self, exec_id: &str) -> ttrpc::Result<&Proc> {
         if exec_id.is_empty() {
@@ -727,6 +743,14 @@ impl ContainersService {
         let _step = crate::profile::step("remove");
         let arc = self.get(id)?;
         let mut c = lock(&arc);
+        // Renamed (LaunchContainer's new_id) while this waited for it: it is
+        // not `id` any more.
+        if !lock(&self.containers)
+            .get(id)
+            .is_some_and(|a| Arc::ptr_eq(a, &arc))
+        {
+            return Err(not_found("container", id));
+        }
         // Kill whatever is left, frozen or not (SIGKILL ends frozen tasks).
         self.signal_cgroup(&c, Signal::SIGKILL);
         let wait = crate::rpc::time_left(REMOVE_WAIT);
@@ -871,21 +895,7 @@ impl ContainersService {
         check_version(meta)?;
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
-        if c.started {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("container {:?} was started already", req.container_id),
-            ));
-        }
-        if c.parked.is_some() {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!(
-                    "container {:?} is parked: LaunchContainer gives it its process",
-                    req.container_id
-                ),
-            ));
-        }
+        c.may_start(&req.container_id, false)?;
         let step = crate::profile::step("start");
         c.lc.start()
             .map_err(|e| internal(format!("start {:?}: {e}", req.container_id)))?;

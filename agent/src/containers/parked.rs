@@ -77,10 +77,10 @@ pub fn check_launch(req: &LaunchContainerRequest) -> Result<(), Invalid> {
             }
         }
     }
-    let bytes: usize = req.args.iter().chain(&req.env).map(|s| s.len() + 4).sum();
+    let bytes = message(req).len();
     if bytes > MAX_LAUNCH {
         return Err(Invalid(format!(
-            "args and env of {bytes} bytes: a launch carries at most {MAX_LAUNCH}"
+            "args and env encode to {bytes} bytes: a launch carries at most {MAX_LAUNCH}"
         )));
     }
     if !req.hostname.is_empty() && !crate::sandbox::valid_hostname(&req.hostname) {
@@ -90,6 +90,11 @@ pub fn check_launch(req: &LaunchContainerRequest) -> Result<(), Invalid> {
         )));
     }
     stdio_names(&req.stdio.clone().unwrap_or_default(), false)
+}
+
+/// What the parked init receives besides its stdio.
+fn message(req: &LaunchContainerRequest) -> String {
+    json!({"args": req.args, "env": req.env}).to_string()
 }
 
 fn cut(s: &str) -> String {
@@ -109,7 +114,7 @@ pub(super) fn socket() -> ttrpc::Result<(OwnedFd, OwnedFd)> {
 
 /// The message to the parked init, with the stdio as SCM_RIGHTS.
 fn send(sock: &OwnedFd, req: &LaunchContainerRequest, stdio: &ProcStdio) -> ttrpc::Result<()> {
-    let msg = json!({"args": req.args, "env": req.env}).to_string();
+    let msg = message(req);
     let fds = [
         stdio.stdin.as_raw_fd(),
         stdio.stdout.as_raw_fd(),
@@ -190,20 +195,16 @@ impl ContainersService {
         }
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
-        if c.started {
+        c.may_start(&req.container_id, true)?;
+        // Its /proc entry is used below: the pid must still be its init.
+        if !self.reaper.running(c.init.pid) {
             return Err(status(
                 Code::FAILED_PRECONDITION,
-                format!("container {:?} was started already", req.container_id),
+                format!("the parked container {:?} has exited", req.container_id),
             ));
         }
         let Some(sock) = c.parked.as_ref() else {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!(
-                    "container {:?} is not parked: StartContainer starts it",
-                    req.container_id
-                ),
-            ));
+            return Err(internal("a parked container without its socket"));
         };
         let _step = crate::profile::step("launch");
         // The program, looked up in the root the init already has.
@@ -232,9 +233,10 @@ impl ContainersService {
             .map_err(|e| internal(format!("start {:?}: {}", req.container_id, causes(&e))))?;
         c.started = true;
         c.started_at = Some(Instant::now());
-        drop(c);
         if renamed {
-            self.rename(&req.container_id, &req.new_id, arc);
+            // Under the container's lock: a RemoveContainer of the first id
+            // waiting for it then finds the id gone (remove checks).
+            self.rename(&req.container_id, &req.new_id, &arc);
         }
         Ok(Empty::new())
     }
@@ -243,10 +245,13 @@ impl ContainersService {
 impl ContainersService {
     /// Files container `arc` under `new` instead of `old` (its OOM watch
     /// too). The caller holds the create lock and checked `new` is free.
-    fn rename(&self, old: &str, new: &str, arc: std::sync::Arc<std::sync::Mutex<super::Ctr>>) {
+    fn rename(&self, old: &str, new: &str, arc: &std::sync::Arc<std::sync::Mutex<super::Ctr>>) {
         let mut all = lock(&self.containers);
+        if !all.get(old).is_some_and(|a| std::sync::Arc::ptr_eq(a, arc)) {
+            return;
+        }
         all.remove(old);
-        all.insert(new.to_string(), arc);
+        all.insert(new.to_string(), arc.clone());
         drop(all);
         lock(&self.renamed).insert(old.to_string());
         for (cid, ..) in lock(&self.oom).watched.values_mut() {
@@ -339,7 +344,8 @@ type Launch = (Vec<String>, Vec<String>, Vec<OwnedFd>);
 
 /// The launch message, blocking until it comes.
 fn receive(sock: RawFd) -> Result<Launch, String> {
-    let mut buf = vec![0u8; MAX_LAUNCH + 4096];
+    // One byte more than a launch may be: a longer one is seen cut.
+    let mut buf = vec![0u8; MAX_LAUNCH + 1];
     let mut space = nix::cmsg_space!([RawFd; 3]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let m = loop {
@@ -361,6 +367,9 @@ fn receive(sock: RawFd) -> Result<Launch, String> {
     let n = m.bytes;
     if n == 0 {
         return Err("the agent closed the socket without a launch".into());
+    }
+    if m.flags.contains(MsgFlags::MSG_TRUNC) || n > MAX_LAUNCH {
+        return Err(format!("a launch longer than {MAX_LAUNCH} bytes"));
     }
     if fds.len() != 3 || fds.iter().any(|f| f.as_raw_fd() < 3) {
         return Err(format!("a launch with descriptors {fds:?}"));
@@ -414,6 +423,9 @@ mod tests {
         assert!(
             refused(&|r| r.env.push(format!("BIG={}", "x".repeat(MAX_LAUNCH)))).contains("at most")
         );
+        // Counted as sent: quotes are escaped, so this is over the limit.
+        let quotes = "\"".repeat(MAX_LAUNCH / 2 + 8);
+        assert!(refused(&|r| r.env.push(format!("Q={quotes}"))).contains("at most"));
         assert!(refused(&|r| {
             r.stdio = Some(husk_protocol::agent::Stdio {
                 stdout: "a/b".into(),

@@ -333,13 +333,10 @@ impl Plan {
         let Some(p) = self.oci.process() else {
             return false;
         };
-        let launch: usize = p
-            .args()
-            .iter()
-            .flatten()
-            .chain(p.env().iter().flatten())
-            .map(|s| s.len() + 4)
-            .sum();
+        // Measured as the agent does: the message to the parked init.
+        let launch = serde_json::json!({"args": p.args(), "env": p.env()})
+            .to_string()
+            .len();
         let linux = self.oci.linux().as_ref();
         self.config.boot == Boot::Parked
             && self.image.is_some()
@@ -470,22 +467,20 @@ impl Starting {
             new_id: self.plan.id.clone(),
         };
         let t = Instant::now();
-        let streams = match self.sandbox.agent.launch(PARKED_ID, &launch, io) {
-            Ok(s) => s,
-            Err(error) => {
-                let logs = self.plan.config.console_log.then(|| self.sandbox.logs());
-                return Err(NotCreated { error, logs }.into());
+        let made = self.sandbox.agent.launch(PARKED_ID, &launch, io);
+        if let Err(e) = &made {
+            // The run's own program missing or not executable says nothing
+            // of the template; anything else may be the template's, and
+            // would fail every run restored from it.
+            let program = crate::guest::find_rpc(e).is_some_and(|r| {
+                r.is(husk_protocol::detail::PROGRAM_NOT_FOUND)
+                    || r.is(husk_protocol::detail::PROGRAM_NOT_EXECUTABLE)
+            });
+            if !program {
+                self.sandbox.forget_parked_template();
             }
-        };
-        Ok(Container {
-            created: t.elapsed(),
-            sandbox: self.sandbox,
-            leases: self.leases,
-            id: self.plan.id,
-            pid,
-            streams,
-            started: self.started,
-        })
+        }
+        self.made(t, made.map(|streams| (pid, streams)))
     }
 
     /// CreateContainer only (containerd starts a task separately): an
@@ -502,7 +497,17 @@ impl Starting {
             self.sandbox
                 .agent
                 .create_only(&self.plan.id, &self.plan.oci, io, storage, overlay);
-        let (pid, streams) = match created {
+        self.made(t, created)
+    }
+
+    /// The container the agent made since `t` (its init's pid and its
+    /// streams), or a [`NotCreated`] with the logs the spec kept.
+    fn made(
+        self,
+        t: Instant,
+        made: std::result::Result<(u32, Streams), GuestError>,
+    ) -> Result<Container> {
+        let (pid, streams) = match made {
             Ok(x) => x,
             Err(error) => {
                 let logs = self.plan.config.console_log.then(|| self.sandbox.logs());

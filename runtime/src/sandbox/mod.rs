@@ -371,6 +371,15 @@ impl Sandbox {
         asked.map(drop)
     }
 
+    /// Forgets the container template this sandbox was restored from (its
+    /// launch failed): the next start of the same container builds it
+    /// again.
+    pub fn forget_parked_template(&self) {
+        if let (Parked::Restored { .. }, Some(t)) = (&self.parked, &self.template) {
+            parked::invalidate(t);
+        }
+    }
+
     /// The host pid of the VMM process the runtime holds (the jail's
     /// keeper when confined).
     pub fn vmm_pid(&self) -> u32 {
