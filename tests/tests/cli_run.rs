@@ -89,8 +89,14 @@ impl Husk {
     }
 
     fn run(&self, args: &[&str], stdin: &str) -> Output {
+        self.run_env(args, stdin, &[])
+    }
+
+    /// `run` with more environment for husk.
+    fn run_env(&self, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
         let mut child = self
             .cmd(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1152,25 +1158,10 @@ fn a_parked_container_template_is_built_once_and_launched_after() {
         .success());
     let img = "husk.local/busybox";
     let run = |name: &str, args: &[&str], stdin: &str| {
-        let mut cmd = h.cmd(&["run", "--rm", "-i", "--boot", "parked", "--hostname", name]);
-        let mut child = cmd
-            .args(args)
-            .env("HUSK_TIMINGS", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.as_bytes()).unwrap();
-        drop(input);
-        let out = child.wait_with_output().unwrap();
+        let mut all = vec!["run", "--rm", "-i", "--boot", "parked", "--hostname", name];
+        all.extend(args);
+        let out = h.run_env(&all, stdin, &[("HUSK_TIMINGS", "1")]);
         let err = text(&out.stderr);
-        println!(
-            "husk run {name}: {}\nstdout: {:?}\nstderr: {err}",
-            out.status,
-            text(&out.stdout)
-        );
         // A run whose container was refused prints no timings.
         let parked = err
             .lines()
