@@ -421,12 +421,12 @@ fn serve(sock: OwnedFd) -> ! {
     // On a host the agent can be killed; its spawner goes with it.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     loop {
-        let (msg, fds) = match receive(&sock) {
+        let (msg, fds) = match receive(sock.as_raw_fd(), MESSAGE_MAX) {
             Ok(Some(m)) => m,
             // The agent closed its end: nothing more to build.
             Ok(None) => unsafe_exit(0),
             Err(e) => {
-                eprintln!("husk-agent spawner: {e}");
+                eprintln!("husk-agent spawner: reading a request: {e}");
                 continue;
             }
         };
@@ -555,24 +555,23 @@ fn unsafe_exit(code: i32) -> ! {
 /// A message's bytes and the descriptors that came with it.
 type Message = (Vec<u8>, Vec<OwnedFd>);
 
-/// One request and the descriptors that came with it; None at EOF.
-fn receive(sock: &OwnedFd) -> Result<Option<Message>, SpawnError> {
-    let mut buf = vec![0u8; MESSAGE_MAX];
+/// One message of at most `max` bytes on SOCK_SEQPACKET `sock` and the
+/// descriptors that came with it (at most 4, close-on-exec); None at EOF.
+/// A longer message is EMSGSIZE. The spawner's requests, a parked
+/// container's launch (containers/parked.rs).
+pub(crate) fn receive(sock: RawFd, max: usize) -> Result<Option<Message>, Errno> {
+    // One byte more than a message may be: a longer one is seen cut.
+    let mut buf = vec![0u8; max + 1];
     let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let m = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Err(Errno::EINTR) => continue,
-            r => break r.map_err(sys("reading a request"))?,
+            r => break r?,
         }
     };
     let mut fds = Vec::new();
-    for c in m.cmsgs().map_err(sys("a request's descriptors"))? {
+    for c in m.cmsgs()? {
         if let ControlMessageOwned::ScmRights(rs) = c {
             // SAFETY: descriptors the kernel just installed for us.
             fds.extend(rs.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
@@ -581,6 +580,9 @@ fn receive(sock: &OwnedFd) -> Result<Option<Message>, SpawnError> {
     let n = m.bytes;
     if n == 0 {
         return Ok(None);
+    }
+    if n > max || m.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(Errno::EMSGSIZE);
     }
     Ok(Some((buf[..n].to_vec(), fds)))
 }

@@ -125,6 +125,18 @@ impl Ctr {
         }
     }
 
+    /// Tells the created init to go on (StartContainer, LaunchContainer).
+    fn start_init(&mut self, id: &str) -> ttrpc::Result<()> {
+        let step = crate::profile::step("start");
+        self.lc
+            .start()
+            .map_err(|e| internal(format!("start {id:?}: {}", causes(&e))))?;
+        step.end();
+        self.started = true;
+        self.started_at = Some(Instant::now());
+        Ok(())
+    }
+
     /// The container's init process ("") or an exec'd one.
     fn process(&self, exec_id: &str) -> ttrpc::Result<&Proc> {
         if exec_id.is_empty() {
@@ -581,11 +593,7 @@ impl ContainersService {
         terminal: bool,
         parked: Option<OwnedFd>,
     ) -> ttrpc::Result<(Container, Proc)> {
-        let stdin_handle = if stdio.has_stdin && !terminal {
-            stdio.stdin.try_clone().ok()
-        } else {
-            None
-        };
+        let stdin_handle = (!terminal).then(|| stdio.stdin_handle()).flatten();
         let console = if terminal {
             let name = match exec {
                 None => "console.sock".to_string(),
@@ -896,12 +904,7 @@ impl ContainersService {
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
         c.may_start(&req.container_id, false)?;
-        let step = crate::profile::step("start");
-        c.lc.start()
-            .map_err(|e| internal(format!("start {:?}: {e}", req.container_id)))?;
-        step.end();
-        c.started = true;
-        c.started_at = Some(Instant::now());
+        c.start_init(&req.container_id)?;
         Ok(Empty::new())
     }
 

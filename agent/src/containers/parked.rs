@@ -21,9 +21,7 @@
 //! with Docker's 127/126 details as at create.
 
 use std::collections::HashMap;
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use husk_protocol::agent::{Empty, LaunchContainerRequest};
 use libcontainer::workload::{
@@ -31,15 +29,14 @@ use libcontainer::workload::{
 };
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
 };
 use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 use ttrpc::Code;
 
 use super::{lock, stdio_names, valid_id, ContainersService, Invalid, ProcStdio};
-use crate::rpc::{causes, check_version, internal, status, Metadata};
+use crate::rpc::{check_version, internal, status, Metadata};
 
 /// The most bytes of args and environment a launch carries (one
 /// SOCK_SEQPACKET message; the default socket buffer holds ~200 KiB). A
@@ -206,7 +203,7 @@ impl ContainersService {
         let Some(sock) = c.parked.as_ref() else {
             return Err(internal("a parked container without its socket"));
         };
-        let _step = crate::profile::step("launch");
+        let step = crate::profile::step("launch");
         // The program, looked up in the root the init already has.
         let mut process = oci_spec::runtime::Process::default();
         process.set_args(Some(req.args.clone()));
@@ -220,19 +217,14 @@ impl ContainersService {
             set_hostname_of(c.init.pid, &req.hostname)?;
         }
         let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())?;
-        let stdin = stdio
-            .has_stdin
-            .then(|| stdio.stdin.try_clone().ok())
-            .flatten();
+        let stdin = stdio.stdin_handle();
         send(sock, &req, &stdio)?;
         // Sent: the init has its own copies.
         drop(stdio);
         c.parked = None;
         c.init.stdin = stdin;
-        c.lc.start()
-            .map_err(|e| internal(format!("start {:?}: {}", req.container_id, causes(&e))))?;
-        c.started = true;
-        c.started_at = Some(Instant::now());
+        step.end();
+        c.start_init(&req.container_id)?;
         if renamed {
             // Under the container's lock: a RemoveContainer of the first id
             // waiting for it then finds the id gone (remove checks).
@@ -240,9 +232,7 @@ impl ContainersService {
         }
         Ok(Empty::new())
     }
-}
 
-impl ContainersService {
     /// Files container `arc` under `new` instead of `old` (its OOM watch
     /// too). The caller holds the create lock and checked `new` is free.
     fn rename(&self, old: &str, new: &str, arc: &std::sync::Arc<std::sync::Mutex<super::Ctr>>) {
@@ -344,37 +334,16 @@ type Launch = (Vec<String>, Vec<String>, Vec<OwnedFd>);
 
 /// The launch message, blocking until it comes.
 fn receive(sock: RawFd) -> Result<Launch, String> {
-    // One byte more than a launch may be: a longer one is seen cut.
-    let mut buf = vec![0u8; MAX_LAUNCH + 1];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let m = loop {
-        match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Err(Errno::EINTR) => continue,
-            r => break r.map_err(|e| format!("waiting for the process: {e}"))?,
-        }
+    let (msg, fds) = match crate::spawner::receive(sock, MAX_LAUNCH) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err("the agent closed the socket without a launch".into()),
+        Err(Errno::EMSGSIZE) => return Err(format!("a launch longer than {MAX_LAUNCH} bytes")),
+        Err(e) => return Err(format!("waiting for the process: {e}")),
     };
-    let mut fds = Vec::new();
-    for c in m
-        .cmsgs()
-        .map_err(|e| format!("the launch's descriptors: {e}"))?
-    {
-        if let ControlMessageOwned::ScmRights(rs) = c {
-            // SAFETY: descriptors the kernel just installed for us.
-            fds.extend(rs.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-        }
-    }
-    let n = m.bytes;
-    if n == 0 {
-        return Err("the agent closed the socket without a launch".into());
-    }
-    if m.flags.contains(MsgFlags::MSG_TRUNC) || n > MAX_LAUNCH {
-        return Err(format!("a launch longer than {MAX_LAUNCH} bytes"));
-    }
     if fds.len() != 3 || fds.iter().any(|f| f.as_raw_fd() < 3) {
         return Err(format!("a launch with descriptors {fds:?}"));
     }
-    let v: Value = serde_json::from_slice(&buf[..n]).map_err(|e| format!("the launch: {e}"))?;
+    let v: Value = serde_json::from_slice(&msg).map_err(|e| format!("the launch: {e}"))?;
     let strings = |k: &str| -> Vec<String> {
         v[k].as_array()
             .map(|a| {

@@ -66,6 +66,13 @@ pub(super) struct ProcStdio {
 }
 
 impl ProcStdio {
+    /// A handle on the stdin stream, for CloseStdin (none on /dev/null).
+    pub(super) fn stdin_handle(&self) -> Option<OwnedFd> {
+        self.has_stdin
+            .then(|| self.stdin.try_clone().ok())
+            .flatten()
+    }
+
     pub(super) fn claim(streams: &Streams, s: &Stdio) -> Result<Self, StdioError> {
         let get = |name: &str, write: bool| {
             if name.is_empty() {

@@ -157,7 +157,9 @@ pub struct SandboxConfig {
     pub boot: Boot,
     /// Keep the guest console in `<sandbox dir>/console.log`.
     pub console_log: bool,
-    /// A container to park before the identity is given (`Boot::Parked`).
+    /// A container to park before the identity is given (restored from a
+    /// template: `Boot::Template` or `Boot::Parked`; the container
+    /// lifecycle sets it for `Boot::Parked` only).
     pub park: Option<Park>,
 }
 

@@ -187,9 +187,9 @@ impl Runtime {
         let t0 = Instant::now();
         let mut t = Template::ensure(self, &cfg.machine)?;
         times.template = t0.elapsed();
-        let park = match (&cfg.park, cfg.boot) {
-            (Some(park), Boot::Parked) => Some((park, park.key(&t)?)),
-            _ => None,
+        let park = match &cfg.park {
+            Some(park) => Some((park, park.key(&t)?)),
+            None => None,
         };
         if let Some((_, key)) = &park {
             if let Some((ct, pid)) = parked::find(&t, key) {
