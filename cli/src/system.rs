@@ -28,7 +28,10 @@ pub(crate) fn bare_exec(image: &str, command: &[String]) -> Result<u8> {
     let store = ImageStore::open(&default_store_dir())?;
     let image = store.get(image)?;
     let id = format!("bare-{}", crate::run::random_id()?);
-    let starting = ContainerSpec::new(&id, image)
+    let mut spec = ContainerSpec::new(&id, image);
+    // No container is made: nothing to park.
+    spec.boot = husk_runtime::Boot::Template;
+    let starting = spec
         .plan(Some(&store))?
         .acquire(Some(&store), None)?
         .start(&rt)?;

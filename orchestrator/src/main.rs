@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use husk_orchestrator::node::{Config, Daemon};
 use husk_orchestrator::roles;
+use husk_runtime::Boot;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,16 @@ struct Args {
     /// This node's name in the cluster (default: the host name).
     #[arg(long)]
     hostname: Option<String>,
+    /// How its tasks' sandboxes start: `parked` restores a template with
+    /// the container already created (built by the first task of the same
+    /// image and spec), `template` creates it in each task's restored VM,
+    /// `cold` boots the guest kernel.
+    #[arg(long, default_value = "parked", value_parser = parse_boot)]
+    boot: Boot,
+}
+
+fn parse_boot(s: &str) -> std::result::Result<Boot, String> {
+    s.parse()
 }
 
 fn hostname() -> String {
@@ -73,6 +84,7 @@ async fn daemon() -> Result<()> {
             advertise: a.advertise_addr,
             etcd: a.etcd,
             hostname: a.hostname.unwrap_or_else(hostname),
+            boot: a.boot,
         },
         Box::new(roles::Huskd),
     )?;

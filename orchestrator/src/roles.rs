@@ -22,7 +22,7 @@ impl Roles for Huskd {
                 let m = Manager::start(store, id.node_id.clone()).await?;
                 *lock(&daemon.manager) = Some(m);
             }
-            let ex = session::start(&daemon.cfg.state_dir, id.clone());
+            let ex = session::start(&daemon.cfg.state_dir, daemon.cfg.boot, id.clone());
             *lock(&daemon.executor) = Some(ex);
             crate::api::serve_cluster(daemon.clone(), &id)
                 .await

@@ -9,7 +9,11 @@
 //!   moments (a process that ended in between is not counted);
 //! - the summed PSS of the 20 sandboxes' VMMs (smaps_rollup).
 //!
-//! Last line: key=value pairs.
+//! Twice, in one run: huskd's default (`--boot parked`, container-ready
+//! templates) and the path it replaced (`--boot template`).
+//!
+//! Last line: key=value pairs (`scale-*` the default's, `template-*` the
+//! other's).
 
 use std::time::Instant;
 
@@ -60,13 +64,18 @@ fn running(h: &Host) -> usize {
         .count()
 }
 
-fn main() {
-    if let Some(why) = cluster_unavailable() {
-        eprintln!("scale_bench: {why}");
-        std::process::exit(2);
-    }
+/// What one scale-up cost.
+struct Scaled {
+    wall: f64,
+    cpu: f64,
+    pss_mib: f64,
+}
+
+/// A one-node cluster whose huskd starts sandboxes the `boot` way, a
+/// busybox service scaled 1 -> REPLICAS on it.
+fn scale(boot: &str) -> Scaled {
     let image = sample_image("busybox.oci.tar").expect("make images");
-    let c = Cluster::new("sc", 1, &[image]).expect("cluster");
+    let c = Cluster::with_args("sc", 1, &[image], 1, &["--boot", boot]).expect("cluster");
     let h = &c.hosts[0];
     h.ok(&["cluster", "init"]);
     c.wait("the node ready", 30, || {
@@ -87,7 +96,7 @@ fn main() {
     let first = Instant::now();
     c.wait("1 task running", 300, || running(h) == 1);
     println!(
-        "1 replica running after {:.2} s (template built if missing)",
+        "--boot {boot}: 1 replica running after {:.2} s (templates built if missing)",
         first.elapsed().as_secs_f64()
     );
 
@@ -108,15 +117,33 @@ fn main() {
         tasks.len()
     );
     let cpu = after - before;
-    let mib = pss_total as f64 / (1024.0 * 1024.0);
+    let pss_mib = pss_total as f64 / (1024.0 * 1024.0);
     println!(
-        "scaled 1 -> {REPLICAS}: all running after {wall:.2} s; host CPU {cpu:.1} s (huskd, keepers, VMMs); PSS of the {REPLICAS} VMMs {mib:.1} MiB ({:.1} MiB each)",
-        mib / REPLICAS as f64
-    );
-    println!(
-        "scale-wall-s={wall:.2} scale-cpu-s={cpu:.1} scale-pss-mib={mib:.1} pss-per-sandbox-mib={:.1} replicas={REPLICAS}",
-        mib / REPLICAS as f64
+        "--boot {boot}: scaled 1 -> {REPLICAS}: all running after {wall:.2} s; host CPU {cpu:.1} s (huskd, keepers, VMMs); PSS of the {REPLICAS} VMMs {pss_mib:.1} MiB ({:.1} MiB each)",
+        pss_mib / REPLICAS as f64
     );
     h.ok(&["service", "rm", "scaled"]);
     drop(c);
+    Scaled { wall, cpu, pss_mib }
+}
+
+fn main() {
+    if let Some(why) = cluster_unavailable() {
+        eprintln!("scale_bench: {why}");
+        std::process::exit(2);
+    }
+    // Today's default and the path it replaced, one after the other.
+    let parked = scale("parked");
+    let template = scale("template");
+    let per = |s: &Scaled| s.pss_mib / REPLICAS as f64;
+    println!(
+        "scale-wall-s={:.2} scale-cpu-s={:.1} scale-pss-mib={:.1} pss-per-sandbox-mib={:.1} template-wall-s={:.2} template-cpu-s={:.1} template-pss-per-sandbox-mib={:.1} replicas={REPLICAS}",
+        parked.wall,
+        parked.cpu,
+        parked.pss_mib,
+        per(&parked),
+        template.wall,
+        template.cpu,
+        per(&template),
+    );
 }

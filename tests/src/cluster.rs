@@ -379,6 +379,8 @@ pub struct Cluster {
     /// Images and volumes every host's huskd uses (HUSK_ROOT).
     pub root: tempfile::TempDir,
     net: u8,
+    /// Given to every host's huskd after the helpers' own.
+    huskd_args: Vec<String>,
 }
 
 impl Cluster {
@@ -390,6 +392,17 @@ impl Cluster {
 
     /// The same with an etcd of `members` members.
     pub fn with_etcd(tag: &str, n: usize, images: &[PathBuf], members: usize) -> Result<Cluster> {
+        Cluster::with_args(tag, n, images, members, &[])
+    }
+
+    /// The same with `huskd_args` given to every host's huskd.
+    pub fn with_args(
+        tag: &str,
+        n: usize,
+        images: &[PathBuf],
+        members: usize,
+        huskd_args: &[&str],
+    ) -> Result<Cluster> {
         let pid = std::process::id();
         let net = 20 + (pid % 200) as u8;
         let bridge = format!("hkb{}", pid % 100_000);
@@ -426,6 +439,7 @@ impl Cluster {
             hosts: Vec::new(),
             root,
             net,
+            huskd_args: huskd_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..n {
             c.add_host(tag, i)?;
@@ -483,6 +497,7 @@ impl Cluster {
             .arg(&h.socket)
             .args(["--listen-addr", &h.addr(), "--hostname", &h.name])
             .args(["--etcd", &self.etcd.endpoints()])
+            .args(&self.huskd_args)
             .env("HUSK_ROOT", self.root.path())
             .env("HUSK_VMM", husk_vmm_binary()?)
             .env("HUSK_KERNEL", guest_kernel()?)

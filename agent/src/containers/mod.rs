@@ -36,6 +36,7 @@ use crate::stream::Streams;
 
 mod bare;
 mod check;
+mod held;
 mod parked;
 mod stats;
 mod stdio;
@@ -106,6 +107,8 @@ struct Ctr {
     /// profile's "run" step).
     started_at: Option<Instant>,
     paused: bool,
+    /// Its init's mount and IPC namespaces (held.rs), until its removal.
+    namespaces: Vec<OwnedFd>,
 }
 
 impl Ctr {
@@ -451,6 +454,7 @@ impl ContainersService {
             .join(cgroup_rel.strip_prefix("/").unwrap_or(&cgroup_rel));
         self.watch_oom_of(id, &cgroup);
         let pid = init.pid;
+        let namespaces = held::hold(pid);
         let ctr = Ctr {
             lc,
             bundle,
@@ -465,6 +469,7 @@ impl ContainersService {
             cwd,
             started_at: None,
             paused: false,
+            namespaces,
         };
         undo.disarm();
         lock(&self.containers).insert(id.clone(), Arc::new(Mutex::new(ctr)));
@@ -774,6 +779,8 @@ impl ContainersService {
             let _ = std::fs::remove_dir_all(self.dirs.libcontainer().join(c.lc.id()));
             let _ = std::fs::remove_dir(&c.cgroup);
         }
+        // Its mounts go now, before the storages they bind are released.
+        c.namespaces.clear();
         if c.overlay {
             if let Err(e) = umount2(&c.bundle.join("rootfs"), MntFlags::MNT_DETACH) {
                 return Err(internal(format!("unmount rootfs of {id:?}: {e}")));

@@ -42,6 +42,8 @@ pub struct Config {
     /// etcd, for `init` (joining managers learn it from the cluster).
     pub etcd: Vec<String>,
     pub hostname: String,
+    /// How its tasks' sandboxes start (default: parked).
+    pub boot: husk_runtime::Boot,
 }
 
 pub struct Daemon {

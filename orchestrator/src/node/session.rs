@@ -46,7 +46,7 @@ fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> SessionError {
 
 /// Starts the session in the background; returns the executor that runs
 /// the tasks it is given (its state, logs and sandboxes under `state_dir`).
-pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
+pub fn start(state_dir: &std::path::Path, boot: husk_runtime::Boot, id: Identity) -> Arc<Executor> {
     let (tx, rx) = mpsc::unbounded_channel();
     let rt = match husk_runtime::Runtime::locate() {
         Ok(mut rt) => {
@@ -60,7 +60,7 @@ pub fn start(state_dir: &std::path::Path, id: Identity) -> Arc<Executor> {
             None
         }
     };
-    let ex = Arc::new(Executor::new(rt, state_dir, tx));
+    let ex = Arc::new(Executor::new(rt, boot, state_dir, tx));
     // Assignment sets are applied on a thread of their own (apply blocks);
     // sessions only hand them over.
     match Applier::start(ex.clone()) {

@@ -123,14 +123,50 @@ pub use template::Template;
 #[serde(rename_all = "lowercase")]
 pub enum Boot {
     /// Restore the cached template for the machine (built on first use).
-    #[default]
     Template,
     /// Restore a template with the container already created and parked
     /// (parked.rs; built by the first start of the same image and spec);
-    /// a container that cannot be parked starts as with `Template`.
+    /// a container that cannot be parked starts as with `Template`. The
+    /// default: the fast path for every front end.
+    #[default]
     Parked,
     /// Boot the guest kernel.
     Cold,
+}
+
+impl Boot {
+    /// Every way, by name (a command line's choices).
+    pub const NAMES: [&'static str; 3] = ["parked", "template", "cold"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Boot::Parked => "parked",
+            Boot::Template => "template",
+            Boot::Cold => "cold",
+        }
+    }
+}
+
+impl std::str::FromStr for Boot {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Boot, String> {
+        match s {
+            "parked" => Ok(Boot::Parked),
+            "template" => Ok(Boot::Template),
+            "cold" => Ok(Boot::Cold),
+            _ => Err(format!(
+                "unknown boot {s:?}: one of {}",
+                Boot::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Boot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Clone, Debug)]

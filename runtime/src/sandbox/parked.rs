@@ -19,6 +19,13 @@
 //! them with it), at most `KEEP` per base, the least recently used removed
 //! first. A build is skipped, not waited for, while another process builds
 //! the same one.
+//!
+//! Each template's `lock` (flock) keeps its files whole while they are
+//! read: a restore holds it shared from finding the template until its
+//! VMM has loaded the files (a restored VM keeps its own mapping after
+//! that), a build or an eviction exclusively and without waiting, so
+//! neither replaces nor removes files a restore is opening; each skips
+//! instead.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -204,28 +211,50 @@ fn as_template(base: &Template, key: &str) -> Template {
     }
 }
 
-/// The ready container template `key` under `base`, and its parked
-/// container's pid; marked used now (it is kept longer).
-pub(super) fn find(base: &Template, key: &str) -> Option<(Template, u32)> {
+/// A container template found, its files kept as they are while this is
+/// held.
+pub(super) struct Found {
+    pub template: Template,
+    /// The parked container's pid in the guest.
+    pub pid: u32,
+    /// Shared: no build or eviction meanwhile.
+    _lock: Lock,
+}
+
+/// The ready container template `key` under `base`; marked used now (it
+/// is kept longer). None while it is being built or evicted.
+pub(super) fn find(base: &Template, key: &str) -> Option<Found> {
     let t = as_template(base, key);
-    let ready = std::fs::read(t.dir.join("ready")).ok()?;
-    let ready: Ready = serde_json::from_slice(&ready).ok()?;
-    if ready.key != key || !t.snapshot.exists() || !t.memory.exists() {
-        return None;
-    }
+    let lock = Lock::share(&t.dir.join("lock")).ok()??;
+    let pid = ready_pid(&t, key)?;
     if let Ok(f) = std::fs::File::options()
         .write(true)
         .open(t.dir.join("ready"))
     {
         let _ = f.set_modified(SystemTime::now());
     }
-    Some((t, ready.pid))
+    Some(Found {
+        template: t,
+        pid,
+        _lock: lock,
+    })
 }
 
-/// Forgets template `t` (a restore from it failed): the next start builds
-/// it again.
+/// The parked pid recorded when `t`'s files are those of a finished
+/// build of `key`.
+fn ready_pid(t: &Template, key: &str) -> Option<u32> {
+    let ready = std::fs::read(t.dir.join("ready")).ok()?;
+    let ready: Ready = serde_json::from_slice(&ready).ok()?;
+    (ready.key == key && t.snapshot.exists() && t.memory.exists()).then_some(ready.pid)
+}
+
+/// Forgets template `t` (a restore or launch from it failed): the next
+/// start builds it again. Skipped while another holds it (a restore
+/// reading it, or a build, which replaces it anyway).
 pub(super) fn invalidate(t: &Template) {
-    let _ = std::fs::remove_file(t.dir.join("ready"));
+    if let Ok(Some(_lock)) = Lock::take(&t.dir.join("lock"), false) {
+        let _ = std::fs::remove_file(t.dir.join("ready"));
+    }
 }
 
 /// Parks `park` in the guest behind `agent` (restored from `base`, not yet
@@ -267,9 +296,8 @@ pub(super) fn snapshot(
     let Some(_lock) = Lock::take(&t.dir.join("lock"), false)? else {
         return Ok(false);
     };
-    // Another start built it since this one looked: kept as it is (a
-    // restore may be reading it).
-    if find(base, key).is_some() {
+    // Another start built it since this one looked: kept as it is.
+    if ready_pid(&t, key).is_some() {
         return Ok(false);
     }
     let ready = t.dir.join("ready");
@@ -438,6 +466,50 @@ mod tests {
         // granularity aside).
         let blocks = std::fs::metadata(&to).unwrap().blocks() * 512;
         assert!(blocks < 8 << 20, "{blocks} bytes allocated");
+    }
+
+    #[test]
+    fn a_template_being_read_is_neither_replaced_nor_evicted() {
+        let d = tempfile::tempdir().unwrap();
+        let base = Template {
+            key: "base".into(),
+            dir: d.path().to_path_buf(),
+            snapshot: d.path().join("vm.snap"),
+            memory: d.path().join("vm.mem"),
+            placeholder: d.path().join("empty.img"),
+            built: false,
+            boot_time: None,
+        };
+        let t = as_template(&base, "k");
+        std::fs::create_dir_all(&t.dir).unwrap();
+        std::fs::write(&t.snapshot, b"s").unwrap();
+        std::fs::write(&t.memory, b"m").unwrap();
+        let ready = serde_json::to_vec(&Ready {
+            key: "k".into(),
+            pid: 7,
+        })
+        .unwrap();
+        std::fs::write(t.dir.join("ready"), ready).unwrap();
+        std::fs::write(t.dir.join("lock"), b"").unwrap();
+
+        let found = find(&base, "k").expect("ready");
+        assert_eq!(found.pid, 7);
+        // A second reader shares it; a build, an invalidation and an
+        // eviction skip it while it is read.
+        assert!(find(&base, "k").is_some());
+        assert!(Lock::take(&t.dir.join("lock"), false).unwrap().is_none());
+        invalidate(&t);
+        assert!(t.dir.join("ready").exists());
+        evict(&base.dir.join("containers"), 0);
+        assert!(t.dir.exists());
+        drop(found);
+
+        // Being built (or evicted): not found meanwhile.
+        let building = Lock::take(&t.dir.join("lock"), false).unwrap().unwrap();
+        assert!(find(&base, "k").is_none());
+        drop(building);
+        invalidate(&t);
+        assert!(find(&base, "k").is_none(), "forgotten");
     }
 
     #[test]

@@ -192,9 +192,14 @@ impl Runtime {
             None => None,
         };
         if let Some((_, key)) = &park {
-            if let Some((ct, pid)) = parked::find(&t, key) {
+            if let Some(found) = parked::find(&t, key) {
                 let (inherit, fs_fd) = p.inherit(shared);
-                match self.restore(&ct, cfg, p, &inherit, fs_fd) {
+                let restored = self.restore(&found.template, cfg, p, &inherit, fs_fd);
+                let (ct, pid) = (found.template.clone(), found.pid);
+                // Loaded (the VM has its own mapping) or refused: a build
+                // or eviction may go on.
+                drop(found);
+                match restored {
                     Ok((vmm, agent, devices)) => {
                         return Ok(Started {
                             vmm,

@@ -96,7 +96,17 @@ pub(crate) fn flock_exclusive(
     f: std::fs::File,
     wait: bool,
 ) -> std::io::Result<Option<std::fs::File>> {
-    let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
+    flock(f, libc::LOCK_EX, wait)
+}
+
+/// flock(2) `kind` (LOCK_EX or LOCK_SH) on `f`, held until the file is
+/// closed; None if it conflicts with another's and `wait` is false.
+fn flock(
+    f: std::fs::File,
+    kind: libc::c_int,
+    wait: bool,
+) -> std::io::Result<Option<std::fs::File>> {
+    let op = kind | if wait { 0 } else { libc::LOCK_NB };
     // SAFETY: flock on a descriptor owned by `f`; no memory is passed.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), op) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -108,8 +118,8 @@ pub(crate) fn flock_exclusive(
     Ok(Some(f))
 }
 
-/// An exclusive lock on a file, released when dropped (flock(2)): the
-/// lock lives as long as the open file.
+/// A lock on a file, exclusive or shared, released when dropped
+/// (flock(2)): the lock lives as long as the open file.
 pub(crate) struct Lock(#[allow(dead_code)] std::fs::File);
 
 impl Lock {
@@ -123,6 +133,15 @@ impl Lock {
             .open(path)
             .at(|| shown(path))?;
         Ok(flock_exclusive(f, wait)
+            .at(|| format!("locking {}", path.display()))?
+            .map(Lock))
+    }
+
+    /// A shared lock on the existing file `path`, without waiting: None if
+    /// another holds it exclusively.
+    pub(crate) fn share(path: &Path) -> Result<Option<Lock>, IoError> {
+        let f = std::fs::File::open(path).at(|| shown(path))?;
+        Ok(flock(f, libc::LOCK_SH, false)
             .at(|| format!("locking {}", path.display()))?
             .map(Lock))
     }

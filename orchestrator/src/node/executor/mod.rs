@@ -18,7 +18,7 @@ use husk_runtime::net::ports::PortMapping;
 use husk_runtime::storage::volume::VolumeStore;
 use husk_runtime::util::chain;
 use husk_runtime::util::child::Watched;
-use husk_runtime::Runtime;
+use husk_runtime::{Boot, Runtime};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::types::{Health, MountType, Task, TaskState};
@@ -58,6 +58,8 @@ struct Control {
 
 pub struct Executor {
     rt: Option<Runtime>,
+    /// How the tasks' sandboxes start.
+    boot: Boot,
     images: PathBuf,
     volumes: PathBuf,
     logs: PathBuf,
@@ -76,6 +78,7 @@ impl Executor {
     /// found); its tasks are rejected with that reason.
     pub fn new(
         rt: Option<Runtime>,
+        boot: Boot,
         state_dir: &std::path::Path,
         reports: UnboundedSender<Report>,
     ) -> Executor {
@@ -92,6 +95,7 @@ impl Executor {
         }
         Executor {
             rt,
+            boot,
             images: husk_runtime::image::default_store_dir(),
             volumes: data.join("volumes"),
             logs: state_dir.join("logs"),
@@ -323,9 +327,9 @@ impl Executor {
         let image = store.get(&t.spec.image).map_err(|e| {
             TaskError::Rejected(format!("No such image: {} ({})", t.spec.image, chain(&e)))
         })?;
-        let plan = container_spec(t, image)
-            .plan(Some(&store))
-            .map_err(|e| reject(&e))?;
+        let mut spec = container_spec(t, image);
+        spec.boot = self.boot;
+        let plan = spec.plan(Some(&store)).map_err(|e| reject(&e))?;
         let env = process_env(&plan);
         let volumes = VolumeStore::open(&self.volumes).map_err(|e| fail(&e))?;
         let prepared = plan
