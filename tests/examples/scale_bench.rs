@@ -15,13 +15,15 @@
 //! Last line: key=value pairs (`scale-*` the default's, `template-*` the
 //! other's).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use husk_tests::cluster::{cluster_unavailable, Cluster, Host};
 use husk_tests::sample_image;
 use serde_json::Value;
 
 const REPLICAS: usize = 20;
+/// How long a scale-up may take before it counts as failed.
+const SCALE_WAIT: Duration = Duration::from_secs(1200);
 
 /// utime + stime + cutime + cstime of `pid`, in seconds (0 if it is gone).
 fn cpu_seconds(pid: u32) -> f64 {
@@ -72,8 +74,9 @@ struct Scaled {
 }
 
 /// A one-node cluster whose huskd starts sandboxes the `boot` way, a
-/// busybox service scaled 1 -> REPLICAS on it.
-fn scale(boot: &str) -> Scaled {
+/// busybox service scaled 1 -> REPLICAS on it; None if they were not all
+/// running within `SCALE_WAIT` (the tasks' states are printed).
+fn scale(boot: &str) -> Option<Scaled> {
     let image = sample_image("busybox.oci.tar").expect("make images");
     let c = Cluster::with_args("sc", 1, &[image], 1, &["--boot", boot]).expect("cluster");
     let h = &c.hosts[0];
@@ -103,7 +106,17 @@ fn scale(boot: &str) -> Scaled {
     let before: f64 = h.pids().iter().map(|p| cpu_seconds(*p)).sum();
     let t = Instant::now();
     h.ok(&["service", "scale", &format!("scaled={REPLICAS}")]);
-    c.wait("20 tasks running", 1200, || running(h) == REPLICAS);
+    while running(h) != REPLICAS {
+        if t.elapsed() > SCALE_WAIT {
+            println!(
+                "--boot {boot}: not all {REPLICAS} running after {} s; the tasks:",
+                SCALE_WAIT.as_secs()
+            );
+            h.husk(&["service", "ps", "-a", "scaled"]);
+            return None;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let wall = t.elapsed().as_secs_f64();
     let after: f64 = h.pids().iter().map(|p| cpu_seconds(*p)).sum();
     let vmms = h.vmm_pids();
@@ -124,7 +137,7 @@ fn scale(boot: &str) -> Scaled {
     );
     h.ok(&["service", "rm", "scaled"]);
     drop(c);
-    Scaled { wall, cpu, pss_mib }
+    Some(Scaled { wall, cpu, pss_mib })
 }
 
 fn main() {
@@ -135,15 +148,24 @@ fn main() {
     // Today's default and the path it replaced, one after the other.
     let parked = scale("parked");
     let template = scale("template");
-    let per = |s: &Scaled| s.pss_mib / REPLICAS as f64;
+    let fields = |prefix: &str, s: &Option<Scaled>| {
+        match s {
+        Some(s) => format!(
+            "{prefix}wall-s={:.2} {prefix}cpu-s={:.1} {prefix}pss-mib={:.1} {prefix}pss-per-sandbox-mib={:.1}",
+            s.wall,
+            s.cpu,
+            s.pss_mib,
+            s.pss_mib / REPLICAS as f64
+        ),
+        None => format!("{prefix}wall-s=failed"),
+    }
+    };
     println!(
-        "scale-wall-s={:.2} scale-cpu-s={:.1} scale-pss-mib={:.1} pss-per-sandbox-mib={:.1} template-wall-s={:.2} template-cpu-s={:.1} template-pss-per-sandbox-mib={:.1} replicas={REPLICAS}",
-        parked.wall,
-        parked.cpu,
-        parked.pss_mib,
-        per(&parked),
-        template.wall,
-        template.cpu,
-        per(&template),
+        "{} {} replicas={REPLICAS}",
+        fields("scale-", &parked),
+        fields("template-", &template)
     );
+    if parked.is_none() {
+        std::process::exit(1);
+    }
 }
