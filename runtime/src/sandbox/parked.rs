@@ -25,7 +25,9 @@
 //! VMM has loaded the files (a restored VM keeps its own mapping after
 //! that), a build or an eviction exclusively and without waiting, so
 //! neither replaces nor removes files a restore is opening; each skips
-//! instead.
+//! instead. Forgetting a template (removing its `ready`) needs no lock: it
+//! changes no file a restore reads, and a start that skipped it must not
+//! keep a broken one in use.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -218,7 +220,7 @@ pub(super) struct Found {
     /// The parked container's pid in the guest.
     pub pid: u32,
     /// Shared: no build or eviction meanwhile.
-    _lock: Lock,
+    pub lock: Lock,
 }
 
 /// The ready container template `key` under `base`; marked used now (it
@@ -236,7 +238,7 @@ pub(super) fn find(base: &Template, key: &str) -> Option<Found> {
     Some(Found {
         template: t,
         pid,
-        _lock: lock,
+        lock,
     })
 }
 
@@ -249,12 +251,9 @@ fn ready_pid(t: &Template, key: &str) -> Option<u32> {
 }
 
 /// Forgets template `t` (a restore or launch from it failed): the next
-/// start builds it again. Skipped while another holds it (a restore
-/// reading it, or a build, which replaces it anyway).
+/// start builds it again.
 pub(super) fn invalidate(t: &Template) {
-    if let Ok(Some(_lock)) = Lock::take(&t.dir.join("lock"), false) {
-        let _ = std::fs::remove_file(t.dir.join("ready"));
-    }
+    let _ = std::fs::remove_file(t.dir.join("ready"));
 }
 
 /// Parks `park` in the guest behind `agent` (restored from `base`, not yet
@@ -494,12 +493,10 @@ mod tests {
 
         let found = find(&base, "k").expect("ready");
         assert_eq!(found.pid, 7);
-        // A second reader shares it; a build, an invalidation and an
-        // eviction skip it while it is read.
+        // A second reader shares it; a build and an eviction skip it
+        // while it is read.
         assert!(find(&base, "k").is_some());
         assert!(Lock::take(&t.dir.join("lock"), false).unwrap().is_none());
-        invalidate(&t);
-        assert!(t.dir.join("ready").exists());
         evict(&base.dir.join("containers"), 0);
         assert!(t.dir.exists());
         drop(found);
@@ -508,7 +505,10 @@ mod tests {
         let building = Lock::take(&t.dir.join("lock"), false).unwrap().unwrap();
         assert!(find(&base, "k").is_none());
         drop(building);
+        // Forgotten even while read: it is broken for every reader.
+        let reading = find(&base, "k").expect("ready");
         invalidate(&t);
+        drop(reading);
         assert!(find(&base, "k").is_none(), "forgotten");
     }
 

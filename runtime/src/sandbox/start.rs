@@ -194,12 +194,8 @@ impl Runtime {
         if let Some((_, key)) = &park {
             if let Some(found) = parked::find(&t, key) {
                 let (inherit, fs_fd) = p.inherit(shared);
-                let restored = self.restore(&found.template, cfg, p, &inherit, fs_fd);
-                let (ct, pid) = (found.template.clone(), found.pid);
-                // Loaded (the VM has its own mapping) or refused: a build
-                // or eviction may go on.
-                drop(found);
-                match restored {
+                let (ct, pid) = (found.template, found.pid);
+                match self.restore(&ct, Some(found.lock), cfg, p, &inherit, fs_fd) {
                     Ok((vmm, agent, devices)) => {
                         return Ok(Started {
                             vmm,
@@ -216,7 +212,7 @@ impl Runtime {
             }
         }
         let (inherit, fs_fd) = p.inherit(shared);
-        let (vmm, agent, devices) = match self.restore(&t, cfg, p, &inherit, fs_fd) {
+        let (vmm, agent, devices) = match self.restore(&t, None, cfg, p, &inherit, fs_fd) {
             Ok(x) => x,
             Err(e) => {
                 if let Some(s) = shared.as_mut() {
@@ -236,7 +232,7 @@ impl Runtime {
                 drop(shared.take());
                 *shared = self.share(cfg, p.dir)?;
                 let (inherit, fs_fd) = p.inherit(shared);
-                self.restore(&t, cfg, p, &inherit, fs_fd)
+                self.restore(&t, None, cfg, p, &inherit, fs_fd)
                     .map_err(|source| SandboxError::AfterRebuild {
                         key: t.key.clone(),
                         source: Box::new(source),
@@ -311,9 +307,13 @@ impl Runtime {
     }
 
     /// Restores `t` for `cfg` and waits for its agent.
+    /// `reading`, the container template's shared lock, is let go as soon
+    /// as the VMM has loaded (or refused) the files: the restored VM has
+    /// its own mapping.
     fn restore(
         &self,
         t: &Template,
+        reading: Option<crate::util::Lock>,
         cfg: &SandboxConfig,
         p: &Plumbing,
         inherit: &[i32],
@@ -376,7 +376,9 @@ impl Runtime {
                 .into_iter()
                 .collect(),
         };
-        if let Err(e) = VmmClient::new(&api, SNAPSHOT_TIMEOUT).load_snapshot(&load) {
+        let loaded = VmmClient::new(&api, SNAPSHOT_TIMEOUT).load_snapshot(&load);
+        drop(reading);
+        if let Err(e) = loaded {
             // A VMM that died says why in its log.
             vmm.check_alive(log)?;
             return Err(SandboxError::Load {
