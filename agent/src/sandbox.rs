@@ -117,6 +117,7 @@ impl SandboxService {
         check_version(meta)?;
         let _step = crate::profile::step("sandbox.create");
         let files = check_sandbox(&req)?;
+        let files_step = crate::profile::step("sandbox.files");
         std::fs::create_dir_all(&self.state_dir)
             .map_err(|e| internal(format!("creating {}: {e}", self.state_dir.display())))?;
         for (name, content) in files {
@@ -128,7 +129,9 @@ impl SandboxService {
                 .and_then(|mut f| f.write_all(content.as_bytes()))
                 .map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
         }
+        drop(files_step);
         if self.is_guest {
+            let _step = crate::profile::step("sandbox.hostname");
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| internal(format!("sethostname: {e}")))?;
         }
@@ -139,8 +142,10 @@ impl SandboxService {
                 ));
             }
             for i in &req.interfaces {
+                let _step = crate::profile::step("sandbox.interface");
                 self.network.apply_interface(i)?;
             }
+            let _step = crate::profile::step("sandbox.routes");
             self.network.apply_routes(&req.routes)?;
         }
         Ok(Empty::new())

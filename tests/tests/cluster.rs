@@ -174,6 +174,27 @@ fn a_three_node_cluster_runs_services_in_sandboxes() {
         let ended = serde_json::json!({ "stream_ended_after_s": ev_start.elapsed().as_secs() });
         ev_store.lock().unwrap().push(ended);
     });
+    // The stream is up once it shows a change made after it started (its
+    // watch begins some time after the process does): a label on node1,
+    // set again with another value until it shows. Only then is the rest
+    // of the test's history certain to be in it.
+    let mut probe = 0;
+    c.wait("husk events streaming", 120, || {
+        probe += 1;
+        h1.ok(&[
+            "node",
+            "update",
+            "--label-add",
+            &format!("husk-test.events={probe}"),
+            "node1",
+        ]);
+        std::thread::sleep(Duration::from_millis(500));
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "node" && e["name"] == "node1")
+    });
 
     // ---- replicas: spread, scale up and down ----
     let h1 = &c.hosts[0];

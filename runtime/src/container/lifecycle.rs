@@ -622,9 +622,13 @@ impl Container {
     }
 
     /// The agent's steps since the sandbox started (see
-    /// `Runtime::profile`), read and cleared.
+    /// `Runtime::profile`), read and cleared; a start that built its
+    /// container template has that build's steps first.
     pub fn guest_profile(&self) -> Result<husk_protocol::agent::ProfileResponse> {
-        Ok(self.sandbox.agent.profile(false)?)
+        let mut p = self.sandbox.agent.profile(false)?;
+        p.steps
+            .splice(0..0, self.sandbox.early_steps.iter().cloned());
+        Ok(p)
     }
 
     /// Its address and published ports on the bridge.

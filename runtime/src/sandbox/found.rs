@@ -74,7 +74,10 @@ impl Runtime {
             times: StartTimes::default(),
             template: None,
             parked: crate::sandbox::Parked::No,
+            early_steps: Vec::new(),
             net,
+            // What it was started with is not recorded: it syncs.
+            keeps_writes: true,
             vmm,
             shared: None,
         })

@@ -269,9 +269,16 @@ pub struct Sandbox {
     pub template: Option<Template>,
     /// Its parked container, if it was asked for one (`SandboxConfig::park`).
     pub parked: Parked,
+    /// The guest's steps up to its container template's snapshot (this
+    /// start built it), read then: the agent's next Profile answer has
+    /// only the steps after it.
+    pub early_steps: Vec<husk_protocol::agent::Step>,
     /// Its network: tap, address lease, published ports, or a pod's
     /// namespace taken over.
     pub net: Attachment,
+    /// Whether anything the guest writes outlives it (a writable drive,
+    /// a share): ending it then asks the guest to sync first.
+    keeps_writes: bool,
     vmm: VmmProcess,
     /// virtiofsd, after the VMM (fields drop in order).
     shared: Option<SharedFs>,
@@ -388,8 +395,15 @@ impl Sandbox {
     /// DestroySandbox (answered once every container process is gone and
     /// the guest's file systems are synced), then the VMM is killed. A
     /// guest that does not answer within `timeout` is killed as well, and
-    /// the error says so: what it had not synced is lost.
+    /// the error says so: what it had not synced is lost. A guest with
+    /// nothing that outlives it (no writable drive, no share) is killed
+    /// at once: its processes, its memory and its disks' copies all go
+    /// with the VM, so asking it first would only add guest work.
     pub fn end(mut self, timeout: Duration) -> Result<()> {
+        if !self.keeps_writes {
+            self.vmm.child.kill_and_wait();
+            return Ok(());
+        }
         if !self.agent.destroy_syncs() {
             // An older guest image's agent (a sandbox started before an
             // upgrade, found again): it syncs only as it powers off.

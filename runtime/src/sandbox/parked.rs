@@ -50,7 +50,7 @@ pub const PARKED_ID: &str = "parked";
 /// as large as the guest's RAM (sparse: what the guest touched).
 pub const KEEP: usize = 8;
 /// Bumped when what a container template holds changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 /// The placeholder a parked spec has for its program (never run, never
 /// looked up).
 const PLACEHOLDER_ARG: &str = "husk-parked";
@@ -414,6 +414,19 @@ fn evict(root: &Path, keep: usize) {
     }
 }
 
+/// Exclusive locks on all container templates of the base template in
+/// `base_dir`, taken without waiting: None while one is being restored or
+/// built (its base must stay).
+pub(super) fn lock_all(base_dir: &Path) -> Option<Vec<Lock>> {
+    let Ok(entries) = std::fs::read_dir(base_dir.join("containers")) else {
+        return Some(Vec::new());
+    };
+    entries
+        .flatten()
+        .map(|e| Lock::take(&e.path().join("lock"), false).ok().flatten())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,7 +512,12 @@ mod tests {
         assert!(Lock::take(&t.dir.join("lock"), false).unwrap().is_none());
         evict(&base.dir.join("containers"), 0);
         assert!(t.dir.exists());
+        assert!(
+            lock_all(&base.dir).is_none(),
+            "its base stays while it is read"
+        );
         drop(found);
+        assert_eq!(lock_all(&base.dir).map(|l| l.len()), Some(1));
 
         // Being built (or evicted): not found meanwhile.
         let building = Lock::take(&t.dir.join("lock"), false).unwrap().unwrap();

@@ -37,6 +37,8 @@ struct Started {
     devices: Vec<String>,
     template: Option<Template>,
     parked: Parked,
+    /// The guest's steps read before a container template's snapshot.
+    early_steps: Vec<husk_protocol::agent::Step>,
 }
 
 /// Where a sandbox's VMM writes and what it inherits.
@@ -161,7 +163,9 @@ impl Runtime {
             times,
             template: started.template,
             parked: started.parked,
+            early_steps: started.early_steps,
             net,
+            keeps_writes: !cfg.shares.is_empty() || cfg.drives.iter().any(|d| !d.read_only),
             vmm: started.vmm,
             shared,
         })
@@ -203,6 +207,7 @@ impl Runtime {
                             devices,
                             template: Some(ct),
                             parked: Parked::Restored { pid },
+                            early_steps: Vec::new(),
                         })
                     }
                     // Refused (a damaged file, another VMM build): built
@@ -239,10 +244,19 @@ impl Runtime {
                     })?
             }
         };
+        let mut early_steps = Vec::new();
         let parked = match park {
             Some((park, key)) => {
                 let t1 = Instant::now();
-                let parked = park_in(&t, &key, park, &vmm, &agent, &devices, p.dir);
+                let parked = park_in(
+                    &t,
+                    &key,
+                    park,
+                    (&vmm, &agent),
+                    &devices,
+                    p.dir,
+                    &mut early_steps,
+                );
                 times.park = t1.elapsed();
                 parked
             }
@@ -254,6 +268,7 @@ impl Runtime {
             devices,
             template: Some(t),
             parked,
+            early_steps,
         })
     }
 
@@ -303,6 +318,7 @@ impl Runtime {
             devices,
             template: None,
             parked: Parked::No,
+            early_steps: Vec::new(),
         })
     }
 
@@ -407,10 +423,10 @@ fn park_in(
     t: &Template,
     key: &str,
     park: &Park,
-    vmm: &VmmProcess,
-    agent: &AgentConn,
+    (vmm, agent): (&VmmProcess, &AgentConn),
     devices: &[String],
     staging: &Path,
+    early_steps: &mut Vec<husk_protocol::agent::Step>,
 ) -> Parked {
     let Some(image) = devices.first() else {
         return Parked::Failed("no image drive".into());
@@ -419,6 +435,11 @@ fn park_in(
         Ok(pid) => pid,
         Err(e) => return Parked::Failed(crate::util::chain(&e)),
     };
+    // Read before the snapshot, or every start restored from it would
+    // report this build's steps as its own.
+    if let Ok(p) = agent.profile(false) {
+        *early_steps = p.steps;
+    }
     match parked::snapshot(t, key, vmm, staging, pid) {
         Ok(true) => Parked::Built { pid },
         Ok(false) => Parked::NotSnapshotted {

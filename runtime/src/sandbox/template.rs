@@ -291,7 +291,11 @@ fn remove_superseded(root: &Path, key: &str, inputs: &Inputs) {
         if !inputs.same_slot(&old) && old.current() {
             continue;
         }
-        if let Ok(Some(_l)) = Lock::take(&dir.join("lock"), false) {
+        // Its container templates go with it: none may be mid-restore.
+        if let (Ok(Some(_l)), Some(_held)) = (
+            Lock::take(&dir.join("lock"), false),
+            super::parked::lock_all(&dir),
+        ) {
             // Restored VMs keep their mappings of a removed memory file.
             let _ = std::fs::remove_dir_all(&dir);
         }

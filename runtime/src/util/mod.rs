@@ -126,23 +126,71 @@ impl Lock {
     /// The lock on `path` (created if missing); None if another holds it
     /// and `wait` is false.
     pub(crate) fn take(path: &Path, wait: bool) -> Result<Option<Lock>, IoError> {
-        let f = std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .at(|| shown(path))?;
-        Ok(flock_exclusive(f, wait)
-            .at(|| format!("locking {}", path.display()))?
-            .map(Lock))
+        // A lock file removed (with its directory) by whoever held it
+        // before: its lock guards nothing, so the file now at `path` is
+        // locked instead. Bounded: each round means another removal won.
+        for _ in 0..8 {
+            let f = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .at(|| shown(path))?;
+            let Some(f) = flock_exclusive(f, wait).at(|| format!("locking {}", path.display()))?
+            else {
+                return Ok(None);
+            };
+            if still_at(&f, path) {
+                return Ok(Some(Lock(f)));
+            }
+            if !wait {
+                return Ok(None);
+            }
+        }
+        Ok(None)
     }
 
     /// A shared lock on the existing file `path`, without waiting: None if
-    /// another holds it exclusively.
+    /// another holds it exclusively, or removed it meanwhile.
     pub(crate) fn share(path: &Path) -> Result<Option<Lock>, IoError> {
         let f = std::fs::File::open(path).at(|| shown(path))?;
         Ok(flock(f, libc::LOCK_SH, false)
             .at(|| format!("locking {}", path.display()))?
+            .filter(|f| still_at(f, path))
             .map(Lock))
+    }
+}
+
+/// Whether the open file `f` is still the one at `path`: a file unlinked
+/// between its open and its lock (an eviction) is not.
+fn still_at(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_on_a_removed_file_is_not_taken() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("lock");
+        let held = Lock::take(&path, false).unwrap().unwrap();
+        // Opened before the holder removes the file, locked after.
+        let early = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        drop(held);
+        let early = flock(early, libc::LOCK_SH, false).unwrap().unwrap();
+        assert!(!still_at(&early, &path), "a removed file's lock is stale");
+        assert!(Lock::share(&path).is_err(), "no lock file: an error");
+        // A new file at the path is another lock.
+        let now = Lock::take(&path, false).unwrap().unwrap();
+        assert!(Lock::share(&path).unwrap().is_none());
+        drop(now);
+        assert!(Lock::share(&path).unwrap().is_some());
     }
 }
