@@ -99,6 +99,25 @@ impl Drop for Member {
     }
 }
 
+/// The first /24 in 10.231.20-219.0, from `first` on, that no route of
+/// this host names: a second bridge on a subnet already routed (another
+/// cluster's, or one a killed run left behind) would get the host's
+/// replies sent out of the other bridge, and its hosts' connections time
+/// out.
+fn free_net(first: u8) -> Result<u8> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "route", "show"])
+        .output()?;
+    if !out.status.success() {
+        bail!("ip route show: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let routes = String::from_utf8_lossy(&out.stdout);
+    (0..200u16)
+        .map(|i| 20 + ((u16::from(first) - 20 + i) % 200) as u8)
+        .find(|n| !routes.contains(&format!("10.231.{n}.")))
+        .ok_or_else(|| anyhow::anyhow!("no free 10.231.x.0/24 for a test cluster: {routes}"))
+}
+
 /// An etcd cluster of `n` members on `ip` (ports from `base`).
 pub struct Etcd {
     pub members: Vec<Member>,
@@ -404,7 +423,7 @@ impl Cluster {
         huskd_args: &[&str],
     ) -> Result<Cluster> {
         let pid = std::process::id();
-        let net = 20 + (pid % 200) as u8;
+        let net = free_net(20 + (pid % 200) as u8)?;
         let bridge = format!("hkb{}", pid % 100_000);
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ip(&["addr", "add", &format!("10.231.{net}.1/24"), "dev", &bridge])?;

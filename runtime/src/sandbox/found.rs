@@ -76,7 +76,8 @@ impl Runtime {
             parked: crate::sandbox::Parked::No,
             early_steps: Vec::new(),
             net,
-            // What it was started with is not recorded: it syncs.
+            // Not worked out from the record (its devices and shares):
+            // syncing is always safe.
             keeps_writes: true,
             vmm,
             shared: None,

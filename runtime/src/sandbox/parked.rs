@@ -295,6 +295,11 @@ pub(super) fn snapshot(
     let Some(_lock) = Lock::take(&t.dir.join("lock"), false)? else {
         return Ok(false);
     };
+    // The base was superseded and is being removed: a template under it
+    // would be left behind, unused.
+    if !base.dir.join("ready").exists() {
+        return Ok(false);
+    }
     // Another start built it since this one looked: kept as it is.
     if ready_pid(&t, key).is_some() {
         return Ok(false);

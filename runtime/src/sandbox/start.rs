@@ -117,7 +117,7 @@ impl Runtime {
             net: &net,
         };
         let t1 = Instant::now();
-        let started = match cfg.boot {
+        let mut started = match cfg.boot {
             Boot::Template | Boot::Parked => {
                 self.start_restored(cfg, &p, &mut shared, &mut times)?
             }
@@ -125,7 +125,9 @@ impl Runtime {
         };
         times.agent_ready = t1.elapsed() - times.template - times.park;
         if self.profile {
-            // Steps from here on, counted (the template's own are dropped).
+            // Steps from here on, counted (the template's own and a
+            // container template build's are dropped).
+            started.early_steps.clear();
             started.agent.profile(true)?;
         }
         let t2 = Instant::now();

@@ -148,8 +148,7 @@ impl Template {
         let key = inputs.key();
         let root = rt.cache_dir.join("templates");
         let dir = root.join(&key);
-        std::fs::create_dir_all(&dir).at(|| shown(&dir))?;
-        let _lock = Lock::take(&dir.join("lock"), true)?;
+        let _lock = lock_dir(&dir)?;
         let mut t = Template {
             snapshot: dir.join("vm.snap"),
             memory: dir.join("vm.mem"),
@@ -270,6 +269,28 @@ impl Template {
     }
 }
 
+/// The exclusive lock on template directory `dir`, waited for; made
+/// again if a removal of the directory (a superseded template) won.
+fn lock_dir(dir: &Path) -> Result<Lock> {
+    let mut tries = 0;
+    loop {
+        std::fs::create_dir_all(dir).at(|| shown(dir))?;
+        match Lock::take(&dir.join("lock"), true) {
+            Ok(Some(l)) => return Ok(l),
+            Err(e) if tries < 3 && e.source.kind() == std::io::ErrorKind::NotFound => tries += 1,
+            Err(e) => return Err(e.into()),
+            Ok(None) => tries += 1,
+        }
+        if tries > 3 {
+            return Err(crate::util::IoError {
+                what: format!("locking {}", dir.join("lock").display()),
+                source: std::io::Error::other("removed again each time it was taken"),
+            }
+            .into());
+        }
+    }
+}
+
 /// Removes templates that `inputs` supersedes (same artifact paths and
 /// machine, older builds) and those whose artifacts changed or are gone (a
 /// deleted checkout). One in use elsewhere (locked) is left.
@@ -291,11 +312,11 @@ fn remove_superseded(root: &Path, key: &str, inputs: &Inputs) {
         if !inputs.same_slot(&old) && old.current() {
             continue;
         }
+        let Ok(Some(_l)) = Lock::take(&dir.join("lock"), false) else {
+            continue;
+        };
         // Its container templates go with it: none may be mid-restore.
-        if let (Ok(Some(_l)), Some(_held)) = (
-            Lock::take(&dir.join("lock"), false),
-            super::parked::lock_all(&dir),
-        ) {
+        if let Some(_held) = super::parked::lock_all(&dir) {
             // Restored VMs keep their mappings of a removed memory file.
             let _ = std::fs::remove_dir_all(&dir);
         }
