@@ -94,6 +94,9 @@ const VMM: &[&str] = &[
     "rename",
     "renameat",
     "renameat2",
+    // memory pages a snapshot skips: never touched (no swap to hide them)
+    "mincore",
+    "sysinfo",
     "fcntl",
     "ioctl",
     "eventfd2",
