@@ -12,7 +12,14 @@
 //! memory_mib = 512
 //! host_profile = "auto"
 //! cpu_template = "/etc/husk/cpu-template.json"
+//! rootfs = "drive"      # or "virtiofs"
 //! ```
+//!
+//! `rootfs`: a container of its own (not a CRI pod's) gets its image's
+//! layers as one erofs drive, its writes kept in the guest's memory, so it
+//! can start from a container template ("drive", the default); "virtiofs"
+//! shares containerd's mount instead, writes going to its snapshot
+//! (shim/src/rootfs.rs).
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +40,7 @@ pub struct ShimConfig {
     pub memory_mib: Option<u64>,
     pub host_profile: Option<String>,
     pub cpu_template: Option<PathBuf>,
+    pub rootfs: Option<String>,
 }
 
 impl ShimConfig {
@@ -75,6 +83,16 @@ impl ShimConfig {
                 path.display()
             )));
         }
+        if let Some(r) = c
+            .rootfs
+            .as_deref()
+            .filter(|r| !["drive", "virtiofs"].contains(r))
+        {
+            return Err(ShimError::Config(format!(
+                "shim configuration {}: rootfs {r:?}: use \"drive\" or \"virtiofs\"",
+                path.display()
+            )));
+        }
         if c.memory_mib.is_some_and(|m| m < 128) {
             return Err(ShimError::Config(format!(
                 "shim configuration {}: memory_mib must be at least 128",
@@ -82,6 +100,11 @@ impl ShimConfig {
             )));
         }
         Ok(c)
+    }
+
+    /// Whether a container's layers may be its root as a drive.
+    pub fn drive_root(&self) -> bool {
+        self.rootfs.as_deref() != Some("virtiofs")
     }
 
     /// The runtime with the configured artifacts.

@@ -55,21 +55,25 @@ fn in_guest(path: &Path, pids: &[u32]) -> bool {
 }
 
 /// `rootfs`: the container's root on the host (containerd's snapshot,
-/// mounted in the bundle); `guest_pids`: the pids (in the guest) of the
-/// containers already in the sandbox.
-pub fn for_guest(mut spec: Spec, rootfs: &Path, guest_pids: &[u32]) -> Result<GuestSpec> {
-    let mut shares = vec![HostShare {
-        source: rootfs.to_path_buf(),
-        read_only: false,
-    }];
-    let root_ro = spec
-        .root()
-        .as_ref()
-        .is_some_and(|r| r.readonly() == Some(true));
-    let mut root = spec.root().clone().unwrap_or_default();
-    root.set_path(PathBuf::from(guest_source(0)));
-    root.set_readonly(Some(root_ro));
-    spec.set_root(Some(root));
+/// mounted in the bundle), shared first; None when the root is a drive
+/// (the runtime's lifecycle points root.path at it). `guest_pids`: the
+/// pids (in the guest) of the containers already in the sandbox.
+pub fn for_guest(mut spec: Spec, rootfs: Option<&Path>, guest_pids: &[u32]) -> Result<GuestSpec> {
+    let mut shares = Vec::new();
+    if let Some(rootfs) = rootfs {
+        shares.push(HostShare {
+            source: rootfs.to_path_buf(),
+            read_only: false,
+        });
+        let root_ro = spec
+            .root()
+            .as_ref()
+            .is_some_and(|r| r.readonly() == Some(true));
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(PathBuf::from(guest_source(0)));
+        root.set_readonly(Some(root_ro));
+        spec.set_root(Some(root));
+    }
 
     let mut mounts = Vec::new();
     for m in spec.mounts().clone().unwrap_or_default() {
@@ -171,7 +175,7 @@ mod tests {
             ]}
         }))
         .unwrap();
-        let mut g = for_guest(spec, Path::new("/bundle/rootfs"), &[]).unwrap();
+        let mut g = for_guest(spec, Some(Path::new("/bundle/rootfs")), &[]).unwrap();
         assert_eq!(g.shares.len(), 3);
         assert_eq!(g.shares[0].source, Path::new("/bundle/rootfs"));
         assert!(g.shares[1].read_only && !g.shares[2].read_only);
@@ -216,7 +220,7 @@ mod tests {
             netns_path(&spec).as_deref(),
             Some(Path::new("/proc/7/ns/net"))
         );
-        let g = for_guest(spec, Path::new("/r"), &[7]).unwrap();
+        let g = for_guest(spec, Some(Path::new("/r")), &[7]).unwrap();
         let ns = namespaces(&g);
         let path = |t| ns.iter().find(|n| n.typ() == t).map(|n| n.path().clone());
         // The guest's network (no entry), the sandbox container's IPC and
@@ -243,7 +247,7 @@ mod tests {
             "mounts": [{"destination": "/x", "type": "bind", "source": "rel"}]
         }))
         .unwrap();
-        let e = for_guest(spec, Path::new("/r"), &[]).err().unwrap();
+        let e = for_guest(spec, Some(Path::new("/r")), &[]).err().unwrap();
         assert!(e.to_string().contains("not absolute"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
 //! Parked containers: created with everything the spec asks for applied
 //! (namespaces, mounts, cgroup, user, capabilities, cwd), their init
 //! waiting for its process. LaunchContainer gives it the args, the
-//! environment and the stdio, and starts it.
+//! environment and the stdio, and starts it (or, with `hold`, leaves it
+//! created for StartContainer).
 //!
 //! Why: creating a container is most of a start in a guest whose kernel is
 //! emulated (~4.4 s of libcontainer's create against ~0.2 s of start,
@@ -224,7 +225,9 @@ impl ContainersService {
         c.parked = None;
         c.init.stdin = stdin;
         step.end();
-        c.start_init(&req.container_id)?;
+        if !req.hold {
+            c.start_init(&req.container_id)?;
+        }
         if renamed {
             // Under the container's lock: a RemoveContainer of the first id
             // waiting for it then finds the id gone (remove checks).

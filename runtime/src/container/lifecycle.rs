@@ -85,6 +85,25 @@ pub enum Root {
         spec: Box<Spec>,
         shares: Vec<HostShare>,
     },
+    /// A complete OCI spec whose root is an erofs file (a containerd
+    /// snapshot's layers, made one image by the shim) on a read-only drive
+    /// slot with a tmpfs overlay in the guest, as an image's; its binds are
+    /// shares (`shares[i]` is `guest_source(i)`). Writes to the root stay
+    /// in the guest.
+    Drive {
+        spec: Box<Spec>,
+        erofs: PathBuf,
+        shares: Vec<HostShare>,
+    },
+}
+
+/// What fills drive slot 0: the container's root, when it is a drive.
+#[derive(Clone, Debug)]
+enum RootDrive {
+    /// An image from the store (its erofs built on first use).
+    Image(ImageRecord),
+    /// An erofs file made elsewhere.
+    Erofs(PathBuf),
 }
 
 /// Limits, which also size the microVM: memory plus room for the guest,
@@ -146,7 +165,7 @@ impl ContainerSpec {
     /// image's container needs the store.
     pub fn plan(self, store: Option<&ImageStore>) -> Result<Plan> {
         check_id(&self.id)?;
-        let (oci, image, mounts) = match &self.root {
+        let (oci, drive, mounts) = match &self.root {
             Root::Image(image) => {
                 let store = store.ok_or(ContainerError::NeedsStore(
                     "an image's container needs the image store",
@@ -163,24 +182,38 @@ impl ContainerSpec {
                 let mut specs = oci.mounts().clone().unwrap_or_default();
                 specs.extend(mounts.oci.iter().cloned());
                 oci.set_mounts(Some(specs));
-                (oci, Some(image.clone()), mounts)
+                (oci, Some(RootDrive::Image(image.clone())), mounts)
             }
-            Root::Shared { spec, shares } => {
+            Root::Shared { spec, shares } | Root::Drive { spec, shares, .. } => {
                 if !self.mounts.is_empty() {
                     return Err(ContainerError::Invalid(
-                        "a shared root brings its binds as shares: mounts are an image's".into(),
+                        "a spec's container brings its binds as shares: mounts are an image's"
+                            .into(),
                     ));
                 }
                 let mut mounts = plan_mounts(&[])?;
                 mounts.shares = shares.clone();
-                ((**spec).clone(), None, mounts)
+                let mut oci = (**spec).clone();
+                let drive = match &self.root {
+                    Root::Drive { erofs, .. } => {
+                        // Where the agent mounts drive 0 (container_storage).
+                        let mut root = oci.root().clone().unwrap_or_default();
+                        root.set_path(PathBuf::from("image"));
+                        oci.set_root(Some(root));
+                        Some(RootDrive::Erofs(erofs.clone()))
+                    }
+                    _ => None,
+                };
+                (oci, drive, mounts)
             }
         };
         let mut cfg = SandboxConfig::new(&self.id);
         cfg.hostname = match (&self.hostname, &self.root) {
             (Some(h), _) => h.clone(),
             (None, Root::Image(_)) => self.id.chars().take(12).collect(),
-            (None, Root::Shared { .. }) => oci.hostname().clone().unwrap_or(self.id.clone()),
+            (None, Root::Shared { .. } | Root::Drive { .. }) => {
+                oci.hostname().clone().unwrap_or(self.id.clone())
+            }
         };
         cfg.machine = self.machine;
         cfg.boot = self.boot;
@@ -202,7 +235,7 @@ impl ContainerSpec {
             id: self.id,
             oci,
             config: cfg,
-            image,
+            drive,
             volumes: mounts.volumes,
             mounted: mounts.mounted,
         })
@@ -287,8 +320,8 @@ pub struct Plan {
     pub oci: Spec,
     /// Its sandbox's configuration (drives are added by `acquire`).
     pub config: SandboxConfig,
-    /// An image's container: the image (its erofs fills drive slot 0).
-    image: Option<ImageRecord>,
+    /// A root on a drive: what fills drive slot 0.
+    drive: Option<RootDrive>,
     volumes: Vec<String>,
     /// (volume name or host path, target, read-only) of its volumes and
     /// binds, in order: what records and `inspect` show.
@@ -305,11 +338,15 @@ impl Plan {
         volumes: Option<&VolumeStore>,
     ) -> Result<Prepared> {
         self.config.drives.clear();
-        if let Some(image) = &self.image {
-            let store = store.ok_or(ContainerError::NeedsStore(
-                "an image's container needs the image store",
-            ))?;
-            let rootfs = store.rootfs(image)?;
+        if let Some(drive) = &self.drive {
+            let rootfs = match drive {
+                RootDrive::Image(image) => store
+                    .ok_or(ContainerError::NeedsStore(
+                        "an image's container needs the image store",
+                    ))?
+                    .rootfs(image)?,
+                RootDrive::Erofs(path) => path.clone(),
+            };
             self.config.park = self.parkable().then(|| Park::new(&self.oci, &rootfs));
             self.config.drives.push(DriveSpec {
                 path: rootfs,
@@ -324,11 +361,13 @@ impl Plan {
         Ok(Prepared { plan: self, leases })
     }
 
-    /// Whether its container can be parked (`Boot::Parked`): an image's,
-    /// without volumes or host paths (drives and shares are the run's own),
-    /// a terminal, a seccomp filter, or more args and environment than a
-    /// launch carries. Resource limits are applied at create, and are part
-    /// of the template's key like the rest of the spec.
+    /// Whether its container can be parked (`Boot::Parked`): a root on a
+    /// drive, without volumes or host paths (drives and shares are the
+    /// run's own), a terminal, a seccomp filter, or more args and
+    /// environment than a launch carries, and with a UTS namespace of its
+    /// own (the parked container's host name is the template's until the
+    /// launch sets the run's). Resource limits are applied at create, and
+    /// are part of the template's key like the rest of the spec.
     fn parkable(&self) -> bool {
         let Some(p) = self.oci.process() else {
             return false;
@@ -338,8 +377,16 @@ impl Plan {
             .to_string()
             .len();
         let linux = self.oci.linux().as_ref();
+        let own_uts = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|n| {
+                n.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Uts && n.path().is_none()
+                })
+            });
         self.config.boot == Boot::Parked
-            && self.image.is_some()
+            && self.drive.is_some()
+            && own_uts
             && self.volumes.is_empty()
             && self.config.shares.is_empty()
             && !p.terminal().unwrap_or(false)
@@ -417,9 +464,9 @@ impl Starting {
     /// measures a container's start against. Its status, the host's time
     /// for the call, and the guest's fork-to-reaped time.
     pub fn bare_exec(&self, args: &[String]) -> Result<(i32, Duration, Duration)> {
-        if self.plan.image.is_none() {
+        if self.plan.drive.is_none() {
             return Err(ContainerError::Invalid(
-                "a bare exec needs an image's root".into(),
+                "a bare exec needs a root on a drive".into(),
             ));
         }
         let root = self
@@ -447,7 +494,7 @@ impl Starting {
     /// [`crate::guest::RpcError`], with its code.
     pub fn create(self, io: Io) -> Result<Container> {
         if let Some(pid) = self.sandbox.parked.pid() {
-            return self.launch(pid, io);
+            return self.launch(pid, io, false);
         }
         let t = Instant::now();
         let mut c = self.create_only(io)?;
@@ -456,15 +503,19 @@ impl Starting {
         Ok(c)
     }
 
-    /// The parked container's process given and started, and its id made
-    /// the plan's.
-    fn launch(self, pid: u32, io: Io) -> Result<Container> {
+    /// The parked container's process given and started (with `hold`,
+    /// given only: StartContainer starts it), and its id made the plan's.
+    fn launch(self, pid: u32, io: Io, hold: bool) -> Result<Container> {
         let process = self.plan.oci.process().clone().unwrap_or_default();
         let launch = Launch {
             args: process.args().clone().unwrap_or_default(),
             env: process.env().clone().unwrap_or_default(),
-            hostname: self.plan.oci.hostname().clone().unwrap_or_default(),
+            // A spec without one has the sandbox's, as a container created
+            // in it would (its UTS namespace starts as a copy of the guest's).
+            hostname: (self.plan.oci.hostname().clone())
+                .unwrap_or_else(|| self.plan.config.hostname.clone()),
             new_id: self.plan.id.clone(),
+            hold,
         };
         let t = Instant::now();
         let made = self.sandbox.agent.launch(PARKED_ID, &launch, io);
@@ -483,12 +534,16 @@ impl Starting {
         self.made(t, made.map(|streams| (pid, streams)))
     }
 
-    /// CreateContainer only (containerd starts a task separately): an
-    /// image's root with an overlay, a shared root written in place. A
+    /// CreateContainer only (containerd starts a task separately): a root
+    /// on a drive with an overlay, a shared root written in place; a parked
+    /// container is given its process, held until StartContainer. A
     /// refusal is a [`NotCreated`] (with the guest's console when the spec
     /// kept it), around the agent's [`crate::guest::RpcError`].
     pub fn create_only(self, io: Io) -> Result<Container> {
-        let (storage, overlay) = match self.plan.image {
+        if let Some(pid) = self.sandbox.parked.pid() {
+            return self.launch(pid, io, true);
+        }
+        let (storage, overlay) = match self.plan.drive {
             Some(_) => (self.sandbox.container_storage(&self.plan.volumes), true),
             None => (self.sandbox.shared_storage().into_iter().collect(), false),
         };

@@ -295,6 +295,7 @@ impl AgentConn {
             env: l.env.clone(),
             hostname: l.hostname.clone(),
             new_id: l.new_id.clone(),
+            hold: l.hold,
             stdio: Some(stdio).into(),
             ..Default::default()
         };
@@ -465,6 +466,8 @@ pub struct Launch {
     pub hostname: String,
     /// The container's id from then on ("" keeps it).
     pub new_id: String,
+    /// Given, not started: StartContainer starts it.
+    pub hold: bool,
 }
 
 pub fn container(id: &str) -> ContainerRequest {

@@ -1,6 +1,8 @@
 //! What a sandbox's containers store and see: named volumes (ext4 images
-//! on the read-write drive slots) and host paths shared over virtio-fs.
+//! on the read-write drive slots), host paths shared over virtio-fs, and
+//! layer stacks made one erofs root.
 
+pub mod layers;
 pub mod shared;
 pub mod volume;
 
@@ -26,6 +28,9 @@ pub enum StorageError {
         #[source]
         source: serde_json::Error,
     },
+    /// Making a layer stack one erofs image.
+    #[error("layers: {0}")]
+    Layers(String),
     #[error("mkfs.ext4 for volume {name}: {stderr}")]
     Mkfs { name: String, stderr: String },
     #[error("sharing host paths needs virtiofsd, not found at {} (Debian: qemu-system-common; or set HUSK_VIRTIOFSD)", .0.display())]

@@ -25,9 +25,38 @@ impl Service {
             .and_then(|a| a.get(CONTAINER_TYPE))
             .is_some_and(|t| t == "container");
         let netns = crate::spec::netns_path(&spec).filter(|p| !p.starts_with("/proc"));
+        // A CRI pod's containers (the sandbox's too) keep the share: the
+        // pod's members join a running VM, which takes no new drive.
+        let cri = spec
+            .annotations()
+            .as_ref()
+            .is_some_and(|a| a.contains_key(CONTAINER_TYPE));
+        let conf = if joins {
+            None
+        } else {
+            let (type_url, options) = req
+                .options
+                .as_ref()
+                .map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
+            let conf = crate::config::ShimConfig::find(type_url, options)?;
+            let rt = conf.runtime()?;
+            Some((conf, rt))
+        };
+        let drive = match &conf {
+            Some((c, rt)) if !cri && c.drive_root() => {
+                match crate::rootfs::erofs(&req.rootfs, &rt.cache_dir.join("layers")) {
+                    Ok(erofs) => Some(erofs),
+                    Err(why) => {
+                        info!("{}: its root is shared over virtio-fs: {why}", req.id);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let rootfs = bundle.join("rootfs");
         std::fs::create_dir_all(&rootfs).at(|| shown(&rootfs))?;
-        for m in &req.rootfs {
+        for m in req.rootfs.iter().filter(|_| drive.is_none()) {
             containerd_shim::mount::mount_rootfs(
                 Some(m.type_.as_str()).filter(|t| !t.is_empty()),
                 Some(m.source.as_str()).filter(|s| !s.is_empty()),
@@ -39,7 +68,7 @@ impl Service {
                 message: e.to_string(),
             })?;
         }
-        let mounted = !req.rootfs.is_empty();
+        let mounted = !req.rootfs.is_empty() && drive.is_none();
         // Undone when the container is not created.
         let unmount = || {
             if mounted {
@@ -52,17 +81,10 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let r = if joins {
-            self.join_sandbox(&req.id, spec, &rootfs, &stdio)
-        } else {
-            let (type_url, options) = req
-                .options
-                .as_ref()
-                .map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
-            crate::config::ShimConfig::find(type_url, options).and_then(|conf| {
-                let g = crate::spec::for_guest(spec, &rootfs, &[])?;
-                self.start_sandbox(&req.id, g, netns, &stdio, &conf)
-            })
+        let r = match conf {
+            None => self.join_sandbox(&req.id, spec, &rootfs, &stdio),
+            Some((conf, rt)) => guest_root(spec, drive, &rootfs)
+                .and_then(|root| self.start_sandbox(&req.id, root, netns, &stdio, &conf, &rt)),
         };
         if r.is_err() {
             unmount();
@@ -94,10 +116,11 @@ impl Service {
     pub(super) fn start_sandbox(
         &self,
         id: &str,
-        guest: crate::spec::GuestSpec,
+        root: Root,
         netns: Option<PathBuf>,
         stdio: &Stdio,
         conf: &crate::config::ShimConfig,
+        rt: &husk_runtime::Runtime,
     ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
         let mut g = self.lock();
         if g.sandbox.is_some() {
@@ -105,15 +128,11 @@ impl Service {
                 "this shim's sandbox already runs; only containers of its CRI pod ({CONTAINER_TYPE}=container) can join it"
             )));
         }
-        let rt = conf.runtime()?;
-        let entries = (0..guest.shares.len()).collect();
-        let mut c = ContainerSpec::with_root(
-            id,
-            Root::Shared {
-                spec: Box::new(guest.spec),
-                shares: guest.shares,
-            },
-        );
+        let entries = match &root {
+            Root::Shared { shares, .. } | Root::Drive { shares, .. } => (0..shares.len()).collect(),
+            Root::Image(_) => Vec::new(),
+        };
+        let mut c = ContainerSpec::with_root(id, root);
         // Under CRI the VM takes over the pod's namespace CNI set up; under
         // plain ctr, like runc: loopback only.
         c.net = Net::Pod(netns);
@@ -124,7 +143,7 @@ impl Service {
         let created = c
             .plan(None)?
             .acquire(None, None)?
-            .start(&rt)?
+            .start(rt)?
             .create_only(stdio.io());
         let container = match created {
             Ok(c) => c,
@@ -139,9 +158,13 @@ impl Service {
             }
         };
         let pid = container.pid();
+        let parked = container.timings().parked;
         let (sandbox, mut streams, _no_leases) = container.into_parts();
         let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
-        info!("{id}: created in sandbox (VMM pid {})", sandbox.vmm_pid());
+        info!(
+            "{id}: created in sandbox (VMM pid {}, parked: {parked:?})",
+            sandbox.vmm_pid()
+        );
         if let Ok(conn) = sandbox.connect() {
             self.watch_oom(conn);
         }
@@ -163,7 +186,7 @@ impl Service {
         let joining = {
             let mut g = self.lock();
             let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
-            let guest = crate::spec::for_guest(spec, rootfs, &pids)?;
+            let guest = crate::spec::for_guest(spec, Some(rootfs), &pids)?;
             let sandbox = g.sandbox.as_mut().ok_or_else(|| {
                 ShimError::Pod(format!(
                     "{id} is a pod's container but its pod's sandbox is not running"
@@ -193,4 +216,37 @@ impl Service {
             }
         }
     }
+}
+
+/// A container's root for its own sandbox: the erofs of its layers on a
+/// drive when there is one, else containerd's mount shared; its binds
+/// shared either way.
+fn guest_root(
+    spec: oci_spec::runtime::Spec,
+    drive: Option<PathBuf>,
+    rootfs: &Path,
+) -> Result<Root, ShimError> {
+    let g = crate::spec::for_guest(spec, drive.is_none().then_some(rootfs), &[])?;
+    Ok(match drive {
+        Some(erofs) => {
+            let mut spec = g.spec;
+            // containerd's cgroupsPath names the container (/<ns>/<id>); in
+            // a guest of its own the agent's default does as well, and the
+            // spec, with it, is the same for every run of the image: what
+            // a container template is keyed on.
+            if let Some(mut linux) = spec.linux().clone() {
+                linux.set_cgroups_path(None);
+                spec.set_linux(Some(linux));
+            }
+            Root::Drive {
+                spec: Box::new(spec),
+                erofs,
+                shares: g.shares,
+            }
+        }
+        None => Root::Shared {
+            spec: Box::new(g.spec),
+            shares: g.shares,
+        },
+    })
 }
