@@ -70,18 +70,19 @@ pub fn erofs(cache: &Path, lowers: &[PathBuf], userxattr: bool) -> Result<PathBu
         .and_then(|f| f.sync_all())
         .at(|| shown(&img))?;
     std::fs::rename(&img, &out).at(|| shown(&out))?;
+    used(&out);
     let _ = std::fs::remove_file(&lock_path);
     evict(cache, KEEP);
     Ok(out)
 }
 
-/// Whether the image at `out` exists; its mtime is then made now (the
-/// cache's use order).
+/// Whether the image at `out` exists; its `.used` file's mtime is then
+/// made now (the cache's use order). Not the image's own: a container
+/// template is keyed on the image file's identity, mtime included.
 fn used(out: &Path) -> bool {
-    std::fs::File::options()
-        .write(true)
-        .open(out)
-        .is_ok_and(|f| f.set_modified(std::time::SystemTime::now()).is_ok())
+    out.exists()
+        && std::fs::File::create(out.with_extension("used"))
+            .is_ok_and(|f| f.set_modified(std::time::SystemTime::now()).is_ok())
 }
 
 fn key(lowers: &[PathBuf], userxattr: bool) -> Result<String> {
@@ -192,14 +193,20 @@ fn evict(cache: &Path, keep: usize) {
     let Ok(dir) = std::fs::read_dir(cache) else {
         return;
     };
+    let last_use = |p: &Path| {
+        let m = std::fs::metadata(p.with_extension("used")).or_else(|_| std::fs::metadata(p));
+        m.and_then(|m| m.modified()).ok()
+    };
     let mut images: Vec<(std::time::SystemTime, PathBuf)> = dir
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".erofs"))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+        .filter_map(|p| Some((last_use(&p)?, p)))
         .collect();
     images.sort_by_key(|i| std::cmp::Reverse(i.0));
     for (_, p) in images.into_iter().skip(keep) {
-        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(p.with_extension("used"));
     }
 }
 
@@ -273,8 +280,17 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert!(left.iter().all(|n| n.ends_with(".erofs")), "{left:?}");
-        assert_eq!(left.len(), 2);
+        assert!(
+            left.iter()
+                .all(|n| n.ends_with(".erofs") || n.ends_with(".used")),
+            "{left:?}"
+        );
+        assert_eq!(left.len(), 4);
+        // A use changes nothing of the image (templates are keyed on it).
+        let before = std::fs::metadata(&img).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        erofs(&cache, &lowers, false).unwrap();
+        assert_eq!(std::fs::metadata(&img).unwrap().modified().unwrap(), before);
         assert!(erofs(&cache, &[d.path().join("missing")], false).is_err());
     }
 
@@ -283,7 +299,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         for (i, n) in ["a", "b", "c"].iter().enumerate() {
             let p = d.path().join(format!("{n}.erofs"));
-            let f = std::fs::File::create(&p).unwrap();
+            std::fs::File::create(&p).unwrap();
+            let f = std::fs::File::create(p.with_extension("used")).unwrap();
             let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(i as u64);
             f.set_modified(t).unwrap();
         }
@@ -295,6 +312,6 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["a.erofs", "c.erofs"]);
+        assert_eq!(left, ["a.erofs", "a.used", "c.erofs", "c.used"]);
     }
 }
