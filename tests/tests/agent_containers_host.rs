@@ -579,9 +579,34 @@ fn a_parked_container_is_launched_with_its_process() {
     assert!(format!("{e:#}").contains("started already"), "{e:#}");
     a.conn.remove(&l.new_id).unwrap();
     assert!(!host_cgroup(&id).exists());
-    // Removed, its first id is free again.
+    // Removed, its first id is free again. Held (containerd's Create,
+    // then Start): given its process, which runs only once StartContainer
+    // comes, and not launched twice.
     a.conn.park(&id, &spec, Vec::new(), true).unwrap();
+    l.args = strings(&["sh", "-c", "echo started"]);
+    l.new_id.clear();
+    l.hold = true;
+    let mut s = a.conn.launch(&id, &l, Io::OUT_ERR).unwrap();
+    // Nothing on its stdout for a second: not started.
+    let out = s.stdout.as_ref().unwrap();
+    out.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut b = [0u8; 16];
+    let early = std::io::Read::read(&mut &*out, &mut b);
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "ran before StartContainer: {early:?} {:?}",
+        String::from_utf8_lossy(&b)
+    );
+    out.set_read_timeout(None).unwrap();
+    let e = a.conn.launch(&id, &l, Io::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("not parked"), "{e:#}");
+    a.conn.start(&id).unwrap();
+    assert_eq!(read_all(&mut s.stdout, T).unwrap(), "started\n");
+    assert_eq!(a.conn.wait(&id, "").unwrap().status, 0);
     a.conn.remove(&id).unwrap();
+    l.hold = false;
 
     // A container created the usual way is not launched.
     let id = unique("unparked");
