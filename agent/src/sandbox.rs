@@ -193,6 +193,7 @@ impl SandboxService {
         r.api_version = husk_protocol::API_VERSION;
         r.agent_version = env!("CARGO_PKG_VERSION").into();
         r.destroy_syncs = true;
+        r.launch_holds = true;
         Ok(r)
     }
 

@@ -6,12 +6,15 @@
 //! no virtiofsd. What it costs: the container's writes live in the guest's
 //! memory (a tmpfs upper dir), not in containerd's snapshot, so `ctr
 //! snapshot diff`/commit see none and they are gone when the task is; the
-//! shim config's `rootfs = "virtiofs"` keeps the share (docs/shim.md).
+//! shim config's `rootfs = "virtiofs"` keeps the share (shim/README.md).
 //!
 //! Only what is known to be the whole root qualifies: one overlay mount
 //! (containerd's overlayfs snapshotter) whose upper dir is still empty (a
-//! new container's), over committed layers. Anything else (a bind or
-//! native snapshot, a devmapper device, writes already made) is shared.
+//! new container's), over committed layers, with no option that changes
+//! what the layers show (uidmap, metacopy, redirect_dir). Anything else (a
+//! bind or native snapshot, a devmapper device, writes already made) is
+//! shared. And only a container that can be parked gains from it: one
+//! with bind mounts or a terminal keeps the share (`worth_a_drive`).
 
 use std::path::{Path, PathBuf};
 
@@ -32,11 +35,13 @@ pub fn layers(mounts: &[Mount]) -> Result<(Vec<PathBuf>, bool), String> {
         match o.split_once('=') {
             Some(("lowerdir", v)) => lowers = Some(v),
             Some(("upperdir", v)) => upper = Some(v),
-            Some(("workdir", _)) => {}
+            // About the upper dir, or harmless to a read-only merge.
+            Some(("workdir", _)) | Some(("index", "off")) | Some(("volatile", _)) => {}
             None if o == "userxattr" => userxattr = true,
-            // index=off, ro, ...: about the upper dir or harmless to a
-            // read-only merge of the layers.
-            _ => {}
+            None if ["ro", "rw", "volatile", "index=off"].contains(&o.as_str()) => {}
+            // uidmap/gidmap, metacopy, redirect_dir, ...: the merge here
+            // would not show what the container's mount does.
+            _ => return Err(format!("overlay option {o:?}")),
         }
     }
     let lowers = lowers.ok_or("an overlay without lowerdir")?;
@@ -54,6 +59,19 @@ pub fn layers(mounts: &[Mount]) -> Result<(Vec<PathBuf>, bool), String> {
         return Err(format!("lowerdir {} is not a directory", l.display()));
     }
     Ok((lowers, userxattr))
+}
+
+/// Whether a container with `spec` would be parked with its root on a
+/// drive: not with bind mounts (shares are a run's own) or a terminal.
+/// Otherwise the drive only changes where its writes go.
+pub fn worth_a_drive(spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+    if spec.process().as_ref().and_then(|p| p.terminal()) == Some(true) {
+        return Err("a terminal's container is not parked".into());
+    }
+    if crate::spec::has_binds(spec) {
+        return Err("a container with bind mounts is not parked".into());
+    }
+    Ok(())
 }
 
 /// The erofs of `mounts`'s layers under `cache` (built on first use), or
@@ -112,6 +130,9 @@ mod tests {
         };
         assert!(layers(&[bind]).unwrap_err().contains("not an overlay"));
         assert!(layers(&[]).unwrap_err().contains("0 mounts"));
+        let mut mapped = opts(&up);
+        mapped.push("uidmap=0:1000:65536".into());
+        assert!(layers(&[overlay(&mapped)]).unwrap_err().contains("uidmap"));
         let gone = vec![format!("lowerdir={l1}:/nonexistent/fs")];
         assert!(layers(&[overlay(&gone)])
             .unwrap_err()

@@ -10,7 +10,7 @@ use husk_runtime::storage::shared::{guest_source, HostShare};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 /// What a container needs from the host: its spec for the guest and the
-/// paths to share (the rootfs first).
+/// paths to share (the rootfs first, when it is shared).
 pub struct GuestSpec {
     pub spec: Spec,
     pub shares: Vec<HostShare>,
@@ -21,6 +21,13 @@ fn is_bind(m: &Mount) -> bool {
         || m.options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+}
+
+/// Whether `spec` has bind mounts (each is a share).
+pub fn has_binds(spec: &Spec) -> bool {
+    spec.mounts()
+        .as_ref()
+        .is_some_and(|m| m.iter().any(is_bind))
 }
 
 /// The network namespace containerd put the container in, if a path (CRI's

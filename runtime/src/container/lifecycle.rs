@@ -540,8 +540,12 @@ impl Starting {
     /// refusal is a [`NotCreated`] (with the guest's console when the spec
     /// kept it), around the agent's [`crate::guest::RpcError`].
     pub fn create_only(self, io: Io) -> Result<Container> {
+        // An agent of an older guest image would start the process at
+        // once: its parked container is left idle and this one created.
         if let Some(pid) = self.sandbox.parked.pid() {
-            return self.launch(pid, io, true);
+            if self.sandbox.agent.launch_holds() {
+                return self.launch(pid, io, true);
+            }
         }
         let (storage, overlay) = match self.plan.drive {
             Some(_) => (self.sandbox.container_storage(&self.plan.volumes), true),

@@ -164,6 +164,7 @@ pub struct AgentConn {
     /// What the last Health answer said: whether DestroySandbox syncs
     /// before it answers, and the call's round trip in microseconds.
     destroy_syncs: AtomicBool,
+    launch_holds: AtomicBool,
     health_rtt_us: AtomicU64,
 }
 
@@ -195,6 +196,7 @@ impl AgentConn {
             containers: ContainersClient::new(client.clone()),
             network: NetworkClient::new(client),
             destroy_syncs: AtomicBool::new(false),
+            launch_holds: AtomicBool::new(false),
             health_rtt_us: AtomicU64::new(0),
         })
     }
@@ -436,6 +438,7 @@ impl AgentConn {
         self.health_rtt_us
             .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.destroy_syncs.store(h.destroy_syncs, Ordering::Relaxed);
+        self.launch_holds.store(h.launch_holds, Ordering::Relaxed);
         if h.status != "SERVING" {
             return Err(GuestError::NotServing(h.status));
         }
@@ -447,6 +450,12 @@ impl AgentConn {
     /// an older guest image answers first and syncs as it powers off).
     pub fn destroy_syncs(&self) -> bool {
         self.destroy_syncs.load(Ordering::Relaxed)
+    }
+
+    /// Whether the agent, as its last Health said, holds a launched
+    /// process until StartContainer when asked (`Launch::hold`).
+    pub fn launch_holds(&self) -> bool {
+        self.launch_holds.load(Ordering::Relaxed)
     }
 
     /// The round trip of the last Health call: an estimate of a request's

@@ -32,6 +32,8 @@ use crate::util::{shown, IoContext, Lock};
 const FORMAT: u32 = 1;
 /// Images kept, most recently used first (each is its image's size).
 pub const KEEP: usize = 32;
+/// Images used this recently are kept beyond [`KEEP`].
+const RECENT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The erofs of `lowers` (top first, as overlay's `lowerdir=` lists them)
 /// under `cache`, built on first use. `userxattr`: the layers' overlay
@@ -43,15 +45,42 @@ pub fn erofs(cache: &Path, lowers: &[PathBuf], userxattr: bool) -> Result<PathBu
     let key = key(lowers, userxattr)?;
     std::fs::create_dir_all(cache).at(|| shown(cache))?;
     let out = cache.join(format!("{key}.erofs"));
-    if used(&out) {
+    if out.exists() {
+        used(&out);
         return Ok(out);
     }
     let lock_path = cache.join(format!("{key}.lock"));
-    let _lock = Lock::take(&lock_path, true)?.ok_or_else(|| {
+    let lock = Lock::take(&lock_path, true)?.ok_or_else(|| {
         StorageError::Layers(format!("{} kept being removed", lock_path.display()))
     })?;
-    if used(&out) {
-        return Ok(out);
+    let built = if out.exists() {
+        Ok(())
+    } else {
+        build(cache, &key, lowers, userxattr, &out)
+    };
+    // Removed under the lock: a waiter that locked the old file takes the
+    // path again (Lock::take).
+    let _ = std::fs::remove_file(&lock_path);
+    drop(lock);
+    built?;
+    used(&out);
+    evict(cache, KEEP, RECENT);
+    Ok(out)
+}
+
+/// Builds `out` (the caller holds the key's lock).
+fn build(cache: &Path, key: &str, lowers: &[PathBuf], userxattr: bool, out: &Path) -> Result<()> {
+    // A build killed midway left its directory (never a mount: those
+    // live in the build's own mount namespace, see `mkfs`).
+    if let Ok(dir) = std::fs::read_dir(cache) {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{key}-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
     let tmp = tempfile::Builder::new()
         .prefix(&format!("{key}-"))
@@ -59,30 +88,26 @@ pub fn erofs(cache: &Path, lowers: &[PathBuf], userxattr: bool) -> Result<PathBu
         .at(|| shown(cache))?;
     let img = tmp.path().join("layers.erofs");
     if let [one] = lowers {
-        mkfs(one, &img)?;
+        mkfs(one, &img, None)?;
     } else {
         let merged = tmp.path().join("merged");
         std::fs::create_dir(&merged).at(|| shown(&merged))?;
-        let _m = Merged::mount(lowers, &merged, userxattr)?;
-        mkfs(&merged, &img)?;
+        mkfs(&merged, &img, Some(overlay_data(lowers, userxattr)?))?;
     }
     std::fs::File::open(&img)
         .and_then(|f| f.sync_all())
         .at(|| shown(&img))?;
-    std::fs::rename(&img, &out).at(|| shown(&out))?;
-    used(&out);
-    let _ = std::fs::remove_file(&lock_path);
-    evict(cache, KEEP);
-    Ok(out)
+    std::fs::rename(&img, out).at(|| shown(out))?;
+    Ok(())
 }
 
-/// Whether the image at `out` exists; its `.used` file's mtime is then
-/// made now (the cache's use order). Not the image's own: a container
-/// template is keyed on the image file's identity, mtime included.
-fn used(out: &Path) -> bool {
-    out.exists()
-        && std::fs::File::create(out.with_extension("used"))
-            .is_ok_and(|f| f.set_modified(std::time::SystemTime::now()).is_ok())
+/// Makes `out`'s `.used` file's mtime now (the cache's use order; best
+/// effort). Not the image's own mtime: a container template is keyed on
+/// the image file's identity, mtime included.
+fn used(out: &Path) {
+    if let Ok(f) = std::fs::File::create(out.with_extension("used")) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
 }
 
 fn key(lowers: &[PathBuf], userxattr: bool) -> Result<String> {
@@ -108,16 +133,61 @@ fn key(lowers: &[PathBuf], userxattr: bool) -> Result<String> {
     Ok(format!("{:x}", h.finalize())[..32].to_string())
 }
 
-fn mkfs(dir: &Path, img: &Path) -> Result<()> {
+/// Runs mkfs.erofs of `dir` into `img`. With `overlay` (its mount data),
+/// `dir` is first made that read-only overlay, in a mount namespace of the
+/// mkfs process's own: the mount goes with it, however the build ends.
+fn mkfs(dir: &Path, img: &Path, overlay: Option<std::ffi::CString>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("mkfs.erofs");
     // Uncompressed (the file is local and page-cached, and 1.5's
     // compressors are single-threaded); no -T/-U: -T would rewrite every
     // file's mtime, which the container sees.
-    let o = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(img)
-        .arg(dir)
-        .output()
-        .at(|| "running mkfs.erofs (apt install erofs-utils)")?;
+    cmd.arg("--quiet").arg(img).arg(dir);
+    let mounts = overlay.is_some();
+    if let Some(data) = overlay {
+        let c = |s: &[u8]| {
+            std::ffi::CString::new(s).map_err(|_| StorageError::NulInPath(dir.to_path_buf()))
+        };
+        let target = c(dir.as_os_str().as_encoded_bytes())?;
+        let (name, root) = (c(b"overlay")?, c(b"/")?);
+        // SAFETY: the closure runs in the child between fork and exec and
+        // makes only system calls (async-signal-safe) on strings made
+        // before the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                let check = |r: libc::c_int| {
+                    if r < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(())
+                    }
+                };
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    name.as_ptr(),
+                    target.as_ptr(),
+                    name.as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    data.as_ptr().cast(),
+                ))
+            })
+        };
+    }
+    let o = cmd.output().map_err(|e| {
+        let what = if mounts {
+            "mounting the layers' overlay, then running mkfs.erofs"
+        } else {
+            "running mkfs.erofs (apt install erofs-utils)"
+        };
+        StorageError::Layers(format!("{what}: {e}"))
+    })?;
     if !o.status.success() {
         return Err(StorageError::Layers(format!(
             "mkfs.erofs of {}: {}",
@@ -128,68 +198,37 @@ fn mkfs(dir: &Path, img: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A read-only overlay of lower dirs only, unmounted when dropped.
-struct Merged<'a>(&'a Path);
-
-impl<'a> Merged<'a> {
-    fn mount(lowers: &[PathBuf], at: &'a Path, userxattr: bool) -> Result<Merged<'a>> {
-        let mut data = String::from("lowerdir=");
-        for (i, l) in lowers.iter().enumerate() {
-            let s = l.to_str().filter(|s| !s.contains([',', ':', '\0']));
-            let s = s.ok_or_else(|| {
-                StorageError::Layers(format!("{}: a layer path overlay cannot name", l.display()))
-            })?;
-            if i > 0 {
-                data.push(':');
-            }
-            data.push_str(s);
+/// The mount data of a read-only overlay of `lowers` only.
+fn overlay_data(lowers: &[PathBuf], userxattr: bool) -> Result<std::ffi::CString> {
+    let mut data = String::from("lowerdir=");
+    for (i, l) in lowers.iter().enumerate() {
+        let s = l.to_str().filter(|s| !s.contains([',', ':', '\0']));
+        let s = s.ok_or_else(|| {
+            StorageError::Layers(format!("{}: a layer path overlay cannot name", l.display()))
+        })?;
+        if i > 0 {
+            data.push(':');
         }
-        if userxattr {
-            data.push_str(",userxattr");
-        }
-        let c = |s: &str| std::ffi::CString::new(s).map_err(|_| StorageError::NulInPath(s.into()));
-        let (src, target, fstype, opts) = (
-            c("overlay")?,
-            c(at.to_str().unwrap_or_default())?,
-            c("overlay")?,
-            c(&data)?,
-        );
-        // SAFETY: all four are valid NUL-terminated strings that outlive
-        // the call; the kernel copies them.
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_RDONLY,
-                opts.as_ptr().cast(),
-            )
-        };
-        if r != 0 {
-            return Err(StorageError::Layers(format!(
-                "mounting the layers' overlay at {}: {}",
-                at.display(),
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(Merged(at))
+        data.push_str(s);
     }
+    if userxattr {
+        data.push_str(",userxattr");
+    }
+    // One page: the kernel's limit for mount data.
+    if data.len() >= 4096 {
+        return Err(StorageError::Layers(format!(
+            "{} layers: their paths exceed a mount's 4 KiB of options",
+            lowers.len()
+        )));
+    }
+    std::ffi::CString::new(data).map_err(|_| StorageError::Layers("a NUL in a layer path".into()))
 }
 
-impl Drop for Merged<'_> {
-    fn drop(&mut self) {
-        if let Ok(p) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
-            // SAFETY: a valid NUL-terminated path; MNT_DETACH cannot fail
-            // on a mount that is still there.
-            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
-/// Removes all but the `keep` most recently used images (best effort: a
-/// VM that has one open keeps reading it; a template keyed on it is then
-/// not used again, its key being the file's identity).
-fn evict(cache: &Path, keep: usize) {
+/// Removes all but the `keep` most recently used images, sparing any used
+/// within `recent` (a start that was just given one has yet to open it).
+/// Best effort: a VM that has one open keeps reading it; a template keyed
+/// on it is then not used again, its key being the file's identity.
+fn evict(cache: &Path, keep: usize, recent: std::time::Duration) {
     let Ok(dir) = std::fs::read_dir(cache) else {
         return;
     };
@@ -204,7 +243,11 @@ fn evict(cache: &Path, keep: usize) {
         .filter_map(|p| Some((last_use(&p)?, p)))
         .collect();
     images.sort_by_key(|i| std::cmp::Reverse(i.0));
-    for (_, p) in images.into_iter().skip(keep) {
+    let now = std::time::SystemTime::now();
+    for (t, p) in images.into_iter().skip(keep) {
+        if now.duration_since(t).unwrap_or_default() < recent {
+            continue;
+        }
         let _ = std::fs::remove_file(&p);
         let _ = std::fs::remove_file(p.with_extension("used"));
     }
@@ -305,13 +348,17 @@ mod tests {
             f.set_modified(t).unwrap();
         }
         // "a" used now: the newest.
-        assert!(used(&d.path().join("a.erofs")));
-        evict(d.path(), 2);
+        used(&d.path().join("a.erofs"));
+        evict(d.path(), 2, std::time::Duration::ZERO);
         let mut left: Vec<_> = std::fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
         assert_eq!(left, ["a.erofs", "a.used", "c.erofs", "c.used"]);
+        // Used within `recent`: kept beyond the count.
+        used(&d.path().join("c.erofs"));
+        evict(d.path(), 1, std::time::Duration::from_secs(600));
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 4);
     }
 }

@@ -44,7 +44,10 @@ impl Service {
         };
         let drive = match &conf {
             Some((c, rt)) if !cri && c.drive_root() => {
-                match crate::rootfs::erofs(&req.rootfs, &rt.cache_dir.join("layers")) {
+                let cache = rt.cache_dir.join("layers");
+                let erofs = crate::rootfs::worth_a_drive(&spec)
+                    .and_then(|()| crate::rootfs::erofs(&req.rootfs, &cache));
+                match erofs {
                     Ok(erofs) => Some(erofs),
                     Err(why) => {
                         info!("{}: its root is shared over virtio-fs: {why}", req.id);
