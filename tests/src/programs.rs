@@ -38,6 +38,7 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("skopeo", "skopeo"),
     ("umoci", "umoci"),
     ("mkfs.erofs", "erofs-utils"),
+    ("dump.erofs", "erofs-utils"),
     ("mkfs.ext4", "e2fsprogs"),
     ("jq", "jq"),
     ("containerd", "containerd"),
