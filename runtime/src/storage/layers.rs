@@ -155,13 +155,7 @@ fn mkfs(dir: &Path, img: &Path, overlay: Option<std::ffi::CString>) -> Result<()
         // before the fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                let check = |r: libc::c_int| {
-                    if r < 0 {
-                        Err(std::io::Error::last_os_error())
-                    } else {
-                        Ok(())
-                    }
-                };
+                use crate::util::check;
                 check(libc::unshare(libc::CLONE_NEWNS))?;
                 check(libc::mount(
                     std::ptr::null(),
