@@ -59,6 +59,15 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
+/// `PATCH /drives/{drive_id}` on a running VM: another backing file for a
+/// drive (Firecracker's `PartialDrive`, its path only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+}
+
 /// virtio-net on a tap: one named (opened, or created with CAP_NET_ADMIN),
 /// or an open tap file descriptor the VMM inherited (`tap_fd`), so a
 /// launcher can create the tap and the tap lives exactly as long as its

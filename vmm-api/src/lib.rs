@@ -14,8 +14,8 @@ pub mod control;
 pub mod snapshot;
 
 pub use config::{
-    BootSource, Drive, EntropyConfig, FsConfig, MachineConfig, NetConfig, SerialConfig,
-    SerialOutput, VmConfig, VsockConfig, DEFAULT_BOOT_ARGS,
+    BootSource, Drive, EntropyConfig, FsConfig, MachineConfig, NetConfig, PartialDrive,
+    SerialConfig, SerialOutput, VmConfig, VsockConfig, DEFAULT_BOOT_ARGS,
 };
 pub use control::{Action, ActionType, Fault, InstanceInfo, InstanceState, VmState, VmStateChange};
 pub use snapshot::{CreateRequest, DriveBacking, FsBacking, LoadRequest, TapBacking};

@@ -7,6 +7,7 @@
 //! | `GET|PUT /machine-config` | vCPUs, memory, CPU template, host profile |
 //! | `PUT /boot-source` | kernel, boot args, initrd |
 //! | `PUT /drives/{drive_id}` | a virtio-blk drive |
+//! | `PATCH /drives/{drive_id}` | `{"drive_id", "path_on_host"}`: another file behind a running VM's drive (not the root) |
 //! | `PUT /network-interfaces/{iface_id}` | virtio-net on a tap |
 //! | `PUT /filesystems/{fs_id}` | virtio-fs on a vhost-user backend (tag, socket) |
 //! | `PUT /vsock` | hybrid vsock (guest CID, Unix socket path) |
@@ -19,7 +20,8 @@
 //! | `PUT /snapshot/create` | `{"snapshot_path", "mem_file_path"}` of a paused VM |
 //! | `PUT /snapshot/load` | `{"snapshot_path", "mem_file_path", "resume_vm", "vsock_uds_path", "serial", "drives", "network_interfaces", "filesystems"}`, instead of configuring and starting |
 //!
-//! Configuration requests are only accepted before `InstanceStart`. Bodies
+//! Configuration requests are only accepted before `InstanceStart`, a
+//! drive's `PATCH` only after it. Bodies
 //! over 64 KiB are refused; every body is parsed with unknown fields denied.
 
 use std::io::Read;
@@ -34,8 +36,8 @@ use tiny_http::{Method, Request, Response, Server};
 
 use crate::builder::{self, RunningVm};
 use crate::config::{
-    BootSource, Drive, EntropyConfig, FsConfig, MachineConfig, NetConfig, SerialConfig, VmConfig,
-    VsockConfig,
+    BootSource, Drive, EntropyConfig, FsConfig, MachineConfig, NetConfig, PartialDrive,
+    SerialConfig, VmConfig, VsockConfig,
 };
 use crate::metrics::{inc, METRICS};
 use crate::snapshot::{CreateRequest, LoadRequest};
@@ -222,6 +224,14 @@ impl Controller {
                 check_id("drive_id", id, &d.drive_id)?;
                 upsert(&mut self.configuring()?.drives, d, |d| &d.drive_id)
             }
+            (Method::Patch, ["drives", id]) => {
+                let d: PartialDrive = parse(body)?;
+                check_id("drive_id", id, &d.drive_id)?;
+                self.running()?
+                    .patch_drive(&d.drive_id, &d.path_on_host)
+                    .map(|_| None)
+                    .map_err(|e| bad(format!("{e:#}")))
+            }
             (Method::Put, ["network-interfaces", id]) => {
                 let n: NetConfig = parse(body)?;
                 check_id("iface_id", id, &n.iface_id)?;
@@ -405,7 +415,7 @@ mod tests {
     #[test]
     fn bad_requests_name_the_problem() {
         let c = Controller::default();
-        let cases: [(&Method, &str, &[u8], &str); 6] = [
+        let cases: [(&Method, &str, &[u8], &str); 8] = [
             (&Method::Put, "/boot-source", b"{", "bad request body"),
             (
                 &Method::Put,
@@ -430,6 +440,18 @@ mod tests {
                 "/actions",
                 br#"{"action_type": "Pause"}"#,
                 "not started",
+            ),
+            (
+                &Method::Patch,
+                "/drives/ro1",
+                br#"{"drive_id": "ro1", "path_on_host": "/r"}"#,
+                "not started",
+            ),
+            (
+                &Method::Patch,
+                "/drives/ro1",
+                br#"{"drive_id": "ro2", "path_on_host": "/r"}"#,
+                "does not match",
             ),
             (&Method::Get, "/nothing", b"", "no resource"),
         ];

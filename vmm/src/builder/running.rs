@@ -77,7 +77,7 @@ impl Vmm {
             mem,
             _mem_file,
             transports,
-            config,
+            config: Mutex::new(config),
             cpu_identity,
             vcpu_count,
             stopper,
@@ -100,7 +100,9 @@ pub struct RunningVm {
     pub(super) mem: GuestMemoryMmap,
     pub(super) _mem_file: File,
     pub(super) transports: Vec<Arc<Mutex<MmioTransport>>>,
-    pub(super) config: VmConfig,
+    /// Its configuration: what a snapshot records (a patched drive's new
+    /// file included).
+    pub(super) config: Mutex<VmConfig>,
     pub(super) cpu_identity: String,
     pub(super) vcpu_count: usize,
     pub(super) stopper: Arc<Stopper>,
@@ -157,7 +159,12 @@ impl RunningVm {
             .unwrap_or_else(|p| p.into_inner())
             .state();
         let vm_state = VmState::save(&self.vm.fd).context("reading VM state")?;
-        let mem_size = self.config.machine_config.mem_size_mib << 20;
+        let config = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mem_size = config.machine_config.mem_size_mib << 20;
         let vcpus = self
             .control
             .saved_states(self.vcpu_count)
@@ -167,7 +174,7 @@ impl RunningVm {
             format_version: crate::snapshot::FORMAT_VERSION,
             vmm_version: env!("CARGO_PKG_VERSION").into(),
             cpu_identity: self.cpu_identity.clone(),
-            config: self.config.clone(),
+            config,
             mem_size,
             vm: vm_state,
             vcpus,
@@ -187,6 +194,32 @@ impl RunningVm {
             mem_size >> 20,
             started.elapsed()
         );
+        Ok(())
+    }
+
+    /// Backs drive `drive_id` with `path` (Firecracker's `PATCH /drives`
+    /// after start): the placeholder slot pattern, for a cooperative
+    /// guest that has not mounted the drive. The root drive is refused:
+    /// the guest runs from it.
+    pub fn patch_drive(&self, drive_id: &str, path: &std::path::Path) -> Result<()> {
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let ordered = config.ordered_drives();
+        let Some(i) = ordered.iter().position(|d| d.drive_id == drive_id) else {
+            bail!("the VM has no drive {drive_id:?}");
+        };
+        if ordered[i].is_root_device {
+            bail!("drive {drive_id:?} is the root device: the guest runs from it");
+        }
+        // Drives are the first transports, in the order the guest found
+        // them.
+        self.transports[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace_backing(path)
+            .map_err(|e| anyhow::anyhow!("drive {drive_id:?}: {e}"))?;
+        if let Some(d) = config.drives.iter_mut().find(|d| d.drive_id == drive_id) {
+            d.path_on_host = path.to_path_buf();
+        }
         Ok(())
     }
 

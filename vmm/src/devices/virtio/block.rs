@@ -71,45 +71,49 @@ enum ReqError {
     OutOfRange,
 }
 
+/// Opens a drive's backing file: its size must be whole sectors.
+fn open_backing(path: &std::path::Path, read_only: bool) -> Result<(File, u64), BlockError> {
+    let open_err = |source| BlockError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
+    if size % SECTOR_SIZE != 0 {
+        return Err(BlockError::Size {
+            path: path.display().to_string(),
+            size,
+        });
+    }
+    Ok((file, size / SECTOR_SIZE))
+}
+
+/// Config space: capacity (le64), size_max (le32), seg_max (le32).
+fn config_space(capacity_sectors: u64) -> Vec<u8> {
+    let mut config = Vec::with_capacity(16);
+    config.extend_from_slice(&capacity_sectors.to_le_bytes());
+    config.extend_from_slice(&0u32.to_le_bytes());
+    config.extend_from_slice(&SEG_MAX.to_le_bytes());
+    config
+}
+
 impl Block {
     pub fn open(path: &std::path::Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        let size = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: path.display().to_string(),
-                source,
-            })?
-            .len();
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                path: path.display().to_string(),
-                size,
-            });
-        }
-        let capacity_sectors = size / SECTOR_SIZE;
+        let (file, capacity_sectors) = open_backing(path, read_only)?;
         let mut idb = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        // Config space: capacity (le64), size_max (le32), seg_max (le32).
-        let mut config = Vec::with_capacity(16);
-        config.extend_from_slice(&capacity_sectors.to_le_bytes());
-        config.extend_from_slice(&0u32.to_le_bytes());
-        config.extend_from_slice(&SEG_MAX.to_le_bytes());
         Ok(Block {
             file,
             read_only,
             capacity_sectors,
             id: idb,
             acked: 0,
-            config,
+            config: config_space(capacity_sectors),
         })
     }
 
@@ -292,6 +296,18 @@ impl VirtioDevice for Block {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
+    }
+    /// Firecracker's `PATCH /drives` on a running VM: a cooperative guest
+    /// (one that has not mounted the drive) sees the new capacity at the
+    /// config-change interrupt. Read-only-ness and the serial stay the
+    /// drive's; on an error the old file is kept.
+    fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let (file, capacity_sectors) =
+            open_backing(path, self.read_only).map_err(|e| e.to_string())?;
+        self.file = file;
+        self.capacity_sectors = capacity_sectors;
+        self.config = config_space(capacity_sectors);
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
@@ -539,5 +555,34 @@ mod tests {
         b.read_config(1000, &mut far);
         assert_eq!(far, [0; 4]);
         b.read_config(u64::MAX, &mut far);
+    }
+
+    #[test]
+    fn a_new_backing_file_brings_its_capacity_and_contents() {
+        let (_old, mut b) = disk(&[0u8; 0], true);
+        let mut c = [0u8; 8];
+        b.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 0);
+        let new = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(new.path(), [9u8; 1024]).unwrap();
+        b.replace_backing(new.path()).unwrap();
+        b.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 2);
+        b.ack_features(b.features());
+        let m = mem();
+        let (st, len) = io(&mut b, &m, T_IN, 1, 0x2000, 512, W);
+        assert_eq!((st, len), (S_OK, 513));
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 9);
+        // A file that cannot back it is refused; the drive keeps its file.
+        let odd = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(odd.path(), [0u8; 100]).unwrap();
+        let e = b.replace_backing(odd.path()).unwrap_err();
+        assert!(e.contains("multiple of 512"), "{e}");
+        let e = b.replace_backing(std::path::Path::new("/nonexistent/x")).unwrap_err();
+        assert!(e.contains("/nonexistent/x"), "{e}");
+        b.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 2);
+        // Still read-only: the new file was opened for reading only.
+        assert!(b.features() & F_RO != 0);
     }
 }

@@ -212,6 +212,14 @@ impl MmioTransport {
         }
     }
 
+    /// Backs the device with `path` and tells the driver its
+    /// configuration changed.
+    pub fn replace_backing(&mut self, path: &std::path::Path) -> Result<(), String> {
+        self.device.replace_backing(path)?;
+        self.config_changed();
+        Ok(())
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_select as usize)
     }

@@ -81,6 +81,11 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Backs the device with another host file while the VM runs (a
+    /// drive's `PATCH`); only devices with a backing file take one.
+    fn replace_backing(&mut self, _path: &std::path::Path) -> Result<(), String> {
+        Err("this device has no backing file".into())
+    }
     /// The device was restored from a snapshot and activated; host-side
     /// state (connections) did not come along. Returns true if it used a
     /// queue (the driver is interrupted).
