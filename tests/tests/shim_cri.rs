@@ -220,6 +220,22 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         let h = exec_ok(id, &["hostname"]).await;
         assert_eq!(text(&h.stdout).trim(), "web", "{h:?}");
     }
+    // The members' roots are their images' erofs in drive slots the VMM
+    // was given while running (an overlay in the guest), not shares of
+    // containerd's mounts.
+    for id in [&web, &client] {
+        let m = exec_ok(id, &["cat", "/proc/mounts"]).await;
+        let root = text(&m.stdout)
+            .lines()
+            .find(|l| l.split(' ').nth(1) == Some("/"))
+            .map(String::from);
+        assert!(
+            root.as_deref()
+                .is_some_and(|r| r.starts_with("overlay / overlay") && r.contains("image-vd")),
+            "{id}'s root: {root:?}\n{}",
+            log("a member's root is not its image's drive")
+        );
+    }
     let a = exec_ok(&client, &["ip", "-4", "-o", "addr", "show", "eth0"]).await;
     assert!(text(&a.stdout).contains(&format!("{ip}/24")), "{a:?}");
     // An exec's exit code comes back.

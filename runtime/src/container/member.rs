@@ -1,8 +1,12 @@
 //! A container started in a sandbox that already runs: a CRI pod's member
 //! (the pod's first container started the sandbox through `lifecycle`).
-//! Its host paths join the sandbox's share, its spec is pointed at the
+//! Its root is an image's erofs in a drive slot patched in now
+//! (`Sandbox::attach_image`) under a tmpfs overlay, or a host path shared;
+//! its host paths join the sandbox's share, its spec is pointed at the
 //! entries they got, and the (slow) create runs on a connection of its own,
 //! so a front end can hold its lock over the first step only.
+
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
@@ -18,6 +22,8 @@ pub struct Joining {
     entries: Vec<usize>,
     agent: AgentConn,
     storage: Vec<husk_protocol::agent::Storage>,
+    /// Its root is a drive's, overlaid with a tmpfs in the guest.
+    overlay: bool,
 }
 
 /// Created in the sandbox.
@@ -40,15 +46,35 @@ pub struct NotJoined {
     pub error: GuestError,
 }
 
-/// Step 1: shares `shares` (a spec written for entries 0..n, as
-/// `storage::shared::guest_source` names them) into `sandbox` and opens a
-/// connection for the create. Nothing is left shared when it fails.
+/// Step 1: gives `sandbox` the root `image` (an erofs; the spec's root
+/// then names its mount), shares `shares` (a spec written for entries
+/// 0..n, as `storage::shared::guest_source` names them) into it and opens
+/// a connection for the create. Nothing is left shared when it fails (a
+/// drive slot keeps its image: a slot is never given another).
 pub fn join(
     sandbox: &mut Sandbox,
     id: &str,
     mut spec: Spec,
     shares: &[HostShare],
+    image: Option<&Path>,
 ) -> Result<Joining> {
+    let mut storage = Vec::new();
+    if let Some(image) = image {
+        let device = sandbox.attach_image(image)?;
+        // One mount per slot, shared by the image's containers (the agent
+        // counts its users).
+        let point = format!("image-{}", device.trim_start_matches("/dev/"));
+        storage.push(husk_protocol::agent::Storage {
+            source: device,
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: point.clone(),
+            ..Default::default()
+        });
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(PathBuf::from(point));
+        spec.set_root(Some(root));
+    }
     let entries = sandbox.add_shares(shares)?;
     renumber(&mut spec, &entries);
     let agent = match sandbox.connect() {
@@ -69,12 +95,14 @@ pub fn join(
             .into());
         }
     };
+    storage.extend(sandbox.shared_storage());
     Ok(Joining {
         id: id.to_string(),
         spec,
         entries,
         agent,
-        storage: sandbox.shared_storage().into_iter().collect(),
+        storage,
+        overlay: image.is_some(),
     })
 }
 
@@ -83,7 +111,7 @@ impl Joining {
     pub fn create_only(self, io: Io) -> std::result::Result<Member, NotJoined> {
         match self
             .agent
-            .create_only(&self.id, &self.spec, io, self.storage, false)
+            .create_only(&self.id, &self.spec, io, self.storage, self.overlay)
         {
             Ok((pid, streams)) => Ok(Member {
                 pid,

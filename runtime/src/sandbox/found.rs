@@ -80,6 +80,7 @@ impl Runtime {
             // syncing is always safe.
             keeps_writes: true,
             vmm,
+            hot: super::hot::HotDrives::found(&self.cache_dir, id),
             shared: None,
         })
     }

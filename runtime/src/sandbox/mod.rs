@@ -50,6 +50,12 @@ pub enum SandboxError {
     Vmm(#[from] VmmError),
     #[error("the agent")]
     Guest(#[from] GuestError),
+    #[error("backing drive {drive} with an image")]
+    Patch {
+        drive: String,
+        #[source]
+        source: VmmApiError,
+    },
     #[error("loading template {key}")]
     Load {
         key: String,
@@ -104,6 +110,7 @@ pub enum SandboxError {
 pub type Result<T> = std::result::Result<T, SandboxError>;
 
 mod found;
+mod hot;
 mod identity;
 pub mod machine;
 pub mod parked;
@@ -280,6 +287,8 @@ pub struct Sandbox {
     /// a share): ending it then asks the guest to sync first.
     keeps_writes: bool,
     vmm: VmmProcess,
+    /// Images given to it while it runs (`attach_image`).
+    hot: hot::HotDrives,
     /// virtiofsd, after the VMM (fields drop in order).
     shared: Option<SharedFs>,
 }
@@ -308,6 +317,13 @@ impl Sandbox {
         }
         storage.extend(self.shared_storage());
         storage
+    }
+
+    /// The guest device of `image` (an erofs), given to the running VM in
+    /// a read-only drive slot its start left empty, or the slot that has
+    /// it already. A sandbox takes at most `RO_SLOTS` images in its life.
+    pub fn attach_image(&mut self, image: &Path) -> Result<String> {
+        self.hot.attach(&self.vmm.api, image)
     }
 
     /// The storage the agent mounts for the config's shares, if it has any.
@@ -539,6 +555,7 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.vmm.child.kill_and_wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        self.hot.remove();
         if let Some(run_dir) = self.dir.parent() {
             SandboxRecord::remove(run_dir, &self.id);
         }

@@ -12,6 +12,7 @@ use husk_vmm_api::{DriveBacking, FsBacking, LoadRequest, SerialConfig, TapBackin
 use crate::config::Runtime;
 use crate::guest::{wait_for_agent, AgentConn};
 use crate::net::attach::{Attachment, Request};
+use crate::sandbox::hot::HotDrives;
 use crate::sandbox::identity::give_identity;
 use crate::sandbox::machine::{
     assign_slots, drive_shares, slot_id, vm_config, NET_IFACE, RO_SLOTS,
@@ -44,6 +45,9 @@ struct Started {
 /// Where a sandbox's VMM writes and what it inherits.
 struct Plumbing<'a> {
     dir: &'a Path,
+    /// Where images given to it while it runs are linked (`hot`): its
+    /// jail shows it.
+    hot: &'a Path,
     console: Option<PathBuf>,
     log: PathBuf,
     net: &'a Attachment,
@@ -70,6 +74,7 @@ impl Runtime {
         crate::vmm::cgroup::kill_groups_of(id);
         let dir = self.run_dir.join(id);
         SandboxRecord::remove(&self.run_dir, id);
+        let _ = std::fs::remove_dir_all(HotDrives::dir_of(&self.cache_dir, id));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).at(|| format!("removing {}", dir.display()))?;
         }
@@ -94,6 +99,7 @@ impl Runtime {
         let r = self.start_in(cfg, &dir);
         if r.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(HotDrives::dir_of(&self.cache_dir, &cfg.id));
         }
         r
     }
@@ -110,8 +116,11 @@ impl Runtime {
             },
         )?;
         let mut shared = self.share(cfg, dir)?;
+        let taken = cfg.drives.iter().filter(|d| d.read_only).count();
+        let hot = HotDrives::prepare(&self.cache_dir, &cfg.id, taken)?;
         let p = Plumbing {
             dir,
+            hot: hot.dir(),
             console: cfg.console_log.then(|| dir.join("console.log")),
             log: dir.join("vmm.log"),
             net: &net,
@@ -169,6 +178,7 @@ impl Runtime {
             net,
             keeps_writes: !cfg.shares.is_empty() || cfg.drives.iter().any(|d| !d.read_only),
             vmm: started.vmm,
+            hot,
             shared,
         })
     }
@@ -303,6 +313,7 @@ impl Runtime {
         std::fs::write(&file, json).at(|| shown(&file))?;
         let mut shares = drive_shares(&cfg.drives);
         shares.push(Share::rw(&placeholder));
+        shares.push(Share::ro(p.hot));
         let jail = self.jail_for(p.dir, &cfg.id, shares, &cfg.machine);
         let mut vmm = VmmProcess::spawn(
             &self.vmm,
@@ -349,6 +360,7 @@ impl Runtime {
             Share::ro(&t.memory),
             // Writable slots open it read-write (it has no bytes to write).
             Share::rw(&t.placeholder),
+            Share::ro(p.hot),
         ]);
         let jail = self.jail_for(dir, &cfg.id, shares, &cfg.machine);
         let mut vmm = VmmProcess::spawn(

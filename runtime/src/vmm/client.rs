@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use husk_vmm_api::{CreateRequest, Fault, InstanceInfo, LoadRequest, VmState, VmStateChange};
+use husk_vmm_api::{
+    CreateRequest, Fault, InstanceInfo, LoadRequest, PartialDrive, VmState, VmStateChange,
+};
 use hyper::{Method, Request, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -93,6 +95,15 @@ impl VmmClient {
     /// `PUT /snapshot/create` of a paused VM.
     pub fn create_snapshot(&self, req: &CreateRequest) -> Result<(), VmmApiError> {
         self.send(Method::PUT, "/snapshot/create", Some(req))
+    }
+
+    /// `PATCH /drives/{id}` of a running VM: `path` backs the drive now.
+    pub fn patch_drive(&self, drive_id: &str, path: &Path) -> Result<(), VmmApiError> {
+        let body = PartialDrive {
+            drive_id: drive_id.into(),
+            path_on_host: path.into(),
+        };
+        self.send(Method::PATCH, &format!("/drives/{drive_id}"), Some(&body))
     }
 
     /// `PATCH /vm` to pause or resume the vCPUs.

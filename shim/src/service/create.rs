@@ -43,6 +43,7 @@ impl Service {
             Some((conf, rt))
         };
         let drive = match &conf {
+            None => self.member_drive(&req.id, &req.rootfs),
             Some((c, rt)) if !cri && c.drive_root() => {
                 let cache = rt.cache_dir.join("layers");
                 let erofs = crate::rootfs::worth_a_drive(&spec)
@@ -85,7 +86,7 @@ impl Service {
             terminal: req.terminal,
         };
         let r = match conf {
-            None => self.join_sandbox(&req.id, spec, &rootfs, &stdio),
+            None => self.join_sandbox(&req.id, spec, &rootfs, drive, &stdio),
             Some((conf, rt)) => guest_root(spec, drive, &rootfs)
                 .and_then(|root| self.start_sandbox(&req.id, root, netns, &stdio, &conf, &rt)),
         };
@@ -172,16 +173,38 @@ impl Service {
             self.watch_oom(conn);
         }
         g.sandbox = Some(sandbox);
+        g.layers = conf.drive_root().then(|| rt.cache_dir.join("layers"));
         Ok((pid, entries, copies))
     }
 
-    /// Creates a container of the pod in its running sandbox: its rootfs
-    /// and binds are added to the sandbox's share first.
+    /// The erofs of a joining container's layers, for a drive slot of the
+    /// running sandbox; None (its root is shared) when the pod's
+    /// configuration keeps roots shared or its root is not one overlay of
+    /// layers.
+    fn member_drive(
+        &self,
+        id: &str,
+        mounts: &[containerd_shim::protos::types::mount::Mount],
+    ) -> Option<PathBuf> {
+        let cache = self.lock().layers.clone()?;
+        match crate::rootfs::erofs(mounts, &cache) {
+            Ok(erofs) => Some(erofs),
+            Err(why) => {
+                info!("{id}: its root is shared over virtio-fs: {why}");
+                None
+            }
+        }
+    }
+
+    /// Creates a container of the pod in its running sandbox: its root
+    /// (the erofs `drive` in a free drive slot, else `rootfs` shared) and
+    /// binds are added to the sandbox first.
     pub(super) fn join_sandbox(
         &self,
         id: &str,
         spec: oci_spec::runtime::Spec,
         rootfs: &Path,
+        drive: Option<PathBuf>,
         stdio: &Stdio,
     ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
         // The shares are added under the lock; the (slow) create runs on a
@@ -189,13 +212,13 @@ impl Service {
         let joining = {
             let mut g = self.lock();
             let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
-            let guest = crate::spec::for_guest(spec, Some(rootfs), &pids)?;
+            let guest = crate::spec::for_guest(spec, drive.is_none().then_some(rootfs), &pids)?;
             let sandbox = g.sandbox.as_mut().ok_or_else(|| {
                 ShimError::Pod(format!(
                     "{id} is a pod's container but its pod's sandbox is not running"
                 ))
             })?;
-            join(sandbox, id, guest.spec, &guest.shares)?
+            join(sandbox, id, guest.spec, &guest.shares, drive.as_deref())?
         };
         let mut m = match joining.create_only(stdio.io()) {
             Ok(m) => m,

@@ -99,6 +99,9 @@ struct Container {
 #[derive(Default)]
 struct Inner {
     sandbox: Option<Sandbox>,
+    /// The layer cache a pod's joining containers take their erofs roots
+    /// from (`rootfs = "drive"`, the default), set with the sandbox.
+    layers: Option<PathBuf>,
     containers: HashMap<String, Container>,
     /// The sandbox being stopped after its last container's delete: the
     /// shim exits (Shutdown) only once it is gone.

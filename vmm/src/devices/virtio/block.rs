@@ -578,7 +578,9 @@ mod tests {
         std::fs::write(odd.path(), [0u8; 100]).unwrap();
         let e = b.replace_backing(odd.path()).unwrap_err();
         assert!(e.contains("multiple of 512"), "{e}");
-        let e = b.replace_backing(std::path::Path::new("/nonexistent/x")).unwrap_err();
+        let e = b
+            .replace_backing(std::path::Path::new("/nonexistent/x"))
+            .unwrap_err();
         assert!(e.contains("/nonexistent/x"), "{e}");
         b.read_config(0, &mut c);
         assert_eq!(u64::from_le_bytes(c), 2);
