@@ -89,6 +89,20 @@ pub fn sandbox_files(
         }
         resolv.push_str(&format!("search {}\n", req.dns_search.join(" ")));
     }
+    if !req.dns_options.is_empty() {
+        for o in &req.dns_options {
+            let ok = !o.is_empty()
+                && o.len() <= 64
+                && o.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            if !ok {
+                return Err(crate::containers::Invalid(format!(
+                    "dns_options: {o:?} is not a resolv.conf option"
+                )));
+            }
+        }
+        resolv.push_str(&format!("options {}\n", req.dns_options.join(" ")));
+    }
     let mut hosts =
         String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     for line in &req.hosts {
@@ -377,11 +391,12 @@ mod tests {
         r.hostname = "web".into();
         r.dns_servers = vec!["10.0.0.2".into(), "fd00::1".into()];
         r.dns_search = vec!["svc.local".into()];
+        r.dns_options = vec!["ndots:5".into(), "edns0".into()];
         r.hosts = vec!["10.0.0.5\tdb".into()];
         let files = sandbox_files(&r).unwrap();
         assert_eq!(
             files[1].1,
-            "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.local\n"
+            "nameserver 10.0.0.2\nnameserver fd00::1\nsearch svc.local\noptions ndots:5 edns0\n"
         );
         assert!(files[2].1.ends_with("10.0.0.5\tdb\n"));
 
@@ -391,6 +406,9 @@ mod tests {
         let mut bad = r.clone();
         bad.hosts = vec!["1.2.3.4 a\n5.6.7.8 b".into()];
         assert!(sandbox_files(&bad).unwrap_err().0.contains("hosts"));
+        let mut bad = r.clone();
+        bad.dns_options = vec!["ndots:5\nnameserver 1.2.3.4".into()];
+        assert!(sandbox_files(&bad).unwrap_err().0.contains("dns_options"));
         let mut bad = r;
         bad.hostname = "no spaces".into();
         assert!(sandbox_files(&bad).unwrap_err().0.contains("hostname"));

@@ -6,6 +6,7 @@
 mod config;
 mod error;
 mod io;
+mod pod;
 mod rootfs;
 mod service;
 mod spec;

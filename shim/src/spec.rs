@@ -16,7 +16,7 @@ pub struct GuestSpec {
     pub shares: Vec<HostShare>,
 }
 
-fn is_bind(m: &Mount) -> bool {
+pub fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
         || m.options()
             .as_ref()

@@ -195,20 +195,37 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         }
     };
     let mut got = None;
+    let mut last = None;
     for _ in 0..30 {
         let r = exec_ok(&client, &["wget", "-qO-", "http://127.0.0.1:80/"]).await;
         if r.exit_code == 0 {
             got = Some(text(&r.stdout));
             break;
         }
+        last = Some(r);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let page = got.unwrap_or_else(|| {
-        panic!(
-            "{}",
-            log("the client never reached the web server on localhost")
-        )
-    });
+    let page = match got {
+        Some(p) => p,
+        None => {
+            let web_status = rt
+                .container_status(ContainerStatusRequest {
+                    container_id: web.clone(),
+                    verbose: false,
+                })
+                .await
+                .map(|s| format!("{:?}", s.into_inner().status));
+            let ps = exec(&client, &["ps", "-o", "pid,comm,args"]).await;
+            let net = exec(&client, &["netstat", "-tln"]).await;
+            panic!(
+                "{}",
+                log(&format!(
+                    "the client never reached the web server on localhost: last wget {last:?}\n\
+                     web: {web_status:?}\nclient's ps: {ps:?}\nclient's netstat: {net:?}"
+                ))
+            )
+        }
+    };
     assert!(page.contains("hello from a husk microVM"), "{page}");
     // Both in the VM (the guest's kernel, not the host's), one UTS
     // namespace (the pod's hostname), one network.
@@ -220,9 +237,10 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
         let h = exec_ok(id, &["hostname"]).await;
         assert_eq!(text(&h.stdout).trim(), "web", "{h:?}");
     }
-    // The members' roots are their images' erofs in drive slots the VMM
-    // was given while running (an overlay in the guest), not shares of
-    // containerd's mounts.
+    // The members' roots are their images' erofs on drives (an overlay in
+    // the guest), not shares of containerd's mounts: the first one's on the
+    // drive its VM was restored with, the next ones' in slots the running
+    // VMM was given.
     for id in [&web, &client] {
         let m = exec_ok(id, &["cat", "/proc/mounts"]).await;
         let root = text(&m.stdout)
@@ -231,7 +249,8 @@ async fn a_cri_pod_runs_in_one_husk_vm_with_the_cni_address() {
             .map(String::from);
         assert!(
             root.as_deref()
-                .is_some_and(|r| r.starts_with("overlay / overlay") && r.contains("image-vd")),
+                .is_some_and(|r| r.starts_with("overlay / overlay")
+                    && r.contains("lowerdir=/run/husk/storage/image")),
             "{id}'s root: {root:?}\n{}",
             log("a member's root is not its image's drive")
         );

@@ -106,6 +106,14 @@ enum RootDrive {
     Erofs(PathBuf),
 }
 
+/// A container's resolv.conf: what its pod's is (CRI's DNS config).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dns {
+    pub servers: Vec<String>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+}
+
 /// Limits, which also size the microVM: memory plus room for the guest,
 /// vCPUs enough for the CPU limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,6 +140,11 @@ pub struct ContainerSpec {
     /// shared root brings its binds as shares).
     pub mounts: Vec<Mount>,
     pub net: Net,
+    /// Name servers, search domains and options for its resolv.conf;
+    /// None: the host's servers.
+    pub dns: Option<Dns>,
+    /// /etc/hosts lines besides localhost and its own address.
+    pub hosts: Vec<String>,
     pub resources: Resources,
     /// The machine before sizing for `resources` (a shim's configured one).
     pub machine: Machine,
@@ -153,6 +166,8 @@ impl ContainerSpec {
             process: ProcessOptions::default(),
             mounts: Vec::new(),
             net: Net::Bridge(Vec::new()),
+            dns: None,
+            hosts: Vec::new(),
             resources: Resources::default(),
             machine: Machine::default(),
             boot: Boot::default(),
@@ -219,6 +234,12 @@ impl ContainerSpec {
         cfg.boot = self.boot;
         cfg.console_log = self.console_log;
         cfg.shares = mounts.shares;
+        if let Some(dns) = self.dns {
+            cfg.dns_servers = dns.servers;
+            cfg.dns_search = dns.search;
+            cfg.dns_options = dns.options;
+        }
+        cfg.hosts = self.hosts;
         match self.net {
             Net::Bridge(ports) => cfg.ports = ports,
             Net::None => cfg.network = NetworkMode::None,

@@ -66,7 +66,7 @@ pub mod spec;
 
 pub use control::Control;
 pub use lifecycle::{
-    copy_to_log, Container, ContainerSpec, Mount, MountSource, Net, NotCreated, Plan, Resources,
-    Root,
+    copy_to_log, Container, ContainerSpec, Dns, Mount, MountSource, Net, NotCreated, Plan,
+    Resources, Root,
 };
 pub use member::{join, Joining, Member, NotJoined};

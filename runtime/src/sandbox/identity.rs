@@ -65,6 +65,7 @@ fn sandbox_request(cfg: &SandboxConfig, net: Option<&GuestNet>) -> CreateSandbox
     } else {
         s.dns_servers = cfg.dns_servers.clone();
         s.dns_search = cfg.dns_search.clone();
+        s.dns_options = cfg.dns_options.clone();
     }
     if let Some(n) = net {
         let mut i = Interface::new();
@@ -100,5 +101,6 @@ fn sandbox_request(cfg: &SandboxConfig, net: Option<&GuestNet>) -> CreateSandbox
             s.hosts = vec![format!("{ip}\t{}", cfg.hostname)];
         }
     }
+    s.hosts.extend(cfg.hosts.iter().cloned());
     s
 }

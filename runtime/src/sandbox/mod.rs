@@ -186,6 +186,10 @@ pub struct SandboxConfig {
     /// resolvers left out).
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
+    /// resolv.conf options (with `dns_servers` only).
+    pub dns_options: Vec<String>,
+    /// /etc/hosts lines after localhost and the guest's own address.
+    pub hosts: Vec<String>,
     pub network: NetworkMode,
     /// A network namespace set up by someone else (CRI's pod netns, with
     /// CNI's veth) whose interface the VM takes over; `network` is then
@@ -238,6 +242,8 @@ impl SandboxConfig {
             hostname: id.into(),
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
+            dns_options: Vec::new(),
+            hosts: Vec::new(),
             network: NetworkMode::default(),
             netns: None,
             ports: Vec::new(),

@@ -10,53 +10,93 @@ use log::{info, warn};
 
 use crate::error::ShimError;
 use crate::io::{Copies, Stdio};
+use crate::pod::Identity;
 use husk_runtime::util::{shown, IoContext};
 
 use super::*;
+
+/// The shim's configuration from a create's runtime options, and the
+/// runtime it names.
+fn configured(
+    options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+) -> Result<(crate::config::ShimConfig, husk_runtime::Runtime), ShimError> {
+    let (type_url, options) =
+        options.map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
+    let conf = crate::config::ShimConfig::find(type_url, options)?;
+    let rt = conf.runtime()?;
+    Ok((conf, rt))
+}
+
+/// How a task's container is created.
+enum How {
+    /// With a sandbox of its own (a container of its own, or a pod's
+    /// sandbox container that must run).
+    Sandbox(crate::config::ShimConfig, husk_runtime::Runtime),
+    /// A pod's first container, starting the pod's VM.
+    FirstOfPod(
+        crate::config::ShimConfig,
+        husk_runtime::Runtime,
+        crate::pod::PodPlan,
+    ),
+    /// Joining the pod's running VM.
+    Join,
+}
 
 impl Service {
     pub(super) fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
         let bundle = PathBuf::from(&req.bundle);
         let spec: oci_spec::runtime::Spec =
             oci_spec::runtime::Spec::load(bundle.join("config.json"))?;
-        let joins = spec
+        let kind = spec
             .annotations()
             .as_ref()
             .and_then(|a| a.get(CONTAINER_TYPE))
-            .is_some_and(|t| t == "container");
+            .cloned();
         let netns = crate::spec::netns_path(&spec).filter(|p| !p.starts_with("/proc"));
-        // A CRI pod's containers (the sandbox's too) keep the share: the
-        // pod's members join a running VM, which takes no new drive.
-        let cri = spec
-            .annotations()
-            .as_ref()
-            .is_some_and(|a| a.contains_key(CONTAINER_TYPE));
-        let conf = if joins {
-            None
+        if kind.as_deref() == Some("sandbox") {
+            if let Some(pid) = self.keep_pause(req, &spec, netns.clone())? {
+                return Ok(pid);
+            }
+        }
+        // Held while this create may start the pod's VM (the pod's first
+        // container); let go at once by a container that joins.
+        let mut starting = None;
+        let how = if kind.as_deref() == Some("container") {
+            let guard = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+            let pod = {
+                let g = self.lock();
+                g.pod.clone().filter(|_| g.sandbox.is_none())
+            };
+            match pod {
+                Some(pod) => {
+                    starting = Some(guard);
+                    let (conf, rt) = configured(pod.options.as_ref())?;
+                    How::FirstOfPod(conf, rt, pod)
+                }
+                None => How::Join,
+            }
         } else {
-            let (type_url, options) = req
-                .options
-                .as_ref()
-                .map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
-            let conf = crate::config::ShimConfig::find(type_url, options)?;
-            let rt = conf.runtime()?;
-            Some((conf, rt))
+            let (conf, rt) = configured(req.options.as_ref())?;
+            How::Sandbox(conf, rt)
         };
-        let drive = match &conf {
-            None => self.member_drive(&req.id, &req.rootfs),
-            Some((c, rt)) if !cri && c.drive_root() => {
-                let cache = rt.cache_dir.join("layers");
-                let erofs = crate::rootfs::worth_a_drive(&spec)
-                    .and_then(|()| crate::rootfs::erofs(&req.rootfs, &cache));
-                match erofs {
-                    Ok(erofs) => Some(erofs),
+        // A CRI pod's sandbox container that runs keeps its root shared
+        // (its members join a running VM).
+        let drive = match &how {
+            How::Join => self.member_drive(&req.id, &req.rootfs),
+            How::FirstOfPod(c, rt, _) => c
+                .drive_root()
+                .then(|| layer_drive(&req.id, &req.rootfs, &rt.cache_dir))
+                .flatten(),
+            How::Sandbox(c, rt) if kind.is_none() && c.drive_root() => {
+                match crate::rootfs::worth_a_drive(&spec) {
+                    Ok(()) => layer_drive(&req.id, &req.rootfs, &rt.cache_dir),
                     Err(why) => {
                         info!("{}: its root is shared over virtio-fs: {why}", req.id);
                         None
                     }
                 }
             }
-            _ => None,
+            How::Sandbox(..) => None,
         };
         let rootfs = bundle.join("rootfs");
         std::fs::create_dir_all(&rootfs).at(|| shown(&rootfs))?;
@@ -85,11 +125,17 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let r = match conf {
-            None => self.join_sandbox(&req.id, spec, &rootfs, drive, &stdio),
-            Some((conf, rt)) => guest_root(spec, drive, &rootfs)
-                .and_then(|root| self.start_sandbox(&req.id, root, netns, &stdio, &conf, &rt)),
+        let r = match how {
+            How::Join => self.join_sandbox(&req.id, spec, &rootfs, drive, &stdio),
+            How::Sandbox(conf, rt) => guest_root(spec, drive, &rootfs).and_then(|root| {
+                let pod = Identity::default();
+                self.start_sandbox(&req.id, root, netns, &stdio, &conf, &rt, pod)
+            }),
+            How::FirstOfPod(conf, rt, pod) => {
+                self.start_pod(&req.id, spec, drive, &rootfs, &stdio, (&conf, &rt), &pod)
+            }
         };
+        drop(starting);
         if r.is_err() {
             unmount();
         }
@@ -97,6 +143,7 @@ impl Service {
         self.lock().containers.insert(
             req.id.clone(),
             Container {
+                pause: false,
                 bundle,
                 rootfs: mounted.then_some(rootfs),
                 shares,
@@ -114,9 +161,98 @@ impl Service {
         Ok(pid)
     }
 
+    /// A CRI pod's sandbox container kept rather than run, when the
+    /// configuration puts roots on drives and the pod allows (`pod::plan`):
+    /// its task's pid; None when it must run.
+    fn keep_pause(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+        netns: Option<PathBuf>,
+    ) -> Result<Option<u32>, ShimError> {
+        let (conf, _) = configured(req.options.as_ref())?;
+        if !conf.drive_root() {
+            return Ok(None);
+        }
+        let plan = match crate::pod::plan(&req.id, spec, netns, req.options.clone().into_option()) {
+            Ok(p) => p,
+            Err(why) => {
+                info!("{}: the pod's sandbox container runs: {why}", req.id);
+                return Ok(None);
+            }
+        };
+        let mut g = self.lock();
+        if g.sandbox.is_some() || g.pod.is_some() {
+            return Err(ShimError::Pod(format!(
+                "{}: this shim has a pod already; a pod has one sandbox container",
+                req.id
+            )));
+        }
+        let pid = plan.pid;
+        info!(
+            "{}: the pod's sandbox container runs no process; its VM starts with its first container",
+            req.id
+        );
+        g.pod = Some(plan);
+        g.containers.insert(
+            req.id.clone(),
+            Container {
+                pause: true,
+                bundle: PathBuf::from(&req.bundle),
+                rootfs: None,
+                shares: Vec::new(),
+                init: Process {
+                    pid,
+                    state: State::Created,
+                    stdio: Stdio {
+                        stdin: req.stdin.clone(),
+                        stdout: req.stdout.clone(),
+                        stderr: req.stderr.clone(),
+                        terminal: req.terminal,
+                    },
+                    exit: None,
+                    exec_spec: None,
+                },
+                execs: HashMap::new(),
+            },
+        );
+        Ok(Some(pid))
+    }
+
+    /// Starts the pod's VM with its first container: its spec made the
+    /// same in every pod (so a container template holds it), the pod's
+    /// host name, DNS and hosts given to the guest at its start.
+    #[allow(clippy::too_many_arguments)]
+    fn start_pod(
+        &self,
+        id: &str,
+        spec: oci_spec::runtime::Spec,
+        drive: Option<PathBuf>,
+        rootfs: &Path,
+        stdio: &Stdio,
+        (conf, rt): (&crate::config::ShimConfig, &husk_runtime::Runtime),
+        pod: &crate::pod::PodPlan,
+    ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
+        let (spec, mut identity) = crate::pod::member_spec(spec, pod, None)?;
+        if identity.hostname.is_none() {
+            // As Docker names a container's host: 12 characters of the id
+            // (a host name label is at most 63).
+            identity.hostname = Some(pod.pause.chars().take(12).collect());
+        }
+        let root = guest_root(spec, drive, rootfs)?;
+        let r = self.start_sandbox(id, root, pod.netns.clone(), stdio, conf, rt, identity);
+        if r.is_ok() {
+            if let Some(p) = self.lock().pod.as_mut() {
+                p.anchor = Some(id.to_string());
+            }
+        }
+        r
+    }
+
     /// Starts the sandbox with this container (a pod's sandbox container,
     /// or a container of its own) and creates it there, through the
     /// runtime's lifecycle with the bundle as a shared root.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start_sandbox(
         &self,
         id: &str,
@@ -125,6 +261,7 @@ impl Service {
         stdio: &Stdio,
         conf: &crate::config::ShimConfig,
         rt: &husk_runtime::Runtime,
+        pod: Identity,
     ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
         let mut g = self.lock();
         if g.sandbox.is_some() {
@@ -140,6 +277,9 @@ impl Service {
         // Under CRI the VM takes over the pod's namespace CNI set up; under
         // plain ctr, like runc: loopback only.
         c.net = Net::Pod(netns);
+        c.hostname = pod.hostname;
+        c.dns = pod.dns;
+        c.hosts = pod.hosts;
         conf.apply(&mut c.machine);
         // Kept so that a container that cannot be created comes with what
         // the guest printed about it.
@@ -211,7 +351,26 @@ impl Service {
         // connection of its own, so the pod's other tasks answer meanwhile.
         let joining = {
             let mut g = self.lock();
-            let pids: Vec<u32> = g.containers.values().map(|c| c.init.pid).collect();
+            let spec = match &g.pod {
+                Some(pod) => {
+                    // The pod's namespaces are its first container's while
+                    // it runs; after it, a member gets its own.
+                    let anchor = pod
+                        .anchor
+                        .as_ref()
+                        .and_then(|a| g.containers.get(a))
+                        .filter(|c| c.init.exit.is_none())
+                        .map(|c| c.init.pid);
+                    crate::pod::member_spec(spec, pod, anchor)?.0
+                }
+                None => spec,
+            };
+            let pids: Vec<u32> = g
+                .containers
+                .values()
+                .filter(|c| !c.pause)
+                .map(|c| c.init.pid)
+                .collect();
             let guest = crate::spec::for_guest(spec, drive.is_none().then_some(rootfs), &pids)?;
             let sandbox = g.sandbox.as_mut().ok_or_else(|| {
                 ShimError::Pod(format!(
@@ -240,6 +399,30 @@ impl Service {
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+/// The erofs of a container's layers in the runtime's layer cache, or
+/// None (logged why) when its root stays shared.
+fn layer_drive(
+    id: &str,
+    mounts: &[containerd_shim::protos::types::mount::Mount],
+    cache_dir: &Path,
+) -> Option<PathBuf> {
+    layer_erofs(id, mounts, &cache_dir.join("layers"))
+}
+
+fn layer_erofs(
+    id: &str,
+    mounts: &[containerd_shim::protos::types::mount::Mount],
+    layers: &Path,
+) -> Option<PathBuf> {
+    match crate::rootfs::erofs(mounts, layers) {
+        Ok(erofs) => Some(erofs),
+        Err(why) => {
+            info!("{id}: its root is shared over virtio-fs: {why}");
+            None
         }
     }
 }

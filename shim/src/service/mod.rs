@@ -88,6 +88,9 @@ struct Process {
 }
 
 struct Container {
+    /// A CRI pod's sandbox container that runs no process (`crate::pod`):
+    /// its task lives in the shim.
+    pause: bool,
     bundle: PathBuf,
     rootfs: Option<PathBuf>,
     /// Its entries in the sandbox's virtio-fs share.
@@ -102,6 +105,9 @@ struct Inner {
     /// The layer cache a pod's joining containers take their erofs roots
     /// from (`rootfs = "drive"`, the default), set with the sandbox.
     layers: Option<PathBuf>,
+    /// A CRI pod whose sandbox container runs no process: its VM starts
+    /// with its first container.
+    pod: Option<crate::pod::PodPlan>,
     containers: HashMap<String, Container>,
     /// The sandbox being stopped after its last container's delete: the
     /// shim exits (Shutdown) only once it is gone.
@@ -115,6 +121,9 @@ pub struct Service {
     id: String,
     exit: Arc<ExitSignal>,
     inner: Arc<(Mutex<Inner>, Condvar)>,
+    /// Held by a pod container's create while the pod's VM may be started
+    /// by it: a second create then joins the VM the first started.
+    starting: Arc<Mutex<()>>,
     publisher: Option<Arc<RemotePublisher>>,
 }
 
@@ -146,6 +155,67 @@ impl Service {
             TtrpcError::RpcStatus(s) => TtrpcError::RpcStatus(s),
             other => err(Code::INTERNAL, other.to_string()),
         })
+    }
+
+    /// Whether `id` is a pod's sandbox container that runs no process.
+    fn is_pause(&self, id: &str) -> TtrpcResult<bool> {
+        let mut g = self.lock();
+        Ok(Self::container(&mut g, id)?.pause)
+    }
+
+    /// Starts the sandbox container that runs no process: it is running.
+    fn start_pause(&self, id: &str) -> containerd_shim::api::StartResponse {
+        let pid = {
+            let mut g = self.lock();
+            match g.containers.get_mut(id) {
+                Some(c) => {
+                    if c.init.state == State::Created {
+                        c.init.state = State::Running;
+                    }
+                    c.init.pid
+                }
+                None => 0,
+            }
+        };
+        self.publish(containerd_shim::protos::events::task::TaskStart {
+            container_id: id.to_string(),
+            pid,
+            ..Default::default()
+        });
+        containerd_shim::api::StartResponse {
+            pid,
+            ..Default::default()
+        }
+    }
+
+    /// A signal to the sandbox container that runs no process: the ones
+    /// that end a pause process (SIGINT, SIGTERM, SIGKILL) end it, with
+    /// the status a signal's death has; others are ignored, as pause
+    /// ignores them. The pod's VM ends with its last container.
+    fn kill_pause(&self, id: &str, signal: u32) {
+        if ![libc::SIGINT, libc::SIGTERM, libc::SIGKILL].contains(&(signal as i32)) {
+            return;
+        }
+        let status = 128 + signal;
+        let at = now();
+        let pid = {
+            let mut g = self.lock();
+            let Some(c) = g.containers.get_mut(id) else {
+                return;
+            };
+            c.init.state = State::Stopped;
+            c.init.exit = Some((status, at.clone()));
+            c.init.pid
+        };
+        self.inner.1.notify_all();
+        self.publish(TaskExit {
+            container_id: id.to_string(),
+            id: id.to_string(),
+            pid,
+            exit_status: status,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        });
     }
 
     fn agent(&self) -> TtrpcResult<AgentConn> {
@@ -256,6 +326,7 @@ impl containerd_shim::Shim for Service {
             id: args.id.clone(),
             exit: Arc::new(ExitSignal::default()),
             inner: Arc::new((Mutex::new(Inner::default()), Condvar::new())),
+            starting: Arc::new(Mutex::new(())),
             publisher: None,
         }
     }

@@ -52,6 +52,9 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        if req.exec_id.is_empty() && self.is_pause(&req.id)? {
+            return Ok(self.start_pause(&req.id));
+        }
         let agent = self.agent()?;
         if req.exec_id.is_empty() {
             agent.start(&req.id).map_err(internal)?;
@@ -170,6 +173,10 @@ impl containerd_shim::Task for Service {
                 return Err(err(Code::NOT_FOUND, "process already finished"));
             }
         }
+        if req.exec_id.is_empty() && self.is_pause(&req.id)? {
+            self.kill_pause(&req.id, req.signal);
+            return Ok(api::Empty::new());
+        }
         self.agent()?
             .signal(&req.id, &req.exec_id, req.signal, req.all)
             .map_err(internal)?;
@@ -182,6 +189,16 @@ impl containerd_shim::Task for Service {
         {
             let mut g = self.lock();
             let c = Self::container(&mut g, &req.id)?;
+            if c.pause {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "{} is the pod's sandbox container, which runs no process under husk: \
+                         nothing to exec in",
+                        req.id
+                    ),
+                ));
+            }
             if c.execs.contains_key(&req.exec_id) {
                 return Err(err(
                     Code::ALREADY_EXISTS,
@@ -239,7 +256,10 @@ impl containerd_shim::Task for Service {
                 .remove(&req.id)
                 .ok_or_else(|| err(Code::NOT_FOUND, format!("{} not found", req.id)))?;
             let last = g.containers.is_empty();
-            if !last {
+            if c.pause {
+                g.pod = None;
+            }
+            if !last && !c.pause {
                 // The pod goes on: this container leaves the guest, and its
                 // paths the share.
                 if let Some(sb) = g.sandbox.as_mut() {
@@ -379,6 +399,15 @@ impl containerd_shim::Task for Service {
         use containerd_shim::protos::cgroups_v2::metrics::{
             CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
         };
+        if self.is_pause(&req.id)? {
+            // No process, no cgroup: nothing used.
+            let any = containerd_shim::util::convert_to_any(Box::new(Metrics::new()))
+                .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+            return Ok(api::StatsResponse {
+                stats: Some(any).into(),
+                ..Default::default()
+            });
+        }
         let s = self.with_agent(|a| {
             a.containers
                 .stats_container(actx(Duration::from_secs(30)), &container(&req.id))
