@@ -302,12 +302,21 @@ impl Service {
             }
         };
         let pid = container.pid();
-        let parked = container.timings().parked;
+        let t = container.timings();
         let (sandbox, mut streams, _no_leases) = container.into_parts();
         let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
+        let s = &t.sandbox;
         info!(
-            "{id}: created in sandbox (VMM pid {}, parked: {parked:?})",
-            sandbox.vmm_pid()
+            "{id}: created in sandbox (VMM pid {}, parked: {:?}) in {:?}: template {:?}, \
+             agent ready {:?}, identity {:?}, park {:?}, create {:?}",
+            sandbox.vmm_pid(),
+            t.parked,
+            t.sandbox_total + t.create_start,
+            s.template,
+            s.agent_ready,
+            s.identity,
+            s.park,
+            t.create_start,
         );
         if let Ok(conn) = sandbox.connect() {
             self.watch_oom(conn);
