@@ -9,7 +9,7 @@
 //! first workload container lets that container come out of a template
 //! keyed by its image and spec, not by its pod. Kata answers the same
 //! question by reporting the VMM's pid for every task; here the pause's
-//! task is the shim's own (docs/cri.md has what changes for a kubelet
+//! task is the shim's own (shim/README.md has what changes for a kubelet
 //! user).
 //!
 //! What the pause's spec gives the pod is kept here (its network
