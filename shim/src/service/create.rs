@@ -119,12 +119,7 @@ impl Service {
                 let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
             }
         };
-        let stdio = Stdio {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = stdio_of(req);
         let r = match how {
             How::Join => self.join_sandbox(&req.id, spec, &rootfs, drive, &stdio),
             How::Sandbox(conf, rt) => guest_root(spec, drive, &rootfs).and_then(|root| {
@@ -147,13 +142,7 @@ impl Service {
                 bundle,
                 rootfs: mounted.then_some(rootfs),
                 shares,
-                init: Process {
-                    pid,
-                    state: State::Created,
-                    stdio,
-                    exit: None,
-                    exec_spec: None,
-                },
+                init: Process::created(pid, stdio, None),
                 execs: HashMap::new(),
             },
         );
@@ -201,18 +190,7 @@ impl Service {
                 bundle: PathBuf::from(&req.bundle),
                 rootfs: None,
                 shares: Vec::new(),
-                init: Process {
-                    pid,
-                    state: State::Created,
-                    stdio: Stdio {
-                        stdin: req.stdin.clone(),
-                        stdout: req.stdout.clone(),
-                        stderr: req.stderr.clone(),
-                        terminal: req.terminal,
-                    },
-                    exit: None,
-                    exec_spec: None,
-                },
+                init: Process::created(pid, stdio_of(req), None),
                 execs: HashMap::new(),
             },
         );
@@ -409,6 +387,16 @@ impl Service {
                 Err(e)
             }
         }
+    }
+}
+
+/// A create's stdio.
+fn stdio_of(req: &api::CreateTaskRequest) -> Stdio {
+    Stdio {
+        stdin: req.stdin.clone(),
+        stdout: req.stdout.clone(),
+        stderr: req.stderr.clone(),
+        terminal: req.terminal,
     }
 }
 

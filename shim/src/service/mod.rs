@@ -87,6 +87,19 @@ struct Process {
     exec_spec: Option<serde_json::Value>,
 }
 
+impl Process {
+    /// A process created, not started.
+    fn created(pid: u32, stdio: Stdio, exec_spec: Option<serde_json::Value>) -> Process {
+        Process {
+            pid,
+            state: State::Created,
+            stdio,
+            exit: None,
+            exec_spec,
+        }
+    }
+}
+
 struct Container {
     /// A CRI pod's sandbox container that runs no process (`crate::pod`):
     /// its task lives in the shim.

@@ -207,18 +207,16 @@ impl containerd_shim::Task for Service {
             }
             c.execs.insert(
                 req.exec_id.clone(),
-                Process {
-                    pid: 0,
-                    state: State::Created,
-                    stdio: Stdio {
+                Process::created(
+                    0,
+                    Stdio {
                         stdin: req.stdin.clone(),
                         stdout: req.stdout.clone(),
                         stderr: req.stderr.clone(),
                         terminal: req.terminal,
                     },
-                    exit: None,
-                    exec_spec: Some(process),
-                },
+                    Some(process),
+                ),
             );
         }
         self.publish(TaskExecAdded {
