@@ -55,6 +55,8 @@ pub struct PodPlan {
 /// What the pod's guest is told at its start: host name, DNS, hosts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
+    /// The VM's id, when not its first container's.
+    pub sandbox: Option<String>,
     pub hostname: Option<String>,
     pub dns: Option<Dns>,
     pub hosts: Vec<String>,
@@ -121,7 +123,13 @@ pub fn member_spec(
         let dest = m.destination().to_string_lossy().into_owned();
         let bind = crate::spec::is_bind(&m);
         match m.source().as_deref() {
-            Some(src) if bind && POD_FILES.contains(&dest.as_str()) => {
+            // CRI's own (`<cri root>/sandboxes/<pod>/hosts`...), not a
+            // user's bind onto the same path, which stays a bind.
+            Some(src)
+                if bind
+                    && POD_FILES.contains(&dest.as_str())
+                    && src.parent().and_then(|d| d.file_name()) == Some(pod.pause.as_ref()) =>
+            {
                 let text = read_small(src)?;
                 read_pod_file(&dest, &text, &mut identity);
             }
@@ -160,19 +168,31 @@ pub fn member_spec(
     Ok((spec, identity))
 }
 
-/// A pod file: small (CRI writes a few lines); a larger one is refused
-/// rather than cut.
+/// A pod file: a regular file (not a FIFO or device: opened without
+/// following a link or blocking), small (CRI writes a few lines); a
+/// larger one is refused rather than cut.
 fn read_small(path: &Path) -> Result<String, ShimError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     const MAX: u64 = 64 << 10;
-    let too_big = std::fs::metadata(path).map(|m| m.len() > MAX);
-    if too_big.unwrap_or(false) {
-        return Err(ShimError::Unsupported(format!(
-            "pod file {} is over {MAX} bytes",
-            path.display()
-        )));
+    let bad = |why: String| ShimError::Unsupported(format!("pod file {}: {why}", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
     }
-    std::fs::read_to_string(path)
-        .map_err(|e| ShimError::Unsupported(format!("reading pod file {}: {e}", path.display())))
+    let mut text = String::new();
+    f.take(MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX {
+        return Err(bad(format!("over {MAX} bytes")));
+    }
+    Ok(text)
 }
 
 fn read_pod_file(dest: &str, text: &str, id: &mut Identity) {
@@ -295,9 +315,12 @@ mod tests {
 
     #[test]
     fn a_members_spec_loses_what_names_its_pod() {
-        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("p");
+        std::fs::create_dir(&dir).unwrap();
+        let dir = &dir;
         let p = pod(4242);
-        let spec = member(dir.path(), 4242);
+        let spec = member(dir, 4242);
         let (s, id) = member_spec(spec.clone(), &p, None).unwrap();
         assert_eq!(id.hostname.as_deref(), Some("web"));
         assert_eq!(id.hosts, ["10.1.2.3 node"]);
@@ -327,12 +350,33 @@ mod tests {
         // The same member in another pod (other files, other pause pid)
         // gets the same spec: what a template is keyed on.
         let other = tempfile::tempdir().unwrap();
-        let (a, _) = member_spec(member(dir.path(), 4242), &p, None).unwrap();
-        let (b, _) = member_spec(member(other.path(), 99), &pod(99), None).unwrap();
+        let other = other.path().join("p");
+        std::fs::create_dir(&other).unwrap();
+        let (a, _) = member_spec(member(dir, 4242), &p, None).unwrap();
+        let (b, _) = member_spec(member(&other, 99), &pod(99), None).unwrap();
         assert_eq!(
             serde_json::to_value(a).unwrap(),
             serde_json::to_value(b).unwrap()
         );
+        // A bind of the user's onto /etc/hosts stays a bind; a pod file
+        // that is not a regular file is refused, not read.
+        let mut spec = member(dir, 4242);
+        let mut mounts = spec.mounts().clone().unwrap();
+        mounts[2].set_source(Some("/etc/hosts".into()));
+        spec.set_mounts(Some(mounts.clone()));
+        let (s, id) = member_spec(spec.clone(), &p, None).unwrap();
+        assert!(id.hosts.is_empty());
+        assert!(s
+            .mounts()
+            .iter()
+            .flatten()
+            .any(|m| m.destination() == Path::new("/etc/hosts")));
+        std::fs::remove_file(dir.join("hosts")).unwrap();
+        nix::unistd::mkfifo(&dir.join("hosts"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        mounts[2].set_source(Some(dir.join("hosts")));
+        spec.set_mounts(Some(mounts));
+        let e = member_spec(spec, &p, None).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -126,8 +126,12 @@ pub struct Resources {
 /// A container to run, in a sandbox of its own.
 #[derive(Clone, Debug)]
 pub struct ContainerSpec {
-    /// The container's and its sandbox's id.
+    /// The container's and (unless `sandbox_id`) its sandbox's id.
     pub id: String,
+    /// Its sandbox's id, when not the container's (a CRI pod's VM is
+    /// named after the pod's sandbox container, which its shim cleans up
+    /// by).
+    pub sandbox_id: Option<String>,
     /// Default: an image's container the id's first 12 characters (as
     /// Docker's), a shared root's its spec's hostname, else the id.
     pub hostname: Option<String>,
@@ -161,6 +165,7 @@ impl ContainerSpec {
     pub fn with_root(id: &str, root: Root) -> ContainerSpec {
         ContainerSpec {
             id: id.into(),
+            sandbox_id: None,
             hostname: None,
             root,
             process: ProcessOptions::default(),
@@ -222,7 +227,7 @@ impl ContainerSpec {
                 (oci, drive, mounts)
             }
         };
-        let mut cfg = SandboxConfig::new(&self.id);
+        let mut cfg = SandboxConfig::new(self.sandbox_id.as_deref().unwrap_or(&self.id));
         cfg.hostname = match (&self.hostname, &self.root) {
             (Some(h), _) => h.clone(),
             (None, Root::Image(_)) => self.id.chars().take(12).collect(),

@@ -58,6 +58,10 @@ pub fn join(
     shares: &[HostShare],
     image: Option<&Path>,
 ) -> Result<Joining> {
+    // Checked before a slot is given: a slot is never given back.
+    if !shares.is_empty() && sandbox.shared_storage().is_none() {
+        return Err(crate::sandbox::SandboxError::NoShares(sandbox.id.clone()).into());
+    }
     let mut storage = Vec::new();
     if let Some(image) = image {
         let device = sandbox.attach_image(image)?;

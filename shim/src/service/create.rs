@@ -76,6 +76,7 @@ impl Service {
                 None => How::Join,
             }
         } else {
+            starting = Some(self.starting.lock().unwrap_or_else(|p| p.into_inner()));
             let (conf, rt) = configured(req.options.as_ref())?;
             How::Sandbox(conf, rt)
         };
@@ -130,7 +131,6 @@ impl Service {
                 self.start_pod(&req.id, spec, drive, &rootfs, &stdio, (&conf, &rt), &pod)
             }
         };
-        drop(starting);
         if r.is_err() {
             unmount();
         }
@@ -146,6 +146,8 @@ impl Service {
                 execs: HashMap::new(),
             },
         );
+        // A container joining next finds this one (the pod's anchor).
+        drop(starting);
         self.watch(req.id.clone(), String::new(), copies);
         Ok(pid)
     }
@@ -212,6 +214,10 @@ impl Service {
         pod: &crate::pod::PodPlan,
     ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
         let (spec, mut identity) = crate::pod::member_spec(spec, pod, None)?;
+        // Named after the pod's sandbox container: what the shim cleans up
+        // by when it died (`delete`), and the pod's, not its first
+        // container's.
+        identity.sandbox = Some(pod.pause.clone());
         if identity.hostname.is_none() {
             // As Docker names a container's host: 12 characters of the id
             // (a host name label is at most 63).
@@ -241,8 +247,9 @@ impl Service {
         rt: &husk_runtime::Runtime,
         pod: Identity,
     ) -> Result<(u32, Vec<usize>, Copies), ShimError> {
-        let mut g = self.lock();
-        if g.sandbox.is_some() {
+        // The caller holds `starting`: no other start runs meanwhile, and
+        // the pod's other tasks answer while this one (slow) does.
+        if self.lock().sandbox.is_some() {
             return Err(ShimError::Pod(format!(
                 "this shim's sandbox already runs; only containers of its CRI pod ({CONTAINER_TYPE}=container) can join it"
             )));
@@ -255,6 +262,7 @@ impl Service {
         // Under CRI the VM takes over the pod's namespace CNI set up; under
         // plain ctr, like runc: loopback only.
         c.net = Net::Pod(netns);
+        c.sandbox_id = pod.sandbox;
         c.hostname = pod.hostname;
         c.dns = pod.dns;
         c.hosts = pod.hosts;
@@ -299,6 +307,7 @@ impl Service {
         if let Ok(conn) = sandbox.connect() {
             self.watch_oom(conn);
         }
+        let mut g = self.lock();
         g.sandbox = Some(sandbox);
         g.layers = conf.drive_root().then(|| rt.cache_dir.join("layers"));
         Ok((pid, entries, copies))

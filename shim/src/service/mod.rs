@@ -201,15 +201,16 @@ impl Service {
         }
     }
 
-    /// A signal to the sandbox container that runs no process: the ones
-    /// that end a pause process (SIGINT, SIGTERM, SIGKILL) end it, with
-    /// the status a signal's death has; others are ignored, as pause
-    /// ignores them. The pod's VM ends with its last container.
+    /// A signal to the sandbox container that runs no process, as the
+    /// pause process takes it: SIGINT and SIGTERM end it with status 0
+    /// (pause exits cleanly), SIGKILL with 137; others are ignored. The
+    /// pod's VM ends with its last container.
     fn kill_pause(&self, id: &str, signal: u32) {
-        if ![libc::SIGINT, libc::SIGTERM, libc::SIGKILL].contains(&(signal as i32)) {
-            return;
-        }
-        let status = 128 + signal;
+        let status = match signal as i32 {
+            libc::SIGINT | libc::SIGTERM => 0,
+            libc::SIGKILL => 128 + signal,
+            _ => return,
+        };
         let at = now();
         let pid = {
             let mut g = self.lock();
