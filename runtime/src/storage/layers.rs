@@ -138,11 +138,23 @@ fn key(lowers: &[PathBuf], userxattr: bool) -> Result<String> {
 /// mkfs process's own: the mount goes with it, however the build ends.
 fn mkfs(dir: &Path, img: &Path, overlay: Option<std::ffi::CString>) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new("mkfs.erofs");
+    // Whoever runs this may reap every child it has: a containerd shim
+    // does on SIGCHLD, which leaves a Child's wait with ECHILD and no
+    // status. So mkfs.erofs runs under sh, a child of ours whose own child
+    // it is, and sh reports its status as the output's last line.
+    let mut cmd = Command::new("sh");
     // Uncompressed (the file is local and page-cached, and 1.5's
     // compressors are single-threaded); no -T/-U: -T would rewrite every
     // file's mtime, which the container sees.
-    cmd.arg("--quiet").arg(img).arg(dir);
+    cmd.arg("-c")
+        .arg(format!("mkfs.erofs \"$@\" 2>&1; echo \"{EXIT_MARK}$?\""))
+        .arg("sh")
+        .arg("--quiet")
+        .arg(img)
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
     let mounts = overlay.is_some();
     if let Some(data) = overlay {
         let c = |s: &[u8]| {
@@ -174,22 +186,52 @@ fn mkfs(dir: &Path, img: &Path, overlay: Option<std::ffi::CString>) -> Result<()
             })
         };
     }
-    let o = cmd.output().map_err(|e| {
+    let mut child = cmd.spawn().map_err(|e| {
         let what = if mounts {
-            "mounting the layers' overlay, then running mkfs.erofs"
+            "mounting the layers' overlay, then starting mkfs.erofs"
         } else {
-            "running mkfs.erofs (apt install erofs-utils)"
+            "starting mkfs.erofs"
         };
         StorageError::Layers(format!("{what}: {e}"))
     })?;
-    if !o.status.success() {
-        return Err(StorageError::Layers(format!(
-            "mkfs.erofs of {}: {}",
+    let mut out = String::new();
+    let read = match child.stdout.take() {
+        Some(o) => {
+            use std::io::Read;
+            // mkfs.erofs --quiet prints a few lines; bounded all the same.
+            o.take(1 << 20).read_to_string(&mut out).map(drop)
+        }
+        None => Ok(()),
+    };
+    // ECHILD when a reaper took it: the status is in the output.
+    let _ = child.wait();
+    read.map_err(|e| StorageError::Layers(format!("reading mkfs.erofs's output: {e}")))?;
+    match mkfs_status(&out) {
+        (_, Some(0)) => Ok(()),
+        (text, code) => Err(StorageError::Layers(format!(
+            "mkfs.erofs of {}{}: {}",
             dir.display(),
-            String::from_utf8_lossy(&o.stderr).trim()
-        )));
+            match code {
+                Some(127) => " (not found: apt install erofs-utils)".to_string(),
+                Some(c) => format!(" (exit {c})"),
+                None => " (ended without a status)".to_string(),
+            },
+            text.trim()
+        ))),
     }
-    Ok(())
+}
+
+/// The last line sh prints after mkfs.erofs: its exit status.
+const EXIT_MARK: &str = "husk-mkfs-exit=";
+
+/// mkfs.erofs's output and exit status from what sh printed.
+fn mkfs_status(out: &str) -> (&str, Option<i32>) {
+    let out = out.trim_end();
+    let (text, last) = out.rsplit_once('\n').unwrap_or(("", out));
+    match last.strip_prefix(EXIT_MARK).and_then(|c| c.parse().ok()) {
+        Some(code) => (text, Some(code)),
+        None => (out, None),
+    }
 }
 
 /// The mount data of a read-only overlay of `lowers` only.
@@ -250,6 +292,18 @@ fn evict(cache: &Path, keep: usize, recent: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mkfs_status_is_the_last_line() {
+        assert_eq!(mkfs_status("husk-mkfs-exit=0\n"), ("", Some(0)));
+        assert_eq!(
+            mkfs_status("bad dir\nmore\nhusk-mkfs-exit=1\n"),
+            ("bad dir\nmore", Some(1))
+        );
+        // Killed before sh printed it.
+        assert_eq!(mkfs_status("partial\n"), ("partial", None));
+        assert_eq!(mkfs_status(""), ("", None));
+    }
 
     fn root() -> bool {
         // SAFETY: geteuid has no preconditions.
