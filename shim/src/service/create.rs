@@ -20,11 +20,18 @@ use super::*;
 fn configured(
     options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
 ) -> Result<(crate::config::ShimConfig, husk_runtime::Runtime), ShimError> {
-    let (type_url, options) =
-        options.map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
-    let conf = crate::config::ShimConfig::find(type_url, options)?;
+    let conf = shim_config(options)?;
     let rt = conf.runtime()?;
     Ok((conf, rt))
+}
+
+/// The shim's configuration a create's runtime options name.
+fn shim_config(
+    options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+) -> Result<crate::config::ShimConfig, ShimError> {
+    let (type_url, options) =
+        options.map_or(("", &[][..]), |o| (o.type_url.as_str(), &o.value[..]));
+    crate::config::ShimConfig::find(type_url, options)
 }
 
 /// How a task's container is created.
@@ -161,7 +168,9 @@ impl Service {
         spec: &oci_spec::runtime::Spec,
         netns: Option<PathBuf>,
     ) -> Result<Option<u32>, ShimError> {
-        let (conf, _) = configured(req.options.as_ref())?;
+        // The configuration only: the runtime's files are located by the
+        // create that starts the VM, not by this one.
+        let conf = shim_config(req.options.as_ref())?;
         if !conf.drive_root() {
             return Ok(None);
         }
