@@ -86,6 +86,12 @@ fn main() {
         if let Err(e) = husk_agent::network::loopback_up() {
             say(&husk_agent::rpc::causes(&e));
         }
+        // Up before the template's snapshot: a clone's StartSandbox then
+        // only names it (MAC, addresses, routes), without the driver's
+        // receive-ring fill or IPv6's link-local setup in its guest time.
+        if let Err(e) = husk_agent::network::uplink_ready() {
+            say(&husk_agent::rpc::causes(&e));
+        }
     }
     let root = if is_guest {
         PathBuf::from("/run/husk")

@@ -77,6 +77,12 @@ pub enum NetError {
     },
     #[error("the loopback thread panicked")]
     Thread,
+    #[error("writing {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<NlError> for NetError {
@@ -395,6 +401,42 @@ pub fn loopback_up() -> Result<(), NetError> {
     Ok(())
 }
 
+/// The guest's uplink (`eth0`, which StartSandbox configures).
+const UPLINK: &str = "eth0";
+
+/// Sets `name`'s IPv6 `disable_ipv6`: Docker's default for an IPv4-only
+/// network's interface is off (no link-local address, no DAD or router
+/// solicitations), and every address husk hands out is IPv4.
+fn set_ipv6(name: &str, on: bool) -> Result<(), NetError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    std::fs::write(&path, if on { "0" } else { "1" }).map_err(|source| NetError::Sysctl {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Brings the uplink up with IPv6 off, when the guest has one: done at
+/// boot, so a template's snapshot holds it up with its receive ring
+/// filled.
+pub fn uplink_ready() -> Result<(), NetError> {
+    let mut nl = Netlink::new()?;
+    let Some(link) = nl
+        .links()?
+        .into_iter()
+        .find(|l| link_name(l) == Some(UPLINK))
+    else {
+        return Ok(());
+    };
+    set_ipv6(UPLINK, false)?;
+    let mut set = LinkMessage::default();
+    set.header.index = link.header.index;
+    set.header.flags = LinkFlags::Up;
+    set.header.change_mask = LinkFlags::Up;
+    nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
+        .map_err(failed(format!("bringing {UPLINK} up")))?;
+    Ok(())
+}
+
 pub struct NetworkService {
     /// In the guest, or on a host in a network namespace of its own.
     pub may_change: bool,
@@ -439,20 +481,41 @@ impl NetworkService {
         set.header.index = index;
         set.header.flags = LinkFlags::Up;
         set.header.change_mask = LinkFlags::Up;
+        // Only what differs: the kernel runs its address-change work for
+        // a MAC that is set again unchanged.
         if !i.mac.is_empty() {
-            set.attributes
-                .push(LinkAttribute::Address(parse_mac(&i.mac)?.to_vec()));
+            let mac = parse_mac(&i.mac)?.to_vec();
+            let same = link
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Address(m) if *m == mac));
+            if !same {
+                set.attributes.push(LinkAttribute::Address(mac));
+            }
         }
         if i.mtu != 0 {
-            set.attributes.push(LinkAttribute::Mtu(i.mtu));
+            let same = link
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Mtu(m) if *m == i.mtu));
+            if !same {
+                set.attributes.push(LinkAttribute::Mtu(i.mtu));
+            }
         }
-        nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
-            .map_err(failed(format!("configuring {}", i.name)))?;
+        let up = link.header.flags.contains(LinkFlags::Up);
+        if !up || !set.attributes.is_empty() {
+            nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
+                .map_err(failed(format!("configuring {}", i.name)))?;
+        }
         let want: Vec<(IpAddr, u8)> = i
             .addresses
             .iter()
             .map(parse_address)
             .collect::<Result<_, _>>()?;
+        if want.iter().any(|(ip, _)| ip.is_ipv6()) {
+            // The uplink came up with IPv6 off (`uplink_ready`).
+            set_ipv6(&i.name, true)?;
+        }
         let have: Vec<AddressMessage> = nl
             .addresses()?
             .into_iter()
