@@ -491,8 +491,9 @@ pub(crate) fn run_container(
             _ => {}
         }
         eprintln!(
-            "husk-timings: parked={} template={:.4} park={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
+            "husk-timings: parked={} gate={:.4} template={:.4} park={:.4} agent-ready={:.4} identity={:.4} sandbox={:.4} create-start={:.4} run={:.4} teardown={:.4}",
             times.parked.word(),
+            times.sandbox.gate.as_secs_f64(),
             times.sandbox.template.as_secs_f64(),
             times.sandbox.park.as_secs_f64(),
             times.sandbox.agent_ready.as_secs_f64(),

@@ -31,6 +31,9 @@ pub struct Runtime {
     /// (`HUSK_PROFILE=1`): counting is guest work itself, so it is off by
     /// default; the steps' times are kept either way.
     pub profile: bool,
+    /// How many sandboxes do their start's guest work at once, host-wide
+    /// (`sandbox::gate`).
+    pub start_gate: crate::sandbox::StartGate,
 }
 
 /// Finding what a runtime runs.
@@ -87,12 +90,14 @@ impl Runtime {
 
     /// A runtime with the given artifacts and the default directories.
     pub fn new(vmm: PathBuf, kernel: PathBuf, guest_image: PathBuf) -> Runtime {
+        let run_dir = default_run_dir();
         Runtime {
+            start_gate: crate::sandbox::StartGate::host(&run_dir),
             vmm,
             kernel,
             guest_image,
             cache_dir: default_cache_dir(),
-            run_dir: default_run_dir(),
+            run_dir,
             network: net::NetworkConfig::default(),
             confine: vmm::jail::enabled(),
             virtiofsd: storage::shared::default_virtiofsd(),

@@ -451,10 +451,13 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Phase 3: the sandbox (its VM restored or booted, its agent ready).
+    /// Phase 3: the sandbox (its VM restored or booted, its agent ready),
+    /// holding its place through the host's start gate until its container
+    /// is made (`Starting::create`; after `create_only`, the caller's
+    /// `Sandbox::take_start_slot`).
     pub fn start(self, rt: &Runtime) -> Result<Starting> {
         let t = Instant::now();
-        let sandbox = rt.start_sandbox(&self.plan.config)?;
+        let sandbox = rt.start_sandbox_held(&self.plan.config)?;
         Ok(Starting {
             sandbox,
             leases: self.leases,
@@ -519,13 +522,16 @@ impl Starting {
     /// (a parked container: LaunchContainer). A refusal is the agent's
     /// [`crate::guest::RpcError`], with its code.
     pub fn create(self, io: Io) -> Result<Container> {
-        if let Some(pid) = self.sandbox.parked.pid() {
-            return self.launch(pid, io, false);
-        }
-        let t = Instant::now();
-        let mut c = self.create_only(io)?;
-        c.sandbox.agent.start(&c.id)?;
-        c.created = t.elapsed();
+        let mut c = if let Some(pid) = self.sandbox.parked.pid() {
+            self.launch(pid, io, false)?
+        } else {
+            let t = Instant::now();
+            let mut c = self.create_only(io)?;
+            c.sandbox.agent.start(&c.id)?;
+            c.created = t.elapsed();
+            c
+        };
+        c.sandbox.started();
         Ok(c)
     }
 

@@ -82,6 +82,7 @@ impl Runtime {
             vmm,
             hot: super::hot::HotDrives::found(&self.cache_dir, id),
             shared: None,
+            start_slot: None,
         })
     }
 

@@ -110,6 +110,7 @@ pub enum SandboxError {
 pub type Result<T> = std::result::Result<T, SandboxError>;
 
 mod found;
+pub mod gate;
 mod hot;
 mod identity;
 pub mod machine;
@@ -118,6 +119,7 @@ pub mod record;
 mod start;
 pub mod template;
 
+pub use gate::{StartGate, StartSlot};
 pub use machine::{
     slot_device, slot_id, DriveSpec, Machine, BOOT_ARGS, NET_IFACE, RO_SLOTS, RW_SLOTS,
 };
@@ -267,6 +269,8 @@ pub struct StartTimes {
     /// Parking the container and snapshotting it (a container template's
     /// first start).
     pub park: Duration,
+    /// Waiting at the host's start gate (`gate`) for a slot.
+    pub gate: Duration,
 }
 
 /// A running sandbox. Dropping it kills its VM and removes its directory.
@@ -297,6 +301,9 @@ pub struct Sandbox {
     hot: hot::HotDrives,
     /// virtiofsd, after the VMM (fields drop in order).
     shared: Option<SharedFs>,
+    /// Its place through the host's start gate, until its first
+    /// container is made (`started`).
+    start_slot: Option<StartSlot>,
 }
 
 impl Sandbox {
@@ -456,6 +463,18 @@ impl Sandbox {
 
     /// The host pid of the VMM process the runtime holds (the jail's
     /// keeper when confined).
+    /// Its start's guest work is done: the host's start gate lets the
+    /// next start through.
+    pub fn started(&mut self) {
+        self.start_slot = None;
+    }
+
+    /// Its place through the start gate, for a caller that ends its start
+    /// later (the shim: at the container's task start).
+    pub fn take_start_slot(&mut self) -> Option<StartSlot> {
+        self.start_slot.take()
+    }
+
     pub fn vmm_pid(&self) -> u32 {
         self.vmm.child.id()
     }

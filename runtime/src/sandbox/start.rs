@@ -82,8 +82,18 @@ impl Runtime {
     }
 
     /// Starts a sandbox: its VM restored from the template for its machine
-    /// (or cold-booted), its agent ready, its identity set.
+    /// (or cold-booted), its agent ready, its identity set; through the
+    /// host's start gate, whose slot it gives back when it returns.
     pub fn start_sandbox(&self, cfg: &SandboxConfig) -> Result<Sandbox> {
+        let mut s = self.start_sandbox_held(cfg)?;
+        s.started();
+        Ok(s)
+    }
+
+    /// `start_sandbox`, its gate's slot kept in the sandbox until its
+    /// `started` (its first container made): a caller must not start
+    /// another sandbox before, or it may wait for a slot it holds.
+    pub fn start_sandbox_held(&self, cfg: &SandboxConfig) -> Result<Sandbox> {
         check_id(&cfg.id)?;
         let dir = self.run_dir.join(&cfg.id);
         std::fs::create_dir_all(&self.run_dir).at(|| shown(&self.run_dir))?;
@@ -106,6 +116,9 @@ impl Runtime {
 
     fn start_in(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Sandbox> {
         let mut times = StartTimes::default();
+        let t0 = Instant::now();
+        let start_slot = self.start_gate.enter()?;
+        times.gate = t0.elapsed();
         let net = Attachment::attach(
             &self.network,
             &Request {
@@ -180,6 +193,7 @@ impl Runtime {
             vmm: started.vmm,
             hot,
             shared,
+            start_slot,
         })
     }
 

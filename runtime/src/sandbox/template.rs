@@ -341,6 +341,10 @@ pub(crate) mod tests {
             confine: false,
             virtiofsd: "/nonexistent".into(),
             profile: false,
+            start_gate: crate::sandbox::StartGate {
+                dir: dir.join("gate"),
+                slots: 0,
+            },
         }
     }
 

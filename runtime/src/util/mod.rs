@@ -120,6 +120,7 @@ fn flock(
 
 /// A lock on a file, exclusive or shared, released when dropped
 /// (flock(2)): the lock lives as long as the open file.
+#[derive(Debug)]
 pub(crate) struct Lock(#[allow(dead_code)] std::fs::File);
 
 impl Lock {

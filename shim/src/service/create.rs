@@ -15,6 +15,11 @@ use husk_runtime::util::{shown, IoContext};
 
 use super::*;
 
+/// How long a created task keeps its VM's place through the host's start
+/// gate when it is not started: containerd's clients (ctr, the CRI plugin)
+/// start a task right after creating it.
+const START_SLOT_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The shim's configuration from a create's runtime options, and the
 /// runtime it names.
 fn configured(
@@ -298,15 +303,17 @@ impl Service {
         };
         let pid = container.pid();
         let t = container.timings();
-        let (sandbox, mut streams, _no_leases) = container.into_parts();
+        let (mut sandbox, mut streams, _no_leases) = container.into_parts();
+        let start_slot = sandbox.take_start_slot();
         let copies = Copies::start(stdio, &mut streams, &self.owner(id))?;
         let s = &t.sandbox;
         info!(
-            "{id}: created in sandbox (VMM pid {}, parked: {:?}) in {:?}: template {:?}, \
-             agent ready {:?}, identity {:?}, park {:?}, create {:?}",
+            "{id}: created in sandbox (VMM pid {}, parked: {:?}) in {:?}: start gate {:?}, \
+             template {:?}, agent ready {:?}, identity {:?}, park {:?}, create {:?}",
             sandbox.vmm_pid(),
             t.parked,
             t.sandbox_total + t.create_start,
+            s.gate,
             s.template,
             s.agent_ready,
             s.identity,
@@ -319,6 +326,17 @@ impl Service {
         let mut g = self.lock();
         g.sandbox = Some(sandbox);
         g.layers = conf.drive_root().then(|| rt.cache_dir.join("layers"));
+        if start_slot.is_some() {
+            g.start_slot = start_slot;
+            // Given back at the task's start; bounded, for a client that
+            // creates a task and never starts it (every other start on
+            // the host would wait for it).
+            let svc = self.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(START_SLOT_HOLD);
+                drop(svc.lock().start_slot.take());
+            });
+        }
         Ok((pid, entries, copies))
     }
 

@@ -125,6 +125,9 @@ struct Inner {
     /// The sandbox being stopped after its last container's delete: the
     /// shim exits (Shutdown) only once it is gone.
     stopping: Option<std::thread::JoinHandle<()>>,
+    /// The VM's place through the host's start gate, from its start to its
+    /// first container's task start (or `START_SLOT_HOLD` after).
+    start_slot: Option<husk_runtime::sandbox::StartSlot>,
 }
 
 #[derive(Clone)]

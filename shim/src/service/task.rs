@@ -57,7 +57,10 @@ impl containerd_shim::Task for Service {
         }
         let agent = self.agent()?;
         if req.exec_id.is_empty() {
-            agent.start(&req.id).map_err(internal)?;
+            let started = agent.start(&req.id);
+            // The VM's start is over, whichever way: the next one may go.
+            drop(self.lock().start_slot.take());
+            started.map_err(internal)?;
             let pid = {
                 let mut g = self.lock();
                 let c = Self::container(&mut g, &req.id)?;
