@@ -533,7 +533,13 @@ fn a_parked_container_is_launched_with_its_process() {
     let mut p = spec.process().clone().unwrap();
     p.set_cwd("/etc".into());
     spec.set_process(Some(p));
-    let pid = a.conn.park(&id, &spec, Vec::new(), true).unwrap();
+    // Its program read into the page cache (a hint: the missing second
+    // name is skipped, not an error).
+    let warm = ("sh".to_string(), "/nowhere:/bin".to_string());
+    let pid = a
+        .conn
+        .park(&id, &spec, Vec::new(), true, Some(&warm))
+        .unwrap();
     assert!(pid > 0);
     // A parked container is not started with StartContainer.
     let e = rpc_message(&c.start_container(ctx(T), &container(&id)).unwrap_err());
@@ -572,7 +578,7 @@ fn a_parked_container_is_launched_with_its_process() {
     // The first id is gone, and not free while its state is in use.
     let e = rpc_message(&c.start_container(ctx(T), &container(&id)).unwrap_err());
     assert!(e.contains("NOT_FOUND"), "{e}");
-    let e = a.conn.park(&id, &spec, Vec::new(), true).unwrap_err();
+    let e = a.conn.park(&id, &spec, Vec::new(), true, None).unwrap_err();
     assert!(format!("{e:#}").contains("ALREADY_EXISTS"), "{e:#}");
     // Launched once only.
     let e = a.conn.launch(&l.new_id, &l, Io::default()).unwrap_err();
@@ -582,7 +588,7 @@ fn a_parked_container_is_launched_with_its_process() {
     // Removed, its first id is free again. Held (containerd's Create,
     // then Start): given its process, which runs only once StartContainer
     // comes, and not launched twice.
-    a.conn.park(&id, &spec, Vec::new(), true).unwrap();
+    a.conn.park(&id, &spec, Vec::new(), true, None).unwrap();
     l.args = strings(&["sh", "-c", "echo started"]);
     l.new_id.clear();
     l.hold = true;

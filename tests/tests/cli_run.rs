@@ -143,6 +143,19 @@ impl Drop for Husk {
     }
 }
 
+/// A running VMM's counters (`GET /metrics` on its API socket).
+fn vmm_metrics(api: &std::path::Path) -> serde_json::Value {
+    use std::io::Read;
+    let mut c = std::os::unix::net::UnixStream::connect(api)
+        .unwrap_or_else(|e| panic!("{}: {e}", api.display()));
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: husk\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut r = String::new();
+    c.read_to_string(&mut r).unwrap();
+    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -1199,6 +1212,33 @@ fn a_parked_container_template_is_built_once_and_launched_after() {
     assert_eq!(parked, "restored", "{err}");
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert_eq!(text(&out.stdout), "hi again from parked-b in /etc\n");
+    // The template holds its first run's program (busybox's sh, over a
+    // MiB) in the guest's page cache, read before its snapshot: a run
+    // restored from it reads next to nothing from the image's drive.
+    let out = h.run(
+        &[
+            "run", "-d", "--boot", "parked", "--name", "parked-e", "-w", "/etc", img, "sh", "-c",
+            "sleep 60",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let api = h.root.path().join("run/parked-e/api.sock");
+    let read = || -> u64 {
+        let m = vmm_metrics(&api);
+        m["block"]["read_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{m}"))
+    };
+    // Its `sh` runs `sleep` once started: both are busybox.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let bytes = read();
+    println!("parked-e read {bytes} bytes from its drives");
+    assert!(
+        bytes < 256 << 10,
+        "a restored run read {bytes} bytes from its drives: its program was not in the template's page cache"
+    );
+    assert!(h.run(&["rm", "-f", "parked-e"], "").status.success());
     // A missing program: Docker's 127 and its message, as without parking
     // (refused by the launch: the container was restored parked).
     let (out, _, err) = run("parked-c", &["-w", "/etc", img, "no-such-program"], "");

@@ -271,13 +271,19 @@ impl AgentConn {
         spec: &Spec,
         storages: Vec<Storage>,
         overlay_rootfs: bool,
+        warm: Option<&(String, String)>,
     ) -> Result<u32> {
+        let (warm, warm_path) = warm
+            .map(|(program, path)| (vec![program.clone()], path.clone()))
+            .unwrap_or_default();
         let req = CreateContainerRequest {
             container_id: id.into(),
             oci_spec: serde_json::to_vec(spec)?,
             storages,
             overlay_rootfs,
             parked: true,
+            warm,
+            warm_path,
             ..Default::default()
         };
         let r = self

@@ -62,6 +62,10 @@ pub struct Park {
     pub spec: Spec,
     /// The image's erofs (drive 0): part of the key.
     pub image: PathBuf,
+    /// The program of the run that builds it, and the $PATH it is looked
+    /// up with: read into the template's page cache (not part of the key;
+    /// a later run of another program only reads its own from the drive).
+    pub warm: Option<(String, String)>,
 }
 
 /// What happened to a sandbox's parked container.
@@ -107,6 +111,15 @@ impl Park {
     /// `spec` in its parked form: what may differ between runs of the same
     /// container (args, environment, host name) replaced by placeholders.
     pub fn new(spec: &Spec, image: &Path) -> Park {
+        let warm = spec.process().as_ref().and_then(|p| {
+            let program = p.args().as_ref()?.first()?.clone();
+            let path = p
+                .env()
+                .as_ref()?
+                .iter()
+                .find_map(|e| e.strip_prefix("PATH="))?;
+            Some((program, path.to_string()))
+        });
         let mut spec = spec.clone();
         if let Some(mut p) = spec.process().clone() {
             p.set_args(Some(vec![PLACEHOLDER_ARG.to_string()]));
@@ -119,6 +132,7 @@ impl Park {
         Park {
             spec,
             image: image.to_path_buf(),
+            warm,
         }
     }
 
@@ -275,7 +289,13 @@ pub(super) fn park(agent: &AgentConn, park: &Park, image_device: &str) -> Result
         mount_point: "image".into(),
         ..Default::default()
     };
-    Ok(agent.park(PARKED_ID, &park.spec, vec![storage], true)?)
+    Ok(agent.park(
+        PARKED_ID,
+        &park.spec,
+        vec![storage],
+        true,
+        park.warm.as_ref(),
+    )?)
 }
 
 /// Snapshots the running VM `vmm` (its container parked, `pid`) as the
