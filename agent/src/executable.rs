@@ -81,38 +81,45 @@ fn refusal(code: Code, type_url: &str, message: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(s)
 }
 
-/// Reads each of `names`' programs (looked up with `path` as $PATH in
-/// running init `init_pid`'s root) to its end, at most `budget` bytes in
-/// all: into the page cache, for a snapshot taken next. Names not found
-/// are skipped. The bytes read.
-pub fn warm(init_pid: i32, names: &[String], path: &str, budget: u64) -> u64 {
+/// Reads each of `names`' programs (looked up as a launch would: `path`
+/// as $PATH, from `cwd`, in running init `init_pid`'s root) to its end, at
+/// most `budget` bytes in all: into the page cache, for a snapshot taken
+/// next. Only a runnable regular file is read (never a FIFO or a device,
+/// which could block); names not found are skipped. The bytes read.
+pub fn warm(init_pid: i32, names: &[String], path: &str, cwd: &Path, budget: u64) -> u64 {
     use std::io::Read;
     let Some(root) = proc_root(init_pid) else {
         return 0;
     };
     let mut left = budget;
+    let mut buf = vec![0u8; 128 << 10];
     for name in names {
         let mut p = Process::default();
         p.set_args(Some(vec![name.clone()]));
         p.set_env(Some(vec![format!("PATH={path}")]));
+        p.set_cwd(cwd.to_path_buf());
         let Some(candidates) = candidates(&p) else {
             continue;
         };
-        let Some(file) = candidates.iter().find_map(|c| {
-            root.resolve(c)
-                .ok()?
-                .reopen(pathrs::flags::OpenFlags::O_RDONLY)
-                .ok()
-        }) else {
+        // The first that exists decides, as for a launch.
+        let Some(handle) = candidates.iter().find_map(|c| root.resolve(c).ok()) else {
             continue;
         };
-        let mut buf = vec![0u8; 128 << 10];
+        if !matches!(kind(&handle), Some(Found::Runnable)) {
+            continue;
+        }
+        let Ok(file) = handle.reopen(pathrs::flags::OpenFlags::O_RDONLY) else {
+            continue;
+        };
         let mut f = file.take(left);
         while let Ok(n) = f.read(&mut buf) {
             if n == 0 {
                 break;
             }
             left -= n as u64;
+        }
+        if left == 0 {
+            break;
         }
     }
     budget - left

@@ -407,9 +407,15 @@ const UPLINK: &str = "eth0";
 /// Sets `name`'s IPv6 `disable_ipv6`: Docker's default for an IPv4-only
 /// network's interface is off (no link-local address, no DAD or router
 /// solicitations), and every address husk hands out is IPv4.
+/// Written only when it differs: a host-mode agent's /proc/sys may be
+/// read-only.
 fn set_ipv6(name: &str, on: bool) -> Result<(), NetError> {
     let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    std::fs::write(&path, if on { "0" } else { "1" }).map_err(|source| NetError::Sysctl {
+    let want = if on { "0" } else { "1" };
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == want) {
+        return Ok(());
+    }
+    std::fs::write(&path, want).map_err(|source| NetError::Sysctl {
         path: path.clone(),
         source,
     })
@@ -427,14 +433,43 @@ pub fn uplink_ready() -> Result<(), NetError> {
     else {
         return Ok(());
     };
-    set_ipv6(UPLINK, false)?;
+    // A kernel without IPv6 has nothing to turn off; the link comes up
+    // either way.
+    let ipv6 = set_ipv6(UPLINK, false);
     let mut set = LinkMessage::default();
     set.header.index = link.header.index;
     set.header.flags = LinkFlags::Up;
     set.header.change_mask = LinkFlags::Up;
     nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
         .map_err(failed(format!("bringing {UPLINK} up")))?;
-    Ok(())
+    match ipv6 {
+        Err(NetError::Sysctl { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// The SETLINK that makes `link` what `i` asks for (up, its MAC and MTU),
+/// with only what differs: the kernel runs its address-change work for a
+/// MAC set again unchanged. None when nothing does.
+fn link_changes(link: &LinkMessage, i: &Interface) -> Result<Option<LinkMessage>, NetError> {
+    let mut set = LinkMessage::default();
+    set.header.index = link.header.index;
+    set.header.flags = LinkFlags::Up;
+    set.header.change_mask = LinkFlags::Up;
+    let has = |want: &LinkAttribute| link.attributes.iter().any(|a| a == want);
+    if !i.mac.is_empty() {
+        let mac = LinkAttribute::Address(parse_mac(&i.mac)?.to_vec());
+        if !has(&mac) {
+            set.attributes.push(mac);
+        }
+    }
+    if i.mtu != 0 && !has(&LinkAttribute::Mtu(i.mtu)) {
+        set.attributes.push(LinkAttribute::Mtu(i.mtu));
+    }
+    let up = link.header.flags.contains(LinkFlags::Up);
+    Ok((!up || !set.attributes.is_empty()).then_some(set))
 }
 
 pub struct NetworkService {
@@ -477,33 +512,7 @@ impl NetworkService {
             .find(|l| link_name(l) == Some(i.name.as_str()))
             .ok_or_else(|| NetError::NoInterface(i.name.clone()))?;
         let index = link.header.index;
-        let mut set = LinkMessage::default();
-        set.header.index = index;
-        set.header.flags = LinkFlags::Up;
-        set.header.change_mask = LinkFlags::Up;
-        // Only what differs: the kernel runs its address-change work for
-        // a MAC that is set again unchanged.
-        if !i.mac.is_empty() {
-            let mac = parse_mac(&i.mac)?.to_vec();
-            let same = link
-                .attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::Address(m) if *m == mac));
-            if !same {
-                set.attributes.push(LinkAttribute::Address(mac));
-            }
-        }
-        if i.mtu != 0 {
-            let same = link
-                .attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::Mtu(m) if *m == i.mtu));
-            if !same {
-                set.attributes.push(LinkAttribute::Mtu(i.mtu));
-            }
-        }
-        let up = link.header.flags.contains(LinkFlags::Up);
-        if !up || !set.attributes.is_empty() {
+        if let Some(set) = link_changes(&link, i)? {
             nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
                 .map_err(failed(format!("configuring {}", i.name)))?;
         }

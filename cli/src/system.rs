@@ -31,7 +31,7 @@ pub(crate) fn bare_exec(image: &str, command: &[String]) -> Result<u8> {
     let mut spec = ContainerSpec::new(&id, image);
     // No container is made: nothing to park.
     spec.boot = husk_runtime::Boot::Template;
-    let starting = spec
+    let mut starting = spec
         .plan(Some(&store))?
         .acquire(Some(&store), None)?
         .start(&rt)?;

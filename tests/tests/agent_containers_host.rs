@@ -533,8 +533,8 @@ fn a_parked_container_is_launched_with_its_process() {
     let mut p = spec.process().clone().unwrap();
     p.set_cwd("/etc".into());
     spec.set_process(Some(p));
-    // Its program read into the page cache (a hint: the missing second
-    // name is skipped, not an error).
+    // Its program read into the page cache (a hint: `/nowhere` in its
+    // $PATH is passed over, as a launch's lookup does).
     let warm = ("sh".to_string(), "/nowhere:/bin".to_string());
     let pid = a
         .conn

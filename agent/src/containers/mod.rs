@@ -60,6 +60,18 @@ const BUILD_WAIT: Duration = Duration::from_secs(300);
 const WARM_MAX: usize = 4;
 const WARM_BUDGET: u64 = 64 << 20;
 
+/// A parked container's programs read into the page cache before its
+/// template's snapshot (`CreateContainerRequest.warm`, a hint): a clone's
+/// first exec of them maps pages already in memory, with no drive reads.
+fn warm_parked(req: &CreateContainerRequest, pid: i32, cwd: &Path) {
+    if req.warm.is_empty() {
+        return;
+    }
+    let _step = crate::profile::step("create.warm");
+    let names = &req.warm[..req.warm.len().min(WARM_MAX)];
+    crate::executable::warm(pid, names, &req.warm_path, cwd, WARM_BUDGET);
+}
+
 /// Where the agent keeps things.
 #[derive(Clone, Debug)]
 pub struct Dirs {
@@ -459,12 +471,8 @@ impl ContainersService {
             .join(cgroup_rel.strip_prefix("/").unwrap_or(&cgroup_rel));
         self.watch_oom_of(id, &cgroup);
         let pid = init.pid;
-        if req.parked && !req.warm.is_empty() {
-            // Before the template's snapshot: its clones' first exec of
-            // these maps pages already in memory, with no drive reads.
-            let _step = crate::profile::step("create.warm");
-            let names = &req.warm[..req.warm.len().min(WARM_MAX)];
-            crate::executable::warm(pid, names, &req.warm_path, WARM_BUDGET);
+        if req.parked {
+            warm_parked(req, pid, &cwd);
         }
         let namespaces = held::hold(pid);
         let ctr = Ctr {

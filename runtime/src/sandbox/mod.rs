@@ -461,8 +461,6 @@ impl Sandbox {
         }
     }
 
-    /// The host pid of the VMM process the runtime holds (the jail's
-    /// keeper when confined).
     /// Its start's guest work is done: the host's start gate lets the
     /// next start through.
     pub fn started(&mut self) {
@@ -475,6 +473,8 @@ impl Sandbox {
         self.start_slot.take()
     }
 
+    /// The host pid of the VMM process the runtime holds (the jail's
+    /// keeper when confined).
     pub fn vmm_pid(&self) -> u32 {
         self.vmm.child.id()
     }
