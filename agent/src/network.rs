@@ -195,6 +195,14 @@ impl Netlink {
         )
     }
 
+    /// The link named `name`, if there is one.
+    pub fn link(&mut self, name: &str) -> Result<Option<LinkMessage>, NlError> {
+        Ok(self
+            .links()?
+            .into_iter()
+            .find(|l| link_name(l) == Some(name)))
+    }
+
     pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, NlError> {
         self.dump(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
@@ -387,18 +395,22 @@ pub fn loopback_up_in(pid: i32) -> Result<(), NetError> {
 /// Brings up loopback in this thread's network namespace.
 pub fn loopback_up() -> Result<(), NetError> {
     let mut nl = Netlink::new()?;
-    let lo = nl
-        .links()?
-        .into_iter()
-        .find(|l| link_name(l) == Some("lo"))
-        .ok_or(NetError::NoLoopback)?;
+    let lo = nl.link("lo")?.ok_or(NetError::NoLoopback)?;
+    nl.request(
+        RouteNetlinkMessage::SetLink(up_message(lo.header.index)),
+        NLM_F_ACK,
+    )
+    .map_err(failed("bringing lo up"))?;
+    Ok(())
+}
+
+/// A SETLINK that brings link `index` up and changes nothing else (yet).
+fn up_message(index: u32) -> LinkMessage {
     let mut set = LinkMessage::default();
-    set.header.index = lo.header.index;
+    set.header.index = index;
     set.header.flags = LinkFlags::Up;
     set.header.change_mask = LinkFlags::Up;
-    nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
-        .map_err(failed("bringing lo up"))?;
-    Ok(())
+    set
 }
 
 /// The guest's uplink (`eth0`, which StartSandbox configures).
@@ -426,22 +438,17 @@ fn set_ipv6(name: &str, on: bool) -> Result<(), NetError> {
 /// filled.
 pub fn uplink_ready() -> Result<(), NetError> {
     let mut nl = Netlink::new()?;
-    let Some(link) = nl
-        .links()?
-        .into_iter()
-        .find(|l| link_name(l) == Some(UPLINK))
-    else {
+    let Some(link) = nl.link(UPLINK)? else {
         return Ok(());
     };
     // A kernel without IPv6 has nothing to turn off; the link comes up
     // either way.
     let ipv6 = set_ipv6(UPLINK, false);
-    let mut set = LinkMessage::default();
-    set.header.index = link.header.index;
-    set.header.flags = LinkFlags::Up;
-    set.header.change_mask = LinkFlags::Up;
-    nl.request(RouteNetlinkMessage::SetLink(set), NLM_F_ACK)
-        .map_err(failed(format!("bringing {UPLINK} up")))?;
+    nl.request(
+        RouteNetlinkMessage::SetLink(up_message(link.header.index)),
+        NLM_F_ACK,
+    )
+    .map_err(failed(format!("bringing {UPLINK} up")))?;
     match ipv6 {
         Err(NetError::Sysctl { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             Ok(())
@@ -454,10 +461,7 @@ pub fn uplink_ready() -> Result<(), NetError> {
 /// with only what differs: the kernel runs its address-change work for a
 /// MAC set again unchanged. None when nothing does.
 fn link_changes(link: &LinkMessage, i: &Interface) -> Result<Option<LinkMessage>, NetError> {
-    let mut set = LinkMessage::default();
-    set.header.index = link.header.index;
-    set.header.flags = LinkFlags::Up;
-    set.header.change_mask = LinkFlags::Up;
+    let mut set = up_message(link.header.index);
     let has = |want: &LinkAttribute| link.attributes.iter().any(|a| a == want);
     if !i.mac.is_empty() {
         let mac = LinkAttribute::Address(parse_mac(&i.mac)?.to_vec());
@@ -507,9 +511,7 @@ impl NetworkService {
         check_interface(i)?;
         let mut nl = Netlink::new()?;
         let link = nl
-            .links()?
-            .into_iter()
-            .find(|l| link_name(l) == Some(i.name.as_str()))
+            .link(&i.name)?
             .ok_or_else(|| NetError::NoInterface(i.name.clone()))?;
         let index = link.header.index;
         if let Some(set) = link_changes(&link, i)? {

@@ -116,9 +116,8 @@ impl Runtime {
 
     fn start_in(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Sandbox> {
         let mut times = StartTimes::default();
-        let t0 = Instant::now();
         let start_slot = self.start_gate.enter()?;
-        times.gate = t0.elapsed();
+        times.gate = start_slot.as_ref().map_or(Duration::ZERO, |s| s.waited);
         let net = Attachment::attach(
             &self.network,
             &Request {
