@@ -6,7 +6,8 @@
 #   OUTDIR/<name>.tar       docker-archive
 # Images: husk.local/busybox:latest, husk.local/httpd:latest (busybox httpd on :80,
 # a second layer over the busybox one), husk.local/pause:latest (a CRI pod's
-# sandbox container: the busybox layer, sleeping).
+# sandbox container: the busybox layer, sleeping), husk.local/dash:latest
+# (a dynamically linked shell: its loader and libc from this host).
 set -euo pipefail
 outdir=${1:?usage: build-samples.sh OUTDIR MKIMAGE}
 mkimage=${2:?usage: build-samples.sh OUTDIR MKIMAGE}
@@ -55,6 +56,32 @@ H
     --env PATH=/usr/sbin:/usr/bin:/sbin:/bin --workdir /www --expose 80/tcp \
     --cmd '["httpd","-f","-v","-p","80","-h","/www"]' \
     --oci-archive "$outdir/httpd.oci.tar" --docker-archive "$outdir/httpd.tar"
+# A dynamically linked program: Debian's dash with its loader and libc,
+# copied from this (Debian) host over the busybox layer. The loader is
+# reached as on Debian, through /lib64's absolute symlink.
+dash=$stage/dash
+interp=$(readelf -l /usr/bin/dash | sed -n 's/.*program interpreter: \(.*\)]/\1/p')
+[ -n "$interp" ] || { echo "build-samples: /usr/bin/dash has no program interpreter" >&2; exit 1; }
+libs=$(ldd /usr/bin/dash | awk '$2 == "=>" && $3 ~ /^\// { print $3 }')
+case "$libs" in
+*libc.so*) ;;
+*) echo "build-samples: ldd /usr/bin/dash named no libc: $libs" >&2; exit 1 ;;
+esac
+loader=$(readlink -f "$interp")
+mkdir -p "$dash/usr/bin" "$dash/$(dirname "$interp")"
+install -m 0755 /usr/bin/dash "$dash/usr/bin/dash"
+for lib in $libs "$loader"; do
+    real=$(readlink -f "$lib")
+    # Under /lib as the loader looks (Debian's /lib is a link to usr/lib).
+    dest=$dash/${real#/usr}
+    mkdir -p "$(dirname "$dest")"
+    install -m 0755 "$real" "$dest"
+done
+ln -sf "${loader#/usr}" "$dash$interp"
+[ -f "$dash${loader#/usr}" ] || { echo "build-samples: the loader link $interp -> ${loader#/usr} leads nowhere" >&2; exit 1; }
+"$mkimage" --name husk.local/dash:latest --layer "$base" --layer "$dash" \
+    --env PATH=/usr/sbin:/usr/bin:/sbin:/bin --cmd '["dash"]' \
+    --oci-archive "$outdir/dash.oci.tar" --docker-archive "$outdir/dash.tar"
 # CRI's sandbox image (containerd's sandbox_image): holds the pod's
 # namespaces; the same layer, so nothing more to store.
 "$mkimage" --name husk.local/pause:latest --layer "$base" \

@@ -81,18 +81,11 @@ fn refusal(code: Code, type_url: &str, message: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(s)
 }
 
-/// Reads each of `names`' programs (looked up as a launch would: `path`
-/// as $PATH, from `cwd`, in running init `init_pid`'s root) to its end, at
-/// most `budget` bytes in all: into the page cache, for a snapshot taken
-/// next. Only a runnable regular file is read (never a FIFO or a device,
-/// which could block); names not found are skipped. The bytes read.
-pub fn warm(init_pid: i32, names: &[String], path: &str, cwd: &Path, budget: u64) -> u64 {
-    use std::io::Read;
-    let Some(root) = proc_root(init_pid) else {
-        return 0;
-    };
-    let mut left = budget;
-    let mut buf = vec![0u8; 128 << 10];
+/// Each of `names`' programs as a launch would find it (`path` as $PATH,
+/// from `cwd`, in `root`): the container path of the first candidate that
+/// resolves, when it is runnable. Names not found are left out.
+pub fn find_programs(root: &Root, names: &[String], path: &str, cwd: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
     for name in names {
         let mut p = Process::default();
         p.set_args(Some(vec![name.clone()]));
@@ -102,27 +95,16 @@ pub fn warm(init_pid: i32, names: &[String], path: &str, cwd: &Path, budget: u64
             continue;
         };
         // The first that exists decides, as for a launch.
-        let Some(handle) = candidates.iter().find_map(|c| root.resolve(c).ok()) else {
-            continue;
-        };
-        if !matches!(kind(&handle), Some(Found::Runnable)) {
-            continue;
-        }
-        let Ok(file) = handle.reopen(pathrs::flags::OpenFlags::O_RDONLY) else {
-            continue;
-        };
-        let mut f = file.take(left);
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
+        let first = candidates
+            .into_iter()
+            .find_map(|c| root.resolve(&c).ok().map(|h| (c, h)));
+        if let Some((c, handle)) = first {
+            if matches!(kind(&handle), Some(Found::Runnable)) {
+                found.push(c);
             }
-            left -= n as u64;
-        }
-        if left == 0 {
-            break;
         }
     }
-    budget - left
+    found
 }
 
 /// The container paths libcontainer would try, in order.
@@ -172,7 +154,7 @@ fn lookup(scope: &Scope, process: &Process) -> Verdict {
 
 /// A process's root directory, through its magic link (which pathrs's
 /// `Root::open` does not follow).
-fn proc_root(pid: i32) -> Option<Root> {
+pub fn proc_root(pid: i32) -> Option<Root> {
     let dir = std::fs::File::open(format!("/proc/{pid}/root")).ok()?;
     Some(Root::from_fd(std::os::fd::OwnedFd::from(dir)))
 }

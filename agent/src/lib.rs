@@ -15,3 +15,4 @@ pub mod server;
 pub mod spawner;
 pub mod stream;
 pub mod trace;
+pub mod warm;

@@ -468,6 +468,9 @@ fn serve(sock: OwnedFd) -> ! {
     }
 }
 
+/// A bare exec's $PATH (Docker's default).
+pub const BARE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Longest a bare exec may run before it is killed (the spawner waits for
 /// it, and builds wait for the spawner).
 pub const BARE_MAX: Duration = Duration::from_secs(60);
@@ -488,10 +491,7 @@ fn bare_exec(v: &Value) -> Result<(i32, u64), String> {
     let mut cmd = std::process::Command::new(prog);
     cmd.args(rest)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", BARE_PATH)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());

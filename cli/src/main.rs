@@ -128,9 +128,16 @@ enum Cmd {
     Info,
     /// For bench/run: one fork+exec of a command in an image's root in a
     /// new sandbox, outside any container (the floor a container start is
-    /// measured against). Prints `bare-exec: status=… host-s=… guest-s=…`.
+    /// measured against). Prints `bare-exec: status=… host-s=… guest-s=…
+    /// setup-s=…` (host-s leaves out setup-s: the guest mounting the image,
+    /// reading the program into its page cache, unmounting).
     #[command(hide = true)]
     BareExec {
+        /// Leave the page cache cold: the program is read from the image's
+        /// drive by its exec, as in a start without a container template
+        /// (host-s still leaves out the image's mount and unmount).
+        #[arg(long)]
+        cold: bool,
         image: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
@@ -198,9 +205,11 @@ fn main() -> ExitCode {
         Cmd::Stack(c) => cluster::stack(c).map(|_| 0).map_err(Failure::from),
         Cmd::Events { format } => cluster::events(format).map(|_| 0).map_err(Failure::from),
         Cmd::Info => info().map(|_| 0).map_err(Failure::from),
-        Cmd::BareExec { image, command } => {
-            system::bare_exec(&image, &command).map_err(Failure::from)
-        }
+        Cmd::BareExec {
+            cold,
+            image,
+            command,
+        } => system::bare_exec(&image, &command, !cold).map_err(Failure::from),
         Cmd::Version => Runtime::locate()
             .map(|rt| {
                 println!("husk {}", env!("CARGO_PKG_VERSION"));

@@ -21,7 +21,7 @@ pub(crate) fn check_kvm() -> Result<()> {
 /// `husk bare-exec IMAGE CMD…`: a sandbox for the image, one fork+exec of
 /// CMD in its root with no container, and the sandbox gone. The exit code
 /// is the command's.
-pub(crate) fn bare_exec(image: &str, command: &[String]) -> Result<u8> {
+pub(crate) fn bare_exec(image: &str, command: &[String], warm: bool) -> Result<u8> {
     use husk_runtime::container::lifecycle::ContainerSpec;
     check_kvm()?;
     let rt = Runtime::locate()?;
@@ -35,11 +35,12 @@ pub(crate) fn bare_exec(image: &str, command: &[String]) -> Result<u8> {
         .plan(Some(&store))?
         .acquire(Some(&store), None)?
         .start(&rt)?;
-    let (status, host, guest) = starting.bare_exec(command)?;
+    let (status, host, guest, setup) = starting.bare_exec(command, warm)?;
     println!(
-        "bare-exec: status={status} host-s={:.4} guest-s={:.4}",
+        "bare-exec: status={status} host-s={:.4} guest-s={:.4} setup-s={:.4}",
         host.as_secs_f64(),
-        guest.as_secs_f64()
+        guest.as_secs_f64(),
+        setup.as_secs_f64()
     );
     // Nothing of the sandbox is kept: no clean shutdown needed.
     drop(starting);

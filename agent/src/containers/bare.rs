@@ -4,12 +4,14 @@
 //! it). The image's storages are mounted as for a create and released
 //! after.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{BareExecRequest, BareExecResponse};
 
 use super::{check_storage, relative_path, ContainersService, Invalid};
 use crate::rpc::{causes, internal, invalid, time_left};
+use crate::spawner::BARE_PATH;
 
 /// Most arguments, and the longest one, a BareExec may carry.
 const MAX_ARGS: usize = 64;
@@ -43,6 +45,17 @@ pub fn check_bare(req: &BareExecRequest) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The program and what it loads read into the page cache, as a container
+/// template's are (super::warm_parked): the floor is then measured with the
+/// cache a parked container's launch has.
+fn warm_program(root: &Path, program: &str) {
+    if let Ok(r) = pathrs::Root::open(root) {
+        let found =
+            crate::executable::find_programs(&r, &[program.to_string()], BARE_PATH, Path::new("/"));
+        crate::warm::warm(&r, &found, BARE_PATH, super::WARM_BUDGET);
+    }
+}
+
 impl ContainersService {
     pub fn bare_exec(
         &self,
@@ -53,6 +66,8 @@ impl ContainersService {
         check_bare(&req)?;
         let _step = crate::profile::step("bare-exec");
         let mut taken = Vec::new();
+        let t = Instant::now();
+        let mut exec_time = Duration::ZERO;
         let r = (|| {
             for s in &req.storages {
                 self.take_storage(s)?;
@@ -70,11 +85,15 @@ impl ContainersService {
                     req.root
                 )));
             }
+            if req.warm {
+                warm_program(&root, &req.args[0]);
+            }
             let timeout = time_left(Duration::from_secs(30));
-            let (status, micros) = self
-                .spawner
-                .bare(&root, &req.args, timeout)
-                .map_err(|e| internal(format!("bare exec of {:?}: {}", req.args[0], causes(&e))))?;
+            let e = Instant::now();
+            let r = self.spawner.bare(&root, &req.args, timeout);
+            exec_time = e.elapsed();
+            let (status, micros) =
+                r.map_err(|e| internal(format!("bare exec of {:?}: {}", req.args[0], causes(&e))))?;
             Ok(BareExecResponse {
                 status,
                 micros,
@@ -84,7 +103,10 @@ impl ContainersService {
         for point in taken {
             self.release_storage(&point);
         }
-        r
+        r.map(|mut r| {
+            r.setup_micros = t.elapsed().saturating_sub(exec_time).as_micros() as u64;
+            r
+        })
     }
 }
 

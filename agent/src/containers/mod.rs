@@ -58,18 +58,24 @@ const BUILD_WAIT: Duration = Duration::from_secs(300);
 /// A parked container's programs read into the page cache
 /// (`CreateContainerRequest.warm`): at most this many, this many bytes.
 const WARM_MAX: usize = 4;
-const WARM_BUDGET: u64 = 64 << 20;
+pub(crate) const WARM_BUDGET: u64 = 64 << 20;
 
-/// A parked container's programs read into the page cache before its
-/// template's snapshot (`CreateContainerRequest.warm`, a hint): a clone's
-/// first exec of them maps pages already in memory, with no drive reads.
+/// A parked container's programs, and what their first exec loads (their
+/// interpreters and libraries: crate::warm), read into the page cache
+/// before its template's snapshot (`CreateContainerRequest.warm`, a
+/// hint): a clone's first exec maps pages already in memory, with no
+/// drive reads.
 fn warm_parked(req: &CreateContainerRequest, pid: i32, cwd: &Path) {
     if req.warm.is_empty() {
         return;
     }
     let _step = crate::profile::step("create.warm");
     let names = &req.warm[..req.warm.len().min(WARM_MAX)];
-    crate::executable::warm(pid, names, &req.warm_path, cwd, WARM_BUDGET);
+    let Some(root) = crate::executable::proc_root(pid) else {
+        return;
+    };
+    let programs = crate::executable::find_programs(&root, names, &req.warm_path, cwd);
+    crate::warm::warm(&root, &programs, &req.warm_path, WARM_BUDGET);
 }
 
 /// Where the agent keeps things.

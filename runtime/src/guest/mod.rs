@@ -414,25 +414,34 @@ impl AgentConn {
     }
 
     /// One fork+exec of `args` in `root` (relative to the agent's storage
-    /// directory, on `storages`), outside any container: its status and
-    /// the guest's fork-to-reaped time.
+    /// directory, on `storages`), outside any container (`warm`: its
+    /// program first read into the page cache, as a container template's
+    /// is): its status,
+    /// the guest's fork-to-reaped time and the call's time in the guest
+    /// outside the exec (mounting and unmounting the storages, that read).
     pub fn bare_exec(
         &self,
         storages: Vec<Storage>,
         root: &str,
         args: &[String],
-    ) -> Result<(i32, Duration)> {
+        warm: bool,
+    ) -> Result<(i32, Duration, Duration)> {
         let req = husk_protocol::agent::BareExecRequest {
             storages,
             root: root.into(),
             args: args.to_vec(),
+            warm,
             ..Default::default()
         };
         let r = self
             .containers
             .bare_exec(ctx(SLOW_CALL), &req)
             .map_err(|e| RpcError::new("BareExec", &e))?;
-        Ok((r.status, Duration::from_micros(r.micros)))
+        Ok((
+            r.status,
+            Duration::from_micros(r.micros),
+            Duration::from_micros(r.setup_micros),
+        ))
     }
 
     pub fn health(&self) -> Result<()> {
