@@ -40,6 +40,8 @@ use object::{elf as E, FileKind};
 use pathrs::flags::OpenFlags;
 use pathrs::Root;
 
+use crate::executable::find_programs;
+
 /// Most files one warm reads (a program and what it loads: python3 with
 /// its libraries is about a dozen).
 pub const MAX_FILES: usize = 64;
@@ -107,6 +109,14 @@ struct Wants {
     /// A name `#!/usr/bin/env` runs, looked up in $PATH.
     command: Option<String>,
     dynamic: bool,
+}
+
+/// Looks `names` up as a launch would (`path` as $PATH, from `cwd`, in
+/// `root`: [`find_programs`]) and reads the programs found and what they
+/// load ([`warm`]).
+pub fn warm_names(root: &Root, names: &[String], path: &str, cwd: &Path, budget: u64) -> Warmed {
+    let programs = find_programs(root, names, path, cwd);
+    warm(root, &programs, path, budget)
 }
 
 /// Reads `programs` (container paths, already looked up) and what they
@@ -180,9 +190,9 @@ impl Warmer<'_> {
         }
         queue.extend(wants.paths);
         if let Some(name) = wants.command {
-            if let Some(found) = self.on_path(&name) {
-                queue.push(found);
-            }
+            // As a launch looks a program up in $PATH (env does the same).
+            let found = find_programs(self.root, &[name], self.path, Path::new("/"));
+            queue.extend(found);
         }
         let origin = p.parent().unwrap_or(Path::new("/"));
         let dirs: Vec<PathBuf> = wants
@@ -196,14 +206,6 @@ impl Warmer<'_> {
                 queue.push(found);
             }
         }
-    }
-
-    fn on_path(&mut self, name: &str) -> Option<PathBuf> {
-        let path = self.path;
-        path.split(':')
-            .filter(|d| d.starts_with('/'))
-            .map(|d| Path::new(d).join(name))
-            .find(|c| self.exists(c))
     }
 
     fn exists(&mut self, p: &Path) -> bool {

@@ -35,16 +35,17 @@ pub(crate) fn bare_exec(image: &str, command: &[String], warm: bool) -> Result<u
         .plan(Some(&store))?
         .acquire(Some(&store), None)?
         .start(&rt)?;
-    let (status, host, guest, setup) = starting.bare_exec(command, warm)?;
+    let b = starting.bare_exec(command, warm)?;
     println!(
-        "bare-exec: status={status} host-s={:.4} guest-s={:.4} setup-s={:.4}",
-        host.as_secs_f64(),
-        guest.as_secs_f64(),
-        setup.as_secs_f64()
+        "bare-exec: status={} host-s={:.4} guest-s={:.4} setup-s={:.4}",
+        b.status,
+        b.host.as_secs_f64(),
+        b.guest.as_secs_f64(),
+        b.setup.as_secs_f64()
     );
     // Nothing of the sandbox is kept: no clean shutdown needed.
     drop(starting);
-    Ok(u8::try_from(status).unwrap_or(255))
+    Ok(u8::try_from(b.status).unwrap_or(255))
 }
 
 pub(crate) fn info() -> Result<()> {

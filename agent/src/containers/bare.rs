@@ -50,9 +50,8 @@ pub fn check_bare(req: &BareExecRequest) -> Result<(), Invalid> {
 /// cache a parked container's launch has.
 fn warm_program(root: &Path, program: &str) {
     if let Ok(r) = pathrs::Root::open(root) {
-        let found =
-            crate::executable::find_programs(&r, &[program.to_string()], BARE_PATH, Path::new("/"));
-        crate::warm::warm(&r, &found, BARE_PATH, super::WARM_BUDGET);
+        let names = [program.to_string()];
+        crate::warm::warm_names(&r, &names, BARE_PATH, Path::new("/"), super::WARM_BUDGET);
     }
 }
 

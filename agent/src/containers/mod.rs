@@ -74,8 +74,7 @@ fn warm_parked(req: &CreateContainerRequest, pid: i32, cwd: &Path) {
     let Some(root) = crate::executable::proc_root(pid) else {
         return;
     };
-    let programs = crate::executable::find_programs(&root, names, &req.warm_path, cwd);
-    crate::warm::warm(&root, &programs, &req.warm_path, WARM_BUDGET);
+    crate::warm::warm_names(&root, names, &req.warm_path, cwd, WARM_BUDGET);
 }
 
 /// Where the agent keeps things.

@@ -477,6 +477,20 @@ pub struct Starting {
     started: Duration,
 }
 
+/// What [`Starting::bare_exec`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BareExec {
+    /// As WaitProcess reports it.
+    pub status: i32,
+    /// The host's time for the call, less `setup`.
+    pub host: Duration,
+    /// The guest's fork-to-reaped time.
+    pub guest: Duration,
+    /// The guest's time mounting the image, reading the program into its
+    /// page cache and unmounting: a parked start has those done before.
+    pub setup: Duration,
+}
+
 impl Starting {
     pub fn sandbox(&self) -> &Sandbox {
         &self.sandbox
@@ -493,14 +507,7 @@ impl Starting {
     /// measures a container's start against. The program and what it loads
     /// are read into the page cache first with `warm`, as a container
     /// template's are.
-    /// Its status, the host's time for the call (less the guest's time
-    /// mounting, reading and unmounting: a parked start has those done),
-    /// the guest's fork-to-reaped time, and that time left out.
-    pub fn bare_exec(
-        &mut self,
-        args: &[String],
-        warm: bool,
-    ) -> Result<(i32, Duration, Duration, Duration)> {
+    pub fn bare_exec(&mut self, args: &[String], warm: bool) -> Result<BareExec> {
         // Its command is not a start: the next start may go.
         self.sandbox.started();
         if self.plan.drive.is_none() {
@@ -522,7 +529,12 @@ impl Starting {
                 .bare_exec(self.sandbox.container_storage(&[]), &root, args, warm)?;
         // The image's mount and the warm read are a parked container's
         // template build's work, not its start's.
-        Ok((status, t.elapsed().saturating_sub(setup), guest, setup))
+        Ok(BareExec {
+            status,
+            host: t.elapsed().saturating_sub(setup),
+            guest,
+            setup,
+        })
     }
 
     /// A stop that came before the container did: the guest shuts down.
