@@ -31,7 +31,8 @@ use ttrpc::Code;
 /// What the lookup found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    Runnable,
+    /// The container path the exec runs (the first candidate there).
+    Runnable(PathBuf),
     NotFound,
     NotExecutable(PathBuf),
     /// Not decidable here: libcontainer decides.
@@ -50,10 +51,11 @@ pub enum Scope<'a> {
 }
 
 /// Fails with NOT_FOUND or PERMISSION_DENIED (each with its detail) when
-/// `process`'s program is surely missing or not executable.
-pub fn check(scope: &Scope, process: &Process) -> ttrpc::Result<()> {
+/// `process`'s program is surely missing or not executable; else the
+/// container path an exec of it runs, when that was decided here.
+pub fn check(scope: &Scope, process: &Process) -> ttrpc::Result<Option<PathBuf>> {
     let Some(name) = process.args().as_ref().and_then(|a| a.first()) else {
-        return Ok(());
+        return Ok(None);
     };
     match lookup(scope, process) {
         Verdict::NotFound => Err(refusal(
@@ -69,7 +71,8 @@ pub fn check(scope: &Scope, process: &Process) -> ttrpc::Result<()> {
                 p.display()
             ),
         )),
-        Verdict::Runnable | Verdict::Unknown => Ok(()),
+        Verdict::Runnable(p) => Ok(Some(p)),
+        Verdict::Unknown => Ok(None),
     }
 }
 
@@ -81,30 +84,28 @@ fn refusal(code: Code, type_url: &str, message: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(s)
 }
 
-/// Each of `names`' programs as a launch would find it (`path` as $PATH,
-/// from `cwd`, in `root`): the container path of the first candidate that
-/// resolves, when it is runnable. Names not found are left out.
+/// Each of `names`' programs as a launch would find it ([`find_program`]).
+/// Names not found are left out.
 pub fn find_programs(root: &Root, names: &[String], path: &str, cwd: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for name in names {
-        let mut p = Process::default();
-        p.set_args(Some(vec![name.clone()]));
-        p.set_env(Some(vec![format!("PATH={path}")]));
-        p.set_cwd(cwd.to_path_buf());
-        let Some(candidates) = candidates(&p) else {
-            continue;
-        };
-        // The first that exists decides, as for a launch.
-        let first = candidates
-            .into_iter()
-            .find_map(|c| root.resolve(&c).ok().map(|h| (c, h)));
-        if let Some((c, handle)) = first {
-            if matches!(kind(&handle), Some(Found::Runnable)) {
-                found.push(c);
-            }
-        }
-    }
-    found
+    names
+        .iter()
+        .filter_map(|n| find_program(root, n, path, cwd))
+        .collect()
+}
+
+/// `name`'s program as a launch would find it (`path` as $PATH, from
+/// `cwd`, in `root`): the container path of the first candidate that
+/// resolves, when it is runnable.
+pub fn find_program(root: &Root, name: &str, path: &str, cwd: &Path) -> Option<PathBuf> {
+    let mut p = Process::default();
+    p.set_args(Some(vec![name.to_string()]));
+    p.set_env(Some(vec![format!("PATH={path}")]));
+    p.set_cwd(cwd.to_path_buf());
+    // The first that exists decides, as for a launch.
+    let (c, handle) = candidates(&p)?
+        .into_iter()
+        .find_map(|c| root.resolve(&c).ok().map(|h| (c, h)))?;
+    matches!(kind(&handle), Some(Found::Runnable)).then_some(c)
 }
 
 /// The container paths libcontainer would try, in order.
@@ -144,7 +145,7 @@ fn lookup(scope: &Scope, process: &Process) -> Verdict {
         };
         match found {
             Some(Found::Missing) => continue,
-            Some(Found::Runnable) => return Verdict::Runnable,
+            Some(Found::Runnable) => return Verdict::Runnable(c),
             Some(Found::NotExecutable) => return Verdict::NotExecutable(c),
             None => return Verdict::Unknown,
         }
@@ -317,16 +318,18 @@ mod tests {
         };
         let path = Some("/usr/local/bin:/usr/bin");
         let v = |args: &[&str], path| lookup(&scope, &process(args, path));
-        assert_eq!(v(&["tool"], path), Verdict::Runnable);
-        assert_eq!(v(&["alias"], path), Verdict::Runnable);
-        assert_eq!(v(&["/bin/tool"], path), Verdict::Runnable);
+        let runnable = |p: &str| Verdict::Runnable(p.into());
+        // The path an exec takes: the first candidate that is there.
+        assert_eq!(v(&["tool"], path), runnable("/usr/bin/tool"));
+        assert_eq!(v(&["alias"], path), runnable("/usr/bin/alias"));
+        assert_eq!(v(&["/bin/tool"], path), runnable("/bin/tool"));
         assert_eq!(v(&["no-such-command"], path), Verdict::NotFound);
         assert_eq!(
             v(&["plain"], path),
             Verdict::NotExecutable("/usr/bin/plain".into())
         );
         // Under a bind: its source decides.
-        assert_eq!(v(&["/data/run.sh"], path), Verdict::Runnable);
+        assert_eq!(v(&["/data/run.sh"], path), runnable("/data/run.sh"));
         assert_eq!(v(&["/data/missing.sh"], path), Verdict::NotFound);
         // Under a new tmpfs: nothing.
         assert_eq!(v(&["/tmp/x"], path), Verdict::NotFound);
@@ -358,7 +361,11 @@ mod tests {
         let pid = std::process::id() as i32;
         let scope = Scope::Running { init_pid: pid };
         let sh = lookup(&scope, &process(&["sh"], Some("/usr/bin:/bin")));
-        assert_eq!(sh, Verdict::Runnable);
+        let first = ["/usr/bin/sh", "/bin/sh"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap();
+        assert_eq!(sh, Verdict::Runnable(first.into()));
         let nope = lookup(
             &scope,
             &process(&["no-such-command-x"], Some("/usr/bin:/bin")),

@@ -4,17 +4,18 @@
 //! so nothing is copied or buffered in the agent.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_protocol::{valid_stream_name, MAX_STREAM_NAME};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    accept4, bind, listen, recv, socket, AddressFamily, Backlog, MsgFlags, SockFlag, SockType,
+    VsockAddr,
 };
 
 /// Streams nobody claimed are dropped after this long.
@@ -27,27 +28,23 @@ const MAX_ARRIVING: usize = 64;
 /// name right after the connection is made, but in a guest whose kernel is
 /// emulated, its packet can take seconds to be received while other
 /// containers start (a dropped stream leaves its process's request waiting
-/// for it until the caller's deadline). Each waiting connection holds a
-/// thread; MAX_ARRIVING bounds them.
+/// for it until the caller's deadline).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// A claim waiting this long is reported on the console.
 const SLOW_REPORT: Duration = Duration::from_secs(20);
 
-/// One connection counted in `Streams::arriving` while it exists.
-struct Arriving(Arc<Streams>);
-
-impl Drop for Arriving {
-    fn drop(&mut self) {
-        self.0.arriving.fetch_sub(1, Ordering::SeqCst);
-    }
+/// A connection that has not named itself yet.
+struct Arrival {
+    fd: OwnedFd,
+    /// Its name so far (no newline yet).
+    buf: Vec<u8>,
+    deadline: Instant,
 }
 
 #[derive(Default)]
 pub struct Streams {
     pending: Mutex<HashMap<String, (OwnedFd, Instant)>>,
     arrived: Condvar,
-    /// Connections whose name is still being read.
-    arriving: AtomicUsize,
 }
 
 impl Streams {
@@ -63,64 +60,124 @@ impl Streams {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &VsockAddr::new(libc::VMADDR_CID_ANY, port),
-        )?;
+        bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
         listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
-        let me = self.clone();
-        std::thread::spawn(move || loop {
-            match accept4(std::os::fd::AsRawFd::as_raw_fd(&fd), SockFlag::SOCK_CLOEXEC) {
-                // SAFETY: accept4 returned a new descriptor nothing else owns.
-                Ok(c) => me.arrive(UnixOrVsock(unsafe {
-                    <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c)
-                })),
-                Err(e) => {
-                    eprintln!("husk-agent: stream accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        });
-        Ok(())
+        self.serve(fd)
     }
 
     /// Serves the stream port on a Unix socket (an agent on a host).
     pub fn serve_unix(self: &Arc<Self>, path: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path)?;
+        self.serve(l.into())
+    }
+
+    /// Accepts connections on `listener` and reads their names, all on one
+    /// thread: each connection's bytes are taken as they come (a slow
+    /// client holds up no other), with no thread per connection, which
+    /// cost ~0.1 s of emulated guest time each, on the way of every start.
+    fn serve(self: &Arc<Self>, listener: OwnedFd) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                match c {
-                    Ok(c) => me.arrive(UnixOrVsock(c.into())),
-                    Err(e) => {
-                        eprintln!("husk-agent: stream accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        });
+        std::thread::Builder::new()
+            .name("streams".into())
+            .spawn(move || me.arrivals(listener))?;
         Ok(())
     }
 
-    /// Reads the name line on its own thread: a slow client must not hold
-    /// up others.
-    fn arrive(self: &Arc<Self>, conn: UnixOrVsock) {
-        // Counted until the name is read or the connection dropped: the
-        // guard goes with the thread's closure, or with it unstarted.
-        let counted = Arriving(self.clone());
-        if self.arriving.fetch_add(1, Ordering::SeqCst) >= MAX_ARRIVING {
+    fn arrivals(&self, listener: OwnedFd) {
+        let mut arriving: Vec<Arrival> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let wait = arriving
+                .iter()
+                .map(|a| a.deadline.saturating_duration_since(now))
+                .min();
+            let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                arriving
+                    .iter()
+                    .map(|a| PollFd::new(a.fd.as_fd(), PollFlags::POLLIN)),
+            );
+            let timeout = wait.map_or(PollTimeout::NONE, |w| {
+                // Rounded up: a deadline is not missed by a millisecond.
+                let ms = w.as_millis().saturating_add(1).min(i32::MAX as u128);
+                PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+            });
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("husk-agent: stream poll: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            let now = Instant::now();
+            let mut keep = Vec::with_capacity(arriving.len());
+            for (a, ready) in arriving.drain(..).zip(ready[1..].iter().copied()) {
+                if ready {
+                    keep.extend(self.read_some(a));
+                } else if a.deadline <= now {
+                    eprintln!("husk-agent: stream dropped: not named within {HEADER_TIMEOUT:?}");
+                } else {
+                    keep.push(a);
+                }
+            }
+            arriving = keep;
+            if ready[0] {
+                self.accept(&listener, &mut arriving);
+            }
+        }
+    }
+
+    /// A new connection: named at once (most often its name is there
+    /// already), or kept to be read as its bytes come.
+    fn accept(&self, listener: &OwnedFd, arriving: &mut Vec<Arrival>) {
+        let fd = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // SAFETY: accept4 returned a new descriptor nothing else owns.
+            Ok(c) => unsafe { OwnedFd::from_raw_fd(c) },
+            Err(Errno::EINTR | Errno::EAGAIN | Errno::ECONNABORTED) => return,
+            Err(e) => {
+                eprintln!("husk-agent: stream accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+        };
+        let a = Arrival {
+            fd,
+            buf: Vec::new(),
+            deadline: Instant::now() + HEADER_TIMEOUT,
+        };
+        let Some(a) = self.read_some(a) else {
+            return;
+        };
+        if arriving.len() >= MAX_ARRIVING {
             eprintln!(
                 "husk-agent: stream dropped: {MAX_ARRIVING} streams have not named themselves yet"
             );
             return;
         }
-        let spawned = std::thread::Builder::new().spawn(move || match read_name(&conn.0) {
-            Ok(name) => counted.0.add(name, conn.0),
-            Err(e) => eprintln!("husk-agent: stream dropped: {}", crate::rpc::causes(&e)),
-        });
-        if let Err(e) = spawned {
-            eprintln!("husk-agent: stream dropped: no thread to read its name: {e}");
+        arriving.push(a);
+    }
+
+    /// Takes what arrived of `a`'s name: the stream is added once its name
+    /// is whole (None), kept while more is to come, dropped on an error.
+    fn read_some(&self, mut a: Arrival) -> Option<Arrival> {
+        match read_name(&a.fd, &mut a.buf) {
+            Ok(Some(name)) => {
+                self.add(name, a.fd);
+                None
+            }
+            Ok(None) => Some(a),
+            Err(e) => {
+                eprintln!("husk-agent: stream dropped: {}", crate::rpc::causes(&e));
+                None
+            }
         }
     }
 
@@ -185,8 +242,6 @@ impl Streams {
     }
 }
 
-struct UnixOrVsock(OwnedFd);
-
 /// A stream that cannot be claimed, or one that did not name itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -214,56 +269,63 @@ pub enum StreamError {
     },
 }
 
-/// Reads "<name>\n" a byte at a time, so no data after it is consumed.
-fn read_name(fd: &OwnedFd) -> Result<String, StreamError> {
-    let timeout = nix::sys::time::TimeVal::new(HEADER_TIMEOUT.as_secs() as i64, 0);
-    let set = |t| {
-        nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::ReceiveTimeout, &t).map_err(
-            |e| StreamError::Io {
-                what: "setsockopt",
-                source: e.into(),
-            },
-        )
+/// Takes what is there of "<name>\n" into `buf`, never a byte past the
+/// newline (what follows is the stream's data): a peek shows the bytes,
+/// then as many are taken as belong to the name. Two system calls for a
+/// name that came whole, where reading a byte at a time took one a byte.
+/// `Ok(None)`: not whole yet (all that came is taken, so a poll waits for
+/// more rather than seeing the same bytes again).
+fn read_name(fd: &OwnedFd, buf: &mut Vec<u8>) -> Result<Option<String>, StreamError> {
+    let failed = |source: Errno| StreamError::Io {
+        what: "reading its name",
+        source: source.into(),
     };
-    set(timeout)?;
-    let mut f =
-        UnixStream::from(
-            fd.as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| StreamError::Io {
-                    what: "duplicating the stream",
-                    source,
-                })?,
-        );
-    let mut name = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match f.read(&mut b) {
+    let mut peek = [0u8; MAX_STREAM_NAME + 1];
+    let room = (MAX_STREAM_NAME + 1).saturating_sub(buf.len()).max(1);
+    let n = loop {
+        match recv(
+            fd.as_raw_fd(),
+            &mut peek[..room],
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(failed(e)),
             Ok(0) => return Err(StreamError::Closed),
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) if name.len() < MAX_STREAM_NAME => name.push(b[0]),
-            Ok(_) => return Err(StreamError::TooLong),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(StreamError::Io {
-                    what: "reading its name",
-                    source,
-                })
-            }
+            Ok(n) => break n,
+        }
+    };
+    let newline = peek[..n].iter().position(|&b| b == b'\n');
+    // The name's bytes only: up to and with the newline, else all.
+    let take = newline.map_or(n, |i| i + 1);
+    let mut got = 0;
+    while got < take {
+        match recv(fd.as_raw_fd(), &mut peek[got..take], MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(failed(e)),
+            Ok(0) => return Err(StreamError::Closed),
+            Ok(k) => got += k,
         }
     }
-    set(nix::sys::time::TimeVal::new(0, 0))?;
-    let name = String::from_utf8(name).map_err(|_| StreamError::NotUtf8)?;
+    buf.extend_from_slice(&peek[..newline.unwrap_or(n)]);
+    if buf.len() > MAX_STREAM_NAME {
+        return Err(StreamError::TooLong);
+    }
+    if newline.is_none() {
+        return Ok(None);
+    }
+    let name = String::from_utf8(std::mem::take(buf)).map_err(|_| StreamError::NotUtf8)?;
     if !valid_stream_name(&name) {
         return Err(StreamError::BadName(name));
     }
-    Ok(name)
+    Ok(Some(name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn named_streams_are_claimed_with_their_data() {
@@ -284,5 +346,48 @@ mod tests {
         let mut bad = UnixStream::connect(&path).unwrap();
         bad.write_all(b"a b\n").unwrap();
         assert!(s.claim("a b", Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn a_name_in_pieces_is_read_whole_and_a_slow_one_holds_up_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let s = Streams::new();
+        s.serve_unix(&path).unwrap();
+        // Says nothing yet: others are named meanwhile.
+        let mut slow = UnixStream::connect(&path).unwrap();
+        slow.write_all(b"sl").unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"ou").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        c.write_all(b"t-2\nda").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        c.write_all(b"ta").unwrap();
+        let fd = s.claim("out-2", Duration::from_secs(5)).unwrap();
+        let mut got = [0u8; 4];
+        UnixStream::from(fd).read_exact(&mut got).unwrap();
+        // Nothing after the newline was taken for the name.
+        assert_eq!(&got, b"data");
+        slow.write_all(b"ow\n").unwrap();
+        s.claim("slow", Duration::from_secs(5)).unwrap();
+        // Too long, in pieces or whole: dropped, and the server goes on.
+        let long = "x".repeat(MAX_STREAM_NAME + 1);
+        let mut l = UnixStream::connect(&path).unwrap();
+        l.write_all(&long.as_bytes()[..10]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        l.write_all(format!("{}\n", &long[10..]).as_bytes())
+            .unwrap();
+        let mut b = [0u8; 1];
+        // Dropped: the server closed it (unread bytes make that a reset).
+        let r = l.read(&mut b);
+        assert!(
+            matches!(&r, Ok(0))
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+        let mut ok = UnixStream::connect(&path).unwrap();
+        ok.write_all(b"after\n").unwrap();
+        s.claim("after", Duration::from_secs(5)).unwrap();
     }
 }

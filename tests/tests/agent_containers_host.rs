@@ -308,6 +308,19 @@ fn exec_signals_and_remove_leave_nothing_behind() {
         "{e:?}"
     );
 
+    // Killing an exec with all=true (how the CRI plugin ends a timed-out
+    // ExecSync) kills that exec only, as with runc: the container runs on.
+    let sleeper = husk_tests::agent::process(&["sleep", "1000"]);
+    a.conn.exec(&id, "e3", &sleeper, Io::default()).unwrap();
+    a.conn.signal(&id, "e3", 9, true).unwrap();
+    assert_eq!(a.conn.wait(&id, "e3").unwrap().status, 137);
+    let list = a
+        .conn
+        .containers
+        .list_containers(ctx(T), &Empty::new())
+        .unwrap();
+    assert_eq!(list.containers[0].status, "running", "{list:?}");
+
     // Stats: this host's cgroup v2 has cpu.stat (core) but no memory
     // controller.
     let st = a
@@ -566,6 +579,9 @@ fn a_parked_container_is_launched_with_its_process() {
         "-c",
         "echo $GREETING from $(hostname) in $(pwd) home=$HOME; echo to-err >&2; exit 4",
     ]);
+    // With the $PATH its template was warmed with: the program is where
+    // that lookup found it, not looked up again.
+    l.env = strings(&["PATH=/nowhere:/bin", "GREETING=hello"]);
     l.hostname = "web-1".into();
     l.new_id = unique("launched");
     let mut s = a.conn.launch(&id, &l, Io::OUT_ERR).unwrap();

@@ -118,8 +118,31 @@ impl Husk {
 }
 
 impl Drop for Husk {
-    /// A test's own bridge goes with it, with the NAT rules husk added.
+    /// What a test left running goes with it, even when it failed half way:
+    /// its containers (`husk rm -f`), then any VMM still up (a leaked VM
+    /// keeps a `husk-*` tap that later tests trip over). Then the test's own
+    /// bridge, with the NAT rules husk added.
     fn drop(&mut self) {
+        if let Ok(out) = self.cmd(&["ps", "-a"]).output() {
+            let ids: Vec<String> = text(&out.stdout)
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next().map(String::from))
+                .collect();
+            for id in ids {
+                match self.cmd(&["rm", "-f", &id]).output() {
+                    Ok(o) if o.status.success() => {}
+                    Ok(o) => eprintln!("cleanup: husk rm -f {id}: {}", text(&o.stderr)),
+                    Err(e) => eprintln!("cleanup: husk rm -f {id}: {e}"),
+                }
+            }
+        }
+        for pid in self.vmm_pids() {
+            eprintln!("cleanup: husk-vmm {pid} was left running; killing it");
+            if let Err(e) = Command::new("kill").args(["-9", &pid.to_string()]).status() {
+                eprintln!("cleanup: kill -9 {pid}: {e}");
+            }
+        }
         let Some((bridge, subnet)) = &self.network else {
             return;
         };

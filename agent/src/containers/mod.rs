@@ -64,17 +64,51 @@ pub(crate) const WARM_BUDGET: u64 = 64 << 20;
 /// interpreters and libraries: crate::warm), read into the page cache
 /// before its template's snapshot (`CreateContainerRequest.warm`, a
 /// hint): a clone's first exec maps pages already in memory, with no
-/// drive reads.
-fn warm_parked(req: &CreateContainerRequest, pid: i32, cwd: &Path) {
+/// drive reads. Returns where each program was found, for its launch.
+fn warm_parked(req: &CreateContainerRequest, pid: i32, cwd: &Path) -> Option<LookedUp> {
     if req.warm.is_empty() {
-        return;
+        return None;
     }
     let _step = crate::profile::step("create.warm");
     let names = &req.warm[..req.warm.len().min(WARM_MAX)];
-    let Some(root) = crate::executable::proc_root(pid) else {
-        return;
-    };
-    crate::warm::warm_names(&root, names, &req.warm_path, cwd, WARM_BUDGET);
+    let root = crate::executable::proc_root(pid)?;
+    let found: Vec<(String, PathBuf)> = names
+        .iter()
+        .filter_map(|n| {
+            crate::executable::find_program(&root, n, &req.warm_path, cwd).map(|p| (n.clone(), p))
+        })
+        .collect();
+    let programs: Vec<PathBuf> = found.iter().map(|(_, p)| p.clone()).collect();
+    crate::warm::warm(&root, &programs, &req.warm_path, WARM_BUDGET);
+    Some(LookedUp {
+        path: req.warm_path.clone(),
+        found,
+    })
+}
+
+/// Programs looked up in a parked container's root before its snapshot,
+/// with the $PATH they were looked up with. Nothing has run in that root
+/// since but its parked init (ours), so a launch of one of these names
+/// with the same $PATH finds the same file: it is not looked up again.
+struct LookedUp {
+    path: String,
+    found: Vec<(String, PathBuf)>,
+}
+
+impl LookedUp {
+    /// Where `args[0]` was found, when it was looked up with `env`'s $PATH.
+    fn get(&self, args: &[String], env: &[String]) -> Option<&Path> {
+        let name = args.first()?;
+        // The first PATH, as the launch's own lookup takes it.
+        let path = env.iter().find_map(|e| e.strip_prefix("PATH="))?;
+        if path != self.path {
+            return None;
+        }
+        self.found
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.as_path())
+    }
 }
 
 /// Where the agent keeps things.
@@ -123,6 +157,12 @@ struct Ctr {
     started: bool,
     /// A parked container's end of its init's socket, until its launch.
     parked: Option<OwnedFd>,
+    /// A parked container's programs as looked up before its snapshot.
+    looked_up: Option<LookedUp>,
+    /// A launch given with `hold`, sent to the init by StartContainer.
+    held_launch: Option<parked::HeldLaunch>,
+    /// A parked container's thread in its UTS namespace, until its launch.
+    namer: Option<parked::Namer>,
     /// The process's working directory (a launch's program lookup).
     cwd: PathBuf,
     /// When StartContainer ran the init, until its exit is reported (the
@@ -452,7 +492,7 @@ impl ContainersService {
             true => parked::socket().map(|(a, b)| (Some(a), Some(b)))?,
             false => (None, None),
         };
-        let (lc, init) = self.spawn(&bundle, id, None, stdio, terminal, init_end)?;
+        let (mut lc, init) = self.spawn(&bundle, id, None, stdio, terminal, init_end)?;
         step.end();
         let own_netns = spec
             .linux()
@@ -476,10 +516,22 @@ impl ContainersService {
             .join(cgroup_rel.strip_prefix("/").unwrap_or(&cgroup_rel));
         self.watch_oom_of(id, &cgroup);
         let pid = init.pid;
-        if req.parked {
-            warm_parked(req, pid, &cwd);
-        }
+        let looked_up = req.parked.then(|| warm_parked(req, pid, &cwd)).flatten();
         let namespaces = held::hold(pid);
+        // Made before the snapshot, so a launch only asks it (parked.rs).
+        // Without one (the container shares the sandbox's UTS namespace, or
+        // no thread could be made) a launch's host name is set as before.
+        let namer = req.parked.then(|| parked::Namer::join(pid).ok()).flatten();
+        if req.parked {
+            // Started now, before the snapshot: the init goes past
+            // libcontainer's wait for "start" and waits for its process in
+            // the executor instead, so a launch only sends it (parked.rs).
+            let _step = crate::profile::step("create.prestart");
+            if let Err(e) = lc.start() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(internal(format!("start {id:?}: {}", causes(&e))));
+            }
+        }
         let ctr = Ctr {
             lc,
             bundle,
@@ -491,6 +543,9 @@ impl ContainersService {
             starting: Default::default(),
             started: false,
             parked,
+            looked_up,
+            held_launch: None,
+            namer,
             cwd,
             started_at: None,
             paused: false,
@@ -936,7 +991,12 @@ impl ContainersService {
         let arc = self.get(&req.container_id)?;
         let mut c = lock(&arc);
         c.may_start(&req.container_id, false)?;
-        c.start_init(&req.container_id)?;
+        match c.held_launch.take() {
+            // A parked container launched with `hold`: its init is past
+            // libcontainer's start already and waits for its process.
+            Some(held) => c.send_launch(held)?,
+            None => c.start_init(&req.container_id)?,
+        }
         Ok(Empty::new())
     }
 
@@ -972,7 +1032,7 @@ impl ContainersService {
         };
         let scope = crate::executable::Scope::Running { init_pid };
         let made = crate::executable::check(&scope, &process)
-            .and_then(|()| self.make_exec(&bundle, &lc_id, &req, &process));
+            .and_then(|_| self.make_exec(&bundle, &lc_id, &req, &process));
         let mut c = lock(&arc);
         c.starting.remove(&req.exec_id);
         let proc_ = made?;
@@ -1020,7 +1080,10 @@ impl ContainersService {
             .ok_or_else(|| invalid(format!("signal {} is not a signal", req.signal)))?;
         let arc = self.get(&req.container_id)?;
         let c = lock(&arc);
-        if req.all {
+        // `all` is the container's every process; for an exec it means
+        // only that exec, as runc's shim reads it: a timed-out ExecSync is
+        // killed with all=true and must not take the container with it.
+        if req.all && req.exec_id.is_empty() {
             self.signal_cgroup(&c, sig);
             return Ok(Empty::new());
         }
@@ -1195,5 +1258,35 @@ impl ContainersService {
             containers,
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launch_uses_the_templates_lookup_only_for_the_same_name_and_path() {
+        let l = LookedUp {
+            path: "/usr/bin:/bin".into(),
+            found: vec![("sh".into(), "/bin/sh".into())],
+        };
+        let args = |a: &str| vec![a.to_string(), "-c".to_string()];
+        let env = |p: &str| vec!["A=1".to_string(), format!("PATH={p}")];
+        assert_eq!(
+            l.get(&args("sh"), &env("/usr/bin:/bin")),
+            Some(Path::new("/bin/sh"))
+        );
+        // Another name, another $PATH, or none: looked up again.
+        assert_eq!(l.get(&args("ls"), &env("/usr/bin:/bin")), None);
+        assert_eq!(l.get(&args("sh"), &env("/opt/bin:/bin")), None);
+        assert_eq!(l.get(&args("sh"), &["A=1".to_string()]), None);
+        assert_eq!(l.get(&[], &env("/usr/bin:/bin")), None);
+        // The first PATH counts, as in the launch's own lookup.
+        let two = vec![
+            "PATH=/opt/bin".to_string(),
+            "PATH=/usr/bin:/bin".to_string(),
+        ];
+        assert_eq!(l.get(&args("sh"), &two), None);
     }
 }

@@ -11,18 +11,23 @@
 //! templates).
 //!
 //! How: libcontainer's init does all of its setup before it waits for
-//! "start", then runs its executor. A parked container's executor is
-//! `ParkedExecutor`: it reads one message from a socket whose other end the
-//! agent holds (the args and environment as JSON, the three stdio
-//! descriptors with SCM_RIGHTS), puts the descriptors on 0-2 and execs. The
-//! socket is close-on-exec, so the exec closes the init's end. The agent
-//! sends before it starts the container, so the message is waiting when the
-//! init wakes. The program is looked up by the agent in the parked
-//! container's root first, so a missing or non-executable one is refused
-//! with Docker's 127/126 details as at create.
+//! "start", then runs its executor. A parked container is started as soon
+//! as it is made, before its template's snapshot, so its init is already
+//! in its executor, `ParkedExecutor`: it reads one message from a socket
+//! whose other end the agent holds (the args and environment as JSON, the
+//! path of the program, the three stdio descriptors with SCM_RIGHTS), puts
+//! the descriptors on 0-2 and execs. The socket is close-on-exec, so the
+//! exec closes the init's end. A launch is then one message: nothing of
+//! libcontainer's start is left for it. The program is looked up by the
+//! agent in the parked container's root (before the snapshot, for the
+//! names the template was warmed for), so a missing or non-executable one
+//! is refused with Docker's 127/126 details as at create, and the init
+//! execs that file once instead of trying each $PATH entry.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::mpsc;
 
 use husk_protocol::agent::{Empty, LaunchContainerRequest};
 use libcontainer::workload::{
@@ -75,7 +80,7 @@ pub fn check_launch(req: &LaunchContainerRequest) -> Result<(), Invalid> {
             }
         }
     }
-    let bytes = message(req).len();
+    let bytes = message(req, None).len();
     if bytes > MAX_LAUNCH {
         return Err(Invalid(format!(
             "args and env encode to {bytes} bytes: a launch carries at most {MAX_LAUNCH}"
@@ -90,9 +95,27 @@ pub fn check_launch(req: &LaunchContainerRequest) -> Result<(), Invalid> {
     stdio_names(&req.stdio.clone().unwrap_or_default(), false)
 }
 
-/// What the parked init receives besides its stdio.
-fn message(req: &LaunchContainerRequest) -> String {
-    json!({"args": req.args, "env": req.env}).to_string()
+/// The most bytes of a message to the init: a launch and its program's
+/// path (a resolved path is at most PATH_MAX, escaped at most six times).
+const MAX_MESSAGE: usize = MAX_LAUNCH + 6 * 4096 + 16;
+
+/// What the parked init receives besides its stdio: the args and the
+/// environment, and the program's container path when the agent found it
+/// (else the init looks it up in $PATH).
+fn message(req: &LaunchContainerRequest, path: Option<&Path>) -> String {
+    let path = path.and_then(Path::to_str);
+    match path {
+        Some(p) => json!({"args": req.args, "env": req.env, "path": p}),
+        None => json!({"args": req.args, "env": req.env}),
+    }
+    .to_string()
+}
+
+/// A launch given with `hold`: sent by StartContainer.
+pub(super) struct HeldLaunch {
+    sock: OwnedFd,
+    message: String,
+    stdio: ProcStdio,
 }
 
 fn cut(s: &str) -> String {
@@ -111,8 +134,7 @@ pub(super) fn socket() -> ttrpc::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The message to the parked init, with the stdio as SCM_RIGHTS.
-fn send(sock: &OwnedFd, req: &LaunchContainerRequest, stdio: &ProcStdio) -> ttrpc::Result<()> {
-    let msg = message(req);
+fn send(sock: &OwnedFd, msg: &str, stdio: &ProcStdio) -> ttrpc::Result<()> {
     let fds = [
         stdio.stdin.as_raw_fd(),
         stdio.stdout.as_raw_fd(),
@@ -142,11 +164,9 @@ fn send(sock: &OwnedFd, req: &LaunchContainerRequest, stdio: &ProcStdio) -> ttrp
     }
 }
 
-/// Sets `name` as the host name of `pid`'s UTS namespace, from a thread
-/// of its own that joins it and ends (the agent's other threads keep
-/// theirs). Refused when that namespace is the agent's: its name is the
+/// `pid`'s UTS namespace, refused when it is the agent's: that name is the
 /// sandbox's, set by StartSandbox.
-fn set_hostname_of(pid: i32, name: &str) -> ttrpc::Result<()> {
+fn uts_namespace_of(pid: i32) -> ttrpc::Result<std::fs::File> {
     use std::os::unix::fs::MetadataExt;
     let ns = format!("/proc/{pid}/ns/uts");
     let theirs = std::fs::metadata(&ns).map_err(|e| internal(format!("{ns}: {e}")))?;
@@ -158,19 +178,70 @@ fn set_hostname_of(pid: i32, name: &str) -> ttrpc::Result<()> {
             "the container shares the sandbox's UTS namespace: its host name is the sandbox's",
         ));
     }
-    let file = std::fs::File::open(&ns).map_err(|e| internal(format!("{ns}: {e}")))?;
-    let name = name.to_string();
-    std::thread::Builder::new()
-        .name("hostname".into())
-        .spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWUTS)
-                .map_err(|e| format!("joining its UTS namespace: {e}"))?;
-            nix::unistd::sethostname(&name).map_err(|e| format!("sethostname: {e}"))
-        })
-        .map_err(|e| internal(format!("a thread for the host name: {e}")))?
-        .join()
-        .map_err(|_| internal("the host name's thread panicked"))?
-        .map_err(|e| internal(format!("the container's host name: {e}")))
+    std::fs::File::open(&ns).map_err(|e| internal(format!("{ns}: {e}")))
+}
+
+/// What a namer is asked: a host name, and where to answer.
+type Naming = (String, mpsc::SyncSender<Result<(), String>>);
+
+/// A thread of the agent's in a parked container's UTS namespace, made
+/// when the container is parked (before its template's snapshot) and kept
+/// until its launch, which has it set the run's host name: one
+/// sethostname then, where a thread made at the launch to join the
+/// namespace cost ~0.7 s of emulated guest time (its clone, stack and
+/// setns). The agent's other threads keep their namespace. The thread
+/// ends when its namer is dropped.
+pub(super) struct Namer {
+    ask: mpsc::SyncSender<Naming>,
+}
+
+impl Namer {
+    /// A thread that joins `pid`'s UTS namespace and waits to name it.
+    pub(super) fn join(pid: i32) -> ttrpc::Result<Namer> {
+        let file = uts_namespace_of(pid)?;
+        let (ask, asked) = mpsc::sync_channel::<Naming>(1);
+        let (joined_tx, joined) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("namer".into())
+            .spawn(move || {
+                let r = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWUTS)
+                    .map_err(|e| format!("joining its UTS namespace: {e}"));
+                drop(file);
+                let ok = r.is_ok();
+                let _ = joined_tx.send(r);
+                if !ok {
+                    return;
+                }
+                for (name, answer) in asked {
+                    let r =
+                        nix::unistd::sethostname(&name).map_err(|e| format!("sethostname: {e}"));
+                    let _ = answer.send(r);
+                }
+            })
+            .map_err(|e| internal(format!("a thread for the host name: {e}")))?;
+        match joined.recv() {
+            Ok(Ok(())) => Ok(Namer { ask }),
+            Ok(Err(e)) => Err(internal(format!("the container's host name: {e}"))),
+            Err(_) => Err(internal("the host name's thread ended")),
+        }
+    }
+
+    fn name(&self, name: &str) -> ttrpc::Result<()> {
+        let (answer, answered) = mpsc::sync_channel(1);
+        self.ask
+            .send((name.to_string(), answer))
+            .map_err(|_| internal("the host name's thread ended"))?;
+        answered
+            .recv()
+            .map_err(|_| internal("the host name's thread ended"))?
+            .map_err(|e| internal(format!("the container's host name: {e}")))
+    }
+}
+
+/// Sets `name` as the host name of `pid`'s UTS namespace, from a thread
+/// made for it (a container parked without a namer).
+fn set_hostname_of(pid: i32, name: &str) -> ttrpc::Result<()> {
+    Namer::join(pid)?.name(name)
 }
 
 impl ContainersService {
@@ -201,33 +272,61 @@ impl ContainersService {
                 format!("the parked container {:?} has exited", req.container_id),
             ));
         }
-        let Some(sock) = c.parked.as_ref() else {
+        if c.parked.is_none() {
             return Err(internal("a parked container without its socket"));
-        };
-        let step = crate::profile::step("launch");
-        // The program, looked up in the root the init already has.
-        let mut process = oci_spec::runtime::Process::default();
-        process.set_args(Some(req.args.clone()));
-        process.set_env(Some(req.env.clone()));
-        process.set_cwd(c.cwd.clone());
-        let scope = crate::executable::Scope::Running {
-            init_pid: c.init.pid,
-        };
-        crate::executable::check(&scope, &process)?;
-        if !req.hostname.is_empty() {
-            set_hostname_of(c.init.pid, &req.hostname)?;
         }
+        let step = crate::profile::step("launch");
+        let part = crate::profile::step("launch.lookup");
+        // The program: where the template's lookup found it, else looked
+        // up now in the root the init already has.
+        let known = (c.looked_up.as_ref()).and_then(|l| l.get(&req.args, &req.env));
+        let path = match known {
+            Some(p) => Some(p.to_path_buf()),
+            None => {
+                let mut process = oci_spec::runtime::Process::default();
+                process.set_args(Some(req.args.clone()));
+                process.set_env(Some(req.env.clone()));
+                process.set_cwd(c.cwd.clone());
+                let scope = crate::executable::Scope::Running {
+                    init_pid: c.init.pid,
+                };
+                crate::executable::check(&scope, &process)?
+            }
+        };
+        part.end();
+        if !req.hostname.is_empty() {
+            let _part = crate::profile::step("launch.hostname");
+            // Used once: a launch that fails after this leaves the
+            // container parked, and a later one makes its own thread.
+            match c.namer.take() {
+                Some(n) => n.name(&req.hostname)?,
+                None => set_hostname_of(c.init.pid, &req.hostname)?,
+            }
+        }
+        let part = crate::profile::step("launch.stdio");
         let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())?;
         let stdin = stdio.stdin_handle();
-        send(sock, &req, &stdio)?;
-        // Sent: the init has its own copies.
-        drop(stdio);
-        c.parked = None;
-        c.init.stdin = stdin;
-        step.end();
-        if !req.hold {
-            c.start_init(&req.container_id)?;
+        part.end();
+        let mut message = message(&req, path.as_deref());
+        if message.len() > MAX_MESSAGE {
+            // A path that long: the init looks the program up itself.
+            message = self::message(&req, None);
         }
+        let Some(sock) = c.parked.take() else {
+            return Err(internal("a parked container without its socket"));
+        };
+        c.init.stdin = stdin;
+        let held = HeldLaunch {
+            sock,
+            message,
+            stdio,
+        };
+        if req.hold {
+            c.held_launch = Some(held);
+        } else {
+            c.send_launch(held)?;
+        }
+        step.end();
         if renamed {
             // Under the container's lock: a RemoveContainer of the first id
             // waiting for it then finds the id gone (remove checks).
@@ -252,6 +351,22 @@ impl ContainersService {
                 *cid = new.to_string();
             }
         }
+    }
+}
+
+impl super::Ctr {
+    /// Gives a parked container's init its process: it execs at once (it
+    /// was started before its snapshot). The container is started from here.
+    pub(super) fn send_launch(&mut self, held: HeldLaunch) -> ttrpc::Result<()> {
+        let _part = crate::profile::step("launch.send");
+        send(&held.sock, &held.message, &held.stdio)?;
+        // Sent: the init has its own copies of the stdio, and the message
+        // is queued for it, so our end of the socket can go.
+        drop(held);
+        self.namer = None;
+        self.started = true;
+        self.started_at = Some(std::time::Instant::now());
+        Ok(())
     }
 }
 
@@ -280,7 +395,12 @@ impl Executor for ParkedExecutor {
     }
 
     fn exec(&self, _: &Spec) -> Result<(), ExecutorError> {
-        let (args, env, fds) = receive(self.sock).map_err(ExecutorError::Other)?;
+        let Launch {
+            args,
+            env,
+            path,
+            fds,
+        } = receive(self.sock).map_err(ExecutorError::Other)?;
         for (target, fd) in fds.iter().enumerate() {
             // Received descriptors are above 2: 0-2 are open (the parked
             // init's /dev/null), so none is overwritten before it is used.
@@ -306,7 +426,16 @@ impl Executor for ParkedExecutor {
         let Some(prog) = c.first() else {
             return Err(ExecutorError::Other("no args".into()));
         };
-        let Err(e) = nix::unistd::execvp(prog, &c);
+        // The agent's lookup found the program: exec that file once, as
+        // runc does, rather than trying each $PATH entry again.
+        let path = path
+            .map(std::ffi::CString::new)
+            .transpose()
+            .map_err(|_| ExecutorError::Other("a path with a NUL byte".into()))?;
+        let Err(e) = match &path {
+            Some(p) => nix::unistd::execv(p, &c),
+            None => nix::unistd::execvp(prog, &c),
+        };
         // On the container's stderr: the agent's lookup passed, so the
         // program changed since, or its interpreter is missing.
         eprintln!("husk: exec {:?}: {e}", args[0]);
@@ -332,15 +461,21 @@ fn replace_environ(env: &[String]) {
     }
 }
 
-/// Args, environment and stdio of a launch (in the init).
-type Launch = (Vec<String>, Vec<String>, Vec<OwnedFd>);
+/// A launch as the init receives it.
+struct Launch {
+    args: Vec<String>,
+    env: Vec<String>,
+    /// The program's container path, when the agent found it.
+    path: Option<String>,
+    fds: Vec<OwnedFd>,
+}
 
 /// The launch message, blocking until it comes.
 fn receive(sock: RawFd) -> Result<Launch, String> {
-    let (msg, fds) = match crate::spawner::receive(sock, MAX_LAUNCH) {
+    let (msg, fds) = match crate::spawner::receive(sock, MAX_MESSAGE) {
         Ok(Some(m)) => m,
         Ok(None) => return Err("the agent closed the socket without a launch".into()),
-        Err(Errno::EMSGSIZE) => return Err(format!("a launch longer than {MAX_LAUNCH} bytes")),
+        Err(Errno::EMSGSIZE) => return Err(format!("a launch longer than {MAX_MESSAGE} bytes")),
         Err(e) => return Err(format!("waiting for the process: {e}")),
     };
     if fds.len() != 3 || fds.iter().any(|f| f.as_raw_fd() < 3) {
@@ -360,7 +495,12 @@ fn receive(sock: RawFd) -> Result<Launch, String> {
     if args.is_empty() {
         return Err("a launch without args".into());
     }
-    Ok((args, strings("env"), fds))
+    Ok(Launch {
+        args,
+        env: strings("env"),
+        path: v["path"].as_str().map(String::from),
+        fds,
+    })
 }
 
 #[cfg(test)]
@@ -418,14 +558,19 @@ mod tests {
             stderr: null(true),
             has_stdin: false,
         };
-        send(&ours, &launch(), &stdio).unwrap();
-        let (args, env, fds) = receive(theirs.as_raw_fd()).unwrap();
-        assert_eq!(args, launch().args);
-        assert_eq!(env, launch().env);
-        assert_eq!(fds.len(), 3);
+        let msg = message(&launch(), Some(Path::new("/bin/sh")));
+        send(&ours, &msg, &stdio).unwrap();
+        let got = receive(theirs.as_raw_fd()).unwrap();
+        assert_eq!(got.args, launch().args);
+        assert_eq!(got.env, launch().env);
+        assert_eq!(got.path.as_deref(), Some("/bin/sh"));
+        assert_eq!(got.fds.len(), 3);
+        // Without a path the init looks the program up itself.
+        send(&ours, &message(&launch(), None), &stdio).unwrap();
+        assert_eq!(receive(theirs.as_raw_fd()).unwrap().path, None);
         // The init gone: the agent is told so, by name.
         drop(theirs);
-        let e = send(&ours, &launch(), &stdio).unwrap_err();
+        let e = send(&ours, &msg, &stdio).unwrap_err();
         assert!(format!("{e:?}").contains("init is gone"), "{e:?}");
     }
 }

@@ -231,9 +231,7 @@ impl ContainerSpec {
         cfg.hostname = match (&self.hostname, &self.root) {
             (Some(h), _) => h.clone(),
             (None, Root::Image(_)) => self.id.chars().take(12).collect(),
-            (None, Root::Shared { .. } | Root::Drive { .. }) => {
-                oci.hostname().clone().unwrap_or(self.id.clone())
-            }
+            (None, Root::Shared { .. } | Root::Drive { .. }) => spec_hostname(&oci, &self.id),
         };
         cfg.machine = self.machine;
         cfg.boot = self.boot;
@@ -569,8 +567,10 @@ impl Starting {
             env: process.env().clone().unwrap_or_default(),
             // A spec without one has the sandbox's, as a container created
             // in it would (its UTS namespace starts as a copy of the guest's).
-            hostname: (self.plan.oci.hostname().clone())
-                .unwrap_or_else(|| self.plan.config.hostname.clone()),
+            hostname: match self.plan.oci.hostname().as_deref() {
+                Some(h) if !h.is_empty() => h.to_owned(),
+                _ => self.plan.config.hostname.clone(),
+            },
             new_id: self.plan.id.clone(),
             hold,
         };
@@ -799,9 +799,32 @@ pub fn copy_to_log(
     })
 }
 
+/// A bundle's guest hostname: its spec's when set, else (as Docker names
+/// a container's host) the id's first 12 characters. CRI pods without a
+/// hostname come with an empty one and a 64-character id, and a host name
+/// label is at most 63 characters, so the whole id would be refused.
+fn spec_hostname(oci: &Spec, id: &str) -> String {
+    match oci.hostname().as_deref() {
+        Some(h) if !h.is_empty() => h.to_owned(),
+        _ => id.chars().take(12).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_without_a_hostname_gets_a_valid_short_one() {
+        let id = "a".repeat(64);
+        let mut oci = Spec::default();
+        oci.set_hostname(None);
+        assert_eq!(spec_hostname(&oci, &id), "a".repeat(12));
+        oci.set_hostname(Some(String::new()));
+        assert_eq!(spec_hostname(&oci, &id), "a".repeat(12));
+        oci.set_hostname(Some("web".into()));
+        assert_eq!(spec_hostname(&oci, &id), "web");
+    }
 
     fn mount(source: MountSource, target: &str, read_only: bool) -> Mount {
         Mount {

@@ -320,8 +320,8 @@ impl AgentConn {
         Ok(())
     }
 
-    /// Signals a process (`exec_id` "" for the init), or with `all` every
-    /// process of the container.
+    /// Signals a process (`exec_id` "" for the init), or with `all` and no
+    /// `exec_id` every process of the container.
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let req = husk_protocol::agent::SignalProcessRequest {
             container_id: id.into(),
