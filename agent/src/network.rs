@@ -195,12 +195,21 @@ impl Netlink {
         )
     }
 
-    /// The link named `name`, if there is one.
+    /// The link named `name`, if there is one: asked for by name, so the
+    /// kernel describes that link only (a dump describes every link with
+    /// its statistics and per-family settings, guest-kernel work that a
+    /// start paid twice).
     pub fn link(&mut self, name: &str) -> Result<Option<LinkMessage>, NlError> {
-        Ok(self
-            .links()?
-            .into_iter()
-            .find(|l| link_name(l) == Some(name)))
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(RouteNetlinkMessage::GetLink(m), NLM_F_ACK) {
+            Ok(replies) => Ok(replies.into_iter().find_map(|r| match r {
+                RouteNetlinkMessage::NewLink(l) if link_name(&l) == Some(name) => Some(l),
+                _ => None,
+            })),
+            Err(NlError::Kernel(libc::ENODEV)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, NlError> {
@@ -508,8 +517,26 @@ impl NetworkService {
 
     /// Configures one interface: MAC, MTU, exactly these addresses, up.
     pub fn apply_interface(&self, i: &Interface) -> Result<(), NetError> {
-        check_interface(i)?;
+        self.apply_interface_on(&mut Netlink::new()?, i)
+    }
+
+    /// A sandbox's interfaces, then its routes, on one netlink socket.
+    pub fn apply_sandbox(
+        &self,
+        interfaces: &[Interface],
+        routes: &[Route],
+    ) -> Result<(), NetError> {
         let mut nl = Netlink::new()?;
+        for i in interfaces {
+            let _step = crate::profile::step("sandbox.interface");
+            self.apply_interface_on(&mut nl, i)?;
+        }
+        let _step = crate::profile::step("sandbox.routes");
+        self.apply_routes_on(&mut nl, routes)
+    }
+
+    fn apply_interface_on(&self, nl: &mut Netlink, i: &Interface) -> Result<(), NetError> {
+        check_interface(i)?;
         let link = nl
             .link(&i.name)?
             .ok_or_else(|| NetError::NoInterface(i.name.clone()))?;
@@ -577,22 +604,30 @@ impl NetworkService {
     /// Replaces the main table's static routes with `routes` (the kernel's
     /// own routes for connected subnets stay).
     pub fn apply_routes(&self, routes: &[Route]) -> Result<(), NetError> {
+        self.apply_routes_on(&mut Netlink::new()?, routes)
+    }
+
+    fn apply_routes_on(&self, nl: &mut Netlink, routes: &[Route]) -> Result<(), NetError> {
         let parsed: Vec<_> = routes.iter().map(parse_route).collect::<Result<_, _>>()?;
-        let mut nl = Netlink::new()?;
-        let links = nl.links()?;
-        let index_of = |name: &str| {
-            links
-                .iter()
-                .find(|l| link_name(l) == Some(name))
+        // Each device named, looked up once by name.
+        let mut indexes: Vec<(String, u32)> = Vec::new();
+        let mut index_of = |nl: &mut Netlink, name: &str| -> Result<u32, NetError> {
+            if let Some((_, i)) = indexes.iter().find(|(n, _)| n == name) {
+                return Ok(*i);
+            }
+            let i = nl
+                .link(name)?
                 .map(|l| l.header.index)
-                .ok_or_else(|| NetError::NoInterface(name.to_string()))
+                .ok_or_else(|| NetError::NoInterface(name.to_string()))?;
+            indexes.push((name.to_string(), i));
+            Ok(i)
         };
         let mut add = Vec::new();
         for (r, (dest, gw)) in routes.iter().zip(parsed) {
             let oif = if r.device.is_empty() {
                 None
             } else {
-                Some(index_of(&r.device)?)
+                Some(index_of(nl, &r.device)?)
             };
             let mut m = RouteMessage::default();
             let v4 = dest.map(|d| d.0.is_ipv4()).or(gw.map(|g| g.is_ipv4())) == Some(true);

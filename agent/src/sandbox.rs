@@ -155,12 +155,7 @@ impl SandboxService {
                     "interfaces and routes are refused: this agent runs in the host's network namespace",
                 ));
             }
-            for i in &req.interfaces {
-                let _step = crate::profile::step("sandbox.interface");
-                self.network.apply_interface(i)?;
-            }
-            let _step = crate::profile::step("sandbox.routes");
-            self.network.apply_routes(&req.routes)?;
+            self.network.apply_sandbox(&req.interfaces, &req.routes)?;
         }
         Ok(Empty::new())
     }
