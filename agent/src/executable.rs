@@ -101,11 +101,23 @@ pub fn find_program(root: &Root, name: &str, path: &str, cwd: &Path) -> Option<P
     p.set_args(Some(vec![name.to_string()]));
     p.set_env(Some(vec![format!("PATH={path}")]));
     p.set_cwd(cwd.to_path_buf());
-    // The first that exists decides, as for a launch.
-    let (c, handle) = candidates(&p)?
-        .into_iter()
-        .find_map(|c| root.resolve(&c).ok().map(|h| (c, h)))?;
-    matches!(kind(&handle), Some(Found::Runnable)).then_some(c)
+    // The first that exists decides, as for a launch; one that cannot be
+    // told decides nothing (as `lookup`'s Unknown).
+    for c in candidates(&p)? {
+        match examine(root, &c, true)? {
+            Found::Missing => continue,
+            Found::Runnable => return Some(c),
+            Found::NotExecutable => return None,
+        }
+    }
+    None
+}
+
+/// The $PATH a process gets from `env` (KEY=VALUE): the last one, as the
+/// process's environment is built (libcontainer's map of it, and a parked
+/// init's, keep the last of a key given twice).
+pub fn path_of(env: &[String]) -> Option<&str> {
+    env.iter().rev().find_map(|e| e.strip_prefix("PATH="))
 }
 
 /// The container paths libcontainer would try, in order.
@@ -113,7 +125,7 @@ fn candidates(process: &Process) -> Option<Vec<PathBuf>> {
     let name = process.args().as_ref()?.first()?;
     let env = process.env().as_ref()?;
     // No PATH: libcontainer refuses with its own reason.
-    let path = env.iter().find_map(|e| e.strip_prefix("PATH="))?;
+    let path = path_of(env)?;
     let cwd = process.cwd();
     let mut c = Vec::new();
     if name.contains('/') {

@@ -57,7 +57,9 @@ impl Streams {
         let fd = socket(
             AddressFamily::Vsock,
             SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
+            // Non-blocking: a connection gone between the poll and the
+            // accept must not stall the one thread that names streams.
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )?;
         bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
@@ -69,6 +71,7 @@ impl Streams {
     pub fn serve_unix(self: &Arc<Self>, path: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path)?;
+        l.set_nonblocking(true)?;
         self.serve(l.into())
     }
 

@@ -554,12 +554,21 @@ fn a_parked_container_is_launched_with_its_process() {
         .park(&id, &spec, Vec::new(), true, Some(&warm))
         .unwrap();
     assert!(pid > 0);
-    // A parked container is not started with StartContainer.
+    // A parked container is not started with StartContainer, nor paused.
     let e = rpc_message(&c.start_container(ctx(T), &container(&id)).unwrap_err());
     assert!(
         e.contains("FAILED_PRECONDITION") && e.contains("parked"),
         "{e}"
     );
+    let e = rpc_message(&c.pause_container(ctx(T), &container(&id)).unwrap_err());
+    assert!(e.contains("not running"), "{e}");
+    // A `sh` put first in its $PATH after it was parked is not the one a
+    // launch runs: the lookup made when it was parked is (nothing runs in
+    // a template's root meanwhile; this test writes there from outside).
+    let decoy = format!("/proc/{pid}/root/nowhere/sh");
+    std::fs::create_dir_all(format!("/proc/{pid}/root/nowhere")).unwrap();
+    std::fs::write(&decoy, "#!/bin/sh\necho decoy\n").unwrap();
+    std::fs::set_permissions(&decoy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // A missing program is refused as at create, and it stays parked.
     let mut l = Launch {

@@ -192,9 +192,9 @@ pub fn check_create(req: &CreateContainerRequest) -> Result<Spec, Invalid> {
 }
 
 /// What a parked container cannot have: stdio (its launch gives it), a
-/// terminal (not relayed to a launched process yet) or a seccomp filter
+/// terminal (not relayed to a launched process yet), a seccomp filter
 /// (its init receives its process under the filter, which may forbid
-/// that).
+/// that) or hooks.
 fn check_parked(spec: &Spec, stdio: &Stdio, terminal: bool) -> Result<(), Invalid> {
     if stdio != &Stdio::default() {
         return Err(Invalid(
@@ -209,6 +209,13 @@ fn check_parked(spec: &Spec, stdio: &Stdio, terminal: bool) -> Result<(), Invali
     if spec.linux().as_ref().is_some_and(|l| l.seccomp().is_some()) {
         return Err(Invalid(
             "parked: a container with a seccomp filter cannot be parked yet".into(),
+        ));
+    }
+    if spec.hooks().is_some() {
+        // A parked container is started when it is made: its start hooks
+        // would run then, once per template, not at each launch.
+        return Err(Invalid(
+            "parked: a container with OCI hooks cannot be parked".into(),
         ));
     }
     Ok(())

@@ -99,8 +99,7 @@ impl LookedUp {
     /// Where `args[0]` was found, when it was looked up with `env`'s $PATH.
     fn get(&self, args: &[String], env: &[String]) -> Option<&Path> {
         let name = args.first()?;
-        // The first PATH, as the launch's own lookup takes it.
-        let path = env.iter().find_map(|e| e.strip_prefix("PATH="))?;
+        let path = crate::executable::path_of(env)?;
         if path != self.path {
             return None;
         }
@@ -529,6 +528,11 @@ impl ContainersService {
             let _step = crate::profile::step("create.prestart");
             if let Err(e) = lc.start() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                // Reaped before its state and bundle go (Undo).
+                let _ = self.reaper.wait(pid, Some(REMOVE_WAIT));
+                self.reaper.forget(pid);
+                self.unwatch_oom_of(id);
+                let _ = std::fs::remove_dir(&cgroup);
                 return Err(internal(format!("start {id:?}: {}", causes(&e))));
             }
         }
@@ -886,6 +890,14 @@ impl ContainersService {
     fn freeze(&self, id: &str, pause: bool) -> ttrpc::Result<()> {
         let arc = self.get(id)?;
         let mut c = lock(&arc);
+        if !c.started {
+            // A parked container's init runs already (it waits for its
+            // process); the container is not started until its launch.
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {id:?} is not running"),
+            ));
+        }
         let (what, r) = if pause {
             ("pause", c.lc.pause())
         } else {
@@ -994,7 +1006,12 @@ impl ContainersService {
         match c.held_launch.take() {
             // A parked container launched with `hold`: its init is past
             // libcontainer's start already and waits for its process.
-            Some(held) => c.send_launch(held)?,
+            Some(held) => {
+                if let Err((e, held)) = c.send_launch(held) {
+                    c.held_launch = Some(held);
+                    return Err(e);
+                }
+            }
             None => c.start_init(&req.container_id)?,
         }
         Ok(Empty::new())
@@ -1282,11 +1299,12 @@ mod tests {
         assert_eq!(l.get(&args("sh"), &env("/opt/bin:/bin")), None);
         assert_eq!(l.get(&args("sh"), &["A=1".to_string()]), None);
         assert_eq!(l.get(&[], &env("/usr/bin:/bin")), None);
-        // The first PATH counts, as in the launch's own lookup.
-        let two = vec![
-            "PATH=/opt/bin".to_string(),
-            "PATH=/usr/bin:/bin".to_string(),
-        ];
-        assert_eq!(l.get(&args("sh"), &two), None);
+        // The last PATH counts: it is the one the process gets.
+        let two = |a: &str, b: &str| vec![format!("PATH={a}"), format!("PATH={b}")];
+        assert_eq!(
+            l.get(&args("sh"), &two("/opt/bin", "/usr/bin:/bin")),
+            Some(Path::new("/bin/sh"))
+        );
+        assert_eq!(l.get(&args("sh"), &two("/usr/bin:/bin", "/opt/bin")), None);
     }
 }

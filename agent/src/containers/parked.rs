@@ -294,6 +294,12 @@ impl ContainersService {
             }
         };
         part.end();
+        // The streams first: a launch whose streams never come fails here,
+        // before the container's host name is changed.
+        let part = crate::profile::step("launch.stdio");
+        let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())?;
+        let stdin = stdio.stdin_handle();
+        part.end();
         if !req.hostname.is_empty() {
             let _part = crate::profile::step("launch.hostname");
             // Used once: a launch that fails after this leaves the
@@ -303,10 +309,6 @@ impl ContainersService {
                 None => set_hostname_of(c.init.pid, &req.hostname)?,
             }
         }
-        let part = crate::profile::step("launch.stdio");
-        let stdio = ProcStdio::claim(&self.streams, &req.stdio.clone().unwrap_or_default())?;
-        let stdin = stdio.stdin_handle();
-        part.end();
         let mut message = message(&req, path.as_deref());
         if message.len() > MAX_MESSAGE {
             // A path that long: the init looks the program up itself.
@@ -315,7 +317,6 @@ impl ContainersService {
         let Some(sock) = c.parked.take() else {
             return Err(internal("a parked container without its socket"));
         };
-        c.init.stdin = stdin;
         let held = HeldLaunch {
             sock,
             message,
@@ -323,9 +324,12 @@ impl ContainersService {
         };
         if req.hold {
             c.held_launch = Some(held);
-        } else {
-            c.send_launch(held)?;
+        } else if let Err((e, held)) = c.send_launch(held) {
+            // Still parked: a later launch may send again.
+            c.parked = Some(held.sock);
+            return Err(e);
         }
+        c.init.stdin = stdin;
         step.end();
         if renamed {
             // Under the container's lock: a RemoveContainer of the first id
@@ -357,9 +361,15 @@ impl ContainersService {
 impl super::Ctr {
     /// Gives a parked container's init its process: it execs at once (it
     /// was started before its snapshot). The container is started from here.
-    pub(super) fn send_launch(&mut self, held: HeldLaunch) -> ttrpc::Result<()> {
+    /// Not sent: the error, and the launch back.
+    pub(super) fn send_launch(
+        &mut self,
+        held: HeldLaunch,
+    ) -> Result<(), (ttrpc::Error, HeldLaunch)> {
         let _part = crate::profile::step("launch.send");
-        send(&held.sock, &held.message, &held.stdio)?;
+        if let Err(e) = send(&held.sock, &held.message, &held.stdio) {
+            return Err((e, held));
+        }
         // Sent: the init has its own copies of the stdio, and the message
         // is queued for it, so our end of the socket can go.
         drop(held);
@@ -433,7 +443,13 @@ impl Executor for ParkedExecutor {
             .transpose()
             .map_err(|_| ExecutorError::Other("a path with a NUL byte".into()))?;
         let Err(e) = match &path {
-            Some(p) => nix::unistd::execv(p, &c),
+            // A file that is no executable format (a script without
+            // `#!`): execvp runs it with /bin/sh, as a container created
+            // the usual way does (libcontainer's executor execvp's too).
+            Some(p) => match nix::unistd::execv(p, &c) {
+                Err(Errno::ENOEXEC) => nix::unistd::execvp(prog, &c),
+                r => r,
+            },
             None => nix::unistd::execvp(prog, &c),
         };
         // On the container's stderr: the agent's lookup passed, so the

@@ -387,7 +387,9 @@ impl Plan {
 
     /// Whether its container can be parked (`Boot::Parked`): a root on a
     /// drive, without volumes or host paths (drives and shares are the
-    /// run's own), a terminal, a seccomp filter, or more args and
+    /// run's own), a terminal, a seccomp filter, OCI hooks (a parked
+    /// container is started before its template's snapshot, so its start
+    /// hooks would run once per template, not per run), or more args and
     /// environment than a launch carries, and with a UTS namespace of its
     /// own (the parked container's host name is the template's until the
     /// launch sets the run's). Resource limits are applied at create, and
@@ -415,6 +417,7 @@ impl Plan {
             && self.config.shares.is_empty()
             && !p.terminal().unwrap_or(false)
             && linux.is_none_or(|l| l.seccomp().is_none())
+            && self.oci.hooks().is_none()
             && launch <= husk_protocol::MAX_LAUNCH_BYTES
     }
 
@@ -804,9 +807,20 @@ pub fn copy_to_log(
 /// hostname come with an empty one and a 64-character id, and a host name
 /// label is at most 63 characters, so the whole id would be refused.
 fn spec_hostname(oci: &Spec, id: &str) -> String {
-    match oci.hostname().as_deref() {
-        Some(h) if !h.is_empty() => h.to_owned(),
-        _ => id.chars().take(12).collect(),
+    if let Some(h) = oci.hostname().as_deref().filter(|h| !h.is_empty()) {
+        return h.to_owned();
+    }
+    // An id may hold what a host name may not ('_', '+', '.' at the end).
+    let short: String = id
+        .chars()
+        .take(12)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let short = short.trim_matches('-');
+    if short.is_empty() {
+        "husk".to_string()
+    } else {
+        short.to_string()
     }
 }
 
@@ -824,6 +838,10 @@ mod tests {
         assert_eq!(spec_hostname(&oci, &id), "a".repeat(12));
         oci.set_hostname(Some("web".into()));
         assert_eq!(spec_hostname(&oci, &id), "web");
+        // An id's characters a host name may not hold are replaced.
+        oci.set_hostname(None);
+        assert_eq!(spec_hostname(&oci, "my_app.1+x."), "my-app-1-x");
+        assert_eq!(spec_hostname(&oci, "__"), "husk");
     }
 
     fn mount(source: MountSource, target: &str, read_only: bool) -> Mount {
