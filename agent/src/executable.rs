@@ -101,16 +101,10 @@ pub fn find_program(root: &Root, name: &str, path: &str, cwd: &Path) -> Option<P
     p.set_args(Some(vec![name.to_string()]));
     p.set_env(Some(vec![format!("PATH={path}")]));
     p.set_cwd(cwd.to_path_buf());
-    // The first that exists decides, as for a launch; one that cannot be
-    // told decides nothing (as `lookup`'s Unknown).
-    for c in candidates(&p)? {
-        match examine(root, &c, true)? {
-            Found::Missing => continue,
-            Found::Runnable => return Some(c),
-            Found::NotExecutable => return None,
-        }
+    match decide(candidates(&p)?, |c| examine(root, c, true)) {
+        Verdict::Runnable(c) => Some(c),
+        _ => None,
     }
-    None
 }
 
 /// The $PATH a process gets from `env` (KEY=VALUE): the last one, as the
@@ -150,12 +144,17 @@ fn lookup(scope: &Scope, process: &Process) -> Verdict {
     let Some(root) = root else {
         return Verdict::Unknown;
     };
+    decide(candidates, |c| match scope {
+        Scope::Running { .. } => examine(&root, c, true),
+        Scope::Create { mounts, .. } => in_created(&root, mounts, c),
+    })
+}
+
+/// The verdict on `candidates` in order, each examined by `found`: the
+/// first that exists decides; one that cannot be told decides nothing.
+fn decide(candidates: Vec<PathBuf>, found: impl Fn(&Path) -> Option<Found>) -> Verdict {
     for c in candidates {
-        let found = match scope {
-            Scope::Running { .. } => examine(&root, &c, true),
-            Scope::Create { mounts, .. } => in_created(&root, mounts, &c),
-        };
-        match found {
+        match found(&c) {
             Some(Found::Missing) => continue,
             Some(Found::Runnable) => return Verdict::Runnable(c),
             Some(Found::NotExecutable) => return Verdict::NotExecutable(c),

@@ -196,9 +196,14 @@ impl Ctr {
             .start()
             .map_err(|e| internal(format!("start {id:?}: {}", causes(&e))))?;
         step.end();
+        self.mark_started();
+        Ok(())
+    }
+
+    /// Started from now on (the profile's "run" step starts here too).
+    fn mark_started(&mut self) {
         self.started = true;
         self.started_at = Some(Instant::now());
-        Ok(())
     }
 
     /// The container's init process ("") or an exec'd one.

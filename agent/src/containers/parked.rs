@@ -374,8 +374,7 @@ impl super::Ctr {
         // is queued for it, so our end of the socket can go.
         drop(held);
         self.namer = None;
-        self.started = true;
-        self.started_at = Some(std::time::Instant::now());
+        self.mark_started();
         Ok(())
     }
 }
